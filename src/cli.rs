@@ -1,0 +1,82 @@
+//! Command line: one binary, one subcommand per job (relay, config check, gate, loadgen, sink).
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit code for a configuration the relay refuses to start with (sysexits EX_CONFIG-ish: EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "otlp-relay", version, about = "OTLP trace relay for MLflow")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay.
+    Run {
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "OTLP_RELAY_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+    /// Validate a configuration file: print every problem with its YAML path.
+    Check {
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Run the OIDC auth front end in front of an mlflow server.
+    Gate(crate::gate::GateArgs),
+    /// Generate OTLP trace load.
+    Loadgen(crate::loadgen::LoadgenArgs),
+    /// A counting OTLP sink for tests and benchmarks.
+    Sink(crate::sink::SinkArgs),
+}
+
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("OTLP_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
+            crate::app::run_main(&config, runtime())
+        }
+        Command::Check { config } => crate::app::check_main(&config),
+        Command::Gate(args) => {
+            init_logging(LogFormat::Text);
+            crate::gate::main(args, runtime())
+        }
+        Command::Loadgen(args) => crate::loadgen::main(args, runtime()),
+        Command::Sink(args) => {
+            init_logging(LogFormat::Text);
+            crate::sink::main(args, runtime())
+        }
+    }
+}

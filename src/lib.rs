@@ -1,0 +1,15 @@
+//! otlp-relay: an OTLP trace relay for MLflow, plus its auth front end, load generator and sink.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod batch;
+pub mod cli;
+pub mod config;
+pub mod export;
+pub mod gate;
+pub mod loadgen;
+pub mod pipeline;
+pub mod receiver;
+pub mod sink;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,9 @@
+//! The `otlp-relay` binary: parse the command line and hand over to the library.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = otlp_relay::cli::Cli::parse();
+    otlp_relay::cli::main(cli)
+}

@@ -1,0 +1,259 @@
+//! Shared test harness: spawn our binary and real third-party processes, learn their bound
+//! addresses from their logs, poll with deadlines, and install cached tool environments.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub mod pki;
+
+/// Path of the `otlp-relay` binary built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_otlp-relay"))
+}
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Cache directory for installed tools (venvs, npm packages), kept between runs under target/.
+pub fn cache_dir() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("test-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `probe` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A child process whose stderr and stdout lines are collected, killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for (stream, tag) in [
+            (Box::new(out) as Box<dyn std::io::Read + Send>, "out"),
+            (Box::new(err), "err"),
+        ] {
+            let lines = lines.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("TEST_ECHO").is_some() {
+                        eprintln!("[{name} {tag}] {line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    /// Our binary with the given arguments.
+    pub fn relay(name: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).env("NO_COLOR", "1");
+        Proc::spawn(name, cmd)
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn output_text(&self) -> String {
+        self.output().join("\n")
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let what = format!("{}: a line containing {needle:?}", self.name);
+        let lines = self.lines.clone();
+        let child = &mut self.child;
+        let name = self.name.clone();
+        wait_for(&what, timeout, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{name} exited with {status} before printing {needle:?}:\n{}",
+                    lines.lock().unwrap().join("\n")
+                );
+            }
+            lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
+        })
+    }
+
+    /// Our components log `listening component=NAME addr=IP:PORT` once bound; this returns the address.
+    pub fn wait_listen(&mut self, component: &str, timeout: Duration) -> SocketAddr {
+        let line = self.wait_line(&format!("component={component} "), timeout);
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        addr.trim_matches('"').parse().unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = &mut self.child;
+        let name = self.name.clone();
+        let status = wait_for(&format!("{name} to exit"), timeout, || child.try_wait().unwrap());
+        status.code()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- output of {} ----\n{}", self.name, self.output_text());
+        }
+    }
+}
+
+/// Writes `contents` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// A Python venv under the test cache with `packages` installed; created once, shared by tests
+/// through a file lock. Returns the venv directory (python is `venv/bin/python`).
+pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    let dir = cache_dir().join(format!("venv-{name}"));
+    let stamp = dir.join(".installed");
+    let wanted = packages.join(" ");
+    let lock = std::fs::File::create(cache_dir().join(format!("venv-{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(dir.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install {wanted} failed");
+        std::fs::write(&stamp, &wanted).unwrap();
+    }
+    dir
+}
+
+/// A simple blocking HTTP/1.1 request over plain TCP (tests only). Returns (status, body).
+pub fn http(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("http response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// GET returning the body as a string, panicking on a transport error.
+pub fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (s, b) = http("GET", addr, path, &[], b"");
+    (s, String::from_utf8_lossy(&b).to_string())
+}
+
+/// Reads one Prometheus sample: the sum of every series of `name` whose labels contain all `labels`.
+pub fn metric(metrics_addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, text) = get_text(metrics_addr, "/metrics");
+    let mut total = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric_name, label_text) = series.split_once('{').unwrap_or((series, ""));
+        if metric_name != name {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\""))) {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
