@@ -1,1 +1,1 @@
-//! receiver
+//! receivers
