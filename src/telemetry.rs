@@ -262,7 +262,7 @@ pub async fn serve_admin(
     cancel: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(component, addr = %addr, "listening");
+        tracing::info!(component = %component, addr = %addr, "listening");
     }
     loop {
         let (stream, _) = tokio::select! {
@@ -270,7 +270,7 @@ pub async fn serve_admin(
             accepted = listener.accept() => match accepted {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(component, error = %e, "accept failed");
+                    tracing::warn!(component = %component, error = %e, "accept failed");
                     continue;
                 }
             },
