@@ -234,7 +234,8 @@ pub struct Target {
     pub timeout: Duration,
 }
 
-/// One worker's connection.
+/// One worker's connection (one per worker, so the size difference of the variants is moot).
+#[allow(clippy::large_enum_variant)]
 pub enum Transport {
     Grpc {
         client: tonic::client::Grpc<Channel>,
@@ -287,10 +288,11 @@ impl Transport {
                     let mut req = tonic::Request::new(body);
                     req.set_timeout(timeout);
                     for (k, v) in target.headers.iter() {
-                        if let Ok(key) = tonic::metadata::MetadataKey::from_bytes(k.as_str().as_bytes()) {
-                            if let Ok(val) = tonic::metadata::MetadataValue::try_from(v.as_bytes()) {
-                                req.metadata_mut().append(key, val);
-                            }
+                        if let (Ok(key), Ok(val)) = (
+                            tonic::metadata::MetadataKey::from_bytes(k.as_str().as_bytes()),
+                            tonic::metadata::MetadataValue::try_from(v.as_bytes()),
+                        ) {
+                            req.metadata_mut().append(key, val);
                         }
                     }
                     client

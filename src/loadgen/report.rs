@@ -227,19 +227,23 @@ mod tests {
 
     #[test]
     fn report_math() {
-        let mut a = WorkerStats::default();
-        a.requests = 10;
-        a.spans_sent = 1000;
-        a.spans_accepted = 900;
-        a.spans_refused = 100;
+        let mut a = WorkerStats {
+            requests: 10,
+            spans_sent: 1000,
+            spans_accepted: 900,
+            spans_refused: 100,
+            ..Default::default()
+        };
         a.refused_by.insert("http_400".into(), 100);
         for ms in 1..=100 {
             a.record_latency(Duration::from_millis(ms));
         }
-        let mut b = WorkerStats::default();
-        b.requests = 10;
-        b.spans_sent = 1000;
-        b.spans_accepted = 1000;
+        let mut b = WorkerStats {
+            requests: 10,
+            spans_sent: 1000,
+            spans_accepted: 1000,
+            ..Default::default()
+        };
         b.refused_by.insert("http_400".into(), 1);
         b.record_latency(Duration::from_secs(2));
         a.merge(&b);
