@@ -46,6 +46,9 @@ pub struct SinkArgs {
     /// Fail every Nth request (with --status, default 503).
     #[arg(long)]
     pub fail_every: Option<u64>,
+    /// Fail the first N requests (with --status, default 503), then accept: "503, then 200".
+    #[arg(long)]
+    pub fail_first: Option<u64>,
     /// Delay every request by this many milliseconds before answering (a slow MLflow).
     #[arg(long, default_value_t = 0)]
     pub delay_ms: u64,
@@ -239,13 +242,17 @@ pub fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, Wa
 pub struct FailurePlan {
     pub status: Option<u16>,
     pub fail_every: Option<u64>,
+    pub fail_first: Option<u64>,
 }
 
 impl FailurePlan {
     /// The failing status for the `n`th request (1-based), or None to accept it.
     pub fn status_for(&self, n: u64) -> Option<u16> {
-        let status = match self.fail_every {
-            Some(k) if k > 0 => n.is_multiple_of(k).then_some(self.status.unwrap_or(503)),
+        let failing = self.status.unwrap_or(503);
+        let status = match (self.fail_first, self.fail_every) {
+            (Some(first), _) if n <= first => Some(failing),
+            (Some(_), None) => None,
+            (_, Some(k)) if k > 0 => n.is_multiple_of(k).then_some(failing),
             _ => self.status,
         }?;
         (!(200..300).contains(&status)).then_some(status)
@@ -393,6 +400,7 @@ impl State {
             plan: FailurePlan {
                 status: args.status,
                 fail_every: args.fail_every,
+                fail_first: args.fail_first,
             },
             delay: Duration::from_millis(args.delay_ms),
             throttle: args.max_spans_per_sec.filter(|r| *r > 0.0).map(Throttle::new),
@@ -896,19 +904,29 @@ mod tests {
         let every3 = FailurePlan {
             status: None,
             fail_every: Some(3),
+            fail_first: None,
         };
         let got: Vec<_> = (1..=6).map(|n| every3.status_for(n)).collect();
         assert_eq!(got, vec![None, None, Some(503), None, None, Some(503)]);
         let always = FailurePlan {
             status: Some(429),
             fail_every: None,
+            fail_first: None,
         };
         assert_eq!(always.status_for(1), Some(429));
         let ok = FailurePlan {
             status: Some(200),
             fail_every: None,
+            fail_first: None,
         };
         assert_eq!(ok.status_for(1), None);
+        let first2 = FailurePlan {
+            status: None,
+            fail_every: None,
+            fail_first: Some(2),
+        };
+        let got: Vec<_> = (1..=4).map(|n| first2.status_for(n)).collect();
+        assert_eq!(got, vec![Some(503), Some(503), None, None]);
     }
 
     #[test]

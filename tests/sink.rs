@@ -188,4 +188,20 @@ async fn configured_failures_are_answered() {
         .collect();
     assert_eq!(codes, vec![200, 503, 200, 503]);
     assert_eq!(stats(addr2)["unique_spans"], 3);
+
+    // "503, then 200": the first request fails, the rest are accepted.
+    let (_p3, addr3, _) = sink(&["--fail-first", "1"]);
+    let codes: Vec<u16> = (0..3)
+        .map(|_| {
+            http(
+                "POST",
+                addr3,
+                "/v1/traces",
+                &[("content-type", "application/x-protobuf")],
+                &proto,
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(codes, vec![503, 200, 200]);
 }

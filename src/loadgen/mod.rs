@@ -362,7 +362,6 @@ async fn worker(
     };
     let mut pacer = Pacer::new(plan.rate_per_worker);
     let mut remainder: Option<Template> = None;
-    let mut buf = Vec::with_capacity(plan.template.len());
     loop {
         if cancel.is_cancelled() || plan.deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -389,8 +388,10 @@ async fn worker(
                 _ = cancel.cancelled() => break,
             }
         }
+        // Rendered straight into the buffer the request owns: one copy of the template per request.
+        let mut buf = Vec::with_capacity(template.len());
         template.render(&mut rng, now_ns(), &mut buf);
-        let body = Bytes::copy_from_slice(&buf);
+        let body = Bytes::from(buf);
         let spans = template.spans as u64;
         stats.spans_sent += spans;
         plan.sent.fetch_add(spans, Ordering::Relaxed);
