@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod mlflow;
+pub mod npm;
+pub mod oidc;
 pub mod pki;
 
 /// Path of the `otlp-relay` binary built for this test run.
