@@ -3,6 +3,7 @@
 //! its own queue. Every accepted span ends as sent, failed or dropped, and is counted.
 pub mod auth;
 pub mod debug;
+pub mod oauth;
 pub mod otlphttp;
 pub mod retry;
 
@@ -345,6 +346,9 @@ async fn deliver(
             exporter: settings.name.clone(),
             reason: error.reason().to_string(),
         };
+        if matches!(error, ExportError::Unauthorized { .. }) {
+            metrics.exporter_unauthorized.get_or_create(&labels).inc();
+        }
         if !error.is_retryable() {
             metrics
                 .exporter_send_failed_spans
