@@ -7,7 +7,7 @@ use http::HeaderValue;
 
 /// First wait after a failed fetch; doubles per failure up to BACKOFF_MAX.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The same failure is logged at most this often.
 pub const LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -227,13 +227,13 @@ mod tests {
             .collect();
         assert_eq!(
             waits,
-            [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000].map(Duration::from_millis)
+            [250, 500, 1000, 2000, 4000, 5000, 5000, 5000].map(Duration::from_millis)
         );
         assert_eq!(
-            st.check(t0 + S(9)),
+            st.check(t0 + S(4)),
             Check::BackingOff(Failure::unavailable("connection refused"))
         );
-        assert_eq!(st.check(t0 + S(10)), Check::Missing);
+        assert_eq!(st.check(t0 + S(5)), Check::Missing);
         assert!(st.store(hv("Bearer a"), Some(S(60)), t0 + S(10)));
         assert_eq!(st.failures(), 0);
         assert_eq!(st.fail(Failure::unavailable("x"), t0 + S(11)).retry_in, BACKOFF_MIN);
