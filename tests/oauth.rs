@@ -447,3 +447,96 @@ fn token_command_prints_claims_never_the_token() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("invalid_client"), "{out}");
 }
+
+/// Terminates TLS with `leaf` (its chain stops at an intermediate) in front of `upstream`.
+fn tls_front(leaf: &support::pki::LeafFiles, upstream: std::net::SocketAddr) -> (std::net::SocketAddr, impl Drop) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&leaf.cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&leaf.key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let (Ok(mut tls), Ok(mut up)) = (
+                    acceptor.accept(stream).await,
+                    tokio::net::TcpStream::connect(upstream).await,
+                ) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    struct Stop(Option<tokio::runtime::Runtime>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(rt) = self.0.take() {
+                rt.shutdown_background();
+            }
+        }
+    }
+    (addr, Stop(Some(rt)))
+}
+
+#[test]
+fn token_endpoint_over_tls_with_a_root_and_intermediate_bundle() {
+    let idp = OidcProvider::start(OidcOptions::default());
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = support::pki::Ca::new("corp-root");
+    let intermediate = root.intermediate("corp-issuing");
+    let leaf = intermediate.server().write(dir.path(), "idp");
+    // The server sends its leaf only; the client's bundle holds root + intermediate.
+    let bundle = write_file(
+        dir.path(),
+        "bundle.pem",
+        &format!("{}{}", root.cert_pem, intermediate.cert_pem),
+    );
+    let unrelated = support::pki::Ca::new("unrelated").write(dir.path(), "unrelated");
+    let (front, _stop) = tls_front(&leaf, idp.addr());
+    let token_url = format!(
+        "https://localhost:{}/realms/test/protocol/openid-connect/token",
+        front.port()
+    );
+    let run = |ca_file: Option<&std::path::Path>, ssl_cert_file: &std::path::Path| {
+        let tls = ca_file.map_or(String::new(), |p| format!("    tls: {{ca_file: {}}}\n", p.display()));
+        let ext = format!(
+            "    client_id: {CLIENT_ID}\n    client_secret: {CLIENT_SECRET}\n    token_url: {token_url}\n{tls}"
+        );
+        let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, &ext));
+        let mut cmd = std::process::Command::new(support::bin());
+        cmd.args(["token", "--config", config.to_str().unwrap()])
+            .env("SSL_CERT_FILE", ssl_cert_file)
+            .env_remove("SSL_CERT_DIR");
+        let mut p = Proc::spawn("token", cmd);
+        let code = p.wait_exit(T).unwrap();
+        (code, p.output_text())
+    };
+    let (code, out) = run(Some(&bundle), &unrelated);
+    assert_eq!(code, 0, "ca_file bundle: {out}");
+    assert!(out.contains("  aud: mlflow\n"), "{out}");
+    let (code, out) = run(None, &bundle);
+    assert_eq!(code, 0, "SSL_CERT_FILE bundle: {out}");
+    let (code, out) = run(None, &unrelated);
+    assert_eq!(code, 1, "an unknown issuer must fail: {out}");
+    assert!(out.to_lowercase().contains("certificate"), "{out}");
+}
