@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod otlp;
+pub mod mlflow;
+pub mod npm;
+pub mod oidc;
 pub mod pki;
 
 /// Path of the `otlp-relay` binary built for this test run.
