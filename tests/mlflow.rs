@@ -31,12 +31,33 @@ service:
     let relay = Relay::start(dir.path(), &config, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let http_ep = relay.http.unwrap().to_string();
-    let (code, r) = loadgen(&["--otlp-insecure", "--otlp-endpoint", &grpc, "--traces", "6", "--child-spans", "2", "--genai", "--seed", "11"]);
+    let (code, r) = loadgen(&[
+        "--otlp-insecure",
+        "--otlp-endpoint",
+        &grpc,
+        "--traces",
+        "6",
+        "--child-spans",
+        "2",
+        "--genai",
+        "--seed",
+        "11",
+    ]);
     assert_eq!(code, 0, "{r}");
     let attr = format!("mlflow.experiment_id=\"{routed}\"");
     let (code, r) = loadgen(&[
-        "--otlp-insecure", "--otlp-http", "--otlp-endpoint", &http_ep, "--traces", "4", "--child-spans", "1", "--seed", "12",
-        "--otlp-attributes", &attr,
+        "--otlp-insecure",
+        "--otlp-http",
+        "--otlp-endpoint",
+        &http_ep,
+        "--traces",
+        "4",
+        "--child-spans",
+        "1",
+        "--seed",
+        "12",
+        "--otlp-attributes",
+        &attr,
     ]);
     assert_eq!(code, 0, "{r}");
     let traces = support::wait_for("6 traces in MLflow", Duration::from_secs(60), || {
@@ -49,5 +70,10 @@ service:
         (t.len() >= 4).then_some(t)
     });
     assert_eq!(routed_traces.len(), 4);
-    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0, "{}", relay.proc.output_text());
+    assert_eq!(
+        relay.metric("otelcol_exporter_send_failed_spans_total", &[]),
+        0.0,
+        "{}",
+        relay.proc.output_text()
+    );
 }

@@ -40,13 +40,19 @@ print("flushed" if ok else "flush failed")
 fn python_sdk_exports_over_mtls() {
     let venv = support::python_venv(
         "otel-sdk",
-        &["opentelemetry-sdk==1.45.2", "opentelemetry-exporter-otlp-proto-grpc==1.45.2", "opentelemetry-exporter-otlp-proto-http==1.45.2"],
+        &[
+            "opentelemetry-sdk==1.45.2",
+            "opentelemetry-exporter-otlp-proto-grpc==1.45.2",
+            "opentelemetry-exporter-otlp-proto-http==1.45.2",
+        ],
     );
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("agents-ca");
     let ca_path = ca.write(dir.path(), "ca");
     let server = ca.server().write(dir.path(), "server");
-    let client = ca.client("spiffe://cluster.local/ns/agents/sa/python").write(dir.path(), "client");
+    let client = ca
+        .client("spiffe://cluster.local/ns/agents/sa/python")
+        .write(dir.path(), "client");
     let sink = Sink::start(&[]);
     let tls = format!(
         r#"tls: {{cert_file: "{}", key_file: "{}", client_ca_file: "{}", allowed_clients: ["spiffe://cluster.local/ns/agents/*"]}}"#,
@@ -70,7 +76,10 @@ service:
     let mut expected = 0;
     for (mode, endpoint) in [
         ("grpc", format!("https://localhost:{}", relay.grpc.unwrap().port())),
-        ("http", format!("https://localhost:{}/v1/traces", relay.http.unwrap().port())),
+        (
+            "http",
+            format!("https://localhost:{}/v1/traces", relay.http.unwrap().port()),
+        ),
     ] {
         // requests lets these variables override a Session's `verify`, which is where the SDK puts
         // certificate_file; the machine may set them to the system bundle.
@@ -83,11 +92,25 @@ service:
             .arg("100")
             .output()
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && text.contains("flushed"), "{mode}: {text}\nrelay:\n{}", relay.proc.output_text());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("flushed"),
+            "{mode}: {text}\nrelay:\n{}",
+            relay.proc.output_text()
+        );
         expected += 100;
         sink.wait_unique(expected, Duration::from_secs(30));
     }
-    assert_eq!(relay.metric("otelcol_receiver_accepted_spans_total", &[("transport", "grpc")]), 100.0);
-    assert_eq!(relay.metric("otelcol_receiver_accepted_spans_total", &[("transport", "http")]), 100.0);
+    assert_eq!(
+        relay.metric("otelcol_receiver_accepted_spans_total", &[("transport", "grpc")]),
+        100.0
+    );
+    assert_eq!(
+        relay.metric("otelcol_receiver_accepted_spans_total", &[("transport", "http")]),
+        100.0
+    );
 }
