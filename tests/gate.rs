@@ -313,6 +313,10 @@ fn gate_with_real_provider_mlflow_and_browser() {
     );
     case("browser login with chromium", &mut browser_login);
     case("measure startup, rss, latency", &mut measure);
+    case(
+        "readiness follows the provider; SIGTERM exits 0",
+        &mut readiness_and_shutdown,
+    );
     case("provider key rotation", &mut key_rotation);
     assert!(failures.is_empty(), "failed cases:\n{}", failures.join("\n"));
 }
@@ -789,6 +793,50 @@ fn measure(w: &mut World) {
     );
     assert!(g.started < Duration::from_secs(5), "gate startup {:?}", g.started);
     assert!(rss < 100 * 1024, "gate RSS {rss} KiB");
+}
+
+fn readiness_and_shutdown(w: &mut World) {
+    // Provider down at start: live, not ready, API calls 503; ready once the provider comes up.
+    w.provider.stop();
+    let mut cmd = Command::new(relay_bin());
+    cmd.arg("gate")
+        .env("NO_COLOR", "1")
+        .env("OIDC_DISCOVERY_URL", w.provider.discovery_url())
+        .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
+        .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
+        .env("GATE_LISTEN", "127.0.0.1:0")
+        .env("GATE_UPSTREAM", w.mlflow.url());
+    let mut p = Proc::spawn("gate-early", cmd);
+    let addr = p.wait_listen("gate", Duration::from_secs(20));
+    assert_eq!(request("GET", addr, "/gate/healthz", &[], b"").0, 200);
+    assert_eq!(request("GET", addr, "/gate/readyz", &[], b"").0, 503);
+    let basic = basic_auth(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let (s, _, b) = request(
+        "GET",
+        addr,
+        "/api/2.0/mlflow/experiments/search?max_results=5",
+        &[("authorization", &basic)],
+        b"",
+    );
+    assert_eq!(s, 503, "{b}");
+    let t = Instant::now();
+    w.provider.start_again();
+    eprintln!("provider restarted in {:?}", t.elapsed());
+    wait_for("the gate to discover the provider", Duration::from_secs(20), || {
+        (request("GET", addr, "/gate/readyz", &[], b"").0 == 200).then_some(())
+    });
+    let (s, _, b) = request(
+        "GET",
+        addr,
+        "/api/2.0/mlflow/experiments/search?max_results=5",
+        &[("authorization", &basic)],
+        b"",
+    );
+    assert_eq!(s, 200, "{b}");
+    eprintln!("gate ready {:?} after the provider restart began", t.elapsed());
+    // SIGTERM: a clean exit.
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
 fn key_rotation(w: &mut World) {

@@ -274,6 +274,14 @@ impl Gate {
             let ready = self.oidc.is_ready().await;
             return json(StatusCode::OK, serde_json::json!({"status": "ok", "oidc_ready": ready}));
         }
+        if path == "/gate/readyz" {
+            // Ready once the provider is discovered: before that no login or token check can succeed.
+            return if self.oidc.is_ready().await {
+                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+            } else {
+                detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider not discovered yet")
+            };
+        }
         if path == "/gate/metrics" {
             return Response::builder()
                 .header(
