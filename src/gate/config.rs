@@ -1,5 +1,23 @@
 //! Gate configuration from the environment: mlflow-oidc-auth's variable names and meaning, plus ours
 //! (GATE_*, OIDC_EXCLUDE_PATHS). Parsing is pure and collects every problem instead of stopping at the first.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | OIDC_DISCOVERY_URL | required | `<issuer>/.well-known/openid-configuration` |
+//! | OIDC_CLIENT_ID, OIDC_CLIENT_SECRET | required | the confidential client (Basic auth accepts exactly these) |
+//! | OIDC_REDIRECT_URI | `<proto>://<host>/callback` of each request | fixed callback URL; its path is served |
+//! | OIDC_SCOPE | `openid email profile` | scopes asked at login |
+//! | OIDC_GROUPS_ATTRIBUTE | `groups` | claim with the groups (ID token, else access token) |
+//! | OIDC_GROUP_NAME | `mlflow` | comma list of groups allowed in |
+//! | OIDC_ADMIN_GROUP_NAME | `mlflow-admin` | group with every permission |
+//! | OIDC_AUDIENCE | the client id | `aud` required in Bearer tokens |
+//! | SECRET_KEY | random per process | key material for the session cookie (>= 16 chars) |
+//! | OIDC_EXCLUDE_PATHS | none | comma list of path prefixes served without authentication |
+//! | GATE_LISTEN | `0.0.0.0:8080` | listen address |
+//! | GATE_UPSTREAM | `http://127.0.0.1:5000` | the mlflow server |
+//! | GATE_PERMISSIONS_FILE | none (members: EDIT everywhere) | YAML, see [`super::authz::Permissions`] |
+//! | GATE_CLOCK_LEEWAY_SECONDS | 30 | exp/nbf leeway |
+//! | GATE_SESSION_TTL_SECONDS | 28800 | browser session lifetime |
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -85,7 +85,7 @@ pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<(
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let gate = Arc::new(Gate::new(cfg));
-    tracing::info!(component = "gate", addr = %addr, upstream = %gate.cfg.upstream, "listening");
+    tracing::info!(component = %"gate", addr = %addr, upstream = %gate.cfg.upstream, "listening");
     if gate.cfg.secret_key.is_none() {
         tracing::warn!("SECRET_KEY is not set: sessions use a random key and end when the gate restarts");
     }
@@ -274,6 +274,14 @@ impl Gate {
             let ready = self.oidc.is_ready().await;
             return json(StatusCode::OK, serde_json::json!({"status": "ok", "oidc_ready": ready}));
         }
+        if path == "/gate/readyz" {
+            // Ready once the provider is discovered: before that no login or token check can succeed.
+            return if self.oidc.is_ready().await {
+                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+            } else {
+                detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider not discovered yet")
+            };
+        }
         if path == "/gate/metrics" {
             return Response::builder()
                 .header(
@@ -397,6 +405,7 @@ impl Gate {
             aws_lc_rs::constant_time::verify_slices_are_equal(password.as_bytes(), self.cfg.client_secret.0.as_bytes())
                 .is_ok();
         if !(user_ok && pass_ok) {
+            tracing::debug!(user_ok, "basic credentials refused");
             return invalid;
         }
         let token = match self.oidc.client_credentials_token().await {

@@ -214,7 +214,15 @@ impl Oidc {
                 .claims(&d.client.id_token_verifier(), &nonce)
                 .map_err(|e| OidcError::Login(format!("ID token: {e}")))?;
         }
-        let identity = identity_from_verified(&id_token, &self.cfg.groups_attribute)?;
+        let (mut identity, has_groups) = identity_from_verified(&id_token, &self.cfg.groups_attribute)?;
+        if !has_groups {
+            // Providers often put groups only in the access token (or only for a `groups` scope): when it
+            // is a JWT that passes the same checks as a Bearer token, take the groups from there.
+            match self.validate_bearer(resp.access_token().secret()).await {
+                Ok(from_access) => identity.groups = from_access.groups,
+                Err(e) => tracing::debug!(reason = e.reason(), "no groups in the ID token, access token unusable"),
+            }
+        }
         Ok((identity, id_token.to_string()))
     }
 
@@ -265,7 +273,7 @@ impl Oidc {
 
 /// Reads identity claims from an ID token that `openidconnect` has already verified (the groups claim
 /// is not one of its typed claims).
-fn identity_from_verified(token: &CoreIdToken, groups_attribute: &str) -> Result<Identity, OidcError> {
+fn identity_from_verified(token: &CoreIdToken, groups_attribute: &str) -> Result<(Identity, bool), OidcError> {
     use base64::Engine;
     let text = token.to_string();
     let payload = text
@@ -274,5 +282,7 @@ fn identity_from_verified(token: &CoreIdToken, groups_attribute: &str) -> Result
         .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
         .and_then(|b| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok())
         .ok_or_else(|| OidcError::Login("unreadable ID token claims".into()))?;
-    jwt::identity(&payload, groups_attribute).map_err(|e| OidcError::Login(e.to_string()))
+    let has_groups = payload.contains_key(groups_attribute);
+    let identity = jwt::identity(&payload, groups_attribute).map_err(|e| OidcError::Login(e.to_string()))?;
+    Ok((identity, has_groups))
 }
