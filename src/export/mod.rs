@@ -374,7 +374,12 @@ async fn deliver(
             tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, elapsed = ?started.elapsed(), "export retries exhausted; spans dropped");
             return;
         };
-        tracing::warn!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+        if matches!(error, ExportError::Auth(_)) {
+            // The oauth2client extension logs token failures itself, at most once a minute.
+            tracing::debug!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "no token yet; will retry");
+        } else {
+            tracing::warn!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = control.abort.cancelled() => {
