@@ -569,3 +569,50 @@ fn token_endpoint_over_tls_with_a_root_and_intermediate_bundle() {
     assert_eq!(code, 1, "an unknown issuer must fail: {out}");
     assert!(out.to_lowercase().contains("certificate"), "{out}");
 }
+
+#[test]
+fn sink_checks_grpc_tokens_too() {
+    let idp = OidcProvider::start(OidcOptions::default());
+    let sink = jwt_sink(&idp);
+    let grpc = sink.grpc.to_string();
+    let header = format!(
+        "authorization=\"Bearer {}\"",
+        idp.access_token(CLIENT_ID, CLIENT_SECRET)
+    );
+    let (code, r) = loadgen(&["--otlp-endpoint", &grpc, "--otlp-insecure", "--traces", "5"]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["spans_refused"], 10, "{r}");
+    assert_eq!(r["refused_by"]["grpc_UNAUTHENTICATED"], 10, "{r}");
+    let (code, r) = loadgen(&[
+        "--otlp-endpoint",
+        &grpc,
+        "--otlp-insecure",
+        "--traces",
+        "5",
+        "--otlp-header",
+        &header,
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["spans_accepted"], 10, "{r}");
+    assert_eq!(sink.stats()["jwt"]["distinct_tokens"], 1);
+}
+
+#[test]
+fn unreadable_secret_file_is_a_config_error() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let ext = format!(
+        "    client_id: {CLIENT_ID}\n    client_secret_file: {}/missing\n    token_url: http://127.0.0.1:1/token\n",
+        dir.path().display()
+    );
+    let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, &ext));
+    let mut p = Proc::relay("check", &["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(p.wait_exit(T), Some(1));
+    let out = p.output_text();
+    assert!(
+        out.contains("extensions.oauth2client/mlflow: client_secret_file: cannot read"),
+        "{out}"
+    );
+    let mut p = Proc::relay("run", &["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(p.wait_exit(T), Some(64), "{}", p.output_text());
+}
