@@ -172,6 +172,8 @@ fn short_lived_tokens_rotate_under_load_and_never_reach_the_log() {
         "{fetched} fetched, {tokens} used"
     );
     assert_eq!(token_metric(&relay, "rejected"), 0.0);
+    // Refreshed before expiry, not after a 401: the sink (no leeway) refused at most a straggler.
+    assert!(relay.metric("otlp_relay_exporter_unauthorized_total", &[]) <= 1.0);
     let expiry = relay.metric("otlp_relay_token_expiry_seconds", &[("extension", EXT)]);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -376,13 +378,13 @@ fn a_401_drops_the_token_and_data_waits_for_a_good_one() {
 }
 
 #[test]
-fn discovery_url_post_auth_style_and_file_client_id() {
+fn discovery_url_post_auth_style_scopes_params_and_file_client_id() {
     let idp = OidcProvider::start(OidcOptions::default());
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
     let id_file = write_file(dir.path(), "client-id", CLIENT_ID);
     let ext = format!(
-        "    client_id_file: {}\n    client_secret: {CLIENT_SECRET}\n    discovery_url: {}\n    auth_style: post\n    scopes: [openid]\n",
+        "    client_id_file: {}\n    client_secret: {CLIENT_SECRET}\n    discovery_url: {}\n    auth_style: post\n    scopes: [openid, groups]\n    endpoint_params: {{audience: mlflow}}\n",
         id_file.display(),
         idp.discovery_url()
     );
