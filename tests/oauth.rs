@@ -131,9 +131,13 @@ fn assert_nothing_lost(relay: &Relay, sink: &Sink, report: &serde_json::Value) -
     accepted
 }
 
-/// No JWT (header or payload, base64 of `{"`) and no token of the provider in the relay's log.
+/// No JWT (any JWT starts with `eyJ`, base64 of `{"`) and no client secret in the output.
 fn assert_no_token_in(output: &str) {
     assert!(!output.contains("eyJ"), "a JWT appears in the log:\n{output}");
+    assert!(
+        !output.contains(CLIENT_SECRET),
+        "the client secret appears in the log:\n{output}"
+    );
 }
 
 fn token_metric(relay: &Relay, result: &str) -> f64 {
