@@ -52,8 +52,8 @@ impl std::fmt::Debug for Fetched {
     }
 }
 
-/// A value given inline or in a file (Kubernetes secret mount).
-#[derive(Debug, Clone)]
+/// A value given inline or in a file (Kubernetes secret mount). No Debug: it holds secrets.
+#[derive(Clone)]
 enum Secret {
     Inline(String),
     /// Re-read before every token request so a rotated secret is picked up without a restart;
