@@ -372,6 +372,30 @@ fn refusals(w: &mut World) {
         assert!(loc.contains(p), "{p} missing in {loc}");
     }
     assert!(h["set-cookie"].contains("gate_login=") && h["set-cookie"].contains("HttpOnly"));
+    // A callback without the login cookie, or with a state that is not the one sent: refused.
+    let login_cookie = h["set-cookie"].split(';').next().unwrap().to_string();
+    let (s, _, b) = request("GET", g.addr, "/callback?code=abc&state=xyz", &[], b"");
+    assert_eq!(s, 400, "{b}");
+    let (s, _, b) = request(
+        "GET",
+        g.addr,
+        "/callback?code=abc&state=xyz",
+        &[("cookie", &login_cookie)],
+        b"",
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("state mismatch"), "{b}");
+    // A forged session cookie is no session: the page redirects to login, the API says 401.
+    let (s, _, _) = request(
+        "GET",
+        g.addr,
+        "/",
+        &[("accept", "text/html"), ("cookie", "gate_session=AAAA")],
+        b"",
+    );
+    assert_eq!(s, 302);
+    let (s, _, _) = request("POST", g.addr, search, &[json, ("cookie", "gate_session=AAAA")], q);
+    assert_eq!(s, 401);
 
     let good = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
     let (s, _, b) = request("POST", g.addr, search, &[json, ("authorization", &bearer(&good))], q);
