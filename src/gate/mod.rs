@@ -644,3 +644,32 @@ impl Gate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, path: &str, accept: Option<&str>) -> Request<Body> {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(a) = accept {
+            b = b.header(header::ACCEPT, a);
+        }
+        b.body(full(Bytes::new())).unwrap()
+    }
+
+    #[test]
+    fn navigations_get_a_login_redirect_api_calls_a_401() {
+        let html = Some("text/html,application/xhtml+xml,*/*;q=0.8");
+        assert!(is_browser_navigation(&req(Method::GET, "/", html)));
+        assert!(is_browser_navigation(&req(Method::GET, "/#/experiments/1", html)));
+        assert!(!is_browser_navigation(&req(Method::GET, "/", Some("application/json"))));
+        assert!(!is_browser_navigation(&req(Method::GET, "/", None)));
+        assert!(!is_browser_navigation(&req(Method::POST, "/", html)));
+        assert!(!is_browser_navigation(&req(
+            Method::GET,
+            "/ajax-api/2.0/mlflow/experiments/search",
+            html
+        )));
+        assert!(!is_browser_navigation(&req(Method::GET, "/v1/traces", html)));
+    }
+}

@@ -45,6 +45,7 @@ pub struct Oidc {
     keys: RwLock<Arc<KeySet>>,
     keys_fetched: Mutex<Option<Instant>>,
     cc_token: Mutex<Option<(String, Instant)>>,
+    on_demand_discovery: Mutex<Option<Instant>>,
     rules: JwtRules,
 }
 
@@ -63,6 +64,7 @@ impl Oidc {
             keys: RwLock::new(Arc::new(KeySet::empty())),
             keys_fetched: Mutex::new(None),
             cc_token: Mutex::new(None),
+            on_demand_discovery: Mutex::new(None),
             rules,
         }
     }
@@ -101,6 +103,15 @@ impl Oidc {
         if let Some(d) = self.discovered.read().await.clone() {
             return Ok(d);
         }
+        // Requests arriving while the provider is down must not each hit it: at most one try per second
+        // from the request path (the background task keeps retrying anyway).
+        {
+            let mut last = self.on_demand_discovery.lock().await;
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err(OidcError::NotReady("provider discovery pending".into()));
+            }
+            *last = Some(Instant::now());
+        }
         self.discover().await?;
         self.discovered
             .read()
@@ -138,7 +149,7 @@ impl Oidc {
             Err(JwtError::UnknownKey) => {
                 if jwt::kid_of(token).is_some_and(|kid| !keys.has_kid(&kid)) || keys.is_empty() {
                     if self.discovered.read().await.is_none() {
-                        let _ = self.discover().await;
+                        let _ = self.discovered().await;
                     } else {
                         let _ = self.refresh_keys(false).await;
                     }
