@@ -1,1 +1,287 @@
-//! batch
+//! The batch processor's core: collect items per destination, emit a batch at `send_batch_size`
+//! spans or when its oldest item has waited `timeout`, never above `send_batch_max_size`.
+//! Pure: the caller supplies the clock, so it is tested without timers.
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    pub send_batch_size: usize,
+    /// 0 means no upper bound.
+    pub send_batch_max_size: usize,
+    pub timeout: Duration,
+}
+
+/// Something that holds spans and can be cut in two.
+pub trait BatchItem: Sized {
+    fn spans(&self) -> usize;
+    /// Splits off the first `first` spans (0 < first < spans()).
+    fn split(self, first: usize) -> (Self, Self);
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Batch<K, T> {
+    pub key: K,
+    pub items: Vec<T>,
+    pub spans: usize,
+}
+
+struct Pending<T> {
+    items: Vec<T>,
+    spans: usize,
+    since: Instant,
+}
+
+pub struct Batcher<K, T> {
+    settings: BatchSettings,
+    pending: HashMap<K, Pending<T>>,
+}
+
+impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
+    pub fn new(settings: BatchSettings) -> Self {
+        Batcher {
+            settings,
+            pending: HashMap::new(),
+        }
+    }
+
+    pub fn pending_spans(&self) -> usize {
+        self.pending.values().map(|p| p.spans).sum()
+    }
+
+    /// Adds an item; returns the batches it completed.
+    pub fn add(&mut self, key: K, item: T, now: Instant) -> Vec<Batch<K, T>> {
+        let mut out = Vec::new();
+        let max = self.settings.send_batch_max_size;
+        let mut item = Some(item);
+        while let Some(current) = item.take() {
+            let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
+                items: Vec::new(),
+                spans: 0,
+                since: now,
+            });
+            if pending.items.is_empty() {
+                pending.since = now;
+            }
+            let spans = current.spans();
+            if max > 0 && pending.spans + spans > max {
+                let room = max - pending.spans;
+                if room > 0 {
+                    let (head, tail) = current.split(room);
+                    pending.items.push(head);
+                    pending.spans += room;
+                    item = Some(tail);
+                } else {
+                    item = Some(current);
+                }
+                out.push(self.take(&key));
+                continue;
+            }
+            pending.items.push(current);
+            pending.spans += spans;
+            if pending.spans >= self.settings.send_batch_size {
+                out.push(self.take(&key));
+            }
+        }
+        out
+    }
+
+    /// When the oldest pending item's timeout runs out, if anything is pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending
+            .values()
+            .filter(|p| !p.items.is_empty())
+            .map(|p| p.since + self.settings.timeout)
+            .min()
+    }
+
+    /// Batches whose timeout has run out at `now`.
+    pub fn expired(&mut self, now: Instant) -> Vec<Batch<K, T>> {
+        let due: Vec<K> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.items.is_empty() && p.since + self.settings.timeout <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        due.iter().map(|k| self.take(k)).collect()
+    }
+
+    /// Everything pending, e.g. at shutdown.
+    pub fn flush(&mut self) -> Vec<Batch<K, T>> {
+        let keys: Vec<K> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.items.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().map(|k| self.take(k)).collect()
+    }
+
+    fn take(&mut self, key: &K) -> Batch<K, T> {
+        let p = self.pending.remove(key).expect("pending entry exists");
+        Batch {
+            key: key.clone(),
+            items: p.items,
+            spans: p.spans,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::wire::{ResourceChunk, encode_record, parse_protobuf, testdata};
+    use bytes::Bytes;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    /// A test item: a run of span numbers.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Run(Vec<u32>);
+
+    impl BatchItem for Run {
+        fn spans(&self) -> usize {
+            self.0.len()
+        }
+        fn split(mut self, first: usize) -> (Self, Self) {
+            let tail = self.0.split_off(first);
+            (self, Run(tail))
+        }
+    }
+
+    fn settings(size: usize, max: usize) -> BatchSettings {
+        BatchSettings {
+            send_batch_size: size,
+            send_batch_max_size: max,
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn run(from: u32, n: u32) -> Run {
+        Run((from..from + n).collect())
+    }
+
+    #[test]
+    fn flushes_at_size() {
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(10, 0));
+        assert!(b.add("a", run(0, 6), t).is_empty());
+        let out = b.add("a", run(6, 6), t);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].spans, 12);
+        assert_eq!(b.pending_spans(), 0);
+    }
+
+    #[test]
+    fn never_exceeds_max_and_loses_nothing() {
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(10, 15));
+        let mut out = b.add("a", run(0, 7), t);
+        out.extend(b.add("a", run(7, 40), t));
+        out.extend(b.flush());
+        assert!(out.iter().all(|batch| batch.spans <= 15), "{out:?}");
+        let all: Vec<u32> = out
+            .iter()
+            .flat_map(|batch| batch.items.iter().flat_map(|r| r.0.clone()))
+            .collect();
+        assert_eq!(all, (0..47).collect::<Vec<_>>());
+        assert_eq!(out.iter().map(|b| b.spans).sum::<usize>(), 47);
+    }
+
+    #[test]
+    fn partitions_by_key() {
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(5, 0));
+        assert!(b.add("a", run(0, 3), t).is_empty());
+        assert!(b.add("b", run(10, 3), t).is_empty());
+        let out = b.add("a", run(3, 3), t);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].key, "a");
+        assert_eq!(b.pending_spans(), 3);
+    }
+
+    #[test]
+    fn times_out_per_key() {
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(100, 0));
+        b.add("a", run(0, 1), t);
+        b.add("b", run(1, 1), t + Duration::from_millis(100));
+        assert_eq!(b.next_deadline(), Some(t + Duration::from_millis(200)));
+        assert!(b.expired(t + Duration::from_millis(199)).is_empty());
+        let out = b.expired(t + Duration::from_millis(200));
+        assert_eq!(out.iter().map(|b| b.key).collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(b.next_deadline(), Some(t + Duration::from_millis(300)));
+        // A new item for "a" starts a new timeout.
+        b.add("a", run(2, 1), t + Duration::from_millis(250));
+        assert_eq!(b.expired(t + Duration::from_millis(300)).len(), 1);
+        assert_eq!(b.next_deadline(), Some(t + Duration::from_millis(450)));
+    }
+
+    impl BatchItem for ResourceChunk {
+        fn spans(&self) -> usize {
+            self.spans
+        }
+        fn split(self, first: usize) -> (Self, Self) {
+            crate::pipeline::wire::split_chunk(&self, first)
+        }
+    }
+
+    /// The property the exporter relies on: concatenated records of a batch decode to exactly the
+    /// ResourceSpans that went in, in order, including when records were split.
+    #[test]
+    fn merged_payload_decodes_to_its_inputs() {
+        let inputs: Vec<_> = (0..5)
+            .map(|i| testdata::resource_spans(&format!("svc{i}"), i * 100, 2, 3))
+            .collect();
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(8, 10));
+        let mut out = Vec::new();
+        for rs in &inputs {
+            let body = Bytes::from(
+                ExportTraceServiceRequest {
+                    resource_spans: vec![rs.clone()],
+                }
+                .encode_to_vec(),
+            );
+            for chunk in parse_protobuf(body).unwrap().chunks {
+                out.extend(b.add((), chunk, t));
+            }
+        }
+        out.extend(b.flush());
+        let mut spans_out = Vec::new();
+        for batch in &out {
+            assert!(batch.spans <= 10);
+            let payload: Vec<u8> = batch.items.iter().flat_map(|c| c.bytes.to_vec()).collect();
+            let req = ExportTraceServiceRequest::decode(payload.as_slice()).unwrap();
+            let n: usize = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            assert_eq!(n, batch.spans);
+            for rs in req.resource_spans {
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        spans_out.push((rs.resource.clone(), ss.scope.clone(), s));
+                    }
+                }
+            }
+        }
+        let spans_in: Vec<_> = inputs
+            .iter()
+            .flat_map(|rs| {
+                rs.scope_spans.iter().flat_map(move |ss| {
+                    ss.spans
+                        .iter()
+                        .map(move |s| (rs.resource.clone(), ss.scope.clone(), s.clone()))
+                })
+            })
+            .collect();
+        assert_eq!(spans_out, spans_in);
+        // Unsplit records travel byte-for-byte.
+        let first = encode_record(&inputs[0]);
+        assert_eq!(out[0].items[0].bytes, first);
+    }
+}

@@ -1,0 +1,459 @@
+//! Reading a configuration: YAML → env substitution → typed components, collecting every error.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_norway::Value;
+
+use super::env::{Substituted, substitute};
+use super::{
+    Config, ConfigError, ConfigErrors, Exporter, Extension, Processor, Receiver, ServiceConfig, component_type,
+};
+
+/// Reads, substitutes (from the process environment), types and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })?;
+    parse_str(&text, &|name| std::env::var(name).ok())
+}
+
+/// Parses configuration text; `lookup` resolves `${env:NAME}` references.
+pub fn parse_str(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut root: Value = match serde_norway::from_str(text) {
+        Ok(Value::Null) => Value::Mapping(Default::default()),
+        Ok(v) => v,
+        Err(e) => {
+            let at = e
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default();
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("not valid YAML{at}: {e}"),
+            )]));
+        }
+    };
+    substitute_tree(&mut root, "", lookup, &mut errors);
+    let config = build(root, &mut errors);
+    // A value that failed to load would only be reported again, less clearly, by validation.
+    let failed: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
+    errors.extend(
+        super::validate::validate(&config)
+            .into_iter()
+            .filter(|e| !failed.contains(&e.path)),
+    );
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn key_text(key: &Value) -> String {
+    match key {
+        Value::String(s) => s.clone(),
+        other => serde_norway::to_string(other).unwrap_or_default().trim().to_string(),
+    }
+}
+
+fn substitute_tree(
+    value: &mut Value,
+    path: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    match value {
+        Value::String(s) => match substitute(s, lookup) {
+            Ok(Substituted::Unchanged) => {}
+            Ok(Substituted::Embedded(new)) => *s = new,
+            Ok(Substituted::Whole(new)) => {
+                // A whole-scalar reference is re-read as a YAML scalar so numbers and booleans keep
+                // their type; anything that is not a plain scalar stays a string.
+                *value = match serde_norway::from_str::<Value>(&new) {
+                    Ok(v @ (Value::Bool(_) | Value::Number(_))) => v,
+                    _ => Value::String(new),
+                };
+            }
+            Err(e) => errors.push(ConfigError::new(path, e.to_string())),
+        },
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute_tree(item, &format!("{path}[{i}]"), lookup, errors);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let p = join(path, &key_text(k));
+                substitute_tree(v, &p, lookup, errors);
+            }
+        }
+        Value::Tagged(t) => substitute_tree(&mut t.value, path, lookup, errors),
+        _ => {}
+    }
+}
+
+/// Deserializes `value` into `T`. On an error, records it with its full path, removes the
+/// offending node and tries again, so one pass reports every bad key of a component.
+fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
+    if value.is_null() {
+        value = Value::Mapping(Default::default());
+    }
+    for _ in 0..64 {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(t) => return Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let at = if inner == "." {
+                    path.to_string()
+                } else {
+                    join(path, &inner)
+                };
+                errors.push(ConfigError::new(at, e.inner().to_string()));
+                let segments = path_segments(e.path());
+                if segments.is_empty() || !remove_at(&mut value, &segments) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn path_segments(path: &serde_path_to_error::Path) -> Vec<Segment> {
+    use serde_path_to_error::Segment as S;
+    path.iter()
+        .filter_map(|s| match s {
+            S::Map { key } => Some(Segment::Key(key.clone())),
+            S::Seq { index } => Some(Segment::Index(*index)),
+            S::Enum { variant } => Some(Segment::Key(variant.clone())),
+            S::Unknown => None,
+        })
+        .collect()
+}
+
+fn remove_at(value: &mut Value, segments: &[Segment]) -> bool {
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for seg in parents {
+        node = match (seg, node) {
+            (Segment::Key(k), Value::Mapping(m)) => match m.get_mut(k.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Index(i), Value::Sequence(s)) => match s.get_mut(*i) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, node) {
+        (Segment::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        (Segment::Index(i), Value::Sequence(s)) if *i < s.len() => {
+            s.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
+fn section(root: &mut BTreeMap<String, Value>, name: &str, errors: &mut Vec<ConfigError>) -> Vec<(String, Value)> {
+    match root.remove(name) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Mapping(m)) => m.into_iter().map(|(k, v)| (key_text(&k), v)).collect(),
+        Some(_) => {
+            errors.push(ConfigError::new(name, "must be a mapping of component id to settings"));
+            Vec::new()
+        }
+    }
+}
+
+fn unsupported(path: &str, kind: &str, ty: &str, supported: &str, hint: &str, errors: &mut Vec<ConfigError>) {
+    let hint = if hint.is_empty() {
+        String::new()
+    } else {
+        format!("; {hint}")
+    };
+    errors.push(ConfigError::new(
+        path,
+        format!("unknown {kind} type {ty:?} (supported: {supported}){hint}"),
+    ));
+}
+
+/// `grpc:` with no settings enables the protocol with defaults, as in the collector.
+fn protocols_enabled(mut v: Value) -> Value {
+    if let Some(Value::Mapping(protocols)) = v.get_mut("protocols") {
+        for (_, p) in protocols.iter_mut() {
+            if p.is_null() {
+                *p = Value::Mapping(Default::default());
+            }
+        }
+    }
+    v
+}
+
+fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
+    let mut top: BTreeMap<String, Value> = match root {
+        Value::Mapping(m) => m.into_iter().map(|(k, v)| (key_text(&k), v)).collect(),
+        _ => {
+            errors.push(ConfigError::new("", "the configuration must be a YAML mapping"));
+            return Config::default();
+        }
+    };
+    let mut config = Config::default();
+
+    for (id, v) in section(&mut top, "receivers", errors) {
+        let path = join("receivers", &id);
+        match component_type(&id) {
+            "otlp" => {
+                if let Some(c) = typed(protocols_enabled(v), &path, errors) {
+                    config.receivers.insert(id, Receiver::Otlp(c));
+                }
+            }
+            other => unsupported(&path, "receiver", other, "otlp", "", errors),
+        }
+    }
+    for (id, v) in section(&mut top, "processors", errors) {
+        let path = join("processors", &id);
+        match component_type(&id) {
+            "batch" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.processors.insert(id, Processor::Batch(c));
+                }
+            }
+            "memory_limiter" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.processors.insert(id, Processor::MemoryLimiter(c));
+                }
+            }
+            other => unsupported(&path, "processor", other, "batch, memory_limiter", "", errors),
+        }
+    }
+    for (id, v) in section(&mut top, "exporters", errors) {
+        let path = join("exporters", &id);
+        match component_type(&id) {
+            "otlphttp" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.exporters.insert(id, Exporter::OtlpHttp(Box::new(c)));
+                }
+            }
+            "debug" | "logging" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.exporters.insert(id, Exporter::Debug(c));
+                }
+            }
+            "otlp" => unsupported(
+                &path,
+                "exporter",
+                "otlp",
+                "otlphttp, debug",
+                "MLflow accepts only OTLP/HTTP, use an otlphttp exporter",
+                errors,
+            ),
+            other => unsupported(&path, "exporter", other, "otlphttp, debug", "", errors),
+        }
+    }
+    for (id, v) in section(&mut top, "extensions", errors) {
+        let path = join("extensions", &id);
+        match component_type(&id) {
+            "health_check" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.extensions.insert(id, Extension::HealthCheck(c));
+                }
+            }
+            "oauth2client" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.extensions.insert(id, Extension::OAuth2Client(Box::new(c)));
+                }
+            }
+            other => unsupported(&path, "extension", other, "health_check, oauth2client", "", errors),
+        }
+    }
+    if let Some(v) = top.remove("service") {
+        if let Some(s) = typed::<ServiceConfig>(v, "service", errors) {
+            config.service = s;
+        }
+    } else {
+        errors.push(ConfigError::new(
+            "service",
+            "missing: a configuration needs service.pipelines",
+        ));
+    }
+    for key in top.keys() {
+        let msg = match key.as_str() {
+            "connectors" => "connectors are not supported".to_string(),
+            _ => "unknown top-level key (expected receivers, processors, exporters, extensions, service)".to_string(),
+        };
+        errors.push(ConfigError::new(key.clone(), msg));
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match parse_str(text, &no_env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const MINIMAL: &str = "
+receivers: {otlp: {protocols: {grpc: {}}}}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}}
+";
+
+    #[test]
+    fn minimal_config_loads() {
+        assert_eq!(errors_of(MINIMAL), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_path() {
+        let text = "
+receivers:
+  otlp:
+    protocols:
+      grpc: {endpoint: 127.0.0.1:4317, bogus: 1, tls: {cert_fil: x}}
+      http: {max_recv_msg_size_mib: lots}
+exporters:
+  debug: {verbosity: basic, colour: red}
+service:
+  pipelines: {traces: {receivers: [otlp], exporters: [debug]}}
+  flavour: vanilla
+";
+        let errs = errors_of(text);
+        let has = |prefix: &str| errs.iter().any(|e| e.starts_with(prefix));
+        assert!(
+            has("receivers.otlp.protocols.grpc.bogus: unknown field `bogus`"),
+            "{errs:#?}"
+        );
+        assert!(
+            has("receivers.otlp.protocols.grpc.tls.cert_fil: unknown field"),
+            "{errs:#?}"
+        );
+        assert!(
+            has("receivers.otlp.protocols.http.max_recv_msg_size_mib: invalid type"),
+            "{errs:#?}"
+        );
+        assert!(has("exporters.debug.colour: unknown field"), "{errs:#?}");
+        assert!(has("service.flavour: unknown field"), "{errs:#?}");
+        assert!(has(
+            "receivers.otlp.protocols.grpc.tls: cert_file and key_file are both required"
+        ));
+        assert_eq!(errs.len(), 6, "{errs:#?}");
+    }
+
+    #[test]
+    fn unknown_component_types_are_named() {
+        let text = "
+receivers: {otlp: {protocols: {grpc: {}}}, kafka: {}}
+processors: {tail_sampling: {}}
+exporters: {debug: {}, otlp/mlflow: {endpoint: x}}
+extensions: {zpages: {}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}}
+";
+        let errs = errors_of(text);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("receivers.kafka: unknown receiver type \"kafka\"")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("processors.tail_sampling: unknown processor type"))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("exporters.otlp/mlflow") && e.contains("OTLP/HTTP"))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("extensions.zpages: unknown extension type"))
+        );
+    }
+
+    #[test]
+    fn env_references_are_typed_like_the_collector() {
+        let env = |name: &str| match name {
+            "SIZE" => Some("8".to_string()),
+            "SECRET" => Some("a: b # c".to_string()),
+            _ => None,
+        };
+        let text = "
+receivers: {otlp: {protocols: {grpc: {max_recv_msg_size_mib: '${env:SIZE}', endpoint: '127.0.0.1:${env:PORT:-4317}'}}}}
+exporters: {otlphttp/m: {endpoint: 'http://127.0.0.1:5000', headers: {x-secret: '${env:SECRET}'}}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp/m]}}}
+";
+        let config = parse_str(text, &env).unwrap();
+        let Receiver::Otlp(otlp) = &config.receivers["otlp"];
+        let grpc = otlp.protocols.grpc.as_ref().unwrap();
+        assert_eq!(grpc.max_recv_msg_size_mib, 8);
+        assert_eq!(grpc.endpoint, "127.0.0.1:4317");
+        let Exporter::OtlpHttp(e) = &config.exporters["otlphttp/m"] else {
+            panic!()
+        };
+        assert_eq!(e.headers["x-secret"], "a: b # c");
+    }
+
+    #[test]
+    fn unset_env_is_an_error_at_its_path() {
+        let text = MINIMAL.replace("grpc: {}", "grpc: {endpoint: '${env:NOPE}'}");
+        let errs = errors_of(&text);
+        assert_eq!(
+            errs,
+            vec![
+                "receivers.otlp.protocols.grpc.endpoint: environment variable NOPE is not set (use ${env:NOPE:-default} for a default)"
+            ]
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_have_a_location() {
+        let errs = errors_of("receivers: [unclosed");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].contains("line"), "{errs:?}");
+    }
+
+    #[test]
+    fn null_components_take_defaults() {
+        let text = "
+receivers: {otlp: {protocols: {grpc: , http: }}}
+processors: {batch: }
+exporters: {debug: }
+service: {pipelines: {traces: {receivers: [otlp], processors: [batch], exporters: [debug]}}}
+";
+        let config = parse_str(text, &no_env).unwrap();
+        let Some(Processor::Batch(b)) = config.processors.get("batch") else {
+            panic!()
+        };
+        assert_eq!(b.send_batch_size, 8192);
+    }
+}

@@ -1,0 +1,108 @@
+//! Configuration: the otel-collector layout read from YAML, env-substituted, typed and validated
+//! before anything binds a port. Every problem is reported with its YAML path.
+mod duration;
+mod env;
+mod load;
+mod model;
+mod validate;
+
+pub use duration::{GoDuration, parse_duration};
+pub use env::{EnvError, Substituted, substitute};
+pub use load::{load_file, parse_str};
+pub use model::*;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One problem in a configuration, located by its YAML path (e.g. `exporters.otlphttp/mlflow.timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Receiver {
+    Otlp(OtlpReceiverConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Processor {
+    Batch(BatchConfig),
+    MemoryLimiter(MemoryLimiterConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exporter {
+    OtlpHttp(Box<OtlpHttpExporterConfig>),
+    Debug(DebugExporterConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Extension {
+    HealthCheck(HealthCheckConfig),
+    OAuth2Client(Box<OAuth2ClientConfig>),
+}
+
+/// A loaded configuration. Component maps are keyed by component id (`type` or `type/name`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    pub receivers: BTreeMap<String, Receiver>,
+    pub processors: BTreeMap<String, Processor>,
+    pub exporters: BTreeMap<String, Exporter>,
+    pub extensions: BTreeMap<String, Extension>,
+    pub service: ServiceConfig,
+}
+
+/// The type part of a component id: `otlphttp/mlflow` → `otlphttp`.
+pub fn component_type(id: &str) -> &str {
+    id.split_once('/').map_or(id, |(t, _)| t)
+}
+
+impl Config {
+    /// The health_check extension, when it is enabled in `service.extensions`.
+    pub fn health_check(&self) -> Option<&HealthCheckConfig> {
+        self.service
+            .extensions
+            .iter()
+            .find_map(|id| match self.extensions.get(id) {
+                Some(Extension::HealthCheck(h)) => Some(h),
+                _ => None,
+            })
+    }
+}

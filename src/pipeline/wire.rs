@@ -1,0 +1,417 @@
+//! OTLP trace payloads on the wire: validate and count a request, cut it into encoded
+//! ResourceSpans without re-encoding, and split one when a batch needs fewer spans.
+//!
+//! `ExportTraceServiceRequest` is `repeated ResourceSpans resource_spans = 1`, so the encoding of
+//! a merged request is the concatenation of its parts' field-1 records.
+use bytes::{BufMut, Bytes, BytesMut};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, Span};
+use prost::Message;
+
+/// The resource attribute that routes a ResourceSpans to another MLflow experiment.
+pub const EXPERIMENT_ATTRIBUTE: &str = "mlflow.experiment_id";
+
+/// One ResourceSpans, encoded as a complete field-1 record of ExportTraceServiceRequest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceChunk {
+    pub bytes: Bytes,
+    pub spans: usize,
+    /// The `mlflow.experiment_id` resource attribute, if any.
+    pub experiment: Option<String>,
+}
+
+/// A validated request, ready for the pipeline.
+#[derive(Debug, Default, PartialEq)]
+pub struct ParsedRequest {
+    pub chunks: Vec<ResourceChunk>,
+    /// Spans accepted (in `chunks`).
+    pub spans: usize,
+    /// Spans refused as invalid (reported as partial_success).
+    pub rejected: usize,
+    pub rejection: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("invalid protobuf: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("invalid OTLP/JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid protobuf framing: {0}")]
+    Framing(&'static str),
+}
+
+/// Validates an `ExportTraceServiceRequest` in protobuf and slices its ResourceSpans records.
+pub fn parse_protobuf(body: Bytes) -> Result<ParsedRequest, DecodeError> {
+    let request = ExportTraceServiceRequest::decode(body.clone())?;
+    let records = resource_span_records(&body)?;
+    if records.len() != request.resource_spans.len() {
+        return Err(DecodeError::Framing("resource_spans records do not match"));
+    }
+    let mut parsed = ParsedRequest::default();
+    for (rs, (start, end)) in request.resource_spans.into_iter().zip(records) {
+        parsed.add(rs, Some(body.slice(start..end)));
+    }
+    Ok(parsed)
+}
+
+/// Parses OTLP/JSON (hex ids, lowerCamelCase keys; unknown fields ignored) and encodes each
+/// ResourceSpans as protobuf.
+pub fn parse_json(body: &[u8]) -> Result<ParsedRequest, DecodeError> {
+    let request: ExportTraceServiceRequest = serde_json::from_slice(body)?;
+    let mut parsed = ParsedRequest::default();
+    for rs in request.resource_spans {
+        parsed.add(rs, None);
+    }
+    Ok(parsed)
+}
+
+impl ParsedRequest {
+    fn add(&mut self, mut rs: ResourceSpans, encoded: Option<Bytes>) {
+        let total: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
+        let invalid = rs
+            .scope_spans
+            .iter()
+            .flat_map(|s| &s.spans)
+            .filter(|s| !span_ids_valid(s))
+            .count();
+        let encoded = if invalid > 0 {
+            for scope in &mut rs.scope_spans {
+                scope.spans.retain(span_ids_valid);
+            }
+            rs.scope_spans.retain(|s| !s.spans.is_empty());
+            self.rejected += invalid;
+            self.rejection = Some(format!(
+                "{} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes, not all zero",
+                self.rejected
+            ));
+            None
+        } else {
+            encoded
+        };
+        let spans = total - invalid;
+        if spans == 0 {
+            return;
+        }
+        let experiment = experiment_of(&rs);
+        let bytes = encoded.unwrap_or_else(|| encode_record(&rs));
+        self.spans += spans;
+        self.chunks.push(ResourceChunk {
+            bytes,
+            spans,
+            experiment,
+        });
+    }
+}
+
+fn span_ids_valid(span: &Span) -> bool {
+    span.trace_id.len() == 16
+        && span.span_id.len() == 8
+        && span.trace_id.iter().any(|&b| b != 0)
+        && span.span_id.iter().any(|&b| b != 0)
+}
+
+fn experiment_of(rs: &ResourceSpans) -> Option<String> {
+    let attrs = &rs.resource.as_ref()?.attributes;
+    let value = attrs
+        .iter()
+        .find(|kv| kv.key == EXPERIMENT_ATTRIBUTE)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    let id = match value {
+        AnyValueKind::StringValue(s) => s.trim().to_string(),
+        AnyValueKind::IntValue(i) => i.to_string(),
+        _ => return None,
+    };
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(id)
+}
+
+/// Encodes one ResourceSpans as a field-1 record (tag, length, message).
+pub fn encode_record(rs: &ResourceSpans) -> Bytes {
+    let len = rs.encoded_len();
+    let mut buf = BytesMut::with_capacity(len + 11);
+    buf.put_u8(0x0a);
+    prost::encoding::encode_varint(len as u64, &mut buf);
+    rs.encode(&mut buf).expect("BytesMut grows");
+    buf.freeze()
+}
+
+/// Byte ranges of every top-level field-1 (resource_spans) record, in order.
+fn resource_span_records(body: &[u8]) -> Result<Vec<(usize, usize)>, DecodeError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < body.len() {
+        let start = pos;
+        let key = read_varint(body, &mut pos)?;
+        let (field, wire_type) = (key >> 3, key & 7);
+        match wire_type {
+            0 => {
+                read_varint(body, &mut pos)?;
+            }
+            1 => pos += 8,
+            2 => {
+                let len = read_varint(body, &mut pos)? as usize;
+                pos = pos
+                    .checked_add(len)
+                    .ok_or_else(|| DecodeError::Framing("length overflow"))?;
+                if field == 1 && pos <= body.len() {
+                    out.push((start, pos));
+                }
+            }
+            5 => pos += 4,
+            _ => return Err(DecodeError::Framing("unsupported wire type")),
+        }
+        if pos > body.len() {
+            return Err(DecodeError::Framing("truncated field"));
+        }
+    }
+    Ok(out)
+}
+
+fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*pos).ok_or_else(|| DecodeError::Framing("truncated varint"))?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(DecodeError::Framing("varint too long"))
+}
+
+/// Splits a record so the first part holds `first` spans (0 < first < chunk.spans).
+pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> (ResourceChunk, ResourceChunk) {
+    let mut pos = 0;
+    read_varint(&chunk.bytes, &mut pos).expect("record tag");
+    read_varint(&chunk.bytes, &mut pos).expect("record length");
+    let rs = ResourceSpans::decode(&chunk.bytes[pos..]).expect("records were validated on receipt");
+    let mut head = ResourceSpans {
+        resource: rs.resource.clone(),
+        scope_spans: Vec::new(),
+        schema_url: rs.schema_url.clone(),
+    };
+    let mut tail = ResourceSpans {
+        scope_spans: Vec::new(),
+        ..rs.clone()
+    };
+    let mut left = first;
+    for mut scope in rs.scope_spans {
+        if left == 0 {
+            tail.scope_spans.push(scope);
+        } else if scope.spans.len() <= left {
+            left -= scope.spans.len();
+            head.scope_spans.push(scope);
+        } else {
+            let rest = scope.spans.split_off(left);
+            left = 0;
+            let mut tail_scope = scope.clone();
+            tail_scope.spans = rest;
+            head.scope_spans.push(scope);
+            tail.scope_spans.push(tail_scope);
+        }
+    }
+    let experiment = chunk.experiment.clone();
+    (
+        ResourceChunk {
+            bytes: encode_record(&head),
+            spans: first,
+            experiment: experiment.clone(),
+        },
+        ResourceChunk {
+            bytes: encode_record(&tail),
+            spans: chunk.spans - first,
+            experiment,
+        },
+    )
+}
+
+#[cfg(test)]
+pub mod testdata {
+    //! Small OTLP requests for unit tests.
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    pub fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.into())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn span(seed: u64) -> Span {
+        let mut trace_id = [0u8; 16];
+        trace_id[..8].copy_from_slice(&(seed + 1).to_be_bytes());
+        Span {
+            trace_id: trace_id.to_vec(),
+            span_id: (seed + 1).to_be_bytes().to_vec(),
+            name: format!("span-{seed}"),
+            start_time_unix_nano: 1_700_000_000_000_000_000 + seed,
+            end_time_unix_nano: 1_700_000_000_100_000_000 + seed,
+            ..Default::default()
+        }
+    }
+
+    /// A ResourceSpans with `scopes` scopes of `per_scope` spans, ids starting at `first`.
+    pub fn resource_spans(service: &str, first: u64, scopes: usize, per_scope: usize) -> ResourceSpans {
+        let mut next = first;
+        ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", service)],
+                ..Default::default()
+            }),
+            scope_spans: (0..scopes)
+                .map(|s| ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: format!("scope-{s}"),
+                        ..Default::default()
+                    }),
+                    spans: (0..per_scope)
+                        .map(|_| {
+                            next += 1;
+                            span(next)
+                        })
+                        .collect(),
+                    schema_url: String::new(),
+                })
+                .collect(),
+            schema_url: String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testdata::*;
+    use super::*;
+
+    fn request(parts: Vec<ResourceSpans>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest { resource_spans: parts }
+    }
+
+    #[test]
+    fn records_are_the_original_bytes() {
+        let req = request(vec![resource_spans("a", 0, 2, 3), resource_spans("b", 100, 1, 1)]);
+        let body = Bytes::from(req.encode_to_vec());
+        let parsed = parse_protobuf(body.clone()).unwrap();
+        assert_eq!(parsed.spans, 7);
+        assert_eq!(parsed.chunks.iter().map(|c| c.spans).collect::<Vec<_>>(), vec![6, 1]);
+        let joined: Vec<u8> = parsed.chunks.iter().flat_map(|c| c.bytes.to_vec()).collect();
+        assert_eq!(joined, body.to_vec());
+    }
+
+    #[test]
+    fn unknown_top_level_fields_are_skipped() {
+        let mut body = request(vec![resource_spans("a", 0, 1, 2)]).encode_to_vec();
+        // field 9, varint 5; field 10, length-delimited "hi"
+        body.extend_from_slice(&[0x48, 5, 0x52, 2, b'h', b'i']);
+        let parsed = parse_protobuf(Bytes::from(body)).unwrap();
+        assert_eq!(parsed.spans, 2);
+        let rs = ExportTraceServiceRequest::decode(parsed.chunks[0].bytes.clone()).unwrap();
+        assert_eq!(rs, request(vec![resource_spans("a", 0, 1, 2)]));
+    }
+
+    #[test]
+    fn malformed_protobuf_is_an_error() {
+        assert!(parse_protobuf(Bytes::from_static(&[0x0a, 0x05, 0x01])).is_err());
+        assert!(parse_protobuf(Bytes::from_static(b"not protobuf at all")).is_err());
+    }
+
+    #[test]
+    fn empty_request_is_empty() {
+        let parsed = parse_protobuf(Bytes::new()).unwrap();
+        assert_eq!(parsed, ParsedRequest::default());
+        assert_eq!(parse_json(b"{}").unwrap(), ParsedRequest::default());
+    }
+
+    #[test]
+    fn json_matches_protobuf() {
+        let req = request(vec![resource_spans("a", 0, 1, 2)]);
+        let json = serde_json::to_vec(&req).unwrap();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains("\"traceId\":\"0000000000000002"), "{text}");
+        let from_json = parse_json(&json).unwrap();
+        let from_proto = parse_protobuf(Bytes::from(req.encode_to_vec())).unwrap();
+        assert_eq!(from_json, from_proto);
+    }
+
+    #[test]
+    fn json_accepts_unknown_fields_and_integer_times() {
+        let body = br#"{"resourceSpans":[{"resource":{"attributes":[]},"scopeSpans":[{"spans":[
+            {"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"x",
+             "startTimeUnixNano":1544712660000000000,"endTimeUnixNano":"1544712661000000000","kind":2,
+             "futureField":{"a":1}}]}]}],"extra":true}"#;
+        let parsed = parse_json(body).unwrap();
+        assert_eq!(parsed.spans, 1);
+    }
+
+    #[test]
+    fn invalid_ids_are_rejected_individually() {
+        let mut rs = resource_spans("a", 0, 1, 3);
+        rs.scope_spans[0].spans[1].span_id = vec![0; 8];
+        rs.scope_spans[0].spans[2].trace_id = vec![1; 3];
+        let parsed = parse_protobuf(Bytes::from(request(vec![rs]).encode_to_vec())).unwrap();
+        assert_eq!((parsed.spans, parsed.rejected), (1, 2));
+        assert!(parsed.rejection.unwrap().contains("2 span(s)"));
+        let back = ExportTraceServiceRequest::decode(parsed.chunks[0].bytes.clone()).unwrap();
+        assert_eq!(back.resource_spans[0].scope_spans[0].spans.len(), 1);
+    }
+
+    #[test]
+    fn experiment_attribute_routes() {
+        let mut rs = resource_spans("a", 0, 1, 1);
+        rs.resource
+            .as_mut()
+            .unwrap()
+            .attributes
+            .push(kv(EXPERIMENT_ATTRIBUTE, "42"));
+        let mut bad = resource_spans("b", 10, 1, 1);
+        bad.resource
+            .as_mut()
+            .unwrap()
+            .attributes
+            .push(kv(EXPERIMENT_ATTRIBUTE, "../etc"));
+        let parsed = parse_protobuf(Bytes::from(request(vec![rs, bad]).encode_to_vec())).unwrap();
+        assert_eq!(parsed.chunks[0].experiment.as_deref(), Some("42"));
+        assert_eq!(parsed.chunks[1].experiment, None);
+    }
+
+    #[test]
+    fn split_keeps_every_span_once() {
+        let rs = resource_spans("a", 0, 3, 4);
+        let chunk = ResourceChunk {
+            bytes: encode_record(&rs),
+            spans: 12,
+            experiment: None,
+        };
+        for first in 1..12 {
+            let (head, tail) = split_chunk(&chunk, first);
+            let merged: Vec<u8> = [head.bytes.as_ref(), tail.bytes.as_ref()].concat();
+            let req = ExportTraceServiceRequest::decode(merged.as_slice()).unwrap();
+            let names: Vec<String> = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+                .map(|s| s.name.clone())
+                .collect();
+            let expected: Vec<String> = rs
+                .scope_spans
+                .iter()
+                .flat_map(|s| &s.spans)
+                .map(|s| s.name.clone())
+                .collect();
+            assert_eq!(names, expected, "split at {first}");
+            assert_eq!((head.spans, tail.spans), (first, 12 - first));
+            assert_eq!(req.resource_spans[0].resource, rs.resource);
+        }
+    }
+}
