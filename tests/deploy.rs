@@ -705,3 +705,30 @@ fn dockerfile_lints_clean_and_ships_only_the_binary() {
             .any(|l| l.contains("cargo build --release --locked --bin otlp-relay"))
     );
 }
+
+#[test]
+fn yaml_lints_clean_sources_and_rendered_manifests() {
+    let t = tools::tools();
+    let config = support::repo_root().join("deploy/.yamllint.yaml");
+    let chart = tools::chart_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = vec![chart.join("values.yaml"), chart.join("Chart.yaml"), chart.join("ci")];
+    for set in VALUE_SETS {
+        for mode in MODES {
+            let text = Render::new(set, mode, true).text();
+            files.push(support::write_file(dir.path(), &format!("{set}-{mode}.yaml"), &text));
+        }
+    }
+    let out = std::process::Command::new(t.dir.join("venv/bin/yamllint"))
+        .args(["--strict", "-f", "parsable", "-c"])
+        .arg(&config)
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "yamllint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -50,6 +50,8 @@ pub fn tools() -> &'static Tools {
         let stamp_value = format!("{:016x}", fnv1a(&body));
         let dir = support::cache_dir().join("deploy-tools");
         let lock = std::fs::File::create(support::cache_dir().join("deploy-tools.lock")).unwrap();
+        // std's File::lock (Rust 1.89), as tests/support uses too.
+        #[allow(clippy::incompatible_msrv)]
         lock.lock().unwrap();
         let stamp = dir.join(".installed");
         let helm = dir.join("bin/helm/helm");
