@@ -337,6 +337,19 @@ fn relay_workload_contract() {
             "each exporter has its own spool"
         );
     }
+    // Receiver mTLS: Istio must not take the TLS bytes for plain gRPC/HTTP (port name prefixes).
+    for svc in docs
+        .iter()
+        .filter(|d| tools::kind(d) == "Service" && tools::component(d) == "relay")
+    {
+        let names: Vec<&str> = at(svc, "spec.ports")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| at(p, "name").as_str().unwrap())
+            .collect();
+        assert_eq!(&names[..2], ["tls-otlp-grpc", "tls-otlp-http"], "{}", tools::name(svc));
+    }
     // Receiver mTLS: files from the mounted Secret.
     let tls = at(&config, "receivers.otlp.protocols.grpc.tls");
     assert_eq!(at(tls, "client_ca_file").as_str(), Some("/etc/otlp-relay/tls/ca.crt"));
