@@ -138,7 +138,7 @@ fn validators_reject_broken_manifests() {
 
 #[test]
 fn chart_refuses_unsafe_values() {
-    let cases: [(&str, Render, &str); 5] = [
+    let cases: [(&str, Render, &str); 6] = [
         (
             "token mode without the gate",
             Render::new("migrate", "token", true).set("mlflow.auth.enabled", "false"),
@@ -159,7 +159,13 @@ fn chart_refuses_unsafe_values() {
             Render::default().set("mode", "token"),
             "backend store",
         ),
-        ("unknown mode", Render::new("migrate", "mesh", true), "mode must be"),
+        // values.schema.json: enums and typos.
+        ("unknown mode", Render::new("migrate", "mesh", true), "'/mode'"),
+        (
+            "a misspelt key",
+            Render::new("migrate", "token", true).set("relay.spool.enable", "true"),
+            "'enable' not allowed",
+        ),
     ];
     for (what, render, needle) in cases {
         let err = render.try_text().expect_err(what);
