@@ -16,6 +16,12 @@ use tools::{MODES, NAMESPACE, Render, VALUE_SETS, at, find, one, parse_docs, rel
 
 #[test]
 fn helm_lint_strict_for_every_mode_and_value_set() {
+    let out = Render::default().lint();
+    assert!(
+        out.status.success(),
+        "helm lint --strict on the defaults:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     for set in VALUE_SETS {
         for mode in MODES {
             for istio in [true, false] {
@@ -156,7 +162,7 @@ fn chart_refuses_unsafe_values() {
         ),
         (
             "no backend store",
-            Render::default().set("mode", "token"),
+            Render::default().set("mlflow.backendStore.existingSecret", ""),
             "backend store",
         ),
         // values.schema.json: enums and typos.
@@ -203,6 +209,17 @@ fn seed_values_keep_working() {
     // The gate takes the seed's `mlflow` Service name; MLflow itself moves behind it.
     assert_eq!(tools::name(one(&docs, "Service", "gate")), "mlflow");
     assert_eq!(tools::name(one(&docs, "Service", "mlflow")), "mlflow-server");
+    // MLflow reads the seed's database through the Secret named in values.
+    let menv = at(
+        one(&docs, "Deployment", "mlflow"),
+        "spec.template.spec.containers.0.env",
+    );
+    let uri = env_var(menv, "MLFLOW_BACKEND_STORE_URI").unwrap();
+    assert_eq!(
+        at(uri, "valueFrom.secretKeyRef.name").as_str(),
+        Some("seed-postgres-uri")
+    );
+    assert!(env_var(menv, "MLFLOW_TRACKING_URI").is_some());
 
     // auth.enabled=false: no gate, MLflow keeps the name `mlflow`, direct mode only.
     let docs = Render::new("migrate", "direct", true)
