@@ -1,11 +1,438 @@
-//! app
+//! Wiring and lifecycle of `otlp-relay run` and `check`: config → TLS → exporters → receivers,
+//! then an ordered shutdown on SIGTERM/SIGINT: not ready, stop accepting, flush batches, drain
+//! exporters within the deadline, account for every accepted span.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-pub fn run_main(_config: &Path, _rt: tokio::runtime::Runtime) -> ExitCode {
-    ExitCode::from(2)
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::BatchSettings;
+use crate::cli::{EXIT_BAD_CONFIG, LogFormat};
+use crate::config::{self, Config, ConfigError, Exporter as ExporterConfig, Processor, Receiver};
+use crate::export::debug::DebugExporter;
+use crate::export::otlphttp::OtlpHttpExporter;
+use crate::export::retry::RetryPolicy;
+use crate::export::{Exporter, StageControl, StageSettings, start_stage};
+use crate::pipeline::{Intake, MemoryBudget};
+use crate::receiver::{Protocol, ReceiverContext};
+use crate::telemetry::{self, ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
+use crate::tls::ServerTls;
+
+/// How long open receiver connections may take to finish their requests after SIGTERM.
+const RECEIVER_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("{0}")]
+    Bind(std::io::Error),
 }
 
-pub fn check_main(_config: &Path) -> ExitCode {
-    ExitCode::from(2)
+impl StartError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            StartError::Config(_) => ExitCode::from(EXIT_BAD_CONFIG),
+            StartError::Bind(_) => ExitCode::from(1),
+        }
+    }
+}
+
+pub fn check_main(path: &Path) -> ExitCode {
+    match config::load_file(path).and_then(|c| prepare(&c).map(|_| c)) {
+        Ok(c) => {
+            let pipelines: Vec<&String> = c.service.pipelines.keys().collect();
+            println!(
+                "{}: valid ({} receivers, {} exporters, pipelines {:?})",
+                path.display(),
+                c.receivers.len(),
+                c.exporters.len(),
+                pipelines
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{}: {} problem(s):", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn run_main(path: &Path, log_format: LogFormat, rt: tokio::runtime::Runtime) -> ExitCode {
+    let config = match config::load_file(path).and_then(|c| prepare(&c).map(|p| (c, p))) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!(
+                "otlp-relay: refusing to start, {} has {} problem(s):",
+                path.display(),
+                errors.0.len()
+            );
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    crate::cli::init_logging(log_format, config.0.service.telemetry.logs.level.as_deref());
+    match rt.block_on(run(config.0, config.1)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "relay failed to start");
+            e.exit_code()
+        }
+    }
+}
+
+/// Everything loaded from disk before any port is bound: failures here are config errors.
+pub struct Prepared {
+    server_tls: BTreeMap<(String, &'static str), Arc<ServerTls>>,
+    exporters: BTreeMap<String, Arc<Exporter>>,
+}
+
+pub fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut server_tls = BTreeMap::new();
+    for (id, r) in &config.receivers {
+        let Receiver::Otlp(otlp) = r;
+        for (name, proto) in [("grpc", &otlp.protocols.grpc), ("http", &otlp.protocols.http)] {
+            if let Some(tls) = proto.as_ref().and_then(|p| p.tls.as_ref()) {
+                match ServerTls::load(tls) {
+                    Ok(t) => {
+                        server_tls.insert((id.clone(), name), t);
+                    }
+                    Err(e) => errors.push(ConfigError::new(
+                        format!("receivers.{id}.protocols.{name}.tls"),
+                        e.to_string(),
+                    )),
+                }
+            }
+        }
+    }
+    let mut exporters = BTreeMap::new();
+    for (id, e) in &config.exporters {
+        let exporter = match e {
+            ExporterConfig::OtlpHttp(cfg) => {
+                if let Some(auth) = &cfg.auth {
+                    errors.push(ConfigError::new(
+                        format!("exporters.{id}.auth.authenticator"),
+                        format!(
+                            "{}: the oauth2client extension is not available in this build yet",
+                            auth.authenticator
+                        ),
+                    ));
+                    continue;
+                }
+                match OtlpHttpExporter::new(cfg, None) {
+                    Ok(x) => Exporter::OtlpHttp(x),
+                    Err(err) => {
+                        errors.push(ConfigError::new(format!("exporters.{id}"), err.to_string()));
+                        continue;
+                    }
+                }
+            }
+            ExporterConfig::Debug(cfg) => Exporter::Debug(DebugExporter {
+                name: id.clone(),
+                verbosity: cfg.verbosity.clone(),
+            }),
+        };
+        exporters.insert(id.clone(), Arc::new(exporter));
+    }
+    if errors.is_empty() {
+        Ok(Prepared { server_tls, exporters })
+    } else {
+        Err(config::ConfigErrors(errors))
+    }
+}
+
+fn listen_addr(endpoint: &str, default: &str) -> SocketAddr {
+    let e = if endpoint.is_empty() { default } else { endpoint };
+    config::parse_listen_addr(e).expect("validated endpoint")
+}
+
+async fn bind(component: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    telemetry::bind(component, addr).await.map_err(StartError::Bind)
+}
+
+struct ReceiverRun {
+    protocol: Protocol,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    ctx: Arc<ReceiverContext>,
+}
+
+pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let admin_stop = CancellationToken::new();
+    let receivers_stop = CancellationToken::new();
+    let control = StageControl::default();
+
+    // Bind everything first, so a port clash fails the start before anything runs.
+    let metrics_listener = bind(
+        "metrics",
+        listen_addr(&config.service.telemetry.metrics.address, "0.0.0.0:8888"),
+    )
+    .await?;
+    let health_listener = match config.health_check() {
+        Some(h) => Some(bind("health_check", listen_addr(&h.endpoint, "0.0.0.0:13133")).await?),
+        None => None,
+    };
+
+    // Exporter stages, one per exporter used by a pipeline.
+    let mut stage_tasks = JoinSet::new();
+    let mut inputs = BTreeMap::new();
+    let mut budgets: BTreeMap<String, Arc<MemoryBudget>> = BTreeMap::new();
+    for pipeline in config.service.pipelines.values() {
+        let (batch, batch_id) = pipeline
+            .processors
+            .iter()
+            .find_map(|id| match config.processors.get(id) {
+                Some(Processor::Batch(b)) => Some((
+                    BatchSettings {
+                        send_batch_size: b.send_batch_size,
+                        send_batch_max_size: b.send_batch_max_size,
+                        timeout: b.timeout.0,
+                    },
+                    id.clone(),
+                )),
+                _ => None,
+            })
+            // Without a batch processor each request travels on its own.
+            .unwrap_or((
+                BatchSettings {
+                    send_batch_size: 1,
+                    send_batch_max_size: 0,
+                    timeout: Duration::ZERO,
+                },
+                String::new(),
+            ));
+        for id in &pipeline.processors {
+            if let Some(Processor::MemoryLimiter(m)) = config.processors.get(id) {
+                budgets
+                    .entry(id.clone())
+                    .or_insert_with(|| MemoryBudget::new(id, m.limit_mib, m.spike_limit_mib));
+            }
+        }
+        for id in &pipeline.exporters {
+            if inputs.contains_key(id) {
+                continue;
+            }
+            let (queue_size, num_consumers, retry) = match &config.exporters[id] {
+                ExporterConfig::OtlpHttp(c) => {
+                    let q = &c.sending_queue;
+                    let (size, consumers) = if q.enabled {
+                        (q.queue_size, q.num_consumers)
+                    } else {
+                        (1, 1)
+                    };
+                    (size, consumers, RetryPolicy::new(&c.retry_on_failure))
+                }
+                ExporterConfig::Debug(_) => (
+                    100,
+                    1,
+                    RetryPolicy::new(&config::RetryConfig {
+                        enabled: false,
+                        ..Default::default()
+                    }),
+                ),
+            };
+            let settings = StageSettings {
+                name: id.clone(),
+                batch,
+                batch_processor: batch_id.clone(),
+                queue_size,
+                num_consumers,
+                retry,
+            };
+            let input = start_stage(
+                settings,
+                prepared.exporters[id].clone(),
+                metrics.clone(),
+                control.clone(),
+                &mut stage_tasks,
+            );
+            inputs.insert(id.clone(), input);
+        }
+    }
+
+    // Receivers: each feeds every exporter of every pipeline it is in.
+    let mut receiver_runs = Vec::new();
+    for (id, r) in &config.receivers {
+        let in_pipelines: Vec<_> = config
+            .service
+            .pipelines
+            .values()
+            .filter(|p| p.receivers.contains(id))
+            .collect();
+        if in_pipelines.is_empty() {
+            continue;
+        }
+        let mut targets = Vec::new();
+        let mut seen = Vec::new();
+        let mut receiver_budgets = Vec::new();
+        for p in &in_pipelines {
+            for e in &p.exporters {
+                if !seen.contains(e) {
+                    seen.push(e.clone());
+                    targets.push(inputs[e].clone());
+                }
+            }
+            for proc_id in &p.processors {
+                if let Some(b) = budgets.get(proc_id)
+                    && !receiver_budgets.iter().any(|x: &Arc<MemoryBudget>| Arc::ptr_eq(x, b))
+                {
+                    receiver_budgets.push(b.clone());
+                }
+            }
+        }
+        let intake = Arc::new(Intake::new(targets, receiver_budgets));
+        let Receiver::Otlp(otlp) = r;
+        for (protocol, transport, proto, default) in [
+            (
+                Protocol::Grpc,
+                "grpc",
+                &otlp.protocols.grpc,
+                config::DEFAULT_GRPC_ENDPOINT,
+            ),
+            (
+                Protocol::Http,
+                "http",
+                &otlp.protocols.http,
+                config::DEFAULT_HTTP_ENDPOINT,
+            ),
+        ] {
+            let Some(p) = proto else { continue };
+            let listener = bind(&format!("{id}-{transport}"), listen_addr(&p.endpoint, default)).await?;
+            let ctx = Arc::new(ReceiverContext {
+                receiver: id.clone(),
+                transport,
+                intake: intake.clone(),
+                metrics: metrics.clone(),
+                max_recv_msg_size_mib: p.max_recv_msg_size_mib,
+                include_metadata: p.include_metadata,
+            });
+            let tls = prepared.server_tls.get(&(id.clone(), transport)).cloned();
+            if let Some(t) = &tls {
+                t.spawn_reloader(format!("{id}-{transport}"), receivers_stop.clone());
+            }
+            receiver_runs.push(ReceiverRun {
+                protocol,
+                listener,
+                tls,
+                ctx,
+            });
+        }
+    }
+
+    let mut admin_tasks = JoinSet::new();
+    {
+        let m = metrics.clone();
+        admin_tasks.spawn(telemetry::serve_admin(
+            metrics_listener,
+            "metrics",
+            Arc::new(move |req| telemetry::metrics_response(&m, req.uri().path())),
+            admin_stop.clone(),
+        ));
+    }
+    if let Some(listener) = health_listener {
+        let h = health.clone();
+        admin_tasks.spawn(telemetry::serve_admin(
+            listener,
+            "health",
+            Arc::new(move |req| telemetry::health_response(&h, req.uri().path())),
+            admin_stop.clone(),
+        ));
+    }
+    let mut receiver_tasks = JoinSet::new();
+    for run in receiver_runs {
+        receiver_tasks.spawn(crate::receiver::serve(
+            run.listener,
+            run.protocol,
+            run.tls,
+            run.ctx,
+            receivers_stop.clone(),
+            RECEIVER_GRACE,
+        ));
+    }
+    drop(inputs);
+    health.set_started();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "relay started");
+
+    wait_for_signal().await;
+    let deadline = config.service.shutdown_timeout.0;
+    tracing::info!(deadline = ?deadline, "shutting down: refusing new data, draining what was accepted");
+    health.set_draining();
+    receivers_stop.cancel();
+    while receiver_tasks.join_next().await.is_some() {}
+    control.close.cancel();
+    let drained = tokio::time::timeout(deadline, async { while stage_tasks.join_next().await.is_some() {} })
+        .await
+        .is_ok();
+    if !drained {
+        tracing::warn!(deadline = ?deadline, "drain deadline reached; counting what is left as dropped");
+        control.abort.cancel();
+        while stage_tasks.join_next().await.is_some() {}
+    }
+    log_accounting(&config, &metrics);
+    admin_stop.cancel();
+    while admin_tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// accepted = sent + failed + dropped for every exporter, logged at exit.
+fn log_accounting(config: &Config, metrics: &Metrics) {
+    for (exporter, _) in &config.exporters {
+        let receivers: Vec<&String> = config
+            .service
+            .pipelines
+            .values()
+            .filter(|p| p.exporters.contains(exporter))
+            .flat_map(|p| p.receivers.iter())
+            .collect();
+        if receivers.is_empty() {
+            continue;
+        }
+        let mut accepted = 0;
+        for r in receivers.iter().collect::<std::collections::BTreeSet<_>>() {
+            for transport in ["grpc", "http"] {
+                accepted += metrics
+                    .receiver_accepted_spans
+                    .get_or_create(&ReceiverLabels {
+                        receiver: r.to_string(),
+                        transport: transport.into(),
+                    })
+                    .get();
+            }
+        }
+        let labels = exporter_labels(exporter);
+        let sent = metrics.exporter_sent_spans.get_or_create(&labels).get();
+        let failed = metrics.exporter_send_failed_spans.get_or_create(&labels).get();
+        let dropped = metrics
+            .exporter_dropped_spans
+            .get_or_create(&ExporterReasonLabels {
+                exporter: exporter.clone(),
+                reason: "shutdown".into(),
+            })
+            .get();
+        tracing::info!(exporter = %exporter, accepted, sent, failed, dropped, balanced = accepted == sent + failed + dropped, "final span accounting");
+    }
 }

@@ -43,9 +43,11 @@ pub enum Command {
     Sink(crate::sink::SinkArgs),
 }
 
-pub fn init_logging(format: LogFormat) {
+/// Logs to stderr; OTLP_RELAY_LOG (an EnvFilter directive) overrides `level`.
+pub fn init_logging(format: LogFormat, level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("OTLP_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let level = level.unwrap_or("info").to_ascii_lowercase();
+    let filter = EnvFilter::try_from_env("OTLP_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -64,18 +66,15 @@ fn runtime() -> tokio::runtime::Runtime {
 
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Run { config, log_format } => {
-            init_logging(log_format);
-            crate::app::run_main(&config, runtime())
-        }
+        Command::Run { config, log_format } => crate::app::run_main(&config, log_format, runtime()),
         Command::Check { config } => crate::app::check_main(&config),
         Command::Gate(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, None);
             crate::gate::main(args, runtime())
         }
         Command::Loadgen(args) => crate::loadgen::main(args, runtime()),
         Command::Sink(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, None);
             crate::sink::main(args, runtime())
         }
     }

@@ -1,10 +1,959 @@
 //! A fast counting OTLP sink (`otlp-relay sink`) that plays MLflow in tests and benchmarks.
+//!
+//! It accepts OTLP/HTTP `POST /v1/traces` (protobuf or JSON, gzip/deflate bodies) and gRPC
+//! `TraceService/Export` (on the HTTP port too, and on `--grpc-listen`), counts requests, spans,
+//! unique spans (trace_id + span_id) and wire bytes, and serves them at `GET /stats`. It can play a
+//! failing or slow MLflow (`--status`, `--fail-every`, `--delay-ms`, `--max-spans-per-sec`).
+//! Protobuf bodies are walked, not decoded, so the sink stays far cheaper than anything it measures.
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-#[derive(Debug, clap::Args)]
-pub struct SinkArgs {}
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-pub fn main(_args: SinkArgs, _rt: tokio::runtime::Runtime) -> ExitCode {
-    eprintln!("otlp-relay sink: not implemented yet");
-    ExitCode::from(2)
+/// gRPC method path of OTLP trace export.
+pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// Largest body the sink reads (compressed or not).
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SinkArgs {
+    /// Address for OTLP/HTTP (and gRPC, which is served on the same port too), e.g. 127.0.0.1:4318.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Extra address serving gRPC (and HTTP) e.g. 127.0.0.1:4317.
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Answer every request with this HTTP status (gRPC: the matching code); with --fail-every,
+    /// the status of the failing requests.
+    #[arg(long)]
+    pub status: Option<u16>,
+    /// Fail every Nth request (with --status, default 503).
+    #[arg(long)]
+    pub fail_every: Option<u64>,
+    /// Fail the first N requests (with --status, default 503), then accept: "503, then 200".
+    #[arg(long)]
+    pub fail_first: Option<u64>,
+    /// Delay every request by this many milliseconds before answering (a slow MLflow).
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Ingest at most this many spans per second overall (requests queue up behind each other).
+    #[arg(long)]
+    pub max_spans_per_sec: Option<f64>,
+    /// Retry-After seconds on failures (gRPC: RetryInfo).
+    #[arg(long)]
+    pub retry_after: Option<u64>,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM) (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// google.rpc.Status and RetryInfo, the OTLP error payloads (not part of opentelemetry-proto).
+pub mod rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<Any>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub retry_delay: Option<Duration>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Duration {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
+    }
+    pub const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+    /// A Status carrying a RetryInfo detail when `retry_after` is set.
+    pub fn status(code: i32, message: &str, retry_after: Option<std::time::Duration>) -> Status {
+        use prost::Message;
+        let details = retry_after
+            .map(|d| Any {
+                type_url: RETRY_INFO_TYPE.to_string(),
+                value: RetryInfo {
+                    retry_delay: Some(Duration {
+                        seconds: d.as_secs() as i64,
+                        nanos: d.subsec_nanos() as i32,
+                    }),
+                }
+                .encode_to_vec(),
+            })
+            .into_iter()
+            .collect();
+        Status {
+            code,
+            message: message.to_string(),
+            details,
+        }
+    }
+
+    /// The retry delay carried by an encoded google.rpc.Status, if any.
+    pub fn retry_delay(encoded_status: &[u8]) -> Option<std::time::Duration> {
+        use prost::Message;
+        let status = Status::decode(encoded_status).ok()?;
+        status
+            .details
+            .iter()
+            .find(|d| d.type_url == RETRY_INFO_TYPE)
+            .and_then(|d| {
+                let info = RetryInfo::decode(d.value.as_slice()).ok()?;
+                let delay = info.retry_delay?;
+                Some(std::time::Duration::new(
+                    delay.seconds.max(0) as u64,
+                    delay.nanos.max(0) as u32,
+                ))
+            })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure parts: protobuf walking, failure schedule, throttle, counters.
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WalkError {
+    #[error("truncated protobuf")]
+    Truncated,
+    #[error("unsupported protobuf wire type {0}")]
+    WireType(u64),
+}
+
+fn varint(buf: &mut &[u8]) -> Result<u64, WalkError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let Some((&b, rest)) = buf.split_first() else {
+            return Err(WalkError::Truncated);
+        };
+        *buf = rest;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(WalkError::Truncated)
+}
+
+/// Calls `f(field_number, length_delimited_payload)` for each LEN field of one message, skipping
+/// the others.
+fn fields<'a>(mut buf: &'a [u8], mut f: impl FnMut(u64, &'a [u8]) -> Result<(), WalkError>) -> Result<(), WalkError> {
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(&mut buf)?;
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                if buf.len() < n {
+                    return Err(WalkError::Truncated);
+                }
+                buf = &buf[n..];
+            }
+            2 => {
+                let len = varint(&mut buf)? as usize;
+                if buf.len() < len {
+                    return Err(WalkError::Truncated);
+                }
+                let (payload, rest) = buf.split_at(len);
+                buf = rest;
+                f(field, payload)?;
+            }
+            other => return Err(WalkError::WireType(other)),
+        }
+    }
+    Ok(())
+}
+
+/// Walks an encoded ExportTraceServiceRequest and calls `f(trace_id, span_id)` for every span.
+/// Returns the span count. Only the framing is checked, which is all a counter needs.
+pub fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, WalkError> {
+    let mut count = 0u64;
+    // ExportTraceServiceRequest.resource_spans = 1 → ResourceSpans.scope_spans = 2 →
+    // ScopeSpans.spans = 2 → Span.trace_id = 1, span_id = 2.
+    fields(buf, |n, rs| {
+        if n != 1 {
+            return Ok(());
+        }
+        fields(rs, |n, ss| {
+            if n != 2 {
+                return Ok(());
+            }
+            fields(ss, |n, span| {
+                if n != 2 {
+                    return Ok(());
+                }
+                let (mut trace, mut id) = (&[][..], &[][..]);
+                fields(span, |n, v| {
+                    match n {
+                        1 => trace = v,
+                        2 => id = v,
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                count += 1;
+                f(trace, id);
+                Ok(())
+            })
+        })
+    })?;
+    Ok(count)
+}
+
+/// Which requests fail, and with what status.
+#[derive(Debug, Clone, Copy)]
+pub struct FailurePlan {
+    pub status: Option<u16>,
+    pub fail_every: Option<u64>,
+    pub fail_first: Option<u64>,
+}
+
+impl FailurePlan {
+    /// The failing status for the `n`th request (1-based), or None to accept it.
+    pub fn status_for(&self, n: u64) -> Option<u16> {
+        let failing = self.status.unwrap_or(503);
+        let status = match (self.fail_first, self.fail_every) {
+            (Some(first), _) if n <= first => Some(failing),
+            (Some(_), None) => None,
+            (_, Some(k)) if k > 0 => n.is_multiple_of(k).then_some(failing),
+            _ => self.status,
+        }?;
+        (!(200..300).contains(&status)).then_some(status)
+    }
+}
+
+/// Caps ingestion at `rate` spans/s overall: each request reserves its share of a shared timeline
+/// and completes when that share is due, like a server whose throughput is the bottleneck.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: f64,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Throttle {
+    pub fn new(rate: f64) -> Throttle {
+        Throttle {
+            rate,
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Reserves `spans` and returns when the request may complete.
+    pub fn reserve(&self, spans: u64, now: Instant) -> Instant {
+        let mut next = self.next.lock().unwrap();
+        let start = next.map_or(now, |n| n.max(now));
+        let done = start + Duration::from_secs_f64(spans as f64 / self.rate);
+        *next = Some(done);
+        done
+    }
+}
+
+/// A hasher for random ids: they are already uniformly distributed, so folding is enough.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.write_u64(v as u64);
+        self.write_u64((v >> 64) as u64);
+    }
+}
+
+const SHARDS: usize = 64;
+type IdSet = HashSet<(u128, u64), BuildHasherDefault<IdHasher>>;
+
+/// The set of (trace_id, span_id) seen, sharded so concurrent requests rarely contend.
+pub struct UniqueSpans {
+    shards: Vec<Mutex<IdSet>>,
+    count: AtomicU64,
+}
+
+impl Default for UniqueSpans {
+    fn default() -> Self {
+        UniqueSpans {
+            shards: (0..SHARDS).map(|_| Mutex::new(IdSet::default())).collect(),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl UniqueSpans {
+    pub fn key(trace_id: &[u8], span_id: &[u8]) -> (u128, u64) {
+        let mut t = [0u8; 16];
+        let mut s = [0u8; 8];
+        let tl = trace_id.len().min(16);
+        let sl = span_id.len().min(8);
+        t[..tl].copy_from_slice(&trace_id[..tl]);
+        s[..sl].copy_from_slice(&span_id[..sl]);
+        (u128::from_le_bytes(t), u64::from_le_bytes(s))
+    }
+
+    /// Inserts keys; returns how many were new.
+    pub fn insert_all(&self, keys: &[(u128, u64)]) -> u64 {
+        let mut new = 0;
+        for &k in keys {
+            let shard = ((k.1 ^ (k.0 as u64)) as usize) % SHARDS;
+            if self.shards[shard].lock().unwrap().insert(k) {
+                new += 1;
+            }
+        }
+        self.count.fetch_add(new, Ordering::Relaxed);
+        new
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The headers of the last request that matter to the relay's tests.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LastRequest {
+    pub transport: String,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub experiment_id: Option<String>,
+    pub authorization: bool,
+    pub host: Option<String>,
+}
+
+#[derive(Default)]
+struct Meta {
+    last: Option<LastRequest>,
+    /// Spans accepted per x-mlflow-experiment-id ("none" when absent).
+    experiments: BTreeMap<String, u64>,
+    /// Failed requests per status.
+    failures: BTreeMap<u16, u64>,
+}
+
+pub struct State {
+    plan: FailurePlan,
+    delay: Duration,
+    throttle: Option<Throttle>,
+    retry_after: Option<u64>,
+    requests: AtomicU64,
+    failed_requests: AtomicU64,
+    spans: AtomicU64,
+    bytes: AtomicU64,
+    unique: UniqueSpans,
+    meta: Mutex<Meta>,
+}
+
+impl State {
+    pub fn new(args: &SinkArgs) -> State {
+        State {
+            plan: FailurePlan {
+                status: args.status,
+                fail_every: args.fail_every,
+                fail_first: args.fail_first,
+            },
+            delay: Duration::from_millis(args.delay_ms),
+            throttle: args.max_spans_per_sec.filter(|r| *r > 0.0).map(Throttle::new),
+            retry_after: args.retry_after,
+            requests: AtomicU64::new(0),
+            failed_requests: AtomicU64::new(0),
+            spans: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            unique: UniqueSpans::default(),
+            meta: Mutex::new(Meta::default()),
+        }
+    }
+
+    /// The /stats document.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let meta = self.meta.lock().unwrap();
+        serde_json::json!({
+            "requests": self.requests.load(Ordering::Relaxed),
+            "failed_requests": self.failed_requests.load(Ordering::Relaxed),
+            "spans": self.spans.load(Ordering::Relaxed),
+            "unique_spans": self.unique.len(),
+            "bytes": self.bytes.load(Ordering::Relaxed),
+            "experiments": meta.experiments,
+            "failures": meta.failures.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+            "last": meta.last,
+        })
+    }
+
+    /// Counts a request's arrival and decides whether it fails.
+    fn arrive(&self, wire_bytes: usize, last: LastRequest) -> Option<u16> {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.bytes.fetch_add(wire_bytes as u64, Ordering::Relaxed);
+        let failing = self.plan.status_for(n);
+        let mut meta = self.meta.lock().unwrap();
+        meta.last = Some(last);
+        if let Some(status) = failing {
+            *meta.failures.entry(status).or_default() += 1;
+            self.failed_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        failing
+    }
+
+    /// Waits as a slow MLflow would, then counts the accepted spans.
+    async fn accept(&self, keys: Vec<(u128, u64)>, experiment: Option<&str>) {
+        let mut until = Instant::now() + self.delay;
+        if let Some(t) = &self.throttle {
+            until = until.max(t.reserve(keys.len() as u64, Instant::now()));
+        }
+        let now = Instant::now();
+        if until > now {
+            tokio::time::sleep(until - now).await;
+        }
+        self.spans.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.unique.insert_all(&keys);
+        let mut meta = self.meta.lock().unwrap();
+        *meta
+            .experiments
+            .entry(experiment.unwrap_or("none").to_string())
+            .or_default() += keys.len() as u64;
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.retry_after.map(Duration::from_secs)
+    }
+}
+
+/// The gRPC code an HTTP status stands for (OTLP's mapping, reversed).
+pub fn grpc_code_for(status: u16) -> tonic::Code {
+    use tonic::Code;
+    match status {
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        409 => Code::Aborted,
+        413 | 429 => Code::ResourceExhausted,
+        501 => Code::Unimplemented,
+        502..=504 => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC: a codec that hands over the raw message bytes, so the sink can walk them.
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProstEncoder<T>(std::marker::PhantomData<T>);
+
+impl Codec for RawCodec {
+    type Encode = ExportTraceServiceResponse;
+    type Decode = Bytes;
+    type Encoder = ProstEncoder<ExportTraceServiceResponse>;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder(std::marker::PhantomData)
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl<T: Message> Encoder for ProstEncoder<T> {
+    type Item = T;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        item.encode(dst).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+async fn grpc_export(
+    state: Arc<State>,
+    req: tonic::Request<Bytes>,
+) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    let md = req.metadata().clone().into_headers();
+    let body = req.into_inner();
+    let experiment = header(&md, "x-mlflow-experiment-id");
+    let last = LastRequest {
+        transport: "grpc".into(),
+        path: GRPC_EXPORT_PATH.into(),
+        content_type: header(&md, "content-type"),
+        content_encoding: header(&md, "grpc-encoding"),
+        experiment_id: experiment.clone(),
+        authorization: md.contains_key("authorization"),
+        host: None,
+    };
+    if let Some(status) = state.arrive(body.len(), last) {
+        let code = grpc_code_for(status);
+        let detail = rpc::status(code as i32, "sink: configured failure", state.retry_after());
+        return Err(tonic::Status::with_details(
+            code,
+            "sink: configured failure",
+            detail.encode_to_vec().into(),
+        ));
+    }
+    let mut keys = Vec::new();
+    walk_spans(&body, |t, s| keys.push(UniqueSpans::key(t, s)))
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    state.accept(keys, experiment.as_deref()).await;
+    Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+type RespBody = tonic::body::Body;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<RespBody> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(RespBody::new(Full::new(body.into())))
+        .expect("static response parts")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    Proto,
+    Json,
+}
+
+fn error_response(status: u16, json: bool, message: &str, retry_after: Option<Duration>) -> Response<RespBody> {
+    let code = grpc_code_for(status) as i32;
+    let st = rpc::status(code, message, retry_after);
+    let mut resp = if json {
+        let body = serde_json::json!({"code": code, "message": message});
+        respond(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "application/json",
+            body.to_string(),
+        )
+    } else {
+        respond(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "application/x-protobuf",
+            st.encode_to_vec(),
+        )
+    };
+    if let Some(d) = retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, d.as_secs().to_string().parse().unwrap());
+    }
+    resp
+}
+
+/// Decompresses an HTTP body by its Content-Encoding (deflate: zlib, or raw deflate as sent by some clients).
+fn decompress(encoding: Option<&str>, body: Bytes) -> Result<Bytes, (u16, String)> {
+    let mut out = Vec::new();
+    let bad = |e: std::io::Error| (400, format!("bad compressed body: {e}"));
+    match encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("identity") => return Ok(body),
+        Some("gzip") | Some("x-gzip") => {
+            flate2::read::MultiGzDecoder::new(&body[..])
+                .take(MAX_BODY as u64)
+                .read_to_end(&mut out)
+                .map_err(bad)?;
+        }
+        Some("deflate") => {
+            if flate2::read::ZlibDecoder::new(&body[..])
+                .take(MAX_BODY as u64)
+                .read_to_end(&mut out)
+                .is_err()
+            {
+                out.clear();
+                flate2::read::DeflateDecoder::new(&body[..])
+                    .take(MAX_BODY as u64)
+                    .read_to_end(&mut out)
+                    .map_err(bad)?;
+            }
+        }
+        Some(other) => return Err((415, format!("unsupported content-encoding {other}"))),
+    }
+    Ok(out.into())
+}
+
+async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
+    let headers = req.headers().clone();
+    let content_type = header(&headers, "content-type");
+    let mime = content_type
+        .as_deref()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let encoding = match mime.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Encoding::Proto,
+        "application/json" => Encoding::Json,
+        _ => {
+            return error_response(415, false, "unsupported content type", None);
+        }
+    };
+    let json = encoding == Encoding::Json;
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error_response(413, json, &format!("body: {e}"), None),
+    };
+    let experiment = header(&headers, "x-mlflow-experiment-id");
+    let content_encoding = header(&headers, "content-encoding");
+    let last = LastRequest {
+        transport: "http".into(),
+        path: "/v1/traces".into(),
+        content_type,
+        content_encoding: content_encoding.clone(),
+        experiment_id: experiment.clone(),
+        authorization: headers.contains_key(http::header::AUTHORIZATION),
+        host: header(&headers, "host"),
+    };
+    if let Some(status) = state.arrive(body.len(), last) {
+        return error_response(status, json, "sink: configured failure", state.retry_after());
+    }
+    let raw = match decompress(content_encoding.as_deref(), body) {
+        Ok(b) => b,
+        Err((status, msg)) => return error_response(status, json, &msg, None),
+    };
+    let mut keys = Vec::new();
+    match encoding {
+        Encoding::Proto => {
+            if let Err(e) = walk_spans(&raw, |t, s| keys.push(UniqueSpans::key(t, s))) {
+                return error_response(400, false, &e.to_string(), None);
+            }
+        }
+        Encoding::Json => match serde_json::from_slice::<ExportTraceServiceRequest>(&raw) {
+            Ok(r) => {
+                for rs in &r.resource_spans {
+                    for ss in &rs.scope_spans {
+                        for s in &ss.spans {
+                            keys.push(UniqueSpans::key(&s.trace_id, &s.span_id));
+                        }
+                    }
+                }
+            }
+            Err(e) => return error_response(400, true, &format!("bad OTLP/JSON: {e}"), None),
+        },
+    }
+    state.accept(keys, experiment.as_deref()).await;
+    match encoding {
+        Encoding::Proto => respond(
+            StatusCode::OK,
+            "application/x-protobuf",
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        ),
+        Encoding::Json => respond(StatusCode::OK, "application/json", "{}"),
+    }
+}
+
+async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if is_grpc {
+        if req.uri().path() != GRPC_EXPORT_PATH {
+            let resp = tonic::Status::unimplemented("unknown method").into_http();
+            return Ok(resp);
+        }
+        let mut grpc = tonic::server::Grpc::new(RawCodec)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .accept_compressed(CompressionEncoding::Deflate)
+            .max_decoding_message_size(MAX_BODY);
+        let svc = tower::service_fn(move |r| grpc_export(state.clone(), r));
+        return Ok(grpc.unary(svc, req).await);
+    }
+    let resp = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/traces") => http_export(state, req).await,
+        (&Method::GET, "/stats") => respond(StatusCode::OK, "application/json", state.stats_json().to_string()),
+        (&Method::GET, "/healthz") | (&Method::GET, "/") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (_, "/v1/traces") | (_, "/stats") => {
+            respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n")
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    };
+    Ok(resp)
+}
+
+fn load_tls(args: &SinkArgs) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = match &args.tls_client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)? {
+                roots.add(c?)?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| route(state.clone(), req));
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "tls handshake failed");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the sink's listeners and returns their addresses and the serving task.
+pub async fn start(
+    args: &SinkArgs,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>)> {
+    let tls = load_tls(args)?;
+    let state = Arc::new(State::new(args));
+    let http = TcpListener::bind(args.listen).await?;
+    let http_addr = http.local_addr()?;
+    let grpc = match args.grpc_listen {
+        Some(a) => Some(TcpListener::bind(a).await?),
+        None => None,
+    };
+    let grpc_addr = grpc.as_ref().map(|g| g.local_addr()).transpose()?;
+    let mut tasks = vec![tokio::spawn(serve(http, state.clone(), tls.clone()))];
+    if let Some(g) = grpc {
+        tasks.push(tokio::spawn(serve(g, state.clone(), tls)));
+    }
+    let handle = tokio::spawn(async move {
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    Ok((http_addr, grpc_addr, state, handle))
+}
+
+pub fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
+    rt.block_on(async move {
+        let (http_addr, grpc_addr, _state, handle) = match start(&args).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "sink failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(component = %"sink-http", addr = %http_addr, "listening");
+        if let Some(a) = grpc_addr {
+            tracing::info!(component = %"sink-grpc", addr = %a, "listening");
+        }
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "signal handler");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            _ = handle => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    fn request(ids: &[(u8, u8)]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: ids
+                        .iter()
+                        .map(|&(t, s)| Span {
+                            trace_id: vec![t; 16],
+                            span_id: vec![s; 8],
+                            name: "x".repeat(200),
+                            start_time_unix_nano: 123,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn walker_finds_every_span_id() {
+        let req = request(&[(1, 1), (1, 2), (2, 1)]);
+        let mut seen = Vec::new();
+        let n = walk_spans(&req.encode_to_vec(), |t, s| seen.push((t[0], s[0]))).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(seen, vec![(1, 1), (1, 2), (2, 1)]);
+        // Concatenated encodings are a merged request.
+        let mut two = req.encode_to_vec();
+        two.extend(request(&[(3, 3)]).encode_to_vec());
+        assert_eq!(walk_spans(&two, |_, _| {}).unwrap(), 4);
+    }
+
+    #[test]
+    fn walker_rejects_truncated_input() {
+        let bytes = request(&[(1, 1)]).encode_to_vec();
+        assert_eq!(
+            walk_spans(&bytes[..bytes.len() - 3], |_, _| {}),
+            Err(WalkError::Truncated)
+        );
+        assert_eq!(walk_spans(&[], |_, _| {}), Ok(0));
+    }
+
+    #[test]
+    fn failure_plan() {
+        let every3 = FailurePlan {
+            status: None,
+            fail_every: Some(3),
+            fail_first: None,
+        };
+        let got: Vec<_> = (1..=6).map(|n| every3.status_for(n)).collect();
+        assert_eq!(got, vec![None, None, Some(503), None, None, Some(503)]);
+        let always = FailurePlan {
+            status: Some(429),
+            fail_every: None,
+            fail_first: None,
+        };
+        assert_eq!(always.status_for(1), Some(429));
+        let ok = FailurePlan {
+            status: Some(200),
+            fail_every: None,
+            fail_first: None,
+        };
+        assert_eq!(ok.status_for(1), None);
+        let first2 = FailurePlan {
+            status: None,
+            fail_every: None,
+            fail_first: Some(2),
+        };
+        let got: Vec<_> = (1..=4).map(|n| first2.status_for(n)).collect();
+        assert_eq!(got, vec![Some(503), Some(503), None, None]);
+    }
+
+    #[test]
+    fn throttle_spaces_requests_by_their_spans() {
+        let t = Throttle::new(1000.0);
+        let now = Instant::now();
+        assert_eq!(t.reserve(100, now), now + Duration::from_millis(100));
+        assert_eq!(t.reserve(100, now), now + Duration::from_millis(200));
+        // After an idle period the timeline restarts from now.
+        let later = now + Duration::from_secs(5);
+        assert_eq!(t.reserve(10, later), later + Duration::from_millis(10));
+    }
+
+    #[test]
+    fn unique_spans_count_once() {
+        let u = UniqueSpans::default();
+        let a = UniqueSpans::key(&[1; 16], &[2; 8]);
+        let b = UniqueSpans::key(&[1; 16], &[3; 8]);
+        assert_eq!(u.insert_all(&[a, b, a]), 2);
+        assert_eq!(u.insert_all(&[b]), 0);
+        assert_eq!(u.len(), 2);
+    }
+
+    #[test]
+    fn retry_info_round_trip() {
+        let st = rpc::status(14, "x", Some(Duration::from_secs(3)));
+        assert_eq!(rpc::retry_delay(&st.encode_to_vec()), Some(Duration::from_secs(3)));
+        assert_eq!(rpc::retry_delay(&rpc::status(14, "x", None).encode_to_vec()), None);
+    }
 }

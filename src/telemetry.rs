@@ -1,1 +1,348 @@
-//! telemetry
+//! The relay's own telemetry: Prometheus metrics with the collector's names, health and
+//! readiness, and the small plain-HTTP admin servers that expose them.
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiverLabels {
+    pub receiver: String,
+    pub transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub receiver: String,
+    pub transport: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExporterLabels {
+    pub exporter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExporterReasonLabels {
+    pub exporter: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcessorLabels {
+    pub processor: String,
+}
+
+type CounterFamily<L> = Family<L, Counter>;
+
+/// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
+pub struct Metrics {
+    registry: Registry,
+    pub receiver_accepted_spans: CounterFamily<ReceiverLabels>,
+    pub receiver_refused_spans: CounterFamily<RefusedLabels>,
+    pub exporter_sent_spans: CounterFamily<ExporterLabels>,
+    pub exporter_send_failed_spans: CounterFamily<ExporterLabels>,
+    pub exporter_dropped_spans: CounterFamily<ExporterReasonLabels>,
+    pub exporter_retries: CounterFamily<ExporterReasonLabels>,
+    pub exporter_queue_size: Family<ExporterLabels, Gauge>,
+    pub exporter_queue_capacity: Family<ExporterLabels, Gauge>,
+    pub batch_send_size: Family<ProcessorLabels, Histogram>,
+    pub export_duration: Family<ExporterLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let receiver_accepted_spans = CounterFamily::<ReceiverLabels>::default();
+        registry.register(
+            "otelcol_receiver_accepted_spans",
+            "Spans successfully pushed into the pipeline",
+            receiver_accepted_spans.clone(),
+        );
+        let receiver_refused_spans = CounterFamily::<RefusedLabels>::default();
+        registry.register(
+            "otelcol_receiver_refused_spans",
+            "Spans that could not be pushed into the pipeline, by reason",
+            receiver_refused_spans.clone(),
+        );
+        let exporter_sent_spans = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otelcol_exporter_sent_spans",
+            "Spans delivered to the destination",
+            exporter_sent_spans.clone(),
+        );
+        let exporter_send_failed_spans = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otelcol_exporter_send_failed_spans",
+            "Spans the destination refused permanently or that ran out of retries",
+            exporter_send_failed_spans.clone(),
+        );
+        let exporter_dropped_spans = CounterFamily::<ExporterReasonLabels>::default();
+        registry.register(
+            "otlp_relay_exporter_dropped_spans",
+            "Accepted spans given up without a verdict from the destination (e.g. the shutdown deadline)",
+            exporter_dropped_spans.clone(),
+        );
+        let exporter_retries = CounterFamily::<ExporterReasonLabels>::default();
+        registry.register(
+            "otlp_relay_exporter_retries",
+            "Export attempts that will be retried",
+            exporter_retries.clone(),
+        );
+        let exporter_queue_size = Family::<ExporterLabels, Gauge>::default();
+        registry.register(
+            "otelcol_exporter_queue_size",
+            "Batches in the sending queue",
+            exporter_queue_size.clone(),
+        );
+        let exporter_queue_capacity = Family::<ExporterLabels, Gauge>::default();
+        registry.register(
+            "otelcol_exporter_queue_capacity",
+            "Capacity of the sending queue, in batches",
+            exporter_queue_capacity.clone(),
+        );
+        let batch_send_size = Family::<ProcessorLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(10.0, 2.0, 14))
+        });
+        registry.register(
+            "otelcol_processor_batch_batch_send_size",
+            "Spans per batch sent by the batch processor",
+            batch_send_size.clone(),
+        );
+        let export_duration = Family::<ExporterLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "otlp_relay_export_duration_seconds",
+            "Time of one export request, from send to response",
+            export_duration.clone(),
+        );
+        Metrics {
+            registry,
+            receiver_accepted_spans,
+            receiver_refused_spans,
+            exporter_sent_spans,
+            exporter_send_failed_spans,
+            exporter_dropped_spans,
+            exporter_retries,
+            exporter_queue_size,
+            exporter_queue_capacity,
+            batch_send_size,
+            export_duration,
+        }
+    }
+
+    /// Lets other components (e.g. token caches) register their metrics before serving starts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+pub fn exporter_labels(exporter: &str) -> ExporterLabels {
+    ExporterLabels {
+        exporter: exporter.to_string(),
+    }
+}
+
+/// Liveness and readiness. Not ready until receivers are bound, while draining, and while any
+/// component reports a reason (e.g. the token endpoint refusing our credentials).
+#[derive(Default)]
+pub struct Health {
+    started: AtomicBool,
+    draining: AtomicBool,
+    reasons: Mutex<BTreeMap<String, String>>,
+}
+
+impl Health {
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Sets (Some) or clears (None) a component's reason for not being ready.
+    pub fn set_unready(&self, component: &str, reason: Option<String>) {
+        let mut reasons = self.reasons.lock().unwrap();
+        match reason {
+            Some(r) => reasons.insert(component.to_string(), r),
+            None => reasons.remove(component),
+        };
+    }
+
+    /// None when ready, else why not.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Some("draining".into());
+        }
+        if !self.started.load(Ordering::SeqCst) {
+            return Some("starting".into());
+        }
+        let reasons = self.reasons.lock().unwrap();
+        if reasons.is_empty() {
+            None
+        } else {
+            Some(
+                reasons
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        }
+    }
+}
+
+pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("static response parts")
+}
+
+/// The health_check extension's routes.
+pub fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/" | "/healthz" | "/livez" => text_response(StatusCode::OK, "ok\n"),
+        "/readyz" => match health.not_ready() {
+            None => text_response(StatusCode::OK, "ready\n"),
+            Some(reason) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+        },
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/metrics" => Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(metrics.encode())))
+            .expect("static response parts"),
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves a small plain-HTTP admin endpoint (health, metrics) until `cancel` fires.
+pub async fn serve_admin(
+    listener: TcpListener,
+    component: &'static str,
+    handler: Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>,
+    cancel: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(component = %component, addr = %addr, "listening");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(component = %component, error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = handler(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+/// Binds a listen address, mapping the error to one that names the component.
+pub async fn bind(component: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{component}: cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_state_and_reasons() {
+        let h = Health::default();
+        assert_eq!(h.not_ready().as_deref(), Some("starting"));
+        h.set_started();
+        assert_eq!(h.not_ready(), None);
+        h.set_unready("oauth2client/mlflow", Some("invalid_client: bad secret".into()));
+        assert_eq!(
+            h.not_ready().as_deref(),
+            Some("oauth2client/mlflow: invalid_client: bad secret")
+        );
+        h.set_unready("oauth2client/mlflow", None);
+        assert_eq!(h.not_ready(), None);
+        h.set_draining();
+        assert_eq!(h.not_ready().as_deref(), Some("draining"));
+        assert_eq!(health_response(&h, "/healthz").status(), StatusCode::OK);
+        assert_eq!(health_response(&h, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn metric_names_follow_the_collector() {
+        let m = Metrics::new();
+        m.receiver_accepted_spans
+            .get_or_create(&ReceiverLabels {
+                receiver: "otlp".into(),
+                transport: "grpc".into(),
+            })
+            .inc_by(3);
+        m.exporter_queue_capacity
+            .get_or_create(&exporter_labels("otlphttp"))
+            .set(10);
+        let text = m.encode();
+        assert!(
+            text.contains("otelcol_receiver_accepted_spans_total{receiver=\"otlp\",transport=\"grpc\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("otelcol_exporter_queue_capacity{exporter=\"otlphttp\"} 10"),
+            "{text}"
+        );
+    }
+}

@@ -1,1 +1,336 @@
-//! tls
+//! TLS for both directions with rustls (aws-lc-rs): receiver mTLS with hot reload and client
+//! identity checks, and client configs for exports and token requests (CA bundles,
+//! SSL_CERT_FILE, client certificates).
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ClientTlsConfig, ServerTlsConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+fn file_err(path: &str, message: impl ToString) -> TlsError {
+    TlsError::File {
+        path: path.to_string(),
+        message: message.to_string(),
+    }
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn versions(min: &str) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    if min == "1.3" {
+        TLS13_ONLY
+    } else {
+        rustls::DEFAULT_VERSIONS
+    }
+}
+
+/// Every certificate in a PEM file (a bundle with a root and intermediates is fine).
+pub fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no PEM certificates found"));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("no usable private key: {e}")))
+}
+
+fn root_store(path: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| file_err(path, e))?;
+    }
+    Ok(roots)
+}
+
+/// Builds a receiver's rustls config from files: client certificates are required and verified
+/// when a client CA is set.
+pub fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let certs = load_certs(&cfg.cert_file)?;
+    let key = load_key(&cfg.key_file)?;
+    let client_ca = if cfg.client_ca_file.is_empty() {
+        &cfg.ca_file
+    } else {
+        &cfg.client_ca_file
+    };
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(&cfg.min_version))?;
+    let builder = if client_ca.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider)
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A receiver's TLS state: the current config (swapped on reload) and the allowed client patterns.
+pub struct ServerTls {
+    settings: ServerTlsConfig,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl ServerTls {
+    pub fn load(settings: &ServerTlsConfig) -> Result<Arc<ServerTls>, TlsError> {
+        let config = server_config(settings)?;
+        Ok(Arc::new(ServerTls {
+            settings: settings.clone(),
+            current: RwLock::new(Arc::new(config)),
+        }))
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().unwrap().clone())
+    }
+
+    /// Re-reads certificate, key and CA every `reload_interval`; a failed reload keeps the old
+    /// config (and says so), so a half-written file never takes the receiver down.
+    pub fn spawn_reloader(self: &Arc<Self>, component: String, cancel: CancellationToken) {
+        let interval: Duration = self.settings.reload_interval.0;
+        if interval.is_zero() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let settings = me.settings.clone();
+                match tokio::task::spawn_blocking(move || server_config(&settings)).await {
+                    Ok(Ok(config)) => {
+                        *me.current.write().unwrap() = Arc::new(config);
+                        tracing::debug!(component, "TLS material reloaded");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(component, error = %e, "TLS reload failed; keeping the previous certificates")
+                    }
+                    Err(e) => tracing::warn!(component, error = %e, "TLS reload task failed"),
+                }
+            }
+        });
+    }
+
+    /// Whether a verified client may send: always when no patterns are configured.
+    pub fn client_allowed(&self, identity: Option<&PeerIdentity>) -> bool {
+        let patterns = &self.settings.allowed_clients;
+        if patterns.is_empty() {
+            return true;
+        }
+        let Some(id) = identity else { return false };
+        id.names().any(|name| patterns.iter().any(|p| glob_match(p, name)))
+    }
+}
+
+/// The names a client certificate presents: SAN URIs (e.g. SPIFFE ids) and DNS names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+}
+
+impl PeerIdentity {
+    pub fn from_certificate(der: &[u8]) -> Option<PeerIdentity> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut id = PeerIdentity::default();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(u) => id.uris.push(u.to_string()),
+                    GeneralName::DNSName(d) => id.dns.push(d.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Some(id)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.uris.iter().chain(&self.dns).map(String::as_str)
+    }
+
+    /// For logs: the first URI, else the first DNS name.
+    pub fn display_name(&self) -> &str {
+        self.names().next().unwrap_or("(no SAN)")
+    }
+}
+
+/// Glob match where `*` stands for any run of characters (including `/`) and `?` for one.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// A client config for exports and token requests: ca_file when set (every certificate in it is
+/// trusted, so a root + intermediate bundle works), else the system roots, which honour
+/// SSL_CERT_FILE and SSL_CERT_DIR.
+pub fn client_config(cfg: &ClientTlsConfig) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let min = if cfg.min_version.is_empty() {
+        "1.2"
+    } else {
+        &cfg.min_version
+    };
+    let builder = ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(min))?;
+    let builder = if cfg.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+    } else if !cfg.ca_file.is_empty() {
+        builder.with_root_certificates(root_store(&cfg.ca_file)?)
+    } else {
+        let mut roots = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!(error = %e, "system certificate store");
+        }
+        roots.add_parsable_certificates(native.certs);
+        builder.with_root_certificates(roots)
+    };
+    let config = if cfg.cert_file.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        builder.with_client_auth_cert(load_certs(&cfg.cert_file)?, load_key(&cfg.key_file)?)?
+    };
+    Ok(config)
+}
+
+/// `insecure_skip_verify: true`: accepts any server certificate (signatures still checked).
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// True when a path names a readable file (used for early, clear config errors at startup).
+pub fn readable(path: &str) -> bool {
+    Path::new(path).is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_match(
+            "spiffe://cluster.local/ns/agents/sa/*",
+            "spiffe://cluster.local/ns/agents/sa/weather"
+        ));
+        assert!(!glob_match(
+            "spiffe://cluster.local/ns/agents/sa/*",
+            "spiffe://cluster.local/ns/other/sa/x"
+        ));
+        assert!(glob_match("*.agents.svc", "a.agents.svc"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxbyy"));
+        assert!(glob_match("agent-?", "agent-1"));
+    }
+
+    #[test]
+    fn identity_patterns() {
+        let id = PeerIdentity {
+            uris: vec!["spiffe://cluster.local/ns/agents/sa/a".into()],
+            dns: vec!["a.example".into()],
+        };
+        let tls = ServerTls {
+            settings: ServerTlsConfig {
+                allowed_clients: vec!["*.example".into()],
+                ..Default::default()
+            },
+            current: RwLock::new(Arc::new(
+                ServerConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new())),
+            )),
+        };
+        assert!(tls.client_allowed(Some(&id)));
+        assert!(!tls.client_allowed(Some(&PeerIdentity::default())));
+        assert!(!tls.client_allowed(None));
+    }
+}

@@ -112,7 +112,10 @@ fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<Con
         value = Value::Mapping(Default::default());
     }
     for _ in 0..64 {
-        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+        // Through YAML text rather than the Value: a plain scalar such as `0` then reads as a
+        // string where the field wants one (the collector's behaviour, e.g. header values).
+        let text = serde_norway::to_string(&value).unwrap_or_default();
+        match serde_path_to_error::deserialize::<_, T>(serde_norway::Deserializer::from_str(&text)) {
             Ok(t) => return Some(t),
             Err(e) => {
                 let inner = e.path().to_string();
@@ -121,7 +124,7 @@ fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<Con
                 } else {
                     join(path, &inner)
                 };
-                errors.push(ConfigError::new(at, e.inner().to_string()));
+                errors.push(ConfigError::new(at, bare_message(&e.inner().to_string(), &inner)));
                 let segments = path_segments(e.path());
                 if segments.is_empty() || !remove_at(&mut value, &segments) {
                     return None;
@@ -130,6 +133,23 @@ fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<Con
         }
     }
     None
+}
+
+/// serde_norway decorates messages with its own path and a position in the re-serialized
+/// text; the path is already ours and the position would mislead.
+fn bare_message(message: &str, inner_path: &str) -> String {
+    let mut m = match message.split_once(": ") {
+        Some((head, rest)) if inner_path.starts_with(head) => rest,
+        _ => message,
+    };
+    if let Some(i) = m.rfind(" at line ")
+        && m[i + 9..]
+            .split(" column ")
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        m = &m[..i];
+    }
+    m.to_string()
 }
 
 enum Segment {
@@ -433,6 +453,23 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp/m]}}}
                 "receivers.otlp.protocols.grpc.endpoint: environment variable NOPE is not set (use ${env:NOPE:-default} for a default)"
             ]
         );
+    }
+
+    #[test]
+    fn plain_scalars_read_as_strings_where_strings_are_wanted() {
+        let env = |name: &str| (name == "EXP").then(|| "12".to_string());
+        let text = "
+receivers: {otlp: {protocols: {http: {}}}}
+exporters: {otlphttp: {endpoint: 'http://h', headers: {x-mlflow-experiment-id: 0, x-b: '${env:EXP}', x-c: true}}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp]}}}
+";
+        let config = parse_str(text, &env).unwrap();
+        let Exporter::OtlpHttp(e) = &config.exporters["otlphttp"] else {
+            panic!()
+        };
+        assert_eq!(e.headers["x-mlflow-experiment-id"], "0");
+        assert_eq!(e.headers["x-b"], "12");
+        assert_eq!(e.headers["x-c"], "true");
     }
 
     #[test]

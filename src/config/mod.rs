@@ -10,6 +10,7 @@ pub use duration::{GoDuration, parse_duration};
 pub use env::{EnvError, Substituted, substitute};
 pub use load::{load_file, parse_str};
 pub use model::*;
+pub use validate::parse_listen as parse_listen_addr;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,0 +1,382 @@
+//! Exporters and their stage: per exporter a batcher, a bounded sending queue and
+//! `num_consumers` senders that retry by the OTLP rules, so one slow destination stalls only
+//! its own queue. Every accepted span ends as sent, failed or dropped, and is counted.
+pub mod auth;
+pub mod debug;
+pub mod otlphttp;
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, BatchSettings, Batcher};
+use crate::pipeline::{Destination, Item, Routed};
+use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, exporter_labels};
+use retry::RetryPolicy;
+
+pub type OutBatch = Batch<Destination, Item>;
+
+impl OutBatch {
+    /// The batch as one ExportTraceServiceRequest encoding.
+    pub fn payload(&self) -> Bytes {
+        if let [only] = self.items.as_slice() {
+            return only.chunk.bytes.clone();
+        }
+        let mut buf = BytesMut::with_capacity(self.items.iter().map(|i| i.chunk.bytes.len()).sum());
+        for item in &self.items {
+            buf.extend_from_slice(&item.chunk.bytes);
+        }
+        buf.freeze()
+    }
+}
+
+/// Why an export attempt failed; `is_retryable` decides what happens to the batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("connection failed: {0}")]
+    Transport(String),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP {status}: {body}")]
+    Retryable {
+        status: http::StatusCode,
+        body: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("HTTP 401 Unauthorized: {body}")]
+    Unauthorized { body: String, with_token: bool },
+    #[error("HTTP {status}: {body}")]
+    Permanent { status: http::StatusCode, body: String },
+    #[error("no token: {0}")]
+    Auth(auth::AuthError),
+    #[error("cannot encode the batch: {0}")]
+    Encode(String),
+}
+
+impl ExportError {
+    /// Retryable errors keep the batch; the rest fail it. A 401 with a token is retryable: the
+    /// token is refreshed and data waits rather than vanishes.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ExportError::Transport(_)
+            | ExportError::Timeout(_)
+            | ExportError::Retryable { .. }
+            | ExportError::Auth(_) => true,
+            ExportError::Unauthorized { with_token, .. } => *with_token,
+            ExportError::Permanent { .. } | ExportError::Encode(_) => false,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ExportError::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExportError::Transport(_) => "connection",
+            ExportError::Timeout(_) => "timeout",
+            ExportError::Retryable { .. } => "server_busy",
+            ExportError::Unauthorized { .. } => "unauthorized",
+            ExportError::Permanent { .. } => "rejected",
+            ExportError::Auth(_) => "token",
+            ExportError::Encode(_) => "encode",
+        }
+    }
+}
+
+pub enum Exporter {
+    OtlpHttp(otlphttp::OtlpHttpExporter),
+    Debug(debug::DebugExporter),
+}
+
+impl Exporter {
+    async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+        match self {
+            Exporter::OtlpHttp(e) => e.export(batch).await,
+            Exporter::Debug(e) => e.export(batch),
+        }
+    }
+}
+
+/// Stage settings from the exporter's and its pipeline's config.
+pub struct StageSettings {
+    pub name: String,
+    pub batch: BatchSettings,
+    /// The batch processor's id for its metric label ("" when the pipeline has none).
+    pub batch_processor: String,
+    pub queue_size: usize,
+    pub num_consumers: usize,
+    pub retry: RetryPolicy,
+}
+
+/// Stops a stage in order: `close` stops intake (buffered items still flow out); `abort` gives
+/// up on what is still queued or retrying, counting it dropped.
+#[derive(Clone, Default)]
+pub struct StageControl {
+    pub close: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Capacity of an exporter's intake, in accepted requests; the batcher drains it continuously,
+/// so it only smooths bursts. The sending queue (queue_size batches) is what fills up.
+pub const INTAKE_CAPACITY: usize = 64;
+
+/// Starts an exporter's batcher and senders; returns the sender the pipeline feeds.
+pub fn start_stage(
+    settings: StageSettings,
+    exporter: Arc<Exporter>,
+    metrics: Arc<Metrics>,
+    control: StageControl,
+    tasks: &mut JoinSet<()>,
+) -> mpsc::Sender<Arc<Vec<Routed>>> {
+    let (intake_tx, intake_rx) = mpsc::channel(INTAKE_CAPACITY);
+    let (queue_tx, queue_rx) = mpsc::channel::<OutBatch>(settings.queue_size);
+    let labels = exporter_labels(&settings.name);
+    metrics
+        .exporter_queue_capacity
+        .get_or_create(&labels)
+        .set(settings.queue_size as i64);
+    let settings = Arc::new(settings);
+    tasks.spawn(run_batcher(
+        settings.clone(),
+        intake_rx,
+        queue_tx,
+        metrics.clone(),
+        control.clone(),
+    ));
+    let queue_rx = Arc::new(Mutex::new(queue_rx));
+    for _ in 0..settings.num_consumers {
+        tasks.spawn(run_sender(
+            settings.clone(),
+            exporter.clone(),
+            queue_rx.clone(),
+            metrics.clone(),
+            control.clone(),
+        ));
+    }
+    intake_tx
+}
+
+fn count_dropped(metrics: &Metrics, exporter: &str, reason: &str, spans: usize) {
+    if spans == 0 {
+        return;
+    }
+    metrics
+        .exporter_dropped_spans
+        .get_or_create(&ExporterReasonLabels {
+            exporter: exporter.to_string(),
+            reason: reason.to_string(),
+        })
+        .inc_by(spans as u64);
+}
+
+async fn run_batcher(
+    settings: Arc<StageSettings>,
+    mut intake: mpsc::Receiver<Arc<Vec<Routed>>>,
+    queue: mpsc::Sender<OutBatch>,
+    metrics: Arc<Metrics>,
+    control: StageControl,
+) {
+    let mut batcher: Batcher<Destination, Item> = Batcher::new(settings.batch);
+    let labels = exporter_labels(&settings.name);
+    let batch_labels = ProcessorLabels {
+        processor: settings.batch_processor.clone(),
+    };
+    let mut closing = false;
+    loop {
+        let deadline = batcher.next_deadline();
+        let ready: Vec<OutBatch> = tokio::select! {
+            biased;
+            _ = control.close.cancelled(), if !closing => {
+                // Refuse new submissions; what is already buffered still arrives below.
+                closing = true;
+                intake.close();
+                continue;
+            }
+            msg = intake.recv() => match msg {
+                Some(routed) => {
+                    let now = Instant::now();
+                    let mut out = Vec::new();
+                    for r in routed.iter() {
+                        out.extend(batcher.add(r.destination.clone(), r.item.clone(), now));
+                    }
+                    out
+                }
+                None => break,
+            },
+            _ = sleep_until_opt(deadline) => batcher.expired(Instant::now()),
+        };
+        for batch in ready {
+            if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control).await {
+                abandon(&settings, &mut batcher, &mut intake, &metrics).await;
+                return;
+            }
+        }
+    }
+    for batch in batcher.flush() {
+        if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control).await {
+            abandon(&settings, &mut batcher, &mut intake, &metrics).await;
+            return;
+        }
+    }
+}
+
+/// The drain deadline passed while the batcher still held data: count all of it dropped.
+async fn abandon(
+    settings: &StageSettings,
+    batcher: &mut Batcher<Destination, Item>,
+    intake: &mut mpsc::Receiver<Arc<Vec<Routed>>>,
+    metrics: &Metrics,
+) {
+    intake.close();
+    let mut spans = batcher.flush().iter().map(|b| b.spans).sum::<usize>();
+    while let Some(routed) = intake.recv().await {
+        spans += routed.iter().map(|r| r.item.chunk.spans).sum::<usize>();
+    }
+    count_dropped(metrics, &settings.name, "shutdown", spans);
+}
+
+async fn enqueue(
+    settings: &StageSettings,
+    queue: &mpsc::Sender<OutBatch>,
+    batch: OutBatch,
+    metrics: &Metrics,
+    labels: &crate::telemetry::ExporterLabels,
+    batch_labels: &ProcessorLabels,
+    control: &StageControl,
+) -> bool {
+    let spans = batch.spans;
+    metrics
+        .batch_send_size
+        .get_or_create(batch_labels)
+        .observe(spans as f64);
+    tokio::select! {
+        sent = queue.send(batch) => {
+            if sent.is_err() {
+                count_dropped(metrics, &settings.name, "shutdown", spans);
+                return false;
+            }
+            metrics.exporter_queue_size.get_or_create(labels).set((queue.max_capacity() - queue.capacity()) as i64);
+            true
+        }
+        _ = control.abort.cancelled() => {
+            count_dropped(metrics, &settings.name, "shutdown", spans);
+            false
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_sender(
+    settings: Arc<StageSettings>,
+    exporter: Arc<Exporter>,
+    queue: Arc<Mutex<mpsc::Receiver<OutBatch>>>,
+    metrics: Arc<Metrics>,
+    control: StageControl,
+) {
+    let labels = exporter_labels(&settings.name);
+    loop {
+        let batch = {
+            let mut rx = queue.lock().await;
+            let next = rx.recv().await;
+            metrics.exporter_queue_size.get_or_create(&labels).set(rx.len() as i64);
+            next
+        };
+        let Some(batch) = batch else { return };
+        if control.abort.is_cancelled() {
+            count_dropped(&metrics, &settings.name, "shutdown", batch.spans);
+            continue;
+        }
+        deliver(&settings, &exporter, batch, &metrics, &control).await;
+    }
+}
+
+/// Sends one batch until it is delivered, refused for good, out of retries, or abandoned.
+async fn deliver(
+    settings: &StageSettings,
+    exporter: &Exporter,
+    batch: OutBatch,
+    metrics: &Metrics,
+    control: &StageControl,
+) {
+    let labels = exporter_labels(&settings.name);
+    let started = Instant::now();
+    let mut schedule = settings.retry.schedule();
+    let mut refreshed_after_401 = false;
+    loop {
+        let attempt_started = Instant::now();
+        let result = tokio::select! {
+            r = exporter.export(&batch) => r,
+            _ = control.abort.cancelled() => {
+                count_dropped(metrics, &settings.name, "shutdown", batch.spans);
+                return;
+            }
+        };
+        metrics
+            .export_duration
+            .get_or_create(&labels)
+            .observe(attempt_started.elapsed().as_secs_f64());
+        let error = match result {
+            Ok(()) => {
+                metrics
+                    .exporter_sent_spans
+                    .get_or_create(&labels)
+                    .inc_by(batch.spans as u64);
+                return;
+            }
+            Err(e) => e,
+        };
+        let reason = ExporterReasonLabels {
+            exporter: settings.name.clone(),
+            reason: error.reason().to_string(),
+        };
+        if !error.is_retryable() {
+            metrics
+                .exporter_send_failed_spans
+                .get_or_create(&labels)
+                .inc_by(batch.spans as u64);
+            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, "export failed permanently; spans dropped");
+            return;
+        }
+        metrics.exporter_retries.get_or_create(&reason).inc();
+        // The first 401 means the token expired under us: the authenticator dropped it, so
+        // retry at once with a fresh one. Later 401s wait like any other retryable answer.
+        if matches!(error, ExportError::Unauthorized { .. }) && !refreshed_after_401 {
+            refreshed_after_401 = true;
+            tracing::warn!(exporter = %settings.name, "export answered 401; retrying with a fresh token");
+            continue;
+        }
+        let jitter: f64 = rand::random();
+        let Some(delay) = schedule.next_delay(started.elapsed(), error.retry_after(), jitter) else {
+            metrics
+                .exporter_send_failed_spans
+                .get_or_create(&labels)
+                .inc_by(batch.spans as u64);
+            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, elapsed = ?started.elapsed(), "export retries exhausted; spans dropped");
+            return;
+        };
+        tracing::warn!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = control.abort.cancelled() => {
+                count_dropped(metrics, &settings.name, "shutdown", batch.spans);
+                return;
+            }
+        }
+    }
+}

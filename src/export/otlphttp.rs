@@ -1,0 +1,220 @@
+//! The otlphttp exporter: POSTs a batch's concatenated ResourceSpans to MLflow's /v1/traces
+//! (protobuf, gzip by default) with the configured headers and the batch's experiment.
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::auth::Authenticator;
+use super::retry::{HttpVerdict, classify_http};
+use super::{ExportError, OutBatch};
+use crate::config::OtlpHttpExporterConfig;
+
+pub const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
+const ERROR_BODY_LIMIT: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Deflate,
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+pub struct OtlpHttpExporter {
+    client: HttpsClient,
+    url: Uri,
+    headers: HeaderMap,
+    compression: Compression,
+    json: bool,
+    timeout: Duration,
+    pub auth: Option<Arc<dyn Authenticator>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("endpoint {0:?} is not a valid URL")]
+    Url(String),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// `endpoint` + `/v1/traces`, unless `traces_endpoint` says where exactly.
+pub fn traces_url(cfg: &OtlpHttpExporterConfig) -> String {
+    if !cfg.traces_endpoint.is_empty() {
+        cfg.traces_endpoint.clone()
+    } else {
+        format!("{}/v1/traces", cfg.endpoint.trim_end_matches('/'))
+    }
+}
+
+impl OtlpHttpExporter {
+    pub fn new(cfg: &OtlpHttpExporterConfig, auth: Option<Arc<dyn Authenticator>>) -> Result<Self, SetupError> {
+        let url_text = traces_url(cfg);
+        let url: Uri = url_text.parse().map_err(|_| SetupError::Url(url_text.clone()))?;
+        let tls = crate::tls::client_config(&cfg.tls)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            // validate() checked names and values.
+            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                headers.insert(name, value);
+            }
+        }
+        let compression = match cfg.compression.as_str() {
+            "gzip" => Compression::Gzip,
+            "deflate" => Compression::Deflate,
+            _ => Compression::None,
+        };
+        Ok(OtlpHttpExporter {
+            client,
+            url,
+            headers,
+            compression,
+            json: cfg.encoding == "json",
+            timeout: cfg.timeout.0,
+            auth,
+        })
+    }
+
+    fn body(&self, batch: &OutBatch) -> Result<(Bytes, &'static str), ExportError> {
+        let payload = batch.payload();
+        let (raw, content_type) = if self.json {
+            use prost::Message;
+            let request =
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(payload.as_ref())
+                    .map_err(|e| ExportError::Encode(e.to_string()))?;
+            let json = serde_json::to_vec(&request).map_err(|e| ExportError::Encode(e.to_string()))?;
+            (Bytes::from(json), "application/json")
+        } else {
+            (payload, "application/x-protobuf")
+        };
+        let body = match self.compression {
+            Compression::None => raw,
+            Compression::Gzip => {
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 4), flate2::Compression::fast());
+                enc.write_all(&raw)
+                    .and_then(|_| enc.finish())
+                    .map(Bytes::from)
+                    .map_err(|e| ExportError::Encode(e.to_string()))?
+            }
+            Compression::Deflate => {
+                let mut enc =
+                    flate2::write::ZlibEncoder::new(Vec::with_capacity(raw.len() / 4), flate2::Compression::fast());
+                enc.write_all(&raw)
+                    .and_then(|_| enc.finish())
+                    .map(Bytes::from)
+                    .map_err(|e| ExportError::Encode(e.to_string()))?
+            }
+        };
+        Ok((body, content_type))
+    }
+
+    /// One attempt. The caller owns retries.
+    pub async fn send(&self, batch: &OutBatch, body: Bytes, content_type: &'static str) -> Result<(), ExportError> {
+        let mut req = Request::builder().method(Method::POST).uri(self.url.clone());
+        let headers = req.headers_mut().expect("fresh builder");
+        headers.extend(self.headers.clone());
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        // Never "identity": MLflow answers it with 400.
+        match self.compression {
+            Compression::Gzip => {
+                headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            Compression::Deflate => {
+                headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("deflate"));
+            }
+            Compression::None => {}
+        }
+        if let Some(exp) = &batch.key.experiment
+            && let Ok(v) = HeaderValue::from_str(exp)
+        {
+            headers.insert(EXPERIMENT_HEADER, v);
+        }
+        let sent_auth = match &self.auth {
+            Some(auth) => {
+                let value = auth.authorization().await.map_err(ExportError::Auth)?;
+                headers.insert(header::AUTHORIZATION, value.clone());
+                Some(value)
+            }
+            None => None,
+        };
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ExportError::Encode(e.to_string()))?;
+        let response = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => return Err(ExportError::Timeout(self.timeout)),
+            Ok(Err(e)) => return Err(ExportError::Transport(transport_message(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+        let verdict = classify_http(status, retry_after.as_ref(), SystemTime::now());
+        let body = read_error_body(response.into_body(), verdict).await;
+        match verdict {
+            HttpVerdict::Delivered => Ok(()),
+            HttpVerdict::Retry { retry_after } => Err(ExportError::Retryable {
+                status,
+                body,
+                retry_after,
+            }),
+            HttpVerdict::Unauthorized => {
+                if let (Some(auth), Some(value)) = (&self.auth, &sent_auth) {
+                    auth.invalidate(value);
+                }
+                Err(ExportError::Unauthorized {
+                    body,
+                    with_token: sent_auth.is_some(),
+                })
+            }
+            HttpVerdict::Permanent => Err(ExportError::Permanent { status, body }),
+        }
+    }
+
+    pub async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+        let (body, content_type) = self.body(batch)?;
+        self.send(batch, body, content_type).await
+    }
+}
+
+async fn read_error_body(body: hyper::body::Incoming, verdict: HttpVerdict) -> String {
+    let collected = Limited::new(body, ERROR_BODY_LIMIT).collect().await;
+    if verdict == HttpVerdict::Delivered {
+        return String::new();
+    }
+    match collected {
+        Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_string(),
+        Err(_) => "(response body unreadable or over 16 KiB)".to_string(),
+    }
+}
+
+fn transport_message(e: &hyper_util::client::legacy::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Status of an HTTP answer, for tests and logs.
+pub fn status_text(status: StatusCode) -> String {
+    format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""))
+}

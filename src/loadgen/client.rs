@@ -1,0 +1,443 @@
+//! The generator's transports: OTLP/gRPC over a tonic channel and OTLP/HTTP over a hyper client,
+//! both connecting through the same rustls (aws-lc-rs) connector, plus OTLP retry classification.
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
+
+use super::spans::Encoding;
+use crate::sink::{GRPC_EXPORT_PATH, rpc};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading {0}: {1}")]
+    Pem(String, String),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("bad endpoint {0:?}: {1}")]
+    Endpoint(String, String),
+    #[error("bad header {0:?}")]
+    Header(String),
+}
+
+/// TLS settings from telemetrygen's flags.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    pub ca_cert: Option<std::path::PathBuf>,
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+/// A rustls client config: the CA file (or the system roots) and an optional client certificate.
+pub fn client_tls(opts: &TlsOptions) -> Result<rustls::ClientConfig, ClientError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_err =
+        |p: &std::path::Path, e: &dyn std::fmt::Display| ClientError::Pem(p.display().to_string(), e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    match &opts.ca_cert {
+        Some(ca) => {
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, &e))? {
+                roots.add(c.map_err(|e| pem_err(ca, &e))?)?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match (&opts.client_cert, &opts.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| pem_err(cert, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err(cert, &e))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, &e))?;
+            builder.with_client_auth_cert(certs, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    })
+}
+
+/// A connector for plain and TLS connections; `h2` makes it negotiate HTTP/2 (gRPC).
+pub fn connector(tls: Option<rustls::ClientConfig>, h2: bool) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let tls = tls.unwrap_or_else(|| {
+        // Plaintext endpoints never use it; the builder wants one.
+        client_tls(&TlsOptions::default()).expect("default TLS config")
+    });
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    if h2 {
+        b.enable_http2().wrap_connector(http)
+    } else {
+        b.enable_http1().wrap_connector(http)
+    }
+}
+
+/// Parses repeated `key="value"` / `key=value` header flags.
+pub fn parse_headers(items: &[String]) -> Result<HeaderMap, ClientError> {
+    let mut map = HeaderMap::new();
+    for item in items {
+        let (k, v) = item.split_once('=').ok_or_else(|| ClientError::Header(item.clone()))?;
+        let v = v.trim();
+        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+        let name = HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes())
+            .map_err(|_| ClientError::Header(item.clone()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| ClientError::Header(item.clone()))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// How a failed attempt is treated (OTLP's retry rules).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// e.g. `http_503`, `grpc_UNAVAILABLE`, `transport`, `timeout`.
+    pub label: String,
+    pub retryable: bool,
+    pub retry_after: Option<Duration>,
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Accepted, with the spans the receiver reported rejected in partial_success.
+    Accepted {
+        rejected: u64,
+    },
+    Failed(Failure),
+}
+
+/// OTLP/HTTP: retry only 429, 502, 503, 504.
+pub fn classify_http(status: StatusCode, retry_after: Option<&str>, now: SystemTime) -> Failure {
+    let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+    Failure {
+        label: format!("http_{}", status.as_u16()),
+        retryable,
+        retry_after: retry_after.and_then(|v| parse_retry_after(v, now)),
+    }
+}
+
+/// Retry-After as delay-seconds or an HTTP-date.
+pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// OTLP/gRPC: the transient codes, and RESOURCE_EXHAUSTED only with RetryInfo.
+pub fn classify_grpc(status: &tonic::Status) -> Failure {
+    use tonic::Code;
+    let retry_after = rpc::retry_delay(status.details());
+    let retryable = match status.code() {
+        Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DataLoss => true,
+        Code::ResourceExhausted => retry_after.is_some(),
+        _ => false,
+    };
+    Failure {
+        label: format!("grpc_{}", screaming_snake(&format!("{:?}", status.code()))),
+        retryable,
+        retry_after,
+    }
+}
+
+/// `ResourceExhausted` → `RESOURCE_EXHAUSTED`, the names gRPC's specification uses.
+fn screaming_snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Sends pre-encoded request bytes and decodes the response.
+#[derive(Debug, Clone, Copy, Default)]
+struct PreEncoded;
+#[derive(Debug, Clone, Copy, Default)]
+struct BytesEncoder;
+#[derive(Debug, Clone, Copy, Default)]
+struct ResponseDecoder;
+
+impl Codec for PreEncoded {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = BytesEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> BytesEncoder {
+        BytesEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl Encoder for BytesEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for ResponseDecoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        ExportTraceServiceResponse::decode(bytes)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// Where and how to send.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// scheme://host:port
+    pub base: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub encoding: Encoding,
+    pub gzip: bool,
+    pub timeout: Duration,
+}
+
+/// One worker's connection (one per worker, so the size difference of the variants is moot).
+#[allow(clippy::large_enum_variant)]
+pub enum Transport {
+    Grpc {
+        client: tonic::client::Grpc<Channel>,
+        target: Target,
+    },
+    Http {
+        client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+        uri: Uri,
+        target: Target,
+    },
+}
+
+impl Transport {
+    pub fn grpc(target: Target, tls: Option<rustls::ClientConfig>) -> Result<Transport, ClientError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(target.base.clone())
+            .map_err(|e| ClientError::Endpoint(target.base.clone(), e.to_string()))?
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_with_connector_lazy(connector(tls, true));
+        let mut client = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(usize::MAX);
+        if target.gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
+        }
+        Ok(Transport::Grpc { client, target })
+    }
+
+    pub fn http(target: Target, tls: Option<rustls::ClientConfig>) -> Result<Transport, ClientError> {
+        let uri: Uri = format!("{}{}", target.base, target.path)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ClientError::Endpoint(target.base.clone(), e.to_string()))?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(4)
+            .build(connector(tls, false));
+        Ok(Transport::Http { client, uri, target })
+    }
+
+    /// Sends one request body (already encoded; compressed here for HTTP, by tonic for gRPC).
+    /// Returns the outcome and the bytes handed to the transport.
+    pub async fn send(&mut self, body: Bytes) -> (Outcome, u64) {
+        match self {
+            Transport::Grpc { client, target } => {
+                let len = body.len() as u64;
+                let timeout = target.timeout;
+                let fut = async {
+                    client
+                        .ready()
+                        .await
+                        .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+                    let mut req = tonic::Request::new(body);
+                    req.set_timeout(timeout);
+                    for (k, v) in target.headers.iter() {
+                        if let (Ok(key), Ok(val)) = (
+                            tonic::metadata::MetadataKey::from_bytes(k.as_str().as_bytes()),
+                            tonic::metadata::MetadataValue::try_from(v.as_bytes()),
+                        ) {
+                            req.metadata_mut().append(key, val);
+                        }
+                    }
+                    client
+                        .unary(req, http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH), PreEncoded)
+                        .await
+                };
+                let outcome = match tokio::time::timeout(timeout, fut).await {
+                    Ok(Ok(resp)) => Outcome::Accepted {
+                        rejected: resp
+                            .into_inner()
+                            .partial_success
+                            .map_or(0, |p| p.rejected_spans.max(0) as u64),
+                    },
+                    Ok(Err(status)) => Outcome::Failed(classify_grpc(&status)),
+                    Err(_) => Outcome::Failed(Failure {
+                        label: "timeout".into(),
+                        retryable: true,
+                        retry_after: None,
+                    }),
+                };
+                (outcome, len)
+            }
+            Transport::Http { client, uri, target } => {
+                let body = if target.gzip { gzip(&body) } else { body };
+                let len = body.len() as u64;
+                let mut req = Request::post(uri.clone());
+                let headers = req.headers_mut().expect("fresh request builder");
+                headers.extend(target.headers.clone());
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static(match target.encoding {
+                        Encoding::Proto => "application/x-protobuf",
+                        Encoding::Json => "application/json",
+                    }),
+                );
+                if target.gzip {
+                    headers.insert(http::header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                }
+                let req = req.body(Full::new(body)).expect("valid request parts");
+                let timeout = target.timeout;
+                let encoding = target.encoding;
+                let fut = async {
+                    let resp = client.request(req).await?;
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    Ok::<_, hyper_util::client::legacy::Error>((status, retry_after, body))
+                };
+                let outcome = match tokio::time::timeout(timeout, fut).await {
+                    Ok(Ok((status, _, body))) if status.is_success() => Outcome::Accepted {
+                        rejected: rejected_in(encoding, &body),
+                    },
+                    Ok(Ok((status, retry_after, _))) => {
+                        Outcome::Failed(classify_http(status, retry_after.as_deref(), SystemTime::now()))
+                    }
+                    Ok(Err(_)) => Outcome::Failed(Failure {
+                        label: "transport".into(),
+                        retryable: true,
+                        retry_after: None,
+                    }),
+                    Err(_) => Outcome::Failed(Failure {
+                        label: "timeout".into(),
+                        retryable: true,
+                        retry_after: None,
+                    }),
+                };
+                (outcome, len)
+            }
+        }
+    }
+}
+
+/// partial_success.rejected_spans of an HTTP success body (empty bodies reject nothing).
+fn rejected_in(encoding: Encoding, body: &[u8]) -> u64 {
+    if body.is_empty() {
+        return 0;
+    }
+    let resp = match encoding {
+        Encoding::Proto => ExportTraceServiceResponse::decode(body).ok(),
+        Encoding::Json => serde_json::from_slice::<ExportTraceServiceResponse>(body).ok(),
+    };
+    resp.and_then(|r| r.partial_success)
+        .map_or(0, |p| p.rejected_spans.max(0) as u64)
+}
+
+fn gzip(data: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::fast());
+    e.write_all(data).expect("in-memory write");
+    e.finish().expect("in-memory write").into()
+}
+
+/// GET a JSON document (the sink's /stats) over plain HTTP or TLS.
+pub async fn get_json(url: &str, tls: Option<rustls::ClientConfig>) -> anyhow::Result<serde_json::Value> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector(tls, false));
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(url.parse()?)).await??;
+    anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_retry_rules() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let f = classify_http(StatusCode::SERVICE_UNAVAILABLE, Some("7"), now);
+        assert!(f.retryable);
+        assert_eq!(f.retry_after, Some(Duration::from_secs(7)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(30)));
+        assert!(!classify_http(StatusCode::BAD_REQUEST, None, now).retryable);
+        assert!(classify_http(StatusCode::TOO_MANY_REQUESTS, None, now).retryable);
+        assert!(!classify_http(StatusCode::INTERNAL_SERVER_ERROR, None, now).retryable);
+    }
+
+    #[test]
+    fn grpc_retry_rules() {
+        assert!(classify_grpc(&tonic::Status::unavailable("x")).retryable);
+        assert!(!classify_grpc(&tonic::Status::invalid_argument("x")).retryable);
+        assert!(!classify_grpc(&tonic::Status::resource_exhausted("x")).retryable);
+        let st = rpc::status(8, "x", Some(Duration::from_secs(2)));
+        let with_info = tonic::Status::with_details(tonic::Code::ResourceExhausted, "x", st.encode_to_vec().into());
+        let f = classify_grpc(&with_info);
+        assert!(f.retryable);
+        assert_eq!(f.retry_after, Some(Duration::from_secs(2)));
+        assert_eq!(f.label, "grpc_RESOURCE_EXHAUSTED");
+    }
+
+    #[test]
+    fn header_flags() {
+        let h = parse_headers(&[r#"x-mlflow-experiment-id="7""#.into(), "Authorization=Bearer t".into()]).unwrap();
+        assert_eq!(h["x-mlflow-experiment-id"], "7");
+        assert_eq!(h["authorization"], "Bearer t");
+        assert!(parse_headers(&["novalue".into()]).is_err());
+    }
+}

@@ -1,0 +1,490 @@
+//! The load generator (`otlp-relay loadgen`): OTLP trace load with telemetrygen-compatible flags,
+//! OTLP retries, an HDR latency report, and `--verify-sink` to prove zero loss end to end.
+pub mod client;
+pub mod pace;
+pub mod report;
+pub mod spans;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use self::client::{Outcome, Target, TlsOptions, Transport};
+use self::pace::Pacer;
+use self::report::{Report, WorkerStats};
+use self::spans::{Encoding, FastRng, Shape, Template};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadgenArgs {
+    /// Target `host:port` (default localhost:4317, or localhost:4318 with --otlp-http). A
+    /// `http://` or `https://` prefix chooses plaintext or TLS explicitly.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Send OTLP/HTTP instead of gRPC.
+    #[arg(long)]
+    pub otlp_http: bool,
+    /// URL path for OTLP/HTTP.
+    #[arg(long, default_value = "/v1/traces")]
+    pub otlp_http_url_path: String,
+    /// Plaintext (no TLS), as telemetrygen.
+    #[arg(long)]
+    pub otlp_insecure: bool,
+    /// CA certificate (PEM) to verify the server (default: the system roots).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// Present a client certificate (--client-cert, --client-key).
+    #[arg(long)]
+    pub mtls: bool,
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
+    /// Header `key="value"` on every request (repeatable).
+    #[arg(long = "otlp-header")]
+    pub otlp_headers: Vec<String>,
+    /// Resource attribute `key="value"` (repeatable).
+    #[arg(long = "otlp-attributes")]
+    pub otlp_attributes: Vec<String>,
+    /// Span attribute `key="value"` (repeatable).
+    #[arg(long = "telemetry-attributes")]
+    pub telemetry_attributes: Vec<String>,
+    /// Concurrent senders, each with its own connection and one request in flight.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Spans per second in total (0: as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Run for this long (e.g. 30s); otherwise until --traces are sent.
+    #[arg(long, value_parser = pace::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Traces to send in total (default 1 when --duration is not given).
+    #[arg(long)]
+    pub traces: Option<u64>,
+    /// Child spans per trace (the root span comes on top).
+    #[arg(long, default_value_t = 1)]
+    pub child_spans: usize,
+    /// Spans per request (rounded down to whole traces, at least one trace).
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// service.name of the generated resource.
+    #[arg(long, default_value = "telemetrygen")]
+    pub service: String,
+    #[arg(long, value_enum, default_value_t = Encoding::Proto)]
+    pub encoding: Encoding,
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    pub compression: Compression,
+    /// Size in bytes of each padding attribute (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub attr_bytes: usize,
+    /// Number of padding attributes per span when --attr-bytes is set.
+    #[arg(long, default_value_t = 1)]
+    pub attr_count: usize,
+    /// Realistic LLM-agent traces (agent, chat, tool and retriever spans with gen_ai.* attributes).
+    #[arg(long)]
+    pub genai: bool,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed for ids (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// The sink's base URL (e.g. http://127.0.0.1:4319): compare its unique spans with ours; exit 1 on loss.
+    #[arg(long)]
+    pub verify_sink: Option<String>,
+    /// How long --verify-sink waits for the counts to settle.
+    #[arg(long, value_parser = pace::parse_duration, default_value = "120s")]
+    pub verify_timeout: Duration,
+    /// Per-request timeout.
+    #[arg(long, value_parser = pace::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// Retries of a retryable failure before its spans count as refused.
+    #[arg(long, default_value_t = 5)]
+    pub max_retries: u32,
+}
+
+pub fn main(args: LoadgenArgs, rt: tokio::runtime::Runtime) -> ExitCode {
+    match rt.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("otlp-relay loadgen: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Everything a worker needs, shared read-only.
+struct Plan {
+    shape: Shape,
+    template: Template,
+    traces_per_request: usize,
+    target: Target,
+    http: bool,
+    tls: Option<rustls::ClientConfig>,
+    rate_per_worker: f64,
+    deadline: Option<Instant>,
+    max_retries: u32,
+    seed: u64,
+    sent: AtomicU64,
+    accepted: AtomicU64,
+}
+
+fn endpoint_base(args: &LoadgenArgs) -> (String, bool) {
+    let default = if args.otlp_http {
+        "localhost:4318"
+    } else {
+        "localhost:4317"
+    };
+    let ep = args.otlp_endpoint.as_deref().unwrap_or(default).trim_end_matches('/');
+    if let Some(rest) = ep.strip_prefix("http://") {
+        return (format!("http://{rest}"), false);
+    }
+    if let Some(rest) = ep.strip_prefix("https://") {
+        return (format!("https://{rest}"), true);
+    }
+    if args.otlp_insecure {
+        (format!("http://{ep}"), false)
+    } else {
+        (format!("https://{ep}"), true)
+    }
+}
+
+fn build_shape(args: &LoadgenArgs) -> anyhow::Result<Shape> {
+    let mut resource = vec![spans::kv_str("service.name", &args.service)];
+    for a in &args.otlp_attributes {
+        resource.push(spans::parse_attribute(a).with_context(|| format!("bad --otlp-attributes {a:?}"))?);
+    }
+    let span_attrs = args
+        .telemetry_attributes
+        .iter()
+        .map(|a| spans::parse_attribute(a).with_context(|| format!("bad --telemetry-attributes {a:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pad = (args.attr_count, args.attr_bytes);
+    Ok(if args.genai {
+        spans::genai_shape(resource, &span_attrs, pad)
+    } else {
+        spans::plain_shape(resource, &span_attrs, args.child_spans, pad)
+    })
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+async fn sink_unique(url: &str, tls: Option<rustls::ClientConfig>) -> anyhow::Result<u64> {
+    let url = format!("{}/stats", url.trim_end_matches('/'));
+    let stats = client::get_json(&url, tls).await?;
+    stats["unique_spans"]
+        .as_u64()
+        .with_context(|| format!("{url}: no unique_spans in {stats}"))
+}
+
+pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    let (base, use_tls) = endpoint_base(&args);
+    let opts = TlsOptions {
+        ca_cert: args.ca_cert.clone(),
+        client_cert: args.client_cert.clone(),
+        client_key: args.client_key.clone(),
+    };
+    if args.mtls {
+        anyhow::ensure!(
+            args.client_cert.is_some() && args.client_key.is_some(),
+            "--mtls needs --client-cert and --client-key"
+        );
+    }
+    let tls_config = client::client_tls(&opts)?;
+    let tls = use_tls.then(|| tls_config.clone());
+    let shape = build_shape(&args)?;
+    let trace_len = shape.spans.len();
+    let traces_per_request = (args.batch_size / trace_len).max(1);
+    let seed = args.seed.unwrap_or_else(now_ns);
+    let template = Template::build(&shape, traces_per_request, args.encoding, seed)?;
+    let headers = client::parse_headers(&args.otlp_headers)?;
+    let total_traces = match (args.traces, args.duration) {
+        (Some(n), _) => Some(n),
+        (None, Some(_)) => None,
+        (None, None) => Some(1),
+    };
+    let verify_before = match &args.verify_sink {
+        Some(url) => Some(
+            sink_unique(url, Some(tls_config.clone()))
+                .await
+                .context("--verify-sink: reading the sink's /stats before the run")?,
+        ),
+        None => None,
+    };
+
+    let start = Instant::now();
+    let plan = Arc::new(Plan {
+        shape,
+        template,
+        traces_per_request,
+        target: Target {
+            base,
+            path: args.otlp_http_url_path.clone(),
+            headers,
+            encoding: args.encoding,
+            gzip: args.compression == Compression::Gzip,
+            timeout: args.timeout,
+        },
+        http: args.otlp_http,
+        tls,
+        rate_per_worker: args.rate / args.workers as f64,
+        deadline: args.duration.map(|d| start + d),
+        max_retries: args.max_retries,
+        seed,
+        sent: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+    });
+    let cancel = CancellationToken::new();
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        });
+    }
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let secs = start.elapsed().as_secs_f64();
+                let acc = plan.accepted.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{secs:6.1}s  sent {:>10}  accepted {:>10}  {:>9.0} spans/s ",
+                    plan.sent.load(Ordering::Relaxed),
+                    acc,
+                    acc as f64 / secs
+                );
+            }
+        })
+    });
+    let mut tasks = Vec::new();
+    for w in 0..args.workers {
+        let plan = plan.clone();
+        let cancel = cancel.clone();
+        let traces = total_traces.map(|t| pace::split(t, args.workers, w));
+        tasks.push(tokio::spawn(async move { worker(w, plan, traces, cancel).await }));
+    }
+    let mut stats = WorkerStats::default();
+    for t in tasks {
+        stats.merge(&t.await.context("worker panicked")??);
+    }
+    let elapsed = start.elapsed();
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    let labels = (
+        if args.otlp_http { "http" } else { "grpc" },
+        match args.encoding {
+            Encoding::Proto => "proto",
+            Encoding::Json => "json",
+        },
+        match args.compression {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+        },
+    );
+    let mut report = Report::new(&stats, elapsed, labels, args.workers);
+    if let (Some(url), Some(before)) = (&args.verify_sink, verify_before) {
+        let want = before + stats.spans_accepted;
+        let deadline = Instant::now() + args.verify_timeout;
+        let settle = Duration::from_secs(3);
+        let mut last = (u64::MAX, Instant::now());
+        let after = loop {
+            let now_unique = sink_unique(url, Some(tls_config.clone())).await?;
+            if now_unique >= want || Instant::now() > deadline {
+                break now_unique;
+            }
+            if now_unique != last.0 {
+                last = (now_unique, Instant::now());
+            } else if last.1.elapsed() > settle {
+                break now_unique;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        report.verify = Some(report::verify(url, stats.spans_accepted, before, after));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(match &report.verify {
+        Some(v) if !v.ok => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Exponential backoff with ±20 % jitter: 100 ms, 200 ms, ... capped at 5 s.
+fn backoff(attempt: u32, rng: &mut FastRng) -> Duration {
+    let base = 0.1 * 2f64.powi(attempt.min(6) as i32);
+    let jitter = 0.8 + 0.4 * (rng.next_u64() % 1000) as f64 / 1000.0;
+    Duration::from_secs_f64((base * jitter).min(5.0))
+}
+
+async fn worker(
+    index: usize,
+    plan: Arc<Plan>,
+    mut traces_left: Option<u64>,
+    cancel: CancellationToken,
+) -> anyhow::Result<WorkerStats> {
+    let mut stats = WorkerStats::default();
+    let mut rng = FastRng::new(
+        plan.seed
+            .wrapping_add((index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+    );
+    let mut transport = if plan.http {
+        Transport::http(plan.target.clone(), plan.tls.clone())?
+    } else {
+        Transport::grpc(plan.target.clone(), plan.tls.clone())?
+    };
+    let mut pacer = Pacer::new(plan.rate_per_worker);
+    let mut remainder: Option<Template> = None;
+    loop {
+        if cancel.is_cancelled() || plan.deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let traces = match traces_left {
+            Some(0) => break,
+            Some(n) => (n as usize).min(plan.traces_per_request),
+            None => plan.traces_per_request,
+        };
+        let template = if traces == plan.traces_per_request {
+            &plan.template
+        } else {
+            if remainder.as_ref().is_none_or(|t| t.traces != traces) {
+                remainder = Some(Template::build(&plan.shape, traces, plan.template.encoding, plan.seed)?);
+            }
+            remainder.as_ref().expect("built above")
+        };
+        if let Some(due) = pacer.due(template.spans, Instant::now()) {
+            if plan.deadline.is_some_and(|d| due >= d) {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        // Rendered straight into the buffer the request owns: one copy of the template per request.
+        let mut buf = Vec::with_capacity(template.len());
+        template.render(&mut rng, now_ns(), &mut buf);
+        let body = Bytes::from(buf);
+        let spans = template.spans as u64;
+        stats.spans_sent += spans;
+        plan.sent.fetch_add(spans, Ordering::Relaxed);
+        let mut attempt = 0;
+        loop {
+            let t0 = Instant::now();
+            let (outcome, bytes) = transport.send(body.clone()).await;
+            stats.record_latency(t0.elapsed());
+            stats.requests += 1;
+            stats.bytes += bytes;
+            match outcome {
+                Outcome::Accepted { rejected } => {
+                    let rejected = rejected.min(spans);
+                    stats.spans_accepted += spans - rejected;
+                    plan.accepted.fetch_add(spans - rejected, Ordering::Relaxed);
+                    if rejected > 0 {
+                        stats.spans_refused += rejected;
+                        *stats.refused_by.entry("partial_success".into()).or_default() += rejected;
+                    }
+                    break;
+                }
+                Outcome::Failed(f) => {
+                    stats.requests_failed += 1;
+                    *stats.failures_by.entry(f.label.clone()).or_default() += 1;
+                    if f.retryable && attempt < plan.max_retries && !cancel.is_cancelled() {
+                        let wait = backoff(attempt, &mut rng).max(f.retry_after.unwrap_or_default());
+                        attempt += 1;
+                        stats.retries += 1;
+                        stats.spans_retried += spans;
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => continue,
+                            _ = cancel.cancelled() => {}
+                        }
+                    }
+                    stats.spans_refused += spans;
+                    *stats.refused_by.entry(f.label).or_default() += spans;
+                    break;
+                }
+            }
+        }
+        if let Some(n) = traces_left.as_mut() {
+            *n -= traces as u64;
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    #[test]
+    fn telemetrygen_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--otlp-endpoint",
+            "127.0.0.1:4317",
+            "--otlp-insecure",
+            "--otlp-header",
+            r#"x-mlflow-experiment-id="0""#,
+            "--workers",
+            "4",
+            "--rate",
+            "10000",
+            "--duration",
+            "30s",
+            "--child-spans",
+            "9",
+            "--batch-size",
+            "100",
+            "--compression",
+            "gzip",
+        ])
+        .unwrap();
+        assert_eq!(endpoint_base(&cli.args), ("http://127.0.0.1:4317".into(), false));
+        assert_eq!(cli.args.duration, Some(Duration::from_secs(30)));
+        let secure = Cli::try_parse_from(["x", "--otlp-http"]).unwrap();
+        assert_eq!(endpoint_base(&secure.args), ("https://localhost:4318".into(), true));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut rng = FastRng::new(1);
+        let first = backoff(0, &mut rng);
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        assert!(backoff(3, &mut rng) > Duration::from_millis(600));
+        assert!(backoff(30, &mut rng) <= Duration::from_secs(5));
+    }
+}

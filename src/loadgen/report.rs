@@ -1,0 +1,280 @@
+//! Run statistics: per-worker counters and an HDR latency histogram, merged into one report
+//! (human text or one JSON object).
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// What one worker saw. Merged at the end, so workers never share a lock while sending.
+#[derive(Debug, Clone)]
+pub struct WorkerStats {
+    pub requests: u64,
+    pub requests_failed: u64,
+    pub spans_sent: u64,
+    pub spans_accepted: u64,
+    pub spans_refused: u64,
+    pub spans_retried: u64,
+    pub retries: u64,
+    pub bytes: u64,
+    /// Refused spans per final reason (e.g. `http_400`, `grpc_UNAVAILABLE`).
+    pub refused_by: BTreeMap<String, u64>,
+    /// Failed attempts per reason, retried or not.
+    pub failures_by: BTreeMap<String, u64>,
+    /// Request latency in microseconds.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            requests: 0,
+            requests_failed: 0,
+            spans_sent: 0,
+            spans_accepted: 0,
+            spans_refused: 0,
+            spans_retried: 0,
+            retries: 0,
+            bytes: 0,
+            refused_by: BTreeMap::new(),
+            failures_by: BTreeMap::new(),
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
+        }
+    }
+}
+
+impl WorkerStats {
+    pub fn record_latency(&mut self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+        self.latency_us.saturating_record(us);
+    }
+
+    pub fn merge(&mut self, o: &WorkerStats) {
+        self.requests += o.requests;
+        self.requests_failed += o.requests_failed;
+        self.spans_sent += o.spans_sent;
+        self.spans_accepted += o.spans_accepted;
+        self.spans_refused += o.spans_refused;
+        self.spans_retried += o.spans_retried;
+        self.retries += o.retries;
+        self.bytes += o.bytes;
+        for (k, v) in &o.refused_by {
+            *self.refused_by.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.failures_by {
+            *self.failures_by.entry(k.clone()).or_default() += v;
+        }
+        self.latency_us.add(&o.latency_us).expect("same histogram bounds");
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// The sink's view after the run (`--verify-sink`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Verification {
+    pub sink: String,
+    pub received_unique_spans: u64,
+    pub lost_spans: u64,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub transport: String,
+    pub encoding: String,
+    pub compression: String,
+    pub workers: usize,
+    pub duration_s: f64,
+    pub requests: u64,
+    pub requests_failed: u64,
+    pub spans_sent: u64,
+    pub spans_accepted: u64,
+    pub spans_refused: u64,
+    pub spans_retried: u64,
+    pub retries: u64,
+    pub refused_by: BTreeMap<String, u64>,
+    pub failures_by: BTreeMap<String, u64>,
+    pub spans_per_sec: f64,
+    pub requests_per_sec: f64,
+    pub bytes: u64,
+    pub bytes_per_sec: f64,
+    pub latency_ms: Latency,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verification>,
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+impl Report {
+    pub fn new(stats: &WorkerStats, elapsed: Duration, labels: (&str, &str, &str), workers: usize) -> Report {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let h = &stats.latency_us;
+        let ms = |us: u64| round3(us as f64 / 1000.0);
+        let latency = if h.is_empty() {
+            Latency {
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                max: 0.0,
+                mean: 0.0,
+            }
+        } else {
+            Latency {
+                p50: ms(h.value_at_quantile(0.50)),
+                p90: ms(h.value_at_quantile(0.90)),
+                p99: ms(h.value_at_quantile(0.99)),
+                max: ms(h.max()),
+                mean: round3(h.mean() / 1000.0),
+            }
+        };
+        Report {
+            transport: labels.0.into(),
+            encoding: labels.1.into(),
+            compression: labels.2.into(),
+            workers,
+            duration_s: round3(secs),
+            requests: stats.requests,
+            requests_failed: stats.requests_failed,
+            spans_sent: stats.spans_sent,
+            spans_accepted: stats.spans_accepted,
+            spans_refused: stats.spans_refused,
+            spans_retried: stats.spans_retried,
+            retries: stats.retries,
+            refused_by: stats.refused_by.clone(),
+            failures_by: stats.failures_by.clone(),
+            spans_per_sec: round3(stats.spans_accepted as f64 / secs),
+            requests_per_sec: round3(stats.requests as f64 / secs),
+            bytes: stats.bytes,
+            bytes_per_sec: round3(stats.bytes as f64 / secs),
+            latency_ms: latency,
+            verify: None,
+        }
+    }
+
+    /// The human report (stdout without --json).
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "otlp-relay loadgen: {} {} {} with {} worker(s) for {:.2} s\n\
+             spans   sent {}  accepted {}  refused {}  retried {}\n\
+             requests {}  failed attempts {}  retries {}\n\
+             rate    {:.0} spans/s  {:.0} requests/s  {:.2} MB/s ({} bytes)\n\
+             latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}\n",
+            self.transport,
+            self.encoding,
+            self.compression,
+            self.workers,
+            self.duration_s,
+            self.spans_sent,
+            self.spans_accepted,
+            self.spans_refused,
+            self.spans_retried,
+            self.requests,
+            self.requests_failed,
+            self.retries,
+            self.spans_per_sec,
+            self.requests_per_sec,
+            self.bytes_per_sec / 1e6,
+            self.bytes,
+            self.latency_ms.p50,
+            self.latency_ms.p90,
+            self.latency_ms.p99,
+            self.latency_ms.max,
+        );
+        for (k, v) in &self.failures_by {
+            s.push_str(&format!("failed attempts {k}: {v}\n"));
+        }
+        for (k, v) in &self.refused_by {
+            s.push_str(&format!("refused spans {k}: {v}\n"));
+        }
+        if let Some(v) = &self.verify {
+            s.push_str(&format!(
+                "sink {}: accepted {} received {} unique -> loss {} {}\n",
+                v.sink,
+                self.spans_accepted,
+                v.received_unique_spans,
+                v.lost_spans,
+                if v.ok { "OK" } else { "LOSS" }
+            ));
+        }
+        s
+    }
+}
+
+/// Compares what the generator had accepted with what the sink received.
+pub fn verify(sink: &str, accepted: u64, before: u64, after: u64) -> Verification {
+    let received = after.saturating_sub(before);
+    let lost = accepted.saturating_sub(received);
+    Verification {
+        sink: sink.to_string(),
+        received_unique_spans: received,
+        lost_spans: lost,
+        ok: lost == 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_math() {
+        let mut a = WorkerStats {
+            requests: 10,
+            spans_sent: 1000,
+            spans_accepted: 900,
+            spans_refused: 100,
+            ..Default::default()
+        };
+        a.refused_by.insert("http_400".into(), 100);
+        for ms in 1..=100 {
+            a.record_latency(Duration::from_millis(ms));
+        }
+        let mut b = WorkerStats {
+            requests: 10,
+            spans_sent: 1000,
+            spans_accepted: 1000,
+            ..Default::default()
+        };
+        b.refused_by.insert("http_400".into(), 1);
+        b.record_latency(Duration::from_secs(2));
+        a.merge(&b);
+        let r = Report::new(&a, Duration::from_secs(4), ("grpc", "proto", "none"), 2);
+        assert_eq!(r.spans_accepted, 1900);
+        assert_eq!(r.spans_per_sec, 475.0);
+        assert_eq!(r.requests_per_sec, 5.0);
+        assert_eq!(r.refused_by["http_400"], 101);
+        assert!((r.latency_ms.p50 - 51.0).abs() < 0.1, "{:?}", r.latency_ms);
+        assert!((r.latency_ms.p99 - 100.0).abs() < 0.2, "{:?}", r.latency_ms);
+        assert!((r.latency_ms.max - 2000.0).abs() < 2.0, "{:?}", r.latency_ms);
+        let json = serde_json::to_value(&r).unwrap();
+        for key in [
+            "spans_sent",
+            "spans_accepted",
+            "spans_refused",
+            "requests",
+            "retries",
+            "spans_per_sec",
+            "duration_s",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+        assert!(json["latency_ms"]["p99"].is_number());
+        assert!(r.human().contains("refused spans http_400: 101"));
+    }
+
+    #[test]
+    fn verification() {
+        assert!(verify("s", 100, 50, 150).ok);
+        let v = verify("s", 100, 50, 120);
+        assert_eq!((v.lost_spans, v.ok), (30, false));
+    }
+}

@@ -1,0 +1,130 @@
+//! OTLP/gRPC: `TraceService/Export` served by tonic's unary machinery with a pass-through codec,
+//! so the request's bytes reach the pipeline without a second decode.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use hyper::body::Incoming;
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
+use prost::Message;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings, EncodeBuf, Encoder};
+use tonic::server::{Grpc, UnaryService};
+use tonic::{Request, Response, Status};
+
+use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
+use crate::pipeline::wire;
+
+pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Decodes a request message to its raw bytes; encodes the (tiny) response with prost.
+#[derive(Default, Clone, Copy)]
+struct RawCodec;
+
+struct RawDecoder;
+struct ResponseEncoder;
+
+impl Codec for RawCodec {
+    type Encode = ExportTraceServiceResponse;
+    type Decode = Bytes;
+    type Encoder = ResponseEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> ResponseEncoder {
+        ResponseEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
+
+impl Encoder for ResponseEncoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = Status;
+    fn encode(&mut self, item: ExportTraceServiceResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst).map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+struct ExportService {
+    ctx: Arc<ReceiverContext>,
+    experiment: Option<String>,
+}
+
+impl UnaryService<Bytes> for ExportService {
+    type Response = ExportTraceServiceResponse;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ExportTraceServiceResponse>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let ctx = self.ctx.clone();
+        let experiment = self.experiment.take();
+        Box::pin(async move {
+            let body = request.into_inner();
+            let parsed = wire::parse_protobuf(body).map_err(|e| ReceiveError::from(e).to_grpc())?;
+            let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
+            if let Err(refusal) = ctx.intake.submit(parsed, experiment.as_deref()) {
+                ctx.refused(spans, refusal.reason());
+                return Err(ReceiveError::from(refusal).to_grpc());
+            }
+            ctx.accepted(spans);
+            ctx.refused(rejected, "invalid_span");
+            let partial_success = rejection.map(|error_message| ExportTracePartialSuccess {
+                rejected_spans: rejected as i64,
+                error_message,
+            });
+            Ok(Response::new(ExportTraceServiceResponse { partial_success }))
+        })
+    }
+}
+
+fn encodings() -> EnabledCompressionEncodings {
+    let mut e = EnabledCompressionEncodings::default();
+    e.enable(CompressionEncoding::Gzip);
+    e.enable(CompressionEncoding::Deflate);
+    e.enable(CompressionEncoding::Zstd);
+    e
+}
+
+pub async fn handle(
+    ctx: Arc<ReceiverContext>,
+    conn: Arc<ConnInfo>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<ResponseBody> {
+    if req.uri().path() != EXPORT_PATH {
+        return Status::unimplemented(format!("unknown method {}", req.uri().path())).into_http();
+    }
+    if !conn.allowed {
+        return ReceiveError::Forbidden(client_name(&conn)).to_grpc().into_http();
+    }
+    let experiment = request_experiment(&ctx, req.headers());
+    let mut grpc = Grpc::new(RawCodec)
+        .apply_compression_config(encodings(), encodings())
+        .apply_max_message_size_config(Some(ctx.max_bytes()), None);
+    let mut response = grpc
+        .unary(
+            ExportService {
+                ctx: ctx.clone(),
+                experiment,
+            },
+            req,
+        )
+        .await;
+    // tonic answers a length prefix over the limit with OUT_OF_RANGE (our service never does);
+    // OTLP wants RESOURCE_EXHAUSTED for oversize requests.
+    if response.headers().get("grpc-status").is_some_and(|v| v == "11") {
+        response = ReceiveError::TooLarge {
+            limit_mib: ctx.max_recv_msg_size_mib,
+        }
+        .to_grpc()
+        .into_http();
+    }
+    response
+}

@@ -1,0 +1,255 @@
+//! OTLP/HTTP: `POST /v1/traces` with protobuf or JSON, gzip/deflate bodies, size limits applied
+//! to both the wire and the decompressed size, answers in the request's encoding.
+use std::io::Read;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
+use prost::Message;
+
+use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
+use crate::pipeline::wire::{self, ParsedRequest};
+
+pub const TRACES_PATH: &str = "/v1/traces";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// The media type of a Content-Type header, parameters (charset) ignored.
+pub fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
+    let text = value.and_then(|v| v.to_str().ok()).unwrap_or("");
+    match text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
+        "application/json" => Ok(Encoding::Json),
+        _ => Err(ReceiveError::UnsupportedMediaType(text.to_string())),
+    }
+}
+
+/// Decompresses per Content-Encoding, refusing output over `limit` bytes (a gzip bomb ends at
+/// the limit, never in memory exhaustion).
+pub fn decompress(body: Bytes, encoding: Option<&str>, limit: usize, limit_mib: u64) -> Result<Bytes, ReceiveError> {
+    let encoding = encoding.map(|e| e.trim().to_ascii_lowercase()).unwrap_or_default();
+    let reader: Box<dyn Read> = match encoding.as_str() {
+        "" | "identity" => return Ok(body),
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body.as_ref())),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(body.as_ref())),
+        other => return Err(ReceiveError::UnsupportedEncoding(other.to_string())),
+    };
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ReceiveError::BadCompression(e.to_string()))?;
+    if out.len() > limit {
+        return Err(ReceiveError::TooLarge { limit_mib });
+    }
+    Ok(Bytes::from(out))
+}
+
+fn respond(status: StatusCode, encoding: Encoding, body: Bytes) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, encoding.content_type())
+        .body(ResponseBody::new(Full::new(body)))
+        .expect("static response parts")
+}
+
+/// A google.rpc.Status body in the request's encoding.
+fn error_response(error: &ReceiveError, encoding: Encoding) -> Response<ResponseBody> {
+    let code = error.grpc_code() as i32;
+    let message = error.to_string();
+    let body = match encoding {
+        Encoding::Protobuf => Bytes::from(
+            tonic_types::Status {
+                code,
+                message,
+                details: vec![],
+            }
+            .encode_to_vec(),
+        ),
+        Encoding::Json => Bytes::from(serde_json::json!({ "code": code, "message": message }).to_string()),
+    };
+    let mut response = respond(error.http_status(), encoding, body);
+    if let Some(delay) = error.retry_after() {
+        let secs = delay.as_secs().max(1).to_string();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
+    }
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(ResponseBody::new(Full::new(Bytes::from_static(text.as_bytes()))))
+        .expect("static response parts")
+}
+
+pub async fn handle(
+    ctx: Arc<ReceiverContext>,
+    conn: Arc<ConnInfo>,
+    req: hyper::Request<Incoming>,
+) -> Response<ResponseBody> {
+    if req.uri().path() != TRACES_PATH {
+        return plain(StatusCode::NOT_FOUND, "not found: OTLP traces go to POST /v1/traces\n");
+    }
+    if req.method() != Method::POST {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use POST\n");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let encoding = match parse_content_type(req.headers().get(header::CONTENT_TYPE)) {
+        Ok(e) => e,
+        Err(e) => return error_response(&e, Encoding::Protobuf),
+    };
+    match receive(&ctx, &conn, req, encoding).await {
+        Ok(parsed) => {
+            let partial_success = parsed.1.map(|error_message| ExportTracePartialSuccess {
+                rejected_spans: parsed.0 as i64,
+                error_message,
+            });
+            let response = ExportTraceServiceResponse { partial_success };
+            let body = match encoding {
+                Encoding::Protobuf => Bytes::from(response.encode_to_vec()),
+                // An empty response is `{}`, not `{"partialSuccess":null}`.
+                Encoding::Json if response.partial_success.is_none() => Bytes::from_static(b"{}"),
+                Encoding::Json => Bytes::from(serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec())),
+            };
+            respond(StatusCode::OK, encoding, body)
+        }
+        Err(e) => error_response(&e, encoding),
+    }
+}
+
+/// Reads, decodes and submits a request; returns the rejected span count and message.
+async fn receive(
+    ctx: &ReceiverContext,
+    conn: &ConnInfo,
+    req: hyper::Request<Incoming>,
+    encoding: Encoding,
+) -> Result<(usize, Option<String>), ReceiveError> {
+    if !conn.allowed {
+        return Err(ReceiveError::Forbidden(client_name(conn)));
+    }
+    let limit = ctx.max_bytes();
+    let too_large = ReceiveError::TooLarge {
+        limit_mib: ctx.max_recv_msg_size_mib,
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    let experiment = request_experiment(ctx, req.headers());
+    let content_encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large),
+        Err(e) => return Err(ReceiveError::Body(e.to_string())),
+    };
+    let body = decompress(body, content_encoding.as_deref(), limit, ctx.max_recv_msg_size_mib)?;
+    let parsed: ParsedRequest = if body.is_empty() {
+        ParsedRequest::default()
+    } else {
+        match encoding {
+            Encoding::Protobuf => wire::parse_protobuf(body)?,
+            Encoding::Json => wire::parse_json(&body)?,
+        }
+    };
+    let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
+    if let Err(refusal) = ctx.intake.submit(parsed, experiment.as_deref()) {
+        ctx.refused(spans, refusal.reason());
+        return Err(refusal.into());
+    }
+    ctx.accepted(spans);
+    ctx.refused(rejected, "invalid_span");
+    Ok((rejected, rejection))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn content_types() {
+        let ct = |s: &'static str| parse_content_type(Some(&HeaderValue::from_static(s)));
+        assert_eq!(ct("application/x-protobuf").unwrap(), Encoding::Protobuf);
+        assert_eq!(ct("application/json; charset=utf-8").unwrap(), Encoding::Json);
+        assert_eq!(ct("Application/JSON").unwrap(), Encoding::Json);
+        assert!(matches!(ct("text/plain"), Err(ReceiveError::UnsupportedMediaType(_))));
+        assert!(parse_content_type(None).is_err());
+    }
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(data).unwrap();
+        Bytes::from(e.finish().unwrap())
+    }
+
+    #[test]
+    fn gzip_bomb_stops_at_the_limit() {
+        let bomb = gzip(&vec![0u8; 8 * 1024 * 1024]);
+        assert!(bomb.len() < 64 * 1024);
+        assert!(matches!(
+            decompress(bomb.clone(), Some("gzip"), 1024 * 1024, 1),
+            Err(ReceiveError::TooLarge { .. })
+        ));
+        assert_eq!(
+            decompress(bomb, Some("gzip"), 8 * 1024 * 1024, 8).unwrap().len(),
+            8 * 1024 * 1024
+        );
+    }
+
+    #[test]
+    fn encodings() {
+        assert_eq!(
+            decompress(gzip(b"abc"), Some("GZIP"), 10, 1).unwrap(),
+            Bytes::from_static(b"abc")
+        );
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(b"xyz").unwrap();
+        assert_eq!(
+            decompress(Bytes::from(z.finish().unwrap()), Some("deflate"), 10, 1).unwrap(),
+            Bytes::from_static(b"xyz")
+        );
+        assert!(matches!(
+            decompress(Bytes::from_static(b"x"), Some("br"), 10, 1),
+            Err(ReceiveError::UnsupportedEncoding(_))
+        ));
+        assert!(matches!(
+            decompress(Bytes::from_static(b"nope"), Some("gzip"), 10, 1),
+            Err(ReceiveError::BadCompression(_))
+        ));
+    }
+}

@@ -1,0 +1,222 @@
+//! The load generator against the counting sink: gRPC and HTTP (protobuf, JSON, gzip), over
+//! mTLS, with retries of refused requests, and `--verify-sink` proving zero loss (or catching it).
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::Proc;
+
+struct Sink {
+    proc: Proc,
+    http: SocketAddr,
+    grpc: SocketAddr,
+}
+
+fn sink(extra: &[&str]) -> Sink {
+    let mut args = vec!["sink", "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::relay("sink", &args);
+    let http = proc.wait_listen("sink-http", Duration::from_secs(20));
+    let grpc = proc.wait_listen("sink-grpc", Duration::from_secs(20));
+    Sink { proc, http, grpc }
+}
+
+/// Runs loadgen with `--json` and returns (exit code, report).
+fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
+    let mut all = vec!["loadgen", "--json"];
+    all.extend_from_slice(args);
+    let mut p = Proc::relay("loadgen", &all);
+    let code = p.wait_exit(Duration::from_secs(120)).expect("exit code");
+    let out = p.output();
+    let line = out
+        .iter()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON report in:\n{}", out.join("\n")));
+    (code, serde_json::from_str(line).unwrap())
+}
+
+fn stats(addr: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&support::get_text(addr, "/stats").1).unwrap()
+}
+
+#[test]
+fn grpc_and_http_encodings_arrive_without_loss() {
+    let s = sink(&[]);
+    let verify = format!("http://{}", s.http);
+    let grpc = s.grpc.to_string();
+    let http = s.http.to_string();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--otlp-endpoint", &grpc, "--compression", "gzip", "--workers", "2"],
+        vec!["--otlp-endpoint", &grpc, "--genai"],
+        vec!["--otlp-endpoint", &http, "--otlp-http"],
+        vec![
+            "--otlp-endpoint",
+            &http,
+            "--otlp-http",
+            "--encoding",
+            "json",
+            "--compression",
+            "gzip",
+        ],
+    ];
+    let mut total = 0;
+    for case in cases {
+        let mut args = vec![
+            "--otlp-insecure",
+            "--traces",
+            "301",
+            "--child-spans",
+            "3",
+            "--batch-size",
+            "40",
+            "--otlp-header",
+            "x-mlflow-experiment-id=\"5\"",
+            "--verify-sink",
+            &verify,
+        ];
+        args.extend(case.iter().copied());
+        let (code, r) = loadgen(&args);
+        assert_eq!(code, 0, "{case:?}: {r}");
+        let per_trace = if case.contains(&"--genai") { 7 } else { 4 };
+        let spans = 301 * per_trace;
+        assert_eq!(r["spans_sent"], spans, "{case:?}: {r}");
+        assert_eq!(r["spans_accepted"], spans, "{case:?}: {r}");
+        assert_eq!(r["spans_refused"], 0);
+        assert_eq!(r["verify"]["received_unique_spans"], spans);
+        assert_eq!(r["verify"]["lost_spans"], 0);
+        assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+        assert!(r["bytes"].as_u64().unwrap() > 0);
+        total += spans;
+    }
+    let st = stats(s.http);
+    assert_eq!(st["unique_spans"], total);
+    assert_eq!(
+        st["experiments"]["5"], total,
+        "the header reaches the sink on both transports"
+    );
+    assert_eq!(st["last"]["content_type"], "application/json");
+    assert_eq!(st["last"]["content_encoding"], "gzip");
+    drop(s.proc);
+}
+
+#[test]
+fn retries_honour_the_sink_and_count_refusals() {
+    // Every 3rd request fails with 503 + Retry-After: 1; everything still arrives once.
+    let s = sink(&["--fail-every", "3", "--retry-after", "1"]);
+    let verify = format!("http://{}", s.http);
+    let http = s.http.to_string();
+    let started = std::time::Instant::now();
+    let (code, r) = loadgen(&[
+        "--otlp-endpoint",
+        &http,
+        "--otlp-http",
+        "--otlp-insecure",
+        "--traces",
+        "50",
+        "--batch-size",
+        "10",
+        "--verify-sink",
+        &verify,
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["spans_accepted"], 100);
+    assert!(r["retries"].as_u64().unwrap() >= 3, "{r}");
+    assert_eq!(r["failures_by"]["http_503"], r["retries"]);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "Retry-After: 1 was honoured on each retry"
+    );
+    assert_eq!(r["verify"]["lost_spans"], 0);
+
+    // Permanent failures (gRPC INVALID_ARGUMENT for 400) are refused, not retried.
+    let bad = sink(&["--status", "400"]);
+    let grpc = bad.grpc.to_string();
+    let (code, r) = loadgen(&["--otlp-endpoint", &grpc, "--otlp-insecure", "--traces", "10"]);
+    assert_eq!(code, 0);
+    assert_eq!(r["spans_refused"], 20);
+    assert_eq!(r["retries"], 0);
+    assert_eq!(r["refused_by"]["grpc_INVALID_ARGUMENT"], 20);
+}
+
+#[test]
+fn verify_sink_catches_loss() {
+    // The generator talks to one sink but verifies against another: everything looks lost.
+    let a = sink(&[]);
+    let b = sink(&[]);
+    let http = a.http.to_string();
+    let verify = format!("http://{}", b.http);
+    let (code, r) = loadgen(&[
+        "--otlp-endpoint",
+        &http,
+        "--otlp-http",
+        "--otlp-insecure",
+        "--traces",
+        "5",
+        "--verify-sink",
+        &verify,
+        "--verify-timeout",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["verify"]["lost_spans"], 10);
+}
+
+#[test]
+fn mtls_to_the_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::Ca::new("test-ca");
+    let ca_file = ca.write(dir.path(), "ca");
+    let server = ca.server().write(dir.path(), "server");
+    let client = ca
+        .client("spiffe://cluster.local/ns/agents/sa/loadgen")
+        .write(dir.path(), "client");
+    let s = sink(&[
+        "--tls-cert",
+        server.cert.to_str().unwrap(),
+        "--tls-key",
+        server.key.to_str().unwrap(),
+        "--tls-client-ca",
+        ca_file.to_str().unwrap(),
+    ]);
+    let verify = format!("https://localhost:{}", s.http.port());
+    for http in [false, true] {
+        let endpoint = format!("localhost:{}", if http { s.http.port() } else { s.grpc.port() });
+        let mut args = vec![
+            "--otlp-endpoint",
+            &endpoint,
+            "--ca-cert",
+            ca_file.to_str().unwrap(),
+            "--mtls",
+            "--client-cert",
+            client.cert.to_str().unwrap(),
+            "--client-key",
+            client.key.to_str().unwrap(),
+            "--traces",
+            "20",
+            "--verify-sink",
+            &verify,
+        ];
+        if http {
+            args.push("--otlp-http");
+        }
+        let (code, r) = loadgen(&args);
+        assert_eq!(code, 0, "{r}");
+        assert_eq!(r["verify"]["received_unique_spans"], 40, "{r}");
+    }
+    // Without a client certificate the handshake fails: every span is refused after retries.
+    let endpoint = format!("localhost:{}", s.grpc.port());
+    let (code, r) = loadgen(&[
+        "--otlp-endpoint",
+        &endpoint,
+        "--ca-cert",
+        ca_file.to_str().unwrap(),
+        "--traces",
+        "1",
+        "--max-retries",
+        "1",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(r["spans_accepted"], 0, "{r}");
+    assert_eq!(r["spans_refused"], 2, "{r}");
+}
