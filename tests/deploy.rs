@@ -768,3 +768,135 @@ fn yaml_lints_clean_sources_and_rendered_manifests() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Calls `f(key, path)` on every `*_file` and `directory` setting of a config; `f` returns the
+/// value to put in its place.
+fn map_config_paths(v: &mut Value, f: &mut dyn FnMut(&str, &str) -> String) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, val) in m.iter_mut() {
+                let key = k.as_str().unwrap_or_default().to_string();
+                match val.as_str() {
+                    Some(path) if key.ends_with("_file") || key == "directory" => *val = Value::from(f(&key, path)),
+                    _ => map_config_paths(val, f),
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(|i| map_config_paths(i, f)),
+        _ => {}
+    }
+}
+
+/// Lays out under `root` what the relay pod sees: each file or directory the rendered config
+/// names must lie on a volume the rendered relay container mounts (Secret files get rcgen
+/// certificates, the CA bundle a CA); the config's paths are then moved under `root`.
+fn pod_filesystem(root: &std::path::Path, docs: &[Value]) -> std::path::PathBuf {
+    let workload = docs
+        .iter()
+        .find(|d| ["Deployment", "StatefulSet"].contains(&tools::kind(d)) && tools::component(d) == "relay")
+        .expect("relay workload");
+    let mounts: Vec<String> = at(workload, "spec.template.spec.containers.0.volumeMounts")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|m| m.get("subPath").is_none())
+        .map(|m| at(m, "mountPath").as_str().unwrap().to_string())
+        .collect();
+    let (_, mut config) = relay_config(docs);
+    let ca = support::pki::Ca::new("agents-ca");
+    let server = ca.server();
+    map_config_paths(&mut config, &mut |key, path| {
+        assert!(
+            mounts.iter().any(|m| path.starts_with(&format!("{m}/")) || path == m),
+            "config {key}: {path} is on no volume the relay mounts ({mounts:?})"
+        );
+        let local = root.join(path.trim_start_matches('/'));
+        if key == "directory" {
+            std::fs::create_dir_all(&local).unwrap();
+        } else {
+            std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+            let pem = match key {
+                "key_file" => &server.key_pem,
+                "cert_file" => &server.cert_pem,
+                _ => &ca.cert_pem, // client_ca_file, ca_file
+            };
+            std::fs::write(&local, pem).unwrap();
+        }
+        local.display().to_string()
+    });
+    support::write_file(root, "config.yaml", &serde_norway::to_string(&config).unwrap())
+}
+
+/// `otlp-relay check` on a config, with the Secret's variables set as in the pod.
+fn relay_check(config: &std::path::Path) -> (bool, Vec<String>, String) {
+    let out = std::process::Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .env("OIDC_CLIENT_ID", "mlflow")
+        .env("OIDC_CLIENT_SECRET", "not-a-secret")
+        .env(
+            "OIDC_TOKEN_URL",
+            "http://keycloak-service.keycloak:8080/realms/master/protocol/openid-connect/token",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // One problem per indented line: "  path: message".
+    let problems = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .map(str::to_string)
+        .collect();
+    (out.status.success(), problems, stderr)
+}
+
+/// Components the chart renders before the binary implements them (oauth2client: the token
+/// issue; file_storage: the durability issue). `check` must report nothing else; once they land
+/// the configs pass with no problem at all.
+fn not_built_yet(problem: &str) -> bool {
+    problem.contains("oauth2client extension is not available in this build yet")
+        || problem.contains("file_storage is not implemented yet")
+        || problem.contains("unknown extension type \"file_storage\"")
+        || (problem.contains("\"file_storage/") && problem.contains("is not defined under extensions"))
+}
+
+/// Chart and binary cannot drift: the relay ConfigMap rendered for every mode passes `check`.
+#[test]
+fn rendered_relay_config_passes_otlp_relay_check() {
+    for set in VALUE_SETS {
+        for mode in MODES {
+            let label = format!("{set}-{mode}");
+            let root = tempfile::tempdir().unwrap();
+            let docs = Render::new(set, mode, true).docs();
+            let config = pod_filesystem(root.path(), &docs);
+            let (ok, problems, out) = relay_check(&config);
+            let unexpected: Vec<&String> = problems.iter().filter(|p| !not_built_yet(p)).collect();
+            assert!(
+                (ok && problems.is_empty()) || (!ok && !problems.is_empty() && unexpected.is_empty()),
+                "otlp-relay check rejects the chart's {label} config:\n{out}\n---\n{}",
+                std::fs::read_to_string(&config).unwrap()
+            );
+        }
+    }
+    // The direct path without a spool uses only built components: it must pass outright.
+    let root = tempfile::tempdir().unwrap();
+    let docs = Render::new("full", "direct", true)
+        .set("relay.spool.enabled", "false")
+        .docs();
+    let (ok, _, out) = relay_check(&pod_filesystem(root.path(), &docs));
+    assert!(ok, "full direct config without spool:\n{out}");
+
+    // Not vacuous: a misspelt key slipped in through configOverrides is caught, with its path.
+    let root = tempfile::tempdir().unwrap();
+    let docs = Render::new("migrate", "direct", true)
+        .set("relay.configOverrides.exporters.otlphttp/mlflow-direct.timout", "5s")
+        .docs();
+    let (ok, problems, out) = relay_check(&pod_filesystem(root.path(), &docs));
+    assert!(!ok, "check accepted an unknown key:\n{out}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("exporters.otlphttp/mlflow-direct.timout")),
+        "check names the bad key by its path:\n{out}"
+    );
+}
