@@ -167,11 +167,17 @@ pub fn parse_docs(text: &str) -> Vec<Value> {
 
 /// Runs a shared validator script on a file; returns (success, stdout+stderr).
 pub fn run_validator(script: &str, file: &Path) -> (bool, String) {
-    let out = Command::new(tools().python())
-        .arg(shared_dir().join("tools").join(script))
-        .arg(file)
-        .output()
-        .unwrap();
+    run_validator_for(script, file, None)
+}
+
+/// Same, against the Kubernetes schemas of `k8s_version` (the validator's default otherwise).
+pub fn run_validator_for(script: &str, file: &Path, k8s_version: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(tools().python());
+    cmd.arg(shared_dir().join("tools").join(script)).arg(file);
+    if let Some(v) = k8s_version {
+        cmd.env("K8S_VERSION", v);
+    }
+    let out = cmd.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
