@@ -905,3 +905,80 @@ fn rendered_relay_config_passes_otlp_relay_check() {
         "check names the bad key by its path:\n{out}"
     );
 }
+
+fn port_of(addr: &Value) -> u64 {
+    addr.as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// The rendered relay config runs: its listen ports are the container ports the Deployment
+/// declares, the probe paths it declares answer 200, metrics are served, and SIGTERM drains and
+/// exits 0 well within the grace period. Only the bind addresses change (to 127.0.0.1:0).
+#[test]
+fn rendered_relay_runs_and_answers_its_probes() {
+    use std::time::{Duration, Instant};
+    let root = tempfile::tempdir().unwrap();
+    let docs = Render::new("migrate", "direct", true).docs();
+    let pod = at(one(&docs, "Deployment", "relay"), "spec.template.spec");
+    let c = at(pod, "containers.0");
+    let container_port = |name: &str| -> u64 {
+        at(c, "ports")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+            .map(|p| at(p, "containerPort").as_u64().unwrap())
+            .unwrap_or_else(|| panic!("no container port {name}"))
+    };
+    let config_file = pod_filesystem(root.path(), &docs);
+    let mut config: Value = serde_norway::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
+    let binds = [
+        ("otlp-grpc", &["receivers", "otlp", "protocols", "grpc", "endpoint"][..]),
+        ("otlp-http", &["receivers", "otlp", "protocols", "http", "endpoint"][..]),
+        ("health", &["extensions", "health_check", "endpoint"][..]),
+        ("metrics", &["service", "telemetry", "metrics", "address"][..]),
+    ];
+    for (port_name, path) in binds {
+        let mut v = &mut config;
+        for key in path {
+            v = v
+                .get_mut(*key)
+                .unwrap_or_else(|| panic!("config has no {}", path.join(".")));
+        }
+        assert_eq!(
+            port_of(v),
+            container_port(port_name),
+            "{} vs containerPort {port_name}",
+            path.join(".")
+        );
+        *v = Value::from("127.0.0.1:0");
+    }
+    let config_file = support::write_file(root.path(), "config.yaml", &serde_norway::to_string(&config).unwrap());
+
+    let mut relay = support::Proc::relay("relay", &["run", "--config", config_file.to_str().unwrap()]);
+    let health = relay.wait_listen("health", Duration::from_secs(30));
+    let metrics = relay.wait_listen("metrics", Duration::from_secs(30));
+    relay.wait_listen("otlp-grpc", Duration::from_secs(30));
+    relay.wait_listen("otlp-http", Duration::from_secs(30));
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        let path = at(c, &format!("{probe}.httpGet.path")).as_str().unwrap().to_string();
+        assert_eq!(at(c, &format!("{probe}.httpGet.port")).as_str(), Some("health"));
+        support::wait_for(&format!("{probe} {path} = 200"), Duration::from_secs(20), || {
+            (support::get_text(health, &path).0 == 200).then_some(())
+        });
+    }
+    let (status, body) = support::get_text(metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("otelcol_"), "collector metric names on /metrics:\n{body}");
+
+    let grace = at(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
+    let pre_stop = at(c, "lifecycle.preStop.sleep.seconds").as_u64().unwrap();
+    let started = Instant::now();
+    relay.signal("TERM");
+    let code = relay.wait_exit(Duration::from_secs(grace - pre_stop));
+    assert_eq!(code, Some(0), "{}", relay.output_text());
+    eprintln!(
+        "relay drained and exited in {:?} (budget {}s)",
+        started.elapsed(),
+        grace - pre_stop
+    );
+}

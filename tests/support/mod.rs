@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub mod otlp;
 pub mod mlflow;
 pub mod npm;
 pub mod oidc;
+pub mod otlp;
 pub mod pki;
 
 /// Path of the `otlp-relay` binary built for this test run.

@@ -66,7 +66,10 @@ pub struct OidcProvider {
 impl OidcProvider {
     pub fn start(opts: OidcOptions) -> OidcProvider {
         let dir = tempfile::tempdir().unwrap();
-        let key_file = opts.key_file.clone().unwrap_or_else(|| dir.path().join("signing-key.json"));
+        let key_file = opts
+            .key_file
+            .clone()
+            .unwrap_or_else(|| dir.path().join("signing-key.json"));
         let mut p = OidcProvider {
             port: opts.port,
             opts,
@@ -97,7 +100,12 @@ impl OidcProvider {
         let mut proc = Proc::spawn(&format!("oidc-{}", self.opts.realm), cmd);
         let line = proc.wait_line("oidc ready ", Duration::from_secs(30));
         self.issuer = line.split_once("oidc ready ").unwrap().1.trim().to_string();
-        let port = self.issuer.trim_start_matches("http://127.0.0.1:").split('/').next().unwrap();
+        let port = self
+            .issuer
+            .trim_start_matches("http://127.0.0.1:")
+            .split('/')
+            .next()
+            .unwrap();
         self.port = port.parse().unwrap();
         self.proc = Some(proc);
     }
