@@ -167,13 +167,14 @@ pub fn parse_docs(text: &str) -> Vec<Value> {
 
 /// Runs a shared validator script on a file; returns (success, stdout+stderr).
 pub fn run_validator(script: &str, file: &Path) -> (bool, String) {
-    run_validator_for(script, file, None)
+    run_validator_for(script, &[file], None)
 }
 
-/// Same, against the Kubernetes schemas of `k8s_version` (the validator's default otherwise).
-pub fn run_validator_for(script: &str, file: &Path, k8s_version: Option<&str>) -> (bool, String) {
+/// Runs a shared validator script on files (one process: its imports are paid once), against
+/// the Kubernetes schemas of `k8s_version` (the validator's default otherwise).
+pub fn run_validator_for(script: &str, files: &[&Path], k8s_version: Option<&str>) -> (bool, String) {
     let mut cmd = Command::new(tools().python());
-    cmd.arg(shared_dir().join("tools").join(script)).arg(file);
+    cmd.arg(shared_dir().join("tools").join(script)).args(files);
     if let Some(v) = k8s_version {
         cmd.env("K8S_VERSION", v);
     }
