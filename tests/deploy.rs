@@ -912,8 +912,10 @@ fn port_of(addr: &Value) -> u64 {
 }
 
 /// The rendered relay config runs: its listen ports are the container ports the Deployment
-/// declares, the probe paths it declares answer 200, metrics are served, and SIGTERM drains and
-/// exits 0 well within the grace period. Only the bind addresses change (to 127.0.0.1:0).
+/// declares, the probe paths it declares answer 200, a span sent to it reaches the exporter's
+/// upstream with the rendered headers, the metrics the README names are served, and SIGTERM
+/// drains and exits 0 well within the grace period. Only the bind addresses (to 127.0.0.1:0) and
+/// the exporter's upstream (MLflow's Service, here a counting sink) change.
 #[test]
 fn rendered_relay_runs_and_answers_its_probes() {
     use std::time::{Duration, Instant};
@@ -953,6 +955,18 @@ fn rendered_relay_runs_and_answers_its_probes() {
         );
         *v = Value::from("127.0.0.1:0");
     }
+    let mut sink = support::Proc::relay("sink", &["sink", "--listen", "127.0.0.1:0"]);
+    let sink_addr = sink.wait_listen("sink-http", Duration::from_secs(30));
+    let exporter = config
+        .get_mut("exporters")
+        .and_then(|e| e.get_mut("otlphttp/mlflow-direct"))
+        .expect("direct exporter");
+    assert_eq!(
+        at(exporter, "traces_endpoint").as_str(),
+        Some("http://mlflow-server.kagenti-system.svc:5000/v1/traces")
+    );
+    exporter["endpoint"] = Value::from(format!("http://{sink_addr}"));
+    exporter["traces_endpoint"] = Value::from(format!("http://{sink_addr}/v1/traces"));
     let config_file = support::write_file(root.path(), "config.yaml", &serde_norway::to_string(&config).unwrap());
 
     let mut relay = support::Proc::relay("relay", &["run", "--config", config_file.to_str().unwrap()]);
@@ -967,9 +981,39 @@ fn rendered_relay_runs_and_answers_its_probes() {
             (support::get_text(health, &path).0 == 200).then_some(())
         });
     }
+    let otlp_http = relay.wait_listen("otlp-http", Duration::from_secs(1));
+    let (status, _) = support::http(
+        "POST",
+        otlp_http,
+        "/v1/traces",
+        &[("content-type", "application/x-protobuf")],
+        &one_span_request(),
+    );
+    assert_eq!(status, 200);
+    support::wait_for("the span at the sink", Duration::from_secs(20), || {
+        let (_, stats) = support::get_text(sink_addr, "/stats");
+        let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        (v["spans"].as_u64() == Some(1)).then_some(())
+    });
+    support::wait_for("sent_spans = 1", Duration::from_secs(20), || {
+        (support::metric(
+            metrics,
+            "otelcol_exporter_sent_spans_total",
+            &[("exporter", "otlphttp/mlflow-direct")],
+        ) == 1.0)
+            .then_some(())
+    });
     let (status, body) = support::get_text(metrics, "/metrics");
     assert_eq!(status, 200);
-    assert!(body.contains("otelcol_"), "collector metric names on /metrics:\n{body}");
+    // Names deploy/README.md's troubleshooting relies on (the others appear once they count).
+    for name in [
+        "otelcol_receiver_accepted_spans",
+        "otelcol_exporter_sent_spans",
+        "otelcol_exporter_queue_size",
+        "otelcol_exporter_queue_capacity",
+    ] {
+        assert!(body.contains(name), "{name} on /metrics:\n{body}");
+    }
 
     let grace = at(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
     let pre_stop = at(c, "lifecycle.preStop.sleep.seconds").as_u64().unwrap();
@@ -982,4 +1026,25 @@ fn rendered_relay_runs_and_answers_its_probes() {
         started.elapsed(),
         grace - pre_stop
     );
+}
+
+fn one_span_request() -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![7; 16],
+                    span_id: vec![9; 8],
+                    name: "deploy-check".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
 }
