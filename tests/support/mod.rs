@@ -117,6 +117,14 @@ impl Proc {
         })
     }
 
+    /// Like wait_line, for a shared reference (the process must stay alive).
+    pub fn clone_wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let lines = self.lines.clone();
+        wait_for(&format!("{}: a line containing {needle:?}", self.name), timeout, || {
+            lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
+        })
+    }
+
     /// Our components log `listening component=NAME addr=IP:PORT` once bound; this returns the address.
     pub fn wait_listen(&mut self, component: &str, timeout: Duration) -> SocketAddr {
         let line = self.wait_line(&format!("component={component} "), timeout);
