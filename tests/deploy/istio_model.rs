@@ -635,6 +635,74 @@ impl Policy {
 mod unit {
     use super::*;
 
+    /// A namespace `ns` with one workload `app` (SA `app`) behind Service `app` port 80 -> 8080,
+    /// plus the given policy documents.
+    fn mesh(waypoint: bool, policies: &str) -> Mesh {
+        let mut text = String::from(
+            "kind: Deployment\nmetadata: {name: app, namespace: ns}\nspec:\n  template:\n    metadata: {labels: {app: app}}\n    spec:\n      serviceAccountName: app\n      containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]\n---\nkind: Service\nmetadata: {name: app, namespace: ns, labels: {",
+        );
+        if waypoint {
+            text.push_str("istio.io/use-waypoint: wp");
+        }
+        text.push_str("}}\nspec: {selector: {app: app}, ports: [{port: 80, targetPort: http}]}\n---\nkind: Gateway\nmetadata: {name: wp, namespace: ns}\nspec: {gatewayClassName: istio-waypoint}\n---\n");
+        text.push_str(policies);
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect();
+        Mesh::from_docs(&docs)
+    }
+
+    fn get(path: &str) -> Request {
+        Request::from_sa("other", "client", "GET", path)
+    }
+
+    #[test]
+    fn no_policy_allows_and_an_empty_allow_policy_denies() {
+        assert!(mesh(false, "").evaluate(&get("/"), Dest::Service("app", 80)).allowed());
+        let m = mesh(
+            false,
+            "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec: {selector: {matchLabels: {app: app}}, action: ALLOW, rules: []}\n",
+        );
+        assert!(!m.evaluate(&get("/"), Dest::Service("app", 80)).allowed());
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let m = mesh(
+            false,
+            "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: ns}\nspec: {selector: {matchLabels: {app: app}}, rules: [{}]}\n---\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: ns}\nspec: {selector: {matchLabels: {app: app}}, action: DENY, rules: [{from: [{source: {namespaces: [other]}}]}]}\n",
+        );
+        assert!(!m.evaluate(&get("/"), Dest::Service("app", 80)).allowed());
+        let mine = Request::from_sa("ns", "x", "GET", "/");
+        assert!(m.evaluate(&mine, Dest::Service("app", 80)).allowed());
+    }
+
+    #[test]
+    fn ztunnel_cannot_match_l7_allow_rules_but_the_waypoint_can() {
+        let policy = |target: &str| {
+            format!(
+                "kind: AuthorizationPolicy\nmetadata: {{name: p, namespace: ns}}\nspec: {{{target}, rules: [{{to: [{{operation: {{paths: [/ok]}}}}]}}]}}\n"
+            )
+        };
+        // At ztunnel (selector policy, no waypoint) a path rule never matches.
+        let m = mesh(false, &policy("selector: {matchLabels: {app: app}}"));
+        assert!(!m.evaluate(&get("/ok"), Dest::Service("app", 80)).allowed());
+        // At the waypoint (targetRefs) it does, and ztunnel then sees the waypoint's identity.
+        let m = mesh(true, &policy("targetRefs: [{kind: Service, group: '', name: app}]"));
+        assert!(m.evaluate(&get("/ok"), Dest::Service("app", 80)).allowed());
+        assert!(!m.evaluate(&get("/nope"), Dest::Service("app", 80)).allowed());
+    }
+
+    #[test]
+    #[should_panic(expected = "does not implement")]
+    fn unknown_fields_are_refused() {
+        mesh(
+            false,
+            "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec: {selector: {matchLabels: {app: app}}, rules: [{when: [{key: k, values: [v]}]}]}\n",
+        );
+    }
+
     #[test]
     fn istio_string_matching() {
         assert!(string_match("/v1/traces", "/v1/traces"));
