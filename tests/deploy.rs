@@ -361,11 +361,24 @@ fn relay_workload_contract() {
             .and_then(Value::as_str)
             .unwrap();
         assert_eq!(
-            storage,
-            format!("file_storage/{name}"),
-            "each exporter has its own spool"
+            storage, "file_storage/spool",
+            "both exporters spool (each to its own subdirectory)"
         );
     }
+    let spool_dir = at(&config, "extensions")
+        .get("file_storage/spool")
+        .and_then(|f| f.get("directory"))
+        .and_then(Value::as_str)
+        .unwrap();
+    let mounts = at(sts, "spec.template.spec.containers.0.volumeMounts")
+        .as_sequence()
+        .unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| at(m, "name").as_str() == Some("spool") && at(m, "mountPath").as_str() == Some(spool_dir)),
+        "the spool directory is the PVC's mount"
+    );
     // Receiver mTLS: Istio must not take the TLS bytes for plain gRPC/HTTP (port name prefixes).
     for svc in docs
         .iter()

@@ -41,7 +41,8 @@ otlphttp/{{ $name }}:
     num_consumers: {{ $e.numConsumers }}
     queue_size: {{ $e.queueSize }}
     {{- if $.Values.relay.spool.enabled }}
-    storage: file_storage/{{ $name }}
+    # Each exporter spools to its own subdirectory of the one file_storage.
+    storage: file_storage/spool
     {{- end }}
   {{- if index . 3 }}
   auth:
@@ -108,12 +109,10 @@ extensions:
     {{- end }}
   {{- end }}
   {{- if $r.spool.enabled }}
-  {{- range $exporters }}
-  file_storage/{{ . }}:
-    directory: /var/lib/otlp-relay/spool/{{ . }}
+  file_storage/spool:
+    directory: /var/lib/otlp-relay/spool
     fsync: {{ $r.spool.fsync }}
     max_size_mib: {{ $r.spool.maxSizeMib }}
-  {{- end }}
   {{- end }}
 service:
   extensions:
@@ -122,9 +121,7 @@ service:
     - oauth2client/mlflow
     {{- end }}
     {{- if $r.spool.enabled }}
-    {{- range $exporters }}
-    - file_storage/{{ . }}
-    {{- end }}
+    - file_storage/spool
     {{- end }}
   pipelines:
     traces:
