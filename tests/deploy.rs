@@ -869,12 +869,10 @@ fn relay_check(config: &std::path::Path) -> (bool, Vec<String>, String) {
     (out.status.success(), problems, stderr)
 }
 
-/// Components the chart renders before the binary implements them (oauth2client: the token
-/// issue; file_storage: the durability issue). `check` must report nothing else; once they land
-/// the configs pass with no problem at all.
+/// Components the chart renders before the binary implements them (file_storage: the durability
+/// issue). `check` must report nothing else; once it lands the configs pass with no problem at all.
 fn not_built_yet(problem: &str) -> bool {
-    problem.contains("oauth2client extension is not available in this build yet")
-        || problem.contains("file_storage is not implemented yet")
+    problem.contains("file_storage is not implemented yet")
         || problem.contains("unknown extension type \"file_storage\"")
         || (problem.contains("\"file_storage/") && problem.contains("is not defined under extensions"))
 }
@@ -1060,4 +1058,81 @@ fn one_span_request() -> Vec<u8> {
         }],
     }
     .encode_to_vec()
+}
+
+/// The rendered gate Deployment's environment, resolved as the kubelet would: plain values, the
+/// chart's own Secrets decoded, external Secrets (`mlflow-oauth-secret`) with stand-in values, and
+/// the permissions ConfigMap laid out under `root` at its mount path.
+fn gate_env(root: &std::path::Path, docs: &[Value]) -> std::collections::BTreeMap<String, String> {
+    use base64::Engine;
+    let gate = one(docs, "Deployment", "gate");
+    let c = at(gate, "spec.template.spec.containers.0");
+    let mut env = std::collections::BTreeMap::new();
+    for e in at(c, "env").as_sequence().unwrap() {
+        let name = at(e, "name").as_str().unwrap().to_string();
+        let value = if let Some(v) = e.get("value") {
+            v.as_str().unwrap().to_string()
+        } else {
+            let secret = at(e, "valueFrom.secretKeyRef.name").as_str().unwrap();
+            let key = at(e, "valueFrom.secretKeyRef.key").as_str().unwrap();
+            match docs
+                .iter()
+                .find(|d| tools::kind(d) == "Secret" && tools::name(d) == secret)
+            {
+                Some(s) => {
+                    let b64 = at(s, "data")
+                        .get(key)
+                        .and_then(Value::as_str)
+                        .expect("key in the chart's Secret");
+                    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+                }
+                None => format!("stand-in-{key}"),
+            }
+        };
+        env.insert(name, value);
+    }
+    if let Some(path) = env.get_mut("GATE_PERMISSIONS_FILE") {
+        let cm = one(docs, "ConfigMap", "gate");
+        let file = std::path::Path::new(path.as_str())
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let text = at(cm, "data")
+            .get(file.as_str())
+            .and_then(Value::as_str)
+            .expect("permissions in the ConfigMap");
+        let local = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        std::fs::write(&local, text).unwrap();
+        *path = local.display().to_string();
+    }
+    env
+}
+
+/// The gate accepts the environment the chart gives it, and proxies to the MLflow Service.
+#[test]
+fn rendered_gate_env_is_a_valid_gate_config() {
+    for set in VALUE_SETS {
+        for mode in MODES {
+            let root = tempfile::tempdir().unwrap();
+            let docs = Render::new(set, mode, true).docs();
+            let env = gate_env(root.path(), &docs);
+            let cfg = otlp_relay::gate::config::from_env(|k| env.get(k).cloned()).unwrap_or_else(|p| {
+                panic!(
+                    "[{set} {mode}] the gate rejects the chart's env {:?}: {p:?}",
+                    env.keys()
+                )
+            });
+            let mlflow = one(&docs, "Service", "mlflow");
+            assert_eq!(
+                cfg.upstream.to_string().trim_end_matches('/'),
+                format!("http://{}.{NAMESPACE}.svc:5000", tools::name(mlflow))
+            );
+            assert_eq!(cfg.listen.port(), 8080);
+            assert!(cfg.secret_key.is_some(), "sessions survive restarts: SECRET_KEY is set");
+            assert_eq!(cfg.permissions.is_some(), set == "full");
+        }
+    }
 }
