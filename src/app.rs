@@ -203,7 +203,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     )
     .await?;
     let health_listener = match config.health_check() {
-        Some(h) => Some(bind("health_check", listen_addr(&h.endpoint, "0.0.0.0:13133")).await?),
+        Some(h) => Some(bind("health", listen_addr(&h.endpoint, "0.0.0.0:13133")).await?),
         None => None,
     };
 

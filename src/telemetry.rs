@@ -299,9 +299,6 @@ pub async fn serve_admin(
     handler: AdminHandler,
     cancel: CancellationToken,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(component = %component, addr = %addr, "listening");
-    }
     loop {
         let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -331,11 +328,14 @@ pub async fn serve_admin(
     }
 }
 
-/// Binds a listen address, mapping the error to one that names the component.
+/// Binds a listen address and logs `listening component=.. addr=..` (tests and operators read
+/// the bound port from it), or names the component in the error.
 pub async fn bind(component: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{component}: cannot listen on {addr}: {e}")))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{component}: cannot listen on {addr}: {e}")))?;
+    tracing::info!(component = %component, addr = %listener.local_addr()?, "listening");
+    Ok(listener)
 }
 
 #[cfg(test)]

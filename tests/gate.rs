@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -25,60 +25,8 @@ fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, HashMap<String, String>, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut hs = HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            hs.entry(k.trim().to_ascii_lowercase())
-                .and_modify(|e: &mut String| {
-                    e.push('\n');
-                    e.push_str(v.trim())
-                })
-                .or_insert_with(|| v.trim().to_string());
-        }
-    }
-    let mut body = raw[split + 4..].to_vec();
-    if hs.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-        body = dechunk(&body);
-    }
+    let (status, hs, body) = support::http_exchange(method, addr, path, headers, body);
     (status, hs, String::from_utf8_lossy(&body).to_string())
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            break;
-        }
-        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
-        data = &data[eol + 2 + size + 2..];
-    }
-    out
 }
 
 /// The binary under test. OTLP_RELAY_BIN overrides the cargo-built one (useful when several worktrees
@@ -304,6 +252,10 @@ fn gate_with_real_provider_mlflow_and_browser() {
     case("expired token", &mut expired_token);
     case("bearer and basic through to mlflow, metrics", &mut bearer_and_metrics);
     case("excluded path lets OTLP through without a token", &mut excluded_path);
+    case(
+        "relay with oauth2client through the gate into mlflow",
+        &mut relay_through_gate,
+    );
     case("client-sent identity headers never reach upstream", &mut |_| {
         identity_headers()
     });
@@ -942,4 +894,90 @@ fn key_rotation(w: &mut World) {
     });
     let (s, _, _) = request("GET", g.addr, path, &[("authorization", &bearer(&old))], b"");
     assert_eq!(s, 401, "a token of the retired key is refused");
+}
+
+/// The whole pipeline: `otlp-relay run` with a client-credentials token → gate → MLflow; the
+/// traces are found by search. Then a relay without a token: refused (401, counted failed) by
+/// a gate that protects /v1/traces, delivered through one that excludes it (mesh-secured hop).
+fn relay_through_gate(w: &mut World) {
+    use support::otlp::{Relay, loadgen};
+    let config = |gate: SocketAddr, experiment: &str, auth: bool| {
+        let (auth_line, ext, ext_list) = if auth {
+            (
+                "    auth: {authenticator: oauth2client/mlflow}\n".to_string(),
+                format!(
+                    "  oauth2client/mlflow: {{client_id: {}, client_secret: {}, token_url: \"{}\"}}\n",
+                    oidc::CLIENT_ID,
+                    oidc::CLIENT_SECRET,
+                    w.provider.token_url()
+                ),
+                ", oauth2client/mlflow",
+            )
+        } else {
+            (String::new(), String::new(), "")
+        };
+        format!(
+            "receivers: {{otlp: {{protocols: {{grpc: {{endpoint: \"127.0.0.1:0\"}}}}}}}}\n\
+             processors: {{batch: {{timeout: 100ms}}}}\n\
+             exporters:\n  otlphttp/mlflow:\n    endpoint: http://{gate}\n    headers: {{x-mlflow-experiment-id: \"{experiment}\"}}\n\
+             {auth_line}\
+             extensions:\n  health_check: {{endpoint: \"127.0.0.1:0\"}}\n{ext}\
+             service:\n  extensions: [health_check{ext_list}]\n\
+             \x20 pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/mlflow]}}}}\n\
+             \x20 telemetry: {{metrics: {{address: \"127.0.0.1:0\"}}}}\n"
+        )
+    };
+    let send = |relay: &Relay, seed: &str| {
+        let grpc = relay.grpc.unwrap().to_string();
+        let (code, r) = loadgen(&[
+            "--otlp-insecure",
+            "--otlp-endpoint",
+            &grpc,
+            "--traces",
+            "5",
+            "--child-spans",
+            "2",
+            "--genai",
+            "--seed",
+            seed,
+        ]);
+        assert_eq!(code, 0, "{r}");
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    let g = w.main_gate();
+    let with_token = w.mlflow.create_experiment("relay-via-gate-with-token");
+    let relay = Relay::start(dir.path(), &config(g.addr, &with_token, true), "otlp");
+    send(&relay, "21");
+    let traces = wait_for("5 traces via the gate", Duration::from_secs(60), || {
+        let t = w.mlflow.search_traces(&with_token);
+        (t.len() >= 5).then_some(t)
+    });
+    assert_eq!(traces.len(), 5);
+    assert!(relay.metric("otlp_relay_token_requests_total", &[("result", "success")]) >= 1.0);
+    drop(relay);
+
+    // No token, /v1/traces protected: the gate refuses and the relay counts the spans failed.
+    let refused = w.mlflow.create_experiment("relay-via-gate-refused");
+    let relay = Relay::start(dir.path(), &config(g.addr, &refused, false), "otlp");
+    send(&relay, "22");
+    let accepted = relay.metric("otelcol_receiver_accepted_spans_total", &[]);
+    assert!(accepted > 0.0);
+    wait_for("the 401 to be counted", Duration::from_secs(30), || {
+        (relay.metric("otelcol_exporter_send_failed_spans_total", &[]) == accepted).then_some(())
+    });
+    assert!(relay.proc.output_text().contains("401"), "the gate's refusal is logged");
+    assert!(w.mlflow.search_traces(&refused).is_empty());
+    drop(relay);
+
+    // No token, /v1/traces excluded (the mesh secures that hop): delivered.
+    let open = gate(&w.provider, &w.mlflow.url(), &[("OIDC_EXCLUDE_PATHS", "/v1/traces")]);
+    let excluded = w.mlflow.create_experiment("relay-via-gate-excluded");
+    let relay = Relay::start(dir.path(), &config(open.addr, &excluded, false), "otlp");
+    send(&relay, "23");
+    let traces = wait_for("5 traces via the excluded path", Duration::from_secs(60), || {
+        let t = w.mlflow.search_traces(&excluded);
+        (t.len() >= 5).then_some(t)
+    });
+    assert_eq!(traces.len(), 5);
 }
