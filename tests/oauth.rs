@@ -15,28 +15,12 @@ const T: Duration = Duration::from_secs(60);
 const EXT: &str = "oauth2client/mlflow";
 const EXPORTER: &str = "otlphttp/mlflow";
 
-/// A free port below Linux's ephemeral range (32768+) for a provider that will be restarted: while
-/// it is down, its port must not become the source port of some outgoing connection, which
-/// would make the restart fail with EADDRINUSE (seen here once with a port from bind(0)).
-fn restartable_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Distinct candidates for the tests of this process; the pid spreads concurrent processes.
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + ((std::process::id() * 97 + n * 7_919) % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// A provider with short-lived tokens on a restartable port.
 fn restartable_idp(ttl: u64, audience: Option<&str>) -> OidcProvider {
     OidcProvider::start(OidcOptions {
         token_ttl_secs: ttl,
         audience: audience.map(str::to_string),
-        port: restartable_port(),
+        port: support::restartable_port(),
         ..Default::default()
     })
 }

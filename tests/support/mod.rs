@@ -162,6 +162,22 @@ impl Drop for Proc {
     }
 }
 
+/// A free port below Linux's ephemeral range (32768+) for a provider that will be restarted: while
+/// it is down, its port must not become the source port of some outgoing connection, which
+/// would make the restart fail with EADDRINUSE (seen here once with a port from bind(0)).
+pub fn restartable_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Distinct candidates for the tests of this process; the pid spreads concurrent processes.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((std::process::id() * 97 + n * 7_919) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Writes `contents` to `dir/name` and returns the path.
 pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);

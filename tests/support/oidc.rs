@@ -37,7 +37,7 @@ pub struct OidcOptions {
     /// RSA signing key file (JWK). None: a fresh key in the provider's own temp dir, kept across
     /// `restart()`. Give two providers the same file to have two issuers sign with one key.
     pub key_file: Option<PathBuf>,
-    /// Fixed port; 0 picks a free one.
+    /// Fixed port; 0 picks a free one below the ephemeral range (safe to restart on).
     pub port: u16,
 }
 
@@ -70,8 +70,15 @@ impl OidcProvider {
             .key_file
             .clone()
             .unwrap_or_else(|| dir.path().join("signing-key.json"));
+        // Port 0 would let the kernel pick an ephemeral port, which another connection may take
+        // while the provider is down for a restart; pick one below that range instead.
+        let port = if opts.port == 0 {
+            super::restartable_port()
+        } else {
+            opts.port
+        };
         let mut p = OidcProvider {
-            port: opts.port,
+            port,
             opts,
             issuer: String::new(),
             key_file,
