@@ -64,13 +64,15 @@ pub struct LoadgenArgs {
     /// Concurrent senders, each with its own connection and one request in flight.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Spans per second in total (0: as fast as possible).
+    /// Spans per second in total over all workers (0: as fast as possible). Unlike telemetrygen's
+    /// per-worker traces/s, so a benchmark's load does not change with --workers.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Run for this long (e.g. 30s); otherwise until --traces are sent.
     #[arg(long, value_parser = pace::parse_duration)]
     pub duration: Option<Duration>,
-    /// Traces to send in total (default 1 when --duration is not given).
+    /// Traces to send in total over all workers (telemetrygen: per worker); default 1 when
+    /// --duration is not given.
     #[arg(long)]
     pub traces: Option<u64>,
     /// Child spans per trace (the root span comes on top).
