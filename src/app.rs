@@ -133,7 +133,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors> {
                     continue;
                 }
                 match OtlpHttpExporter::new(cfg, None) {
-                    Ok(x) => Exporter::OtlpHttp(x),
+                    Ok(x) => Exporter::OtlpHttp(Box::new(x)),
                     Err(err) => {
                         errors.push(ConfigError::new(format!("exporters.{id}"), err.to_string()));
                         continue;
@@ -400,7 +400,7 @@ async fn wait_for_signal() {
 
 /// accepted = sent + failed + dropped for every exporter, logged at exit.
 fn log_accounting(config: &Config, metrics: &Metrics) {
-    for (exporter, _) in &config.exporters {
+    for exporter in config.exporters.keys() {
         let receivers: Vec<&String> = config
             .service
             .pipelines

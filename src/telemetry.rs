@@ -254,11 +254,14 @@ pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> 
     }
 }
 
+/// Answers one admin request (health or metrics); cheap and synchronous.
+pub type AdminHandler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+
 /// Serves a small plain-HTTP admin endpoint (health, metrics) until `cancel` fires.
 pub async fn serve_admin(
     listener: TcpListener,
     component: &'static str,
-    handler: Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>,
+    handler: AdminHandler,
     cancel: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {

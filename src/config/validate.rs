@@ -254,7 +254,7 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                     err(format!("{path}.token_url"), "set token_url or discovery_url".into());
                 }
                 for (key, url) in [("token_url", &o.token_url), ("discovery_url", &o.discovery_url)] {
-                    if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+                    if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
                         err(
                             format!("{path}.{key}"),
                             format!("{url:?} is not an http:// or https:// URL"),

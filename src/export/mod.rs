@@ -94,7 +94,7 @@ impl ExportError {
 }
 
 pub enum Exporter {
-    OtlpHttp(otlphttp::OtlpHttpExporter),
+    OtlpHttp(Box<otlphttp::OtlpHttpExporter>),
     Debug(debug::DebugExporter),
 }
 

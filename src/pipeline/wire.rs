@@ -154,9 +154,7 @@ fn resource_span_records(body: &[u8]) -> Result<Vec<(usize, usize)>, DecodeError
             1 => pos += 8,
             2 => {
                 let len = read_varint(body, &mut pos)? as usize;
-                pos = pos
-                    .checked_add(len)
-                    .ok_or_else(|| DecodeError::Framing("length overflow"))?;
+                pos = pos.checked_add(len).ok_or(DecodeError::Framing("length overflow"))?;
                 if field == 1 && pos <= body.len() {
                     out.push((start, pos));
                 }
@@ -174,7 +172,7 @@ fn resource_span_records(body: &[u8]) -> Result<Vec<(usize, usize)>, DecodeError
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*pos).ok_or_else(|| DecodeError::Framing("truncated varint"))?;
+        let byte = *buf.get(*pos).ok_or(DecodeError::Framing("truncated varint"))?;
         *pos += 1;
         value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {

@@ -9,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod mlflow;
+pub mod npm;
+pub mod oidc;
+pub mod otlp;
 pub mod pki;
 
 /// Path of the `otlp-relay` binary built for this test run.
@@ -109,6 +113,14 @@ impl Proc {
                     lines.lock().unwrap().join("\n")
                 );
             }
+            lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
+        })
+    }
+
+    /// Like wait_line, for a shared reference (the process must stay alive).
+    pub fn clone_wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let lines = self.lines.clone();
+        wait_for(&format!("{}: a line containing {needle:?}", self.name), timeout, || {
             lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
         })
     }
@@ -218,10 +230,7 @@ pub fn http(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)]
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
         if size == 0 {
             break;
