@@ -109,6 +109,9 @@ pub struct LoadgenArgs {
     /// How long --verify-sink waits for the counts to settle.
     #[arg(long, value_parser = pace::parse_duration, default_value = "120s")]
     pub verify_timeout: Duration,
+    /// --verify-sink stops waiting once the sink's count has not moved for this long.
+    #[arg(long, value_parser = pace::parse_duration, default_value = "5s")]
+    pub verify_settle: Duration,
     /// Per-request timeout.
     #[arg(long, value_parser = pace::parse_duration, default_value = "10s")]
     pub timeout: Duration,
@@ -312,7 +315,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     if let (Some(url), Some(before)) = (&args.verify_sink, verify_before) {
         let want = before + stats.spans_accepted;
         let deadline = Instant::now() + args.verify_timeout;
-        let settle = Duration::from_secs(3);
+        let settle = args.verify_settle;
         let mut last = (u64::MAX, Instant::now());
         let after = loop {
             let now_unique = sink_unique(url, Some(tls_config.clone())).await?;
