@@ -1,4 +1,4 @@
-//! Command line: one binary, one subcommand per job (relay, config check, gate, loadgen, sink).
+//! Command line: one binary, one subcommand per job (relay, config check, gate, loadgen, sink, token).
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,6 +41,8 @@ pub enum Command {
     Loadgen(crate::loadgen::LoadgenArgs),
     /// A counting OTLP sink for tests and benchmarks.
     Sink(crate::sink::SinkArgs),
+    /// Fetch an oauth2client token as the relay would; print its header and claims, never the token.
+    Token(crate::export::oauth::inspect::TokenArgs),
 }
 
 /// Logs to stderr; OTLP_RELAY_LOG (an EnvFilter directive) overrides `level`.
@@ -76,6 +78,10 @@ pub fn main(cli: Cli) -> ExitCode {
             crate::gate::main(args, runtime())
         }
         Command::Loadgen(args) => crate::loadgen::main(args, runtime()),
+        Command::Token(args) => {
+            init_logging(LogFormat::Text, Some("warn"));
+            crate::export::oauth::inspect::main(args, runtime())
+        }
         Command::Sink(args) => {
             init_logging(LogFormat::Text, None);
             crate::sink::main(args, runtime())

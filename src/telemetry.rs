@@ -48,6 +48,17 @@ pub struct ProcessorLabels {
     pub processor: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub extension: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenResultLabels {
+    pub extension: String,
+    pub result: String,
+}
+
 type CounterFamily<L> = Family<L, Counter>;
 
 /// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
@@ -63,6 +74,9 @@ pub struct Metrics {
     pub exporter_queue_capacity: Family<ExporterLabels, Gauge>,
     pub batch_send_size: Family<ProcessorLabels, Histogram>,
     pub export_duration: Family<ExporterLabels, Histogram>,
+    pub exporter_unauthorized: CounterFamily<ExporterLabels>,
+    pub token_requests: CounterFamily<TokenResultLabels>,
+    pub token_expiry: Family<TokenLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -138,6 +152,24 @@ impl Metrics {
             "Time of one export request, from send to response",
             export_duration.clone(),
         );
+        let exporter_unauthorized = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otlp_relay_exporter_unauthorized",
+            "Export requests the destination answered 401 (the token is refreshed and the batch retried)",
+            exporter_unauthorized.clone(),
+        );
+        let token_requests = CounterFamily::<TokenResultLabels>::default();
+        registry.register(
+            "otlp_relay_token_requests",
+            "Token requests by oauth2client extension and result (success, rejected, error)",
+            token_requests.clone(),
+        );
+        let token_expiry = Family::<TokenLabels, Gauge>::default();
+        registry.register(
+            "otlp_relay_token_expiry_seconds",
+            "Unix time at which the extension's current token expires",
+            token_expiry.clone(),
+        );
         Metrics {
             registry,
             receiver_accepted_spans,
@@ -150,6 +182,9 @@ impl Metrics {
             exporter_queue_capacity,
             batch_send_size,
             export_duration,
+            exporter_unauthorized,
+            token_requests,
+            token_expiry,
         }
     }
 

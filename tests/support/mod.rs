@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod mlflow;
 pub mod npm;
 pub mod oidc;
@@ -74,7 +75,7 @@ impl Proc {
                     if std::env::var_os("TEST_ECHO").is_some() {
                         eprintln!("[{name} {tag}] {line}");
                     }
-                    lines.lock().unwrap().push(line);
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
             });
         }
@@ -93,7 +94,7 @@ impl Proc {
     }
 
     pub fn output(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn output_text(&self) -> String {
@@ -108,10 +109,8 @@ impl Proc {
         let name = self.name.clone();
         wait_for(&what, timeout, || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "{name} exited with {status} before printing {needle:?}:\n{}",
-                    lines.lock().unwrap().join("\n")
-                );
+                let text = lines.lock().unwrap().join("\n");
+                panic!("{name} exited with {status} before printing {needle:?}:\n{text}");
             }
             lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
         })

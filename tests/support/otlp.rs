@@ -62,12 +62,11 @@ pub fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
     all.extend_from_slice(args);
     let mut p = Proc::relay("loadgen", &all);
     let code = p.wait_exit(Duration::from_secs(120)).expect("exit code");
-    let out = p.output();
-    let line = out
-        .iter()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON report in:\n{}", out.join("\n")));
-    (code, serde_json::from_str(line).unwrap())
+    // The reader threads may still be catching up with the process's last lines.
+    let line = super::wait_for("loadgen's JSON report", Duration::from_secs(10), || {
+        p.output().into_iter().find(|l| l.starts_with('{'))
+    });
+    (code, serde_json::from_str(&line).unwrap())
 }
 
 /// A running relay and the addresses it bound (configs use port 0 everywhere).
