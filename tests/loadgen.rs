@@ -28,12 +28,11 @@ fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
     all.extend_from_slice(args);
     let mut p = Proc::relay("loadgen", &all);
     let code = p.wait_exit(Duration::from_secs(120)).expect("exit code");
-    let out = p.output();
-    let line = out
-        .iter()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON report in:\n{}", out.join("\n")));
-    (code, serde_json::from_str(line).unwrap())
+    // The process has exited, but its output reader thread may still be catching up.
+    let line = support::wait_for("loadgen's JSON report", Duration::from_secs(10), || {
+        p.output().into_iter().find(|l| l.starts_with('{'))
+    });
+    (code, serde_json::from_str(&line).unwrap())
 }
 
 fn stats(addr: SocketAddr) -> serde_json::Value {

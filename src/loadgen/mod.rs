@@ -64,13 +64,15 @@ pub struct LoadgenArgs {
     /// Concurrent senders, each with its own connection and one request in flight.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Spans per second in total (0: as fast as possible).
+    /// Spans per second in total over all workers (0: as fast as possible). Unlike telemetrygen's
+    /// per-worker traces/s, so a benchmark's load does not change with --workers.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Run for this long (e.g. 30s); otherwise until --traces are sent.
     #[arg(long, value_parser = pace::parse_duration)]
     pub duration: Option<Duration>,
-    /// Traces to send in total (default 1 when --duration is not given).
+    /// Traces to send in total over all workers (telemetrygen: per worker); default 1 when
+    /// --duration is not given.
     #[arg(long)]
     pub traces: Option<u64>,
     /// Child spans per trace (the root span comes on top).
@@ -107,6 +109,9 @@ pub struct LoadgenArgs {
     /// How long --verify-sink waits for the counts to settle.
     #[arg(long, value_parser = pace::parse_duration, default_value = "120s")]
     pub verify_timeout: Duration,
+    /// --verify-sink stops waiting once the sink's count has not moved for this long.
+    #[arg(long, value_parser = pace::parse_duration, default_value = "5s")]
+    pub verify_settle: Duration,
     /// Per-request timeout.
     #[arg(long, value_parser = pace::parse_duration, default_value = "10s")]
     pub timeout: Duration,
@@ -310,7 +315,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     if let (Some(url), Some(before)) = (&args.verify_sink, verify_before) {
         let want = before + stats.spans_accepted;
         let deadline = Instant::now() + args.verify_timeout;
-        let settle = Duration::from_secs(3);
+        let settle = args.verify_settle;
         let mut last = (u64::MAX, Instant::now());
         let after = loop {
             let now_unique = sink_unique(url, Some(tls_config.clone())).await?;

@@ -263,7 +263,6 @@ pub struct Template {
     patches: Vec<(usize, Slot)>,
     pub traces: usize,
     pub spans: usize,
-    trace_span_len: usize,
     /// Longest trace duration, so timestamps end at "now".
     trace_dur_ns: u64,
 }
@@ -368,9 +367,8 @@ impl Template {
             find(needle(id), n, Slot::Trace(t))?;
         }
         for t in 0..traces {
-            for (i, s) in shape.spans.iter().enumerate() {
+            for i in 0..n {
                 let children = shape.spans.iter().filter(|c| c.parent == Some(i)).count();
-                let _ = s;
                 find(needle(&span_ids[t * n + i]), 1 + children, Slot::Span(t * n + i))?;
             }
         }
@@ -396,7 +394,6 @@ impl Template {
             patches,
             traces,
             spans: traces * n,
-            trace_span_len: n,
             trace_dur_ns: shape.spans.iter().map(|s| s.start_ns + s.dur_ns).max().unwrap_or(0),
         })
     }
@@ -416,7 +413,6 @@ impl Template {
         let traces: Vec<(u64, u64)> = (0..self.traces).map(|_| (rng.nonzero(), rng.nonzero())).collect();
         let spans: Vec<u64> = (0..self.spans).map(|_| rng.nonzero()).collect();
         let base = now_ns.saturating_sub(self.trace_dur_ns);
-        let _ = self.trace_span_len;
         for &(at, slot) in &self.patches {
             match (slot, self.encoding) {
                 (Slot::Trace(t), Encoding::Proto) => {
