@@ -5,38 +5,14 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::Proc;
-
-struct Sink {
-    proc: Proc,
-    http: SocketAddr,
-    grpc: SocketAddr,
-}
+use support::otlp::{Sink, loadgen};
 
 fn sink(extra: &[&str]) -> Sink {
-    let mut args = vec!["sink", "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::relay("sink", &args);
-    let http = proc.wait_listen("sink-http", Duration::from_secs(20));
-    let grpc = proc.wait_listen("sink-grpc", Duration::from_secs(20));
-    Sink { proc, http, grpc }
-}
-
-/// Runs loadgen with `--json` and returns (exit code, report).
-fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
-    let mut all = vec!["loadgen", "--json"];
-    all.extend_from_slice(args);
-    let mut p = Proc::relay("loadgen", &all);
-    let code = p.wait_exit(Duration::from_secs(120)).expect("exit code");
-    // The process has exited, but its output reader thread may still be catching up.
-    let line = support::wait_for("loadgen's JSON report", Duration::from_secs(10), || {
-        p.output().into_iter().find(|l| l.starts_with('{'))
-    });
-    (code, serde_json::from_str(&line).unwrap())
+    Sink::start(extra)
 }
 
 fn stats(addr: SocketAddr) -> serde_json::Value {
-    serde_json::from_str(&support::get_text(addr, "/stats").1).unwrap()
+    support::otlp::stats(addr)
 }
 
 #[test]

@@ -55,6 +55,7 @@ pub struct Proc {
     pub name: String,
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -62,6 +63,7 @@ impl Proc {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         for (stream, tag) in [
@@ -70,19 +72,20 @@ impl Proc {
         ] {
             let lines = lines.clone();
             let name = name.to_string();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("TEST_ECHO").is_some() {
                         eprintln!("[{name} {tag}] {line}");
                     }
                     lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
-            });
+            }));
         }
         Proc {
             name: name.to_string(),
             child,
             lines,
+            readers,
         }
     }
 
@@ -148,6 +151,13 @@ impl Proc {
         let child = &mut self.child;
         let name = self.name.clone();
         let status = wait_for(&format!("{name} to exit"), timeout, || child.try_wait().unwrap());
+        // Its last lines may still be in the pipes: let the readers reach end of file (bounded,
+        // since a grandchild could keep a pipe open).
+        let readers = &self.readers;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         status.code()
     }
 }
