@@ -178,10 +178,30 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                     err(format!("{path}.sending_queue.queue_size"), "must be at least 1".into());
                 }
                 if let Some(storage) = &q.storage {
-                    err(
-                        format!("{path}.sending_queue.storage"),
-                        format!("{storage:?}: file_storage is not implemented yet; remove storage to queue in memory"),
-                    );
+                    match config.extensions.get(storage) {
+                        Some(Extension::FileStorage(_)) => {
+                            if !config.service.extensions.contains(storage) {
+                                err(
+                                    format!("{path}.sending_queue.storage"),
+                                    format!("{storage:?} must also be listed in service.extensions"),
+                                );
+                            }
+                            if !q.enabled {
+                                err(
+                                    format!("{path}.sending_queue.enabled"),
+                                    "a storage needs the sending queue enabled".into(),
+                                );
+                            }
+                        }
+                        Some(_) => err(
+                            format!("{path}.sending_queue.storage"),
+                            format!("{storage:?} is not a file_storage extension"),
+                        ),
+                        None => err(
+                            format!("{path}.sending_queue.storage"),
+                            format!("{storage:?} is not defined under extensions"),
+                        ),
+                    }
                 }
                 if let Some(auth) = &x.auth {
                     let a = &auth.authenticator;
@@ -226,6 +246,23 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             Extension::HealthCheck(h) => {
                 if parse_listen(&h.endpoint).is_none() {
                     err(format!("{path}.endpoint"), format!("{:?} is not HOST:PORT", h.endpoint));
+                }
+            }
+            Extension::FileStorage(f) => {
+                if f.directory.is_empty() {
+                    err(format!("{path}.directory"), "must be set".into());
+                }
+                if f.max_size_mib == 0 {
+                    err(format!("{path}.max_size_mib"), "must be at least 1".into());
+                }
+                if f.segment_size_mib == 0 {
+                    err(format!("{path}.segment_size_mib"), "must be at least 1".into());
+                }
+                if !matches!(f.on_full.as_str(), "refuse" | "drop_oldest") {
+                    err(
+                        format!("{path}.on_full"),
+                        format!("unknown on_full {:?} (refuse, drop_oldest)", f.on_full),
+                    );
                 }
             }
             Extension::OAuth2Client(o) => {
