@@ -20,9 +20,9 @@ use crate::export::otlphttp::OtlpHttpExporter;
 use crate::export::retry::RetryPolicy;
 use crate::export::{Exporter, StageControl, StageSettings, start_stage};
 use crate::pipeline::{Intake, MemoryBudget, Target};
+use crate::receiver::{Protocol, ReceiverContext};
 use crate::spool::deadletter::DeadLetter;
 use crate::spool::{Spool, SpoolError, SpoolSettings};
-use crate::receiver::{Protocol, ReceiverContext};
 use crate::telemetry::{self, ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
 use crate::tls::ServerTls;
 

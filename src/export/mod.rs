@@ -414,7 +414,13 @@ fn release(settings: &StageSettings, batch: &OutBatch) {
 }
 
 /// A batch refused for good: kept in the dead-letter directory when there is one.
-async fn dead_letter(settings: &StageSettings, batch: &OutBatch, error: &ExportError, attempts: u32, metrics: &Metrics) {
+async fn dead_letter(
+    settings: &StageSettings,
+    batch: &OutBatch,
+    error: &ExportError,
+    attempts: u32,
+    metrics: &Metrics,
+) {
     let Some(dl) = settings.dead_letter.clone() else {
         return;
     };

@@ -148,7 +148,8 @@ impl Refusal {
     pub fn retry_after(&self) -> Duration {
         match self {
             Refusal::MemoryLimit | Refusal::QueueFull => Duration::from_secs(1),
-            Refusal::ShuttingDown | Refusal::SpoolFull | Refusal::DiskFull => Duration::from_secs(5),
+            Refusal::SpoolFull => Duration::from_secs(2),
+            Refusal::ShuttingDown | Refusal::DiskFull => Duration::from_secs(5),
         }
     }
 }
@@ -297,7 +298,10 @@ mod tests {
         assert_eq!(b_rx.try_recv().unwrap()[0].item.chunk.spans, 3);
         assert!(b_rx.try_recv().is_err());
         a_rx.close();
-        assert_eq!(intake.submit(parsed(1, 10, None), None).err(), Some(Refusal::ShuttingDown));
+        assert_eq!(
+            intake.submit(parsed(1, 10, None), None).err(),
+            Some(Refusal::ShuttingDown)
+        );
     }
 
     #[test]

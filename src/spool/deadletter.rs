@@ -36,7 +36,10 @@ impl DeadLetter {
         let mut buf = Vec::new();
         frame::encode(record, &mut buf);
         let mut guard = self.file.lock().unwrap();
-        if guard.as_ref().is_some_and(|(_, _, len)| *len > 0 && *len + buf.len() as u64 > FILE_BYTES) {
+        if guard
+            .as_ref()
+            .is_some_and(|(_, _, len)| *len > 0 && *len + buf.len() as u64 > FILE_BYTES)
+        {
             *guard = None;
         }
         if guard.is_none() {
@@ -53,7 +56,10 @@ impl DeadLetter {
             *guard = Some((id, file, 0));
         }
         let (_, file, len) = guard.as_mut().expect("opened above");
-        match file.write_all_at(&buf, *len).and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) }) {
+        match file
+            .write_all_at(&buf, *len)
+            .and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) })
+        {
             Ok(()) => {
                 *len += buf.len() as u64;
                 Ok(())

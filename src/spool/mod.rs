@@ -67,7 +67,13 @@ impl SpoolSettings {
 /// A component id as a directory name (`otlphttp/mlflow` → `otlphttp_mlflow`).
 pub fn dir_name(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -168,7 +174,8 @@ impl Shared {
     /// Deletes a segment once it is sealed, read past, and nothing read from it is in flight.
     fn try_delete(&self, st: &mut State, id: u64) {
         let Some(seg) = st.segments.get(&id) else { return };
-        if !(seg.sealed && st.read_seg > id && seg.outstanding == 0) {
+        let read_past = st.read_seg > id || (st.read_seg == id && st.read_off >= seg.bytes);
+        if !(seg.sealed && read_past && seg.outstanding == 0) {
             return;
         }
         let bytes = seg.bytes;
@@ -350,7 +357,15 @@ impl Spool {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("spool-writer".into())
-                .spawn(move || Writer { shared, rx, next_id, file: None }.run())
+                .spawn(move || {
+                    Writer {
+                        shared,
+                        rx,
+                        next_id,
+                        file: None,
+                    }
+                    .run()
+                })
                 .map_err(io)?
         };
         Ok(Arc::new(Spool {
@@ -522,7 +537,12 @@ impl Writer {
             File::open(dir)?.sync_all()?;
         }
         self.next_id += 1;
-        self.shared.state.lock().unwrap().segments.insert(id, Segment::default());
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .segments
+            .insert(id, Segment::default());
         self.file = Some((id, file, 0));
         Ok(())
     }
@@ -607,7 +627,9 @@ struct Reader {
 impl Reader {
     fn run(mut self, intake: mpsc::Sender<Arc<Vec<Routed>>>) {
         loop {
-            let Some((id, off, end)) = self.next_range() else { return };
+            let Some((id, off, end)) = self.next_range() else {
+                return;
+            };
             let (routed, consumed, spans) = match self.read(id, off, end) {
                 Ok(x) => x,
                 Err(e) => {

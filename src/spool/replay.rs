@@ -125,7 +125,8 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
         if !refused.is_empty() {
             let dl = DeadLetter::new(dir.to_path_buf(), true);
             for r in &refused {
-                dl.write(r).with_context(|| format!("writing back to {}", dir.display()))?;
+                dl.write(r)
+                    .with_context(|| format!("writing back to {}", dir.display()))?;
             }
         }
         let done = path.with_extension("replayed");
