@@ -50,9 +50,12 @@ pub fn init_logging(format: LogFormat, level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let level = level.unwrap_or("info").to_ascii_lowercase();
     let filter = EnvFilter::try_from_env("OTLP_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // Plain text when stderr is not a terminal, so logs stay greppable in files and pods.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

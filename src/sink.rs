@@ -58,6 +58,10 @@ pub struct SinkArgs {
     /// Retry-After seconds on failures (gRPC: RetryInfo).
     #[arg(long)]
     pub retry_after: Option<u64>,
+    /// Extra plain-HTTP address (no TLS) serving everything, /stats included: lets tests and
+    /// loadgen --verify-sink read the counts of a TLS-only sink.
+    #[arg(long)]
+    pub stats_listen: Option<SocketAddr>,
     /// Serve TLS with this certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -830,6 +834,11 @@ pub async fn start(
     let mut tasks = vec![tokio::spawn(serve(http, state.clone(), tls.clone()))];
     if let Some(g) = grpc {
         tasks.push(tokio::spawn(serve(g, state.clone(), tls)));
+    }
+    if let Some(addr) = args.stats_listen {
+        let plain = TcpListener::bind(addr).await?;
+        tracing::info!(component = %"sink-stats", addr = %plain.local_addr()?, "listening");
+        tasks.push(tokio::spawn(serve(plain, state.clone(), None)));
     }
     let handle = tokio::spawn(async move {
         for t in tasks {

@@ -34,7 +34,12 @@ fn sink_on(port: u16) -> Sink {
     let mut proc = Proc::relay("sink", &["sink", "--listen", &listen, "--grpc-listen", "127.0.0.1:0"]);
     let http = proc.wait_listen("sink-http", T);
     let grpc = proc.wait_listen("sink-grpc", T);
-    Sink { proc, http, grpc }
+    Sink {
+        proc,
+        http,
+        grpc,
+        stats_addr: http,
+    }
 }
 
 fn config(endpoint: &str, spool_dir: &Path, storage_extra: &str) -> String {

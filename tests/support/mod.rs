@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod mlflow;
+pub mod npm;
+pub mod oidc;
 pub mod otlp;
 pub mod pki;
 
@@ -110,6 +113,14 @@ impl Proc {
                     lines.lock().unwrap().join("\n")
                 );
             }
+            lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
+        })
+    }
+
+    /// Like wait_line, for a shared reference (the process must stay alive).
+    pub fn clone_wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let lines = self.lines.clone();
+        wait_for(&format!("{}: a line containing {needle:?}", self.name), timeout, || {
             lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
         })
     }

@@ -9,6 +9,8 @@ pub struct Sink {
     pub proc: Proc,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// Where /stats is read: the plain --stats-listen port when the sink serves TLS.
+    pub stats_addr: SocketAddr,
 }
 
 impl Sink {
@@ -18,7 +20,17 @@ impl Sink {
         let mut proc = Proc::relay("sink", &args);
         let http = proc.wait_listen("sink-http", Duration::from_secs(20));
         let grpc = proc.wait_listen("sink-grpc", Duration::from_secs(20));
-        Sink { proc, http, grpc }
+        let stats_addr = if extra.contains(&"--stats-listen") {
+            proc.wait_listen("sink-stats", Duration::from_secs(20))
+        } else {
+            http
+        };
+        Sink {
+            proc,
+            http,
+            grpc,
+            stats_addr,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -26,7 +38,7 @@ impl Sink {
     }
 
     pub fn stats(&self) -> serde_json::Value {
-        stats(self.http)
+        stats(self.stats_addr)
     }
 
     /// Waits until the sink has seen `n` unique spans.

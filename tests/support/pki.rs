@@ -63,6 +63,8 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, "leaf");
         params.subject_alt_names = sans.to_vec();
         params.extended_key_usages = vec![usage];
+        // Strict verifiers (OpenSSL's X509_STRICT, used by urllib3) require an AKI.
+        params.use_authority_key_identifier_extension = true;
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);

@@ -1,0 +1,123 @@
+//! A real `mlflow server` for tests: pip-installed into a cached venv, sqlite backend in a temp dir,
+//! bound to 127.0.0.1 on a free port, polled until GET /health answers.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{Proc, http, python_venv, wait_for};
+
+/// The MLflow release the wire facts in DESIGN.md were measured against.
+pub const MLFLOW_PIN: &str = "mlflow==3.17.2";
+
+/// The cached venv with mlflow installed (its python is `venv/bin/python`).
+pub fn mlflow_venv() -> PathBuf {
+    python_venv("mlflow", &[MLFLOW_PIN])
+}
+
+pub struct Mlflow {
+    pub addr: SocketAddr,
+    pub venv: PathBuf,
+    /// How long `mlflow server` took from spawn to a healthy /health.
+    pub startup: Duration,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback port (bound then released; the small race is acceptable in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Mlflow {
+    pub fn start() -> Mlflow {
+        Self::start_with(&[])
+    }
+
+    /// Starts `mlflow server` with extra command-line arguments.
+    pub fn start_with(extra_args: &[&str]) -> Mlflow {
+        let venv = mlflow_venv();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(venv.join("bin/mlflow"));
+        cmd.arg("server")
+            .arg("--backend-store-uri")
+            .arg(format!("sqlite:///{}", dir.path().join("mlflow.db").display()))
+            .arg("--default-artifact-root")
+            .arg(dir.path().join("artifacts"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--workers", "1"])
+            // MLflow rejects unknown Host headers (DNS-rebinding guard); we reach it by IP and name.
+            .args(["--allowed-hosts", &format!("127.0.0.1:{port},localhost:{port}")])
+            .args(extra_args)
+            .env("MLFLOW_TRACKING_URI", "")
+            .env("PYTHONUNBUFFERED", "1");
+        let started = Instant::now();
+        let mut proc = Proc::spawn("mlflow", cmd);
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_for("mlflow /health", Duration::from_secs(120), || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("mlflow exited with {status}:\n{}", proc.output_text());
+            }
+            let ok = std::net::TcpStream::connect(addr).is_ok() && http("GET", addr, "/health", &[], b"").0 == 200;
+            ok.then_some(())
+        });
+        let startup = started.elapsed();
+        // Keep the Proc alive (dropping it kills the server).
+        let _ = &mut proc;
+        Mlflow {
+            addr,
+            venv,
+            startup,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn python(&self) -> PathBuf {
+        self.venv.join("bin/python")
+    }
+
+    pub fn output_text(&self) -> String {
+        self.proc.output_text()
+    }
+
+    /// POSTs JSON to the server directly and returns (status, JSON body or Null).
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, raw) = http(
+            "POST",
+            self.addr,
+            path,
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        (status, serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Creates an experiment and returns its id.
+    pub fn create_experiment(&self, name: &str) -> String {
+        let (status, body) = self.post_json("/api/2.0/mlflow/experiments/create", &serde_json::json!({"name": name}));
+        assert_eq!(status, 200, "create experiment {name}: {body}");
+        body["experiment_id"].as_str().unwrap().to_string()
+    }
+
+    /// Searches traces of one experiment (POST /api/3.0/mlflow/traces/search); returns the `traces` array.
+    pub fn search_traces(&self, experiment_id: &str) -> Vec<serde_json::Value> {
+        let (status, body) = self.post_json(
+            "/api/3.0/mlflow/traces/search",
+            &serde_json::json!({
+                "locations": [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": experiment_id}}],
+                "max_results": 500,
+            }),
+        );
+        assert_eq!(status, 200, "search traces: {body}");
+        body["traces"].as_array().cloned().unwrap_or_default()
+    }
+}
