@@ -510,3 +510,106 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     assert_eq!(again.wait_exit(T), Some(2));
     assert_eq!(good.stats()["spans"], 300);
 }
+
+/// SIGTERM with a spool: the relay exits at once (no drain wait while the destination is down),
+/// the accounting balances with the spans left on disk, and the next start delivers them.
+#[test]
+fn sigterm_with_a_spool_exits_quickly_and_resumes_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), "");
+    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
+    let (code, report) = loadgen(&[
+        "--otlp-endpoint",
+        &format!("http://{}", relay.http.unwrap()),
+        "--otlp-http",
+        "--traces",
+        "300",
+        "--batch-size",
+        "40",
+    ]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["spans_accepted"], 600);
+    let asked = std::time::Instant::now();
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    // shutdown_timeout is 10 s: a spooled exporter does not wait for it.
+    assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
+    let accounting = wait_for("the accounting line", T, || {
+        relay
+            .proc
+            .output()
+            .into_iter()
+            .find(|l| l.contains("final span accounting"))
+    });
+    assert!(accounting.contains("accepted=600"), "{accounting}");
+    assert!(accounting.contains("in_spool=600"), "{accounting}");
+    assert!(accounting.contains("balanced=true"), "{accounting}");
+    let sink = sink_on(port);
+    let _relay = Relay::start(dir.path(), &cfg, "otlp");
+    sink.wait_unique(600, T);
+}
+
+/// Unmounts the small tmpfs of the disk-full test.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full disk is never a crash: writes that fail with ENOSPC are refused with 503 +
+/// Retry-After, the relay stays up, and once deliveries free space it accepts again. Needs a
+/// small tmpfs (root with CAP_SYS_ADMIN, as here and in CI); skipped where mounting is denied.
+#[test]
+fn full_disk_refuses_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&disk)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let _mount = Mount(disk.clone());
+    let port = free_port();
+    // The budget (64 MiB) is far above the disk (1 MiB): the disk fills first.
+    let cfg = config(
+        &format!("http://127.0.0.1:{port}"),
+        &disk,
+        ", max_size_mib: 64, segment_size_mib: 1",
+    );
+    let relay = Relay::start(dir.path(), &cfg, "otlp");
+    let mut acked = 0;
+    let mut refusal = None;
+    for seq in 0..400 {
+        let (body, _) = request(7, seq, 100);
+        match post(relay.http.unwrap(), &body).unwrap() {
+            (200, _) => acked += 100,
+            (503, headers) => {
+                refusal = Some(headers);
+                break;
+            }
+            (status, headers) => panic!("{status}: {headers}"),
+        }
+    }
+    let refusal = refusal.expect("a full disk refuses");
+    assert!(refusal.contains("retry-after: 5"), "{refusal}");
+    assert!(acked > 0);
+    assert!(relay.metric("otelcol_receiver_refused_spans_total", &[("reason", "disk_full")]) > 0.0);
+    assert_eq!(get_text(relay.health.unwrap(), "/healthz").0, 200);
+    // The destination comes up: acknowledged spans arrive, segments go, and space is back.
+    let sink = sink_on(port);
+    sink.wait_unique(acked, T);
+    wait_for("a request accepted again", T, || {
+        let (body, _) = request(7, 10_000, 100);
+        (post(relay.http.unwrap(), &body).unwrap().0 == 200).then_some(())
+    });
+    sink.wait_unique(acked + 100, T);
+}

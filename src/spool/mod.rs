@@ -568,6 +568,12 @@ impl Writer {
                 }
             }
             Err(e) => {
+                // Start the next write in a fresh segment, so this one (its committed part)
+                // can be deleted once delivered: that is how a full disk gets space back.
+                if self.file.as_ref().is_some_and(|(_, _, len)| *len > 0) {
+                    self.seal();
+                }
+                let shared = &self.shared;
                 shared.used.fetch_sub(total, Ordering::AcqRel);
                 let mut until = shared.disk_full_until.lock().unwrap();
                 if until.is_none() {
@@ -700,6 +706,9 @@ impl Reader {
                     }
                 }
             }
+            // Let go of the file while idle: an open handle would keep a deleted segment's
+            // space allocated, and freeing space is how a full disk recovers.
+            self.file = None;
             st = self.shared.changed.wait(st).unwrap();
         }
     }
