@@ -506,6 +506,44 @@ service:
     }
 
     #[test]
+    fn file_storage_is_checked_and_referenced() {
+        let base = "
+receivers: {otlp: {protocols: {grpc: {}}}}
+exporters: {otlphttp/a: {endpoint: 'http://x', sending_queue: {storage: STORAGE}}}
+extensions:
+  file_storage/s: {directory: /var/lib/spool}
+  file_storage/bad: {max_size_mib: 0, on_full: block, fsync: false}
+service:
+  extensions: [EXTENSIONS]
+  pipelines: {traces: {receivers: [otlp], exporters: [otlphttp/a]}}
+";
+        let ok = base
+            .replace("STORAGE", "file_storage/s")
+            .replace("EXTENSIONS", "file_storage/s, file_storage/bad");
+        let errs = errors_of(&ok);
+        assert_eq!(
+            errs,
+            vec![
+                "extensions.file_storage/bad.directory: must be set",
+                "extensions.file_storage/bad.max_size_mib: must be at least 1",
+                "extensions.file_storage/bad.on_full: unknown on_full \"block\" (refuse, drop_oldest)",
+            ]
+        );
+        let errs = errors_of(&base.replace("STORAGE", "file_storage/s").replace("EXTENSIONS", ""));
+        assert!(
+            errs.iter().any(|e| e
+                == "exporters.otlphttp/a.sending_queue.storage: \"file_storage/s\" must also be listed in service.extensions"),
+            "{errs:#?}"
+        );
+        let errs = errors_of(&base.replace("STORAGE", "file_storage/none").replace("EXTENSIONS", ""));
+        assert!(
+            errs.iter()
+                .any(|e| e.ends_with("\"file_storage/none\" is not defined under extensions")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
     fn values_are_range_checked() {
         let errs = errors_of(
             "
