@@ -41,6 +41,16 @@ service:
     )
 }
 
+/// Receiver settings for mTLS that admit the agents namespace's SPIFFE ids only.
+fn mtls_receiver(server: &support::pki::LeafFiles, ca: &std::path::Path) -> String {
+    format!(
+        r#", tls: {{cert_file: "{}", key_file: "{}", client_ca_file: "{}", allowed_clients: ["spiffe://cluster.local/ns/agents/sa/*"]}}"#,
+        server.cert.display(),
+        server.key.display(),
+        ca.display()
+    )
+}
+
 #[test]
 fn grpc_and_http_over_mtls_reach_the_sink() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,12 +61,7 @@ fn grpc_and_http_over_mtls_reach_the_sink() {
         .client("spiffe://cluster.local/ns/agents/sa/weather")
         .write(dir.path(), "client");
     let sink = Sink::start(&[]);
-    let tls = format!(
-        r#", tls: {{cert_file: "{}", key_file: "{}", client_ca_file: "{}", allowed_clients: ["spiffe://cluster.local/ns/agents/sa/*"]}}"#,
-        server.cert.display(),
-        server.key.display(),
-        ca_path.display()
-    );
+    let tls = mtls_receiver(&server, &ca_path);
     let relay = Relay::start(dir.path(), &plain_config(&sink, "", &tls), "otlp");
     let grpc = format!("https://{}", relay.grpc.unwrap());
     let http_ep = format!("https://{}", relay.http.unwrap());
@@ -142,12 +147,7 @@ fn client_certificates_are_enforced() {
         .expired_client("spiffe://cluster.local/ns/agents/sa/a")
         .write(dir.path(), "expired");
     let sink = Sink::start(&[]);
-    let tls = format!(
-        r#", tls: {{cert_file: "{}", key_file: "{}", client_ca_file: "{}", allowed_clients: ["spiffe://cluster.local/ns/agents/sa/*"]}}"#,
-        server.cert.display(),
-        server.key.display(),
-        ca_path.display()
-    );
+    let tls = mtls_receiver(&server, &ca_path);
     let relay = Relay::start(dir.path(), &plain_config(&sink, "", &tls), "otlp");
     let grpc = format!("https://{}", relay.grpc.unwrap());
     let http_ep = format!("https://{}", relay.http.unwrap());
