@@ -258,7 +258,7 @@ fn destination_outage_loses_no_acknowledged_span() {
 fn sigkill_mid_load_keeps_every_acknowledged_span() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination, so a backlog sits only on disk when the relay dies.
-    let sink = Sink::start(&["--max-spans-per-sec", "3000"]);
+    let sink = Sink::start(&["--max-spans-per-sec", "2000"]);
     let cfg = config(&sink.url(), &dir.path().join("spool"), "");
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let clients = Clients::start(relay.http.unwrap(), 3, 50);
@@ -413,8 +413,8 @@ fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
         let mut relay = Relay::start(dir.path(), &cfg, "otlp");
         let mut statuses = std::collections::BTreeMap::new();
         let mut refusal = String::new();
-        // ~3 MiB of spans into a 1 MiB spool.
-        for seq in 0..300 {
+        // ~2.3 MiB of spans into a 1 MiB spool.
+        for seq in 0..500 {
             let (body, _) = request(5, seq, 100);
             let (status, headers) = post(relay.http.unwrap(), &body).unwrap();
             *statuses.entry(status).or_insert(0) += 1;

@@ -62,12 +62,19 @@ pub fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
     all.extend_from_slice(args);
     let mut p = Proc::relay("loadgen", &all);
     let code = p.wait_exit(Duration::from_secs(120)).expect("exit code");
-    let out = p.output();
-    let line = out
-        .iter()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON report in:\n{}", out.join("\n")));
-    (code, serde_json::from_str(line).unwrap())
+    // The exit can beat the capture of the last line: give the reader threads a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let out = p.output();
+        if let Some(line) = out.iter().find(|l| l.starts_with('{')) {
+            break line.clone();
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("no JSON report in:\n{}", out.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, serde_json::from_str(&line).unwrap())
 }
 
 /// A running relay and the addresses it bound (configs use port 0 everywhere).
