@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchSettings;
 use crate::cli::{EXIT_BAD_CONFIG, LogFormat};
-use crate::config::{self, Config, ConfigError, Exporter as ExporterConfig, Processor, Receiver};
+use crate::config::{self, Config, ConfigError, Exporter as ExporterConfig, Extension, Processor, Receiver};
+use crate::export::auth::Authenticator;
 use crate::export::debug::DebugExporter;
+use crate::export::oauth::OAuth2Client;
 use crate::export::otlphttp::OtlpHttpExporter;
 use crate::export::retry::RetryPolicy;
 use crate::export::{Exporter, StageControl, StageSettings, start_stage};
@@ -101,6 +103,7 @@ pub fn run_main(path: &Path, log_format: LogFormat, rt: tokio::runtime::Runtime)
 pub struct Prepared {
     server_tls: BTreeMap<(String, &'static str), Arc<ServerTls>>,
     exporters: BTreeMap<String, Arc<Exporter>>,
+    oauth: BTreeMap<String, Arc<OAuth2Client>>,
 }
 
 impl Prepared {
@@ -129,21 +132,33 @@ pub fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors> {
             }
         }
     }
+    // One token cache per enabled oauth2client, shared by every exporter naming it.
+    let mut oauth = BTreeMap::new();
+    for (id, ext) in &config.extensions {
+        if let Extension::OAuth2Client(o) = ext
+            && config.service.extensions.contains(id)
+        {
+            match OAuth2Client::new(id, o) {
+                Ok(c) => {
+                    oauth.insert(id.clone(), Arc::new(c));
+                }
+                Err(e) => errors.push(ConfigError::new(format!("extensions.{id}"), e.to_string())),
+            }
+        }
+    }
     let mut exporters = BTreeMap::new();
     for (id, e) in &config.exporters {
         let exporter = match e {
             ExporterConfig::OtlpHttp(cfg) => {
-                if let Some(auth) = &cfg.auth {
-                    errors.push(ConfigError::new(
-                        format!("exporters.{id}.auth.authenticator"),
-                        format!(
-                            "{}: the oauth2client extension is not available in this build yet",
-                            auth.authenticator
-                        ),
-                    ));
-                    continue;
-                }
-                match OtlpHttpExporter::new(cfg, None) {
+                let auth = match &cfg.auth {
+                    // Validation made sure it names an enabled oauth2client; a missing one failed above.
+                    Some(a) => match oauth.get(&a.authenticator) {
+                        Some(c) => Some(c.clone() as Arc<dyn Authenticator>),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                match OtlpHttpExporter::new(cfg, auth) {
                     Ok(x) => Exporter::OtlpHttp(Box::new(x)),
                     Err(err) => {
                         errors.push(ConfigError::new(format!("exporters.{id}"), err.to_string()));
@@ -159,7 +174,11 @@ pub fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors> {
         exporters.insert(id.clone(), Arc::new(exporter));
     }
     if errors.is_empty() {
-        Ok(Prepared { server_tls, exporters })
+        Ok(Prepared {
+            server_tls,
+            exporters,
+            oauth,
+        })
     } else {
         Err(config::ConfigErrors(errors))
     }
@@ -198,9 +217,14 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     )
     .await?;
     let health_listener = match config.health_check() {
-        Some(h) => Some(bind("health_check", listen_addr(&h.endpoint, "0.0.0.0:13133")).await?),
+        Some(h) => Some(bind("health", listen_addr(&h.endpoint, "0.0.0.0:13133")).await?),
         None => None,
     };
+
+    for client in prepared.oauth.values() {
+        client.attach(metrics.clone(), health.clone());
+        client.spawn_warmup();
+    }
 
     // Exporter stages, one per exporter used by a pipeline.
     let mut stage_tasks = JoinSet::new();

@@ -1,4 +1,4 @@
-//! Command line: one binary, one subcommand per job (relay, config check, gate, loadgen, sink).
+//! Command line: one binary, one subcommand per job (relay, config check, gate, loadgen, sink, token).
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -43,6 +43,8 @@ pub enum Command {
     Sink(crate::sink::SinkArgs),
     /// Send dead-lettered (or spooled) records again, through an exporter of a config.
     Replay(crate::spool::replay::ReplayArgs),
+    /// Fetch an oauth2client token as the relay would; print its header and claims, never the token.
+    Token(crate::export::oauth::inspect::TokenArgs),
 }
 
 /// Logs to stderr; OTLP_RELAY_LOG (an EnvFilter directive) overrides `level`.
@@ -78,6 +80,10 @@ pub fn main(cli: Cli) -> ExitCode {
             crate::gate::main(args, runtime())
         }
         Command::Loadgen(args) => crate::loadgen::main(args, runtime()),
+        Command::Token(args) => {
+            init_logging(LogFormat::Text, Some("warn"));
+            crate::export::oauth::inspect::main(args, runtime())
+        }
         Command::Sink(args) => {
             init_logging(LogFormat::Text, None);
             crate::sink::main(args, runtime())

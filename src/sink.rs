@@ -71,6 +71,122 @@ pub struct SinkArgs {
     /// Require client certificates signed by this CA (PEM) (mTLS).
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Require a Bearer JWT on every export, verified against this JWKS URL (signature, exp with
+    /// no leeway, aud); 401 otherwise. /stats counts the distinct tokens seen.
+    #[arg(long, requires = "audience")]
+    pub require_jwt: Option<String>,
+    /// The audience a token must carry (with --require-jwt).
+    #[arg(long, requires = "require_jwt")]
+    pub audience: Option<String>,
+}
+
+/// Bearer JWT checks for `--require-jwt`: the JWKS is fetched at start and again (at most once
+/// a second) when a token names an unknown key, as after a provider's key rotation.
+pub struct JwtCheck {
+    jwks_url: String,
+    audience: String,
+    http: crate::export::oauth::http::HttpClient,
+    keys: tokio::sync::RwLock<jsonwebtoken::jwk::JwkSet>,
+    last_fetch: Mutex<Option<Instant>>,
+    /// Hashes of the distinct valid tokens seen (not the tokens), and per key id how many.
+    tokens: Mutex<(HashSet<u64>, BTreeMap<String, u64>)>,
+    rejected: AtomicU64,
+}
+
+impl JwtCheck {
+    fn new(jwks_url: String, audience: String) -> anyhow::Result<JwtCheck> {
+        let http = crate::export::oauth::http::HttpClient::new(
+            &crate::config::ClientTlsConfig::default(),
+            Duration::from_secs(5),
+        )?;
+        Ok(JwtCheck {
+            jwks_url,
+            audience,
+            http,
+            keys: tokio::sync::RwLock::new(jsonwebtoken::jwk::JwkSet { keys: Vec::new() }),
+            last_fetch: Mutex::new(None),
+            tokens: Mutex::new((HashSet::new(), BTreeMap::new())),
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    async fn refetch(&self) -> Result<(), String> {
+        {
+            let mut last = self.last_fetch.lock().unwrap();
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err("unknown signing key (JWKS fetched less than a second ago)".into());
+            }
+            *last = Some(Instant::now());
+        }
+        let doc = self
+            .http
+            .get_json(&self.jwks_url)
+            .await
+            .map_err(|e| format!("JWKS: {e}"))?;
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(doc).map_err(|e| format!("JWKS: {e}"))?;
+        *self.keys.write().await = set;
+        Ok(())
+    }
+
+    async fn key_for(&self, kid: &str) -> Option<jsonwebtoken::DecodingKey> {
+        let find =
+            |set: &jsonwebtoken::jwk::JwkSet| set.find(kid).and_then(|k| jsonwebtoken::DecodingKey::from_jwk(k).ok());
+        if let Some(k) = find(&*self.keys.read().await) {
+            return Some(k);
+        }
+        if let Err(e) = self.refetch().await {
+            tracing::debug!(error = %e, "no key");
+        }
+        find(&*self.keys.read().await)
+    }
+
+    /// Ok when `authorization` holds a valid Bearer JWT for our audience.
+    async fn verify(&self, authorization: Option<&str>) -> Result<(), String> {
+        let result = self.verify_inner(authorization).await;
+        if result.is_err() {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn verify_inner(&self, authorization: Option<&str>) -> Result<(), String> {
+        use jsonwebtoken::{Algorithm, Validation};
+        let value = authorization.ok_or("no Authorization header")?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or("not a Bearer token")?
+            .trim();
+        let header = jsonwebtoken::decode_header(token).map_err(|e| format!("malformed token: {e}"))?;
+        if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+            return Err("symmetric algorithms are not accepted".into());
+        }
+        let kid = header.kid.clone().unwrap_or_default();
+        let key = self
+            .key_for(&kid)
+            .await
+            .ok_or_else(|| format!("unknown signing key {kid:?}"))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = 0;
+        validation.set_audience(&[&self.audience]);
+        jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| e.to_string())?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(token, &mut hasher);
+        let mut seen = self.tokens.lock().unwrap();
+        if seen.0.insert(hasher.finish()) {
+            *seen.1.entry(kid).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let seen = self.tokens.lock().unwrap();
+        serde_json::json!({
+            "distinct_tokens": seen.0.len(),
+            "tokens_by_kid": seen.1,
+            "rejected": self.rejected.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// google.rpc.Status and RetryInfo, the OTLP error payloads (not part of opentelemetry-proto).
@@ -404,6 +520,7 @@ pub struct State {
     bytes: AtomicU64,
     unique: UniqueSpans,
     meta: Mutex<Meta>,
+    jwt: Option<JwtCheck>,
 }
 
 impl State {
@@ -423,6 +540,23 @@ impl State {
             bytes: AtomicU64::new(0),
             unique: UniqueSpans::default(),
             meta: Mutex::new(Meta::default()),
+            jwt: None,
+        }
+    }
+
+    /// Answers a request whose token was refused: counted as a request failed with 401.
+    fn unauthorized(&self, wire_bytes: usize) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.failed_requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(wire_bytes as u64, Ordering::Relaxed);
+        *self.meta.lock().unwrap().failures.entry(401).or_default() += 1;
+    }
+
+    /// With --require-jwt: Err(reason) unless the request carries a valid token.
+    async fn check_jwt(&self, authorization: Option<&str>) -> Result<(), String> {
+        match &self.jwt {
+            Some(j) => j.verify(authorization).await,
+            None => Ok(()),
         }
     }
 
@@ -438,6 +572,7 @@ impl State {
             "experiments": meta.experiments,
             "failures": meta.failures.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
             "last": meta.last,
+            "jwt": self.jwt.as_ref().map(JwtCheck::stats),
         })
     }
 
@@ -554,6 +689,10 @@ async fn grpc_export(
         authorization: md.contains_key("authorization"),
         host: None,
     };
+    if let Err(reason) = state.check_jwt(header(&md, "authorization").as_deref()).await {
+        state.unauthorized(body.len());
+        return Err(tonic::Status::unauthenticated(reason));
+    }
     if let Some(status) = state.arrive(body.len(), last) {
         let code = grpc_code_for(status);
         let detail = rpc::status(code as i32, "sink: configured failure", state.retry_after());
@@ -677,6 +816,15 @@ async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<Resp
         authorization: headers.contains_key(http::header::AUTHORIZATION),
         host: header(&headers, "host"),
     };
+    if let Err(reason) = state.check_jwt(header(&headers, "authorization").as_deref()).await {
+        state.unauthorized(body.len());
+        let mut resp = error_response(401, json, &reason, None);
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+        return resp;
+    }
     if let Some(status) = state.arrive(body.len(), last) {
         return error_response(status, json, "sink: configured failure", state.retry_after());
     }
@@ -823,7 +971,16 @@ pub async fn start(
     args: &SinkArgs,
 ) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>)> {
     let tls = load_tls(args)?;
-    let state = Arc::new(State::new(args));
+    let mut state = State::new(args);
+    if let (Some(url), Some(aud)) = (&args.require_jwt, &args.audience) {
+        let check = JwtCheck::new(url.clone(), aud.clone())?;
+        if let Err(e) = check.refetch().await {
+            tracing::warn!(error = %e, "JWKS not available yet; fetched again on the first token");
+            *check.last_fetch.lock().unwrap() = None;
+        }
+        state.jwt = Some(check);
+    }
+    let state = Arc::new(state);
     let http = TcpListener::bind(args.listen).await?;
     let http_addr = http.local_addr()?;
     let grpc = match args.grpc_listen {

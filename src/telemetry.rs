@@ -48,6 +48,17 @@ pub struct ProcessorLabels {
     pub processor: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub extension: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenResultLabels {
+    pub extension: String,
+    pub result: String,
+}
+
 type CounterFamily<L> = Family<L, Counter>;
 
 /// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
@@ -67,6 +78,9 @@ pub struct Metrics {
     pub spool_records: Family<ExporterLabels, Gauge>,
     pub spool_corrupt_records: CounterFamily<ExporterLabels>,
     pub dead_letter_spans: CounterFamily<ExporterLabels>,
+    pub exporter_unauthorized: CounterFamily<ExporterLabels>,
+    pub token_requests: CounterFamily<TokenResultLabels>,
+    pub token_expiry: Family<TokenLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -166,6 +180,24 @@ impl Metrics {
             "Spans refused for good by the destination and kept in the dead-letter directory",
             dead_letter_spans.clone(),
         );
+        let exporter_unauthorized = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otlp_relay_exporter_unauthorized",
+            "Export requests the destination answered 401 (the token is refreshed and the batch retried)",
+            exporter_unauthorized.clone(),
+        );
+        let token_requests = CounterFamily::<TokenResultLabels>::default();
+        registry.register(
+            "otlp_relay_token_requests",
+            "Token requests by oauth2client extension and result (success, rejected, error)",
+            token_requests.clone(),
+        );
+        let token_expiry = Family::<TokenLabels, Gauge>::default();
+        registry.register(
+            "otlp_relay_token_expiry_seconds",
+            "Unix time at which the extension's current token expires",
+            token_expiry.clone(),
+        );
         Metrics {
             registry,
             spool_bytes,
@@ -182,6 +214,9 @@ impl Metrics {
             exporter_queue_capacity,
             batch_send_size,
             export_duration,
+            exporter_unauthorized,
+            token_requests,
+            token_expiry,
         }
     }
 
@@ -296,9 +331,6 @@ pub async fn serve_admin(
     handler: AdminHandler,
     cancel: CancellationToken,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(component = %component, addr = %addr, "listening");
-    }
     loop {
         let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -328,11 +360,14 @@ pub async fn serve_admin(
     }
 }
 
-/// Binds a listen address, mapping the error to one that names the component.
+/// Binds a listen address and logs `listening component=.. addr=..` (tests and operators read
+/// the bound port from it), or names the component in the error.
 pub async fn bind(component: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{component}: cannot listen on {addr}: {e}")))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{component}: cannot listen on {addr}: {e}")))?;
+    tracing::info!(component = %component, addr = %listener.local_addr()?, "listening");
+    Ok(listener)
 }
 
 #[cfg(test)]

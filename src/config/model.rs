@@ -260,7 +260,7 @@ impl Default for HealthCheckConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OAuth2ClientConfig {
     pub client_id: String,
@@ -277,6 +277,33 @@ pub struct OAuth2ClientConfig {
     /// basic (HTTP Basic client authentication, default) or post (credentials in the form).
     pub auth_style: String,
     pub tls: ClientTlsConfig,
+}
+
+/// Written by hand so the client secret can never reach a log through `{:?}`.
+impl std::fmt::Debug for OAuth2ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuth2ClientConfig")
+            .field("client_id", &self.client_id)
+            .field("client_id_file", &self.client_id_file)
+            .field(
+                "client_secret",
+                &if self.client_secret.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("token_url", &self.token_url)
+            .field("discovery_url", &self.discovery_url)
+            .field("scopes", &self.scopes)
+            .field("endpoint_params", &self.endpoint_params.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("expiry_buffer", &self.expiry_buffer)
+            .field("auth_style", &self.auth_style)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Default for OAuth2ClientConfig {
@@ -400,4 +427,19 @@ pub struct LogsConfig {
     pub level: Option<String>,
     /// Accepted for collector compatibility; use --log-format.
     pub encoding: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_client_secret() {
+        let c = OAuth2ClientConfig {
+            client_secret: "s3cr3t".into(),
+            ..Default::default()
+        };
+        let text = format!("{c:?}");
+        assert!(!text.contains("s3cr3t") && text.contains("<redacted>"), "{text}");
+    }
 }

@@ -3,6 +3,7 @@
 //! its own queue. Every accepted span ends as sent, failed or dropped, and is counted.
 pub mod auth;
 pub mod debug;
+pub mod oauth;
 pub mod otlphttp;
 pub mod retry;
 
@@ -362,6 +363,9 @@ async fn deliver(
             exporter: settings.name.clone(),
             reason: error.reason().to_string(),
         };
+        if matches!(error, ExportError::Unauthorized { .. }) {
+            metrics.exporter_unauthorized.get_or_create(&labels).inc();
+        }
         if !error.is_retryable() {
             metrics
                 .exporter_send_failed_spans
@@ -391,7 +395,12 @@ async fn deliver(
             release(settings, &batch);
             return;
         };
-        tracing::warn!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+        if matches!(error, ExportError::Auth(_)) {
+            // The oauth2client extension logs token failures itself, at most once a minute.
+            tracing::debug!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "no token yet; will retry");
+        } else {
+            tracing::warn!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = control.abort.cancelled() => {

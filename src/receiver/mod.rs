@@ -105,9 +105,6 @@ pub async fn serve(
     grace: Duration,
 ) {
     let component = format!("{}-{}", ctx.receiver, ctx.transport);
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(component = %component, addr = %addr, tls = tls.is_some(), "listening");
-    }
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {

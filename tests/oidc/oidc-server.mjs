@@ -95,9 +95,11 @@ function makeProvider(issuer) {
   return provider;
 }
 
-// Logout confirmation without a click, like Keycloak with an id_token_hint: submit the form at once.
+// Logout confirmation without a click, like Keycloak with an id_token_hint: submit the form at once
+// (with the logout=yes its button would add; without it the provider keeps the session).
 async function logoutPage(ctx, form) {
-  ctx.body = `<!doctype html><title>Logging out</title>${form}<script>document.forms[0].submit()</script>`;
+  const yes = form.replace('</form>', '<input type="hidden" name="logout" value="yes"/></form>');
+  ctx.body = `<!doctype html><title>Logging out</title>${yes}<script>document.forms[0].submit()</script>`;
 }
 
 const page = (uid, msg = '') => `<!doctype html><title>Sign in</title><p id="msg">${msg}</p>

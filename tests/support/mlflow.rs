@@ -1,6 +1,7 @@
 //! A real `mlflow server` for tests: pip-installed into a cached venv, sqlite backend in a temp dir,
 //! bound to 127.0.0.1 on a free port, polled until GET /health answers.
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -54,27 +55,41 @@ impl Mlflow {
             .args(["--allowed-hosts", &format!("127.0.0.1:{port},localhost:{port}")])
             .args(extra_args)
             .env("MLFLOW_TRACKING_URI", "")
-            .env("PYTHONUNBUFFERED", "1");
+            .env("PYTHONUNBUFFERED", "1")
+            // No background job runner (online scoring, archival: 8 extra processes tests do not need).
+            .env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+            // `mlflow server` forks uvicorn and a job runner with its own workers: give them one process
+            // group so Drop can end them all (killing only the parent leaves them running).
+            .process_group(0);
         let started = Instant::now();
-        let mut proc = Proc::spawn("mlflow", cmd);
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        wait_for("mlflow /health", Duration::from_secs(120), || {
+        // Built before the wait, so a failed start still kills the process group (Drop).
+        let mut m = Mlflow {
+            addr: ([127, 0, 0, 1], port).into(),
+            venv,
+            startup: Duration::ZERO,
+            proc: Proc::spawn("mlflow", cmd),
+            _dir: dir,
+        };
+        let addr = m.addr;
+        let proc = &mut m.proc;
+        // ~20 s on an idle machine; much longer when the machine is busy building.
+        wait_for("mlflow /health", Duration::from_secs(240), || {
             if let Ok(Some(status)) = proc.child.try_wait() {
                 panic!("mlflow exited with {status}:\n{}", proc.output_text());
             }
             let ok = std::net::TcpStream::connect(addr).is_ok() && http("GET", addr, "/health", &[], b"").0 == 200;
             ok.then_some(())
         });
-        let startup = started.elapsed();
-        // Keep the Proc alive (dropping it kills the server).
-        let _ = &mut proc;
-        Mlflow {
-            addr,
-            venv,
-            startup,
-            proc,
-            _dir: dir,
-        }
+        m.startup = started.elapsed();
+        m
+    }
+
+    /// Kills the server's whole process group (the server, uvicorn, the job runner and its workers).
+    pub fn kill(&self) {
+        let pgid = self.proc.child.id();
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{pgid}")])
+            .status();
     }
 
     pub fn url(&self) -> String {
@@ -119,5 +134,11 @@ impl Mlflow {
         );
         assert_eq!(status, 200, "search traces: {body}");
         body["traces"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Mlflow {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

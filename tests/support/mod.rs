@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod mlflow;
 pub mod npm;
 pub mod oidc;
@@ -74,7 +75,7 @@ impl Proc {
                     if std::env::var_os("TEST_ECHO").is_some() {
                         eprintln!("[{name} {tag}] {line}");
                     }
-                    lines.lock().unwrap().push(line);
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
             });
         }
@@ -93,7 +94,7 @@ impl Proc {
     }
 
     pub fn output(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn output_text(&self) -> String {
@@ -108,10 +109,8 @@ impl Proc {
         let name = self.name.clone();
         wait_for(&what, timeout, || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "{name} exited with {status} before printing {needle:?}:\n{}",
-                    lines.lock().unwrap().join("\n")
-                );
+                let text = lines.lock().unwrap().join("\n");
+                panic!("{name} exited with {status} before printing {needle:?}:\n{text}");
             }
             lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
         })
@@ -198,11 +197,18 @@ pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
     dir
 }
 
-/// A simple blocking HTTP/1.1 request over plain TCP (tests only). Returns (status, body).
-pub fn http(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+/// A blocking HTTP/1.1 exchange over plain TCP (tests only): status, lower-cased response
+/// headers (repeated ones joined by newlines) and the de-chunked body.
+pub fn http_exchange(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, std::collections::HashMap<String, String>, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -220,11 +226,40 @@ pub fn http(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)]
         .position(|w| w == b"\r\n\r\n")
         .expect("http response head");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut response_headers = std::collections::HashMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            response_headers
+                .entry(k.trim().to_ascii_lowercase())
+                .and_modify(|e: &mut String| {
+                    e.push('\n');
+                    e.push_str(v.trim())
+                })
+                .or_insert_with(|| v.trim().to_string());
+        }
+    }
     let mut body = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if response_headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
         body = dechunk(&body);
     }
+    (status, response_headers, body)
+}
+
+/// A blocking HTTP/1.1 request; returns (status, body).
+pub fn http(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    let (status, _, body) = http_exchange(method, addr, path, headers, body);
     (status, body)
 }
 

@@ -62,18 +62,10 @@ pub fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
     all.extend_from_slice(args);
     let mut p = Proc::relay("loadgen", &all);
     let code = p.wait_exit(Duration::from_secs(120)).expect("exit code");
-    // The exit can beat the capture of the last line: give the reader threads a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let line = loop {
-        let out = p.output();
-        if let Some(line) = out.iter().find(|l| l.starts_with('{')) {
-            break line.clone();
-        }
-        if std::time::Instant::now() > deadline {
-            panic!("no JSON report in:\n{}", out.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // The reader threads may still be catching up with the process's last lines.
+    let line = super::wait_for("loadgen's JSON report", Duration::from_secs(10), || {
+        p.output().into_iter().find(|l| l.starts_with('{'))
+    });
     (code, serde_json::from_str(&line).unwrap())
 }
 
@@ -88,21 +80,24 @@ pub struct Relay {
 
 impl Relay {
     /// Writes `config` to `dir/config.yaml` and runs the relay on it. `receiver` is the
-    /// receiver id whose listeners to wait for (e.g. `otlp`).
+    /// receiver id whose listeners to report (e.g. `otlp`).
     pub fn start(dir: &Path, config: &str, receiver: &str) -> Relay {
         let path = super::write_file(dir, "config.yaml", config);
         let mut proc = Proc::relay("relay", &["run", "--config", path.to_str().unwrap()]);
-        let metrics = proc.wait_listen("metrics", Duration::from_secs(20));
-        let health = config
-            .contains("health_check")
-            .then(|| proc.wait_listen("health", Duration::from_secs(20)));
-        let grpc = config
-            .contains("grpc:")
-            .then(|| proc.wait_listen(&format!("{receiver}-grpc"), Duration::from_secs(20)));
-        let http = config
-            .contains("http:")
-            .then(|| proc.wait_listen(&format!("{receiver}-http"), Duration::from_secs(20)));
+        // Every listener is bound and logged before this line.
         proc.wait_line("relay started", Duration::from_secs(20));
+        let bound = |component: &str| -> Option<SocketAddr> {
+            let needle = format!("component={component} ");
+            let line = proc.output().into_iter().find(|l| l.contains(&needle))?;
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))?
+                .parse()
+                .ok()
+        };
+        let grpc = bound(&format!("{receiver}-grpc"));
+        let http = bound(&format!("{receiver}-http"));
+        let health = bound("health");
+        let metrics = bound("metrics").expect("metrics listener");
         Relay {
             proc,
             grpc,

@@ -1,0 +1,142 @@
+//! A small buffered HTTP client for token endpoints, discovery documents and JWKS: hyper-util over
+//! hyper-rustls (aws-lc-rs) with the extension's TLS settings, bounded in size and time. It
+//! implements oauth2's `AsyncHttpClient`, so the `oauth2` crate runs without reqwest.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::ClientTlsConfig;
+
+/// Largest answer read from a provider (token responses, discovery and JWKS are a few KiB).
+const MAX_RESPONSE: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0}")]
+    Transport(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("response unreadable: {0}")]
+    Body(String),
+    #[error("cannot build the request: {0}")]
+    Request(String),
+}
+
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl HttpClient {
+    /// `tls` decides the trust roots (ca_file, else the system's and SSL_CERT_FILE) and an
+    /// optional client certificate; `timeout` bounds each whole exchange.
+    pub fn new(tls: &ClientTlsConfig, timeout: Duration) -> Result<HttpClient, crate::tls::TlsError> {
+        let tls = crate::tls::client_config(tls)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(HttpClient { inner, timeout })
+    }
+
+    /// One buffered request/response exchange (no redirects).
+    pub async fn exchange(&self, req: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, HttpError> {
+        let timeout = self.timeout;
+        let work = async {
+            let (parts, body) = req.into_parts();
+            let resp = self
+                .inner
+                .request(http::Request::from_parts(parts, Full::new(Bytes::from(body))))
+                .await
+                .map_err(|e| HttpError::Transport(error_chain(&e)))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| HttpError::Body(e.to_string()))?
+                .to_bytes();
+            Ok(http::Response::from_parts(parts, body.to_vec()))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| HttpError::Timeout(timeout))?
+    }
+
+    /// GET a JSON document; any status but 200 is an error.
+    pub async fn get_json(&self, url: &str) -> Result<serde_json::Value, HttpError> {
+        let req = http::Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Vec::new())
+            .map_err(|e| HttpError::Request(e.to_string()))?;
+        let resp = self.exchange(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(HttpError::Transport(format!("GET {url}: HTTP {}", resp.status())));
+        }
+        serde_json::from_slice(resp.body()).map_err(|e| HttpError::Body(format!("GET {url}: {e}")))
+    }
+}
+
+/// Lends the client to oauth2 for one token request and remembers the answer's status, which
+/// oauth2's error type does not carry: a 400/401 means "fix the credentials", a 5xx "wait".
+pub struct Recording<'a> {
+    client: &'a HttpClient,
+    status: Mutex<Option<StatusCode>>,
+}
+
+impl<'a> Recording<'a> {
+    pub fn new(client: &'a HttpClient) -> Self {
+        Recording {
+            client,
+            status: Mutex::new(None),
+        }
+    }
+
+    pub fn status(&self) -> Option<StatusCode> {
+        *self.status.lock().unwrap()
+    }
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Recording<'_> {
+    type Error = HttpError;
+    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let resp = self.client.exchange(request).await?;
+            *self.status.lock().unwrap() = Some(resp.status());
+            Ok(resp)
+        })
+    }
+}
+
+/// An error with its sources (URLs and I/O errors; never request bodies).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}

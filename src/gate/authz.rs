@@ -1,0 +1,455 @@
+//! Authorization: group membership, then READ / EDIT / MANAGE per experiment from GATE_PERMISSIONS_FILE.
+//! Pure: the request's method, path and experiments in, a decision out.
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Level {
+    Read,
+    Edit,
+    Manage,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Read => "READ",
+            Level::Edit => "EDIT",
+            Level::Manage => "MANAGE",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    Any,
+    /// An experiment id (all digits).
+    Id(String),
+    /// A glob (`*`, `?`) over the experiment name.
+    Name(String),
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Pattern {
+        if s == "*" {
+            Pattern::Any
+        } else if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            Pattern::Id(s.to_string())
+        } else {
+            Pattern::Name(s.to_string())
+        }
+    }
+
+    fn matches(&self, e: &Experiment) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Id(id) => *id == e.id,
+            Pattern::Name(g) => e.name.as_deref().is_some_and(|n| glob(g, n)),
+        }
+    }
+}
+
+/// `*` matches any run of characters, `?` one character; everything else literally.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// The parsed GATE_PERMISSIONS_FILE:
+/// ```yaml
+/// groups:
+///   mlflow-readers:
+///     "*": READ
+///   team-a:
+///     "12": MANAGE        # experiment id
+///     "team-a-*": EDIT    # experiment name glob
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Permissions {
+    pub groups: BTreeMap<String, Vec<(Pattern, Level)>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermissionsFile {
+    groups: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Permissions {
+    pub fn parse(yaml: &str) -> Result<Permissions, Vec<String>> {
+        let file: PermissionsFile = serde_norway::from_str(yaml).map_err(|e| vec![e.to_string()])?;
+        let mut problems = Vec::new();
+        let mut groups = BTreeMap::new();
+        for (group, rules) in file.groups {
+            let mut parsed = Vec::new();
+            for (pattern, level) in rules {
+                let level = match level.to_ascii_uppercase().as_str() {
+                    "READ" => Level::Read,
+                    "EDIT" => Level::Edit,
+                    "MANAGE" => Level::Manage,
+                    _ => {
+                        problems.push(format!(
+                            "groups.{group}.{pattern}: {level:?} is not READ, EDIT or MANAGE"
+                        ));
+                        continue;
+                    }
+                };
+                parsed.push((Pattern::parse(&pattern), level));
+            }
+            groups.insert(group, parsed);
+        }
+        if problems.is_empty() {
+            Ok(Permissions { groups })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Some rule matches experiments by name, so names must be looked up.
+    pub fn needs_names(&self) -> bool {
+        self.groups
+            .values()
+            .flatten()
+            .any(|(p, _)| matches!(p, Pattern::Name(_)))
+    }
+}
+
+/// An experiment a request touches; the name is known only when it was looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Experiment {
+    pub id: String,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// In neither OIDC_GROUP_NAME nor the admin group.
+    NotMember,
+    Missing {
+        need: Level,
+        experiment: Option<String>,
+    },
+}
+
+impl Decision {
+    /// The 403 body's explanation.
+    pub fn detail(&self) -> String {
+        match self {
+            Decision::Allow => String::new(),
+            Decision::NotMember => "Permission denied: not a member of an allowed group".into(),
+            Decision::Missing {
+                need,
+                experiment: Some(e),
+            } => format!("Permission denied: {need} permission on experiment {e} required"),
+            Decision::Missing { need, experiment: None } => {
+                format!("Permission denied: {need} permission required")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub member_groups: Vec<String>,
+    pub admin_group: String,
+    pub permissions: Option<Permissions>,
+}
+
+impl Policy {
+    pub fn needs_names(&self) -> bool {
+        self.permissions.as_ref().is_some_and(Permissions::needs_names)
+    }
+
+    /// Whether the request's experiments matter (only with a permissions file and for non-admins).
+    pub fn needs_experiments(&self, groups: &[String]) -> bool {
+        self.permissions.is_some() && !groups.contains(&self.admin_group)
+    }
+
+    /// Decides whether a caller in `groups` may do something needing `need` on `experiments`
+    /// (empty: the request names no experiment we could find).
+    pub fn decide(&self, groups: &[String], need: Level, experiments: &[Experiment]) -> Decision {
+        if groups.contains(&self.admin_group) {
+            return Decision::Allow;
+        }
+        if !groups.iter().any(|g| self.member_groups.contains(g)) {
+            return Decision::NotMember;
+        }
+        let Some(perms) = &self.permissions else {
+            // Without a file, members may do everything but delete.
+            return if need <= Level::Edit {
+                Decision::Allow
+            } else {
+                Decision::Missing { need, experiment: None }
+            };
+        };
+        let rules = || groups.iter().filter_map(|g| perms.groups.get(g)).flatten();
+        if experiments.is_empty() {
+            // Reads that name no experiment (search across experiments) need READ somewhere; writes need
+            // the level on every experiment ("*"), since we cannot tell which one they touch.
+            let best = if need == Level::Read {
+                rules().map(|(_, l)| *l).max()
+            } else {
+                rules().filter(|(p, _)| *p == Pattern::Any).map(|(_, l)| *l).max()
+            };
+            return if best.is_some_and(|b| b >= need) {
+                Decision::Allow
+            } else {
+                Decision::Missing { need, experiment: None }
+            };
+        }
+        for e in experiments {
+            let best = rules().filter(|(p, _)| p.matches(e)).map(|(_, l)| *l).max();
+            if best.is_none_or(|b| b < need) {
+                return Decision::Missing {
+                    need,
+                    experiment: Some(e.id.clone()),
+                };
+            }
+        }
+        Decision::Allow
+    }
+}
+
+/// The permission a request needs: reads (GET, HEAD, MLflow's search POSTs, GraphQL queries) READ;
+/// deletes (DELETE, POST .../delete*) MANAGE; every other write (POST /v1/traces included) EDIT.
+pub fn required_level(method: &http::Method, path: &str) -> Level {
+    use http::Method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Level::Read;
+    }
+    if *method == Method::DELETE {
+        return Level::Manage;
+    }
+    let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+    let api = path.starts_with("/api/") || path.starts_with("/ajax-api/");
+    if *method == Method::POST
+        && (path == "/graphql" || path.ends_with("/graphql") || (api && last.starts_with("search")))
+    {
+        return Level::Read;
+    }
+    if api && last.starts_with("delete") {
+        return Level::Manage;
+    }
+    Level::Edit
+}
+
+/// Experiment ids named in a query string (`experiment_id=`, `experiment_ids=`).
+pub fn experiments_in_query(query: &str) -> Vec<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "experiment_id" || k == "experiment_ids")
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+/// Experiment ids named in an MLflow JSON request body: `experiment_id`, `experiment_ids`, and the
+/// v3 trace APIs' `locations[].mlflow_experiment.experiment_id`.
+pub fn experiments_in_json(v: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut push = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Number(n) => out.push(n.to_string()),
+        _ => {}
+    };
+    if let Some(x) = v.get("experiment_id") {
+        push(x);
+    }
+    if let Some(serde_json::Value::Array(xs)) = v.get("experiment_ids") {
+        xs.iter().for_each(&mut push);
+    }
+    if let Some(serde_json::Value::Array(locs)) = v.get("locations") {
+        for l in locs {
+            if let Some(x) = l.pointer("/mlflow_experiment/experiment_id") {
+                push(x);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    fn exp(id: &str, name: &str) -> Experiment {
+        Experiment {
+            id: id.into(),
+            name: Some(name.into()),
+        }
+    }
+    fn g(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn policy(file: Option<&str>) -> Policy {
+        Policy {
+            member_groups: g(&["mlflow", "readers", "team-a"]),
+            admin_group: "mlflow-admin".into(),
+            permissions: file.map(|f| Permissions::parse(f).unwrap()),
+        }
+    }
+
+    const FILE: &str = "groups:\n  readers:\n    \"*\": READ\n  team-a:\n    \"7\": MANAGE\n    \"team-a-*\": EDIT\n";
+
+    #[test]
+    fn levels_by_request() {
+        assert_eq!(
+            required_level(&Method::GET, "/api/2.0/mlflow/experiments/get"),
+            Level::Read
+        );
+        assert_eq!(
+            required_level(&Method::POST, "/api/2.0/mlflow/runs/search"),
+            Level::Read
+        );
+        assert_eq!(
+            required_level(&Method::POST, "/ajax-api/2.0/mlflow/experiments/search"),
+            Level::Read
+        );
+        assert_eq!(
+            required_level(&Method::POST, "/api/3.0/mlflow/traces/search"),
+            Level::Read
+        );
+        assert_eq!(required_level(&Method::POST, "/graphql"), Level::Read);
+        assert_eq!(required_level(&Method::POST, "/v1/traces"), Level::Edit);
+        assert_eq!(
+            required_level(&Method::POST, "/api/2.0/mlflow/runs/create"),
+            Level::Edit
+        );
+        assert_eq!(
+            required_level(&Method::POST, "/api/2.0/mlflow/experiments/delete"),
+            Level::Manage
+        );
+        assert_eq!(
+            required_level(&Method::POST, "/api/2.0/mlflow/runs/delete-tag"),
+            Level::Manage
+        );
+        assert_eq!(required_level(&Method::DELETE, "/api/3.0/mlflow/traces"), Level::Manage);
+        assert_eq!(
+            required_level(&Method::POST, "/v1/search"),
+            Level::Edit,
+            "only MLflow's APIs search"
+        );
+    }
+
+    #[test]
+    fn membership_and_admin() {
+        let p = policy(Some(FILE));
+        assert_eq!(p.decide(&g(&["other"]), Level::Read, &[]), Decision::NotMember);
+        assert_eq!(p.decide(&[], Level::Read, &[]), Decision::NotMember);
+        assert_eq!(
+            p.decide(&g(&["mlflow-admin"]), Level::Manage, &[exp("1", "x")]),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn without_a_file_members_edit_everywhere() {
+        let p = policy(None);
+        assert_eq!(
+            p.decide(&g(&["mlflow"]), Level::Edit, &[exp("1", "x")]),
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.decide(&g(&["mlflow"]), Level::Manage, &[]),
+            Decision::Missing {
+                need: Level::Manage,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn file_rules_by_id_and_name_glob() {
+        let p = policy(Some(FILE));
+        let readers = g(&["readers"]);
+        assert_eq!(p.decide(&readers, Level::Read, &[exp("3", "any")]), Decision::Allow);
+        assert_eq!(p.decide(&readers, Level::Read, &[]), Decision::Allow);
+        let d = p.decide(&readers, Level::Edit, &[exp("3", "any")]);
+        assert_eq!(
+            d.detail(),
+            "Permission denied: EDIT permission on experiment 3 required"
+        );
+        let a = g(&["team-a"]);
+        assert_eq!(p.decide(&a, Level::Manage, &[exp("7", "whatever")]), Decision::Allow);
+        assert_eq!(p.decide(&a, Level::Edit, &[exp("9", "team-a-prod")]), Decision::Allow);
+        assert!(matches!(
+            p.decide(&a, Level::Manage, &[exp("9", "team-a-prod")]),
+            Decision::Missing { .. }
+        ));
+        assert!(matches!(
+            p.decide(&a, Level::Read, &[exp("9", "team-b")]),
+            Decision::Missing { .. }
+        ));
+        // Name unknown: a name glob cannot match.
+        let unnamed = Experiment {
+            id: "9".into(),
+            name: None,
+        };
+        assert!(matches!(
+            p.decide(&a, Level::Read, &[unnamed]),
+            Decision::Missing { .. }
+        ));
+        // Writes naming no experiment need a "*" rule.
+        assert!(matches!(
+            p.decide(&a, Level::Edit, &[]),
+            Decision::Missing { experiment: None, .. }
+        ));
+        // Every experiment of a request must pass.
+        assert!(matches!(
+            p.decide(&a, Level::Read, &[exp("7", "x"), exp("8", "y")]),
+            Decision::Missing { experiment: Some(e), .. } if e == "8"
+        ));
+        // Groups add up: the best rule wins.
+        assert_eq!(
+            p.decide(&g(&["readers", "team-a"]), Level::Read, &[exp("8", "y")]),
+            Decision::Allow
+        );
+        assert!(p.needs_names());
+    }
+
+    #[test]
+    fn file_errors() {
+        let e = Permissions::parse("groups:\n  a:\n    \"*\": WRITE\n").unwrap_err();
+        assert!(e[0].contains("groups.a.*"), "{e:?}");
+        assert!(Permissions::parse("group: {}\n").is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("team-*", "team-a"));
+        assert!(glob("*", ""));
+        assert!(glob("a?c", "abc"));
+        assert!(glob("*-prod-*", "x-prod-y"));
+        assert!(!glob("team-*", "xteam-a"));
+        assert!(!glob("a?c", "ac"));
+    }
+
+    #[test]
+    fn experiments_from_requests() {
+        assert_eq!(experiments_in_query("experiment_id=4&x=1&experiment_ids=5"), ["4", "5"]);
+        let v = serde_json::json!({"experiment_ids": ["1", 2], "locations": [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": "3"}}]});
+        assert_eq!(experiments_in_json(&v), ["1", "2", "3"]);
+        assert_eq!(experiments_in_json(&serde_json::json!({"experiment_id": "0"})), ["0"]);
+    }
+}

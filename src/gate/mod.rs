@@ -1,0 +1,675 @@
+//! The auth front end (`otlp-relay gate`): an OIDC reverse proxy in front of a stock mlflow server.
+//! Browsers log in with the authorization-code flow and carry a sealed session cookie; programs send a
+//! Bearer JWT (checked locally against the provider's keys) or Basic client credentials (exchanged for
+//! a client-credentials token). Members of the configured groups reach MLflow, with READ / EDIT / MANAGE
+//! per experiment from an optional permissions file; OIDC_EXCLUDE_PATHS pass without authentication.
+pub mod authz;
+pub mod config;
+pub mod http_client;
+pub mod jwt;
+pub mod metrics;
+pub mod oidc;
+pub mod proxy;
+pub mod session;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use authz::{Decision, Experiment, Policy};
+use config::GateConfig;
+use http_client::{Body, BoxError, HttpClient, error_chain, full};
+use metrics::{GateMetrics, StatusLabel};
+use oidc::Oidc;
+use session::{Identity, LOGIN_COOKIE, LoginState, SESSION_COOKIE, Sealer, Session};
+
+/// Largest JSON request body read to find the experiments it touches (MLflow API calls are small).
+const MAX_INSPECTED_BODY: usize = 1 << 20;
+const LOGIN_TTL_SECS: u64 = 600;
+const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, clap::Args)]
+pub struct GateArgs {}
+
+pub fn main(_args: GateArgs, rt: tokio::runtime::Runtime) -> ExitCode {
+    let cfg = match config::from_env(|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("otlp-relay gate: invalid configuration:");
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = rt.block_on(async {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            c.cancel();
+        });
+        run(cfg, cancel).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "gate failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Binds, logs `listening component=gate addr=...`, and serves until `cancel`.
+pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let gate = Arc::new(Gate::new(cfg));
+    tracing::info!(component = %"gate", addr = %addr, upstream = %gate.cfg.upstream, "listening");
+    if gate.cfg.secret_key.is_none() {
+        tracing::warn!("SECRET_KEY is not set: sessions use a random key and end when the gate restarts");
+    }
+
+    // The provider may come up after us: keep trying discovery in the background.
+    let g = gate.clone();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match g.oidc.discover().await {
+                Ok(()) => {
+                    tracing::info!(issuer = %g.cfg.issuer, "identity provider discovered");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "identity provider discovery failed"),
+            }
+            tokio::select! {
+                _ = c.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(10));
+        }
+    });
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let g = gate.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let g = g.clone();
+            async move { Ok::<_, Infallible>(g.handle(req, peer).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing them");
+    }
+    Ok(())
+}
+
+enum Auth {
+    Ok(Identity),
+    Missing,
+    Invalid { reason: &'static str, detail: &'static str },
+    Unavailable(String),
+}
+
+pub struct Gate {
+    cfg: Arc<GateConfig>,
+    policy: Policy,
+    sealer: Sealer,
+    oidc: Oidc,
+    http: HttpClient,
+    metrics: GateMetrics,
+    names: Mutex<HashMap<String, (String, Instant)>>,
+    upstream_scheme: String,
+    upstream_authority: String,
+}
+
+/// Reads a whole body of at most `limit` bytes (None: larger, or the client broke off).
+async fn read_limited(mut body: Body, limit: usize) -> Option<Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > limit {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(buf.freeze())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(v.to_string()))
+        .expect("static response parts")
+}
+
+fn detail(status: StatusCode, text: &str) -> Response<Body> {
+    json(status, serde_json::json!({ "detail": text }))
+}
+
+fn redirect(location: &str, cookies: &[String]) -> Response<Body> {
+    let mut b = Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::CACHE_CONTROL, "no-store");
+    if let Ok(v) = HeaderValue::from_str(location) {
+        b = b.header(header::LOCATION, v);
+    }
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            b = b.header(header::SET_COOKIE, v);
+        }
+    }
+    b.body(full(Bytes::new())).expect("static response parts")
+}
+
+fn header_str(req: &Request<Body>, name: impl http::header::AsHeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A page navigation (gets a login redirect) rather than an API call (gets 401 JSON).
+fn is_browser_navigation(req: &Request<Body>) -> bool {
+    let path = req.uri().path();
+    let api = ["/api/", "/ajax-api/", "/v1/", "/graphql"]
+        .iter()
+        .any(|p| path.starts_with(p));
+    let html = header_str(req, header::ACCEPT).is_some_and(|a| a.contains("text/html"));
+    matches!(*req.method(), Method::GET | Method::HEAD) && html && !api
+}
+
+impl Gate {
+    pub fn new(cfg: GateConfig) -> Gate {
+        let cfg = Arc::new(cfg);
+        let http = HttpClient::new();
+        let sealer = match &cfg.secret_key {
+            Some(k) => Sealer::new(k.0.as_bytes()),
+            None => Sealer::random(),
+        };
+        let upstream_scheme = cfg.upstream.scheme_str().unwrap_or("http").to_string();
+        let upstream_authority = cfg.upstream.authority().map(|a| a.to_string()).unwrap_or_default();
+        Gate {
+            policy: cfg.policy(),
+            oidc: Oidc::new(cfg.clone(), http.clone()),
+            sealer,
+            http,
+            metrics: GateMetrics::new(),
+            names: Mutex::new(HashMap::new()),
+            upstream_scheme,
+            upstream_authority,
+            cfg,
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+        let route: std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send + '_>> =
+            Box::pin(self.route(req, peer));
+        let resp = route.await;
+        self.metrics
+            .requests
+            .get_or_create(&StatusLabel {
+                status: resp.status().as_u16(),
+            })
+            .inc();
+        resp
+    }
+
+    async fn route(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if path == "/gate/healthz" {
+            let ready = self.oidc.is_ready().await;
+            return json(StatusCode::OK, serde_json::json!({"status": "ok", "oidc_ready": ready}));
+        }
+        if path == "/gate/readyz" {
+            // Ready once the provider is discovered: before that no login or token check can succeed.
+            return if self.oidc.is_ready().await {
+                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+            } else {
+                detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider not discovered yet")
+            };
+        }
+        if path == "/gate/metrics" {
+            return Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(full(self.metrics.encode()))
+                .expect("static response parts");
+        }
+        if path == self.cfg.callback_path {
+            return self.callback(&req).await;
+        }
+        if path == "/logout" {
+            return self.logout(&req).await;
+        }
+        if self.cfg.is_excluded(&path) {
+            return self.forward(req, None, peer).await;
+        }
+        let identity = match self.authenticate(&req).await {
+            Auth::Ok(id) => id,
+            Auth::Missing if is_browser_navigation(&req) => return self.start_login(&req).await,
+            Auth::Missing => {
+                self.metrics.auth_failure("missing");
+                let mut r = detail(StatusCode::UNAUTHORIZED, "Authentication required");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer, Basic realm=\"mlflow\""),
+                );
+                return r;
+            }
+            Auth::Invalid { reason, detail: d } => {
+                self.metrics.auth_failure(reason);
+                let mut r = detail(StatusCode::UNAUTHORIZED, d);
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                return r;
+            }
+            Auth::Unavailable(e) => {
+                self.metrics.auth_failure("provider_unavailable");
+                tracing::warn!(error = %e, "cannot authenticate: identity provider unavailable");
+                return detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider unavailable");
+            }
+        };
+
+        let need = authz::required_level(req.method(), &path);
+        let (req, experiments) = if self.policy.needs_experiments(&identity.groups) {
+            match self.experiments_of(req).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
+            }
+        } else {
+            (req, Vec::new())
+        };
+        let decision = self.policy.decide(&identity.groups, need, &experiments);
+        if decision != Decision::Allow {
+            self.metrics.auth_failure(match decision {
+                Decision::NotMember => "not_member",
+                _ => "permission",
+            });
+            tracing::info!(user = %identity.user, method = %req.method(), path = %path, "forbidden: {}", decision.detail());
+            return detail(StatusCode::FORBIDDEN, &decision.detail());
+        }
+        self.forward(req, Some(&identity), peer).await
+    }
+
+    async fn authenticate(&self, req: &Request<Body>) -> Auth {
+        if let Some(value) = header_str(req, header::AUTHORIZATION) {
+            let (scheme, cred) = value.split_once(' ').unwrap_or((value, ""));
+            let cred = cred.trim();
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return match self.oidc.validate_bearer(cred).await {
+                    Ok(id) => Auth::Ok(id),
+                    Err(e) => {
+                        tracing::debug!(reason = e.reason(), "bearer token refused");
+                        Auth::Invalid {
+                            reason: e.reason(),
+                            detail: "Invalid token",
+                        }
+                    }
+                };
+            }
+            if scheme.eq_ignore_ascii_case("basic") {
+                return self.authenticate_basic(cred).await;
+            }
+            return Auth::Invalid {
+                reason: "scheme",
+                detail: "Unsupported authorization scheme",
+            };
+        }
+        let cookie = header_str(req, header::COOKIE).and_then(|c| session::cookie(c, SESSION_COOKIE));
+        if let Some(s) = cookie.and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
+            && s.exp > now_secs()
+        {
+            return Auth::Ok(s.identity);
+        }
+        Auth::Missing
+    }
+
+    /// Basic with the gate's client id and secret (what MLFLOW_TRACKING_USERNAME/PASSWORD carry) is
+    /// exchanged for the client's own client-credentials token, then treated like that Bearer token.
+    async fn authenticate_basic(&self, cred: &str) -> Auth {
+        use base64::Engine;
+        let invalid = Auth::Invalid {
+            reason: "basic_credentials",
+            detail: "Invalid credentials",
+        };
+        let Some(decoded) = base64::engine::general_purpose::STANDARD
+            .decode(cred)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+        else {
+            return invalid;
+        };
+        let Some((user, password)) = decoded.split_once(':') else {
+            return invalid;
+        };
+        let user_ok = user == self.cfg.client_id;
+        let pass_ok =
+            aws_lc_rs::constant_time::verify_slices_are_equal(password.as_bytes(), self.cfg.client_secret.0.as_bytes())
+                .is_ok();
+        if !(user_ok && pass_ok) {
+            tracing::debug!(user_ok, "basic credentials refused");
+            return invalid;
+        }
+        let token = match self.oidc.client_credentials_token().await {
+            Ok(t) => t,
+            Err(e) => return Auth::Unavailable(e.to_string()),
+        };
+        match self.oidc.validate_bearer(&token).await {
+            Ok(id) => Auth::Ok(id),
+            Err(e) => {
+                self.oidc.drop_client_credentials_token().await;
+                tracing::warn!(reason = e.reason(), "the client-credentials token was refused");
+                Auth::Invalid {
+                    reason: e.reason(),
+                    detail: "Invalid token",
+                }
+            }
+        }
+    }
+
+    /// `<proto>://<host>` the browser used (X-Forwarded-* from a front proxy, else Host).
+    fn public_origin(&self, req: &Request<Body>) -> Option<String> {
+        let proto = proxy::client_proto(req.headers());
+        let host = header_str(req, "x-forwarded-host")
+            .and_then(|h| h.split(',').next())
+            .map(str::trim)
+            .or_else(|| header_str(req, header::HOST))?;
+        // A Host is an authority, nothing more: refuse anything that could change the URL's meaning.
+        let ok = !host.is_empty() && host.parse::<http::uri::Authority>().is_ok() && !host.contains('@');
+        ok.then(|| format!("{proto}://{host}"))
+    }
+
+    fn redirect_uri(&self, req: &Request<Body>) -> Option<String> {
+        match &self.cfg.redirect_uri {
+            Some(r) => Some(r.clone()),
+            None => self
+                .public_origin(req)
+                .map(|o| format!("{o}{}", self.cfg.callback_path)),
+        }
+    }
+
+    fn secure_cookies(&self, req: &Request<Body>) -> bool {
+        proxy::client_proto(req.headers()) == "https"
+            || self
+                .cfg
+                .redirect_uri
+                .as_deref()
+                .is_some_and(|r| r.starts_with("https:"))
+    }
+
+    async fn start_login(&self, req: &Request<Body>) -> Response<Body> {
+        let Some(redirect_uri) = self.redirect_uri(req) else {
+            return detail(StatusCode::BAD_REQUEST, "Missing or invalid Host header");
+        };
+        let return_to = session::safe_return_path(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+        match self
+            .oidc
+            .login_url(&redirect_uri, return_to, now_secs() + LOGIN_TTL_SECS)
+            .await
+        {
+            Ok((url, state)) => {
+                let sealed = self.sealer.seal(LOGIN_COOKIE, &state);
+                redirect(
+                    &url,
+                    &[session::set_cookie(LOGIN_COOKIE, &sealed, self.secure_cookies(req))],
+                )
+            }
+            Err(e) => {
+                self.metrics.auth_failure("provider_unavailable");
+                tracing::warn!(error = %e, "cannot start a login");
+                detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider unavailable")
+            }
+        }
+    }
+
+    async fn callback(&self, req: &Request<Body>) -> Response<Body> {
+        let params: HashMap<String, String> = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+        if let Some(err) = params.get("error") {
+            self.metrics.auth_failure("login_error");
+            let text = format!(
+                "Login failed at the identity provider: {}",
+                err.chars().take(100).collect::<String>()
+            );
+            return detail(StatusCode::UNAUTHORIZED, &text);
+        }
+        let login = header_str(req, header::COOKIE)
+            .and_then(|c| session::cookie(c, LOGIN_COOKIE))
+            .and_then(|c| self.sealer.open::<LoginState>(LOGIN_COOKIE, c))
+            .filter(|l| l.exp > now_secs());
+        let (Some(login), Some(code), Some(state)) = (login, params.get("code"), params.get("state")) else {
+            self.metrics.auth_failure("login_state");
+            return detail(
+                StatusCode::BAD_REQUEST,
+                "Login expired or not started here; open the page again",
+            );
+        };
+        if aws_lc_rs::constant_time::verify_slices_are_equal(state.as_bytes(), login.state.as_bytes()).is_err() {
+            self.metrics.auth_failure("login_state");
+            return detail(StatusCode::BAD_REQUEST, "Login state mismatch; open the page again");
+        }
+        match self.oidc.complete_login(code, &login).await {
+            Ok((identity, id_token)) => {
+                tracing::info!(user = %identity.user, "browser login");
+                let s = Session {
+                    identity,
+                    exp: now_secs() + self.cfg.session_ttl_secs,
+                    id_token: Some(id_token),
+                };
+                let secure = self.secure_cookies(req);
+                let sealed = self.sealer.seal(SESSION_COOKIE, &s);
+                redirect(
+                    &session::safe_return_path(&login.return_to),
+                    &[
+                        session::set_cookie(SESSION_COOKIE, &sealed, secure),
+                        session::clear_cookie(LOGIN_COOKIE, secure),
+                    ],
+                )
+            }
+            Err(e) => {
+                self.metrics.auth_failure("login");
+                tracing::warn!(error = %e, "login failed");
+                detail(StatusCode::UNAUTHORIZED, "Login failed")
+            }
+        }
+    }
+
+    async fn logout(&self, req: &Request<Body>) -> Response<Body> {
+        let secure = self.secure_cookies(req);
+        let id_token = header_str(req, header::COOKIE)
+            .and_then(|c| session::cookie(c, SESSION_COOKIE))
+            .and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
+            .and_then(|s| s.id_token);
+        let after = self
+            .public_origin(req)
+            .map(|o| format!("{o}/"))
+            .unwrap_or_else(|| "/".into());
+        let target = self
+            .oidc
+            .logout_url(id_token.as_deref(), &after)
+            .await
+            .unwrap_or_else(|| "/".into());
+        redirect(&target, &[session::clear_cookie(SESSION_COOKIE, secure)])
+    }
+
+    /// The experiments a request touches: x-mlflow-experiment-id, experiment_id(s) in the query, and in
+    /// a small JSON body (read here, then passed on unchanged). Names are looked up when rules need them.
+    async fn experiments_of(&self, req: Request<Body>) -> Result<(Request<Body>, Vec<Experiment>), Response<Body>> {
+        let mut ids: Vec<String> = Vec::new();
+        if let Some(h) = header_str(&req, "x-mlflow-experiment-id") {
+            ids.push(h.trim().to_string());
+        }
+        ids.extend(authz::experiments_in_query(req.uri().query().unwrap_or("")));
+        let is_json = header_str(&req, header::CONTENT_TYPE).is_some_and(|c| c.starts_with("application/json"));
+        let path = req.uri().path();
+        let api = path.starts_with("/api/") || path.starts_with("/ajax-api/");
+        let req = if is_json && api && req.method() != Method::GET {
+            let (parts, body) = req.into_parts();
+            let Some(bytes) = read_limited(body, MAX_INSPECTED_BODY).await else {
+                return Err(detail(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large for an MLflow API call",
+                ));
+            };
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                ids.extend(authz::experiments_in_json(&v));
+            }
+            Request::from_parts(parts, full(bytes))
+        } else {
+            req
+        };
+        ids.sort();
+        ids.dedup();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let name = if self.policy.needs_names() {
+                self.experiment_name(&id).await
+            } else {
+                None
+            };
+            out.push(Experiment { id, name });
+        }
+        Ok((req, out))
+    }
+
+    async fn experiment_name(&self, id: &str) -> Option<String> {
+        if let Some((n, at)) = self.names.lock().await.get(id)
+            && at.elapsed() < NAME_CACHE_TTL
+        {
+            return Some(n.clone());
+        }
+        let id_q: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
+        let uri = format!(
+            "{}://{}/api/2.0/mlflow/experiments/get?experiment_id={id_q}",
+            self.upstream_scheme, self.upstream_authority
+        );
+        let req = http::Request::get(uri)
+            .header(header::HOST, &self.upstream_authority)
+            .body(Vec::new())
+            .ok()?;
+        let resp = self.http.exchange(req).await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(resp.body()).ok()?;
+        let name = v.pointer("/experiment/name")?.as_str()?.to_string();
+        let mut names = self.names.lock().await;
+        if names.len() > 10_000 {
+            names.clear();
+        }
+        names.insert(id.to_string(), (name.clone(), Instant::now()));
+        Some(name)
+    }
+
+    async fn forward(&self, req: Request<Body>, identity: Option<&Identity>, peer: SocketAddr) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri = format!("{}://{}{}", self.upstream_scheme, self.upstream_authority, pq);
+        parts.uri = match uri.parse() {
+            Ok(u) => u,
+            Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
+        };
+        parts.version = http::Version::HTTP_11;
+        let proto = proxy::client_proto(&parts.headers);
+        proxy::upstream_request_headers(&mut parts.headers, identity, peer, &self.upstream_authority, &proto);
+        let started = Instant::now();
+        match self.http.inner.request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                self.metrics.upstream_seconds.observe(started.elapsed().as_secs_f64());
+                let (mut parts, body) = resp.into_parts();
+                proxy::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                tracing::warn!(error = %why, upstream = %self.upstream_authority, "MLflow upstream unavailable");
+                detail(StatusCode::BAD_GATEWAY, &format!("MLflow upstream unavailable: {why}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, path: &str, accept: Option<&str>) -> Request<Body> {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(a) = accept {
+            b = b.header(header::ACCEPT, a);
+        }
+        b.body(full(Bytes::new())).unwrap()
+    }
+
+    #[test]
+    fn navigations_get_a_login_redirect_api_calls_a_401() {
+        let html = Some("text/html,application/xhtml+xml,*/*;q=0.8");
+        assert!(is_browser_navigation(&req(Method::GET, "/", html)));
+        assert!(is_browser_navigation(&req(Method::GET, "/#/experiments/1", html)));
+        assert!(!is_browser_navigation(&req(Method::GET, "/", Some("application/json"))));
+        assert!(!is_browser_navigation(&req(Method::GET, "/", None)));
+        assert!(!is_browser_navigation(&req(Method::POST, "/", html)));
+        assert!(!is_browser_navigation(&req(
+            Method::GET,
+            "/ajax-api/2.0/mlflow/experiments/search",
+            html
+        )));
+        assert!(!is_browser_navigation(&req(Method::GET, "/v1/traces", html)));
+    }
+}

@@ -1,0 +1,203 @@
+//! Browser session state in cookies: sealed with AES-256-GCM (encrypted and authenticated, so a client
+//! can neither read nor forge it) under a key derived from SECRET_KEY; plus return-path validation.
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::hkdf;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub const SESSION_COOKIE: &str = "gate_session";
+pub const LOGIN_COOKIE: &str = "gate_login";
+
+/// Who is logged in, carried in the session cookie.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub user: String,
+    pub email: Option<String>,
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    pub identity: Identity,
+    /// Unix seconds after which the cookie is refused.
+    pub exp: u64,
+    /// For the provider's end_session (id_token_hint).
+    pub id_token: Option<String>,
+}
+
+/// What the gate must remember between sending the browser to the provider and its return.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginState {
+    pub state: String,
+    pub nonce: String,
+    pub pkce_verifier: String,
+    pub return_to: String,
+    pub redirect_uri: String,
+    pub exp: u64,
+}
+
+/// Seals and opens cookie values. The cookie name is bound in as associated data, so a value cannot be
+/// moved from one cookie to another.
+pub struct Sealer {
+    key: LessSafeKey,
+}
+
+impl Sealer {
+    pub fn new(secret: &[u8]) -> Sealer {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"otlp-relay gate").extract(secret);
+        let okm = prk
+            .expand(&[b"session cookie v1"], &AES_256_GCM)
+            .expect("HKDF output length fits AES-256");
+        Sealer {
+            key: LessSafeKey::new(UnboundKey::from(okm)),
+        }
+    }
+
+    /// A sealer with a random key (sessions do not survive a restart).
+    pub fn random() -> Sealer {
+        let mut k = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut k).expect("system randomness");
+        Sealer::new(&k)
+    }
+
+    pub fn seal<T: Serialize>(&self, name: &str, value: &T) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).expect("system randomness");
+        let mut data = serde_json::to_vec(value).expect("serializable");
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(name.as_bytes()),
+                &mut data,
+            )
+            .expect("AES-GCM seal");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    pub fn open<T: DeserializeOwned>(&self, name: &str, text: &str) -> Option<T> {
+        let raw = URL_SAFE_NO_PAD.decode(text).ok()?;
+        if raw.len() < NONCE_LEN + 16 {
+            return None;
+        }
+        let (nonce, rest) = raw.split_at(NONCE_LEN);
+        let mut data = rest.to_vec();
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(name.as_bytes()), &mut data)
+            .ok()?;
+        serde_json::from_slice(plain).ok()
+    }
+}
+
+/// The value of cookie `name` in a Cookie header.
+pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A Set-Cookie value: HttpOnly, SameSite=Lax, Path=/, Secure on https; no Max-Age so it dies with the
+/// browser session (the sealed payload has its own expiry).
+pub fn set_cookie(name: &str, value: &str, secure: bool) -> String {
+    format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Lax{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+pub fn clear_cookie(name: &str, secure: bool) -> String {
+    format!(
+        "{name}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// A safe post-login target: a same-origin absolute path. Anything else (`//evil`, `/\evil`, a scheme,
+/// control characters) becomes `/`, so the callback cannot be turned into an open redirect.
+pub fn safe_return_path(target: &str) -> String {
+    let ok = target.starts_with('/')
+        && !target.starts_with("//")
+        && !target.starts_with("/\\")
+        && !target.chars().any(|c| c.is_control() || c == '\\')
+        && target.len() <= 2048;
+    if ok { target.to_string() } else { "/".to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(exp: u64) -> Session {
+        Session {
+            identity: Identity {
+                user: "alice".into(),
+                email: Some("alice@example.test".into()),
+                groups: vec!["mlflow".into()],
+            },
+            exp,
+            id_token: None,
+        }
+    }
+
+    #[test]
+    fn seal_round_trip_and_tamper() {
+        let s = Sealer::new(b"0123456789abcdef0123");
+        let sealed = s.seal(SESSION_COOKIE, &session(5));
+        assert!(!sealed.contains("alice"), "encrypted");
+        let back: Session = s.open(SESSION_COOKIE, &sealed).unwrap();
+        assert_eq!(back.identity.user, "alice");
+        // Another key, another cookie name, or a flipped bit: refused.
+        assert!(
+            Sealer::new(b"another key 0123456")
+                .open::<Session>(SESSION_COOKIE, &sealed)
+                .is_none()
+        );
+        assert!(s.open::<Session>(LOGIN_COOKIE, &sealed).is_none());
+        let mut raw = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        assert!(
+            s.open::<Session>(SESSION_COOKIE, &URL_SAFE_NO_PAD.encode(raw))
+                .is_none()
+        );
+        assert!(s.open::<Session>(SESSION_COOKIE, "garbage").is_none());
+        // Two seals of one value differ (random nonce).
+        assert_ne!(s.seal(SESSION_COOKIE, &session(5)), sealed);
+    }
+
+    #[test]
+    fn cookies() {
+        assert_eq!(cookie("a=1; gate_session=xyz; b=2", SESSION_COOKIE), Some("xyz"));
+        assert_eq!(cookie("gate_session_x=1", SESSION_COOKIE), None);
+        let c = set_cookie(SESSION_COOKIE, "v", true);
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.ends_with("; Secure"));
+        assert!(!set_cookie(SESSION_COOKIE, "v", false).contains("Secure"));
+        assert!(clear_cookie(SESSION_COOKIE, false).contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn return_paths() {
+        assert_eq!(safe_return_path("/#/experiments/1?x=2"), "/#/experiments/1?x=2");
+        assert_eq!(
+            safe_return_path("/ajax-api/2.0/mlflow/experiments/search"),
+            "/ajax-api/2.0/mlflow/experiments/search"
+        );
+        for bad in [
+            "//evil.example/x",
+            "/\\evil.example",
+            "https://evil.example/",
+            "evil",
+            "",
+            "/a\r\nb",
+            "/\t/evil",
+        ] {
+            assert_eq!(safe_return_path(bad), "/", "{bad:?}");
+        }
+    }
+}
