@@ -81,6 +81,8 @@ pub fn dir_name(id: &str) -> String {
 pub enum SpoolError {
     #[error("spool directory {dir}: {error}")]
     Io { dir: PathBuf, error: std::io::Error },
+    #[error("spool directory {0} is in use by another process (two relays must not share a spool)")]
+    InUse(PathBuf),
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -151,6 +153,7 @@ struct State {
 }
 
 struct Shared {
+    _lock: File,
     settings: SpoolSettings,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -290,6 +293,14 @@ impl Spool {
             error,
         };
         std::fs::create_dir_all(&settings.dir).map_err(io)?;
+        // Held for the process's life: a second relay on the same directory would interleave
+        // segments and deliver (and delete) the other's records.
+        let lock = File::create(settings.dir.join("lock")).map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::InUse(settings.dir.clone())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
         let labels = exporter_labels(&settings.exporter);
         let mut state = State::default();
         let mut used = 0;
@@ -342,6 +353,7 @@ impl Spool {
             );
         }
         let shared = Arc::new(Shared {
+            _lock: lock,
             settings,
             metrics,
             state: Mutex::new(state),
@@ -846,10 +858,23 @@ mod tests {
         spool.shutdown();
         drop(rx);
         spool.join_reader();
+        drop(spool);
         // A restart finds the undelivered records (and those sharing their segments).
         let again = Spool::open(settings(dir.path(), 1 << 20), metrics).unwrap();
         assert!(again.recovered_spans() >= 1000 && again.recovered_spans() < 2000);
         again.shutdown();
+    }
+
+    #[test]
+    fn one_process_per_spool_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(settings(dir.path(), 1 << 20), Arc::new(Metrics::new())).unwrap();
+        // flock locks belong to the open file description: a second open conflicts even in-process.
+        assert!(matches!(
+            Spool::open(settings(dir.path(), 1 << 20), Arc::new(Metrics::new())),
+            Err(SpoolError::InUse(_))
+        ));
+        spool.shutdown();
     }
 
     #[test]
