@@ -21,8 +21,10 @@ use crate::export::oauth::OAuth2Client;
 use crate::export::otlphttp::OtlpHttpExporter;
 use crate::export::retry::RetryPolicy;
 use crate::export::{Exporter, StageControl, StageSettings, start_stage};
-use crate::pipeline::{Intake, MemoryBudget};
+use crate::pipeline::{Intake, MemoryBudget, Target};
 use crate::receiver::{Protocol, ReceiverContext};
+use crate::spool::deadletter::DeadLetter;
+use crate::spool::{Spool, SpoolError, SpoolSettings};
 use crate::telemetry::{self, ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
 use crate::tls::ServerTls;
 
@@ -36,13 +38,15 @@ pub enum StartError {
     Config(#[from] config::ConfigErrors),
     #[error("{0}")]
     Bind(std::io::Error),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
 }
 
 impl StartError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             StartError::Config(_) => ExitCode::from(EXIT_BAD_CONFIG),
-            StartError::Bind(_) => ExitCode::from(1),
+            StartError::Bind(_) | StartError::Spool(_) => ExitCode::from(1),
         }
     }
 }
@@ -100,6 +104,13 @@ pub struct Prepared {
     server_tls: BTreeMap<(String, &'static str), Arc<ServerTls>>,
     exporters: BTreeMap<String, Arc<Exporter>>,
     oauth: BTreeMap<String, Arc<OAuth2Client>>,
+}
+
+impl Prepared {
+    /// A ready exporter by id (used by `replay`).
+    pub fn exporter(&self, id: &str) -> Option<Arc<Exporter>> {
+        self.exporters.get(id).cloned()
+    }
 }
 
 pub fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors> {
@@ -195,6 +206,9 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     let admin_stop = CancellationToken::new();
     let receivers_stop = CancellationToken::new();
     let control = StageControl::default();
+    // Spooled stages stop at once on SIGTERM: what they hold in memory is on disk already.
+    let spool_control = StageControl::default();
+    let mut spools: BTreeMap<String, Arc<Spool>> = BTreeMap::new();
 
     // Bind everything first, so a port clash fails the start before anything runs.
     let metrics_listener = bind(
@@ -270,22 +284,55 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
                     }),
                 ),
             };
-            let settings = StageSettings {
+            let mut settings = StageSettings {
                 name: id.clone(),
                 batch,
                 batch_processor: batch_id.clone(),
                 queue_size,
                 num_consumers,
                 retry,
+                spool: None,
+                dead_letter: None,
             };
+            let mut stage_control = control.clone();
+            if let Some((_, storage)) = config.exporter_storage(id) {
+                let spool = Spool::open(SpoolSettings::from_config(id, storage), metrics.clone())?;
+                let dead_letter_root = if storage.dead_letter_directory.is_empty() {
+                    Path::new(&storage.directory).join("dead_letter")
+                } else {
+                    Path::new(&storage.dead_letter_directory).to_path_buf()
+                };
+                settings.dead_letter = Some(Arc::new(DeadLetter::new(
+                    dead_letter_root.join(crate::spool::dir_name(id)),
+                    storage.fsync,
+                )));
+                // The spool is the queue: memory holds only a few batches per sender, and
+                // retryable failures wait in it rather than give up (the spool pushes back).
+                settings.queue_size = settings.queue_size.min(settings.num_consumers * 2);
+                if let ExporterConfig::OtlpHttp(c) = &config.exporters[id] {
+                    let mut retry = c.retry_on_failure.clone();
+                    retry.max_elapsed_time = config::GoDuration::default();
+                    settings.retry = RetryPolicy::new(&retry);
+                }
+                settings.spool = Some(spool.clone());
+                stage_control = spool_control.clone();
+                spools.insert(id.clone(), spool);
+            }
             let input = start_stage(
                 settings,
                 prepared.exporters[id].clone(),
                 metrics.clone(),
-                control.clone(),
+                stage_control,
                 &mut stage_tasks,
             );
-            inputs.insert(id.clone(), input);
+            let target = match spools.get(id) {
+                Some(spool) => {
+                    spool.start_reader(input);
+                    Target::Spool(spool.clone())
+                }
+                None => Target::Memory(input),
+            };
+            inputs.insert(id.clone(), target);
         }
     }
 
@@ -398,6 +445,13 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     health.set_draining();
     receivers_stop.cancel();
     while receiver_tasks.join_next().await.is_some() {}
+    // Spools: commit what was admitted, stop reading; their stages let go of memory at once.
+    for spool in spools.values() {
+        let spool = spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.shutdown()).await;
+    }
+    spool_control.close.cancel();
+    spool_control.abort.cancel();
     control.close.cancel();
     let drained = tokio::time::timeout(deadline, async { while stage_tasks.join_next().await.is_some() {} })
         .await
@@ -407,7 +461,11 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
         control.abort.cancel();
         while stage_tasks.join_next().await.is_some() {}
     }
-    log_accounting(&config, &metrics);
+    for spool in spools.values() {
+        let spool = spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.join_reader()).await;
+    }
+    log_accounting(&config, &metrics, &spools);
     admin_stop.cancel();
     while admin_tasks.join_next().await.is_some() {}
     Ok(())
@@ -422,8 +480,9 @@ async fn wait_for_signal() {
     }
 }
 
-/// accepted = sent + failed + dropped for every exporter, logged at exit.
-fn log_accounting(config: &Config, metrics: &Metrics) {
+/// accepted = sent + failed + dropped for every exporter, logged at exit. With a spool, spans
+/// recovered at start come in on top and spans still on disk go out on top.
+fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, Arc<Spool>>) {
     for exporter in config.exporters.keys() {
         let receivers: Vec<&String> = config
             .service
@@ -450,13 +509,26 @@ fn log_accounting(config: &Config, metrics: &Metrics) {
         let labels = exporter_labels(exporter);
         let sent = metrics.exporter_sent_spans.get_or_create(&labels).get();
         let failed = metrics.exporter_send_failed_spans.get_or_create(&labels).get();
-        let dropped = metrics
-            .exporter_dropped_spans
-            .get_or_create(&ExporterReasonLabels {
-                exporter: exporter.clone(),
-                reason: "shutdown".into(),
+        let dropped: u64 = ["shutdown", "spool_full"]
+            .iter()
+            .map(|reason| {
+                metrics
+                    .exporter_dropped_spans
+                    .get_or_create(&ExporterReasonLabels {
+                        exporter: exporter.clone(),
+                        reason: reason.to_string(),
+                    })
+                    .get()
             })
-            .get();
-        tracing::info!(exporter = %exporter, accepted, sent, failed, dropped, balanced = accepted == sent + failed + dropped, "final span accounting");
+            .sum();
+        match spools.get(exporter) {
+            None => {
+                tracing::info!(exporter = %exporter, accepted, sent, failed, dropped, balanced = accepted == sent + failed + dropped, "final span accounting");
+            }
+            Some(spool) => {
+                let (recovered, in_spool) = (spool.recovered_spans(), spool.pending_spans());
+                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, in_spool, balanced = accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
+            }
+        }
     }
 }

@@ -41,6 +41,8 @@ pub enum Command {
     Loadgen(crate::loadgen::LoadgenArgs),
     /// A counting OTLP sink for tests and benchmarks.
     Sink(crate::sink::SinkArgs),
+    /// Send dead-lettered (or spooled) records again, through an exporter of a config.
+    Replay(crate::spool::replay::ReplayArgs),
     /// Fetch an oauth2client token as the relay would; print its header and claims, never the token.
     Token(crate::export::oauth::inspect::TokenArgs),
 }
@@ -85,6 +87,10 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Sink(args) => {
             init_logging(LogFormat::Text, None);
             crate::sink::main(args, runtime())
+        }
+        Command::Replay(args) => {
+            init_logging(LogFormat::Text, None);
+            crate::spool::replay::main(args, runtime())
         }
     }
 }

@@ -11,5 +11,6 @@ pub mod loadgen;
 pub mod pipeline;
 pub mod receiver;
 pub mod sink;
+pub mod spool;
 pub mod telemetry;
 pub mod tls;

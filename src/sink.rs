@@ -475,6 +475,14 @@ impl UniqueSpans {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Every key seen, as `UniqueSpans::key` makes them (for delivery proofs in tests).
+    pub fn keys(&self) -> Vec<(u128, u64)> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().unwrap().iter().copied().collect::<Vec<_>>())
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -877,6 +885,16 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Res
     let resp = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/traces") => http_export(state, req).await,
         (&Method::GET, "/stats") => respond(StatusCode::OK, "application/json", state.stats_json().to_string()),
+        // One `{key.0:032x}-{key.1:016x}` line per unique span, to prove which spans arrived.
+        (&Method::GET, "/spans") => {
+            let lines: String = state
+                .unique
+                .keys()
+                .iter()
+                .map(|(t, s)| format!("{t:032x}-{s:016x}\n"))
+                .collect();
+            respond(StatusCode::OK, "text/plain", lines)
+        }
         (&Method::GET, "/healthz") | (&Method::GET, "/") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (_, "/v1/traces") | (_, "/stats") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n")

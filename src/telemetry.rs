@@ -74,6 +74,10 @@ pub struct Metrics {
     pub exporter_queue_capacity: Family<ExporterLabels, Gauge>,
     pub batch_send_size: Family<ProcessorLabels, Histogram>,
     pub export_duration: Family<ExporterLabels, Histogram>,
+    pub spool_bytes: Family<ExporterLabels, Gauge>,
+    pub spool_records: Family<ExporterLabels, Gauge>,
+    pub spool_corrupt_records: CounterFamily<ExporterLabels>,
+    pub dead_letter_spans: CounterFamily<ExporterLabels>,
     pub exporter_unauthorized: CounterFamily<ExporterLabels>,
     pub token_requests: CounterFamily<TokenResultLabels>,
     pub token_expiry: Family<TokenLabels, Gauge>,
@@ -152,6 +156,30 @@ impl Metrics {
             "Time of one export request, from send to response",
             export_duration.clone(),
         );
+        let spool_bytes = Family::<ExporterLabels, Gauge>::default();
+        registry.register(
+            "otlp_relay_spool_bytes",
+            "Bytes of segment files in the exporter's spool",
+            spool_bytes.clone(),
+        );
+        let spool_records = Family::<ExporterLabels, Gauge>::default();
+        registry.register(
+            "otlp_relay_spool_records",
+            "Records in the exporter's spool segments not yet deleted",
+            spool_records.clone(),
+        );
+        let spool_corrupt_records = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otlp_relay_spool_corrupt_records",
+            "Torn or corrupt segment tails found (and truncated) in the spool",
+            spool_corrupt_records.clone(),
+        );
+        let dead_letter_spans = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otlp_relay_dead_letter_spans",
+            "Spans refused for good by the destination and kept in the dead-letter directory",
+            dead_letter_spans.clone(),
+        );
         let exporter_unauthorized = CounterFamily::<ExporterLabels>::default();
         registry.register(
             "otlp_relay_exporter_unauthorized",
@@ -172,6 +200,10 @@ impl Metrics {
         );
         Metrics {
             registry,
+            spool_bytes,
+            spool_records,
+            spool_corrupt_records,
+            dead_letter_spans,
             receiver_accepted_spans,
             receiver_refused_spans,
             exporter_sent_spans,

@@ -306,7 +306,19 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.extensions.insert(id, Extension::OAuth2Client(Box::new(c)));
                 }
             }
-            other => unsupported(&path, "extension", other, "health_check, oauth2client", "", errors),
+            "file_storage" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.extensions.insert(id, Extension::FileStorage(c));
+                }
+            }
+            other => unsupported(
+                &path,
+                "extension",
+                other,
+                "health_check, oauth2client, file_storage",
+                "",
+                errors,
+            ),
         }
     }
     if let Some(v) = top.remove("service") {

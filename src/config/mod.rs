@@ -78,6 +78,7 @@ pub enum Exporter {
 pub enum Extension {
     HealthCheck(HealthCheckConfig),
     OAuth2Client(Box<OAuth2ClientConfig>),
+    FileStorage(FileStorageConfig),
 }
 
 /// A loaded configuration. Component maps are keyed by component id (`type` or `type/name`).
@@ -105,5 +106,17 @@ impl Config {
                 Some(Extension::HealthCheck(h)) => Some(h),
                 _ => None,
             })
+    }
+
+    /// The file_storage extension an exporter spools to, if any.
+    pub fn exporter_storage(&self, exporter: &str) -> Option<(&str, &FileStorageConfig)> {
+        let Some(Exporter::OtlpHttp(e)) = self.exporters.get(exporter) else {
+            return None;
+        };
+        let id = e.sending_queue.storage.as_deref()?;
+        match self.extensions.get(id) {
+            Some(Extension::FileStorage(f)) => Some((id, f)),
+            _ => None,
+        }
     }
 }

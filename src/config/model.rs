@@ -199,7 +199,7 @@ pub struct QueueConfig {
     pub num_consumers: usize,
     /// Batches waiting to be sent.
     pub queue_size: usize,
-    /// A file_storage extension (implemented with the spool).
+    /// A file_storage extension id: queue on disk (the spool) instead of in memory.
     pub storage: Option<String>,
     pub blocking: Option<bool>,
 }
@@ -321,6 +321,46 @@ impl Default for OAuth2ClientConfig {
             expiry_buffer: GoDuration::secs(300),
             auth_style: "basic".into(),
             tls: ClientTlsConfig::default(),
+        }
+    }
+}
+
+/// The file_storage extension: where and how exporters spool to disk. Each exporter that names it
+/// in `sending_queue.storage` gets its own subdirectory.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileStorageConfig {
+    pub directory: String,
+    /// Create `directory` when missing (the collector's create_directory).
+    pub create_directory: bool,
+    /// fsync each group commit before acknowledging; off trades crash safety for throughput.
+    pub fsync: bool,
+    /// Disk budget per exporter spool; beyond it, requests are refused (or the oldest dropped).
+    pub max_size_mib: u64,
+    /// Size at which a segment file is closed and a new one started.
+    pub segment_size_mib: u64,
+    /// refuse (default: 429/UNAVAILABLE to clients) or drop_oldest (counted).
+    pub on_full: String,
+    /// Where batches the destination refuses for good are kept; default `directory/dead_letter`.
+    pub dead_letter_directory: String,
+    /// Accepted for collector compatibility: segments are deleted whole, nothing to compact.
+    pub compaction: Option<serde_norway::Value>,
+    /// Accepted for collector compatibility.
+    pub timeout: Option<GoDuration>,
+}
+
+impl Default for FileStorageConfig {
+    fn default() -> Self {
+        FileStorageConfig {
+            directory: String::new(),
+            create_directory: true,
+            fsync: true,
+            max_size_mib: 1024,
+            segment_size_mib: 8,
+            on_full: "refuse".into(),
+            dead_letter_directory: String::new(),
+            compaction: None,
+            timeout: None,
         }
     }
 }

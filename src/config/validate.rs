@@ -178,10 +178,30 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                     err(format!("{path}.sending_queue.queue_size"), "must be at least 1".into());
                 }
                 if let Some(storage) = &q.storage {
-                    err(
-                        format!("{path}.sending_queue.storage"),
-                        format!("{storage:?}: file_storage is not implemented yet; remove storage to queue in memory"),
-                    );
+                    match config.extensions.get(storage) {
+                        Some(Extension::FileStorage(_)) => {
+                            if !config.service.extensions.contains(storage) {
+                                err(
+                                    format!("{path}.sending_queue.storage"),
+                                    format!("{storage:?} must also be listed in service.extensions"),
+                                );
+                            }
+                            if !q.enabled {
+                                err(
+                                    format!("{path}.sending_queue.enabled"),
+                                    "a storage needs the sending queue enabled".into(),
+                                );
+                            }
+                        }
+                        Some(_) => err(
+                            format!("{path}.sending_queue.storage"),
+                            format!("{storage:?} is not a file_storage extension"),
+                        ),
+                        None => err(
+                            format!("{path}.sending_queue.storage"),
+                            format!("{storage:?} is not defined under extensions"),
+                        ),
+                    }
                 }
                 if let Some(auth) = &x.auth {
                     let a = &auth.authenticator;
@@ -226,6 +246,23 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             Extension::HealthCheck(h) => {
                 if parse_listen(&h.endpoint).is_none() {
                     err(format!("{path}.endpoint"), format!("{:?} is not HOST:PORT", h.endpoint));
+                }
+            }
+            Extension::FileStorage(f) => {
+                if f.directory.is_empty() {
+                    err(format!("{path}.directory"), "must be set".into());
+                }
+                if f.max_size_mib == 0 {
+                    err(format!("{path}.max_size_mib"), "must be at least 1".into());
+                }
+                if f.segment_size_mib == 0 {
+                    err(format!("{path}.segment_size_mib"), "must be at least 1".into());
+                }
+                if !matches!(f.on_full.as_str(), "refuse" | "drop_oldest") {
+                    err(
+                        format!("{path}.on_full"),
+                        format!("unknown on_full {:?} (refuse, drop_oldest)", f.on_full),
+                    );
                 }
             }
             Extension::OAuth2Client(o) => {
@@ -466,6 +503,44 @@ service:
         ] {
             assert!(errs.iter().any(|e| e == expected), "missing {expected:?} in {errs:#?}");
         }
+    }
+
+    #[test]
+    fn file_storage_is_checked_and_referenced() {
+        let base = "
+receivers: {otlp: {protocols: {grpc: {}}}}
+exporters: {otlphttp/a: {endpoint: 'http://x', sending_queue: {storage: STORAGE}}}
+extensions:
+  file_storage/s: {directory: /var/lib/spool}
+  file_storage/bad: {max_size_mib: 0, on_full: block, fsync: false}
+service:
+  extensions: [EXTENSIONS]
+  pipelines: {traces: {receivers: [otlp], exporters: [otlphttp/a]}}
+";
+        let ok = base
+            .replace("STORAGE", "file_storage/s")
+            .replace("EXTENSIONS", "file_storage/s, file_storage/bad");
+        let errs = errors_of(&ok);
+        assert_eq!(
+            errs,
+            vec![
+                "extensions.file_storage/bad.directory: must be set",
+                "extensions.file_storage/bad.max_size_mib: must be at least 1",
+                "extensions.file_storage/bad.on_full: unknown on_full \"block\" (refuse, drop_oldest)",
+            ]
+        );
+        let errs = errors_of(&base.replace("STORAGE", "file_storage/s").replace("EXTENSIONS", ""));
+        assert!(
+            errs.iter().any(|e| e
+                == "exporters.otlphttp/a.sending_queue.storage: \"file_storage/s\" must also be listed in service.extensions"),
+            "{errs:#?}"
+        );
+        let errs = errors_of(&base.replace("STORAGE", "file_storage/none").replace("EXTENSIONS", ""));
+        assert!(
+            errs.iter()
+                .any(|e| e.ends_with("\"file_storage/none\" is not defined under extensions")),
+            "{errs:#?}"
+        );
     }
 
     #[test]

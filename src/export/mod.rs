@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, BatchSettings, Batcher};
 use crate::pipeline::{Destination, Item, Routed};
+use crate::spool::Spool;
+use crate::spool::deadletter::DeadLetter;
 use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, exporter_labels};
 use retry::RetryPolicy;
 
@@ -100,7 +102,7 @@ pub enum Exporter {
 }
 
 impl Exporter {
-    async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+    pub async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
         match self {
             Exporter::OtlpHttp(e) => e.export(batch).await,
             Exporter::Debug(e) => e.export(batch),
@@ -117,6 +119,11 @@ pub struct StageSettings {
     pub queue_size: usize,
     pub num_consumers: usize,
     pub retry: RetryPolicy,
+    /// The exporter's spool: items come from it and are released to it once delivered; what is
+    /// in memory at shutdown stays on disk for the next start instead of counting as dropped.
+    pub spool: Option<Arc<Spool>>,
+    /// Where batches refused for good are kept (with a spool).
+    pub dead_letter: Option<Arc<DeadLetter>>,
 }
 
 /// Stops a stage in order: `close` stops intake (buffered items still flow out); `abort` gives
@@ -165,6 +172,13 @@ pub fn start_stage(
         ));
     }
     intake_tx
+}
+
+/// Spans abandoned at shutdown: dropped without a spool; with one they are still on disk.
+fn shutdown_dropped(settings: &StageSettings, metrics: &Metrics, spans: usize) {
+    if settings.spool.is_none() {
+        count_dropped(metrics, &settings.name, "shutdown", spans);
+    }
 }
 
 fn count_dropped(metrics: &Metrics, exporter: &str, reason: &str, spans: usize) {
@@ -243,7 +257,7 @@ async fn abandon(
     while let Some(routed) = intake.recv().await {
         spans += routed.iter().map(|r| r.item.chunk.spans).sum::<usize>();
     }
-    count_dropped(metrics, &settings.name, "shutdown", spans);
+    shutdown_dropped(settings, metrics, spans);
 }
 
 async fn enqueue(
@@ -263,14 +277,14 @@ async fn enqueue(
     tokio::select! {
         sent = queue.send(batch) => {
             if sent.is_err() {
-                count_dropped(metrics, &settings.name, "shutdown", spans);
+                shutdown_dropped(settings, metrics, spans);
                 return false;
             }
             metrics.exporter_queue_size.get_or_create(labels).set((queue.max_capacity() - queue.capacity()) as i64);
             true
         }
         _ = control.abort.cancelled() => {
-            count_dropped(metrics, &settings.name, "shutdown", spans);
+            shutdown_dropped(settings, metrics, spans);
             false
         }
     }
@@ -300,7 +314,7 @@ async fn run_sender(
         };
         let Some(batch) = batch else { return };
         if control.abort.is_cancelled() {
-            count_dropped(&metrics, &settings.name, "shutdown", batch.spans);
+            shutdown_dropped(&settings, &metrics, batch.spans);
             continue;
         }
         deliver(&settings, &exporter, batch, &metrics, &control).await;
@@ -319,12 +333,13 @@ async fn deliver(
     let started = Instant::now();
     let mut schedule = settings.retry.schedule();
     let mut refreshed_after_401 = false;
+    let mut attempts = 0u32;
     loop {
         let attempt_started = Instant::now();
         let result = tokio::select! {
             r = exporter.export(&batch) => r,
             _ = control.abort.cancelled() => {
-                count_dropped(metrics, &settings.name, "shutdown", batch.spans);
+                shutdown_dropped(settings, metrics, batch.spans);
                 return;
             }
         };
@@ -332,12 +347,14 @@ async fn deliver(
             .export_duration
             .get_or_create(&labels)
             .observe(attempt_started.elapsed().as_secs_f64());
+        attempts += 1;
         let error = match result {
             Ok(()) => {
                 metrics
                     .exporter_sent_spans
                     .get_or_create(&labels)
                     .inc_by(batch.spans as u64);
+                release(settings, &batch);
                 return;
             }
             Err(e) => e,
@@ -354,7 +371,9 @@ async fn deliver(
                 .exporter_send_failed_spans
                 .get_or_create(&labels)
                 .inc_by(batch.spans as u64);
-            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, "export failed permanently; spans dropped");
+            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, "export failed permanently");
+            dead_letter(settings, &batch, &error, attempts, metrics).await;
+            release(settings, &batch);
             return;
         }
         metrics.exporter_retries.get_or_create(&reason).inc();
@@ -371,7 +390,9 @@ async fn deliver(
                 .exporter_send_failed_spans
                 .get_or_create(&labels)
                 .inc_by(batch.spans as u64);
-            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, elapsed = ?started.elapsed(), "export retries exhausted; spans dropped");
+            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, elapsed = ?started.elapsed(), "export retries exhausted");
+            dead_letter(settings, &batch, &error, attempts, metrics).await;
+            release(settings, &batch);
             return;
         };
         if matches!(error, ExportError::Auth(_)) {
@@ -383,9 +404,57 @@ async fn deliver(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = control.abort.cancelled() => {
-                count_dropped(metrics, &settings.name, "shutdown", batch.spans);
+                shutdown_dropped(settings, metrics, batch.spans);
                 return;
             }
+        }
+    }
+}
+
+/// The batch is done with (delivered or dead-lettered): its spool records need not be kept.
+fn release(settings: &StageSettings, batch: &OutBatch) {
+    if let Some(spool) = &settings.spool {
+        for item in &batch.items {
+            if let Some(segment) = item.origin {
+                spool.release(segment, item.chunk.spans);
+            }
+        }
+    }
+}
+
+/// A batch refused for good: kept in the dead-letter directory when there is one.
+async fn dead_letter(
+    settings: &StageSettings,
+    batch: &OutBatch,
+    error: &ExportError,
+    attempts: u32,
+    metrics: &Metrics,
+) {
+    let Some(dl) = settings.dead_letter.clone() else {
+        return;
+    };
+    let record = crate::spool::proto::Record {
+        payload: batch.payload().to_vec(),
+        spans: batch.spans as u32,
+        experiment: batch.key.experiment.as_deref().unwrap_or("").to_string(),
+        enqueue_time_unix_nano: crate::spool::now_unix_nanos(),
+        attempts,
+        exporter: settings.name.clone(),
+        error: error.to_string(),
+    };
+    let written = tokio::task::spawn_blocking(move || dl.write(&record).map(|()| dl))
+        .await
+        .expect("dead-letter write does not panic");
+    match written {
+        Ok(dl) => {
+            metrics
+                .dead_letter_spans
+                .get_or_create(&exporter_labels(&settings.name))
+                .inc_by(batch.spans as u64);
+            tracing::warn!(exporter = %settings.name, spans = batch.spans, dir = %dl.dir().display(), "batch kept in the dead-letter directory; `otlp-relay replay` sends it again");
+        }
+        Err(e) => {
+            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %e, "cannot write the dead-letter directory; spans dropped");
         }
     }
 }

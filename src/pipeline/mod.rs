@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::BatchItem;
+use crate::spool::Spool;
 use wire::{ParsedRequest, ResourceChunk};
 
 /// Where a batch goes beyond its exporter: the MLflow experiment, when it differs from the
@@ -24,6 +25,8 @@ pub struct Destination {
 pub struct Item {
     pub chunk: ResourceChunk,
     pub charge: Option<Arc<Charge>>,
+    /// The spool segment this item was read from, released once it is delivered.
+    pub origin: Option<u64>,
 }
 
 impl BatchItem for Item {
@@ -36,10 +39,12 @@ impl BatchItem for Item {
             Item {
                 chunk: a,
                 charge: self.charge.clone(),
+                origin: self.origin,
             },
             Item {
                 chunk: b,
                 charge: self.charge,
+                origin: self.origin,
             },
         )
     }
@@ -123,6 +128,10 @@ pub enum Refusal {
     QueueFull,
     #[error("relay is shutting down")]
     ShuttingDown,
+    #[error("the spool is full (max_size_mib); retry later")]
+    SpoolFull,
+    #[error("the spool cannot write to disk; retry later")]
+    DiskFull,
 }
 
 impl Refusal {
@@ -131,50 +140,79 @@ impl Refusal {
             Refusal::MemoryLimit => "memory_limit",
             Refusal::QueueFull => "queue_full",
             Refusal::ShuttingDown => "shutting_down",
+            Refusal::SpoolFull => "spool_full",
+            Refusal::DiskFull => "disk_full",
         }
     }
 
     pub fn retry_after(&self) -> Duration {
         match self {
             Refusal::MemoryLimit | Refusal::QueueFull => Duration::from_secs(1),
-            Refusal::ShuttingDown => Duration::from_secs(5),
+            Refusal::SpoolFull => Duration::from_secs(2),
+            Refusal::ShuttingDown | Refusal::DiskFull => Duration::from_secs(5),
         }
+    }
+}
+
+/// Where an exporter takes its input: its in-memory intake, or its spool on disk.
+#[derive(Clone)]
+pub enum Target {
+    Memory(mpsc::Sender<Arc<Vec<Routed>>>),
+    Spool(Arc<Spool>),
+}
+
+impl From<mpsc::Sender<Arc<Vec<Routed>>>> for Target {
+    fn from(tx: mpsc::Sender<Arc<Vec<Routed>>>) -> Target {
+        Target::Memory(tx)
+    }
+}
+
+/// An accepted request's acknowledgement: ready at once without a spool, else once every spool
+/// it went to has it on disk.
+#[derive(Debug, Default)]
+pub struct Ack(Vec<oneshot::Receiver<Result<(), Refusal>>>);
+
+impl Ack {
+    pub async fn durable(self) -> Result<(), Refusal> {
+        for rx in self.0 {
+            // A writer gone before answering means the relay is stopping.
+            rx.await.unwrap_or(Err(Refusal::ShuttingDown))?;
+        }
+        Ok(())
     }
 }
 
 /// A receiver's way into its pipelines: every exporter input it feeds and every memory budget
 /// on the way. A request is accepted by all of them or refused by all.
 pub struct Intake {
-    targets: Vec<mpsc::Sender<Arc<Vec<Routed>>>>,
+    targets: Vec<Target>,
     budgets: Vec<Arc<MemoryBudget>>,
 }
 
 impl Intake {
-    pub fn new(targets: Vec<mpsc::Sender<Arc<Vec<Routed>>>>, budgets: Vec<Arc<MemoryBudget>>) -> Intake {
+    pub fn new(targets: Vec<Target>, budgets: Vec<Arc<MemoryBudget>>) -> Intake {
         Intake { targets, budgets }
+    }
+
+    /// Submits a request and waits until it may be acknowledged to the client (the ack contract:
+    /// in every bounded in-memory queue, and durable in every spool).
+    pub async fn accept(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<(), Refusal> {
+        self.submit(parsed, request_experiment)?.durable().await
     }
 
     /// Accepts a parsed request into every exporter's intake, or refuses it whole.
     /// `request_experiment` is the request's `x-mlflow-experiment-id` (with include_metadata).
-    pub fn submit(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<(), Refusal> {
+    pub fn submit(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<Ack, Refusal> {
         if parsed.chunks.is_empty() {
-            return Ok(());
+            return Ok(Ack::default());
         }
         let bytes: usize = parsed.chunks.iter().map(|c| c.bytes.len()).sum();
         let mut reservations = Vec::with_capacity(self.budgets.len());
         for budget in &self.budgets {
             reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
         }
-        let mut permits = Vec::with_capacity(self.targets.len());
-        for target in &self.targets {
-            match target.try_reserve() {
-                Ok(p) => permits.push(p),
-                Err(TrySendError::Full(())) => return Err(Refusal::QueueFull),
-                Err(TrySendError::Closed(())) => return Err(Refusal::ShuttingDown),
-            }
-        }
-        let charge = (!reservations.is_empty()).then(|| Arc::new(Charge(reservations)));
         let request_experiment: Option<Arc<str>> = request_experiment.map(Arc::from);
+        let charge = (!reservations.is_empty()).then(|| Arc::new(Charge(reservations)));
         let routed: Vec<Routed> = parsed
             .chunks
             .into_iter()
@@ -189,15 +227,45 @@ impl Intake {
                     item: Item {
                         chunk,
                         charge: charge.clone(),
+                        origin: None,
                     },
                 }
             })
             .collect();
-        let routed = Arc::new(routed);
-        for permit in permits {
-            permit.send(routed.clone());
+        // Framed once, shared by every spool the request goes to.
+        let frames = self
+            .targets
+            .iter()
+            .any(|t| matches!(t, Target::Spool(_)))
+            .then(|| crate::spool::encode_request(&routed));
+        let mut permits = Vec::with_capacity(self.targets.len());
+        let mut spool_permits = Vec::new();
+        for target in &self.targets {
+            match target {
+                Target::Memory(tx) => match tx.try_reserve() {
+                    Ok(p) => permits.push(p),
+                    Err(TrySendError::Full(())) => return Err(Refusal::QueueFull),
+                    Err(TrySendError::Closed(())) => return Err(Refusal::ShuttingDown),
+                },
+                Target::Spool(spool) => {
+                    let (f, _) = frames.as_ref().expect("framed when a spool is a target");
+                    spool_permits.push(spool.reserve(f.len() as u64)?);
+                }
+            }
         }
-        Ok(())
+        let mut acks = Vec::with_capacity(spool_permits.len());
+        if let Some((f, records)) = frames {
+            for permit in spool_permits {
+                acks.push(permit.send(f.clone(), records, parsed.spans, charge.clone()));
+            }
+        }
+        if !permits.is_empty() {
+            let routed = Arc::new(routed);
+            for permit in permits {
+                permit.send(routed.clone());
+            }
+        }
+        Ok(Ack(acks))
     }
 }
 
@@ -222,26 +290,29 @@ mod tests {
     fn fans_out_to_every_exporter_or_none() {
         let (a_tx, mut a_rx) = mpsc::channel(1);
         let (b_tx, mut b_rx) = mpsc::channel(2);
-        let intake = Intake::new(vec![a_tx, b_tx], vec![]);
+        let intake = Intake::new(vec![a_tx.into(), b_tx.into()], vec![]);
         intake.submit(parsed(3, 10, None), None).unwrap();
         // a is full now: the next request must not reach b either.
-        assert_eq!(intake.submit(parsed(1, 10, None), None), Err(Refusal::QueueFull));
+        assert_eq!(intake.submit(parsed(1, 10, None), None).err(), Some(Refusal::QueueFull));
         assert_eq!(a_rx.try_recv().unwrap()[0].item.chunk.spans, 3);
         assert_eq!(b_rx.try_recv().unwrap()[0].item.chunk.spans, 3);
         assert!(b_rx.try_recv().is_err());
         a_rx.close();
-        assert_eq!(intake.submit(parsed(1, 10, None), None), Err(Refusal::ShuttingDown));
+        assert_eq!(
+            intake.submit(parsed(1, 10, None), None).err(),
+            Some(Refusal::ShuttingDown)
+        );
     }
 
     #[test]
     fn memory_budget_refuses_and_releases() {
         let budget = MemoryBudget::new("memory_limiter", 2, 1);
         let (tx, mut rx) = mpsc::channel(10);
-        let intake = Intake::new(vec![tx], vec![budget.clone()]);
+        let intake = Intake::new(vec![tx.into()], vec![budget.clone()]);
         intake.submit(parsed(1, 700 * 1024, None), None).unwrap();
         assert_eq!(
-            intake.submit(parsed(1, 700 * 1024, None), None),
-            Err(Refusal::MemoryLimit)
+            intake.submit(parsed(1, 700 * 1024, None), None).err(),
+            Some(Refusal::MemoryLimit)
         );
         assert_eq!(budget.used(), 700 * 1024);
         drop(rx.try_recv().unwrap());
@@ -253,7 +324,7 @@ mod tests {
     #[test]
     fn experiment_precedence() {
         let (tx, mut rx) = mpsc::channel(10);
-        let intake = Intake::new(vec![tx], vec![]);
+        let intake = Intake::new(vec![tx.into()], vec![]);
         intake.submit(parsed(1, 1, Some("7")), Some("3")).unwrap();
         intake.submit(parsed(1, 1, None), Some("3")).unwrap();
         intake.submit(parsed(1, 1, None), None).unwrap();

@@ -39,7 +39,7 @@ impl ReceiveError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             ReceiveError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ReceiveError::Refused(Refusal::ShuttingDown) => StatusCode::SERVICE_UNAVAILABLE,
+            ReceiveError::Refused(Refusal::ShuttingDown | Refusal::DiskFull) => StatusCode::SERVICE_UNAVAILABLE,
             ReceiveError::Refused(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }

@@ -70,7 +70,7 @@ impl UnaryService<Bytes> for ExportService {
             let body = request.into_inner();
             let parsed = wire::parse_protobuf(body).map_err(|e| ReceiveError::from(e).to_grpc())?;
             let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
-            if let Err(refusal) = ctx.intake.submit(parsed, experiment.as_deref()) {
+            if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
                 ctx.refused(spans, refusal.reason());
                 return Err(ReceiveError::from(refusal).to_grpc());
             }

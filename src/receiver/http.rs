@@ -187,7 +187,7 @@ async fn receive(
         }
     };
     let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
-    if let Err(refusal) = ctx.intake.submit(parsed, experiment.as_deref()) {
+    if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
         ctx.refused(spans, refusal.reason());
         return Err(refusal.into());
     }
