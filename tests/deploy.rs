@@ -869,14 +869,6 @@ fn relay_check(config: &std::path::Path) -> (bool, Vec<String>, String) {
     (out.status.success(), problems, stderr)
 }
 
-/// Components the chart renders before the binary implements them (file_storage: the durability
-/// issue). `check` must report nothing else; once it lands the configs pass with no problem at all.
-fn not_built_yet(problem: &str) -> bool {
-    problem.contains("file_storage is not implemented yet")
-        || problem.contains("unknown extension type \"file_storage\"")
-        || (problem.contains("\"file_storage/") && problem.contains("is not defined under extensions"))
-}
-
 /// Chart and binary cannot drift: the relay ConfigMap rendered for every mode passes `check`.
 #[test]
 fn rendered_relay_config_passes_otlp_relay_check() {
@@ -887,15 +879,14 @@ fn rendered_relay_config_passes_otlp_relay_check() {
             let docs = Render::new(set, mode, true).docs();
             let config = pod_filesystem(root.path(), &docs);
             let (ok, problems, out) = relay_check(&config);
-            let unexpected: Vec<&String> = problems.iter().filter(|p| !not_built_yet(p)).collect();
             assert!(
-                (ok && problems.is_empty()) || (!ok && !problems.is_empty() && unexpected.is_empty()),
+                ok && problems.is_empty(),
                 "otlp-relay check rejects the chart's {label} config:\n{out}\n---\n{}",
                 std::fs::read_to_string(&config).unwrap()
             );
         }
     }
-    // The direct path without a spool uses only built components: it must pass outright.
+    // And without the spool.
     let root = tempfile::tempdir().unwrap();
     let docs = Render::new("full", "direct", true)
         .set("relay.spool.enabled", "false")
