@@ -43,15 +43,22 @@ pub enum DecodeError {
 }
 
 /// Validates an `ExportTraceServiceRequest` in protobuf and slices its ResourceSpans records.
+/// Records are passed on as slices of `body`; only a record with unusable span ids is decoded,
+/// to re-encode it without them.
 pub fn parse_protobuf(body: Bytes) -> Result<ParsedRequest, DecodeError> {
-    let request = ExportTraceServiceRequest::decode(body.clone())?;
-    let records = resource_span_records(&body)?;
-    if records.len() != request.resource_spans.len() {
-        return Err(DecodeError::Framing("resource_spans records do not match"));
-    }
     let mut parsed = ParsedRequest::default();
-    for (rs, (start, end)) in request.resource_spans.into_iter().zip(records) {
-        parsed.add(rs, Some(body.slice(start..end)));
+    for record in super::walk::request(&body)? {
+        if record.invalid_spans > 0 {
+            let rs = ResourceSpans::decode(&body[record.message.clone()])?;
+            parsed.add(rs, None);
+        } else if record.spans > 0 {
+            parsed.spans += record.spans;
+            parsed.chunks.push(ResourceChunk {
+                bytes: body.slice(record.field),
+                spans: record.spans,
+                experiment: record.experiment,
+            });
+        }
     }
     Ok(parsed)
 }
@@ -137,36 +144,6 @@ pub fn encode_record(rs: &ResourceSpans) -> Bytes {
     prost::encoding::encode_varint(len as u64, &mut buf);
     rs.encode(&mut buf).expect("BytesMut grows");
     buf.freeze()
-}
-
-/// Byte ranges of every top-level field-1 (resource_spans) record, in order.
-fn resource_span_records(body: &[u8]) -> Result<Vec<(usize, usize)>, DecodeError> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < body.len() {
-        let start = pos;
-        let key = read_varint(body, &mut pos)?;
-        let (field, wire_type) = (key >> 3, key & 7);
-        match wire_type {
-            0 => {
-                read_varint(body, &mut pos)?;
-            }
-            1 => pos += 8,
-            2 => {
-                let len = read_varint(body, &mut pos)? as usize;
-                pos = pos.checked_add(len).ok_or(DecodeError::Framing("length overflow"))?;
-                if field == 1 && pos <= body.len() {
-                    out.push((start, pos));
-                }
-            }
-            5 => pos += 4,
-            _ => return Err(DecodeError::Framing("unsupported wire type")),
-        }
-        if pos > body.len() {
-            return Err(DecodeError::Framing("truncated field"));
-        }
-    }
-    Ok(out)
 }
 
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {

@@ -1,0 +1,507 @@
+//! Validates an OTLP trace request by walking its protobuf encoding against the schema, without
+//! building it in memory: it checks what prost's decoder checks (field framing, wire types of
+//! known fields, UTF-8 of strings, nesting depth) and collects only what the relay needs: each
+//! ResourceSpans' byte range, span count, spans with unusable ids, and the experiment attribute.
+//! A full decode allocated for every attribute of every span only to throw it away.
+use super::wire::{DecodeError, EXPERIMENT_ATTRIBUTE};
+
+/// Below prost's (and Python protobuf's) recursion limit of 100 messages, counted from the
+/// request: a value nested deeper than MLflow can parse is refused here, not by MLflow later.
+const MAX_DEPTH: u32 = 90;
+
+/// One `resource_spans` record of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The whole field (tag, length, message): concatenations of these are valid requests.
+    pub field: std::ops::Range<usize>,
+    /// The ResourceSpans message inside it.
+    pub message: std::ops::Range<usize>,
+    pub spans: usize,
+    /// Spans whose trace_id is not 16 bytes or span_id not 8, or either all zero.
+    pub invalid_spans: usize,
+    pub experiment: Option<String>,
+}
+
+enum Wire<'a> {
+    Varint(u64),
+    Fixed64,
+    Fixed32,
+    Len(&'a [u8]),
+}
+
+fn err(what: &'static str) -> DecodeError {
+    DecodeError::Framing(what)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let byte = *self.buf.get(self.pos).ok_or(err("truncated varint"))?;
+            self.pos += 1;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(err("varint too long"))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(err("truncated field"))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    /// The next field's number and value, or None at the end of the message.
+    fn field(&mut self) -> Result<Option<(u64, Wire<'a>)>, DecodeError> {
+        if self.pos >= self.buf.len() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let number = key >> 3;
+        if number == 0 || number > u64::from(u32::MAX >> 3) {
+            return Err(err("invalid field number"));
+        }
+        let wire = match key & 7 {
+            0 => Wire::Varint(self.varint()?),
+            1 => {
+                self.take(8)?;
+                Wire::Fixed64
+            }
+            5 => {
+                self.take(4)?;
+                Wire::Fixed32
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| err("length overflow"))?;
+                Wire::Len(self.take(len)?)
+            }
+            3 | 4 => return Err(err("groups are not supported")),
+            _ => return Err(err("invalid wire type")),
+        };
+        Ok(Some((number, wire)))
+    }
+}
+
+fn len(w: Wire<'_>) -> Result<&[u8], DecodeError> {
+    match w {
+        Wire::Len(b) => Ok(b),
+        _ => Err(err("wrong wire type for a length-delimited field")),
+    }
+}
+
+fn string(w: Wire<'_>) -> Result<&str, DecodeError> {
+    std::str::from_utf8(len(w)?).map_err(|_| err("string field is not valid UTF-8"))
+}
+
+fn varint(w: Wire<'_>) -> Result<(), DecodeError> {
+    match w {
+        Wire::Varint(_) => Ok(()),
+        _ => Err(err("wrong wire type for a varint field")),
+    }
+}
+
+fn fixed64(w: Wire<'_>) -> Result<(), DecodeError> {
+    match w {
+        Wire::Fixed64 => Ok(()),
+        _ => Err(err("wrong wire type for a fixed64 field")),
+    }
+}
+
+fn fixed32(w: Wire<'_>) -> Result<(), DecodeError> {
+    match w {
+        Wire::Fixed32 => Ok(()),
+        _ => Err(err("wrong wire type for a fixed32 field")),
+    }
+}
+
+/// Walks an ExportTraceServiceRequest. Unknown fields are skipped, as prost does.
+pub fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
+    let mut r = Reader::new(body);
+    let mut records = Vec::new();
+    loop {
+        let start = r.pos;
+        let Some((number, wire)) = r.field()? else { break };
+        if number != 1 {
+            continue;
+        }
+        let message = len(wire)?;
+        let message_start = r.pos - message.len();
+        let mut record = resource_spans(message)?;
+        record.field = start..r.pos;
+        record.message = message_start..r.pos;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+fn resource_spans(buf: &[u8]) -> Result<Record, DecodeError> {
+    let mut out = Record {
+        field: 0..0,
+        message: 0..0,
+        spans: 0,
+        invalid_spans: 0,
+        experiment: None,
+    };
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => {
+                if let Some(e) = resource(len(w)?)? {
+                    out.experiment = Some(e);
+                }
+            }
+            2 => scope_spans(len(w)?, &mut out)?,
+            3 => drop(string(w)?),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Returns the experiment attribute when the resource carries a usable one.
+fn resource(buf: &[u8]) -> Result<Option<String>, DecodeError> {
+    let mut experiment = None;
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => {
+                let (key, value) = key_value(len(w)?, 1)?;
+                if key == EXPERIMENT_ATTRIBUTE {
+                    experiment = value.and_then(experiment_id);
+                }
+            }
+            2 => varint(w)?,
+            3 => entity_ref(len(w)?)?,
+            _ => {}
+        }
+    }
+    Ok(experiment)
+}
+
+fn entity_ref(buf: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        if (1..=4).contains(&number) {
+            string(w)?;
+        }
+    }
+    Ok(())
+}
+
+fn scope_spans(buf: &[u8], out: &mut Record) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => scope(len(w)?)?,
+            2 => {
+                out.spans += 1;
+                if !span(len(w)?)? {
+                    out.invalid_spans += 1;
+                }
+            }
+            3 => drop(string(w)?),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn scope(buf: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 | 2 => drop(string(w)?),
+            3 => drop(key_value(len(w)?, 1)?),
+            4 => varint(w)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn id_usable(id: &[u8], size: usize) -> bool {
+    id.len() == size && id.iter().any(|&b| b != 0)
+}
+
+/// Validates a Span; true when its ids are usable.
+fn span(buf: &[u8]) -> Result<bool, DecodeError> {
+    // Absent ids are empty, and a repeated singular field takes its last value, as in prost.
+    let (mut trace_ok, mut span_ok) = (false, false);
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => trace_ok = id_usable(len(w)?, 16),
+            2 => span_ok = id_usable(len(w)?, 8),
+            3 | 5 => drop(string(w)?),
+            4 => drop(len(w)?),
+            6 | 10 | 12 | 14 => varint(w)?,
+            7 | 8 => fixed64(w)?,
+            9 => drop(key_value(len(w)?, 1)?),
+            11 => event(len(w)?)?,
+            13 => link(len(w)?)?,
+            15 => status(len(w)?)?,
+            16 => fixed32(w)?,
+            _ => {}
+        }
+    }
+    Ok(trace_ok && span_ok)
+}
+
+fn event(buf: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => fixed64(w)?,
+            2 => drop(string(w)?),
+            3 => drop(key_value(len(w)?, 1)?),
+            4 => varint(w)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn link(buf: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 | 2 => drop(len(w)?),
+            3 => drop(string(w)?),
+            4 => drop(key_value(len(w)?, 1)?),
+            5 => varint(w)?,
+            6 => fixed32(w)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn status(buf: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            2 => drop(string(w)?),
+            3 => varint(w)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A KeyValue's key and its AnyValue's encoding.
+fn key_value(buf: &[u8], depth: u32) -> Result<(&str, Option<&[u8]>), DecodeError> {
+    let (mut key, mut value) = ("", None);
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => key = string(w)?,
+            2 => {
+                let v = len(w)?;
+                any_value(v, depth + 1)?;
+                value = Some(v);
+            }
+            3 => varint(w)?,
+            _ => {}
+        }
+    }
+    Ok((key, value))
+}
+
+fn any_value(buf: &[u8], depth: u32) -> Result<(), DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(err("attribute values nested too deeply"));
+    }
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => drop(string(w)?),
+            2 | 3 | 8 => varint(w)?,
+            4 => fixed64(w)?,
+            5 => {
+                let mut items = Reader::new(len(w)?);
+                while let Some((n, item)) = items.field()? {
+                    if n == 1 {
+                        any_value(len(item)?, depth + 1)?;
+                    }
+                }
+            }
+            6 => {
+                let mut items = Reader::new(len(w)?);
+                while let Some((n, item)) = items.field()? {
+                    if n == 1 {
+                        key_value(len(item)?, depth + 1)?;
+                    }
+                }
+            }
+            7 => drop(len(w)?),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A numeric experiment id from an AnyValue (string or int), as routing accepts it.
+fn experiment_id(value: &[u8]) -> Option<String> {
+    let mut r = Reader::new(value);
+    let mut id = None;
+    while let Ok(Some((number, w))) = r.field() {
+        match (number, w) {
+            (1, Wire::Len(b)) => id = std::str::from_utf8(b).ok().map(|s| s.trim().to_string()),
+            (3, Wire::Varint(v)) => id = Some((v as i64).to_string()),
+            _ => {}
+        }
+    }
+    id.filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadgen::spans::{Encoding, FastRng, Template, genai_shape, kv_str, plain_shape};
+    use crate::pipeline::wire::testdata;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    /// Realistic requests: nested GenAI agent traces with events, links and attributes, and
+    /// plain traces with padding attributes.
+    fn corpus() -> Vec<Vec<u8>> {
+        let resource = vec![kv_str("service.name", "agent"), kv_str(EXPERIMENT_ATTRIBUTE, "42")];
+        let mut out = Vec::new();
+        for (i, shape) in [
+            genai_shape(resource.clone(), &[], (2, 40)),
+            plain_shape(resource, &[kv_str("k", "v")], 5, (3, 20)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let template = Template::build(shape, 3, Encoding::Proto, i as u64).unwrap();
+            let mut body = Vec::new();
+            template.render(&mut FastRng::new(7), 1_700_000_000_000_000_000, &mut body);
+            out.push(body);
+        }
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![
+                testdata::resource_spans("a", 0, 2, 3),
+                testdata::resource_spans("b", 50, 1, 2),
+            ],
+        };
+        out.push(req.encode_to_vec());
+        out
+    }
+
+    /// What the relay needs from prost's full decode: span counts per ResourceSpans.
+    fn prost_view(body: &[u8]) -> Result<Vec<usize>, prost::DecodeError> {
+        let req = ExportTraceServiceRequest::decode(body)?;
+        Ok(req
+            .resource_spans
+            .iter()
+            .map(|rs| rs.scope_spans.iter().map(|s| s.spans.len()).sum())
+            .collect())
+    }
+
+    fn walk_view(body: &[u8]) -> Result<Vec<usize>, DecodeError> {
+        Ok(request(body)?.iter().map(|r| r.spans).collect())
+    }
+
+    #[test]
+    fn agrees_with_prost_on_valid_requests() {
+        for body in corpus() {
+            let records = request(&body).unwrap();
+            assert_eq!(walk_view(&body).unwrap(), prost_view(&body).unwrap());
+            let joined: Vec<u8> = records.iter().flat_map(|r| body[r.field.clone()].to_vec()).collect();
+            assert_eq!(joined, body, "records cover the request");
+            assert!(records.iter().all(|r| r.invalid_spans == 0));
+        }
+        assert_eq!(request(&corpus()[0]).unwrap()[0].experiment.as_deref(), Some("42"));
+    }
+
+    /// Thousands of corrupted requests (flipped bytes, truncations): the walker accepts exactly
+    /// what prost accepts, and then counts the same spans.
+    #[test]
+    fn agrees_with_prost_on_corrupted_requests() {
+        let mut rng = FastRng::new(2026);
+        let mut both_failed = 0;
+        for body in corpus() {
+            for round in 0..3000 {
+                let mut bad = body.clone();
+                match round % 3 {
+                    0 => bad.truncate((rng.next_u64() as usize) % body.len()),
+                    _ => {
+                        for _ in 0..=(round % 4) {
+                            let at = (rng.next_u64() as usize) % bad.len();
+                            bad[at] = rng.next_u64() as u8;
+                        }
+                    }
+                }
+                let (walked, decoded) = (walk_view(&bad), prost_view(&bad));
+                match (&walked, &decoded) {
+                    (Ok(w), Ok(d)) => assert_eq!(w, d),
+                    (Err(_), Err(_)) => both_failed += 1,
+                    // prost skips unknown groups; the walker refuses them (no OTLP sender uses them).
+                    (Err(DecodeError::Framing("groups are not supported")), Ok(_)) => {}
+                    _ => panic!("round {round}: walker {walked:?} but prost {decoded:?}"),
+                }
+            }
+        }
+        assert!(
+            both_failed > 1000,
+            "the corruptions must exercise the error paths ({both_failed})"
+        );
+    }
+
+    #[test]
+    fn unusable_ids_and_experiment_forms() {
+        let mut rs = testdata::resource_spans("a", 0, 1, 3);
+        rs.scope_spans[0].spans[0].trace_id = vec![0; 16];
+        rs.scope_spans[0].spans[1].span_id = vec![1; 7];
+        rs.resource
+            .as_mut()
+            .unwrap()
+            .attributes
+            .push(opentelemetry_proto::tonic::common::v1::KeyValue {
+                key: EXPERIMENT_ATTRIBUTE.into(),
+                value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(17)),
+                }),
+                ..Default::default()
+            });
+        let body = ExportTraceServiceRequest {
+            resource_spans: vec![rs],
+        }
+        .encode_to_vec();
+        let r = &request(&body).unwrap()[0];
+        assert_eq!((r.spans, r.invalid_spans), (3, 2));
+        assert_eq!(r.experiment.as_deref(), Some("17"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        // AnyValue{array_value: ArrayValue{values: [AnyValue{...}]}} nested past the limit.
+        let mut value: Vec<u8> = vec![0x10, 0x01];
+        for _ in 0..150 {
+            let mut array = vec![0x0a];
+            prost::encoding::encode_varint(value.len() as u64, &mut array);
+            array.extend_from_slice(&value);
+            value = vec![0x2a];
+            prost::encoding::encode_varint(array.len() as u64, &mut value);
+            value.extend_from_slice(&array);
+        }
+        assert!(any_value(&value, 1).is_err());
+    }
+}
