@@ -91,22 +91,6 @@ impl OtlpHttpExporter {
         })
     }
 
-    fn body(&self, batch: &OutBatch) -> Result<(Bytes, &'static str), ExportError> {
-        let payload = batch.payload();
-        let (raw, content_type) = if self.json {
-            use prost::Message;
-            let request =
-                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(payload.as_ref())
-                    .map_err(|e| ExportError::Encode(e.to_string()))?;
-            let json = serde_json::to_vec(&request).map_err(|e| ExportError::Encode(e.to_string()))?;
-            (Bytes::from(json), "application/json")
-        } else {
-            (payload, "application/x-protobuf")
-        };
-        let body = compress(raw, self.compression).map_err(|e| ExportError::Encode(e.to_string()))?;
-        Ok((body, content_type))
-    }
-
     /// One attempt. The caller owns retries.
     pub async fn send(&self, batch: &OutBatch, body: Bytes, content_type: &'static str) -> Result<(), ExportError> {
         let mut req = Request::builder().method(Method::POST).uri(self.url.clone());
@@ -169,9 +153,31 @@ impl OtlpHttpExporter {
     }
 
     pub async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
-        let (body, content_type) = self.body(batch)?;
+        // Compressing a large batch takes milliseconds of CPU: on the blocking pool it does not
+        // stall the async workers, so receivers keep answering and the batcher keeps draining
+        // their intake (a stalled batcher shows up as 429s to agents).
+        let (payload, json, compression) = (batch.payload(), self.json, self.compression);
+        let (body, content_type) = tokio::task::spawn_blocking(move || encode_body(payload, json, compression))
+            .await
+            .map_err(|e| ExportError::Encode(e.to_string()))??;
         self.send(batch, body, content_type).await
     }
+}
+
+/// The request body: the batch as protobuf (or OTLP/JSON), compressed as configured.
+fn encode_body(payload: Bytes, json: bool, compression: Compression) -> Result<(Bytes, &'static str), ExportError> {
+    let (raw, content_type) = if json {
+        use prost::Message;
+        let request =
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(payload.as_ref())
+                .map_err(|e| ExportError::Encode(e.to_string()))?;
+        let json = serde_json::to_vec(&request).map_err(|e| ExportError::Encode(e.to_string()))?;
+        (Bytes::from(json), "application/json")
+    } else {
+        (payload, "application/x-protobuf")
+    };
+    let body = compress(raw, compression).map_err(|e| ExportError::Encode(e.to_string()))?;
+    Ok((body, content_type))
 }
 
 /// Compresses fast: MLflow, not the wire, is the bottleneck, and CPU is what the relay saves.

@@ -35,35 +35,14 @@ impl Pacer {
     }
 }
 
-/// Parses durations like `30s`, `500ms`, `2m`, `1h`, `1m30s` or a bare number of seconds.
+/// Parses a duration for the command line: Go-style like the config (`30s`, `500ms`, `1m30s`),
+/// or a bare number of seconds as telemetrygen allows.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
         return Ok(Duration::from_secs_f64(secs.max(0.0)));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{s:?}: missing unit"))?;
-        let (num, tail) = rest.split_at(num_end);
-        let value: f64 = num.parse().map_err(|_| format!("{s:?}: bad number"))?;
-        let unit_end = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let scale = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
-        };
-        total += Duration::from_secs_f64(value * scale);
-        rest = tail;
-    }
-    Ok(total)
+    crate::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Splits `total` into `parts` shares that differ by at most one.
