@@ -360,6 +360,22 @@ pub async fn serve_admin(
     }
 }
 
+/// An error with its sources, each said once, for logs and error bodies (callers pass transport
+/// and I/O errors: URLs, never request bodies or credentials).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Binds a listen address and logs `listening component=.. addr=..` (tests and operators read
 /// the bound port from it), or names the component in the error.
 pub async fn bind(component: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {

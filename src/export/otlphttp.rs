@@ -125,7 +125,7 @@ impl OtlpHttpExporter {
             .map_err(|e| ExportError::Encode(e.to_string()))?;
         let response = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => return Err(ExportError::Timeout(self.timeout)),
-            Ok(Err(e)) => return Err(ExportError::Transport(transport_message(&e))),
+            Ok(Err(e)) => return Err(ExportError::Transport(crate::telemetry::error_chain(&e))),
             Ok(Ok(r)) => r,
         };
         let status = response.status();
@@ -209,17 +209,6 @@ async fn read_error_body(body: hyper::body::Incoming, verdict: HttpVerdict) -> S
         Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_string(),
         Err(_) => "(response body unreadable or over 16 KiB)".to_string(),
     }
-}
-
-fn transport_message(e: &hyper_util::client::legacy::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 /// Status of an HTTP answer, for tests and logs.

@@ -1,5 +1,6 @@
 //! One hyper client (http and https on rustls/aws-lc-rs) for the upstream proxy and the provider calls;
 //! it also implements oauth2/openidconnect's `AsyncHttpClient`, so no reqwest is needed.
+pub use crate::telemetry::error_chain;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -108,16 +109,4 @@ impl<'c> openidconnect::AsyncHttpClient<'c> for HttpClient {
     fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
         Box::pin(self.exchange(request))
     }
-}
-
-/// An error with its sources, for logs and 502 bodies (no secrets: URLs and I/O errors only).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

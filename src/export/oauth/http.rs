@@ -1,6 +1,7 @@
 //! A small buffered HTTP client for token endpoints, discovery documents and JWKS: hyper-util over
 //! hyper-rustls (aws-lc-rs) with the extension's TLS settings, bounded in size and time. It
 //! implements oauth2's `AsyncHttpClient`, so the `oauth2` crate runs without reqwest.
+pub use crate::telemetry::error_chain;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -124,19 +125,4 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Recording<'_> {
             Ok(resp)
         })
     }
-}
-
-/// An error with its sources (URLs and I/O errors; never request bodies).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let next = c.to_string();
-        if !s.contains(&next) {
-            s.push_str(": ");
-            s.push_str(&next);
-        }
-        cur = c.source();
-    }
-    s
 }
