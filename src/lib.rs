@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod export;
 pub mod gate;
+pub mod http_client;
 pub mod loadgen;
 pub mod pipeline;
 pub mod receiver;

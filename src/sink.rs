@@ -85,7 +85,7 @@ pub struct SinkArgs {
 pub struct JwtCheck {
     jwks_url: String,
     audience: String,
-    http: crate::export::oauth::http::HttpClient,
+    http: crate::http_client::HttpClient,
     keys: tokio::sync::RwLock<jsonwebtoken::jwk::JwkSet>,
     last_fetch: Mutex<Option<Instant>>,
     /// Hashes of the distinct valid tokens seen (not the tokens), and per key id how many.
@@ -95,8 +95,9 @@ pub struct JwtCheck {
 
 impl JwtCheck {
     fn new(jwks_url: String, audience: String) -> anyhow::Result<JwtCheck> {
-        let http = crate::export::oauth::http::HttpClient::new(
+        let http = crate::http_client::HttpClient::new(
             &crate::config::ClientTlsConfig::default(),
+            crate::http_client::any_https([jwks_url.as_str()]),
             Duration::from_secs(5),
         )?;
         Ok(JwtCheck {

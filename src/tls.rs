@@ -215,8 +215,9 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 /// A client config for exports and token requests: ca_file when set (every certificate in it is
 /// trusted, so a root + intermediate bundle works), else the system roots, which honour
-/// SSL_CERT_FILE and SSL_CERT_DIR.
-pub fn client_config(cfg: &ClientTlsConfig) -> Result<ClientConfig, TlsError> {
+/// SSL_CERT_FILE and SSL_CERT_DIR. `https` is false for a client whose URLs are all plain http
+/// (a mesh-secured MLflow): it never handshakes, so no trust roots are loaded for it.
+pub fn client_config(cfg: &ClientTlsConfig, https: bool) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let min = if cfg.min_version.is_empty() {
         "1.2"
@@ -224,20 +225,16 @@ pub fn client_config(cfg: &ClientTlsConfig) -> Result<ClientConfig, TlsError> {
         &cfg.min_version
     };
     let builder = ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(min))?;
-    let builder = if cfg.insecure_skip_verify {
+    let builder = if !https {
+        builder.with_root_certificates(RootCertStore::empty())
+    } else if cfg.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
     } else if !cfg.ca_file.is_empty() {
         builder.with_root_certificates(root_store(&cfg.ca_file)?)
     } else {
-        let mut roots = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::debug!(error = %e, "system certificate store");
-        }
-        roots.add_parsable_certificates(native.certs);
-        builder.with_root_certificates(roots)
+        builder.with_root_certificates(system_roots())
     };
     let config = if cfg.cert_file.is_empty() {
         builder.with_no_client_auth()
@@ -245,6 +242,25 @@ pub fn client_config(cfg: &ClientTlsConfig) -> Result<ClientConfig, TlsError> {
         builder.with_client_auth_cert(load_certs(&cfg.cert_file)?, load_key(&cfg.key_file)?)?
     };
     Ok(config)
+}
+
+/// The system's trust roots, parsed once per process and shared by every client that needs them:
+/// a distribution bundle plus SSL_CERT_DIR is a few hundred certificates, a few MiB of parsing
+/// and memory that were paid again for each exporter and token client.
+pub fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::debug!(error = %e, "system certificate store");
+            }
+            let mut roots = RootCertStore::empty();
+            let (added, ignored) = roots.add_parsable_certificates(native.certs);
+            tracing::debug!(added, ignored, "system trust roots loaded");
+            Arc::new(roots)
+        })
+        .clone()
 }
 
 /// `insecure_skip_verify: true`: accepts any server certificate (signatures still checked).

@@ -4,7 +4,6 @@
 //! endpoint fails and reports refused credentials on /readyz. Tokens never reach logs, errors or
 //! metrics: at debug level only their iss, aud, azp and exp are logged.
 pub mod cache;
-pub mod http;
 pub mod inspect;
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,9 +15,9 @@ use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenRe
 
 use super::auth::{AuthError, AuthFuture, Authenticator};
 use crate::config::OAuth2ClientConfig;
+use crate::http_client::{self, HttpClient, Recording, error_chain};
 use crate::telemetry::{Health, Metrics, TokenLabels, TokenResultLabels};
 use cache::{Check, Failure, FailureKind, TokenState};
-use http::{HttpClient, Recording, error_chain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -136,7 +135,11 @@ impl OAuth2Client {
     pub fn new(id: &str, cfg: &OAuth2ClientConfig) -> Result<OAuth2Client, SetupError> {
         Ok(OAuth2Client {
             id: id.to_string(),
-            http: HttpClient::new(&cfg.tls, cfg.timeout.0)?,
+            http: HttpClient::new(
+                &cfg.tls,
+                http_client::any_https([cfg.token_url.as_str(), &cfg.discovery_url]),
+                cfg.timeout.0,
+            )?,
             client_id: Secret::new("client_id_file", &cfg.client_id, &cfg.client_id_file)?,
             client_secret: Secret::new("client_secret_file", &cfg.client_secret, &cfg.client_secret_file)?,
             token_url: Mutex::new((!cfg.token_url.is_empty()).then(|| cfg.token_url.clone())),
@@ -382,7 +385,7 @@ pub fn lifetime(expires_in: Option<Duration>, exp: Option<u64>, now: SystemTime)
 fn classify(
     token_url: &str,
     status: Option<::http::StatusCode>,
-    e: RequestTokenError<http::HttpError, oauth2::basic::BasicErrorResponse>,
+    e: RequestTokenError<http_client::HttpError, oauth2::basic::BasicErrorResponse>,
 ) -> Failure {
     let refused = status.is_some_and(|s| matches!(s.as_u16(), 400 | 401 | 403));
     let status_text = status.map(|s| s.as_u16().to_string()).unwrap_or_default();

@@ -9,7 +9,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri,
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use super::auth::Authenticator;
 use super::retry::{HttpVerdict, classify_http};
@@ -59,15 +58,8 @@ impl OtlpHttpExporter {
     pub fn new(cfg: &OtlpHttpExporterConfig, auth: Option<Arc<dyn Authenticator>>) -> Result<Self, SetupError> {
         let url_text = traces_url(cfg);
         let url: Uri = url_text.parse().map_err(|_| SetupError::Url(url_text.clone()))?;
-        let tls = crate::tls::client_config(&cfg.tls)?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let tls = crate::tls::client_config(&cfg.tls, url.scheme() == Some(&http::uri::Scheme::HTTPS))?;
+        let client = crate::http_client::pooled(tls, cfg.timeout.0, Duration::from_secs(30));
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
             // validate() checked names and values.

@@ -5,7 +5,6 @@
 //! per experiment from an optional permissions file; OIDC_EXCLUDE_PATHS pass without authentication.
 pub mod authz;
 pub mod config;
-pub mod http_client;
 pub mod jwt;
 pub mod metrics;
 pub mod oidc;
@@ -27,17 +26,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::http_client::{HttpClient, error_chain};
 use authz::{Decision, Experiment, Policy};
 use config::GateConfig;
-use http_client::{Body, BoxError, HttpClient, error_chain, full};
 use metrics::{GateMetrics, StatusLabel};
 use oidc::Oidc;
+use proxy::{Body, BoxError, full};
 use session::{Identity, LOGIN_COOKIE, LoginState, SESSION_COOKIE, Sealer, Session};
 
 /// Largest JSON request body read to find the experiments it touches (MLflow API calls are small).
 const MAX_INSPECTED_BODY: usize = 1 << 20;
 const LOGIN_TTL_SECS: u64 = 600;
 const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Bounds each provider call (discovery, JWKS, token) and MLflow look-up.
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct GateArgs {}
@@ -161,7 +164,10 @@ pub struct Gate {
     policy: Policy,
     sealer: Sealer,
     oidc: Oidc,
+    /// Provider calls and MLflow look-ups (buffered, bounded).
     http: HttpClient,
+    /// The proxied requests (streamed).
+    upstream: proxy::UpstreamClient,
     metrics: GateMetrics,
     names: Mutex<HashMap<String, (String, Instant)>>,
     upstream_scheme: String,
@@ -234,7 +240,12 @@ fn is_browser_navigation(req: &Request<Body>) -> bool {
 impl Gate {
     pub fn new(cfg: GateConfig) -> Gate {
         let cfg = Arc::new(cfg);
-        let http = HttpClient::new();
+        // Trust roots only when something is reached over https; the default TLS settings name
+        // no files, so building the client cannot fail.
+        let https = crate::http_client::any_https([cfg.discovery_url.as_str(), &cfg.upstream.to_string()]);
+        let tls = crate::tls::client_config(&Default::default(), https).expect("default client TLS settings");
+        let http = HttpClient::new(&Default::default(), https, PROVIDER_TIMEOUT).expect("default client TLS settings");
+        let upstream = crate::http_client::pooled(tls, UPSTREAM_CONNECT_TIMEOUT, Duration::from_secs(60));
         let sealer = match &cfg.secret_key {
             Some(k) => Sealer::new(k.0.as_bytes()),
             None => Sealer::random(),
@@ -246,6 +257,7 @@ impl Gate {
             oidc: Oidc::new(cfg.clone(), http.clone()),
             sealer,
             http,
+            upstream,
             metrics: GateMetrics::new(),
             names: Mutex::new(HashMap::new()),
             upstream_scheme,
@@ -629,7 +641,7 @@ impl Gate {
         let proto = proxy::client_proto(&parts.headers);
         proxy::upstream_request_headers(&mut parts.headers, identity, peer, &self.upstream_authority, &proto);
         let started = Instant::now();
-        match self.http.inner.request(Request::from_parts(parts, body)).await {
+        match self.upstream.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 self.metrics.upstream_seconds.observe(started.elapsed().as_secs_f64());
                 let (mut parts, body) = resp.into_parts();

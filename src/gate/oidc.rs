@@ -12,9 +12,9 @@ use openidconnect::{
 use tokio::sync::{Mutex, RwLock};
 
 use super::config::GateConfig;
-use super::http_client::{HttpClient, error_chain};
 use super::jwt::{self, JwtError, JwtRules, KeySet};
 use super::session::{Identity, LoginState};
+use crate::http_client::{HttpClient, error_chain};
 
 type Client =
     CoreClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointMaybeSet, EndpointMaybeSet>;

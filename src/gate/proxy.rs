@@ -2,9 +2,23 @@
 //! stripped, X-Forwarded-* set, MLflow's accepted Host), bodies streamed both ways.
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
 use super::session::{Identity, LOGIN_COOKIE, SESSION_COOKIE};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request and response bodies on both sides of the gate.
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Body,
+>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
 
 pub const X_FORWARDED_USER: &str = "x-forwarded-user";
 pub const X_FORWARDED_EMAIL: &str = "x-forwarded-email";

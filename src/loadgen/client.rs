@@ -44,19 +44,16 @@ pub fn client_tls(opts: &TlsOptions) -> Result<rustls::ClientConfig, ClientError
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let pem_err =
         |p: &std::path::Path, e: &dyn std::fmt::Display| ClientError::Pem(p.display().to_string(), e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    match &opts.ca_cert {
+    let roots = match &opts.ca_cert {
         Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, &e))? {
                 roots.add(c.map_err(|e| pem_err(ca, &e))?)?;
             }
+            Arc::new(roots)
         }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
+        None => crate::tls::system_roots(),
+    };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -1,6 +1,8 @@
-//! A small buffered HTTP client for token endpoints, discovery documents and JWKS: hyper-util over
-//! hyper-rustls (aws-lc-rs) with the extension's TLS settings, bounded in size and time. It
-//! implements oauth2's `AsyncHttpClient`, so the `oauth2` crate runs without reqwest.
+//! Outbound HTTP for everything but the span path's hot loop: one connector (http and https on
+//! rustls/aws-lc-rs) shared by exporters and the gate's upstream, and a bounded, buffered
+//! client for token endpoints, discovery documents, JWKS and the gate's provider calls. The
+//! client implements oauth2's `AsyncHttpClient` (openidconnect re-exports it), so neither crate
+//! needs reqwest.
 pub use crate::telemetry::error_chain;
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +20,37 @@ use crate::config::ClientTlsConfig;
 
 /// Largest answer read from a provider (token responses, discovery and JWKS are a few KiB).
 const MAX_RESPONSE: usize = 1 << 20;
+
+/// True when any of `urls` needs TLS (only then are trust roots loaded).
+pub fn any_https<'a>(urls: impl IntoIterator<Item = &'a str>) -> bool {
+    urls.into_iter()
+        .any(|u| u.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")))
+}
+
+/// A pooled hyper client over http or https with `tls`; TCP_NODELAY because every request is
+/// written whole and waits for its answer.
+pub fn pooled<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    idle: Duration,
+) -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .build(connector)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -39,21 +72,11 @@ pub struct HttpClient {
 
 impl HttpClient {
     /// `tls` decides the trust roots (ca_file, else the system's and SSL_CERT_FILE) and an
-    /// optional client certificate; `timeout` bounds each whole exchange.
-    pub fn new(tls: &ClientTlsConfig, timeout: Duration) -> Result<HttpClient, crate::tls::TlsError> {
-        let tls = crate::tls::client_config(tls)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+    /// optional client certificate; `https` says whether any URL it will be given is https;
+    /// `timeout` bounds each whole exchange.
+    pub fn new(tls: &ClientTlsConfig, https: bool, timeout: Duration) -> Result<HttpClient, crate::tls::TlsError> {
+        let tls = crate::tls::client_config(tls, https)?;
+        let inner = pooled(tls, timeout, Duration::from_secs(30));
         Ok(HttpClient { inner, timeout })
     }
 
@@ -80,8 +103,8 @@ impl HttpClient {
             .map_err(|_| HttpError::Timeout(timeout))?
     }
 
-    /// GET a JSON document; any status but 200 is an error.
-    pub async fn get_json(&self, url: &str) -> Result<serde_json::Value, HttpError> {
+    /// GET a URL; any status but 200 is an error.
+    pub async fn get(&self, url: &str) -> Result<Vec<u8>, HttpError> {
         let req = http::Request::get(url)
             .header(http::header::ACCEPT, "application/json")
             .body(Vec::new())
@@ -90,7 +113,13 @@ impl HttpClient {
         if resp.status() != StatusCode::OK {
             return Err(HttpError::Transport(format!("GET {url}: HTTP {}", resp.status())));
         }
-        serde_json::from_slice(resp.body()).map_err(|e| HttpError::Body(format!("GET {url}: {e}")))
+        Ok(resp.into_body())
+    }
+
+    /// GET a JSON document; any status but 200 is an error.
+    pub async fn get_json(&self, url: &str) -> Result<serde_json::Value, HttpError> {
+        let body = self.get(url).await?;
+        serde_json::from_slice(&body).map_err(|e| HttpError::Body(format!("GET {url}: {e}")))
     }
 }
 
@@ -124,5 +153,27 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Recording<'_> {
             *self.status.lock().unwrap() = Some(resp.status());
             Ok(resp)
         })
+    }
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for HttpClient {
+    type Error = HttpError;
+    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(self.exchange(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::any_https;
+
+    #[test]
+    fn https_is_decided_by_the_scheme_of_any_url() {
+        assert!(!any_https(["http://127.0.0.1:5000/v1/traces", ""]));
+        assert!(any_https(["http://mlflow:5000", "HTTPS://keycloak/realms/x"]));
+        assert!(!any_https(["httpsx", "ftp://https://"]));
+        assert!(!any_https::<[&str; 0]>([]));
     }
 }
