@@ -174,6 +174,6 @@ mod tests {
         assert!(!any_https(["http://127.0.0.1:5000/v1/traces", ""]));
         assert!(any_https(["http://mlflow:5000", "HTTPS://keycloak/realms/x"]));
         assert!(!any_https(["httpsx", "ftp://https://"]));
-        assert!(!any_https::<[&str; 0]>([]));
+        assert!(!any_https(Vec::<&str>::new()));
     }
 }
