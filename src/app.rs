@@ -437,7 +437,11 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     }
     drop(inputs);
     health.set_started();
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "relay started");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "relay started"
+    );
 
     wait_for_signal().await;
     let deadline = config.service.shutdown_timeout.0;

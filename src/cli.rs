@@ -12,6 +12,11 @@ pub const EXIT_BAD_CONFIG: u8 = 64;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Worker threads of the async runtime (default: the CPUs this process may use, which
+    /// honours a cgroup CPU limit). Set it to the pod's CPU request when there is no limit: on a
+    /// big node the default would start one thread per node core.
+    #[arg(long, global = true, env = "OTLP_RELAY_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
@@ -64,14 +69,16 @@ pub fn init_logging(format: LogFormat, level: Option<&str>) {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+fn build_runtime(threads: Option<u16>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.into());
+    }
+    builder.enable_all().build().expect("tokio runtime")
 }
 
 pub fn main(cli: Cli) -> ExitCode {
+    let runtime = || build_runtime(cli.threads);
     match cli.command {
         Command::Run { config, log_format } => crate::app::run_main(&config, log_format, runtime()),
         Command::Check { config } => crate::app::check_main(&config),

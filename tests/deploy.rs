@@ -306,6 +306,16 @@ fn relay_workload_contract() {
         let env = at(c, "env");
         let token = mode != "direct";
         assert_eq!(env_var(env, "OIDC_TOKEN_URL").is_some(), token, "{mode}");
+        // Runtime threads follow the CPU request, not the node's core count.
+        let threads = env_var(env, "OTLP_RELAY_THREADS").expect("OTLP_RELAY_THREADS");
+        assert_eq!(
+            at(threads, "valueFrom.resourceFieldRef.resource").as_str(),
+            Some("requests.cpu")
+        );
+        assert_eq!(
+            at(threads, "valueFrom.resourceFieldRef.containerName").as_str(),
+            Some("relay")
+        );
         let exporters: Vec<&str> = at(&config, "service.pipelines.traces.exporters")
             .as_sequence()
             .unwrap()

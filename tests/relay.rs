@@ -573,3 +573,20 @@ fn bad_config_exits_64_before_binding() {
     let mut check = support::Proc::relay("check", &["check", "--config", good.to_str().unwrap()]);
     assert_eq!(check.wait_exit(T), Some(0), "{}", check.output_text());
 }
+
+#[test]
+fn runtime_threads_follow_the_flag_and_refuse_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "receivers: {otlp: {protocols: {http: {endpoint: '127.0.0.1:0'}}}}\nexporters: {debug: {}}\nservice: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}, telemetry: {metrics: {address: '127.0.0.1:0'}}}\n";
+    let path = support::write_file(dir.path(), "config.yaml", config);
+    let path = path.to_str().unwrap();
+    let mut one = support::Proc::relay("relay", &["run", "--threads", "1", "--config", path]);
+    let started = one.wait_line("relay started", T);
+    assert!(started.contains("threads=1"), "{started}");
+    let mut three = support::Proc::relay("relay", &["--threads", "3", "run", "--config", path]);
+    let started = three.wait_line("relay started", T);
+    assert!(started.contains("threads=3"), "{started}");
+    let mut zero = support::Proc::relay("relay", &["run", "--threads", "0", "--config", path]);
+    assert_eq!(zero.wait_exit(T), Some(2));
+    assert!(zero.output_text().contains("--threads"), "{}", zero.output_text());
+}
