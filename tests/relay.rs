@@ -275,6 +275,13 @@ async fn status_rules_follow_otlp() {
     assert_eq!(http("POST", addr, "/v1/metrics", &proto, b"").0, 404);
     // Oversize on the wire, and a gzip bomb: 1 KiB compressed, 8 MiB inflated.
     assert_eq!(post(&proto, &vec![0u8; 1024 * 1024 + 1]).0, 413);
+    // A client still sending an oversized body reads the 413, not a connection reset (which OTLP
+    // exporters would retry): 16 MiB cannot all wait in socket buffers, so the relay must read it.
+    assert_eq!(post(&proto, &vec![0u8; 16 * 1024 * 1024]).0, 413);
+    assert_eq!(
+        post(&[("content-type", "text/plain")], &vec![0u8; 16 * 1024 * 1024]).0,
+        415
+    );
     let bomb = gzip(&vec![0u8; 8 * 1024 * 1024]);
     assert!(bomb.len() < 64 * 1024);
     assert_eq!(

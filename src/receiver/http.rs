@@ -68,6 +68,30 @@ pub fn decompress(body: Bytes, encoding: Option<&str>, limit: usize, limit_mib: 
     Ok(Bytes::from(out))
 }
 
+/// The most of a refused (oversized) body read and thrown away before answering.
+const DISCARD_MAX: u64 = 64 * 1024 * 1024;
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and discards what is left of a refused request's body (nothing, when it was read
+/// whole), bounded in bytes and time: an HTTP/1.1 client still sending would otherwise get a
+/// connection reset instead of our answer, and OTLP exporters retry a reset as a transport
+/// error (forever, for a 413 or 415 that no retry can fix), where those statuses are permanent.
+async fn discard_refused(body: &mut Incoming, declared: Option<u64>) {
+    if declared.is_some_and(|n| n > DISCARD_MAX) {
+        return;
+    }
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > DISCARD_MAX {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 fn respond(status: StatusCode, encoding: Encoding, body: Bytes) -> Response<ResponseBody> {
     Response::builder()
         .status(status)
@@ -114,19 +138,37 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: hyper::Request<Incoming>,
 ) -> Response<ResponseBody> {
-    if req.uri().path() != TRACES_PATH {
+    let (parts, mut body) = req.into_parts();
+    let response = answer(&ctx, &conn, &parts, &mut body).await;
+    if !response.status().is_success() {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        discard_refused(&mut body, declared).await;
+    }
+    response
+}
+
+async fn answer(
+    ctx: &ReceiverContext,
+    conn: &ConnInfo,
+    parts: &http::request::Parts,
+    body: &mut Incoming,
+) -> Response<ResponseBody> {
+    if parts.uri.path() != TRACES_PATH {
         return plain(StatusCode::NOT_FOUND, "not found: OTLP traces go to POST /v1/traces\n");
     }
-    if req.method() != Method::POST {
+    if parts.method != Method::POST {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use POST\n");
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         return r;
     }
-    let encoding = match parse_content_type(req.headers().get(header::CONTENT_TYPE)) {
+    let encoding = match parse_content_type(parts.headers.get(header::CONTENT_TYPE)) {
         Ok(e) => e,
         Err(e) => return error_response(&e, Encoding::Protobuf),
     };
-    match receive(&ctx, &conn, req, encoding).await {
+    match receive(ctx, conn, &parts.headers, body, encoding).await {
         Ok(parsed) => {
             let partial_success = parsed.1.map(|error_message| ExportTracePartialSuccess {
                 rejected_spans: parsed.0 as i64,
@@ -149,7 +191,8 @@ pub async fn handle(
 async fn receive(
     ctx: &ReceiverContext,
     conn: &ConnInfo,
-    req: hyper::Request<Incoming>,
+    headers: &http::HeaderMap,
+    body: &mut Incoming,
     encoding: Encoding,
 ) -> Result<(usize, Option<String>), ReceiveError> {
     if !conn.allowed {
@@ -159,20 +202,18 @@ async fn receive(
     let too_large = ReceiveError::TooLarge {
         limit_mib: ctx.max_recv_msg_size_mib,
     };
-    let declared = req
-        .headers()
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large);
     }
-    let experiment = request_experiment(ctx, req.headers());
-    let content_encoding = req
-        .headers()
+    let experiment = request_experiment(ctx, headers);
+    let content_encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = match Limited::new(req.into_body(), limit).collect().await {
+    let body = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large),
         Err(e) => return Err(ReceiveError::Body(e.to_string())),
