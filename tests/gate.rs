@@ -496,6 +496,55 @@ fn name_globs(w: &mut World) {
     let (s, b, _) = send("0");
     assert_eq!(s, 403, "Default does not match gate-*: {b}");
     assert!(b.contains("EDIT permission on experiment 0"), "{b}");
+
+    // Run APIs name only the run: the gate looks up its experiment. A run in gate-e2e takes
+    // the reader's metrics; a run in Default is neither readable nor writable by them.
+    let json = |path: &str, body: serde_json::Value| {
+        let (s, _, b) = request(
+            "POST",
+            g.addr,
+            path,
+            &[("content-type", "application/json"), ("authorization", &reader)],
+            body.to_string().as_bytes(),
+        );
+        (s, b)
+    };
+    let (s, b) = json(
+        "/api/2.0/mlflow/runs/create",
+        serde_json::json!({"experiment_id": w.experiment, "start_time": 0}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let mine: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let mine = mine.pointer("/run/info/run_id").unwrap().as_str().unwrap().to_string();
+    let metric = |run: &str| serde_json::json!({"run_id": run, "key": "loss", "value": 0.5, "timestamp": 0, "step": 0});
+    let (s, b) = json("/api/2.0/mlflow/runs/log-metric", metric(&mine));
+    assert_eq!(s, 200, "EDIT on gate-* covers its runs: {b}");
+    let (s, other) = w.mlflow.post_json(
+        "/api/2.0/mlflow/runs/create",
+        &serde_json::json!({"experiment_id": "0", "start_time": 0}),
+    );
+    assert_eq!(s, 200, "{other}");
+    let other = other.pointer("/run/info/run_id").unwrap().as_str().unwrap().to_string();
+    let (s, b) = json("/api/2.0/mlflow/runs/log-metric", metric(&other));
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("EDIT permission on experiment 0"), "{b}");
+    let (s, _, b) = request(
+        "GET",
+        g.addr,
+        &format!("/api/2.0/mlflow/runs/get?run_id={other}"),
+        &[("authorization", &reader)],
+        b"",
+    );
+    assert_eq!(s, 403, "a run in an experiment the reader has no rule for: {b}");
+    let (s, _, b) = request(
+        "GET",
+        g.addr,
+        &format!("/api/2.0/mlflow/runs/get?run_id={mine}"),
+        &[("authorization", &reader)],
+        b"",
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("loss"), "the metric went through: {b}");
 }
 
 fn expired_token(w: &mut World) {

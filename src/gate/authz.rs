@@ -287,10 +287,39 @@ pub fn experiments_in_json(v: &serde_json::Value) -> Vec<String> {
     out
 }
 
+/// Run ids named in a query string or a JSON body (`run_id`, and the older `run_uuid`): MLflow's
+/// run APIs name only the run, so its experiment is looked up before deciding.
+pub fn runs_in(query: &str, body: Option<&serde_json::Value>) -> Vec<String> {
+    let is_run_key = |k: &str| k == "run_id" || k == "run_uuid";
+    let mut out: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| is_run_key(k))
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    if let Some(serde_json::Value::Object(m)) = body {
+        out.extend(
+            m.iter()
+                .filter(|(k, _)| is_run_key(k))
+                .filter_map(|(_, v)| v.as_str().map(str::to_owned)),
+        );
+    }
+    out.retain(|r| !r.is_empty());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::Method;
+
+    #[test]
+    fn run_ids_come_from_query_and_body() {
+        let body = serde_json::json!({"run_id": "b", "run_uuid": "c", "key": "m", "value": 1});
+        let mut runs = runs_in("run_id=a&experiment_id=1", Some(&body));
+        runs.sort();
+        assert_eq!(runs, ["a", "b", "c"]);
+        assert!(runs_in("run_id=", Some(&serde_json::json!([{"run_id": "x"}]))).is_empty());
+        assert!(runs_in("", None).is_empty());
+    }
 
     fn exp(id: &str, name: &str) -> Experiment {
         Experiment {

@@ -170,8 +170,14 @@ pub struct Gate {
     upstream: proxy::UpstreamClient,
     metrics: GateMetrics,
     names: Mutex<HashMap<String, (String, Instant)>>,
+    /// Run id → experiment id.
+    run_experiments: Mutex<HashMap<String, String>>,
     upstream_scheme: String,
     upstream_authority: String,
+}
+
+fn query_value(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
 }
 
 /// Reads a whole body of at most `limit` bytes (None: larger, or the client broke off).
@@ -260,6 +266,7 @@ impl Gate {
             upstream,
             metrics: GateMetrics::new(),
             names: Mutex::new(HashMap::new()),
+            run_experiments: Mutex::new(HashMap::new()),
             upstream_scheme,
             upstream_authority,
             cfg,
@@ -564,13 +571,16 @@ impl Gate {
     }
 
     /// The experiments a request touches: x-mlflow-experiment-id, experiment_id(s) in the query, and in
-    /// a small JSON body (read here, then passed on unchanged). Names are looked up when rules need them.
+    /// a small JSON body (read here, then passed on unchanged), plus the experiments of the runs it
+    /// names (looked up in MLflow). Names are looked up when rules need them.
     async fn experiments_of(&self, req: Request<Body>) -> Result<(Request<Body>, Vec<Experiment>), Response<Body>> {
         let mut ids: Vec<String> = Vec::new();
         if let Some(h) = header_str(&req, "x-mlflow-experiment-id") {
             ids.push(h.trim().to_string());
         }
-        ids.extend(authz::experiments_in_query(req.uri().query().unwrap_or("")));
+        let query = req.uri().query().unwrap_or("").to_string();
+        ids.extend(authz::experiments_in_query(&query));
+        let mut body_json = None;
         let is_json = header_str(&req, header::CONTENT_TYPE).is_some_and(|c| c.starts_with("application/json"));
         let path = req.uri().path();
         let api = path.starts_with("/api/") || path.starts_with("/ajax-api/");
@@ -584,11 +594,18 @@ impl Gate {
             };
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                 ids.extend(authz::experiments_in_json(&v));
+                body_json = Some(v);
             }
             Request::from_parts(parts, full(bytes))
         } else {
             req
         };
+        for run in authz::runs_in(&query, body_json.as_ref()) {
+            // An unknown run names no experiment: MLflow answers it with 404 anyway.
+            if let Some(id) = self.run_experiment(&run).await {
+                ids.push(id);
+            }
+        }
         ids.sort();
         ids.dedup();
         let mut out = Vec::with_capacity(ids.len());
@@ -603,23 +620,49 @@ impl Gate {
         Ok((req, out))
     }
 
+    /// The experiment a run belongs to, from MLflow (cached: a run never changes experiment).
+    async fn run_experiment(&self, run_id: &str) -> Option<String> {
+        if let Some(id) = self.run_experiments.lock().await.get(run_id) {
+            return Some(id.clone());
+        }
+        let v = self
+            .upstream_json(&format!("/api/2.0/mlflow/runs/get?run_id={}", query_value(run_id)))
+            .await?;
+        let id = v.pointer("/run/info/experiment_id")?.as_str()?.to_string();
+        let mut runs = self.run_experiments.lock().await;
+        if runs.len() > 100_000 {
+            runs.clear();
+        }
+        runs.insert(run_id.to_string(), id.clone());
+        Some(id)
+    }
+
+    /// GET an MLflow API path as the gate itself (for look-ups that authorization needs).
+    async fn upstream_json(&self, path_and_query: &str) -> Option<serde_json::Value> {
+        let uri = format!("{}://{}{path_and_query}", self.upstream_scheme, self.upstream_authority);
+        let req = http::Request::get(uri)
+            .header(header::HOST, &self.upstream_authority)
+            .body(Vec::new())
+            .ok()?;
+        let resp = self.http.exchange(req).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        serde_json::from_slice(resp.body()).ok()
+    }
+
     async fn experiment_name(&self, id: &str) -> Option<String> {
         if let Some((n, at)) = self.names.lock().await.get(id)
             && at.elapsed() < NAME_CACHE_TTL
         {
             return Some(n.clone());
         }
-        let id_q: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
-        let uri = format!(
-            "{}://{}/api/2.0/mlflow/experiments/get?experiment_id={id_q}",
-            self.upstream_scheme, self.upstream_authority
-        );
-        let req = http::Request::get(uri)
-            .header(header::HOST, &self.upstream_authority)
-            .body(Vec::new())
-            .ok()?;
-        let resp = self.http.exchange(req).await.ok()?;
-        let v: serde_json::Value = serde_json::from_slice(resp.body()).ok()?;
+        let v = self
+            .upstream_json(&format!(
+                "/api/2.0/mlflow/experiments/get?experiment_id={}",
+                query_value(id)
+            ))
+            .await?;
         let name = v.pointer("/experiment/name")?.as_str()?.to_string();
         let mut names = self.names.lock().await;
         if names.len() > 10_000 {
