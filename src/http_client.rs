@@ -1,8 +1,7 @@
-//! Outbound HTTP for everything but the span path's hot loop: one connector (http and https on
-//! rustls/aws-lc-rs) shared by exporters and the gate's upstream, and a bounded, buffered
-//! client for token endpoints, discovery documents, JWKS and the gate's provider calls. The
-//! client implements oauth2's `AsyncHttpClient` (openidconnect re-exports it), so neither crate
-//! needs reqwest.
+//! Outbound HTTP: one pooled connector (http and https on rustls/aws-lc-rs) for exporters, the
+//! gate's upstream and provider calls, and a bounded, buffered client for token endpoints,
+//! discovery documents, JWKS and the gate's look-ups. That client implements oauth2's
+//! `AsyncHttpClient` (openidconnect re-exports it), so neither crate needs reqwest.
 pub use crate::telemetry::error_chain;
 use std::future::Future;
 use std::pin::Pin;

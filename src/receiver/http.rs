@@ -68,7 +68,7 @@ pub fn decompress(body: Bytes, encoding: Option<&str>, limit: usize, limit_mib: 
     Ok(Bytes::from(out))
 }
 
-/// The most of a refused (oversized) body read and thrown away before answering.
+/// The most of a refused body read and thrown away before answering.
 const DISCARD_MAX: u64 = 64 * 1024 * 1024;
 const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
