@@ -545,6 +545,35 @@ fn name_globs(w: &mut World) {
     );
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("loss"), "the metric went through: {b}");
+
+    // Reads that name no experiment: MLflow's answer keeps only what the reader may read.
+    let (s, b) = json(
+        "/api/2.0/mlflow/experiments/search",
+        serde_json::json!({"max_results": 100}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&b).unwrap()["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["gate-e2e"], "Default (experiment 0) is filtered out: {b}");
+    let by_name = |name: &str| {
+        let (s, _, b) = request(
+            "GET",
+            g.addr,
+            &format!("/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}"),
+            &[("authorization", &reader)],
+            b"",
+        );
+        (s, b)
+    };
+    let (s, b) = by_name("gate-e2e");
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = by_name("Default");
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("READ permission on experiment 0"), "{b}");
 }
 
 fn expired_token(w: &mut World) {

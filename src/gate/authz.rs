@@ -287,6 +287,48 @@ pub fn experiments_in_json(v: &serde_json::Value) -> Vec<String> {
     out
 }
 
+/// What a read that named no experiment may see of MLflow's answer.
+#[derive(Debug, PartialEq)]
+pub enum Visible {
+    /// Nothing in it belongs to an experiment the caller may not read.
+    All,
+    /// `experiments` (a search or list) with the entries the caller may not read removed.
+    Filtered(serde_json::Value),
+    /// A single `experiment` (get-by-name) the caller may not read: its id.
+    Denied(String),
+}
+
+/// Applies READ per experiment to an MLflow answer: `experiments: [...]` is filtered and a single
+/// `experiment: {...}` refused, using `allowed` on each entry's id and name.
+pub fn visible(mut answer: serde_json::Value, allowed: impl Fn(&Experiment) -> bool) -> Visible {
+    let entry = |v: &serde_json::Value| Experiment {
+        id: v
+            .get("experiment_id")
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        name: v.get("name").and_then(|x| x.as_str()).map(str::to_owned),
+    };
+    if let Some(one) = answer.get("experiment") {
+        let e = entry(one);
+        return if allowed(&e) {
+            Visible::All
+        } else {
+            Visible::Denied(e.id)
+        };
+    }
+    let Some(serde_json::Value::Array(list)) = answer.get_mut("experiments") else {
+        return Visible::All;
+    };
+    let before = list.len();
+    list.retain(|v| allowed(&entry(v)));
+    if list.len() == before {
+        Visible::All
+    } else {
+        Visible::Filtered(answer)
+    }
+}
+
 /// Run ids named in a query string or a JSON body (`run_id`, and the older `run_uuid`): MLflow's
 /// run APIs name only the run, so its experiment is looked up before deciding.
 pub fn runs_in(query: &str, body: Option<&serde_json::Value>) -> Vec<String> {
@@ -310,6 +352,28 @@ pub fn runs_in(query: &str, body: Option<&serde_json::Value>) -> Vec<String> {
 mod tests {
     use super::*;
     use http::Method;
+
+    #[test]
+    fn answers_show_only_readable_experiments() {
+        let only_a = |e: &Experiment| e.id == "1" || e.name.as_deref() == Some("a");
+        let search = serde_json::json!({"experiments": [
+            {"experiment_id": "1", "name": "a"}, {"experiment_id": "2", "name": "b"}
+        ], "next_page_token": "t"});
+        match visible(search, only_a) {
+            Visible::Filtered(v) => {
+                assert_eq!(v["experiments"].as_array().unwrap().len(), 1);
+                assert_eq!(v["experiments"][0]["name"], "a");
+                assert_eq!(v["next_page_token"], "t");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mine = serde_json::json!({"experiments": [{"experiment_id": "1", "name": "a"}]});
+        assert_eq!(visible(mine, only_a), Visible::All);
+        let other = serde_json::json!({"experiment": {"experiment_id": "2", "name": "b"}});
+        assert_eq!(visible(other, only_a), Visible::Denied("2".into()));
+        let unrelated = serde_json::json!({"registered_models": []});
+        assert_eq!(visible(unrelated, only_a), Visible::All);
+    }
 
     #[test]
     fn run_ids_come_from_query_and_body() {

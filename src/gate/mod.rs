@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::http_client::{HttpClient, error_chain};
-use authz::{Decision, Experiment, Policy};
+use authz::{Decision, Experiment, Level, Policy, Visible};
 use config::GateConfig;
 use metrics::{GateMetrics, StatusLabel};
 use oidc::Oidc;
@@ -36,6 +36,8 @@ use session::{Identity, LOGIN_COOKIE, LoginState, SESSION_COOKIE, Sealer, Sessio
 
 /// Largest JSON request body read to find the experiments it touches (MLflow API calls are small).
 const MAX_INSPECTED_BODY: usize = 1 << 20;
+/// Largest MLflow answer read to remove experiments the caller may not see (a search page).
+const MAX_FILTERED_ANSWER: usize = 32 << 20;
 const LOGIN_TTL_SECS: u64 = 600;
 const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Bounds each provider call (discovery, JWKS, token) and MLflow look-up.
@@ -365,7 +367,64 @@ impl Gate {
             tracing::info!(user = %identity.user, method = %req.method(), path = %path, "forbidden: {}", decision.detail());
             return detail(StatusCode::FORBIDDEN, &decision.detail());
         }
-        self.forward(req, Some(&identity), peer).await
+        // A read naming no experiment (a search, get-by-name) was allowed for READ somewhere: what
+        // MLflow answers is then cut down to the experiments the caller may read.
+        let per_experiment_answer =
+            need == Level::Read && experiments.is_empty() && self.policy.needs_experiments(&identity.groups);
+        let mut req = req;
+        if per_experiment_answer {
+            req.headers_mut().remove(header::ACCEPT_ENCODING);
+        }
+        let resp = self.forward(req, Some(&identity), peer).await;
+        if per_experiment_answer {
+            return self.readable_part(resp, &identity.groups).await;
+        }
+        resp
+    }
+
+    /// MLflow's JSON answer without the experiments `groups` may not read (see `authz::visible`).
+    async fn readable_part(&self, resp: Response<Body>, groups: &[String]) -> Response<Body> {
+        let is_json = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/json"));
+        if !resp.status().is_success() || !is_json {
+            return resp;
+        }
+        if resp.headers().contains_key(header::CONTENT_ENCODING) {
+            return detail(
+                StatusCode::BAD_GATEWAY,
+                "MLflow answered encoded; cannot apply permissions",
+            );
+        }
+        let (mut parts, body) = resp.into_parts();
+        let Some(bytes) = read_limited(body, MAX_FILTERED_ANSWER).await else {
+            return detail(
+                StatusCode::BAD_GATEWAY,
+                "MLflow's answer is too large to apply permissions",
+            );
+        };
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return Response::from_parts(parts, full(bytes));
+        };
+        let readable =
+            |e: &Experiment| self.policy.decide(groups, Level::Read, std::slice::from_ref(e)) == Decision::Allow;
+        match authz::visible(answer, readable) {
+            Visible::All => Response::from_parts(parts, full(bytes)),
+            Visible::Filtered(answer) => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, full(serde_json::to_vec(&answer).unwrap_or_default()))
+            }
+            Visible::Denied(id) => {
+                self.metrics.auth_failure("permission");
+                let decision = Decision::Missing {
+                    need: Level::Read,
+                    experiment: Some(id),
+                };
+                detail(StatusCode::FORBIDDEN, &decision.detail())
+            }
+        }
     }
 
     async fn authenticate(&self, req: &Request<Body>) -> Auth {
