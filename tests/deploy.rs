@@ -999,7 +999,7 @@ fn rendered_relay_runs_and_answers_its_probes() {
         otlp_http,
         "/v1/traces",
         &[("content-type", "application/x-protobuf")],
-        &one_span_request(),
+        &support::otlp::one_span_request("deploy-check"),
     );
     assert_eq!(status, 200);
     support::wait_for("the span at the sink", Duration::from_secs(20), || {
@@ -1038,27 +1038,6 @@ fn rendered_relay_runs_and_answers_its_probes() {
         started.elapsed(),
         grace - pre_stop
     );
-}
-
-fn one_span_request() -> Vec<u8> {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-    use prost::Message;
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    trace_id: vec![7; 16],
-                    span_id: vec![9; 8],
-                    name: "deploy-check".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
 }
 
 /// The rendered gate Deployment's environment, resolved as the kubelet would: plain values, the

@@ -71,6 +71,18 @@ fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
     }
 }
 
+/// POSTs an OTLP/protobuf body to the gate's /v1/traces for `experiment`, with an
+/// Authorization header when given: (status, body).
+fn post_traces(addr: SocketAddr, experiment: &str, authorization: Option<&str>, body: &[u8]) -> (u16, String) {
+    let mut headers = vec![
+        ("content-type", "application/x-protobuf"),
+        ("x-mlflow-experiment-id", experiment),
+    ];
+    headers.extend(authorization.map(|a| ("authorization", a)));
+    let (s, _, b) = request("POST", addr, "/v1/traces", &headers, body);
+    (s, b)
+}
+
 fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
@@ -422,17 +434,7 @@ fn refusals(w: &mut World) {
     let (s, _, b) = request("POST", g.addr, search, &[json, ("authorization", &bearer(&reader))], q);
     assert_eq!(s, 200, "reader searches: {b}");
     let (body, _) = otlp_request("reader-span");
-    let (s, _, b) = request(
-        "POST",
-        g.addr,
-        "/v1/traces",
-        &[
-            ("content-type", "application/x-protobuf"),
-            ("x-mlflow-experiment-id", &w.experiment),
-            ("authorization", &bearer(&reader)),
-        ],
-        &body,
-    );
+    let (s, b) = post_traces(g.addr, &w.experiment, Some(&bearer(&reader)), &body);
     assert_eq!(s, 403, "{b}");
     assert!(
         b.contains(&format!("EDIT permission on experiment {}", w.experiment)),
@@ -477,17 +479,7 @@ fn name_globs(w: &mut World) {
     let reader = bearer(&w.provider.access_token(oidc::READER.0, oidc::READER.1));
     let send = |experiment: &str| {
         let (body, trace) = otlp_request("glob");
-        let (s, _, b) = request(
-            "POST",
-            g.addr,
-            "/v1/traces",
-            &[
-                ("content-type", "application/x-protobuf"),
-                ("x-mlflow-experiment-id", experiment),
-                ("authorization", &reader),
-            ],
-            &body,
-        );
+        let (s, b) = post_traces(g.addr, experiment, Some(&reader), &body);
         (s, b, trace)
     };
     let (s, b, trace) = send(&w.experiment);
@@ -611,17 +603,7 @@ fn bearer_and_metrics(w: &mut World) {
     let g = w.main_gate();
     let token = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
     let (body, trace) = otlp_request("through-the-gate");
-    let (s, _, b) = request(
-        "POST",
-        g.addr,
-        "/v1/traces",
-        &[
-            ("content-type", "application/x-protobuf"),
-            ("x-mlflow-experiment-id", &w.experiment),
-            ("authorization", &bearer(&token)),
-        ],
-        &body,
-    );
+    let (s, b) = post_traces(g.addr, &w.experiment, Some(&bearer(&token)), &body);
     assert_eq!(s, 200, "{b}");
     assert!(
         mlflow_has_trace(&w.mlflow, &w.experiment, &trace),
@@ -644,16 +626,7 @@ fn bearer_and_metrics(w: &mut World) {
 fn excluded_path(w: &mut World) {
     let g = gate(&w.provider, &w.mlflow.url(), &[("OIDC_EXCLUDE_PATHS", "/v1/traces")]);
     let (body, trace) = otlp_request("mesh-secured");
-    let (s, _, b) = request(
-        "POST",
-        g.addr,
-        "/v1/traces",
-        &[
-            ("content-type", "application/x-protobuf"),
-            ("x-mlflow-experiment-id", &w.experiment),
-        ],
-        &body,
-    );
+    let (s, b) = post_traces(g.addr, &w.experiment, None, &body);
     assert_eq!(s, 200, "no token needed on an excluded path: {b}");
     assert!(
         mlflow_has_trace(&w.mlflow, &w.experiment, &trace),

@@ -6,7 +6,7 @@ mod support;
 use std::io::Write;
 use std::time::Duration;
 
-use support::otlp::{Relay, Sink, loadgen};
+use support::otlp::{Relay, Sink, loadgen, one_span_request};
 use support::pki::Ca;
 use support::{http, wait_for};
 
@@ -218,27 +218,6 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-fn one_span_request() -> Vec<u8> {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-    use prost::Message;
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    trace_id: vec![7; 16],
-                    span_id: vec![9; 8],
-                    name: "x".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_rules_follow_otlp() {
     let dir = tempfile::tempdir().unwrap();
@@ -252,7 +231,7 @@ async fn status_rules_follow_otlp() {
     let proto = [("content-type", "application/x-protobuf")];
     let post = |headers: &[(&str, &str)], body: &[u8]| http("POST", addr, "/v1/traces", headers, body);
 
-    assert_eq!(post(&proto, &one_span_request()).0, 200);
+    assert_eq!(post(&proto, &one_span_request("x")).0, 200);
     assert_eq!(post(&proto, b"").0, 200, "empty request is a success");
     assert_eq!(post(&[("content-type", "application/json")], b"").0, 200);
     let (s, body) = post(&proto, b"\x0a\x05\x01");
@@ -293,7 +272,7 @@ async fn status_rules_follow_otlp() {
         413
     );
     // gzip body, valid: accepted.
-    let zipped = gzip(&one_span_request());
+    let zipped = gzip(&one_span_request("x"));
     assert_eq!(
         post(
             &[("content-type", "application/x-protobuf"), ("content-encoding", "gzip")],
@@ -328,7 +307,7 @@ async fn status_rules_follow_otlp() {
     let err = client.export(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     let ok = client
-        .export(ExportTraceServiceRequest::decode(one_span_request().as_slice()).unwrap())
+        .export(ExportTraceServiceRequest::decode(one_span_request("x").as_slice()).unwrap())
         .await;
     assert!(ok.is_ok(), "{ok:?}");
     let err = client.export(ExportTraceServiceRequest::default()).await;

@@ -139,12 +139,12 @@ pub async fn handle(
     req: hyper::Request<Incoming>,
 ) -> Response<ResponseBody> {
     let (parts, mut body) = req.into_parts();
-    let response = answer(&ctx, &conn, &parts, &mut body).await;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let response = answer(&ctx, &conn, &parts, declared, &mut body).await;
     if !response.status().is_success() {
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         discard_refused(&mut body, declared).await;
     }
     response
@@ -154,6 +154,7 @@ async fn answer(
     ctx: &ReceiverContext,
     conn: &ConnInfo,
     parts: &http::request::Parts,
+    declared: Option<u64>,
     body: &mut Incoming,
 ) -> Response<ResponseBody> {
     if parts.uri.path() != TRACES_PATH {
@@ -168,7 +169,7 @@ async fn answer(
         Ok(e) => e,
         Err(e) => return error_response(&e, Encoding::Protobuf),
     };
-    match receive(ctx, conn, &parts.headers, body, encoding).await {
+    match receive(ctx, conn, &parts.headers, declared, body, encoding).await {
         Ok(parsed) => {
             let partial_success = parsed.1.map(|error_message| ExportTracePartialSuccess {
                 rejected_spans: parsed.0 as i64,
@@ -192,6 +193,7 @@ async fn receive(
     ctx: &ReceiverContext,
     conn: &ConnInfo,
     headers: &http::HeaderMap,
+    declared: Option<u64>,
     body: &mut Incoming,
     encoding: Encoding,
 ) -> Result<(usize, Option<String>), ReceiveError> {
@@ -202,9 +204,6 @@ async fn receive(
     let too_large = ReceiveError::TooLarge {
         limit_mib: ctx.max_recv_msg_size_mib,
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large);
     }
