@@ -25,7 +25,8 @@ use crate::pipeline::{Intake, MemoryBudget, Target};
 use crate::receiver::{Protocol, ReceiverContext};
 use crate::spool::deadletter::DeadLetter;
 use crate::spool::{Spool, SpoolError, SpoolSettings};
-use crate::telemetry::{self, ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
+use crate::supervise::Supervisor;
+use crate::telemetry::{self, Health, Metrics, ReceiverLabels, exporter_labels};
 use crate::tls::ServerTls;
 
 /// How long open receiver connections may take to finish their requests after SIGTERM.
@@ -90,6 +91,7 @@ pub fn run_main(path: &Path, log_format: LogFormat, rt: tokio::runtime::Runtime)
         }
     };
     crate::cli::init_logging(log_format, config.0.service.telemetry.logs.level.as_deref());
+    crate::supervise::install_panic_hook();
     match rt.block_on(run(config.0, config.1)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -209,6 +211,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     // Spooled stages stop at once on SIGTERM: what they hold in memory is on disk already.
     let spool_control = StageControl::default();
     let mut spools: BTreeMap<String, Arc<Spool>> = BTreeMap::new();
+    let supervisor = Supervisor::new(metrics.clone(), health.clone());
 
     // Bind everything first, so a port clash fails the start before anything runs.
     let metrics_listener = bind(
@@ -323,6 +326,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
                 prepared.exporters[id].clone(),
                 metrics.clone(),
                 stage_control,
+                &supervisor,
                 &mut stage_tasks,
             );
             let target = match spools.get(id) {
@@ -513,18 +517,7 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
         let labels = exporter_labels(exporter);
         let sent = metrics.exporter_sent_spans.get_or_create(&labels).get();
         let failed = metrics.exporter_send_failed_spans.get_or_create(&labels).get();
-        let dropped: u64 = ["shutdown", "spool_full"]
-            .iter()
-            .map(|reason| {
-                metrics
-                    .exporter_dropped_spans
-                    .get_or_create(&ExporterReasonLabels {
-                        exporter: exporter.clone(),
-                        reason: reason.to_string(),
-                    })
-                    .get()
-            })
-            .sum();
+        let dropped = metrics.dropped_spans(exporter);
         match spools.get(exporter) {
             None => {
                 tracing::info!(exporter = %exporter, accepted, sent, failed, dropped, balanced = accepted == sent + failed + dropped, "final span accounting");

@@ -20,7 +20,7 @@ pub trait BatchItem: Sized {
     fn split(self, first: usize) -> (Self, Self);
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch<K, T> {
     pub key: K,
     pub items: Vec<T>,

@@ -13,5 +13,6 @@ pub mod pipeline;
 pub mod receiver;
 pub mod sink;
 pub mod spool;
+pub(crate) mod supervise;
 pub mod telemetry;
 pub mod tls;

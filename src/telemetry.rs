@@ -59,6 +59,11 @@ pub struct TokenResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabels {
+    pub component: String,
+}
+
 type CounterFamily<L> = Family<L, Counter>;
 
 /// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
@@ -81,6 +86,10 @@ pub struct Metrics {
     pub exporter_unauthorized: CounterFamily<ExporterLabels>,
     pub token_requests: CounterFamily<TokenResultLabels>,
     pub token_expiry: Family<TokenLabels, Gauge>,
+    pub component_restarts: CounterFamily<ComponentLabels>,
+    /// Every dropped span per exporter, whatever the reason: the shutdown accounting reads it, so
+    /// a new drop reason cannot unbalance it. Not exported (the labelled family above is).
+    exporter_dropped_total: CounterFamily<ExporterLabels>,
 }
 
 impl Default for Metrics {
@@ -198,8 +207,16 @@ impl Metrics {
             "Unix time at which the extension's current token expires",
             token_expiry.clone(),
         );
+        let component_restarts = CounterFamily::<ComponentLabels>::default();
+        registry.register(
+            "otlp_relay_component_restarts",
+            "Restarts of a supervised task after a panic, by component",
+            component_restarts.clone(),
+        );
         Metrics {
             registry,
+            component_restarts,
+            exporter_dropped_total: CounterFamily::default(),
             spool_bytes,
             spool_records,
             spool_corrupt_records,
@@ -223,6 +240,27 @@ impl Metrics {
     /// Lets other components (e.g. token caches) register their metrics before serving starts.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
+    }
+
+    /// Counts accepted spans an exporter gave up without a verdict from the destination.
+    pub fn count_dropped(&self, exporter: &str, reason: &str, spans: usize) {
+        if spans == 0 {
+            return;
+        }
+        self.exporter_dropped_spans
+            .get_or_create(&ExporterReasonLabels {
+                exporter: exporter.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc_by(spans as u64);
+        self.exporter_dropped_total
+            .get_or_create(&exporter_labels(exporter))
+            .inc_by(spans as u64);
+    }
+
+    /// Spans dropped by an exporter so far, over every reason.
+    pub fn dropped_spans(&self, exporter: &str) -> u64 {
+        self.exporter_dropped_total.get_or_create(&exporter_labels(exporter)).get()
     }
 
     pub fn encode(&self) -> String {

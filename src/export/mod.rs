@@ -8,6 +8,7 @@ pub mod otlphttp;
 pub mod retry;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -19,6 +20,7 @@ use crate::batch::{Batch, BatchSettings, Batcher};
 use crate::pipeline::{Destination, Item, Routed};
 use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
+use crate::supervise::{Supervisor, fault_point};
 use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, exporter_labels};
 use retry::RetryPolicy;
 
@@ -59,6 +61,10 @@ pub enum ExportError {
     Auth(auth::AuthError),
     #[error("cannot encode the batch: {0}")]
     Encode(String),
+    /// The sender panicked while holding the batch (a bug): it is not retried, so a batch that
+    /// triggers it cannot take the stage down again and again.
+    #[error("internal error while sending: {0}")]
+    Internal(String),
 }
 
 impl ExportError {
@@ -71,7 +77,7 @@ impl ExportError {
             | ExportError::Retryable { .. }
             | ExportError::Auth(_) => true,
             ExportError::Unauthorized { with_token, .. } => *with_token,
-            ExportError::Permanent { .. } | ExportError::Encode(_) => false,
+            ExportError::Permanent { .. } | ExportError::Encode(_) | ExportError::Internal(_) => false,
         }
     }
 
@@ -92,6 +98,7 @@ impl ExportError {
             ExportError::Permanent { .. } => "rejected",
             ExportError::Auth(_) => "token",
             ExportError::Encode(_) => "encode",
+            ExportError::Internal(_) => "internal",
         }
     }
 }
@@ -138,12 +145,14 @@ pub struct StageControl {
 /// so it only smooths bursts. The sending queue (queue_size batches) is what fills up.
 pub const INTAKE_CAPACITY: usize = 64;
 
-/// Starts an exporter's batcher and senders; returns the sender the pipeline feeds.
-pub fn start_stage(
+/// Starts an exporter's batcher and senders, each supervised; returns the sender the pipeline
+/// feeds. The channels outlive a panicked task, so its restart picks up where it stopped.
+pub(crate) fn start_stage(
     settings: StageSettings,
     exporter: Arc<Exporter>,
     metrics: Arc<Metrics>,
     control: StageControl,
+    supervisor: &Supervisor,
     tasks: &mut JoinSet<()>,
 ) -> mpsc::Sender<Arc<Vec<Routed>>> {
     let (intake_tx, intake_rx) = mpsc::channel(INTAKE_CAPACITY);
@@ -154,24 +163,73 @@ pub fn start_stage(
         .get_or_create(&labels)
         .set(settings.queue_size as i64);
     let settings = Arc::new(settings);
-    tasks.spawn(run_batcher(
-        settings.clone(),
-        intake_rx,
-        queue_tx,
-        metrics.clone(),
-        control.clone(),
-    ));
+    let intake_rx = Arc::new(Mutex::new(intake_rx));
+    // Spans the batcher has taken in and not yet queued: what a panic in it costs.
+    let held = Arc::new(AtomicUsize::new(0));
+    {
+        let (s, m, c, h) = (settings.clone(), metrics.clone(), control.clone(), held.clone());
+        let salvage_settings = settings.clone();
+        let salvage_metrics = metrics.clone();
+        let salvage_held = held.clone();
+        supervisor.spawn(
+            tasks,
+            "batcher",
+            format!("exporter {} batcher", settings.name),
+            move || run_batcher(s.clone(), intake_rx.clone(), queue_tx.clone(), m.clone(), c.clone(), h.clone()),
+            Box::new(move |_| {
+                // With a spool these spans stay on disk unreleased and go out after a restart.
+                let spans = salvage_held.swap(0, Ordering::AcqRel);
+                if salvage_settings.spool.is_none() {
+                    count_dropped(&salvage_metrics, &salvage_settings.name, "panic", spans);
+                }
+                Box::pin(async {})
+            }),
+        );
+    }
     let queue_rx = Arc::new(Mutex::new(queue_rx));
-    for _ in 0..settings.num_consumers {
-        tasks.spawn(run_sender(
+    for i in 0..settings.num_consumers {
+        let in_hand: Arc<std::sync::Mutex<Option<OutBatch>>> = Arc::default();
+        let (s, e, q, m, c, slot) = (
             settings.clone(),
             exporter.clone(),
             queue_rx.clone(),
             metrics.clone(),
             control.clone(),
-        ));
+            in_hand.clone(),
+        );
+        let (salvage_settings, salvage_metrics) = (settings.clone(), metrics.clone());
+        supervisor.spawn(
+            tasks,
+            "sender",
+            format!("exporter {} sender {i}", settings.name),
+            move || run_sender(s.clone(), e.clone(), q.clone(), m.clone(), c.clone(), slot.clone()),
+            Box::new(move |message| {
+                let batch = in_hand.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let (settings, metrics) = (salvage_settings.clone(), salvage_metrics.clone());
+                Box::pin(async move {
+                    if let Some(batch) = batch {
+                        give_up_after_panic(&settings, &metrics, batch, message).await;
+                    }
+                })
+            }),
+        );
     }
     intake_tx
+}
+
+/// The batch a sender held when it panicked: kept in the dead-letter directory when there is
+/// one (counted failed, as a refusal would be), else counted dropped.
+async fn give_up_after_panic(settings: &StageSettings, metrics: &Metrics, batch: OutBatch, message: String) {
+    if settings.dead_letter.is_some() {
+        metrics
+            .exporter_send_failed_spans
+            .get_or_create(&exporter_labels(&settings.name))
+            .inc_by(batch.spans as u64);
+        dead_letter(settings, &batch, &ExportError::Internal(message), 1, metrics).await;
+        release(settings, &batch);
+    } else {
+        count_dropped(metrics, &settings.name, "panic", batch.spans);
+    }
 }
 
 /// Spans abandoned at shutdown: dropped without a spool; with one they are still on disk.
@@ -182,25 +240,19 @@ fn shutdown_dropped(settings: &StageSettings, metrics: &Metrics, spans: usize) {
 }
 
 fn count_dropped(metrics: &Metrics, exporter: &str, reason: &str, spans: usize) {
-    if spans == 0 {
-        return;
-    }
-    metrics
-        .exporter_dropped_spans
-        .get_or_create(&ExporterReasonLabels {
-            exporter: exporter.to_string(),
-            reason: reason.to_string(),
-        })
-        .inc_by(spans as u64);
+    metrics.count_dropped(exporter, reason, spans);
 }
 
 async fn run_batcher(
     settings: Arc<StageSettings>,
-    mut intake: mpsc::Receiver<Arc<Vec<Routed>>>,
+    intake: Arc<Mutex<mpsc::Receiver<Arc<Vec<Routed>>>>>,
     queue: mpsc::Sender<OutBatch>,
     metrics: Arc<Metrics>,
     control: StageControl,
+    held: Arc<AtomicUsize>,
 ) {
+    let mut intake = intake.lock().await;
+    let intake = &mut *intake;
     let mut batcher: Batcher<Destination, Item> = Batcher::new(settings.batch);
     let labels = exporter_labels(&settings.name);
     let batch_labels = ProcessorLabels {
@@ -219,6 +271,8 @@ async fn run_batcher(
             }
             msg = intake.recv() => match msg {
                 Some(routed) => {
+                    held.fetch_add(routed.iter().map(|r| r.item.chunk.spans).sum(), Ordering::AcqRel);
+                    fault_point("batcher");
                     let now = Instant::now();
                     let mut out = Vec::new();
                     for r in routed.iter() {
@@ -231,15 +285,15 @@ async fn run_batcher(
             _ = sleep_until_opt(deadline) => batcher.expired(Instant::now()),
         };
         for batch in ready {
-            if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control).await {
-                abandon(&settings, &mut batcher, &mut intake, &metrics).await;
+            if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control, &held).await {
+                abandon(&settings, &mut batcher, intake, &metrics, &held).await;
                 return;
             }
         }
     }
     for batch in batcher.flush() {
-        if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control).await {
-            abandon(&settings, &mut batcher, &mut intake, &metrics).await;
+        if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control, &held).await {
+            abandon(&settings, &mut batcher, intake, &metrics, &held).await;
             return;
         }
     }
@@ -251,9 +305,11 @@ async fn abandon(
     batcher: &mut Batcher<Destination, Item>,
     intake: &mut mpsc::Receiver<Arc<Vec<Routed>>>,
     metrics: &Metrics,
+    held: &AtomicUsize,
 ) {
     intake.close();
     let mut spans = batcher.flush().iter().map(|b| b.spans).sum::<usize>();
+    held.fetch_sub(spans, Ordering::AcqRel);
     while let Some(routed) = intake.recv().await {
         spans += routed.iter().map(|r| r.item.chunk.spans).sum::<usize>();
     }
@@ -268,8 +324,11 @@ async fn enqueue(
     labels: &crate::telemetry::ExporterLabels,
     batch_labels: &ProcessorLabels,
     control: &StageControl,
+    held: &AtomicUsize,
 ) -> bool {
     let spans = batch.spans;
+    // Queued or counted dropped below: either way no longer the batcher's to lose.
+    held.fetch_sub(spans, Ordering::AcqRel);
     metrics
         .batch_send_size
         .get_or_create(batch_labels)
@@ -303,6 +362,7 @@ async fn run_sender(
     queue: Arc<Mutex<mpsc::Receiver<OutBatch>>>,
     metrics: Arc<Metrics>,
     control: StageControl,
+    in_hand: Arc<std::sync::Mutex<Option<OutBatch>>>,
 ) {
     let labels = exporter_labels(&settings.name);
     loop {
@@ -317,7 +377,10 @@ async fn run_sender(
             shutdown_dropped(&settings, &metrics, batch.spans);
             continue;
         }
+        *in_hand.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch.clone());
+        fault_point("sender");
         deliver(&settings, &exporter, batch, &metrics, &control).await;
+        in_hand.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -442,18 +505,19 @@ async fn dead_letter(
         exporter: settings.name.clone(),
         error: error.to_string(),
     };
-    let written = tokio::task::spawn_blocking(move || dl.write(&record).map(|()| dl))
-        .await
-        .expect("dead-letter write does not panic");
+    let written = tokio::task::spawn_blocking(move || dl.write(&record).map(|()| dl)).await;
     match written {
-        Ok(dl) => {
+        Err(e) => {
+            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %e, "dead-letter write failed; spans dropped");
+        }
+        Ok(Ok(dl)) => {
             metrics
                 .dead_letter_spans
                 .get_or_create(&exporter_labels(&settings.name))
                 .inc_by(batch.spans as u64);
             tracing::warn!(exporter = %settings.name, spans = batch.spans, dir = %dl.dir().display(), "batch kept in the dead-letter directory; `otlp-relay replay` sends it again");
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::error!(exporter = %settings.name, spans = batch.spans, error = %e, "cannot write the dead-letter directory; spans dropped");
         }
     }

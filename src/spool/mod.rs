@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::pipeline::wire::ResourceChunk;
 use crate::pipeline::{Charge, Destination, Item, Refusal, Routed};
-use crate::telemetry::{ExporterReasonLabels, Metrics, exporter_labels};
+use crate::telemetry::{Metrics, exporter_labels};
 
 /// The record envelope, generated from proto/spool.proto.
 pub mod proto {
@@ -210,12 +210,7 @@ impl Shared {
             let _ = std::fs::remove_file(segment_path(&self.settings.dir, id));
             self.used.fetch_sub(seg.bytes, Ordering::AcqRel);
             self.metrics
-                .exporter_dropped_spans
-                .get_or_create(&ExporterReasonLabels {
-                    exporter: self.settings.exporter.clone(),
-                    reason: "spool_full".into(),
-                })
-                .inc_by(lost);
+                .count_dropped(&self.settings.exporter, "spool_full", lost as usize);
             tracing::warn!(exporter = %self.settings.exporter, segment = id, spans = lost, "spool full: dropped the oldest segment (on_full: drop_oldest)");
             self.update_gauges(&st);
         }

@@ -82,8 +82,17 @@ impl Relay {
     /// Writes `config` to `dir/config.yaml` and runs the relay on it. `receiver` is the
     /// receiver id whose listeners to report (e.g. `otlp`).
     pub fn start(dir: &Path, config: &str, receiver: &str) -> Relay {
+        Relay::start_with_env(dir, config, receiver, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the relay process.
+    pub fn start_with_env(dir: &Path, config: &str, receiver: &str, env: &[(&str, &str)]) -> Relay {
         let path = super::write_file(dir, "config.yaml", config);
-        let mut proc = Proc::relay("relay", &["run", "--config", path.to_str().unwrap()]);
+        let mut cmd = std::process::Command::new(super::bin());
+        cmd.args(["run", "--config", path.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied());
+        let mut proc = Proc::spawn("relay", cmd);
         // Every listener is bound and logged before this line.
         proc.wait_line("relay started", Duration::from_secs(20));
         let bound = |component: &str| -> Option<SocketAddr> {

@@ -1,0 +1,177 @@
+//! Supervision with real processes: a stage made to panic on purpose (the test-only
+//! `OTLP_RELAY_TEST_PANIC` hook) is restarted, `/readyz` says so while it is down, later data is
+//! delivered (counted by an independent sink), and the exit accounting still balances.
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+use support::otlp::{Relay, Sink};
+use support::{get_text, http, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A request of `n` spans with ids unique to `batch`.
+fn request(batch: u8, n: u8) -> Vec<u8> {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: (0..n)
+                    .map(|i| Span {
+                        trace_id: vec![batch + 1; 16],
+                        span_id: vec![batch + 1, i + 1, 0, 0, 0, 0, 0, 1],
+                        name: format!("b{batch}-s{i}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+fn post(addr: SocketAddr, body: &[u8]) -> u16 {
+    http(
+        "POST",
+        addr,
+        "/v1/traces",
+        &[("content-type", "application/x-protobuf")],
+        body,
+    )
+    .0
+}
+
+fn config(sink: &str, storage: Option<&Path>) -> String {
+    let (queue, extension, enabled) = match storage {
+        Some(dir) => (
+            ", storage: file_storage/spool".to_string(),
+            format!("  file_storage/spool: {{directory: \"{}\"}}\n", dir.display()),
+            ", file_storage/spool",
+        ),
+        None => (String::new(), String::new(), ""),
+    };
+    format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      http: {{endpoint: "127.0.0.1:0"}}
+processors:
+  batch: {{send_batch_size: 1000, timeout: 20ms}}
+exporters:
+  otlphttp/sink:
+    endpoint: {sink}
+    headers: {{x-mlflow-experiment-id: "0"}}
+    retry_on_failure: {{initial_interval: 50ms, max_interval: 200ms}}
+    sending_queue: {{num_consumers: 1{queue}}}
+extensions:
+  health_check: {{endpoint: "127.0.0.1:0"}}
+{extension}service:
+  extensions: [health_check{enabled}]
+  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/sink]}}}}
+  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
+  shutdown_timeout: 10s
+"#
+    )
+}
+
+/// The numbers of the exit's `final span accounting` line, e.g. `accepted=40`.
+fn accounting(relay: &Relay) -> String {
+    relay
+        .proc
+        .output()
+        .into_iter()
+        .find(|l| l.contains("final span accounting"))
+        .unwrap_or_else(|| panic!("no accounting line:\n{}", relay.proc.output_text()))
+}
+
+#[test]
+fn a_panicking_batcher_restarts_reports_unready_and_accounts_for_what_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&[]);
+    let mut relay = Relay::start_with_env(
+        dir.path(),
+        &config(&sink.url(), None),
+        "otlp",
+        &[("OTLP_RELAY_TEST_PANIC", "batcher:3")],
+    );
+    let (http_addr, health) = (relay.http.unwrap(), relay.health.unwrap());
+    // Three requests, each taken by the batcher and lost in its panic; a restart follows each.
+    for batch in 0..3 {
+        assert_eq!(post(http_addr, &request(batch, 10)), 200);
+    }
+    let unready = wait_for("/readyz to report the downed batcher", T, || {
+        let (status, body) = get_text(health, "/readyz");
+        (status == 503 && body.contains("batcher")).then_some(body)
+    });
+    assert!(unready.contains("panic"), "{unready}");
+    wait_for("three restarts", T, || {
+        (relay.metric("otlp_relay_component_restarts_total", &[("component", "batcher")]) == 3.0).then_some(())
+    });
+    wait_for("/readyz ready again", T, || (get_text(health, "/readyz").0 == 200).then_some(()));
+
+    // The pipeline works again: the next request is delivered, and only it.
+    assert_eq!(post(http_addr, &request(3, 10)), 200);
+    let stats = sink.wait_unique(10, T);
+    assert_eq!(stats["unique_spans"], 10);
+    assert_eq!(
+        relay.metric("otlp_relay_exporter_dropped_spans_total", &[("reason", "panic")]),
+        30.0
+    );
+    assert!(
+        relay.proc.output_text().contains("injected fault at batcher"),
+        "the panic is logged"
+    );
+
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    let line = accounting(&relay);
+    for part in ["accepted=40", "sent=10", "dropped=30", "balanced=true"] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert_eq!(sink.stats()["unique_spans"], 10, "nothing else arrived");
+}
+
+#[test]
+fn a_sender_panic_dead_letters_the_batch_in_hand_with_a_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let sink = Sink::start(&[]);
+    let mut relay = Relay::start_with_env(
+        dir.path(),
+        &config(&sink.url(), Some(&spool)),
+        "otlp",
+        &[("OTLP_RELAY_TEST_PANIC", "sender:1")],
+    );
+    let http_addr = relay.http.unwrap();
+    assert_eq!(post(http_addr, &request(0, 7)), 200);
+    wait_for("the batch in the dead-letter directory", T, || {
+        (relay.metric("otlp_relay_dead_letter_spans_total", &[]) == 7.0).then_some(())
+    });
+    assert_eq!(
+        relay.metric("otlp_relay_component_restarts_total", &[("component", "sender")]),
+        1.0
+    );
+    // The restarted sender delivers what comes next.
+    assert_eq!(post(http_addr, &request(1, 5)), 200);
+    sink.wait_unique(5, T);
+
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    let line = accounting(&relay);
+    for part in ["accepted=12", "sent=5", "failed=7", "in_spool=0", "balanced=true"] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    let dead: Vec<_> = std::fs::read_dir(spool.join("dead_letter"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .collect();
+    assert!(!dead.is_empty(), "a dead-letter file exists");
+}
