@@ -186,6 +186,10 @@ pub fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors> {
     }
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "config validation refused unparsable endpoints before run"
+)]
 fn listen_addr(endpoint: &str, default: &str) -> SocketAddr {
     let e = if endpoint.is_empty() { default } else { endpoint };
     config::parse_listen_addr(e).expect("validated endpoint")
@@ -481,9 +485,21 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the relay cleanly");
+            None
+        }
+    };
+    let sigterm = async {
+        match term.as_mut() {
+            Some(t) => t.recv().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = sigterm => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }

@@ -74,7 +74,13 @@ fn build_runtime(threads: Option<u16>) -> tokio::runtime::Runtime {
     if let Some(n) = threads {
         builder.worker_threads(n.into());
     }
-    builder.enable_all().build().expect("tokio runtime")
+    match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("otlp-relay: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 pub fn main(cli: Cli) -> ExitCode {

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::ClientTlsConfig;
+use crate::supervise::LockUnpoisoned;
 
 /// Largest answer read from a provider (token responses, discovery and JWKS are a few KiB).
 const MAX_RESPONSE: usize = 1 << 20;
@@ -138,7 +139,7 @@ impl<'a> Recording<'a> {
     }
 
     pub fn status(&self) -> Option<StatusCode> {
-        *self.status.lock().unwrap()
+        *self.status.lock_unpoisoned()
     }
 }
 
@@ -149,7 +150,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Recording<'_> {
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {
             let resp = self.client.exchange(request).await?;
-            *self.status.lock().unwrap() = Some(resp.status());
+            *self.status.lock_unpoisoned() = Some(resp.status());
             Ok(resp)
         })
     }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::supervise::LockUnpoisoned;
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -113,7 +114,7 @@ impl JwtCheck {
 
     async fn refetch(&self) -> Result<(), String> {
         {
-            let mut last = self.last_fetch.lock().unwrap();
+            let mut last = self.last_fetch.lock_unpoisoned();
             if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
                 return Err("unknown signing key (JWKS fetched less than a second ago)".into());
             }
@@ -173,7 +174,7 @@ impl JwtCheck {
         jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| e.to_string())?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(token, &mut hasher);
-        let mut seen = self.tokens.lock().unwrap();
+        let mut seen = self.tokens.lock_unpoisoned();
         if seen.0.insert(hasher.finish()) {
             *seen.1.entry(kid).or_default() += 1;
         }
@@ -181,7 +182,7 @@ impl JwtCheck {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let seen = self.tokens.lock().unwrap();
+        let seen = self.tokens.lock_unpoisoned();
         serde_json::json!({
             "distinct_tokens": seen.0.len(),
             "tokens_by_kid": seen.1,
@@ -398,7 +399,7 @@ impl Throttle {
 
     /// Reserves `spans` and returns when the request may complete.
     pub fn reserve(&self, spans: u64, now: Instant) -> Instant {
-        let mut next = self.next.lock().unwrap();
+        let mut next = self.next.lock_unpoisoned();
         let start = next.map_or(now, |n| n.max(now));
         let done = start + Duration::from_secs_f64(spans as f64 / self.rate);
         *next = Some(done);
@@ -464,7 +465,7 @@ impl UniqueSpans {
         let mut new = 0;
         for &k in keys {
             let shard = ((k.1 ^ (k.0 as u64)) as usize) % SHARDS;
-            if self.shards[shard].lock().unwrap().insert(k) {
+            if self.shards[shard].lock_unpoisoned().insert(k) {
                 new += 1;
             }
         }
@@ -480,7 +481,7 @@ impl UniqueSpans {
     pub fn keys(&self) -> Vec<(u128, u64)> {
         self.shards
             .iter()
-            .flat_map(|s| s.lock().unwrap().iter().copied().collect::<Vec<_>>())
+            .flat_map(|s| s.lock_unpoisoned().iter().copied().collect::<Vec<_>>())
             .collect()
     }
 
@@ -550,7 +551,7 @@ impl State {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.failed_requests.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(wire_bytes as u64, Ordering::Relaxed);
-        *self.meta.lock().unwrap().failures.entry(401).or_default() += 1;
+        *self.meta.lock_unpoisoned().failures.entry(401).or_default() += 1;
     }
 
     /// With --require-jwt: Err(reason) unless the request carries a valid token.
@@ -563,7 +564,7 @@ impl State {
 
     /// The /stats document.
     pub fn stats_json(&self) -> serde_json::Value {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock_unpoisoned();
         serde_json::json!({
             "requests": self.requests.load(Ordering::Relaxed),
             "failed_requests": self.failed_requests.load(Ordering::Relaxed),
@@ -582,7 +583,7 @@ impl State {
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         self.bytes.fetch_add(wire_bytes as u64, Ordering::Relaxed);
         let failing = self.plan.status_for(n);
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock_unpoisoned();
         meta.last = Some(last);
         if let Some(status) = failing {
             *meta.failures.entry(status).or_default() += 1;
@@ -603,7 +604,7 @@ impl State {
         }
         self.spans.fetch_add(keys.len() as u64, Ordering::Relaxed);
         self.unique.insert_all(&keys);
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock_unpoisoned();
         *meta
             .experiments
             .entry(experiment.unwrap_or("none").to_string())
@@ -715,12 +716,13 @@ async fn grpc_export(
 
 type RespBody = tonic::body::Body;
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<RespBody> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(RespBody::new(Full::new(body.into())))
-        .expect("static response parts")
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut response = Response::new(RespBody::new(Full::new(body.into())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -748,7 +750,7 @@ fn error_response(status: u16, json: bool, message: &str, retry_after: Option<Du
     };
     if let Some(d) = retry_after {
         resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, d.as_secs().to_string().parse().unwrap());
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(d.as_secs()));
     }
     resp
 }
@@ -977,7 +979,7 @@ pub async fn start(
         let check = JwtCheck::new(url.clone(), aud.clone())?;
         if let Err(e) = check.refetch().await {
             tracing::warn!(error = %e, "JWKS not available yet; fetched again on the first token");
-            *check.last_fetch.lock().unwrap() = None;
+            *check.last_fetch.lock_unpoisoned() = None;
         }
         state.jwt = Some(check);
     }

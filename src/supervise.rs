@@ -122,6 +122,20 @@ impl Supervisor {
     }
 }
 
+/// A mutex lock that survives a panicked holder. The relay's mutexes guard small self-contained
+/// state (caches, counters, readiness reasons) that stays consistent between statements, and the
+/// supervisor has already reported the panic: refusing the lock forever would turn one bug into
+/// a dead pipeline.
+pub(crate) trait LockUnpoisoned<T> {
+    fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> LockUnpoisoned<T> for std::sync::Mutex<T> {
+    fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Logs panics through tracing (one structured line with the location) instead of the default
 /// hook's bare stderr text, so they reach the same log pipeline as everything else.
 pub(crate) fn install_panic_hook() {
@@ -190,6 +204,20 @@ mod tests {
         let n = 3;
         let r = std::panic::catch_unwind(|| panic!("formatted {n}"));
         assert_eq!(panic_message(r.unwrap_err().as_ref()), "formatted 3");
+    }
+
+    #[test]
+    fn a_poisoned_mutex_still_locks() {
+        let m = Arc::new(std::sync::Mutex::new(1));
+        let m2 = m.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = m2.lock().unwrap();
+            panic!("poison it");
+        })
+        .join();
+        assert!(m.is_poisoned());
+        *m.lock_unpoisoned() += 1;
+        assert_eq!(*m.lock_unpoisoned(), 2);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::supervise::LockUnpoisoned;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -260,12 +261,18 @@ impl Metrics {
 
     /// Spans dropped by an exporter so far, over every reason.
     pub fn dropped_spans(&self, exporter: &str) -> u64 {
-        self.exporter_dropped_total.get_or_create(&exporter_labels(exporter)).get()
+        self.exporter_dropped_total
+            .get_or_create(&exporter_labels(exporter))
+            .get()
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        // Writing to a String cannot fail; an encoder error would leave a partial page, which
+        // Prometheus reports as a scrape error.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
         out
     }
 }
@@ -296,7 +303,7 @@ impl Health {
 
     /// Sets (Some) or clears (None) a component's reason for not being ready.
     pub fn set_unready(&self, component: &str, reason: Option<String>) {
-        let mut reasons = self.reasons.lock().unwrap();
+        let mut reasons = self.reasons.lock_unpoisoned();
         match reason {
             Some(r) => reasons.insert(component.to_string(), r),
             None => reasons.remove(component),
@@ -311,7 +318,7 @@ impl Health {
         if !self.started.load(Ordering::SeqCst) {
             return Some("starting".into());
         }
-        let reasons = self.reasons.lock().unwrap();
+        let reasons = self.reasons.lock_unpoisoned();
         if reasons.is_empty() {
             None
         } else {
@@ -327,11 +334,13 @@ impl Health {
 }
 
 pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(body.into()))
-        .expect("static response parts")
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// The health_check extension's routes.
@@ -348,13 +357,14 @@ pub fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
 
 pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     match path {
-        "/metrics" => Response::builder()
-            .header(
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+            response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(metrics.encode())))
-            .expect("static response parts"),
+                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -115,7 +115,9 @@ fn a_panicking_batcher_restarts_reports_unready_and_accounts_for_what_it_held() 
     wait_for("three restarts", T, || {
         (relay.metric("otlp_relay_component_restarts_total", &[("component", "batcher")]) == 3.0).then_some(())
     });
-    wait_for("/readyz ready again", T, || (get_text(health, "/readyz").0 == 200).then_some(()));
+    wait_for("/readyz ready again", T, || {
+        (get_text(health, "/readyz").0 == 200).then_some(())
+    });
 
     // The pipeline works again: the next request is delivered, and only it.
     assert_eq!(post(http_addr, &request(3, 10)), 200);

@@ -175,7 +175,16 @@ pub(crate) fn start_stage(
             tasks,
             "batcher",
             format!("exporter {} batcher", settings.name),
-            move || run_batcher(s.clone(), intake_rx.clone(), queue_tx.clone(), m.clone(), c.clone(), h.clone()),
+            move || {
+                run_batcher(
+                    s.clone(),
+                    intake_rx.clone(),
+                    queue_tx.clone(),
+                    m.clone(),
+                    c.clone(),
+                    h.clone(),
+                )
+            },
             Box::new(move |_| {
                 // With a spool these spans stay on disk unreleased and go out after a restart.
                 let spans = salvage_held.swap(0, Ordering::AcqRel);
@@ -254,9 +263,19 @@ async fn run_batcher(
     let mut intake = intake.lock().await;
     let intake = &mut *intake;
     let mut batcher: Batcher<Destination, Item> = Batcher::new(settings.batch);
-    let labels = exporter_labels(&settings.name);
-    let batch_labels = ProcessorLabels {
-        processor: settings.batch_processor.clone(),
+    let outlet = Outlet {
+        queue: &queue,
+        queue_size: metrics
+            .exporter_queue_size
+            .get_or_create(&exporter_labels(&settings.name))
+            .clone(),
+        batch_size: metrics
+            .batch_send_size
+            .get_or_create(&ProcessorLabels {
+                processor: settings.batch_processor.clone(),
+            })
+            .clone(),
+        held: &held,
     };
     let mut closing = false;
     loop {
@@ -285,14 +304,14 @@ async fn run_batcher(
             _ = sleep_until_opt(deadline) => batcher.expired(Instant::now()),
         };
         for batch in ready {
-            if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control, &held).await {
+            if !enqueue(&settings, &outlet, batch, &metrics, &control).await {
                 abandon(&settings, &mut batcher, intake, &metrics, &held).await;
                 return;
             }
         }
     }
     for batch in batcher.flush() {
-        if !enqueue(&settings, &queue, batch, &metrics, &labels, &batch_labels, &control, &held).await {
+        if !enqueue(&settings, &outlet, batch, &metrics, &control).await {
             abandon(&settings, &mut batcher, intake, &metrics, &held).await;
             return;
         }
@@ -316,30 +335,34 @@ async fn abandon(
     shutdown_dropped(settings, metrics, spans);
 }
 
+/// Where the batcher's output goes, with its metric handles looked up once per run.
+struct Outlet<'a> {
+    queue: &'a mpsc::Sender<OutBatch>,
+    queue_size: prometheus_client::metrics::gauge::Gauge,
+    batch_size: prometheus_client::metrics::histogram::Histogram,
+    /// Spans taken in and not yet queued (what a panic would cost).
+    held: &'a AtomicUsize,
+}
+
 async fn enqueue(
     settings: &StageSettings,
-    queue: &mpsc::Sender<OutBatch>,
+    outlet: &Outlet<'_>,
     batch: OutBatch,
     metrics: &Metrics,
-    labels: &crate::telemetry::ExporterLabels,
-    batch_labels: &ProcessorLabels,
     control: &StageControl,
-    held: &AtomicUsize,
 ) -> bool {
     let spans = batch.spans;
     // Queued or counted dropped below: either way no longer the batcher's to lose.
-    held.fetch_sub(spans, Ordering::AcqRel);
-    metrics
-        .batch_send_size
-        .get_or_create(batch_labels)
-        .observe(spans as f64);
+    outlet.held.fetch_sub(spans, Ordering::AcqRel);
+    outlet.batch_size.observe(spans as f64);
+    let queue = outlet.queue;
     tokio::select! {
         sent = queue.send(batch) => {
             if sent.is_err() {
                 shutdown_dropped(settings, metrics, spans);
                 return false;
             }
-            metrics.exporter_queue_size.get_or_create(labels).set((queue.max_capacity() - queue.capacity()) as i64);
+            outlet.queue_size.set((queue.max_capacity() - queue.capacity()) as i64);
             true
         }
         _ = control.abort.cancelled() => {

@@ -16,6 +16,7 @@ use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenRe
 use super::auth::{AuthError, AuthFuture, Authenticator};
 use crate::config::OAuth2ClientConfig;
 use crate::http_client::{self, HttpClient, Recording, error_chain};
+use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{Health, Metrics, TokenLabels, TokenResultLabels};
 use cache::{Check, Failure, FailureKind, TokenState};
 
@@ -82,12 +83,12 @@ impl Secret {
             Secret::Inline(v) => v.clone(),
             Secret::File { key, path, last } => match read_secret(key, path) {
                 Ok(v) => {
-                    *last.lock().unwrap() = v.clone();
+                    *last.lock_unpoisoned() = v.clone();
                     v
                 }
                 Err(e) => {
                     tracing::warn!(extension, error = %e, "keeping the previously read value");
-                    last.lock().unwrap().clone()
+                    last.lock_unpoisoned().clone()
                 }
             },
         }
@@ -169,7 +170,7 @@ impl OAuth2Client {
 
     /// The token endpoint: configured, or read from the discovery document (once).
     async fn token_endpoint(&self) -> Result<String, Failure> {
-        if let Some(url) = self.token_url.lock().unwrap().clone() {
+        if let Some(url) = self.token_url.lock_unpoisoned().clone() {
             return Ok(url);
         }
         let url = &self.cfg.discovery_url;
@@ -184,7 +185,7 @@ impl OAuth2Client {
             .ok_or_else(|| Failure::unavailable(format!("discovery {url}: no token_endpoint")))?
             .to_string();
         tracing::info!(extension = %self.id, discovery_url = %url, token_endpoint = %endpoint, "token endpoint discovered");
-        *self.token_url.lock().unwrap() = Some(endpoint.clone());
+        *self.token_url.lock_unpoisoned() = Some(endpoint.clone());
         Ok(endpoint)
     }
 
@@ -225,7 +226,7 @@ impl OAuth2Client {
 
     /// The Authorization header value: cached, refreshed or fetched (one fetch at a time).
     async fn bearer(&self) -> Result<HeaderValue, AuthError> {
-        let check = self.state.lock().unwrap().check(Instant::now());
+        let check = self.state.lock_unpoisoned().check(Instant::now());
         match check {
             Check::Fresh(v) => return Ok(v),
             Check::BackingOff(f) => return Err(auth_error(&f)),
@@ -234,19 +235,19 @@ impl OAuth2Client {
                 let Ok(_guard) = self.refreshing.try_lock() else {
                     return Ok(v);
                 };
-                if matches!(self.state.lock().unwrap().check(Instant::now()), Check::Due(_)) {
+                if matches!(self.state.lock_unpoisoned().check(Instant::now()), Check::Due(_)) {
                     self.refresh().await;
                 }
             }
             Check::Missing => {
                 let _guard = self.refreshing.lock().await;
                 // Whoever held the lock may have fetched (or failed) meanwhile.
-                if matches!(self.state.lock().unwrap().check(Instant::now()), Check::Missing) {
+                if matches!(self.state.lock_unpoisoned().check(Instant::now()), Check::Missing) {
                     self.refresh().await;
                 }
             }
         }
-        match self.state.lock().unwrap().check(Instant::now()) {
+        match self.state.lock_unpoisoned().check(Instant::now()) {
             Check::Fresh(v) | Check::Due(v) => Ok(v),
             Check::BackingOff(f) => Err(auth_error(&f)),
             Check::Missing => Err(AuthError {
@@ -270,7 +271,7 @@ impl OAuth2Client {
                 let claims = inspect::jwt_parts(&fetched.access_token).map(|(_, c)| c);
                 let exp = claims.as_ref().and_then(|c| c.get("exp")).and_then(|v| v.as_u64());
                 let lifetime = lifetime(fetched.expires_in, exp, SystemTime::now());
-                let recovered = self.state.lock().unwrap().store(value, lifetime, now);
+                let recovered = self.state.lock_unpoisoned().store(value, lifetime, now);
                 if let Some(c) = &claims {
                     tracing::debug!(
                         extension = %self.id,
@@ -311,7 +312,7 @@ impl OAuth2Client {
                 }
             }
             Err(failure) => {
-                let outcome = self.state.lock().unwrap().fail(failure.clone(), now);
+                let outcome = self.state.lock_unpoisoned().fail(failure.clone(), now);
                 let rejected = failure.kind == FailureKind::Rejected;
                 if outcome.log {
                     if rejected {
@@ -351,7 +352,7 @@ impl Authenticator for OAuth2Client {
     }
 
     fn invalidate(&self, rejected: &HeaderValue) {
-        if self.state.lock().unwrap().invalidate(rejected) {
+        if self.state.lock_unpoisoned().invalidate(rejected) {
             tracing::debug!(extension = %self.id, "token rejected by the destination; dropped from the cache");
         }
     }
