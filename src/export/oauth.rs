@@ -258,19 +258,16 @@ impl OAuth2Client {
 
     /// Fetches and stores a token, or records the failure (metrics, readiness, rate-limited log).
     async fn refresh(&self) {
-        let result = self.fetch().await.and_then(|f| {
-            let value = HeaderValue::from_str(&format!("Bearer {}", f.access_token))
-                .map_err(|_| Failure::unavailable("the access token is not a valid header value"))?;
-            Ok((f, value))
-        });
+        let result = self.fetch().await.and_then(|f| usable_token(&f, SystemTime::now()));
         let obs = self.observers.get();
         let now = Instant::now();
         match result {
-            Ok((fetched, mut value)) => {
-                value.set_sensitive(true);
-                let claims = inspect::jwt_parts(&fetched.access_token).map(|(_, c)| c);
-                let exp = claims.as_ref().and_then(|c| c.get("exp")).and_then(|v| v.as_u64());
-                let lifetime = lifetime(fetched.expires_in, exp, SystemTime::now());
+            Ok(UsableToken {
+                value,
+                lifetime,
+                claims,
+                exp,
+            }) => {
                 let recovered = self.state.lock_unpoisoned().store(value, lifetime, now);
                 if let Some(c) = &claims {
                     tracing::debug!(
@@ -282,7 +279,7 @@ impl OAuth2Client {
                         "token fetched"
                     );
                 } else {
-                    tracing::debug!(extension = %self.id, expires_in = ?fetched.expires_in, "token fetched (not a JWT)");
+                    tracing::debug!(extension = %self.id, lifetime = ?lifetime, "token fetched (not a JWT)");
                 }
                 if recovered {
                     tracing::info!(extension = %self.id, "token endpoint answered again; token fetched");
@@ -292,12 +289,10 @@ impl OAuth2Client {
                         .token_requests
                         .get_or_create(&self.result_labels("success"))
                         .inc();
-                    let expiry = exp.map(|e| e as i64).or_else(|| {
-                        lifetime.map(|l| {
-                            (SystemTime::now() + l)
-                                .duration_since(UNIX_EPOCH)
-                                .unwrap_or_default()
-                                .as_secs() as i64
+                    let expiry = exp.and_then(|e| i64::try_from(e).ok()).or_else(|| {
+                        lifetime.and_then(|l| {
+                            let at = SystemTime::now().checked_add(l)?.duration_since(UNIX_EPOCH).ok()?;
+                            i64::try_from(at.as_secs()).ok()
                         })
                     });
                     if let Some(e) = expiry {
@@ -364,21 +359,54 @@ fn auth_error(f: &Failure) -> AuthError {
     }
 }
 
+/// The longest lifetime believed: a provider's `expires_in` of centuries (or u64::MAX) would
+/// overflow clock arithmetic, and a token is worth refreshing at least daily anyway.
+pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a token may be used: expires_in, corrected by the JWT's own exp when that is a bit
 /// earlier (exp is whole seconds, so a 3 s token may have 2.1 s left); a far-off exp means the
-/// clocks disagree and expires_in wins.
+/// clocks disagree and expires_in wins. Never above MAX_TOKEN_LIFETIME.
 pub fn lifetime(expires_in: Option<Duration>, exp: Option<u64>, now: SystemTime) -> Option<Duration> {
     let by_exp = exp.map(|e| {
-        (UNIX_EPOCH + Duration::from_secs(e))
-            .duration_since(now)
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(e))
+            .and_then(|at| at.duration_since(now).ok())
             .unwrap_or_default()
     });
-    match (expires_in, by_exp) {
-        (Some(l), Some(r)) if r < l && r + Duration::from_secs(2) >= l => Some(r),
+    let lifetime = match (expires_in, by_exp) {
+        (Some(l), Some(r)) if r < l && r.saturating_add(Duration::from_secs(2)) >= l => Some(r),
         (Some(l), _) => Some(l),
         (None, Some(r)) if !r.is_zero() => Some(r),
         _ => None,
+    };
+    lifetime.map(|l| l.min(MAX_TOKEN_LIFETIME))
+}
+
+/// A token response the relay can use: the Authorization value and how long it lasts.
+pub(crate) struct UsableToken {
+    value: HeaderValue,
+    lifetime: Option<Duration>,
+    claims: Option<serde_json::Value>,
+    exp: Option<u64>,
+}
+
+/// Checks what the token endpoint sent: anything it cannot use is a failure (retried like an
+/// unavailable endpoint), never a panic, whatever the JSON held.
+pub(crate) fn usable_token(fetched: &Fetched, now: SystemTime) -> Result<UsableToken, Failure> {
+    if fetched.access_token.is_empty() {
+        return Err(Failure::unavailable("the token response has an empty access_token"));
     }
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", fetched.access_token))
+        .map_err(|_| Failure::unavailable("the access token is not a valid header value"))?;
+    value.set_sensitive(true);
+    let claims = inspect::jwt_parts(&fetched.access_token).map(|(_, c)| c);
+    let exp = claims.as_ref().and_then(|c| c.get("exp")).and_then(|v| v.as_u64());
+    Ok(UsableToken {
+        value,
+        lifetime: lifetime(fetched.expires_in, exp, now),
+        claims,
+        exp,
+    })
 }
 
 /// Turns oauth2's error into a loggable failure. Bodies of successful answers are never
@@ -477,5 +505,129 @@ mod tests {
         assert_eq!(f.message, "HTTP 401: invalid_client: client authentication failed");
         let f = classify("u", Some(::http::StatusCode::SERVICE_UNAVAILABLE), err());
         assert_eq!(f.kind, FailureKind::Unavailable);
+    }
+}
+
+/// The token endpoint's answer is untrusted input: whatever JSON, status and token it holds, the
+/// relay gets a usable token or a failure to retry, never a panic, and no token in a message.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    const TOKEN_URL: &str = "http://127.0.0.1:9/token";
+
+    fn json_number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            Just("18446744073709551616".to_string()),
+            Just("1e400".to_string()),
+            "[0-9a-z\"]{0,8}".prop_map(|s| format!("{s:?}")),
+            Just("null".to_string()),
+        ]
+    }
+
+    /// Access tokens: opaque text (controls and non-ASCII included) or JWT-shaped with any exp.
+    fn access_token() -> impl Strategy<Value = String> {
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        prop_oneof![
+            any::<String>(),
+            "[ -~]{0,40}",
+            (json_number(), json_number()).prop_map(move |(exp, iat)| {
+                format!(
+                    "{}.{}.sig",
+                    b64(r#"{"alg":"RS256","typ":"JWT"}"#),
+                    b64(&format!(r#"{{"exp":{exp},"iat":{iat},"azp":"relay"}}"#))
+                )
+            }),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let field = |name: &'static str, value: BoxedStrategy<String>| {
+            proptest::option::of(value).prop_map(move |v| v.map(|v| format!("\"{name}\":{v}")))
+        };
+        let token = (
+            field("access_token", access_token().prop_map(|t| format!("{t:?}")).boxed()),
+            field(
+                "token_type",
+                prop_oneof![
+                    Just("\"Bearer\"".to_string()),
+                    Just("\"bearer\"".to_string()),
+                    "\"[a-z]{0,6}\""
+                ]
+                .boxed(),
+            ),
+            field("expires_in", json_number().boxed()),
+            field("scope", "\"[ a-z]{0,12}\"".boxed()),
+            field("error", "\"[a-z_]{0,12}\"".boxed()),
+            field(
+                "error_description",
+                any::<String>().prop_map(|s| format!("{s:?}")).boxed(),
+            ),
+        )
+            .prop_map(|(a, b, c, d, e, f)| {
+                let fields: Vec<String> = [a, b, c, d, e, f].into_iter().flatten().collect();
+                format!("{{{}}}", fields.join(",")).into_bytes()
+            });
+        prop_oneof![
+            4 => token,
+            1 => proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    fn answer(status: u16, body: Vec<u8>) -> Result<Fetched, Failure> {
+        let client = BasicClient::new(ClientId::new("relay".into()))
+            .set_client_secret(ClientSecret::new("secret".into()))
+            .set_token_uri(TokenUrl::new(TOKEN_URL.into()).unwrap());
+        let respond = move |_req: oauth2::HttpRequest| {
+            let mut resp = ::http::Response::new(body.clone());
+            *resp.status_mut() = ::http::StatusCode::from_u16(status).unwrap();
+            resp.headers_mut().insert(
+                ::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            async move { Ok::<_, http_client::HttpError>(resp) }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        match rt.block_on(client.exchange_client_credentials().request_async(&respond)) {
+            Ok(resp) => Ok(Fetched {
+                access_token: resp.access_token().secret().clone(),
+                token_type: format!("{:?}", resp.token_type()),
+                expires_in: resp.expires_in(),
+                scopes: None,
+                token_url: TOKEN_URL.into(),
+            }),
+            Err(e) => Err(classify(TOKEN_URL, ::http::StatusCode::from_u16(status).ok(), e)),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_answer_is_a_token_or_a_failure(
+            status in prop_oneof![4 => Just(200u16), 1 => Just(400u16), 1 => Just(401u16), 1 => 200u16..600],
+            body in body(),
+            now_secs in prop_oneof![Just(1_750_000_000u64), any::<u32>().prop_map(u64::from)],
+        ) {
+            let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+            match answer(status, body) {
+                Ok(fetched) => match usable_token(&fetched, now) {
+                    Ok(token) => {
+                        prop_assert!(token.lifetime.is_none_or(|l| l <= MAX_TOKEN_LIFETIME));
+                        let mut state = TokenState::new(Duration::from_secs(300));
+                        let at = Instant::now();
+                        state.store(token.value.clone(), token.lifetime, at);
+                        prop_assert!(matches!(state.check(at), Check::Fresh(_) | Check::Due(_)) || token.lifetime == Some(Duration::ZERO));
+                    }
+                    Err(f) => prop_assert!(!fetched.access_token.is_empty() && f.message.contains("access token") || fetched.access_token.is_empty()),
+                },
+                Err(f) => prop_assert!(!f.message.is_empty()),
+            }
+        }
     }
 }

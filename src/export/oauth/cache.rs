@@ -121,8 +121,9 @@ impl TokenState {
         let recovered = self.failures > 0;
         self.current = Some(Current {
             value,
-            expires_at: lifetime.map(|l| now + l),
-            refresh_at: lifetime.map(|l| now + self.refresh_after(l)),
+            // checked: a lifetime past the clock's range means no expiry (used until a 401)
+            expires_at: lifetime.and_then(|l| now.checked_add(l)),
+            refresh_at: lifetime.and_then(|l| now.checked_add(self.refresh_after(l))),
         });
         self.failures = 0;
         self.retry_at = None;
