@@ -11,6 +11,9 @@ pub mod oidc;
 pub mod proxy;
 pub mod session;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
