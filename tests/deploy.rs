@@ -1,6 +1,6 @@
 //! CI checks of deploy/: `helm lint --strict`; `helm template` for every mode with and without
 //! Istio, validated offline against the Kubernetes, Istio and Gateway API schemas and their CEL
-//! rules (../shared/tools); the chart's contract (names, probes, security, HPA/PDB, spool, seed
+//! rules (tests/deploy/validate.py, with the CRD schemas in tests/deploy/schemas); the chart's contract (names, probes, security, HPA/PDB, spool, seed
 //! values); a table-driven MODEL of Istio's ALLOW semantics evaluated over the rendered
 //! AuthorizationPolicies; and the Dockerfile lint.
 mod support;
@@ -12,7 +12,7 @@ mod tools;
 
 use istio_model::{Dest, Mesh, Request, Verdict};
 use serde_norway::Value;
-use tools::{MODES, NAMESPACE, Render, VALUE_SETS, at, find, one, parse_docs, relay_config, run_validator};
+use tools::{Check, MODES, NAMESPACE, Render, VALUE_SETS, at, find, one, parse_docs, relay_config, run_validator};
 
 #[test]
 fn helm_lint_strict_for_every_mode_and_value_set() {
@@ -84,8 +84,8 @@ fn every_mode_renders_and_validates_against_the_schemas() {
     let files: Vec<&std::path::Path> = rendered.iter().map(|(_, f, _)| f.as_path()).collect();
     // Kubernetes 1.32 (the validator's default) and 1.30, the floor of Chart.yaml's kubeVersion.
     for k8s in [None, Some("1.30.0")] {
-        let (ok, out) = tools::run_validator_for("validate_manifests.py", &files, k8s);
-        assert!(ok, "validate_manifests.py (Kubernetes {k8s:?}):\n{out}");
+        let (ok, out) = tools::run_validator_for(Check::Schema, &files, k8s);
+        assert!(ok, "schema check (Kubernetes {k8s:?}):\n{out}");
         for (label, file, docs) in &rendered {
             // Every document was checked against a schema (none skipped).
             let prefix = format!("ok   {}: ", file.display());
@@ -96,8 +96,8 @@ fn every_mode_renders_and_validates_against_the_schemas() {
             );
         }
     }
-    let (ok, out) = tools::run_validator_for("cel_check.py", &files, None);
-    assert!(ok, "cel_check.py:\n{out}");
+    let (ok, out) = tools::run_validator_for(Check::Cel, &files, None);
+    assert!(ok, "CEL check:\n{out}");
 }
 
 /// The validators are not vacuous: a wrong field, a wrong type and a CEL violation all fail.
@@ -130,8 +130,8 @@ fn validators_reject_broken_manifests() {
     for (what, doc) in &broken {
         assert_ne!(doc, &text, "{what}: the mutation did not apply");
         let file = support::write_file(dir.path(), "broken.yaml", doc);
-        let (ok, out) = run_validator("validate_manifests.py", &file);
-        assert!(!ok, "{what}: validate_manifests.py accepted it:\n{out}");
+        let (ok, out) = run_validator(Check::Schema, &file);
+        assert!(!ok, "{what}: the schema check accepted it:\n{out}");
     }
     // CEL: listener names must be unique within a Gateway.
     let dup = text.replacen(
@@ -141,10 +141,10 @@ fn validators_reject_broken_manifests() {
     );
     assert_ne!(dup, text);
     let file = support::write_file(dir.path(), "dup.yaml", &dup);
-    let (ok, out) = run_validator("cel_check.py", &file);
+    let (ok, out) = run_validator(Check::Cel, &file);
     assert!(
         !ok && out.contains("unique"),
-        "cel_check.py accepted duplicate listeners:\n{out}"
+        "the CEL check accepted duplicate listeners:\n{out}"
     );
 }
 
@@ -691,13 +691,8 @@ fn policy_model_follows_the_rendered_rules() {
 
     // The seed's AuthorizationPolicy (from the seed document) lets a stranger reach other paths;
     // ours does not.
-    let seed = std::fs::read_to_string(tools::shared_dir().join("seed/000_f64cb1b12f655dfc.txt")).unwrap();
-    let start = seed
-        .find("kind: AuthorizationPolicy")
-        .expect("seed has its AuthorizationPolicy");
-    let start = seed[..start].rfind("```yaml\n").unwrap() + "```yaml\n".len();
-    let end = start + seed[start..].find("```").unwrap();
-    let mut seed_policy: Value = serde_norway::from_str(&seed[start..end]).unwrap();
+    let seed = std::fs::read_to_string(tools::deploy_test_dir().join("fixtures/seed-authorizationpolicy.yaml")).unwrap();
+    let mut seed_policy: Value = serde_norway::from_str(&seed).unwrap();
     // Place the seed's policy on our MLflow Service, in the seed's namespace.
     seed_policy["metadata"]["namespace"] = Value::from(NAMESPACE);
     seed_policy["spec"]["targetRefs"][0]["name"] = Value::from("mlflow-server");

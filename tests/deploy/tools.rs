@@ -1,6 +1,7 @@
-//! The offline manifest toolchain for tests/deploy.rs: ../shared/tools/setup_tools.sh installed
+//! The offline manifest toolchain for tests/deploy.rs: tests/deploy/setup_tools.sh installed
 //! once into target/test-cache (file lock, stamp keyed on the script's content), and thin
-//! wrappers around helm, validate_manifests.py, cel_check.py and hadolint.
+//! wrappers around helm and tests/deploy/validate.py (schemas and CEL rules of the CRDs carried
+//! in tests/deploy/schemas/).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -12,15 +13,9 @@ use serde_norway::Value;
 
 use crate::support;
 
-/// ../shared relative to the repository root (CI lays it there, read-only).
-pub fn shared_dir() -> PathBuf {
-    let dir = support::repo_root().join("../shared");
-    assert!(
-        dir.join("tools/setup_tools.sh").exists(),
-        "{} must hold tools/setup_tools.sh (the project's shared/ folder beside the repository)",
-        dir.display()
-    );
-    dir.canonicalize().unwrap()
+/// tests/deploy: the toolchain's install script, validator, CRD schemas and fixtures.
+pub fn deploy_test_dir() -> PathBuf {
+    support::repo_root().join("tests/deploy")
 }
 
 pub fn chart_dir() -> PathBuf {
@@ -44,7 +39,7 @@ impl Tools {
 pub fn tools() -> &'static Tools {
     static TOOLS: OnceLock<Tools> = OnceLock::new();
     TOOLS.get_or_init(|| {
-        let script = shared_dir().join("tools/setup_tools.sh");
+        let script = deploy_test_dir().join("setup_tools.sh");
         let body = std::fs::read(&script).unwrap();
         // The stamp names the script's content, so a changed script reinstalls.
         let stamp_value = format!("{:016x}", fnv1a(&body));
@@ -165,16 +160,29 @@ pub fn parse_docs(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Runs a shared validator script on a file; returns (success, stdout+stderr).
-pub fn run_validator(script: &str, file: &Path) -> (bool, String) {
-    run_validator_for(script, &[file], None)
+/// What tests/deploy/validate.py checks.
+#[derive(Debug, Clone, Copy)]
+pub enum Check {
+    /// Every document against its schema (Kubernetes or CRD, unknown fields refused).
+    Schema,
+    /// The CRDs' CEL validation rules.
+    Cel,
 }
 
-/// Runs a shared validator script on files (one process: its imports are paid once), against
-/// the Kubernetes schemas of `k8s_version` (the validator's default otherwise).
-pub fn run_validator_for(script: &str, files: &[&Path], k8s_version: Option<&str>) -> (bool, String) {
+/// Runs the validator on a file; returns (success, stdout+stderr).
+pub fn run_validator(check: Check, file: &Path) -> (bool, String) {
+    run_validator_for(check, &[file], None)
+}
+
+/// Runs the validator on files (one process: its imports are paid once), against the
+/// Kubernetes schemas of `k8s_version` (the validator's default otherwise).
+pub fn run_validator_for(check: Check, files: &[&Path], k8s_version: Option<&str>) -> (bool, String) {
     let mut cmd = Command::new(tools().python());
-    cmd.arg(shared_dir().join("tools").join(script)).args(files);
+    let mode = match check {
+        Check::Schema => "schema",
+        Check::Cel => "cel",
+    };
+    cmd.arg(deploy_test_dir().join("validate.py")).arg(mode).args(files);
     if let Some(v) = k8s_version {
         cmd.env("K8S_VERSION", v);
     }
