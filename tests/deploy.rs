@@ -691,7 +691,8 @@ fn policy_model_follows_the_rendered_rules() {
 
     // The seed's AuthorizationPolicy (from the seed document) lets a stranger reach other paths;
     // ours does not.
-    let seed = std::fs::read_to_string(tools::deploy_test_dir().join("fixtures/seed-authorizationpolicy.yaml")).unwrap();
+    let seed =
+        std::fs::read_to_string(tools::deploy_test_dir().join("fixtures/seed-authorizationpolicy.yaml")).unwrap();
     let mut seed_policy: Value = serde_norway::from_str(&seed).unwrap();
     // Place the seed's policy on our MLflow Service, in the seed's namespace.
     seed_policy["metadata"]["namespace"] = Value::from(NAMESPACE);

@@ -5,7 +5,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::otlp::{Sink, loadgen};
+use support::otlp::{Sink, loadgen, loadgen_with_output};
 
 fn sink(extra: &[&str]) -> Sink {
     Sink::start(extra)
@@ -108,7 +108,7 @@ fn retries_honour_the_sink_and_count_refusals() {
     let bad = sink(&["--status", "400"]);
     let grpc = bad.grpc.to_string();
     let (code, r) = loadgen(&["--otlp-endpoint", &grpc, "--otlp-insecure", "--traces", "10"]);
-    assert_eq!(code, 0);
+    assert_eq!(code, 1, "nothing was accepted");
     assert_eq!(r["spans_refused"], 20);
     assert_eq!(r["retries"], 0);
     assert_eq!(r["refused_by"]["grpc_INVALID_ARGUMENT"], 20);
@@ -179,9 +179,10 @@ fn mtls_to_the_sink() {
         assert_eq!(code, 0, "{r}");
         assert_eq!(r["verify"]["received_unique_spans"], 40, "{r}");
     }
-    // Without a client certificate the handshake fails: every span is refused after retries.
+    // Without a client certificate the handshake fails: every span is refused after retries,
+    // and the run fails naming the missing certificate.
     let endpoint = format!("localhost:{}", s.grpc.port());
-    let (code, r) = loadgen(&[
+    let (code, r, text) = loadgen_with_output(&[
         "--otlp-endpoint",
         &endpoint,
         "--ca-cert",
@@ -191,7 +192,58 @@ fn mtls_to_the_sink() {
         "--max-retries",
         "1",
     ]);
-    assert_eq!(code, 0);
+    assert_eq!(code, 1, "{text}");
     assert_eq!(r["spans_accepted"], 0, "{r}");
     assert_eq!(r["spans_refused"], 2, "{r}");
+    assert!(text.contains("requires a client certificate"), "{text}");
+}
+
+/// A run that gets nothing (or too little) accepted fails and says why, with the fix.
+#[test]
+fn runs_with_nothing_accepted_fail_and_name_the_cause() {
+    let s = sink(&[]);
+    let base = ["--traces", "2", "--max-retries", "0"];
+    // TLS (the default) against a plaintext receiver.
+    let grpc = s.grpc.to_string();
+    let (code, r, text) = loadgen_with_output(&[&["--otlp-endpoint", grpc.as_str()][..], &base].concat());
+    assert_eq!((code, &r["spans_accepted"]), (1, &serde_json::json!(0)), "{text}");
+    assert!(text.contains("does not speak TLS: use --otlp-insecure"), "{text}");
+    let http = s.http.to_string();
+    let (code, _, text) =
+        loadgen_with_output(&[&["--otlp-endpoint", http.as_str(), "--otlp-http"][..], &base].concat());
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("does not speak TLS: use --otlp-insecure"), "{text}");
+    // Nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (code, _, text) =
+        loadgen_with_output(&[&["--otlp-endpoint", closed.as_str(), "--otlp-insecure"][..], &base].concat());
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("nothing listens at {closed}")), "{text}");
+    // Everything accepted passes; a share above what was accepted fails.
+    let (code, _, text) =
+        loadgen_with_output(&[&["--otlp-endpoint", grpc.as_str(), "--otlp-insecure"][..], &base].concat());
+    assert_eq!(code, 0, "{text}");
+    let refused = sink(&["--fail-every", "2", "--status", "400"]);
+    let grpc = refused.grpc.to_string();
+    let (code, r, text) = loadgen_with_output(
+        &[
+            &[
+                "--otlp-endpoint",
+                grpc.as_str(),
+                "--otlp-insecure",
+                "--batch-size",
+                "2",
+                "--min-accepted",
+                "0.9",
+            ][..],
+            &base,
+        ]
+        .concat(),
+    );
+    assert!(r["spans_accepted"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(code, 1, "{text}");
 }

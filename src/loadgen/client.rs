@@ -112,6 +112,9 @@ pub struct Failure {
     pub label: String,
     pub retryable: bool,
     pub retry_after: Option<Duration>,
+    /// What went wrong, for the report's first error per label (transport errors with their
+    /// causes, e.g. a TLS alert).
+    pub detail: String,
 }
 
 /// The result of one attempt.
@@ -131,6 +134,7 @@ pub fn classify_http(status: StatusCode, retry_after: Option<&str>, now: SystemT
         label: format!("http_{}", status.as_u16()),
         retryable,
         retry_after: retry_after.and_then(|v| parse_retry_after(v, now)),
+        detail: format!("HTTP {status}"),
     }
 }
 
@@ -162,6 +166,7 @@ pub fn classify_grpc(status: &tonic::Status) -> Failure {
         label: format!("grpc_{}", screaming_snake(&format!("{:?}", status.code()))),
         retryable,
         retry_after,
+        detail: crate::telemetry::error_chain(status),
     }
 }
 
@@ -278,10 +283,9 @@ impl Transport {
                 let len = body.len() as u64;
                 let timeout = target.timeout;
                 let fut = async {
-                    client
-                        .ready()
-                        .await
-                        .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+                    client.ready().await.map_err(|e| {
+                        tonic::Status::unavailable(format!("connect: {}", crate::telemetry::error_chain(&e)))
+                    })?;
                     let mut req = tonic::Request::new(body);
                     req.set_timeout(timeout);
                     for (k, v) in target.headers.iter() {
@@ -308,6 +312,7 @@ impl Transport {
                         label: "timeout".into(),
                         retryable: true,
                         retry_after: None,
+                        detail: format!("no answer within {timeout:?}"),
                     }),
                 };
                 (outcome, len)
@@ -354,15 +359,17 @@ impl Transport {
                     Ok(Ok((status, retry_after, _))) => {
                         Outcome::Failed(classify_http(status, retry_after.as_deref(), SystemTime::now()))
                     }
-                    Ok(Err(_)) => Outcome::Failed(Failure {
+                    Ok(Err(e)) => Outcome::Failed(Failure {
                         label: "transport".into(),
                         retryable: true,
                         retry_after: None,
+                        detail: crate::telemetry::error_chain(&e),
                     }),
                     Err(_) => Outcome::Failed(Failure {
                         label: "timeout".into(),
                         retryable: true,
                         retry_after: None,
+                        detail: format!("no answer within {timeout:?}"),
                     }),
                 };
                 (outcome, len)

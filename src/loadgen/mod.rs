@@ -53,9 +53,11 @@ pub struct LoadgenArgs {
     /// Present a client certificate (--client-cert, --client-key).
     #[arg(long)]
     pub mtls: bool,
-    #[arg(long)]
+    /// Client certificate (PEM, the chain after it) for a relay that requires mTLS.
+    #[arg(long, requires = "client_key")]
     pub client_cert: Option<PathBuf>,
-    #[arg(long)]
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --client-cert.
+    #[arg(long, requires = "client_cert")]
     pub client_key: Option<PathBuf>,
     /// Header `key="value"` on every request (repeatable).
     #[arg(long = "otlp-header")]
@@ -123,6 +125,22 @@ pub struct LoadgenArgs {
     /// Retries of a retryable failure before its spans count as refused.
     #[arg(long, default_value_t = 5)]
     pub max_retries: u32,
+    /// Exit 1, naming the likely cause, when less than this share of the spans sent was
+    /// accepted (0 to 1). Whatever its value, a run with nothing accepted fails.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub min_accepted: f64,
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a share between 0 and 1 (e.g. 0.99)")),
+    }
+}
+
+/// Whether the run accepted too little: nothing at all, or less than `min_share` of what it sent.
+fn too_little_accepted(sent: u64, accepted: u64, min_share: f64) -> bool {
+    sent > 0 && (accepted == 0 || (accepted as f64) < min_share * sent as f64)
 }
 
 pub fn main(args: LoadgenArgs, rt: tokio::runtime::Runtime) -> ExitCode {
@@ -207,6 +225,10 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let (base, use_tls) = endpoint_base(&args);
+    let endpoint = base
+        .split_once("://")
+        .map_or(base.as_str(), |(_, rest)| rest)
+        .to_string();
     let opts = TlsOptions {
         ca_cert: args.ca_cert.clone(),
         client_cert: args.client_cert.clone(),
@@ -341,6 +363,16 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", report.human());
     }
+    if too_little_accepted(report.spans_sent, report.spans_accepted, args.min_accepted) {
+        eprintln!(
+            "otlp-relay loadgen: {} of {} spans accepted (--min-accepted {}): {}",
+            report.spans_accepted,
+            report.spans_sent,
+            args.min_accepted,
+            report::diagnose(&report.first_errors, &endpoint, use_tls, args.client_cert.is_some())
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(match &report.verify {
         Some(v) if !v.ok => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
@@ -426,6 +458,9 @@ async fn worker(
                 Outcome::Failed(f) => {
                     stats.requests_failed += 1;
                     *stats.failures_by.entry(f.label.clone()).or_default() += 1;
+                    if !stats.first_errors.contains_key(&f.label) {
+                        stats.first_errors.insert(f.label.clone(), f.detail.clone());
+                    }
                     if f.retryable && attempt < plan.max_retries && !cancel.is_cancelled() {
                         let wait = backoff(attempt, &mut rng).max(f.retry_after.unwrap_or_default());
                         attempt += 1;
@@ -453,6 +488,19 @@ async fn worker(
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn too_little_accepted_follows_the_share() {
+        assert!(too_little_accepted(10, 0, 0.0), "nothing accepted always fails");
+        assert!(
+            !too_little_accepted(0, 0, 0.0),
+            "nothing sent is not a failure of the relay"
+        );
+        assert!(!too_little_accepted(10, 1, 0.0));
+        assert!(too_little_accepted(10, 8, 0.9));
+        assert!(!too_little_accepted(10, 9, 0.9));
+        assert!(parse_share("0.99").is_ok() && parse_share("1.5").is_err() && parse_share("x").is_err());
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -20,6 +20,8 @@ pub struct WorkerStats {
     pub refused_by: BTreeMap<String, u64>,
     /// Failed attempts per reason, retried or not.
     pub failures_by: BTreeMap<String, u64>,
+    /// The first error seen per reason, with its cause (what `--min-accepted` reports).
+    pub first_errors: BTreeMap<String, String>,
     /// Request latency in microseconds.
     pub latency_us: Histogram<u64>,
 }
@@ -37,6 +39,7 @@ impl Default for WorkerStats {
             bytes: 0,
             refused_by: BTreeMap::new(),
             failures_by: BTreeMap::new(),
+            first_errors: BTreeMap::new(),
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
         }
     }
@@ -62,6 +65,9 @@ impl WorkerStats {
         }
         for (k, v) in &o.failures_by {
             *self.failures_by.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.first_errors {
+            self.first_errors.entry(k.clone()).or_insert_with(|| v.clone());
         }
         self.latency_us.add(&o.latency_us).expect("same histogram bounds");
     }
@@ -101,6 +107,9 @@ pub struct Report {
     pub retries: u64,
     pub refused_by: BTreeMap<String, u64>,
     pub failures_by: BTreeMap<String, u64>,
+    /// The first error per failure reason, with its cause.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub first_errors: BTreeMap<String, String>,
     pub spans_per_sec: f64,
     pub requests_per_sec: f64,
     pub bytes: u64,
@@ -151,6 +160,7 @@ impl Report {
             retries: stats.retries,
             refused_by: stats.refused_by.clone(),
             failures_by: stats.failures_by.clone(),
+            first_errors: stats.first_errors.clone(),
             spans_per_sec: round3(stats.spans_accepted as f64 / secs),
             requests_per_sec: round3(stats.requests as f64 / secs),
             bytes: stats.bytes,
@@ -190,7 +200,10 @@ impl Report {
             self.latency_ms.max,
         );
         for (k, v) in &self.failures_by {
-            s.push_str(&format!("failed attempts {k}: {v}\n"));
+            match self.first_errors.get(k) {
+                Some(e) => s.push_str(&format!("failed attempts {k}: {v} (first: {e})\n")),
+                None => s.push_str(&format!("failed attempts {k}: {v}\n")),
+            }
         }
         for (k, v) in &self.refused_by {
             s.push_str(&format!("refused spans {k}: {v}\n"));
@@ -209,6 +222,63 @@ impl Report {
     }
 }
 
+/// Why a run got (almost) nothing accepted, from its first errors: the likely cause and what to
+/// change, for the message `--min-accepted` prints. `tls` says whether the run spoke TLS,
+/// `client_cert` whether it presented a client certificate.
+pub fn diagnose(first_errors: &BTreeMap<String, String>, endpoint: &str, tls: bool, client_cert: bool) -> String {
+    let all: Vec<String> = first_errors.values().map(|e| e.to_ascii_lowercase()).collect();
+    let any = |needles: &[&str]| all.iter().any(|e| needles.iter().any(|n| e.contains(n)));
+    let hint = if any(&[
+        "invalidcontenttype",
+        "corrupt message",
+        "wrong version number",
+        "http/1.x",
+    ]) && tls
+    {
+        format!("{endpoint} does not speak TLS: use --otlp-insecure (or an http:// endpoint)")
+    } else if any(&["certificaterequired", "certificate required", "handshakefailure", "bad certificate"])
+        // TLS 1.3 clients finish their handshake before the server checks the client
+        // certificate, so a missing one shows up as the connection closing.
+        || (tls && !client_cert && any(&["connection closed", "connection reset", "unexpected eof"]))
+    {
+        format!("{endpoint} requires a client certificate: pass --client-cert and --client-key")
+    } else if any(&[
+        "unknownissuer",
+        "unknown issuer",
+        "invalid peer certificate",
+        "notvalidforname",
+    ]) {
+        format!("{endpoint}'s certificate is not trusted for this name: pass --ca-cert with its CA")
+    } else if any(&["connection refused"]) {
+        format!("nothing listens at {endpoint}: is the relay running there?")
+    } else if !tls
+        && any(&[
+            "connection reset",
+            "connection closed",
+            "incomplete message",
+            "frame with invalid size",
+        ])
+    {
+        format!("{endpoint} closed the connection: if it serves TLS, drop --otlp-insecure")
+    } else if first_errors
+        .keys()
+        .any(|k| k == "http_404" || k == "grpc_UNIMPLEMENTED")
+    {
+        format!("{endpoint} has no OTLP traces endpoint there: check the port (gRPC 4317, HTTP 4318) and --otlp-http")
+    } else if first_errors.keys().any(|k| k == "http_415") {
+        "the server refused the content type or encoding (HTTP 415)".to_string()
+    } else if first_errors.is_empty() {
+        "no request was answered".to_string()
+    } else {
+        "see the first errors above".to_string()
+    };
+    let mut out = hint;
+    for (label, error) in first_errors {
+        out.push_str(&format!("\n  {label}: {error}"));
+    }
+    out
+}
+
 /// Compares what the generator had accepted with what the sink received.
 pub fn verify(sink: &str, accepted: u64, before: u64, after: u64) -> Verification {
     let received = after.saturating_sub(before);
@@ -224,6 +294,51 @@ pub fn verify(sink: &str, accepted: u64, before: u64, after: u64) -> Verificatio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn diagnoses_name_the_fix() {
+        let one = |label: &str, e: &str| BTreeMap::from([(label.to_string(), e.to_string())]);
+        let d = diagnose(
+            &one(
+                "grpc_UNAVAILABLE",
+                "connect: transport error: received corrupt message of type InvalidContentType",
+            ),
+            "127.0.0.1:4317",
+            true,
+            false,
+        );
+        assert!(
+            d.starts_with("127.0.0.1:4317 does not speak TLS: use --otlp-insecure"),
+            "{d}"
+        );
+        assert!(d.contains("InvalidContentType"), "the error itself is shown: {d}");
+        let d = diagnose(
+            &one(
+                "transport",
+                "client error (Connect): tcp connect error: Connection refused (os error 111)",
+            ),
+            "h:1",
+            false,
+            false,
+        );
+        assert!(d.contains("nothing listens at h:1"), "{d}");
+        let d = diagnose(
+            &one("transport", "peer sent alert: CertificateRequired"),
+            "h:1",
+            true,
+            true,
+        );
+        assert!(d.contains("--client-cert and --client-key"), "{d}");
+        let closed = one("grpc_CANCELLED", "hyper::Error(Canceled, \"connection closed\")");
+        assert!(diagnose(&closed, "h:1", true, false).contains("requires a client certificate"));
+        assert!(!diagnose(&closed, "h:1", true, true).contains("requires a client certificate"));
+        let d = diagnose(&one("http_404", "HTTP 404 Not Found"), "h:1", false, false);
+        assert!(d.contains("no OTLP traces endpoint"), "{d}");
+        assert_eq!(
+            diagnose(&BTreeMap::new(), "h:1", false, false),
+            "no request was answered"
+        );
+    }
 
     #[test]
     fn report_math() {

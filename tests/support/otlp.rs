@@ -58,6 +58,12 @@ pub fn stats(addr: SocketAddr) -> serde_json::Value {
 
 /// Runs loadgen with `--json` and returns (exit code, report).
 pub fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
+    let (code, report, _) = loadgen_with_output(args);
+    (code, report)
+}
+
+/// Like `loadgen`, also returning everything it printed (stderr holds its diagnoses).
+pub fn loadgen_with_output(args: &[&str]) -> (i32, serde_json::Value, String) {
     let mut all = vec!["loadgen", "--json"];
     all.extend_from_slice(args);
     let mut p = Proc::relay("loadgen", &all);
@@ -66,7 +72,7 @@ pub fn loadgen(args: &[&str]) -> (i32, serde_json::Value) {
     let line = super::wait_for("loadgen's JSON report", Duration::from_secs(10), || {
         p.output().into_iter().find(|l| l.starts_with('{'))
     });
-    (code, serde_json::from_str(&line).unwrap())
+    (code, serde_json::from_str(&line).unwrap(), p.output_text())
 }
 
 /// A running relay and the addresses it bound (configs use port 0 everywhere).
