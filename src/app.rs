@@ -300,6 +300,11 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
                 retry,
                 spool: None,
                 dead_letter: None,
+                destination: match &config.exporters[id] {
+                    ExporterConfig::OtlpHttp(c) => crate::export::otlphttp::traces_url(c),
+                    ExporterConfig::Debug(_) => "debug log".into(),
+                },
+                failures_since_delivery: Default::default(),
             };
             let mut stage_control = control.clone();
             if let Some((_, storage)) = config.exporter_storage(id) {
@@ -399,6 +404,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
                 metrics: metrics.clone(),
                 max_recv_msg_size_mib: p.max_recv_msg_size_mib,
                 include_metadata: p.include_metadata,
+                ignored_metadata_warned: Default::default(),
             });
             let tls = prepared.server_tls.get(&(id.clone(), transport)).cloned();
             if let Some(t) = &tls {
@@ -445,6 +451,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     }
     drop(inputs);
     health.set_started();
+    log_destinations(&config);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         threads = tokio::runtime::Handle::current().metrics().num_workers(),
@@ -481,6 +488,48 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
     admin_stop.cancel();
     while admin_tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Says where spans go, per exporter in a pipeline: a first run should show the URL, the
+/// default experiment and how it authenticates, not only where the relay listens.
+fn log_destinations(config: &Config) {
+    let used: std::collections::BTreeSet<&String> = config
+        .service
+        .pipelines
+        .values()
+        .flat_map(|p| p.exporters.iter())
+        .collect();
+    for id in used {
+        match &config.exporters[id] {
+            ExporterConfig::OtlpHttp(c) => {
+                let experiment = c
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(crate::export::otlphttp::EXPERIMENT_HEADER))
+                    .map_or(
+                        "(none: MLflow answers 422 unless spans carry mlflow.experiment_id)",
+                        |(_, v)| v.as_str(),
+                    );
+                let auth = c.auth.as_ref().map_or("none (direct)".to_string(), |a| {
+                    format!("bearer token from {}", a.authenticator)
+                });
+                let spool = config
+                    .exporter_storage(id)
+                    .map_or("none (memory queue)".to_string(), |(_, s)| s.directory.clone());
+                tracing::info!(
+                    exporter = %id,
+                    url = %crate::export::otlphttp::traces_url(c),
+                    experiment = %experiment,
+                    auth = %auth,
+                    spool = %spool,
+                    "spans go here"
+                );
+            }
+            ExporterConfig::Debug(c) => {
+                tracing::info!(exporter = %id, verbosity = ?c.verbosity, "spans are logged (debug exporter)");
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -88,6 +88,19 @@ impl ExportError {
         }
     }
 
+    /// What to check, when the error says more than its text (first runs: MLflow not started).
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ExportError::Transport(text) if text.contains("Connection refused") => {
+                Some("nothing listens at this URL: is MLflow (or the gate) running there?")
+            }
+            ExportError::Transport(text) if text.contains("dns error") => {
+                Some("the host name does not resolve: check the exporter's endpoint")
+            }
+            _ => None,
+        }
+    }
+
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -131,6 +144,11 @@ pub struct StageSettings {
     pub spool: Option<Arc<Spool>>,
     /// Where batches refused for good are kept (with a spool).
     pub dead_letter: Option<Arc<DeadLetter>>,
+    /// Where batches go (the URL), for log lines.
+    pub destination: String,
+    /// Retryable failures since the last delivery, over all senders: the first delivery after
+    /// some says so, so an operator sees the outage end.
+    pub failures_since_delivery: std::sync::atomic::AtomicU64,
 }
 
 /// Stops a stage in order: `close` stops intake (buffered items still flow out); `abort` gives
@@ -440,6 +458,10 @@ async fn deliver(
                     .exporter_sent_spans
                     .get_or_create(&labels)
                     .inc_by(batch.spans as u64);
+                let failed = settings.failures_since_delivery.swap(0, Ordering::AcqRel);
+                if failed > 0 {
+                    tracing::info!(exporter = %settings.name, url = %settings.destination, failed_attempts = failed, "delivery works again");
+                }
                 release(settings, &batch);
                 return;
             }
@@ -463,6 +485,7 @@ async fn deliver(
             return;
         }
         metrics.exporter_retries.get_or_create(&reason).inc();
+        settings.failures_since_delivery.fetch_add(1, Ordering::AcqRel);
         // The first 401 means the token expired under us: the authenticator dropped it, so
         // retry at once with a fresh one. Later 401s wait like any other retryable answer.
         if matches!(error, ExportError::Unauthorized { .. }) && !refreshed_after_401 {
@@ -484,8 +507,10 @@ async fn deliver(
         if matches!(error, ExportError::Auth(_)) {
             // The oauth2client extension logs token failures itself, at most once a minute.
             tracing::debug!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "no token yet; will retry");
+        } else if let Some(hint) = error.hint() {
+            tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = batch.spans, error = %error, retry_in = ?delay, hint, "export failed; will retry");
         } else {
-            tracing::warn!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+            tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

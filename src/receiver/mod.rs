@@ -32,6 +32,8 @@ pub struct ReceiverContext {
     pub metrics: Arc<Metrics>,
     pub max_recv_msg_size_mib: u64,
     pub include_metadata: bool,
+    /// Set once a request's experiment header was ignored (include_metadata off): said once.
+    pub ignored_metadata_warned: std::sync::atomic::AtomicBool,
 }
 
 impl ReceiverContext {
@@ -186,13 +188,22 @@ fn client_name(conn: &ConnInfo) -> String {
 
 /// A numeric experiment id from a request header, when include_metadata allows it.
 fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Option<String> {
+    let header = headers.get(crate::export::otlphttp::EXPERIMENT_HEADER)?;
     if !ctx.include_metadata {
+        // A silent fallback to the exporter's experiment sends traces where nobody looks for them.
+        if !ctx
+            .ignored_metadata_warned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                receiver = %ctx.receiver,
+                transport = ctx.transport,
+                "a request carries x-mlflow-experiment-id, which is ignored: set include_metadata: true \
+                 on this receiver's protocol to route by it (said once)"
+            );
+        }
         return None;
     }
-    let v = headers
-        .get(crate::export::otlphttp::EXPERIMENT_HEADER)?
-        .to_str()
-        .ok()?
-        .trim();
+    let v = header.to_str().ok()?.trim();
     (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.to_string())
 }
