@@ -984,10 +984,15 @@ pub async fn start(
         state.jwt = Some(check);
     }
     let state = Arc::new(state);
-    let http = TcpListener::bind(args.listen).await?;
+    let listen = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: cannot listen on {addr}: {e}"))
+    };
+    let http = listen(args.listen, "--listen").await?;
     let http_addr = http.local_addr()?;
     let grpc = match args.grpc_listen {
-        Some(a) => Some(TcpListener::bind(a).await?),
+        Some(a) => Some(listen(a, "--grpc-listen").await?),
         None => None,
     };
     let grpc_addr = grpc.as_ref().map(|g| g.local_addr()).transpose()?;
@@ -996,7 +1001,7 @@ pub async fn start(
         tasks.push(tokio::spawn(serve(g, state.clone(), tls)));
     }
     if let Some(addr) = args.stats_listen {
-        let plain = TcpListener::bind(addr).await?;
+        let plain = listen(addr, "--stats-listen").await?;
         tracing::info!(component = %"sink-stats", addr = %plain.local_addr()?, "listening");
         tasks.push(tokio::spawn(serve(plain, state.clone(), None)));
     }

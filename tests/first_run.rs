@@ -70,3 +70,39 @@ service:
         (support::otlp::stats(sink_addr)["unique_spans"] == 1).then_some(())
     });
 }
+
+/// `token` on a config without an oauth2client says so instead of asking to choose among none.
+#[test]
+fn token_without_an_extension_says_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_file(
+        dir.path(),
+        "config.yaml",
+        r#"
+receivers: {otlp: {protocols: {http: {endpoint: "127.0.0.1:0"}}}}
+exporters: {otlphttp/mlflow: {endpoint: "http://127.0.0.1:5000"}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp/mlflow]}}}
+"#,
+    );
+    let mut p = Proc::relay("token", &["token", "--config", config.to_str().unwrap()]);
+    assert_eq!(p.wait_exit(T), Some(64));
+    assert!(
+        p.output_text().contains("no oauth2client extension is defined"),
+        "{}",
+        p.output_text()
+    );
+}
+
+/// A sink that cannot bind names the address and the flag.
+#[test]
+fn sink_bind_errors_name_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut p = Proc::relay("sink", &["sink", "--listen", &addr]);
+    assert_eq!(p.wait_exit(T), Some(1));
+    assert!(
+        p.output_text().contains(&format!("--listen: cannot listen on {addr}")),
+        "{}",
+        p.output_text()
+    );
+}

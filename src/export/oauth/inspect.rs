@@ -94,6 +94,13 @@ pub fn main(args: TokenArgs, rt: tokio::runtime::Runtime) -> ExitCode {
     };
     let Some((id, ext)) = chosen else {
         let ids: Vec<&String> = candidates.iter().map(|(id, _)| *id).collect();
+        if ids.is_empty() {
+            eprintln!(
+                "{}: no oauth2client extension is defined (the exporters send without a token)",
+                args.config.display()
+            );
+            return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
+        }
         eprintln!(
             "{}: choose an oauth2client extension with --extension (defined: {ids:?})",
             args.config.display()
