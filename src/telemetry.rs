@@ -81,6 +81,7 @@ pub struct Metrics {
     pub exporter_unauthorized: CounterFamily<ExporterLabels>,
     pub token_requests: CounterFamily<TokenResultLabels>,
     pub token_expiry: Family<TokenLabels, Gauge>,
+    pub batch_unsplittable: CounterFamily<ExporterLabels>,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,12 @@ impl Metrics {
             "otlp_relay_exporter_dropped_spans",
             "Accepted spans given up without a verdict from the destination (e.g. the shutdown deadline)",
             exporter_dropped_spans.clone(),
+        );
+        let batch_unsplittable = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otlp_relay_batch_unsplittable_items",
+            "Items the batcher could not split and sent whole, above send_batch_max_size",
+            batch_unsplittable.clone(),
         );
         let exporter_retries = CounterFamily::<ExporterReasonLabels>::default();
         registry.register(
@@ -213,6 +220,7 @@ impl Metrics {
             exporter_queue_size,
             exporter_queue_capacity,
             batch_send_size,
+            batch_unsplittable,
             export_duration,
             exporter_unauthorized,
             token_requests,

@@ -224,6 +224,10 @@ async fn run_batcher(
                     for r in routed.iter() {
                         out.extend(batcher.add(r.destination.clone(), r.item.clone(), now));
                     }
+                    match batcher.take_unsplit() {
+                        0 => {}
+                        n => drop(metrics.batch_unsplittable.get_or_create(&labels).inc_by(n)),
+                    }
                     out
                 }
                 None => break,
