@@ -1,6 +1,7 @@
 //! The batch processor's core: collect items per destination, emit a batch at `send_batch_size`
 //! spans or when its oldest item has waited `timeout`, never above `send_batch_max_size`.
 //! Pure: the caller supplies the clock, so it is tested without timers.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
@@ -16,9 +17,20 @@ pub struct BatchSettings {
 /// Something that holds spans and can be cut in two.
 pub trait BatchItem: Sized {
     fn spans(&self) -> usize;
-    /// Splits off the first `first` spans (0 < first < spans()).
-    fn split(self, first: usize) -> (Self, Self);
+    /// Splits off the first `first` spans (0 < first < spans()); on failure the item comes back
+    /// whole, so nothing is lost.
+    fn split(self, first: usize) -> Result<(Self, Self), Unsplit<Self>>;
 }
+
+/// An item that could not be split, and why.
+#[derive(Debug)]
+pub struct Unsplit<T> {
+    pub item: T,
+    pub reason: String,
+}
+
+/// Unsplittable items are logged at most once per this interval, with a count of the rest.
+const UNSPLIT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch<K, T> {
@@ -36,6 +48,11 @@ struct Pending<T> {
 pub struct Batcher<K, T> {
     settings: BatchSettings,
     pending: HashMap<K, Pending<T>>,
+    /// Items sent whole above send_batch_max_size because they could not be split, not yet
+    /// collected by `take_unsplit`.
+    unsplit: u64,
+    unsplit_logged: Option<Instant>,
+    unsplit_quiet: u64,
 }
 
 impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
@@ -43,7 +60,35 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
         Batcher {
             settings,
             pending: HashMap::new(),
+            unsplit: 0,
+            unsplit_logged: None,
+            unsplit_quiet: 0,
         }
+    }
+
+    /// How many items went out whole because they could not be split, since the last call
+    /// (the caller counts them in its metric).
+    pub fn take_unsplit(&mut self) -> u64 {
+        std::mem::take(&mut self.unsplit)
+    }
+
+    fn note_unsplit(&mut self, spans: usize, reason: &str, now: Instant) {
+        self.unsplit += 1;
+        if self
+            .unsplit_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < UNSPLIT_LOG_INTERVAL)
+        {
+            self.unsplit_quiet += 1;
+            return;
+        }
+        tracing::warn!(
+            spans,
+            error = %reason,
+            suppressed = self.unsplit_quiet,
+            "cannot split an item; sending it whole, above send_batch_max_size"
+        );
+        self.unsplit_logged = Some(now);
+        self.unsplit_quiet = 0;
     }
 
     pub fn pending_spans(&self) -> usize {
@@ -67,21 +112,38 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             let spans = current.spans();
             if max > 0 && pending.spans + spans > max {
                 let room = max - pending.spans;
-                if room > 0 {
-                    let (head, tail) = current.split(room);
-                    pending.items.push(head);
-                    pending.spans += room;
-                    item = Some(tail);
-                } else {
+                if room == 0 {
                     item = Some(current);
+                } else {
+                    match current.split(room) {
+                        Ok((head, tail)) => {
+                            pending.items.push(head);
+                            pending.spans += room;
+                            item = Some(tail);
+                        }
+                        Err(Unsplit { item: whole, reason }) => {
+                            // What is pending goes first, then the item alone: order kept,
+                            // nothing lost, only this one batch is over the maximum.
+                            if !pending.items.is_empty() {
+                                out.extend(self.take(&key));
+                            }
+                            self.note_unsplit(spans, &reason, now);
+                            out.push(Batch {
+                                key: key.clone(),
+                                items: vec![whole],
+                                spans,
+                            });
+                            continue;
+                        }
+                    }
                 }
-                out.push(self.take(&key));
+                out.extend(self.take(&key));
                 continue;
             }
             pending.items.push(current);
             pending.spans += spans;
             if pending.spans >= self.settings.send_batch_size {
-                out.push(self.take(&key));
+                out.extend(self.take(&key));
             }
         }
         out
@@ -104,7 +166,7 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             .filter(|(_, p)| !p.items.is_empty() && p.since + self.settings.timeout <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        due.iter().map(|k| self.take(k)).collect()
+        due.iter().filter_map(|k| self.take(k)).collect()
     }
 
     /// Everything pending, e.g. at shutdown.
@@ -115,16 +177,16 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             .filter(|(_, p)| !p.items.is_empty())
             .map(|(k, _)| k.clone())
             .collect();
-        keys.iter().map(|k| self.take(k)).collect()
+        keys.iter().filter_map(|k| self.take(k)).collect()
     }
 
-    fn take(&mut self, key: &K) -> Batch<K, T> {
-        let p = self.pending.remove(key).expect("pending entry exists");
-        Batch {
+    fn take(&mut self, key: &K) -> Option<Batch<K, T>> {
+        let p = self.pending.remove(key)?;
+        Some(Batch {
             key: key.clone(),
             items: p.items,
             spans: p.spans,
-        }
+        })
     }
 }
 
@@ -144,9 +206,16 @@ mod tests {
         fn spans(&self) -> usize {
             self.0.len()
         }
-        fn split(mut self, first: usize) -> (Self, Self) {
+        fn split(mut self, first: usize) -> Result<(Self, Self), Unsplit<Self>> {
+            // Runs starting at 1000 refuse to split, like a record that does not decode.
+            if self.0.first().is_some_and(|&n| n >= 1000) {
+                return Err(Unsplit {
+                    item: self,
+                    reason: "test".into(),
+                });
+            }
             let tail = self.0.split_off(first);
-            (self, Run(tail))
+            Ok((self, Run(tail)))
         }
     }
 
@@ -189,6 +258,32 @@ mod tests {
         assert_eq!(out.iter().map(|b| b.spans).sum::<usize>(), 47);
     }
 
+    /// An item that cannot be split goes out whole, after what was pending, and is counted; the
+    /// batcher goes on batching.
+    #[test]
+    fn unsplittable_items_go_out_whole_and_are_counted() {
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(10, 15));
+        let mut out = b.add("a", run(0, 7), t);
+        out.extend(b.add("a", run(1000, 20), t));
+        assert_eq!(b.take_unsplit(), 1);
+        assert_eq!(b.take_unsplit(), 0);
+        out.extend(b.add("a", run(7, 20), t));
+        out.extend(b.flush());
+        let spans: Vec<usize> = out.iter().map(|b| b.spans).collect();
+        assert_eq!(spans, vec![7, 20, 15, 5]);
+        let all: Vec<u32> = out
+            .iter()
+            .flat_map(|batch| batch.items.iter().flat_map(|r| r.0.clone()))
+            .collect();
+        let expected: Vec<u32> = (0..7).chain(1000..1020).chain(7..27).collect();
+        assert_eq!(all, expected);
+        // An unsplittable item into an empty batch: no empty batch before it.
+        let mut b = Batcher::new(settings(10, 15));
+        let out = b.add("a", run(1000, 16), t);
+        assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![16]);
+    }
+
     #[test]
     fn partitions_by_key() {
         let t = Instant::now();
@@ -222,8 +317,11 @@ mod tests {
         fn spans(&self) -> usize {
             self.spans
         }
-        fn split(self, first: usize) -> (Self, Self) {
-            crate::pipeline::wire::split_chunk(&self, first)
+        fn split(self, first: usize) -> Result<(Self, Self), Unsplit<Self>> {
+            crate::pipeline::wire::split_chunk(&self, first).map_err(|e| Unsplit {
+                reason: e.to_string(),
+                item: self,
+            })
         }
     }
 

@@ -91,6 +91,7 @@ pub struct Metrics {
     /// Every dropped span per exporter, whatever the reason: the shutdown accounting reads it, so
     /// a new drop reason cannot unbalance it. Not exported (the labelled family above is).
     exporter_dropped_total: CounterFamily<ExporterLabels>,
+    pub batch_unsplittable: CounterFamily<ExporterLabels>,
 }
 
 impl Default for Metrics {
@@ -131,6 +132,12 @@ impl Metrics {
             "otlp_relay_exporter_dropped_spans",
             "Accepted spans given up without a verdict from the destination (e.g. the shutdown deadline)",
             exporter_dropped_spans.clone(),
+        );
+        let batch_unsplittable = CounterFamily::<ExporterLabels>::default();
+        registry.register(
+            "otlp_relay_batch_unsplittable_items",
+            "Items the batcher could not split and sent whole, above send_batch_max_size",
+            batch_unsplittable.clone(),
         );
         let exporter_retries = CounterFamily::<ExporterReasonLabels>::default();
         registry.register(
@@ -231,6 +238,7 @@ impl Metrics {
             exporter_queue_size,
             exporter_queue_capacity,
             batch_send_size,
+            batch_unsplittable,
             export_duration,
             exporter_unauthorized,
             token_requests,

@@ -293,6 +293,10 @@ async fn run_batcher(
                 processor: settings.batch_processor.clone(),
             })
             .clone(),
+        unsplittable: metrics
+            .batch_unsplittable
+            .get_or_create(&exporter_labels(&settings.name))
+            .clone(),
         held: &held,
     };
     let mut closing = false;
@@ -314,6 +318,10 @@ async fn run_batcher(
                     let mut out = Vec::new();
                     for r in routed.iter() {
                         out.extend(batcher.add(r.destination.clone(), r.item.clone(), now));
+                    }
+                    match batcher.take_unsplit() {
+                        0 => {}
+                        n => drop(outlet.unsplittable.inc_by(n)),
                     }
                     out
                 }
@@ -358,6 +366,7 @@ struct Outlet<'a> {
     queue: &'a mpsc::Sender<OutBatch>,
     queue_size: prometheus_client::metrics::gauge::Gauge,
     batch_size: prometheus_client::metrics::histogram::Histogram,
+    unsplittable: prometheus_client::metrics::counter::Counter,
     /// Spans taken in and not yet queued (what a panic would cost).
     held: &'a AtomicUsize,
 }

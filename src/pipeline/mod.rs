@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::BatchItem;
+use crate::batch::{BatchItem, Unsplit};
 use crate::spool::Spool;
 use wire::{ParsedRequest, ResourceChunk};
 
@@ -34,9 +34,17 @@ impl BatchItem for Item {
     fn spans(&self) -> usize {
         self.chunk.spans
     }
-    fn split(self, first: usize) -> (Self, Self) {
-        let (a, b) = wire::split_chunk(&self.chunk, first);
-        (
+    fn split(self, first: usize) -> Result<(Self, Self), Unsplit<Self>> {
+        let (a, b) = match wire::split_chunk(&self.chunk, first) {
+            Ok(parts) => parts,
+            Err(e) => {
+                return Err(Unsplit {
+                    reason: e.to_string(),
+                    item: self,
+                });
+            }
+        };
+        Ok((
             Item {
                 chunk: a,
                 charge: self.charge.clone(),
@@ -47,7 +55,7 @@ impl BatchItem for Item {
                 charge: self.charge,
                 origin: self.origin,
             },
-        )
+        ))
     }
 }
 

@@ -1,13 +1,23 @@
 //! Validates an OTLP trace request by walking its protobuf encoding against the schema, without
 //! building it in memory: it checks what prost's decoder checks (field framing, wire types of
-//! known fields, UTF-8 of strings, nesting depth) and collects only what the relay needs: each
-//! ResourceSpans' byte range, span count, spans with unusable ids, and the experiment attribute.
-//! A full decode allocated for every attribute of every span only to throw it away.
+//! known fields, UTF-8 of strings, varint overflow, nesting depth) and collects only what the
+//! relay needs: each ResourceSpans' byte range, span count, spans with unusable ids, and the
+//! experiment attribute. A full decode allocated for every attribute of every span only to throw
+//! it away.
+//!
+//! This is the one rule for what the relay accepts: whatever passes here must decode with prost
+//! (split, spool replay) and with MLflow's parser (Python protobuf, upb), so no later stage can
+//! fail on it. It may refuse more than they do (groups), never less.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 use super::wire::{DecodeError, EXPERIMENT_ATTRIBUTE};
 
-/// Below prost's (and Python protobuf's) recursion limit of 100 messages, counted from the
-/// request: a value nested deeper than MLflow can parse is refused here, not by MLflow later.
-const MAX_DEPTH: u32 = 90;
+/// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
+/// itself at level 1 (ResourceSpans 2, ScopeSpans 3, Span 4, its KeyValue 5, AnyValue 6; every
+/// array level adds two, ArrayValue and AnyValue; every kvlist level three, KeyValueList,
+/// KeyValue and AnyValue). Both prost and upb (MLflow's Python protobuf) stop at 100 levels
+/// below the root message; 64 leaves a margin for a proxy or parser that counts differently
+/// or wraps the request once more.
+pub const MAX_DEPTH: u32 = 64;
 
 /// One `resource_spans` record of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +60,10 @@ impl<'a> Reader<'a> {
             self.pos += 1;
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
+                // The tenth byte holds bit 63 only; prost (and upb) refuse anything more.
+                if i == 9 && byte > 1 {
+                    return Err(err("varint overflows 64 bits"));
+                }
                 return Ok(value);
             }
         }
@@ -181,7 +195,8 @@ fn resource(buf: &[u8]) -> Result<Option<String>, DecodeError> {
     while let Some((number, w)) = r.field()? {
         match number {
             1 => {
-                let (key, value) = key_value(len(w)?, 1)?;
+                // Request 1, ResourceSpans 2, Resource 3, KeyValue 4.
+                let (key, value) = key_value(len(w)?, 4, Place::Resource)?;
                 if key == EXPERIMENT_ATTRIBUTE {
                     experiment = value.and_then(experiment_id);
                 }
@@ -227,7 +242,8 @@ fn scope(buf: &[u8]) -> Result<(), DecodeError> {
     while let Some((number, w)) = r.field()? {
         match number {
             1 | 2 => drop(string(w)?),
-            3 => drop(key_value(len(w)?, 1)?),
+            // Request 1, ResourceSpans 2, ScopeSpans 3, InstrumentationScope 4, KeyValue 5.
+            3 => drop(key_value(len(w)?, 5, Place::Scope)?),
             4 => varint(w)?,
             _ => {}
         }
@@ -252,7 +268,8 @@ fn span(buf: &[u8]) -> Result<bool, DecodeError> {
             4 => drop(len(w)?),
             6 | 10 | 12 | 14 => varint(w)?,
             7 | 8 => fixed64(w)?,
-            9 => drop(key_value(len(w)?, 1)?),
+            // Request 1, ResourceSpans 2, ScopeSpans 3, Span 4, KeyValue 5.
+            9 => drop(key_value(len(w)?, 5, Place::Span)?),
             11 => event(len(w)?)?,
             13 => link(len(w)?)?,
             15 => status(len(w)?)?,
@@ -269,7 +286,8 @@ fn event(buf: &[u8]) -> Result<(), DecodeError> {
         match number {
             1 => fixed64(w)?,
             2 => drop(string(w)?),
-            3 => drop(key_value(len(w)?, 1)?),
+            // ... Span 4, Event 5, KeyValue 6.
+            3 => drop(key_value(len(w)?, 6, Place::Event)?),
             4 => varint(w)?,
             _ => {}
         }
@@ -283,7 +301,8 @@ fn link(buf: &[u8]) -> Result<(), DecodeError> {
         match number {
             1 | 2 => drop(len(w)?),
             3 => drop(string(w)?),
-            4 => drop(key_value(len(w)?, 1)?),
+            // ... Span 4, Link 5, KeyValue 6.
+            4 => drop(key_value(len(w)?, 6, Place::Link)?),
             5 => varint(w)?,
             6 => fixed32(w)?,
             _ => {}
@@ -304,8 +323,42 @@ fn status(buf: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// A KeyValue's key and its AnyValue's encoding.
-fn key_value(buf: &[u8], depth: u32) -> Result<(&str, Option<&[u8]>), DecodeError> {
+/// Whose attribute a value is, for the error that refuses it.
+#[derive(Clone, Copy)]
+enum Place {
+    Resource,
+    Scope,
+    Span,
+    Event,
+    Link,
+}
+
+impl Place {
+    fn too_deep(self) -> DecodeError {
+        DecodeError::TooDeep {
+            place: match self {
+                Place::Resource => "resource attribute",
+                Place::Scope => "scope attribute",
+                Place::Span => "span attribute",
+                Place::Event => "span event attribute",
+                Place::Link => "span link attribute",
+            },
+            limit: MAX_DEPTH,
+        }
+    }
+}
+
+/// Refuses a message at `depth` (its level from the request, which is 1) past the limit.
+fn enter(depth: u32, place: Place) -> Result<(), DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(place.too_deep());
+    }
+    Ok(())
+}
+
+/// A KeyValue at message level `depth`: its key and its AnyValue's encoding.
+fn key_value(buf: &[u8], depth: u32, place: Place) -> Result<(&str, Option<&[u8]>), DecodeError> {
+    enter(depth, place)?;
     let (mut key, mut value) = ("", None);
     let mut r = Reader::new(buf);
     while let Some((number, w)) = r.field()? {
@@ -313,7 +366,7 @@ fn key_value(buf: &[u8], depth: u32) -> Result<(&str, Option<&[u8]>), DecodeErro
             1 => key = string(w)?,
             2 => {
                 let v = len(w)?;
-                any_value(v, depth + 1)?;
+                any_value(v, depth + 1, place)?;
                 value = Some(v);
             }
             3 => varint(w)?,
@@ -323,10 +376,10 @@ fn key_value(buf: &[u8], depth: u32) -> Result<(&str, Option<&[u8]>), DecodeErro
     Ok((key, value))
 }
 
-fn any_value(buf: &[u8], depth: u32) -> Result<(), DecodeError> {
-    if depth > MAX_DEPTH {
-        return Err(err("attribute values nested too deeply"));
-    }
+/// An AnyValue at message level `depth`. Every message below it counts, empty ones too: prost
+/// and upb check the depth before they look at a message's length.
+fn any_value(buf: &[u8], depth: u32, place: Place) -> Result<(), DecodeError> {
+    enter(depth, place)?;
     let mut r = Reader::new(buf);
     while let Some((number, w)) = r.field()? {
         match number {
@@ -334,18 +387,24 @@ fn any_value(buf: &[u8], depth: u32) -> Result<(), DecodeError> {
             2 | 3 | 8 => varint(w)?,
             4 => fixed64(w)?,
             5 => {
-                let mut items = Reader::new(len(w)?);
+                // ArrayValue, then its AnyValues.
+                let items = len(w)?;
+                enter(depth + 1, place)?;
+                let mut items = Reader::new(items);
                 while let Some((n, item)) = items.field()? {
                     if n == 1 {
-                        any_value(len(item)?, depth + 1)?;
+                        any_value(len(item)?, depth + 2, place)?;
                     }
                 }
             }
             6 => {
-                let mut items = Reader::new(len(w)?);
+                // KeyValueList, then its KeyValues.
+                let items = len(w)?;
+                enter(depth + 1, place)?;
+                let mut items = Reader::new(items);
                 while let Some((n, item)) = items.field()? {
                     if n == 1 {
-                        key_value(len(item)?, depth + 1)?;
+                        key_value(len(item)?, depth + 2, place)?;
                     }
                 }
             }
@@ -490,6 +549,230 @@ mod tests {
         assert_eq!(r.experiment.as_deref(), Some("17"));
     }
 
+    use opentelemetry_proto::tonic::common::v1::{
+        AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value::Value,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, span};
+
+    /// One level of nesting inside an attribute value.
+    #[derive(Clone, Copy, Debug)]
+    enum Level {
+        /// AnyValue -> ArrayValue -> AnyValue: two message levels.
+        Array,
+        /// AnyValue -> KeyValueList -> KeyValue -> AnyValue: three.
+        Kvlist,
+    }
+
+    /// Where the nested attribute sits, and the message level of its KeyValue.
+    const PLACES: [(&str, u32); 5] = [("resource", 4), ("scope", 5), ("span", 5), ("event", 6), ("link", 6)];
+
+    /// A value nesting `levels` (outermost first) around an int, or around an empty ArrayValue.
+    fn nested(levels: &[Level], empty_bottom: bool) -> AnyValue {
+        let mut value = if empty_bottom {
+            AnyValue {
+                value: Some(Value::ArrayValue(ArrayValue { values: vec![] })),
+            }
+        } else {
+            AnyValue {
+                value: Some(Value::IntValue(1)),
+            }
+        };
+        for level in levels.iter().rev() {
+            value = AnyValue {
+                value: Some(match level {
+                    Level::Array => Value::ArrayValue(ArrayValue { values: vec![value] }),
+                    Level::Kvlist => Value::KvlistValue(KeyValueList {
+                        values: vec![KeyValue {
+                            key: "k".into(),
+                            value: Some(value),
+                            ..Default::default()
+                        }],
+                    }),
+                }),
+            };
+        }
+        value
+    }
+
+    /// The deepest message level of such a value's attribute placed at `place`.
+    fn depth_of(place: &str, levels: &[Level], empty_bottom: bool) -> u32 {
+        let kv = PLACES.iter().find(|p| p.0 == place).map(|p| p.1).unwrap_or(0);
+        let inner: u32 = levels
+            .iter()
+            .map(|l| match l {
+                Level::Array => 2,
+                Level::Kvlist => 3,
+            })
+            .sum();
+        kv + 1 + inner + u32::from(empty_bottom)
+    }
+
+    /// A request with one span carrying `value` as an attribute at `place`.
+    fn request_with(place: &str, value: AnyValue) -> Vec<u8> {
+        let attr = vec![KeyValue {
+            key: "deep".into(),
+            value: Some(value),
+            ..Default::default()
+        }];
+        let mut span = testdata::span(1);
+        let mut rs = ResourceSpans {
+            resource: Some(Resource::default()),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope::default()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        match place {
+            "resource" => {
+                rs.resource = Some(Resource {
+                    attributes: attr,
+                    ..Default::default()
+                })
+            }
+            "scope" => {
+                rs.scope_spans[0].scope = Some(InstrumentationScope {
+                    attributes: attr,
+                    ..Default::default()
+                })
+            }
+            "span" => span.attributes = attr,
+            "event" => {
+                span.events = vec![span::Event {
+                    attributes: attr,
+                    ..Default::default()
+                }]
+            }
+            _ => {
+                span.links = vec![span::Link {
+                    attributes: attr,
+                    ..Default::default()
+                }]
+            }
+        }
+        rs.scope_spans[0].spans.push(span);
+        ExportTraceServiceRequest {
+            resource_spans: vec![rs],
+        }
+        .encode_to_vec()
+    }
+
+    /// Level sequences of every kind: arrays only, kvlists only, and two mixes.
+    fn shapes(n: usize) -> Vec<Vec<Level>> {
+        vec![
+            vec![Level::Array; n],
+            vec![Level::Kvlist; n],
+            (0..n)
+                .map(|i| if i % 2 == 0 { Level::Array } else { Level::Kvlist })
+                .collect(),
+            (0..n)
+                .map(|i| if i % 3 == 2 { Level::Kvlist } else { Level::Array })
+                .collect(),
+        ]
+    }
+
+    /// Nesting of every kind in every position, at every depth around the limit and past prost's:
+    /// the walker accepts exactly up to MAX_DEPTH message levels counted from the request, refuses
+    /// deeper with an error naming the position, and prost decodes everything it accepts.
+    #[test]
+    fn depth_is_counted_in_message_levels_from_the_request() {
+        let mut checked = 0;
+        for (place, _) in PLACES {
+            for n in 0..70 {
+                for levels in shapes(n) {
+                    for empty_bottom in [false, true] {
+                        let depth = depth_of(place, &levels, empty_bottom);
+                        let body = request_with(place, nested(&levels, empty_bottom));
+                        let walked = request(&body);
+                        let decoded = prost_view(&body);
+                        if depth <= MAX_DEPTH {
+                            assert_eq!(
+                                walk_view(&body).ok(),
+                                Some(vec![1]),
+                                "{place} depth {depth} {levels:?} must pass"
+                            );
+                            assert_eq!(decoded.ok(), Some(vec![1]), "prost must decode what the walker passes");
+                        } else {
+                            match walked {
+                                Err(DecodeError::TooDeep { place: p, limit }) => {
+                                    assert_eq!(limit, MAX_DEPTH);
+                                    assert!(
+                                        p.starts_with(place) || p == format!("span {place} attribute"),
+                                        "{p} for {place}"
+                                    );
+                                }
+                                other => panic!("{place} depth {depth}: {other:?}"),
+                            }
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 2000);
+    }
+
+    /// The limit's neighbourhood exactly, and prost's own limit (root + 100 levels), which the
+    /// walker's must stay below.
+    #[test]
+    fn the_limit_and_prosts() {
+        for (place, kv) in PLACES {
+            // Arrays add two levels; an empty ArrayValue at the bottom adds one, to hit each depth.
+            for depth in (MAX_DEPTH - 3)..=(MAX_DEPTH + 3) {
+                let extra = depth - (kv + 1);
+                let levels = vec![Level::Array; (extra / 2) as usize];
+                let empty_bottom = extra % 2 == 1;
+                assert_eq!(depth_of(place, &levels, empty_bottom), depth);
+                let body = request_with(place, nested(&levels, empty_bottom));
+                assert_eq!(request(&body).is_ok(), depth <= MAX_DEPTH, "{place} at {depth}");
+            }
+            for depth in [101, 102] {
+                let extra = depth - (kv + 1);
+                let levels = vec![Level::Array; (extra / 2) as usize];
+                let body = request_with(place, nested(&levels, extra % 2 == 1));
+                assert_eq!(prost_view(&body).is_ok(), depth <= 101, "prost at {depth}");
+                assert!(request(&body).is_err());
+            }
+        }
+    }
+
+    /// A varint's tenth byte carries bit 63 only: 0 or 1; prost refuses more, so does the walker,
+    /// wherever the varint is (a key, a length, a value).
+    #[test]
+    fn overflowing_varints_are_refused_like_prost() {
+        let good = ExportTraceServiceRequest {
+            resource_spans: vec![testdata::resource_spans("a", 0, 1, 1)],
+        }
+        .encode_to_vec();
+        for last in 0u8..=0x7f {
+            let mut varint = vec![0xff; 9];
+            varint.push(last);
+            // An unknown varint field 9 at the top, and a span's `kind` (field 6).
+            let mut top = good.clone();
+            top.push(0x48);
+            top.extend_from_slice(&varint);
+            // A span's `kind` (field 6), the span framed by hand into a request.
+            let mut span = testdata::span(3).encode_to_vec();
+            span.push(0x30);
+            span.extend_from_slice(&varint);
+            let rewritten = wrap(0x0a, &wrap(0x12, &wrap(0x12, &span)));
+            for b in [top, rewritten] {
+                let (w, p) = (request(&b).is_ok(), prost_view(&b).is_ok());
+                assert_eq!(w, p, "last byte {last:#x}: walker {w}, prost {p}");
+                assert_eq!(w, last <= 1);
+            }
+        }
+    }
+
+    /// A length-delimited field: tag, length, bytes.
+    fn wrap(tag: u8, inner: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        prost::encoding::encode_varint(inner.len() as u64, &mut out);
+        out.extend_from_slice(inner);
+        out
+    }
+
     #[test]
     fn deep_nesting_is_refused() {
         // AnyValue{array_value: ArrayValue{values: [AnyValue{...}]}} nested past the limit.
@@ -502,6 +785,6 @@ mod tests {
             prost::encoding::encode_varint(array.len() as u64, &mut value);
             value.extend_from_slice(&array);
         }
-        assert!(any_value(&value, 1).is_err());
+        assert!(any_value(&value, 6, Place::Span).is_err());
     }
 }

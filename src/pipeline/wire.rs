@@ -3,10 +3,11 @@
 //!
 //! `ExportTraceServiceRequest` is `repeated ResourceSpans resource_spans = 1`, so the encoding of
 //! a merged request is the concatenation of its parts' field-1 records.
-use bytes::{BufMut, Bytes, BytesMut};
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+use bytes::{Bytes, BytesMut};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, Span};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 /// The resource attribute that routes a ResourceSpans to another MLflow experiment.
@@ -40,6 +41,13 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("invalid protobuf framing: {0}")]
     Framing(&'static str),
+    #[error(
+        "{place} value nested deeper than {limit} protobuf message levels (counted from the request); \
+         MLflow could not parse it"
+    )]
+    TooDeep { place: &'static str, limit: u32 },
+    #[error("cannot split a record: {0}")]
+    Split(&'static str),
 }
 
 /// Validates an `ExportTraceServiceRequest` in protobuf and slices its ResourceSpans records.
@@ -64,12 +72,16 @@ pub fn parse_protobuf(body: Bytes) -> Result<ParsedRequest, DecodeError> {
 }
 
 /// Parses OTLP/JSON (hex ids, lowerCamelCase keys; unknown fields ignored) and encodes each
-/// ResourceSpans as protobuf.
+/// ResourceSpans as protobuf. The encoding then passes the same walk as a protobuf request, so
+/// one rule (nesting depth above all) holds whatever the client sent.
 pub fn parse_json(body: &[u8]) -> Result<ParsedRequest, DecodeError> {
     let request: ExportTraceServiceRequest = serde_json::from_slice(body)?;
     let mut parsed = ParsedRequest::default();
     for rs in request.resource_spans {
         parsed.add(rs, None);
+    }
+    for chunk in &parsed.chunks {
+        super::walk::request(&chunk.bytes)?;
     }
     Ok(parsed)
 }
@@ -136,13 +148,11 @@ fn experiment_of(rs: &ResourceSpans) -> Option<String> {
     (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(id)
 }
 
-/// Encodes one ResourceSpans as a field-1 record (tag, length, message).
+/// Encodes one ResourceSpans as a field-1 record (tag, length, message). Cannot fail: the
+/// buffer is sized first and grows anyway.
 pub fn encode_record(rs: &ResourceSpans) -> Bytes {
-    let len = rs.encoded_len();
-    let mut buf = BytesMut::with_capacity(len + 11);
-    buf.put_u8(0x0a);
-    prost::encoding::encode_varint(len as u64, &mut buf);
-    rs.encode(&mut buf).expect("BytesMut grows");
+    let mut buf = BytesMut::with_capacity(rs.encoded_len() + 11);
+    prost::encoding::message::encode(1, rs, &mut buf);
     buf.freeze()
 }
 
@@ -159,20 +169,37 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     Err(DecodeError::Framing("varint too long"))
 }
 
-/// Splits a record so the first part holds `first` spans (0 < first < chunk.spans).
-pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> (ResourceChunk, ResourceChunk) {
+/// Splits a record so the first part holds `first` spans (0 < first < chunk.spans). Records
+/// passed the walk on receipt, so this does not fail for them; a record that does not decode
+/// (or whose span count differs) is an error for the caller to handle, never a panic.
+pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> Result<(ResourceChunk, ResourceChunk), DecodeError> {
+    if first == 0 || first >= chunk.spans {
+        return Err(DecodeError::Split("split point outside the record"));
+    }
     let mut pos = 0;
-    read_varint(&chunk.bytes, &mut pos).expect("record tag");
-    read_varint(&chunk.bytes, &mut pos).expect("record length");
-    let rs = ResourceSpans::decode(&chunk.bytes[pos..]).expect("records were validated on receipt");
+    read_varint(&chunk.bytes, &mut pos)?;
+    let len = usize::try_from(read_varint(&chunk.bytes, &mut pos)?)
+        .map_err(|_| DecodeError::Split("record length overflows"))?;
+    let message = pos
+        .checked_add(len)
+        .and_then(|end| chunk.bytes.get(pos..end))
+        .ok_or(DecodeError::Split("record shorter than its length"))?;
+    let rs = ResourceSpans::decode(message)?;
+    let total: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
+    if total != chunk.spans {
+        return Err(DecodeError::Split(
+            "record holds a different span count than counted on receipt",
+        ));
+    }
     let mut head = ResourceSpans {
         resource: rs.resource.clone(),
         scope_spans: Vec::new(),
         schema_url: rs.schema_url.clone(),
     };
     let mut tail = ResourceSpans {
+        resource: rs.resource.clone(),
         scope_spans: Vec::new(),
-        ..rs.clone()
+        schema_url: rs.schema_url.clone(),
     };
     let mut left = first;
     for mut scope in rs.scope_spans {
@@ -184,14 +211,16 @@ pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> (ResourceChunk, Resou
         } else {
             let rest = scope.spans.split_off(left);
             left = 0;
-            let mut tail_scope = scope.clone();
-            tail_scope.spans = rest;
+            tail.scope_spans.push(ScopeSpans {
+                scope: scope.scope.clone(),
+                spans: rest,
+                schema_url: scope.schema_url.clone(),
+            });
             head.scope_spans.push(scope);
-            tail.scope_spans.push(tail_scope);
         }
     }
     let experiment = chunk.experiment.clone();
-    (
+    Ok((
         ResourceChunk {
             bytes: encode_record(&head),
             spans: first,
@@ -202,7 +231,7 @@ pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> (ResourceChunk, Resou
             spans: chunk.spans - first,
             experiment,
         },
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -368,7 +397,7 @@ mod tests {
             experiment: None,
         };
         for first in 1..12 {
-            let (head, tail) = split_chunk(&chunk, first);
+            let (head, tail) = split_chunk(&chunk, first).unwrap();
             let merged: Vec<u8> = [head.bytes.as_ref(), tail.bytes.as_ref()].concat();
             let req = ExportTraceServiceRequest::decode(merged.as_slice()).unwrap();
             let names: Vec<String> = req

@@ -1,5 +1,6 @@
 //! OTLP/gRPC: `TraceService/Export` served by tonic's unary machinery with a pass-through codec,
 //! so the request's bytes reach the pipeline without a second decode.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,7 +22,12 @@ pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceServ
 #[derive(Default, Clone, Copy)]
 struct RawCodec;
 
-struct RawDecoder;
+/// Passes the first message on and refuses a second: tonic's unary path takes the first and
+/// then drains the body through this decoder, which would otherwise drop the rest silently.
+#[derive(Default)]
+struct RawDecoder {
+    seen: bool,
+}
 struct ResponseEncoder;
 
 impl Codec for RawCodec {
@@ -33,7 +39,7 @@ impl Codec for RawCodec {
         ResponseEncoder
     }
     fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
+        RawDecoder::default()
     }
 }
 
@@ -41,6 +47,11 @@ impl Decoder for RawDecoder {
     type Item = Bytes;
     type Error = Status;
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        if std::mem::replace(&mut self.seen, true) {
+            return Err(Status::invalid_argument(
+                "a unary Export call carries exactly one message; this one has more",
+            ));
+        }
         let n = src.remaining();
         Ok(Some(src.copy_to_bytes(n)))
     }
