@@ -391,6 +391,8 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
                 metrics: metrics.clone(),
                 max_recv_msg_size_mib: p.max_recv_msg_size_mib,
                 include_metadata: p.include_metadata,
+                connections: crate::receiver::ConnectionSettings::from_config(p),
+                health: health.clone(),
             });
             let tls = prepared.server_tls.get(&(id.clone(), transport)).cloned();
             if let Some(t) = &tls {
