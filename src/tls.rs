@@ -170,7 +170,7 @@ impl ServerTls {
             reported: std::sync::Mutex::new(None),
             health: std::sync::OnceLock::new(),
         });
-        tls.check_validity();
+        // Logged once the receiver starts (watch_validity): logging is not set up yet here.
         Ok(tls)
     }
 
