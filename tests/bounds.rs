@@ -383,3 +383,131 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     assert_eq!(try_get(relay.health.unwrap(), "/readyz").map(|r| r.0), Some(200));
     assert_eq!(count_lines(&relay.proc, "server certificate"), 0);
 }
+
+mod grpc {
+    //! The same bounds on OTLP/gRPC: stalled streams hold the memory budget and end at
+    //! read_timeout; idle HTTP/2 connections are closed.
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::sync::mpsc::Sender;
+    use hyper::client::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+    type Client = http2::SendRequest<BoxBody<Bytes, std::convert::Infallible>>;
+
+    async fn connect(addr: SocketAddr) -> Client {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Starts an Export call whose body is sent through the returned sender; the task answers
+    /// the call's grpc-status.
+    async fn start(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok(http_body::Frame::data(data)), rx))
+        });
+        let body = StreamBody::new(frames).boxed();
+        let req = http::Request::post(format!("http://relay{EXPORT}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        client.ready().await.unwrap();
+        let response = client.send_request(req);
+        let task = tokio::spawn(async move {
+            let resp = response.await.unwrap();
+            if let Some(s) = resp.headers().get("grpc-status") {
+                return s.to_str().unwrap().to_string();
+            }
+            let collected = resp.into_body().collect().await.unwrap();
+            collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        });
+        (tx, task)
+    }
+
+    fn prefix(declared: usize) -> Bytes {
+        let mut p = vec![0u8];
+        p.extend_from_slice(&(declared as u32).to_be_bytes());
+        Bytes::from(p)
+    }
+
+    /// A whole call with a malformed 64-byte message: 3 (INVALID_ARGUMENT) when the budget let
+    /// it be read, 14 (UNAVAILABLE) when it refused it.
+    async fn probe(client: &mut Client) -> String {
+        let (tx, task) = start(client).await;
+        let mut msg = prefix(64).to_vec();
+        msg.extend_from_slice(&[0xff; 64]);
+        tx.send(Bytes::from(msg)).await.unwrap();
+        drop(tx);
+        task.await.unwrap()
+    }
+
+    #[test]
+    fn stalled_grpc_streams_hold_the_budget_until_read_timeout_and_idle_connections_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = r#"
+receivers: {otlp: {protocols: {grpc: {endpoint: "127.0.0.1:0", max_recv_msg_size_mib: 8, read_timeout: 3s, idle_timeout: 2s}}}}
+processors: {batch: {timeout: 20ms}, memory_limiter: {check_interval: 1s, limit_mib: 4, spike_limit_mib: 1}}
+exporters: {debug: {}}
+service:
+  pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, batch], exporters: [debug]}}
+  telemetry: {metrics: {address: "127.0.0.1:0"}}
+"#;
+        let relay = Relay::start(dir.path(), config, "otlp");
+        let addr = relay.grpc.unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut client = connect(addr).await;
+            assert_eq!(probe(&mut client).await, "3");
+            // Two streams, each on its own connection, declare 1.5 MiB messages (the whole
+            // budget) in their prefix and stall after 100 KiB.
+            let mut stalled = Vec::new();
+            for _ in 0..2 {
+                let mut c = connect(addr).await;
+                let (tx, task) = start(&mut c).await;
+                tx.send(prefix(3 * 512 * 1024 - 5)).await.unwrap();
+                tx.send(Bytes::from(vec![0u8; 100 * 1024])).await.unwrap();
+                stalled.push((c, tx, task));
+            }
+            let started = Instant::now();
+            let deadline = started + T;
+            loop {
+                let open = relay.metric("otlp_relay_receiver_open_connections", &[]);
+                if open == 3.0 && probe(&mut client).await == "14" {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the budget never refused a call");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            // After read_timeout: DEADLINE_EXCEEDED, and the memory is free again.
+            for (_c, _tx, task) in stalled {
+                assert_eq!(task.await.unwrap(), "4");
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+            // (The probing connection was idle meanwhile, and closed: see below.)
+            let mut client = connect(addr).await;
+            assert_eq!(probe(&mut client).await, "3");
+            // An idle HTTP/2 connection is closed (GOAWAY) after idle_timeout.
+            let idle = Instant::now();
+            while !client.is_closed() {
+                assert!(idle.elapsed() < Duration::from_secs(10), "idle connection still open");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(relay.metric("otlp_relay_receiver_connections_closed_total", &[("reason", "idle_timeout")]) >= 1.0);
+    }
+}

@@ -80,6 +80,11 @@ pub(crate) type FaultSlot = Arc<Mutex<Option<BodyFault>>>;
 pub(crate) struct BudgetedBody {
     inner: Incoming,
     hold: BodyHold,
+    /// The gRPC message prefix (flag, big-endian length) as far as it has arrived.
+    prefix: Vec<u8>,
+    received: usize,
+    /// The most worth holding for one message (max_recv_msg_size plus its prefix).
+    max_hold: usize,
     timeout: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     fault: FaultSlot,
@@ -95,12 +100,30 @@ impl BudgetedBody {
             BudgetedBody {
                 inner,
                 hold,
+                prefix: Vec::with_capacity(GRPC_PREFIX),
+                received: 0,
+                max_hold: ctx.max_bytes() + GRPC_PREFIX,
                 timeout,
                 deadline: Box::pin(tokio::time::sleep(timeout)),
                 fault: fault.clone(),
             },
             fault,
         ))
+    }
+
+    /// The bytes to hold after `data` arrived: what was received, or the message's declared
+    /// length (as HTTP's Content-Length) once its prefix is in, whichever is more.
+    fn wanted(&mut self, data: &[u8]) -> usize {
+        self.received += data.len();
+        if self.prefix.len() < GRPC_PREFIX {
+            let take = (GRPC_PREFIX - self.prefix.len()).min(data.len());
+            self.prefix.extend_from_slice(&data[..take]);
+        }
+        let declared = match self.prefix[..] {
+            [_, a, b, c, d] => GRPC_PREFIX + u32::from_be_bytes([a, b, c, d]) as usize,
+            _ => 0,
+        };
+        self.received.max(declared.min(self.max_hold))
     }
 
     fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -111,6 +134,9 @@ impl BudgetedBody {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A gRPC message's prefix: compressed flag and 4-byte length.
+const GRPC_PREFIX: usize = 5;
+
 impl Body for BudgetedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -119,10 +145,11 @@ impl Body for BudgetedBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && this.hold.grow(data.len()).is_err()
-                {
-                    return this.fail(BodyFault::MemoryLimit);
+                if let Some(data) = frame.data_ref() {
+                    let wanted = this.wanted(data);
+                    if wanted > this.hold.bytes() && this.hold.grow(wanted - this.hold.bytes()).is_err() {
+                        return this.fail(BodyFault::MemoryLimit);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -146,6 +146,9 @@ pub async fn serve(
     let builder = settings.builder();
     let mut acceptor = Acceptor::new(&component);
     let mut at_limit_warn = RateLimitedWarn::new(WARN_INTERVAL);
+    // A client with the wrong CA (or an expired server certificate) fails every handshake:
+    // one line per interval, with a count, instead of one per connection.
+    let handshake_log = Arc::new(std::sync::Mutex::new(RateLimitedWarn::new(WARN_INTERVAL)));
     loop {
         let (stream, remote) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -171,6 +174,7 @@ pub async fn serve(
         let stop = stop.clone();
         let component = component.clone();
         let labels = labels.clone();
+        let handshake_log = handshake_log.clone();
         tracker.spawn(async move {
             match tls {
                 None => {
@@ -187,12 +191,18 @@ pub async fn serve(
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             count_closed(&ctx.metrics, &labels, "handshake_failed");
-                            tracing::info!(component = %component, %remote, error = %e, "TLS handshake failed");
+                            let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
+                            if let Some(suppressed) = due {
+                                tracing::info!(component = %component, %remote, error = %e, suppressed, "TLS handshake failed");
+                            }
                             return;
                         }
                         Err(_) => {
                             count_closed(&ctx.metrics, &labels, "handshake_timeout");
-                            tracing::info!(component = %component, %remote, "TLS handshake timed out");
+                            let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
+                            if let Some(suppressed) = due {
+                                tracing::info!(component = %component, %remote, suppressed, "TLS handshake timed out");
+                            }
                             return;
                         }
                     };
