@@ -160,9 +160,7 @@ pub struct ServerTls {
 impl ServerTls {
     pub fn load(settings: &ServerTlsConfig) -> Result<Arc<ServerTls>, TlsError> {
         let config = server_config(settings)?;
-        let validity = load_certs(&settings.cert_file)
-            .ok()
-            .and_then(|c| Validity::of_leaf(&c));
+        let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
         let tls = Arc::new(ServerTls {
             settings: settings.clone(),
             current: RwLock::new(Arc::new(config)),
@@ -201,7 +199,12 @@ impl ServerTls {
 
     /// Reports the certificate's validity to readiness from now on (at once, after every
     /// reload, and every VALIDITY_CHECK, since a certificate expires without being reloaded).
-    pub fn watch_validity(self: &Arc<Self>, component: &str, health: Arc<crate::telemetry::Health>, cancel: CancellationToken) {
+    pub fn watch_validity(
+        self: &Arc<Self>,
+        component: &str,
+        health: Arc<crate::telemetry::Health>,
+        cancel: CancellationToken,
+    ) {
         if self.health.set((health, component.to_string())).is_err() {
             return;
         }
@@ -241,9 +244,7 @@ impl ServerTls {
                 }
                 let settings = me.settings.clone();
                 let loaded = tokio::task::spawn_blocking(move || {
-                    let validity = load_certs(&settings.cert_file)
-                        .ok()
-                        .and_then(|c| Validity::of_leaf(&c));
+                    let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
                     server_config(&settings).map(|config| (config, validity))
                 })
                 .await;
@@ -454,9 +455,15 @@ mod tests {
         };
         assert_eq!(v.problem("s.crt", 1_500), None);
         let expired = v.problem("s.crt", 2_001).unwrap();
-        assert!(expired.contains("s.crt expired (notAfter Jan  1 00:33:20 1970"), "{expired}");
+        assert!(
+            expired.contains("s.crt expired (notAfter Jan  1 00:33:20 1970"),
+            "{expired}"
+        );
         let early = v.problem("s.crt", 999).unwrap();
-        assert!(early.contains("s.crt is not valid yet (notBefore Jan  1 00:16:40 1970"), "{early}");
+        assert!(
+            early.contains("s.crt is not valid yet (notBefore Jan  1 00:16:40 1970"),
+            "{early}"
+        );
     }
 
     #[test]

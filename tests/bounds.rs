@@ -59,7 +59,8 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = vec![0u8; len];
@@ -143,13 +144,21 @@ fn connections_over_the_limit_are_refused_while_the_clients_held_are_served() {
     // Idle connections are closed after idle_timeout, which frees the slots.
     let start = Instant::now();
     for s in idle.iter_mut() {
-        assert!(closed_by_server(s, Duration::from_secs(15)), "an idle connection stayed open");
+        assert!(
+            closed_by_server(s, Duration::from_secs(15)),
+            "an idle connection stayed open"
+        );
     }
     assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
     wait_for("/readyz ready again", T, || {
         try_get(health, "/readyz").filter(|(s, _)| *s == 200)
     });
-    assert!(relay.metric("otlp_relay_receiver_connections_closed_total", &[("reason", "idle_timeout")]) >= 19.0);
+    assert!(
+        relay.metric(
+            "otlp_relay_receiver_connections_closed_total",
+            &[("reason", "idle_timeout")]
+        ) >= 19.0
+    );
     assert_eq!(post(addr), 200);
     // One warning for 40 refusals, not 40.
     let warnings = count_lines(&relay.proc, "at max_connections");
@@ -289,7 +298,12 @@ fn stalled_bodies_hold_the_memory_budget_and_release_it_at_the_read_timeout() {
     expect_408_and_close(&mut endless);
     assert_eq!(probe_budget(addr).0, 400);
     assert_eq!(post(addr), 200);
-    assert!(relay.metric("otlp_relay_receiver_connections_closed_total", &[("reason", "body_timeout")]) >= 3.0);
+    assert!(
+        relay.metric(
+            "otlp_relay_receiver_connections_closed_total",
+            &[("reason", "body_timeout")]
+        ) >= 3.0
+    );
 }
 
 /// /proc/<pid>/stat utime + stime, in clock ticks.
@@ -330,7 +344,11 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
     assert!(used < 30, "{used} ticks of CPU in 3 s at the descriptor limit");
     let lines = count_lines(&relay, "accept failed");
     assert!(lines <= 2, "{lines} accept warnings");
-    assert!(relay.output_text().len() < 64 * 1024, "log grew to {}", relay.output_text().len());
+    assert!(
+        relay.output_text().len() < 64 * 1024,
+        "log grew to {}",
+        relay.output_text().len()
+    );
 
     drop(held);
     wait_for("/readyz answers after the connections closed", T, || {
@@ -353,7 +371,11 @@ fn tls_relay(dir: &Path, cert: &support::pki::LeafFiles) -> Relay {
 fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     let ca = support::pki::Ca::new("ca");
     for (name, leaf, problem) in [
-        ("expired", ca.server_valid_between((2020, 1, 1), (2021, 1, 1)), "expired (notAfter"),
+        (
+            "expired",
+            ca.server_valid_between((2020, 1, 1), (2021, 1, 1)),
+            "expired (notAfter",
+        ),
         (
             "future",
             ca.server_valid_between((2090, 1, 1), (2091, 1, 1)),
@@ -391,9 +413,9 @@ mod grpc {
     use bytes::Bytes;
     use http_body_util::combinators::BoxBody;
     use http_body_util::{BodyExt, StreamBody};
-    use tokio::sync::mpsc::Sender;
     use hyper::client::conn::http2;
     use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::sync::mpsc::Sender;
 
     const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -508,6 +530,11 @@ service:
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        assert!(relay.metric("otlp_relay_receiver_connections_closed_total", &[("reason", "idle_timeout")]) >= 1.0);
+        assert!(
+            relay.metric(
+                "otlp_relay_receiver_connections_closed_total",
+                &[("reason", "idle_timeout")]
+            ) >= 1.0
+        );
     }
 }

@@ -104,7 +104,13 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    pub(crate) fn new(component: &str, max: usize, health: Arc<Health>, metrics: &Metrics, labels: ReceiverLabels) -> Arc<Slots> {
+    pub(crate) fn new(
+        component: &str,
+        max: usize,
+        health: Arc<Health>,
+        metrics: &Metrics,
+        labels: ReceiverLabels,
+    ) -> Arc<Slots> {
         Arc::new(Slots {
             semaphore: Arc::new(Semaphore::new(max)),
             max,
@@ -257,7 +263,11 @@ mod tests {
         let _b = slots.try_take().unwrap();
         assert!(slots.try_take().is_none());
         assert!(health.not_ready().unwrap().contains("at max_connections (2)"));
-        assert!(metrics.encode().contains("otlp_relay_receiver_open_connections{receiver=\"otlp\",transport=\"http\"} 2"));
+        assert!(
+            metrics
+                .encode()
+                .contains("otlp_relay_receiver_open_connections{receiver=\"otlp\",transport=\"http\"} 2")
+        );
         drop(a);
         assert_eq!(health.not_ready(), None);
         assert!(slots.try_take().is_some());
