@@ -356,6 +356,18 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
     });
     let lines = count_lines(&relay, "accept failed");
     assert!(lines <= 3, "{lines} accept warnings");
+
+    // The receiver's default max_connections leaves descriptors for the rest under this low
+    // limit: a flood of OTLP connections is refused by the limit, not by EMFILE, and the
+    // health listener keeps answering.
+    let receiver = relay.wait_listen("otlp-http", T);
+    let flood: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(receiver).unwrap()).collect();
+    let (_, body) = wait_for("/readyz to name the receiver's limit", T, || {
+        try_get(health, "/readyz").filter(|(s, _)| *s == 503)
+    });
+    assert!(body.contains("at max_connections (16)"), "{body}");
+    assert_eq!(count_lines(&relay, "accept failed"), lines);
+    drop(flood);
 }
 
 fn tls_relay(dir: &Path, cert: &support::pki::LeafFiles) -> Relay {

@@ -131,19 +131,19 @@ impl MemoryBudget {
 /// Memory held for a request body while it is read and decoded, before it is submitted: released
 /// on drop (the submit then reserves what the accepted request keeps).
 #[derive(Debug)]
-pub struct BodyHold {
+pub(crate) struct BodyHold {
     reservations: Vec<Reservation>,
     bytes: usize,
 }
 
 impl BodyHold {
     /// The bytes held (in each budget).
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Holds `extra` more bytes in every budget, or refuses (holding what it held before).
-    pub fn grow(&mut self, extra: usize) -> Result<(), Refusal> {
+    pub(crate) fn grow(&mut self, extra: usize) -> Result<(), Refusal> {
         for i in 0..self.reservations.len() {
             let budget = self.reservations[i].budget.clone();
             if !budget.try_grow(&mut self.reservations[i], extra) {
@@ -252,7 +252,7 @@ impl Intake {
 
     /// Holds `bytes` of every memory budget for a request body about to be read, or refuses
     /// (`MemoryLimit`) when a budget has no room for it.
-    pub fn hold(&self, bytes: usize) -> Result<BodyHold, Refusal> {
+    pub(crate) fn hold(&self, bytes: usize) -> Result<BodyHold, Refusal> {
         let mut reservations = Vec::with_capacity(self.budgets.len());
         for budget in &self.budgets {
             reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);

@@ -14,7 +14,7 @@ use crate::config::ProtocolConfig;
 use crate::telemetry::{Health, Metrics, ReceiverLabels, RefusedLabels};
 
 /// The most connections per listener by default; lowered when the open-file limit is low.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Descriptors kept for everything but receiver connections (admin, exporters, spool, TLS files).
 const RESERVED_FILES: u64 = 128;
 /// HTTP/2 streams a client may reset before the server saw them, per connection (rapid reset).
@@ -26,7 +26,7 @@ pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// The default max_connections: 1024, or half of what the open-file limit leaves after
 /// RESERVED_FILES (a gRPC and an HTTP listener together then cannot exhaust it, and the health
 /// and metrics listeners and the exporters still get descriptors). 1024 descriptors give 448.
-pub fn default_max_connections() -> usize {
+pub(crate) fn default_max_connections() -> usize {
     match crate::net::open_files_limit() {
         Some(limit) => (limit.saturating_sub(RESERVED_FILES) / 2).clamp(16, DEFAULT_MAX_CONNECTIONS as u64) as usize,
         None => DEFAULT_MAX_CONNECTIONS,
@@ -99,6 +99,7 @@ pub(crate) struct Slots {
     /// Whether readiness currently reports the limit; locked while changing it.
     at_limit: Mutex<bool>,
     health: Arc<Health>,
+    /// The readiness key: `<receiver>-<transport> connections`.
     component: String,
     open: Gauge,
 }
@@ -116,7 +117,7 @@ impl Slots {
             max,
             at_limit: Mutex::new(false),
             health,
-            component: component.to_string(),
+            component: format!("{component} connections"),
             open: metrics.receiver_open_connections.get_or_create(&labels).clone(),
         })
     }

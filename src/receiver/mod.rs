@@ -6,7 +6,7 @@ mod errors;
 pub mod grpc;
 pub mod http;
 
-pub use conn::{ConnectionSettings, DEFAULT_MAX_CONNECTIONS, default_max_connections};
+pub use conn::ConnectionSettings;
 pub use errors::ReceiveError;
 
 use std::convert::Infallible;
