@@ -81,7 +81,7 @@ impl Acceptor {
                             error = %e,
                             suppressed,
                             retry_in = ?self.delay,
-                            "accept failed (repeats within {WARN_INTERVAL:?} are counted in `suppressed` of the next line)"
+                            "accept failed; retrying with backoff (suppressed: failures since the previous line)"
                         );
                     }
                     tokio::time::sleep(self.delay).await;

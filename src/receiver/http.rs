@@ -148,9 +148,12 @@ pub async fn handle(
     let mut response = answer(&ctx, &conn, &parts, declared, &mut body).await;
     if response.status() == StatusCode::REQUEST_TIMEOUT {
         // The client stopped sending: waiting for the rest would hold the connection again.
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        // (HTTP/2 ends just the stream; a Connection header is not allowed there.)
+        if parts.version < http::Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");
     } else if !response.status().is_success() {
         discard_refused(&mut body, declared).await;
