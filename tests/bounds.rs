@@ -553,3 +553,42 @@ service:
         );
     }
 }
+
+#[test]
+fn slow_tls_handshakes_are_cut_at_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::Ca::new("ca");
+    let files = ca.server().write(dir.path(), "server");
+    let http = format!(
+        r#", read_header_timeout: 1s, idle_timeout: 1m, tls: {{cert_file: "{}", key_file: "{}"}}"#,
+        files.cert.display(),
+        files.key.display()
+    );
+    let relay = Relay::start(dir.path(), &config(&http, "batch", ""), "otlp");
+    let addr = relay.http.unwrap();
+    // The first bytes of a ClientHello, then nothing: the handshake never completes.
+    let conns: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&[0x16, 0x03, 0x01]).unwrap();
+            s
+        })
+        .collect();
+    let start = Instant::now();
+    for s in &conns {
+        assert!(
+            closed_by_server(s, Duration::from_secs(10)),
+            "a stalled handshake stayed open"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    wait_for("handshake timeouts counted", T, || {
+        let n = relay.metric(
+            "otlp_relay_receiver_connections_closed_total",
+            &[("reason", "handshake_timeout")],
+        );
+        (n >= 10.0).then_some(())
+    });
+    // One log line for the ten, not ten.
+    assert_eq!(count_lines(&relay.proc, "TLS handshake timed out"), 1);
+}
