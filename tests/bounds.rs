@@ -373,9 +373,9 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
     drop(flood);
 }
 
-fn tls_relay(dir: &Path, cert: &support::pki::LeafFiles) -> Relay {
+fn tls_relay(dir: &Path, cert: &support::pki::LeafFiles, reload: &str) -> Relay {
     let http = format!(
-        r#", tls: {{cert_file: "{}", key_file: "{}"}}"#,
+        r#", tls: {{cert_file: "{}", key_file: "{}"{reload}}}"#,
         cert.cert.display(),
         cert.key.display()
     );
@@ -399,7 +399,7 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let files = leaf.write(dir.path(), name);
-        let relay = tls_relay(dir.path(), &files);
+        let relay = tls_relay(dir.path(), &files, "");
         let file = files.cert.display().to_string();
         let warning = relay
             .proc
@@ -416,9 +416,24 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     // A valid certificate: ready, no warning.
     let dir = tempfile::tempdir().unwrap();
     let files = ca.server().write(dir.path(), "valid");
-    let relay = tls_relay(dir.path(), &files);
+    let relay = tls_relay(dir.path(), &files, "");
     assert_eq!(try_get(relay.health.unwrap(), "/readyz").map(|r| r.0), Some(200));
     assert_eq!(count_lines(&relay.proc, "server certificate"), 0);
+
+    // A renewed certificate picked up by reload clears the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let files = ca
+        .server_valid_between((2020, 1, 1), (2021, 1, 1))
+        .write(dir.path(), "renewed");
+    let relay = tls_relay(dir.path(), &files, ", reload_interval: 100ms");
+    wait_for("/readyz 503", T, || {
+        try_get(relay.health.unwrap(), "/readyz").filter(|(s, _)| *s == 503)
+    });
+    ca.server().write(dir.path(), "renewed");
+    wait_for("/readyz 200 after the renewal", T, || {
+        try_get(relay.health.unwrap(), "/readyz").filter(|(s, _)| *s == 200)
+    });
+    relay.proc.clone_wait_line("within its validity period again", T);
 }
 
 mod grpc {
