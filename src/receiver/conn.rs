@@ -176,6 +176,8 @@ impl Drop for Slot {
 pub(crate) struct Activity {
     in_flight: AtomicUsize,
     last_done: Mutex<Instant>,
+    /// Whether any request has started on the connection.
+    any: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -183,12 +185,19 @@ impl Activity {
         Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
             last_done: Mutex::new(Instant::now()),
+            any: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.any.store(true, Ordering::Release);
         InFlight(self.clone())
+    }
+
+    /// Whether a request has started on the connection yet.
+    pub(crate) fn had_request(&self) -> bool {
+        self.any.load(Ordering::Acquire)
     }
 
     /// None while a request is in flight, else when the last one ended (or the connection began).
@@ -287,8 +296,10 @@ mod tests {
     fn activity_tracks_requests_in_flight() {
         let activity = Activity::new();
         assert!(activity.idle_since().is_some());
+        assert!(!activity.had_request());
         let req = activity.start();
         assert!(activity.idle_since().is_none());
+        assert!(activity.had_request());
         let before = Instant::now();
         drop(req);
         assert!(activity.idle_since().unwrap() >= before);

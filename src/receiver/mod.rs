@@ -260,9 +260,12 @@ async fn serve_connection<S>(
         })
     };
     let idle = ctx.connections.idle_timeout;
+    // A connection that has not started a request yet gets read_header_timeout for its first
+    // one (HTTP/2, and HTTP/1 before the protocol is known, have no header timer of their own).
+    let first = idle.min(ctx.connections.read_header_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
     tokio::pin!(conn);
-    let idle_check = tokio::time::sleep(idle);
+    let idle_check = tokio::time::sleep(first);
     tokio::pin!(idle_check);
     let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
@@ -281,9 +284,11 @@ async fn serve_connection<S>(
             }
             _ = &mut idle_check, if deadline.is_none() => {
                 let now = tokio::time::Instant::now();
+                let idle = if activity.had_request() { idle } else { first };
                 match activity.idle_since() {
                     Some(since) if since.elapsed() >= idle => {
-                        count_closed(&ctx.metrics, &ctx.labels(), "idle_timeout");
+                        let reason = if activity.had_request() { "idle_timeout" } else { "header_timeout" };
+                        count_closed(&ctx.metrics, &ctx.labels(), reason);
                         conn.as_mut().graceful_shutdown();
                         deadline = Some(Box::pin(tokio::time::sleep(conn::CLOSE_GRACE)));
                     }
