@@ -189,13 +189,14 @@ fn slowloris_headers_are_cut_at_the_header_timeout() {
     }
     assert_eq!(open, 0, "slowloris connections still open after {:?}", start.elapsed());
     assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
-    wait_for("header timeouts counted", T, || {
+    let counted = wait_for("header timeouts counted", T, || {
         let n = relay.metric(
             "otlp_relay_receiver_connections_closed_total",
             &[("reason", "header_timeout")],
         );
-        (n >= 10.0).then_some(())
+        (n >= 10.0).then_some(n)
     });
+    assert_eq!(counted, 10.0, "each connection counted once");
     assert_eq!(post(addr), 200);
 }
 

@@ -268,10 +268,13 @@ async fn serve_connection<S>(
     let idle_check = tokio::time::sleep(first);
     tokio::pin!(idle_check);
     let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Whether the close was counted already (hyper's header timer may fire along with ours).
+    let mut counted = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result
+                    && !counted
                     && is_header_timeout(e.as_ref())
                 {
                     count_closed(&ctx.metrics, &ctx.labels(), "header_timeout");
@@ -289,6 +292,7 @@ async fn serve_connection<S>(
                     Some(since) if since.elapsed() >= idle => {
                         let reason = if activity.had_request() { "idle_timeout" } else { "header_timeout" };
                         count_closed(&ctx.metrics, &ctx.labels(), reason);
+                        counted = true;
                         conn.as_mut().graceful_shutdown();
                         deadline = Some(Box::pin(tokio::time::sleep(conn::CLOSE_GRACE)));
                     }
