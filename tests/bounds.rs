@@ -158,6 +158,7 @@ fn connections_over_the_limit_are_refused_while_the_clients_held_are_served() {
     assert_eq!((closed("header_timeout"), closed("idle_timeout")), (19.0, 1.0));
     assert_eq!(post(addr), 200);
     // One warning for 40 refusals, not 40.
+    relay.proc.clone_wait_line("at max_connections", T);
     let warnings = count_lines(&relay.proc, "at max_connections");
     assert!((1..=2).contains(&warnings), "{warnings} warning lines");
 }
@@ -399,12 +400,8 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
         let files = leaf.write(dir.path(), name);
         let relay = tls_relay(dir.path(), &files, "");
         let file = files.cert.display().to_string();
-        let warning = relay
-            .proc
-            .output()
-            .into_iter()
-            .find(|l| l.contains("WARN") && l.contains(problem))
-            .unwrap_or_else(|| panic!("no warning about the {name} certificate"));
+        let warning = relay.proc.clone_wait_line(problem, T);
+        assert!(warning.contains("WARN"), "{warning}");
         assert!(warning.contains(&file), "{warning}");
         let (_, body) = wait_for("/readyz 503", T, || {
             try_get(relay.health.unwrap(), "/readyz").filter(|(s, _)| *s == 503)
@@ -603,5 +600,6 @@ fn slow_tls_handshakes_are_cut_at_the_header_timeout() {
         (n >= 10.0).then_some(())
     });
     // One log line for the ten, not ten.
+    relay.proc.clone_wait_line("TLS handshake timed out", T);
     assert_eq!(count_lines(&relay.proc, "TLS handshake timed out"), 1);
 }
