@@ -405,6 +405,8 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
                 max_recv_msg_size_mib: p.max_recv_msg_size_mib,
                 include_metadata: p.include_metadata,
                 ignored_metadata_warned: Default::default(),
+                connections: crate::receiver::ConnectionSettings::from_config(p),
+                health: health.clone(),
             });
             let tls = prepared.server_tls.get(&(id.clone(), transport)).cloned();
             if let Some(t) = &tls {

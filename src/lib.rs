@@ -9,6 +9,7 @@ pub mod export;
 pub mod gate;
 pub mod http_client;
 pub mod loadgen;
+pub(crate) mod net;
 pub mod pipeline;
 pub mod receiver;
 pub mod sink;

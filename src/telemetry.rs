@@ -92,6 +92,9 @@ pub struct Metrics {
     /// a new drop reason cannot unbalance it. Not exported (the labelled family above is).
     exporter_dropped_total: CounterFamily<ExporterLabels>,
     pub batch_unsplittable: CounterFamily<ExporterLabels>,
+    pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
+    pub receiver_connections_refused: CounterFamily<RefusedLabels>,
+    pub receiver_connections_closed: CounterFamily<RefusedLabels>,
 }
 
 impl Default for Metrics {
@@ -221,10 +224,31 @@ impl Metrics {
             "Restarts of a supervised task after a panic, by component",
             component_restarts.clone(),
         );
+        let receiver_open_connections = Family::<ReceiverLabels, Gauge>::default();
+        registry.register(
+            "otlp_relay_receiver_open_connections",
+            "Connections open on the receiver's listener",
+            receiver_open_connections.clone(),
+        );
+        let receiver_connections_refused = CounterFamily::<RefusedLabels>::default();
+        registry.register(
+            "otlp_relay_receiver_connections_refused",
+            "Connections closed at once on accept, by reason (max_connections)",
+            receiver_connections_refused.clone(),
+        );
+        let receiver_connections_closed = CounterFamily::<RefusedLabels>::default();
+        registry.register(
+            "otlp_relay_receiver_connections_closed",
+            "Connections the receiver closed on a client, by reason (idle_timeout, header_timeout, handshake_timeout, body_timeout)",
+            receiver_connections_closed.clone(),
+        );
         Metrics {
             registry,
             component_restarts,
             exporter_dropped_total: CounterFamily::default(),
+            receiver_open_connections,
+            receiver_connections_refused,
+            receiver_connections_closed,
             spool_bytes,
             spool_records,
             spool_corrupt_records,
@@ -380,6 +404,8 @@ pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> 
 /// Answers one admin request (health or metrics); cheap and synchronous.
 pub type AdminHandler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves a small plain-HTTP admin endpoint (health, metrics) until `cancel` fires.
 pub async fn serve_admin(
     listener: TcpListener,
@@ -387,16 +413,11 @@ pub async fn serve_admin(
     handler: AdminHandler,
     cancel: CancellationToken,
 ) {
+    let mut acceptor = crate::net::Acceptor::new(component);
     loop {
         let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(component = %component, error = %e, "accept failed");
-                    continue;
-                }
-            },
+            accepted = acceptor.accept(&listener) => accepted,
         };
         let handler = handler.clone();
         let cancel = cancel.clone();
@@ -405,7 +426,11 @@ pub async fn serve_admin(
                 let response = handler(&req);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // Probes and scrapes send their request at once: a connection that sends nothing
+            // (or waits between scrapes) gives its descriptor back after ADMIN_HEADER_TIMEOUT.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {

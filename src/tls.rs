@@ -95,19 +95,131 @@ pub fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// The validity period of a certificate, in Unix seconds, with its text for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+    not_before_text: String,
+    not_after_text: String,
+}
+
+impl Validity {
+    /// The leaf (first) certificate's period; None when it does not parse (rustls refuses such
+    /// a file anyway).
+    pub fn of_leaf(certs: &[CertificateDer<'_>]) -> Option<Validity> {
+        let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+        let v = cert.validity();
+        Some(Validity {
+            not_before: v.not_before.timestamp(),
+            not_after: v.not_after.timestamp(),
+            not_before_text: v.not_before.to_string(),
+            not_after_text: v.not_after.to_string(),
+        })
+    }
+
+    /// Why a certificate cannot be served at `now` (Unix seconds), if it cannot.
+    pub fn problem(&self, path: &str, now: i64) -> Option<String> {
+        if now > self.not_after {
+            Some(format!(
+                "server certificate {path} expired (notAfter {}); TLS handshakes fail",
+                self.not_after_text
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "server certificate {path} is not valid yet (notBefore {}); TLS handshakes fail",
+                self.not_before_text
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How often a receiver re-checks its certificate's validity period between reloads.
+const VALIDITY_CHECK: Duration = Duration::from_secs(60);
+
 /// A receiver's TLS state: the current config (swapped on reload) and the allowed client patterns.
 pub struct ServerTls {
     settings: ServerTlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// The current certificate's validity period.
+    validity: RwLock<Option<Validity>>,
+    /// The last validity problem logged (None: valid), so a change is logged once.
+    reported: std::sync::Mutex<Option<String>>,
+    /// Where validity problems go once the receiver serves: (health, component).
+    health: std::sync::OnceLock<(Arc<crate::telemetry::Health>, String)>,
 }
 
 impl ServerTls {
     pub fn load(settings: &ServerTlsConfig) -> Result<Arc<ServerTls>, TlsError> {
         let config = server_config(settings)?;
-        Ok(Arc::new(ServerTls {
+        let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
+        let tls = Arc::new(ServerTls {
             settings: settings.clone(),
             current: RwLock::new(Arc::new(config)),
-        }))
+            validity: RwLock::new(validity),
+            reported: std::sync::Mutex::new(None),
+            health: std::sync::OnceLock::new(),
+        });
+        // Logged once the receiver starts (watch_validity): logging is not set up yet here.
+        Ok(tls)
+    }
+
+    /// Logs a change in the certificate's validity (a WARN when it is out of its period) and
+    /// reports it as a readiness reason once the receiver is attached.
+    fn check_validity(&self) {
+        let problem = self
+            .validity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|v| v.problem(&self.settings.cert_file, unix_now()));
+        let component = self.health.get().map(|(_, c)| c.as_str()).unwrap_or("receiver");
+        {
+            let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            if *reported != problem {
+                match &problem {
+                    Some(p) => tracing::warn!(component, "{p}"),
+                    None => tracing::info!(component, "server certificate is within its validity period again"),
+                }
+                *reported = problem.clone();
+            }
+        }
+        if let Some((health, component)) = self.health.get() {
+            health.set_unready(&format!("{component} tls"), problem);
+        }
+    }
+
+    /// Reports the certificate's validity to readiness from now on (at once, after every
+    /// reload, and every VALIDITY_CHECK, since a certificate expires without being reloaded).
+    pub fn watch_validity(
+        self: &Arc<Self>,
+        component: &str,
+        health: Arc<crate::telemetry::Health>,
+        cancel: CancellationToken,
+    ) {
+        if self.health.set((health, component.to_string())).is_err() {
+            return;
+        }
+        self.check_validity();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(VALIDITY_CHECK);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => me.check_validity(),
+                }
+            }
+        });
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
@@ -131,9 +243,16 @@ impl ServerTls {
                     _ = tick.tick() => {}
                 }
                 let settings = me.settings.clone();
-                match tokio::task::spawn_blocking(move || server_config(&settings)).await {
-                    Ok(Ok(config)) => {
+                let loaded = tokio::task::spawn_blocking(move || {
+                    let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
+                    server_config(&settings).map(|config| (config, validity))
+                })
+                .await;
+                match loaded {
+                    Ok(Ok((config, validity))) => {
                         *me.current.write().unwrap() = Arc::new(config);
+                        *me.validity.write().unwrap_or_else(|e| e.into_inner()) = validity;
+                        me.check_validity();
                         tracing::debug!(component, "TLS material reloaded");
                     }
                     Ok(Err(e)) => {
@@ -327,6 +446,27 @@ mod tests {
     }
 
     #[test]
+    fn validity_problems_name_the_file_and_the_date() {
+        let v = Validity {
+            not_before: 1_000,
+            not_after: 2_000,
+            not_before_text: "Jan  1 00:16:40 1970 +00:00".into(),
+            not_after_text: "Jan  1 00:33:20 1970 +00:00".into(),
+        };
+        assert_eq!(v.problem("s.crt", 1_500), None);
+        let expired = v.problem("s.crt", 2_001).unwrap();
+        assert!(
+            expired.contains("s.crt expired (notAfter Jan  1 00:33:20 1970"),
+            "{expired}"
+        );
+        let early = v.problem("s.crt", 999).unwrap();
+        assert!(
+            early.contains("s.crt is not valid yet (notBefore Jan  1 00:16:40 1970"),
+            "{early}"
+        );
+    }
+
+    #[test]
     fn identity_patterns() {
         let id = PeerIdentity {
             uris: vec!["spiffe://cluster.local/ns/agents/sa/a".into()],
@@ -344,6 +484,9 @@ mod tests {
                     .with_no_client_auth()
                     .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new())),
             )),
+            validity: RwLock::new(None),
+            reported: std::sync::Mutex::new(None),
+            health: std::sync::OnceLock::new(),
         };
         assert!(tls.client_allowed(Some(&id)));
         assert!(!tls.client_allowed(Some(&PeerIdentity::default())));

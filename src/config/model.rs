@@ -35,8 +35,47 @@ pub struct ProtocolConfig {
     pub tls: Option<ServerTlsConfig>,
     /// Accepted for collector compatibility (HTTP receiver); CORS is not served.
     pub cors: Option<serde_norway::Value>,
-    /// Accepted for collector compatibility (gRPC receiver); the relay sizes its own HTTP/2 windows.
+    /// Concurrent HTTP/2 streams (requests) per connection; default 100.
     pub max_concurrent_streams: Option<u32>,
+    /// Ours: concurrent connections on this listener. Default: 1024, or less when the process's
+    /// open-file limit is low (see `default_max_connections`).
+    pub max_connections: Option<usize>,
+    /// The time a client has to send a request's headers (HTTP/1), counted from the connection's
+    /// start or the end of the previous response.
+    pub read_header_timeout: GoDuration,
+    /// The time a client has to send a request's body; a stalled body is answered 408.
+    pub read_timeout: GoDuration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: GoDuration,
+    /// The gRPC receiver's HTTP/2 keepalive (collector layout).
+    pub keepalive: Option<KeepaliveConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    pub server_parameters: KeepaliveServerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveServerConfig {
+    /// HTTP/2 PING after this long without frames from the client.
+    pub time: GoDuration,
+    /// The wait for the PING's answer before the connection is closed.
+    pub timeout: GoDuration,
+    /// Overrides idle_timeout when set (non-zero).
+    pub max_connection_idle: GoDuration,
+}
+
+impl Default for KeepaliveServerConfig {
+    fn default() -> Self {
+        KeepaliveServerConfig {
+            time: GoDuration::secs(60),
+            timeout: GoDuration::secs(20),
+            max_connection_idle: GoDuration::default(),
+        }
+    }
 }
 
 impl Default for ProtocolConfig {
@@ -48,6 +87,11 @@ impl Default for ProtocolConfig {
             tls: None,
             cors: None,
             max_concurrent_streams: None,
+            max_connections: None,
+            read_header_timeout: GoDuration::secs(30),
+            read_timeout: GoDuration::secs(30),
+            idle_timeout: GoDuration::secs(60),
+            keepalive: None,
         }
     }
 }

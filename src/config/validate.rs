@@ -30,6 +30,25 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             if let Some(tls) = &p.tls {
                 validate_server_tls(tls, &format!("{path}.tls"), &mut err);
             }
+            // Zero would mean "no bound": these close what a slow or hostile peer holds open.
+            let keepalive = p.keepalive.as_ref().map(|k| &k.server_parameters);
+            for (key, d) in [
+                ("read_header_timeout", Some(&p.read_header_timeout)),
+                ("read_timeout", Some(&p.read_timeout)),
+                ("idle_timeout", Some(&p.idle_timeout)),
+                ("keepalive.server_parameters.time", keepalive.map(|k| &k.time)),
+                ("keepalive.server_parameters.timeout", keepalive.map(|k| &k.timeout)),
+            ] {
+                if d.is_some_and(|d| d.0.is_zero()) {
+                    err(format!("{path}.{key}"), "must be more than 0".into());
+                }
+            }
+            if p.max_connections == Some(0) {
+                err(format!("{path}.max_connections"), "must be at least 1".into());
+            }
+            if p.max_concurrent_streams == Some(0) {
+                err(format!("{path}.max_concurrent_streams"), "must be at least 1".into());
+            }
         }
     }
 
@@ -481,6 +500,43 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn connection_bounds_are_positive() {
+        let errs = errors_of(
+            "
+receivers:
+  otlp:
+    protocols:
+      grpc: {max_connections: 0, max_concurrent_streams: 0, keepalive: {server_parameters: {time: 0s}}}
+      http: {read_header_timeout: 0s, read_timeout: 0, idle_timeout: 0s}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}}
+",
+        );
+        for expected in [
+            "receivers.otlp.protocols.grpc.max_connections: must be at least 1",
+            "receivers.otlp.protocols.grpc.max_concurrent_streams: must be at least 1",
+            "receivers.otlp.protocols.grpc.keepalive.server_parameters.time: must be more than 0",
+            "receivers.otlp.protocols.http.read_header_timeout: must be more than 0",
+            "receivers.otlp.protocols.http.read_timeout: must be more than 0",
+            "receivers.otlp.protocols.http.idle_timeout: must be more than 0",
+        ] {
+            assert!(errs.iter().any(|e| e == expected), "missing {expected:?} in {errs:#?}");
+        }
+        let ok = errors_of(
+            "
+receivers:
+  otlp:
+    protocols:
+      grpc: {max_connections: 5, keepalive: {server_parameters: {time: 10s, timeout: 1s, max_connection_idle: 1m}}}
+      http: {read_header_timeout: 1s, read_timeout: 2s, idle_timeout: 3s}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}}
+",
+        );
+        assert!(ok.is_empty(), "{ok:#?}");
     }
 
     #[test]

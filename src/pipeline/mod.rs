@@ -112,6 +112,61 @@ impl MemoryBudget {
     }
 }
 
+impl MemoryBudget {
+    /// Grows a reservation of this budget by `extra` bytes, under the same rule as a new one,
+    /// counting the reservation's own bytes as free: a lone request may always grow.
+    fn try_grow(&self, reservation: &mut Reservation, extra: usize) -> bool {
+        let mut current = self.used.load(Ordering::Relaxed);
+        loop {
+            let others = current.saturating_sub(reservation.bytes);
+            if others > 0 && current + extra > self.soft_limit {
+                return false;
+            }
+            match self
+                .used
+                .compare_exchange_weak(current, current + extra, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    reservation.bytes += extra;
+                    return true;
+                }
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+/// Memory held for a request body while it is read and decoded, before it is submitted: released
+/// on drop (the submit then reserves what the accepted request keeps).
+#[derive(Debug)]
+pub(crate) struct BodyHold {
+    reservations: Vec<Reservation>,
+    bytes: usize,
+}
+
+impl BodyHold {
+    /// The bytes held (in each budget).
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Holds `extra` more bytes in every budget, or refuses (holding what it held before).
+    pub(crate) fn grow(&mut self, extra: usize) -> Result<(), Refusal> {
+        for i in 0..self.reservations.len() {
+            let budget = self.reservations[i].budget.clone();
+            if !budget.try_grow(&mut self.reservations[i], extra) {
+                for r in &mut self.reservations[..i] {
+                    r.budget.used.fetch_sub(extra, Ordering::AcqRel);
+                    r.bytes -= extra;
+                }
+                return Err(Refusal::MemoryLimit);
+            }
+        }
+        self.bytes += extra;
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 struct Reservation {
     budget: Arc<MemoryBudget>,
@@ -201,6 +256,16 @@ pub struct Intake {
 impl Intake {
     pub fn new(targets: Vec<Target>, budgets: Vec<Arc<MemoryBudget>>) -> Intake {
         Intake { targets, budgets }
+    }
+
+    /// Holds `bytes` of every memory budget for a request body about to be read, or refuses
+    /// (`MemoryLimit`) when a budget has no room for it.
+    pub(crate) fn hold(&self, bytes: usize) -> Result<BodyHold, Refusal> {
+        let mut reservations = Vec::with_capacity(self.budgets.len());
+        for budget in &self.budgets {
+            reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
+        }
+        Ok(BodyHold { reservations, bytes })
     }
 
     /// Submits a request and waits until it may be acknowledged to the client (the ack contract:
@@ -328,6 +393,25 @@ mod tests {
         assert_eq!(budget.used(), 0);
         // An oversized request still passes an empty budget.
         intake.submit(parsed(1, 3 * 1024 * 1024, None), None).unwrap();
+    }
+
+    #[test]
+    fn body_holds_count_against_the_budget() {
+        let budget = MemoryBudget::new("memory_limiter", 2, 1);
+        let intake = Intake::new(vec![], vec![budget.clone()]);
+        let mut a = intake.hold(600 * 1024).unwrap();
+        assert_eq!(budget.used(), 600 * 1024);
+        // A lone hold may grow past the limit; with another one in the budget it may not.
+        let mut b = intake.hold(0).unwrap();
+        a.grow(600 * 1024).unwrap();
+        assert_eq!(b.grow(1), Err(Refusal::MemoryLimit));
+        assert_eq!(intake.hold(1).err(), Some(Refusal::MemoryLimit));
+        assert_eq!((a.bytes(), b.bytes(), budget.used()), (1200 * 1024, 0, 1200 * 1024));
+        drop(a);
+        b.grow(900 * 1024).unwrap();
+        assert_eq!(budget.used(), 900 * 1024);
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum ReceiveError {
     BadCompression(String),
     #[error("cannot read the request body: {0}")]
     Body(String),
+    #[error("request body not received within {0:?} (read_timeout)")]
+    BodyTimeout(Duration),
     #[error("client certificate {0:?} is not in allowed_clients")]
     Forbidden(String),
     #[error("{0}")]
@@ -39,6 +41,7 @@ impl ReceiveError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             ReceiveError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ReceiveError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ReceiveError::Refused(Refusal::ShuttingDown | Refusal::DiskFull) => StatusCode::SERVICE_UNAVAILABLE,
             ReceiveError::Refused(_) => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -53,6 +56,7 @@ impl ReceiveError {
             | ReceiveError::Body(_) => tonic::Code::InvalidArgument,
             ReceiveError::TooLarge { .. } => tonic::Code::ResourceExhausted,
             ReceiveError::Forbidden(_) => tonic::Code::PermissionDenied,
+            ReceiveError::BodyTimeout(_) => tonic::Code::DeadlineExceeded,
             ReceiveError::Refused(_) => tonic::Code::Unavailable,
         }
     }
@@ -104,6 +108,11 @@ mod tests {
         use tonic_types::StatusExt;
         assert!(status.get_details_retry_info().is_some());
         assert_eq!(ReceiveError::Forbidden("x".into()).http_status().as_u16(), 403);
+        let slow = ReceiveError::BodyTimeout(Duration::from_secs(30));
+        assert_eq!(
+            (slow.http_status().as_u16(), slow.grpc_code()),
+            (408, tonic::Code::DeadlineExceeded)
+        );
         assert_eq!(
             ReceiveError::UnsupportedMediaType("text/plain".into())
                 .http_status()

@@ -13,6 +13,8 @@ use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompre
 use tonic::server::{Grpc, UnaryService};
 use tonic::{Request, Response, Status};
 
+use super::body::{BodyFault, BudgetedBody};
+use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
 use crate::pipeline::wire;
 
@@ -116,6 +118,14 @@ pub async fn handle(
         return ReceiveError::Forbidden(client_name(&conn)).to_grpc().into_http();
     }
     let experiment = request_experiment(&ctx, req.headers());
+    // tonic buffers the body itself: the wrapper counts it against the memory budget as it
+    // arrives and ends it at read_timeout.
+    let (parts, body) = req.into_parts();
+    let (body, fault) = match BudgetedBody::new(&ctx, body) {
+        Ok(x) => x,
+        Err(refusal) => return ReceiveError::from(refusal).to_grpc().into_http(),
+    };
+    let req = hyper::Request::from_parts(parts, body);
     let mut grpc = Grpc::new(RawCodec)
         .apply_compression_config(encodings(), encodings())
         .apply_max_message_size_config(Some(ctx.max_bytes()), None);
@@ -128,6 +138,13 @@ pub async fn handle(
             req,
         )
         .await;
+    let fault = *fault.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(fault) = fault {
+        if matches!(fault, BodyFault::TimedOut(_)) {
+            count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");
+        }
+        return ReceiveError::from(fault).to_grpc().into_http();
+    }
     // tonic answers a length prefix over the limit with OUT_OF_RANGE (our service never does);
     // OTLP wants RESOURCE_EXHAUSTED for oversize requests.
     if response.headers().get("grpc-status").is_some_and(|v| v == "11") {

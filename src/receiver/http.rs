@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
 use prost::Message;
 
+use super::body::read_http_body;
+use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
 use crate::pipeline::wire::{self, ParsedRequest};
 
@@ -143,8 +145,17 @@ pub async fn handle(
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let response = answer(&ctx, &conn, &parts, declared, &mut body).await;
-    if !response.status().is_success() {
+    let mut response = answer(&ctx, &conn, &parts, declared, &mut body).await;
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        // The client stopped sending: waiting for the rest would hold the connection again.
+        // (HTTP/2 ends just the stream; a Connection header is not allowed there.)
+        if parts.version < http::Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");
+    } else if !response.status().is_success() {
         discard_refused(&mut body, declared).await;
     }
     response
@@ -201,23 +212,18 @@ async fn receive(
         return Err(ReceiveError::Forbidden(client_name(conn)));
     }
     let limit = ctx.max_bytes();
-    let too_large = ReceiveError::TooLarge {
-        limit_mib: ctx.max_recv_msg_size_mib,
-    };
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large);
-    }
     let experiment = request_experiment(ctx, headers);
     let content_encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large),
-        Err(e) => return Err(ReceiveError::Body(e.to_string())),
-    };
+    let (body, mut hold) = read_http_body(ctx, body, declared, limit).await?;
+    let wire_len = body.len();
     let body = decompress(body, content_encoding.as_deref(), limit, ctx.max_recv_msg_size_mib)?;
+    if body.len() != wire_len {
+        // The decompressed copy is held too, until the request is decoded.
+        hold.grow(body.len())?;
+    }
     let parsed: ParsedRequest = if body.is_empty() {
         ParsedRequest::default()
     } else {
@@ -227,6 +233,8 @@ async fn receive(
         }
     };
     let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
+    // What is accepted is charged to the budget by the submit itself.
+    drop(hold);
     if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
         ctx.refused(spans, refusal.reason());
         return Err(refusal.into());

@@ -1,9 +1,12 @@
 //! Receivers: the listener, TLS handshake and client identity check shared by the OTLP/gRPC
-//! and OTLP/HTTP endpoints, and graceful connection shutdown.
+//! and OTLP/HTTP endpoints, connection bounds, and graceful connection shutdown.
+mod body;
+mod conn;
 mod errors;
 pub mod grpc;
 pub mod http;
 
+pub use conn::ConnectionSettings;
 pub use errors::ReceiveError;
 
 use std::convert::Infallible;
@@ -13,13 +16,16 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::net::{Acceptor, RateLimitedWarn, WARN_INTERVAL};
 use crate::pipeline::Intake;
-use crate::telemetry::{Metrics, ReceiverLabels, RefusedLabels};
+use crate::telemetry::{Health, Metrics, ReceiverLabels, RefusedLabels};
 use crate::tls::{PeerIdentity, ServerTls};
+use conn::{Activity, Slot, Slots, count_closed, count_refused, is_header_timeout};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +40,11 @@ pub struct ReceiverContext {
     pub include_metadata: bool,
     /// Set once a request's experiment header was ignored (include_metadata off): said once.
     pub ignored_metadata_warned: std::sync::atomic::AtomicBool,
+    /// Connection limits and timeouts of this listener.
+    pub connections: ConnectionSettings,
+    /// Where the listener reports why it is not ready (at its connection limit, certificate
+    /// out of its validity period).
+    pub health: Arc<Health>,
 }
 
 impl ReceiverContext {
@@ -41,14 +52,17 @@ impl ReceiverContext {
         (self.max_recv_msg_size_mib * 1024 * 1024) as usize
     }
 
-    fn accepted(&self, spans: usize) {
-        let labels = ReceiverLabels {
+    fn labels(&self) -> ReceiverLabels {
+        ReceiverLabels {
             receiver: self.receiver.clone(),
             transport: self.transport.to_string(),
-        };
+        }
+    }
+
+    fn accepted(&self, spans: usize) {
         self.metrics
             .receiver_accepted_spans
-            .get_or_create(&labels)
+            .get_or_create(&self.labels())
             .inc_by(spans as u64);
     }
 
@@ -97,7 +111,8 @@ async fn handle(
 }
 
 /// Accepts connections until `stop` fires, then lets open connections finish their requests
-/// for up to `grace`.
+/// for up to `grace`. At most `max_connections` are open at once; the rest are closed on
+/// accept, counted, and warned about once per interval.
 pub async fn serve(
     listener: TcpListener,
     protocol: Protocol,
@@ -107,48 +122,89 @@ pub async fn serve(
     grace: Duration,
 ) {
     let component = format!("{}-{}", ctx.receiver, ctx.transport);
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let labels = ctx.labels();
+    let settings = ctx.connections.clone();
+    if let Some(limit) = crate::net::open_files_limit()
+        && settings.max_connections as u64 >= limit
+    {
+        tracing::warn!(
+            component = %component,
+            max_connections = settings.max_connections,
+            open_files_limit = limit,
+            "max_connections is not below the open-file limit: at that many connections the health and metrics listeners cannot accept"
+        );
+    }
+    if let Some(t) = &tls {
+        t.watch_validity(&component, ctx.health.clone(), stop.clone());
+    }
+    let slots = Slots::new(
+        &component,
+        settings.max_connections,
+        ctx.health.clone(),
+        &ctx.metrics,
+        labels.clone(),
+    );
+    let tracker = TaskTracker::new();
+    let builder = settings.builder();
+    let mut acceptor = Acceptor::new(&component);
+    let mut at_limit_warn = RateLimitedWarn::new(WARN_INTERVAL);
+    // A client with the wrong CA (or an expired server certificate) fails every handshake:
+    // one line per interval, with a count, instead of one per connection.
+    let handshake_log = Arc::new(std::sync::Mutex::new(RateLimitedWarn::new(WARN_INTERVAL)));
     loop {
         let (stream, remote) = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(component = %component, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept(&listener) => accepted,
+        };
+        let Some(slot) = slots.try_take() else {
+            drop(stream);
+            count_refused(&ctx.metrics, &labels, "max_connections");
+            if let Some(suppressed) = at_limit_warn.due() {
+                tracing::warn!(
+                    component = %component,
+                    max_connections = settings.max_connections,
+                    suppressed,
+                    "at max_connections: closing new connections (`suppressed`: closed since the last line)"
+                );
+            }
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let tls = tls.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let stop = stop.clone();
         let component = component.clone();
-        tokio::spawn(async move {
+        let labels = labels.clone();
+        let handshake_log = handshake_log.clone();
+        tracker.spawn(async move {
             match tls {
                 None => {
-                    let conn = Arc::new(ConnInfo {
+                    let info = Arc::new(ConnInfo {
                         peer: None,
                         allowed: true,
                     });
-                    let svc = hyper::service::service_fn(move |req| handle(protocol, ctx.clone(), conn.clone(), req));
-                    let _ = watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned())
-                        .await;
+                    serve_connection(stream, protocol, ctx, info, builder, stop, grace, slot).await;
                 }
                 Some(tls) => {
-                    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await;
+                    let limit = HANDSHAKE_TIMEOUT.min(settings.read_header_timeout);
+                    let accepted = tokio::time::timeout(limit, tls.acceptor().accept(stream)).await;
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            tracing::info!(component = %component, %remote, error = %e, "TLS handshake failed");
+                            count_closed(&ctx.metrics, &labels, "handshake_failed");
+                            let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
+                            if let Some(suppressed) = due {
+                                tracing::info!(component = %component, %remote, error = %e, suppressed, "TLS handshake failed");
+                            }
                             return;
                         }
                         Err(_) => {
-                            tracing::info!(component = %component, %remote, "TLS handshake timed out");
+                            count_closed(&ctx.metrics, &labels, "handshake_timeout");
+                            let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
+                            if let Some(suppressed) = due {
+                                tracing::info!(component = %component, %remote, suppressed, "TLS handshake timed out");
+                            }
                             return;
                         }
                     };
@@ -163,19 +219,93 @@ pub async fn serve(
                         let name = peer.as_ref().map(|p| p.display_name().to_string()).unwrap_or_default();
                         tracing::warn!(component = %component, %remote, client = %name, "client certificate not in allowed_clients");
                     }
-                    let conn = Arc::new(ConnInfo { peer, allowed });
-                    let svc = hyper::service::service_fn(move |req| handle(protocol, ctx.clone(), conn.clone(), req));
-                    let _ = watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned())
-                        .await;
+                    let info = Arc::new(ConnInfo { peer, allowed });
+                    serve_connection(stream, protocol, ctx, info, builder, stop, grace, slot).await;
                 }
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(component = %component, "connections still open after {grace:?}; closing them");
     }
+}
+
+/// Serves one connection until the client closes it, it has had no request in flight for
+/// idle_timeout, or the receiver stops; then closes it gracefully, and drops it when that
+/// takes too long (a client that does not read).
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<S>(
+    stream: S,
+    protocol: Protocol,
+    ctx: Arc<ReceiverContext>,
+    info: Arc<ConnInfo>,
+    builder: auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+    grace: Duration,
+    slot: Slot,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let svc = {
+        let (ctx, activity) = (ctx.clone(), activity.clone());
+        hyper::service::service_fn(move |req| {
+            let in_flight = activity.start();
+            let response = handle(protocol, ctx.clone(), info.clone(), req);
+            async move {
+                let r = response.await;
+                drop(in_flight);
+                r
+            }
+        })
+    };
+    let idle = ctx.connections.idle_timeout;
+    // A connection that has not started a request yet gets read_header_timeout for its first
+    // one (HTTP/2, and HTTP/1 before the protocol is known, have no header timer of their own).
+    let first = idle.min(ctx.connections.read_header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+    tokio::pin!(conn);
+    let idle_check = tokio::time::sleep(first);
+    tokio::pin!(idle_check);
+    let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Whether the close was counted already (hyper's header timer may fire along with ours).
+    let mut counted = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result
+                    && !counted
+                    && is_header_timeout(e.as_ref())
+                {
+                    count_closed(&ctx.metrics, &ctx.labels(), "header_timeout");
+                }
+                break;
+            }
+            _ = stop.cancelled(), if deadline.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                deadline = Some(Box::pin(tokio::time::sleep(grace)));
+            }
+            _ = &mut idle_check, if deadline.is_none() => {
+                let now = tokio::time::Instant::now();
+                let idle = if activity.had_request() { idle } else { first };
+                match activity.idle_since() {
+                    Some(since) if since.elapsed() >= idle => {
+                        let reason = if activity.had_request() { "idle_timeout" } else { "header_timeout" };
+                        count_closed(&ctx.metrics, &ctx.labels(), reason);
+                        counted = true;
+                        conn.as_mut().graceful_shutdown();
+                        deadline = Some(Box::pin(tokio::time::sleep(conn::CLOSE_GRACE)));
+                    }
+                    Some(since) => idle_check.as_mut().reset(now + idle.saturating_sub(since.elapsed())),
+                    None => idle_check.as_mut().reset(now + idle),
+                }
+            }
+            _ = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => break,
+        }
+    }
+    drop(slot);
 }
 
 /// The client's name for refusals: the certificate's first SAN.

@@ -85,6 +85,23 @@ impl Ca {
         self.leaf(&sans, ExtendedKeyUsagePurpose::ServerAuth, false)
     }
 
+    /// A server certificate for 127.0.0.1 valid only between two dates (year, month, day).
+    pub fn server_valid_between(&self, not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "leaf");
+        params.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap())];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A client certificate with a SPIFFE-style URI SAN (and a DNS SAN if given).
     pub fn client(&self, uri: &str) -> Leaf {
         let sans = [SanType::URI(uri.try_into().unwrap())];

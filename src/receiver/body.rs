@@ -1,0 +1,175 @@
+//! Request bodies read under the memory budget and a read deadline: the bytes a body holds while
+//! it arrives count against memory_limiter (declared Content-Length up front, else grown per
+//! chunk), so stalled or endless bodies cannot hold memory the limiter does not see, and a body
+//! that does not arrive within read_timeout ends the request.
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{ReceiveError, ReceiverContext};
+use crate::pipeline::{BodyHold, Refusal};
+
+/// Reads a whole HTTP request body of at most `limit` bytes. The returned hold keeps the body's
+/// bytes counted until the caller drops it (after decoding, before submitting).
+pub(crate) async fn read_http_body(
+    ctx: &ReceiverContext,
+    body: &mut Incoming,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<(Bytes, BodyHold), ReceiveError> {
+    let too_large = || ReceiveError::TooLarge {
+        limit_mib: ctx.max_recv_msg_size_mib,
+    };
+    let expected = declared.map_or(0, |n| n as usize);
+    if expected > limit {
+        return Err(too_large());
+    }
+    let mut hold = ctx.intake.hold(expected)?;
+    let timeout = ctx.connections.read_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(expected);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ReceiveError::BodyTimeout(timeout)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ReceiveError::Body(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let len = buf.len() + data.len();
+        if len > limit {
+            return Err(too_large());
+        }
+        if len > hold.bytes() {
+            hold.grow(len - hold.bytes())?;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), hold))
+}
+
+/// Why a budgeted body ended early; the gRPC handler answers with it instead of tonic's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BodyFault {
+    #[error("memory limit reached while reading the request")]
+    MemoryLimit,
+    #[error("request body not received within read_timeout")]
+    TimedOut(Duration),
+}
+
+impl From<BodyFault> for ReceiveError {
+    fn from(f: BodyFault) -> ReceiveError {
+        match f {
+            BodyFault::MemoryLimit => ReceiveError::Refused(Refusal::MemoryLimit),
+            BodyFault::TimedOut(d) => ReceiveError::BodyTimeout(d),
+        }
+    }
+}
+
+/// Where a budgeted body leaves its fault for the handler.
+pub(crate) type FaultSlot = Arc<Mutex<Option<BodyFault>>>;
+
+/// An incoming body whose data frames grow a memory hold as they arrive and which fails once
+/// its read deadline passes (for tonic, which buffers the body itself).
+pub(crate) struct BudgetedBody {
+    inner: Incoming,
+    hold: BodyHold,
+    /// The gRPC message prefix (flag, big-endian length) as far as it has arrived.
+    prefix: Vec<u8>,
+    received: usize,
+    /// The most worth holding for one message (max_recv_msg_size plus its prefix).
+    max_hold: usize,
+    timeout: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    fault: FaultSlot,
+}
+
+impl BudgetedBody {
+    /// Wraps a body, or refuses at once when the budget has no room at all.
+    pub(crate) fn new(ctx: &ReceiverContext, inner: Incoming) -> Result<(BudgetedBody, FaultSlot), Refusal> {
+        let hold = ctx.intake.hold(0)?;
+        let timeout = ctx.connections.read_timeout;
+        let fault = FaultSlot::default();
+        Ok((
+            BudgetedBody {
+                inner,
+                hold,
+                prefix: Vec::with_capacity(GRPC_PREFIX),
+                received: 0,
+                max_hold: ctx.max_bytes() + GRPC_PREFIX,
+                timeout,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                fault: fault.clone(),
+            },
+            fault,
+        ))
+    }
+
+    /// The bytes to hold after `data` arrived: what was received, or the message's declared
+    /// length (as HTTP's Content-Length) once its prefix is in, whichever is more.
+    fn wanted(&mut self, data: &[u8]) -> usize {
+        self.received += data.len();
+        if self.prefix.len() < GRPC_PREFIX {
+            let take = (GRPC_PREFIX - self.prefix.len()).min(data.len());
+            self.prefix.extend_from_slice(&data[..take]);
+        }
+        let declared = match self.prefix[..] {
+            [_, a, b, c, d] => GRPC_PREFIX + u32::from_be_bytes([a, b, c, d]) as usize,
+            _ => 0,
+        };
+        self.received.max(declared.min(self.max_hold))
+    }
+
+    fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(fault);
+        Poll::Ready(Some(Err(Box::new(fault))))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A gRPC message's prefix: compressed flag and 4-byte length.
+const GRPC_PREFIX: usize = 5;
+
+impl Body for BudgetedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let wanted = this.wanted(data);
+                    if wanted > this.hold.bytes() && this.hold.grow(wanted - this.hold.bytes()).is_err() {
+                        return this.fail(BodyFault::MemoryLimit);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    let timeout = this.timeout;
+                    return this.fail(BodyFault::TimedOut(timeout));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
