@@ -297,6 +297,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
             let mut stage_control = control.clone();
             if let Some((_, storage)) = config.exporter_storage(id) {
                 let spool = Spool::open(SpoolSettings::from_config(id, storage), metrics.clone())?;
+                spool.attach_health(health.clone());
                 let dead_letter_root = if storage.dead_letter_directory.is_empty() {
                     Path::new(&storage.directory).join("dead_letter")
                 } else {
@@ -513,7 +514,7 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
         let labels = exporter_labels(exporter);
         let sent = metrics.exporter_sent_spans.get_or_create(&labels).get();
         let failed = metrics.exporter_send_failed_spans.get_or_create(&labels).get();
-        let dropped: u64 = ["shutdown", "spool_full"]
+        let dropped: u64 = ["shutdown", "spool_full", "corrupt"]
             .iter()
             .map(|reason| {
                 metrics
@@ -531,7 +532,15 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
             }
             Some(spool) => {
                 let (recovered, in_spool) = (spool.recovered_spans(), spool.pending_spans());
-                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, in_spool, balanced = accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
+                // Spans lost to damaged spool records are in `dropped`, and named here.
+                let corrupt = metrics
+                    .exporter_dropped_spans
+                    .get_or_create(&ExporterReasonLabels {
+                        exporter: exporter.clone(),
+                        reason: "corrupt".into(),
+                    })
+                    .get();
+                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, corrupt, in_spool, balanced = accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
             }
         }
     }

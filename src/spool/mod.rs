@@ -4,13 +4,22 @@
 //! disk, so memory holds only what is being sent; delivered spans release their segment, and a
 //! segment is deleted once nothing in it is left to deliver. On start, surviving segments are
 //! checked, a torn tail truncated, and their records delivered again (at least once).
+//!
+//! A damaged record costs that record only (see `frame`): readers resynchronise on the next
+//! valid frame, the spans lost are counted exactly (`otlp_relay_exporter_dropped_spans_total
+//! {reason="corrupt"}`), and a segment is deleted only once every readable record in it was
+//! delivered. Every segment stays open while it is tracked, so a spool directory deleted under
+//! the relay loses nothing: the writer notices (the open segment's link count, the directory's
+//! identity) at the next group commit or within a second when idle, recreates the directory,
+//! copies the unlinked segments back from their open descriptors, and only then acknowledges;
+//! while it cannot, requests are refused and `/readyz` says why.
 pub mod deadletter;
 pub mod frame;
 pub mod replay;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,20 +31,26 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::pipeline::wire::ResourceChunk;
 use crate::pipeline::{Charge, Destination, Item, Refusal, Routed};
-use crate::telemetry::{ExporterReasonLabels, Metrics, exporter_labels};
+use crate::telemetry::{ExporterReasonLabels, Health, Metrics, exporter_labels};
+use frame::Format;
 
 /// The record envelope, generated from proto/spool.proto.
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/otlp_relay.spool.v1.rs"));
 }
 
-const SEGMENT_SUFFIX: &str = "seg";
+pub(crate) const SEGMENT_SUFFIX: &str = "seg";
 /// Requests waiting for the writer; beyond this the disk is the bottleneck and clients wait.
 const WRITE_QUEUE: usize = 1024;
 /// Payload bytes the reader hands to the batcher at once; bounds memory between disk and sender.
 const READ_CHUNK: usize = 256 * 1024;
 /// How long a failed write (e.g. a full disk) makes new requests refused before trying again.
 const DISK_FULL_BACKOFF: Duration = Duration::from_secs(1);
+/// How often an idle writer checks that the spool directory is still there.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the reader waits before reading again after an I/O error (not damage: the bytes
+/// may be readable later, so they are never skipped for it).
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct SpoolSettings {
@@ -89,6 +104,21 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.{SEGMENT_SUFFIX}"))
 }
 
+/// Where a segment is copied before it is renamed into place (never listed as a segment).
+fn temporary_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.{SEGMENT_SUFFIX}.tmp"))
+}
+
+/// Copies a crash left half made.
+fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if path.extension().is_some_and(|e| e == "tmp") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Segment files in `dir`, by id.
 pub fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
@@ -112,7 +142,8 @@ pub fn now_unix_nanos() -> i64 {
         .unwrap_or(0)
 }
 
-/// Frames a request's routed chunks, one record per ResourceSpans.
+/// Frames a request's routed chunks, one record per ResourceSpans. The writer stamps each frame
+/// with its segment's seed and span position (`frame::restamp`).
 pub fn encode_request(routed: &[Routed]) -> (Bytes, usize) {
     let now = now_unix_nanos();
     let mut out = Vec::with_capacity(routed.iter().map(|r| r.item.chunk.bytes.len() + 32).sum());
@@ -124,24 +155,51 @@ pub fn encode_request(routed: &[Routed]) -> (Bytes, usize) {
             enqueue_time_unix_nano: now,
             ..Default::default()
         };
-        frame::encode(&record, &mut out);
+        frame::encode(&record, 0, 0, &mut out);
     }
     (Bytes::from(out), routed.len())
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Segment {
-    /// Committed (durable, readable) bytes.
+    /// Committed (durable, readable) bytes, file header included.
     bytes: u64,
     records: u64,
+    /// Spans written to it (or, recovered, found in it: readable and counted lost).
     spans: u64,
     /// Spans the reader has handed on.
     read_spans: u64,
+    /// Spans counted dropped as damaged.
+    lost_spans: u64,
     /// Spans handed on and not yet released.
     outstanding: u64,
     released: u64,
     /// The writer has moved on; nothing more is appended.
     sealed: bool,
+    /// Held while the segment is tracked: the reader reads through it, and a segment whose
+    /// directory was deleted can still be read and copied back.
+    file: Arc<File>,
+    format: Format,
+    /// Bytes checked at start (damage found there is already logged and counted).
+    checked_until: u64,
+}
+
+impl Segment {
+    fn new(file: Arc<File>, format: Format) -> Segment {
+        Segment {
+            bytes: format.data_start() as u64,
+            records: 0,
+            spans: 0,
+            read_spans: 0,
+            lost_spans: 0,
+            outstanding: 0,
+            released: 0,
+            sealed: false,
+            file,
+            format,
+            checked_until: 0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -153,7 +211,8 @@ struct State {
 }
 
 struct Shared {
-    _lock: File,
+    /// The directory's flock (replaced when the directory is recreated).
+    lock: Mutex<File>,
     settings: SpoolSettings,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -163,6 +222,10 @@ struct Shared {
     closed: AtomicBool,
     disk_full_until: Mutex<Option<Instant>>,
     recovered_spans: AtomicU64,
+    /// (device, inode) of the directory: another one at the path means ours was deleted.
+    dir_identity: Mutex<(u64, u64)>,
+    health: Mutex<Option<Arc<Health>>>,
+    unready: AtomicBool,
 }
 
 impl Shared {
@@ -174,6 +237,46 @@ impl Shared {
         self.metrics.spool_records.get_or_create(&labels).set(records as i64);
     }
 
+    fn component(&self) -> String {
+        format!("spool {}", self.settings.exporter)
+    }
+
+    /// Reports (Some) or clears (None) why the spool cannot take requests, on /readyz.
+    fn set_unready(&self, reason: Option<String>) {
+        if reason.is_none() && !self.unready.load(Ordering::Acquire) {
+            return;
+        }
+        self.unready.store(reason.is_some(), Ordering::Release);
+        if let Some(h) = self.health.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h.set_unready(&self.component(), reason);
+        }
+    }
+
+    fn count_corrupt(&self, spans: u64) {
+        if spans == 0 {
+            return;
+        }
+        self.metrics
+            .exporter_dropped_spans
+            .get_or_create(&ExporterReasonLabels {
+                exporter: self.settings.exporter.clone(),
+                reason: "corrupt".into(),
+            })
+            .inc_by(spans);
+    }
+
+    /// The reader has passed a sealed segment's end: spans neither read nor counted lost yet
+    /// were in damaged records found at run time; count them now, exactly.
+    fn finish_reading(&self, st: &mut State, id: u64) {
+        let Some(seg) = st.segments.get_mut(&id) else { return };
+        let missing = seg.spans.saturating_sub(seg.read_spans + seg.lost_spans);
+        if missing > 0 {
+            seg.lost_spans += missing;
+            self.count_corrupt(missing);
+            tracing::error!(exporter = %self.settings.exporter, segment = id, spans = missing, "spool: spans lost to damaged records (counted dropped, reason corrupt); the segment's other records were delivered");
+        }
+    }
+
     /// Deletes a segment once it is sealed, read past, and nothing read from it is in flight.
     fn try_delete(&self, st: &mut State, id: u64) {
         let Some(seg) = st.segments.get(&id) else { return };
@@ -183,8 +286,13 @@ impl Shared {
         }
         let bytes = seg.bytes;
         st.segments.remove(&id);
-        if let Err(e) = std::fs::remove_file(segment_path(&self.settings.dir, id)) {
-            tracing::warn!(exporter = %self.settings.exporter, segment = id, error = %e, "cannot delete a delivered spool segment");
+        match std::fs::remove_file(segment_path(&self.settings.dir, id)) {
+            Ok(()) => {}
+            // The directory was deleted under us: nothing to delete (the writer recreates it).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(exporter = %self.settings.exporter, segment = id, error = %e, "cannot delete a delivered spool segment");
+            }
         }
         self.used.fetch_sub(bytes, Ordering::AcqRel);
         self.update_gauges(st);
@@ -193,16 +301,18 @@ impl Shared {
     /// on_full: drop_oldest: deletes the oldest sealed segments until `need` more bytes fit.
     /// Spans not yet read from them are lost, and counted.
     fn drop_oldest(&self, need: u64) -> bool {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.used.load(Ordering::Acquire) + need <= self.settings.max_bytes {
                 return true;
             }
-            let Some((&id, _)) = st.segments.iter().find(|(_, s)| s.sealed) else {
+            let Some(id) = st.segments.iter().find(|(_, s)| s.sealed).map(|(&id, _)| id) else {
                 return false;
             };
-            let seg = st.segments.remove(&id).expect("just found");
-            let lost = seg.spans - seg.read_spans;
+            let Some(seg) = st.segments.remove(&id) else {
+                return false;
+            };
+            let lost = seg.spans.saturating_sub(seg.read_spans + seg.lost_spans);
             if st.read_seg <= id {
                 st.read_seg = id + 1;
                 st.read_off = 0;
@@ -301,15 +411,27 @@ impl Spool {
             Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::InUse(settings.dir.clone())),
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
+        let dir_meta = std::fs::metadata(&settings.dir).map_err(io)?;
+        remove_temporaries(&settings.dir);
         let labels = exporter_labels(&settings.exporter);
         let mut state = State::default();
         let mut used = 0;
         let mut recovered = 0;
+        let mut lost_at_start = 0;
         let mut next_id = 1;
         for (id, path) in list_segments(&settings.dir).map_err(io)? {
             next_id = id + 1;
             let data = std::fs::read(&path).map_err(io)?;
             let scan = frame::scan(&data);
+            if scan.unreadable {
+                // Both header copies damaged: nothing in it can be checked. Kept aside for an
+                // operator rather than deleted; its span count is unknowable.
+                let aside = path.with_extension("corrupt");
+                tracing::error!(exporter = %settings.exporter, segment = %path.display(), moved_to = %aside.display(), bytes = data.len(), "spool: segment header damaged beyond repair; its records cannot be read (span count unknown)");
+                metrics.spool_corrupt_records.get_or_create(&labels).inc();
+                std::fs::rename(&path, &aside).map_err(io)?;
+                continue;
+            }
             if let Some(err) = &scan.tail_error {
                 tracing::warn!(
                     exporter = %settings.exporter,
@@ -324,23 +446,39 @@ impl Spool {
                 f.set_len(scan.valid_len as u64).map_err(io)?;
                 f.sync_all().map_err(io)?;
             }
-            if scan.records.is_empty() {
+            let lost: u64 = scan.lost.iter().filter_map(|l| l.spans).sum();
+            for l in &scan.lost {
+                tracing::error!(
+                    exporter = %settings.exporter,
+                    segment = %path.display(),
+                    offset = l.offset,
+                    bytes = l.len,
+                    spans = ?l.spans,
+                    error = %l.error,
+                    "spool: damaged record skipped (spans counted dropped, reason corrupt); the records after it are kept"
+                );
+                metrics.spool_corrupt_records.get_or_create(&labels).inc();
+            }
+            let (Some(format), false) = (scan.format, scan.records.is_empty()) else {
+                // Nothing readable: the spans it held (if any) are counted, the file goes.
+                recovered += lost;
+                lost_at_start += lost;
                 let _ = std::fs::remove_file(&path);
                 continue;
-            }
-            let spans: u64 = scan.records.iter().map(|r| r.spans as u64).sum();
+            };
+            let file = File::open(&path).map_err(io)?;
+            let spans: u64 = scan.records.iter().map(|r| r.spans as u64).sum::<u64>() + lost;
             recovered += spans;
+            lost_at_start += lost;
             used += scan.valid_len as u64;
-            state.segments.insert(
-                id,
-                Segment {
-                    bytes: scan.valid_len as u64,
-                    records: scan.records.len() as u64,
-                    spans,
-                    sealed: true,
-                    ..Default::default()
-                },
-            );
+            let mut seg = Segment::new(Arc::new(file), format);
+            seg.bytes = scan.valid_len as u64;
+            seg.records = scan.records.len() as u64;
+            seg.spans = spans;
+            seg.lost_spans = lost;
+            seg.sealed = true;
+            seg.checked_until = scan.valid_len as u64;
+            state.segments.insert(id, seg);
         }
         state.read_seg = state.segments.keys().next().copied().unwrap_or(next_id);
         if recovered > 0 {
@@ -348,12 +486,13 @@ impl Spool {
                 exporter = %settings.exporter,
                 segments = state.segments.len(),
                 spans = recovered,
+                lost_spans = lost_at_start,
                 bytes = used,
                 "spool: recovered undelivered spans; delivering them first"
             );
         }
         let shared = Arc::new(Shared {
-            _lock: lock,
+            lock: Mutex::new(lock),
             settings,
             metrics,
             state: Mutex::new(state),
@@ -362,8 +501,12 @@ impl Spool {
             closed: AtomicBool::new(false),
             disk_full_until: Mutex::new(None),
             recovered_spans: AtomicU64::new(recovered),
+            dir_identity: Mutex::new((dir_meta.dev(), dir_meta.ino())),
+            health: Mutex::new(None),
+            unready: AtomicBool::new(false),
         });
-        shared.update_gauges(&shared.state.lock().unwrap());
+        shared.count_corrupt(lost_at_start);
+        shared.update_gauges(&shared.state.lock().unwrap_or_else(|e| e.into_inner()));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = {
             let shared = shared.clone();
@@ -388,6 +531,14 @@ impl Spool {
         }))
     }
 
+    /// Reports on `health` (/readyz) while the spool cannot write.
+    pub fn attach_health(&self, health: Arc<Health>) {
+        if self.shared.unready.load(Ordering::Acquire) {
+            health.set_unready(&self.shared.component(), Some("spool cannot write".into()));
+        }
+        *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+    }
+
     pub fn exporter(&self) -> &str {
         &self.shared.settings.exporter
     }
@@ -397,10 +548,13 @@ impl Spool {
         self.shared.recovered_spans.load(Ordering::Relaxed)
     }
 
-    /// Spans on disk not yet delivered (what the next start will send).
+    /// Spans on disk not yet delivered nor counted lost (what the next start will send).
     pub fn pending_spans(&self) -> u64 {
-        let st = self.shared.state.lock().unwrap();
-        st.segments.values().map(|s| s.spans - s.released.min(s.spans)).sum()
+        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.segments
+            .values()
+            .map(|s| s.spans.saturating_sub(s.released + s.lost_spans))
+            .sum()
     }
 
     /// Reserves room for `bytes` of frames, or says why not.
@@ -455,7 +609,7 @@ impl Spool {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("spool-reader".into())
-            .spawn(move || Reader { shared, file: None }.run(intake))
+            .spawn(move || Reader { shared }.run(intake))
             .expect("spawn spool reader");
         *self.reader.lock().unwrap() = Some(handle);
     }
@@ -491,19 +645,75 @@ impl Spool {
     }
 }
 
+/// The segment being appended to.
+struct OpenSegment {
+    id: u64,
+    file: Arc<File>,
+    /// Committed length.
+    len: u64,
+    seed: u32,
+    /// Spans committed to it (the next frame's `before`).
+    spans: u64,
+}
+
 struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<WriteMsg>,
     next_id: u64,
-    /// The segment being appended to: id, file, committed length.
-    file: Option<(u64, File, u64)>,
+    file: Option<OpenSegment>,
+}
+
+fn invalid(e: frame::FrameError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Copies `bytes` of a segment from a descriptor into `dir` (via a temporary name, so a crash
+/// never leaves a half copy under a segment's name); returns the copy, open for appending.
+fn copy_segment(src: &File, bytes: u64, dir: &Path, id: u64, fsync: bool) -> std::io::Result<File> {
+    let tmp = temporary_path(dir, id);
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&tmp)?;
+    let mut buf = vec![0u8; (1 << 20).min(bytes as usize)];
+    let mut off = 0;
+    while off < bytes {
+        let n = ((bytes - off) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off)?;
+        out.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    if fsync {
+        out.sync_all()?;
+    }
+    std::fs::rename(&tmp, segment_path(dir, id))?;
+    Ok(out)
 }
 
 impl Writer {
     fn run(mut self) {
+        // A timer-only runtime: when idle for WATCH_INTERVAL the writer checks that the
+        // directory is still there, so a deletion is repaired even without traffic.
+        let timer = tokio::runtime::Builder::new_current_thread().enable_time().build();
+        if let Err(e) = &timer {
+            tracing::error!(exporter = %self.shared.settings.exporter, error = %e, "spool writer: no timer; the directory is checked at writes only");
+        }
         let mut stop = false;
         while !stop {
-            let Some(first) = self.rx.blocking_recv() else { break };
+            let first = match &timer {
+                // The timer is made inside the runtime (block_on), where its driver is.
+                Ok(rt) => match rt.block_on(async { tokio::time::timeout(WATCH_INTERVAL, self.rx.recv()).await }) {
+                    Ok(msg) => msg,
+                    Err(_) => {
+                        self.watch();
+                        continue;
+                    }
+                },
+                Err(_) => self.rx.blocking_recv(),
+            };
+            let Some(first) = first else { break };
             let mut group = Vec::new();
             match first {
                 WriteMsg::Write(w) => group.push(w),
@@ -525,56 +735,194 @@ impl Writer {
         self.seal();
     }
 
+    /// Whether the directory was deleted or replaced, or the open segment unlinked.
+    fn vanished(&self) -> bool {
+        let dir_gone = match std::fs::metadata(&self.shared.settings.dir) {
+            Ok(m) => (m.dev(), m.ino()) != *self.shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()),
+            Err(_) => true,
+        };
+        let unlinked = self
+            .file
+            .as_ref()
+            .is_some_and(|o| o.file.metadata().map_or(true, |m| m.nlink() == 0));
+        dir_gone || unlinked
+    }
+
+    /// The idle check.
+    fn watch(&mut self) {
+        if !self.vanished() {
+            return;
+        }
+        match self.relocate() {
+            Ok(()) => {
+                *self.shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.shared.set_unready(None);
+            }
+            Err(e) => self.refuse_for_a_while(&e),
+        }
+    }
+
+    /// Requests are refused (503 disk_full) for DISK_FULL_BACKOFF, then writes are tried again.
+    fn refuse_for_a_while(&self, e: &std::io::Error) {
+        let shared = &self.shared;
+        let mut until = shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner());
+        if until.is_none() {
+            tracing::error!(exporter = %shared.settings.exporter, dir = %shared.settings.dir.display(), error = %e, "spool write failed; refusing requests until writes succeed again");
+        }
+        *until = Some(Instant::now() + DISK_FULL_BACKOFF);
+        drop(until);
+        shared.set_unready(Some(format!(
+            "cannot write the spool directory {}: {e}",
+            shared.settings.dir.display()
+        )));
+    }
+
+    /// The directory was deleted or replaced under us: recreate it, take its lock, and copy
+    /// back every tracked segment its path no longer names, from the descriptor still held.
+    /// Nothing acknowledged is lost, and what is acknowledged next is on a linked file.
+    fn relocate(&mut self) -> std::io::Result<()> {
+        let shared = self.shared.clone();
+        let dir = &shared.settings.dir;
+        std::fs::create_dir_all(dir)?;
+        let lock = File::create(dir.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(
+                    "the recreated directory is in use by another process",
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        let open = self.file.as_ref().map(|o| (o.id, o.len));
+        let tracked: Vec<(u64, Arc<File>, u64)> = {
+            let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.segments
+                .iter()
+                .map(|(&id, s)| {
+                    let bytes = match open {
+                        Some((open_id, len)) if open_id == id => len,
+                        _ => s.bytes,
+                    };
+                    (id, s.file.clone(), bytes)
+                })
+                .collect()
+        };
+        let mut copied = 0;
+        for (id, file, bytes) in tracked {
+            let meta = file.metadata()?;
+            if deadletter::same_file(&segment_path(dir, id), (meta.dev(), meta.ino())) {
+                continue;
+            }
+            let copy = Arc::new(copy_segment(&file, bytes, dir, id, shared.settings.fsync)?);
+            {
+                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                match st.segments.get_mut(&id) {
+                    Some(seg) => seg.file = copy.clone(),
+                    None => {
+                        // Delivered and forgotten while it was copied.
+                        let _ = std::fs::remove_file(segment_path(dir, id));
+                        continue;
+                    }
+                }
+            }
+            if let Some(o) = self.file.as_mut()
+                && o.id == id
+            {
+                o.file = copy;
+            }
+            copied += 1;
+        }
+        File::open(dir)?.sync_all()?;
+        let meta = std::fs::metadata(dir)?;
+        *shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()) = (meta.dev(), meta.ino());
+        *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = lock;
+        tracing::warn!(exporter = %shared.settings.exporter, dir = %dir.display(), segments = copied, "spool directory was deleted or replaced: recreated, undelivered segments copied back from open descriptors");
+        Ok(())
+    }
+
     fn seal(&mut self) {
-        if let Some((id, _, _)) = self.file.take() {
-            let mut st = self.shared.state.lock().unwrap();
-            if let Some(seg) = st.segments.get_mut(&id) {
+        if let Some(open) = self.file.take() {
+            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(seg) = st.segments.get_mut(&open.id) {
                 seg.sealed = true;
             }
-            self.shared.try_delete(&mut st, id);
+            self.shared.try_delete(&mut st, open.id);
             drop(st);
             self.shared.changed.notify_all();
         }
     }
 
     fn open_segment(&mut self) -> std::io::Result<()> {
+        match self.create_segment() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || self.vanished() => {
+                self.relocate()?;
+                self.create_segment()
+            }
+            other => other,
+        }
+    }
+
+    fn create_segment(&mut self) -> std::io::Result<()> {
         let id = self.next_id;
         let dir = &self.shared.settings.dir;
+        let path = segment_path(dir, id);
         let file = std::fs::OpenOptions::new()
             .create_new(true)
             .read(true)
             .write(true)
-            .open(segment_path(dir, id))?;
-        if self.shared.settings.fsync {
-            File::open(dir)?.sync_all()?;
+            .open(&path)?;
+        let seed: u32 = rand::random();
+        let written = file.write_all_at(&frame::file_header(seed), 0).and_then(|()| {
+            if self.shared.settings.fsync {
+                file.sync_data()?;
+                File::open(dir)?.sync_all()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
         }
         self.next_id += 1;
+        let file = Arc::new(file);
+        let len = frame::FILE_HEADER as u64;
+        self.shared.used.fetch_add(len, Ordering::AcqRel);
         self.shared
             .state
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .segments
-            .insert(id, Segment::default());
-        self.file = Some((id, file, 0));
+            .insert(id, Segment::new(file.clone(), Format::V2 { seed }));
+        self.file = Some(OpenSegment {
+            id,
+            file,
+            len,
+            seed,
+            spans: 0,
+        });
         Ok(())
     }
 
     fn commit(&mut self, group: Vec<WriteRequest>) {
         let total: u64 = group.iter().map(|w| w.frames.len() as u64).sum();
         let result = self.write(&group, total);
-        let shared = &self.shared;
+        let shared = self.shared.clone();
         match result {
-            Ok(id) => {
+            Ok((id, spans)) => {
                 {
-                    let mut st = shared.state.lock().unwrap();
-                    let seg = st.segments.get_mut(&id).expect("open segment is tracked");
-                    seg.bytes += total;
-                    seg.records += group.iter().map(|w| w.records as u64).sum::<u64>();
-                    seg.spans += group.iter().map(|w| w.spans as u64).sum::<u64>();
+                    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(seg) = st.segments.get_mut(&id) {
+                        seg.bytes += total;
+                        seg.records += group.iter().map(|w| w.records as u64).sum::<u64>();
+                        seg.spans += spans;
+                    }
                     shared.update_gauges(&st);
                 }
                 shared.changed.notify_all();
-                *shared.disk_full_until.lock().unwrap() = None;
+                *shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                shared.set_unready(None);
                 for w in group {
                     let _ = w.done.send(Ok(()));
                 }
@@ -582,17 +930,11 @@ impl Writer {
             Err(e) => {
                 // Start the next write in a fresh segment, so this one (its committed part)
                 // can be deleted once delivered: that is how a full disk gets space back.
-                if self.file.as_ref().is_some_and(|(_, _, len)| *len > 0) {
+                if self.file.as_ref().is_some_and(|o| o.len > frame::FILE_HEADER as u64) {
                     self.seal();
                 }
-                let shared = &self.shared;
                 shared.used.fetch_sub(total, Ordering::AcqRel);
-                let mut until = shared.disk_full_until.lock().unwrap();
-                if until.is_none() {
-                    tracing::error!(exporter = %shared.settings.exporter, dir = %shared.settings.dir.display(), error = %e, "spool write failed; refusing requests until writes succeed again");
-                }
-                *until = Some(Instant::now() + DISK_FULL_BACKOFF);
-                drop(until);
+                self.refuse_for_a_while(&e);
                 for w in group {
                     let _ = w.done.send(Err(Refusal::DiskFull));
                 }
@@ -600,116 +942,183 @@ impl Writer {
         }
     }
 
-    /// Appends the group to the current segment (rotating first when it would overflow) and
-    /// makes it durable. On failure the segment is cut back to its last commit.
-    fn write(&mut self, group: &[WriteRequest], total: u64) -> std::io::Result<u64> {
-        if let Some((_, _, len)) = &self.file
-            && *len > 0
-            && *len + total > self.shared.settings.segment_bytes
+    /// Appends the group to the current segment (rotating first when it would overflow), makes
+    /// it durable, and checks it is on a linked file (else relocates first): only then may it
+    /// be acknowledged. On failure the segment is cut back to its last commit. Returns the
+    /// segment and the spans written.
+    fn write(&mut self, group: &[WriteRequest], total: u64) -> std::io::Result<(u64, u64)> {
+        if self
+            .file
+            .as_ref()
+            .is_some_and(|o| o.len > frame::FILE_HEADER as u64 && o.len + total > self.shared.settings.segment_bytes)
         {
             self.seal();
         }
         if self.file.is_none() {
             self.open_segment()?;
         }
-        let (id, file, len) = self.file.as_mut().expect("opened above");
+        let fsync = self.shared.settings.fsync;
+        let Some(open) = self.file.as_mut() else {
+            return Err(std::io::Error::other("no open segment"));
+        };
         let mut buf = Vec::with_capacity(total as usize);
         for w in group {
             buf.extend_from_slice(&w.frames);
         }
-        let written = file.write_all_at(&buf, *len).and_then(|()| {
-            if self.shared.settings.fsync {
-                file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
-        match written {
-            Ok(()) => {
-                *len += total;
-                Ok(*id)
-            }
-            Err(e) => {
-                let _ = file.set_len(*len);
-                Err(e)
-            }
+        let spans = frame::restamp(&mut buf, open.seed, open.spans).map_err(invalid)?;
+        debug_assert_eq!(spans, group.iter().map(|w| w.spans as u64).sum::<u64>());
+        let written = open
+            .file
+            .write_all_at(&buf, open.len)
+            .and_then(|()| if fsync { open.file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            let _ = open.file.set_len(open.len);
+            return Err(e);
         }
+        let (id, before) = (open.id, open.len);
+        open.len += total;
+        open.spans += spans;
+        if self.vanished()
+            && let Err(e) = self.relocate()
+        {
+            if let Some(open) = self.file.as_mut() {
+                open.len = before;
+                open.spans -= spans;
+                let _ = open.file.set_len(before);
+            }
+            return Err(e);
+        }
+        Ok((id, spans))
     }
+}
+
+/// A stretch of committed bytes to read.
+struct Range {
+    id: u64,
+    off: u64,
+    end: u64,
+    file: Arc<File>,
+    format: Format,
+    checked_until: u64,
+}
+
+/// What one read found.
+#[derive(Default)]
+struct Read {
+    routed: Vec<Routed>,
+    consumed: u64,
+    spans: u64,
+    /// Damaged stretches not seen at start: (offset, bytes, spans if known, error).
+    damaged: Vec<(u64, usize, Option<u64>, frame::FrameError)>,
 }
 
 struct Reader {
     shared: Arc<Shared>,
-    file: Option<(u64, File)>,
 }
 
 impl Reader {
-    fn run(mut self, intake: mpsc::Sender<Arc<Vec<Routed>>>) {
+    fn run(self, intake: mpsc::Sender<Arc<Vec<Routed>>>) {
+        let labels = exporter_labels(&self.shared.settings.exporter);
+        let mut last_error_log: Option<Instant> = None;
         loop {
-            let Some((id, off, end)) = self.next_range() else {
+            let Some(range) = self.next_range() else {
                 return;
             };
-            let (routed, consumed, spans) = match self.read(id, off, end) {
-                Ok(x) => x,
+            let read = match read_range(&range) {
+                Ok(r) => r,
                 Err(e) => {
-                    // Only a disk failure or corruption under us gets here: skip the segment
-                    // rather than loop on it; the next start's recovery will look again.
-                    tracing::error!(exporter = %self.shared.settings.exporter, segment = id, offset = off, error = %e, "spool: cannot read a segment; skipping its rest");
-                    let labels = exporter_labels(&self.shared.settings.exporter);
-                    self.shared.metrics.spool_corrupt_records.get_or_create(&labels).inc();
-                    let mut st = self.shared.state.lock().unwrap();
-                    if st.read_seg == id {
-                        st.read_off = end;
+                    // An I/O error, not damage: the bytes may read later, so they are kept and
+                    // tried again (a segment is never skipped for it).
+                    if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        last_error_log = Some(Instant::now());
+                        tracing::error!(exporter = %self.shared.settings.exporter, segment = range.id, offset = range.off, error = %e, "spool: cannot read a segment; retrying (logged once a minute)");
+                    }
+                    if !self.pause(READ_RETRY) {
+                        return;
                     }
                     continue;
                 }
             };
             {
-                let mut st = self.shared.state.lock().unwrap();
+                let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
                 // drop_oldest may have removed the segment while we read it: then these spans
                 // were counted dropped and must not travel.
-                if st.read_seg != id || st.read_off != off {
+                if st.read_seg != range.id || st.read_off != range.off {
                     continue;
                 }
-                st.read_off = off + consumed;
-                let Some(seg) = st.segments.get_mut(&id) else { continue };
-                seg.read_spans += spans;
-                seg.outstanding += spans;
+                st.read_off = range.off + read.consumed;
+                let Some(seg) = st.segments.get_mut(&range.id) else {
+                    continue;
+                };
+                seg.read_spans += read.spans;
+                seg.outstanding += read.spans;
             }
-            if intake.blocking_send(Arc::new(routed)).is_err() {
+            for (offset, bytes, spans, error) in &read.damaged {
+                // Counted dropped (exactly) once the reader passes the segment's end.
+                self.shared.metrics.spool_corrupt_records.get_or_create(&labels).inc();
+                tracing::error!(exporter = %self.shared.settings.exporter, segment = range.id, offset, bytes, spans = ?spans, error = %error, "spool: damaged record skipped; the records after it are delivered");
+            }
+            if read.routed.is_empty() {
+                continue;
+            }
+            if intake.blocking_send(Arc::new(read.routed)).is_err() {
                 return;
             }
         }
     }
 
-    /// Waits for committed bytes past the read cursor; returns (segment, from, to).
-    fn next_range(&mut self) -> Option<(u64, u64, u64)> {
-        let mut st = self.shared.state.lock().unwrap();
+    /// Waits `d` (or until stopped); false when the reader is to stop.
+    fn pause(&self, d: Duration) -> bool {
+        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.stop_reader {
+            return false;
+        }
+        let (st, _) = self
+            .shared
+            .changed
+            .wait_timeout(st, d)
+            .unwrap_or_else(|e| e.into_inner());
+        !st.stop_reader
+    }
+
+    /// Waits for committed bytes past the read cursor.
+    fn next_range(&self) -> Option<Range> {
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if st.stop_reader {
                 return None;
             }
             let id = st.read_seg;
-            match st.segments.get(&id) {
-                Some(seg) if st.read_off < seg.bytes => return Some((id, st.read_off, seg.bytes)),
-                Some(seg) if seg.sealed => {
-                    let next = st.segments.range(id + 1..).next().map(|(&k, _)| k);
-                    match next {
-                        Some(n) => {
-                            st.read_seg = n;
-                            st.read_off = 0;
-                            self.shared.try_delete(&mut st, id);
-                            continue;
-                        }
-                        None => {
-                            // Past the last sealed segment: the writer's next one comes after.
-                            st.read_seg = id + 1;
-                            st.read_off = 0;
-                            self.shared.try_delete(&mut st, id);
-                            continue;
-                        }
+            let info = st
+                .segments
+                .get(&id)
+                .map(|s| (s.bytes, s.sealed, s.format, s.file.clone(), s.checked_until));
+            match info {
+                Some((bytes, sealed, format, file, checked_until)) => {
+                    let start = format.data_start() as u64;
+                    if st.read_off < start {
+                        st.read_off = start;
+                    }
+                    if st.read_off < bytes {
+                        return Some(Range {
+                            id,
+                            off: st.read_off,
+                            end: bytes,
+                            file,
+                            format,
+                            checked_until,
+                        });
+                    }
+                    if sealed {
+                        self.shared.finish_reading(&mut st, id);
+                        // Past the last sealed segment: the writer's next one comes after.
+                        let next = st.segments.range(id + 1..).next().map_or(id + 1, |(&k, _)| k);
+                        st.read_seg = next;
+                        st.read_off = 0;
+                        self.shared.try_delete(&mut st, id);
+                        continue;
                     }
                 }
-                Some(_) => {}
                 None => {
                     if let Some((&n, _)) = st.segments.range(id..).next() {
                         st.read_seg = n;
@@ -718,57 +1127,51 @@ impl Reader {
                     }
                 }
             }
-            // Let go of the file while idle: an open handle would keep a deleted segment's
-            // space allocated, and freeing space is how a full disk recovers.
-            self.file = None;
-            st = self.shared.changed.wait(st).unwrap();
+            st = self.shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
+}
 
-    /// Reads whole records from [off, end) of a segment, up to about READ_CHUNK payload bytes.
-    fn read(&mut self, id: u64, off: u64, end: u64) -> std::io::Result<(Vec<Routed>, u64, u64)> {
-        if self.file.as_ref().map(|(i, _)| *i) != Some(id) {
-            let f = File::open(segment_path(&self.shared.settings.dir, id))?;
-            self.file = Some((id, f));
+/// Reads whole records from a range, about READ_CHUNK bytes at a time (more when one record or
+/// one damaged stretch is larger). Damage is skipped, never a reason to stop.
+fn read_range(r: &Range) -> std::io::Result<Read> {
+    let left = r.end - r.off;
+    let mut want = left.min(READ_CHUNK as u64);
+    let parsed = loop {
+        let mut buf = vec![0u8; want as usize];
+        r.file.read_exact_at(&mut buf, r.off)?;
+        let at_end = want == left;
+        let parsed = frame::parse(&buf, r.format, at_end, None);
+        if parsed.consumed > 0 || at_end {
+            break parsed;
         }
-        let (_, file) = self.file.as_ref().expect("opened above");
-        let want = (end - off).min(READ_CHUNK as u64) as usize;
-        let mut buf = vec![0u8; want];
-        file.read_exact_at(&mut buf, off)?;
-        let corrupt = |e: frame::FrameError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
-        let mut pos = 0usize;
-        let mut routed = Vec::new();
-        let mut spans = 0u64;
-        while pos + frame::HEADER <= buf.len() {
-            let len = frame::frame_len(buf[pos..pos + frame::HEADER].try_into().expect("8 bytes")).map_err(corrupt)?;
-            let record = if pos + len <= buf.len() {
-                frame::decode(&buf[pos..pos + len]).map_err(corrupt)?
-            } else if pos == 0 {
-                // One record larger than the read chunk: read it whole.
-                let mut big = vec![0u8; len];
-                file.read_exact_at(&mut big, off)?;
-                frame::decode(&big).map_err(corrupt)?
-            } else {
-                break;
-            };
-            pos += len;
-            spans += record.spans as u64;
-            routed.push(record_to_routed(record, Some(id)));
+        want = want.saturating_mul(2).min(left);
+    };
+    let mut read = Read {
+        consumed: parsed.consumed as u64,
+        ..Default::default()
+    };
+    for entry in parsed.entries {
+        match entry {
+            frame::Entry::Record { record, .. } => {
+                read.spans += record.spans as u64;
+                read.routed.push(record_to_routed(record, Some(r.id)));
+            }
+            frame::Entry::Lost {
+                offset,
+                len,
+                spans,
+                error,
+                ..
+            } => {
+                let at = r.off + offset as u64;
+                if at >= r.checked_until {
+                    read.damaged.push((at, len, spans, error));
+                }
+            }
         }
-        if pos == 0 {
-            // A header cut by the chunk boundary: read it on its own next time round.
-            let mut head = [0u8; frame::HEADER];
-            file.read_exact_at(&mut head, off)?;
-            let len = frame::frame_len(&head).map_err(corrupt)?;
-            let mut big = vec![0u8; len];
-            file.read_exact_at(&mut big, off)?;
-            let record = frame::decode(&big).map_err(corrupt)?;
-            pos = len;
-            spans += record.spans as u64;
-            routed.push(record_to_routed(record, Some(id)));
-        }
-        Ok((routed, pos as u64, spans))
     }
+    Ok(read)
 }
 
 /// A spooled record back as a pipeline item (no memory charge: the disk holds it).
