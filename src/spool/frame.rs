@@ -332,7 +332,7 @@ fn parse_v2(buf: &[u8], seed: u32, at_end: bool, mut expected: Option<u64>) -> P
         } else {
             let spans = next
                 .and_then(|q| head(&rest[q..], seed))
-                .and_then(|h| Some(h.before.checked_sub(expected?)?));
+                .and_then(|h| h.before.checked_sub(expected?));
             let error = if region.len() < HEADER {
                 FrameError::Truncated
             } else {
@@ -431,12 +431,10 @@ pub fn scan(buf: &[u8]) -> Scan {
                 records: Vec::new(),
                 lost: Vec::new(),
                 valid_len: 0,
-                tail_error: (!buf.is_empty()).then(|| {
-                    if unreadable {
-                        FrameError::FileHeader
-                    } else {
-                        FrameError::Truncated
-                    }
+                tail_error: (!buf.is_empty()).then_some(if unreadable {
+                    FrameError::FileHeader
+                } else {
+                    FrameError::Truncated
                 }),
             };
         }

@@ -65,7 +65,8 @@ pub struct SpoolSettings {
 impl SpoolSettings {
     /// Settings for `exporter` under a file_storage extension: each exporter gets its own
     /// subdirectory. Segments are at most a quarter of the budget, so drop_oldest and deletion
-    /// work in steps smaller than the whole spool.
+    /// work in steps smaller than the whole spool, and at least 1/256 of it, because every
+    /// tracked segment holds a descriptor (what lets a deleted directory be repaired).
     pub fn from_config(exporter: &str, cfg: &crate::config::FileStorageConfig) -> SpoolSettings {
         let max_bytes = cfg.max_size_mib * 1024 * 1024;
         SpoolSettings {
@@ -73,7 +74,10 @@ impl SpoolSettings {
             dir: Path::new(&cfg.directory).join(dir_name(exporter)),
             fsync: cfg.fsync,
             max_bytes,
-            segment_bytes: (cfg.segment_size_mib * 1024 * 1024).min(max_bytes / 4).max(64 * 1024),
+            segment_bytes: (cfg.segment_size_mib * 1024 * 1024)
+                .min(max_bytes / 4)
+                .max(max_bytes / 256)
+                .max(64 * 1024),
             drop_oldest: cfg.on_full == "drop_oldest",
         }
     }
@@ -563,7 +567,7 @@ impl Spool {
         if shared.closed.load(Ordering::Acquire) {
             return Err(Refusal::ShuttingDown);
         }
-        if let Some(until) = *shared.disk_full_until.lock().unwrap()
+        if let Some(until) = *shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner())
             && Instant::now() < until
         {
             return Err(Refusal::DiskFull);
@@ -611,12 +615,12 @@ impl Spool {
             .name("spool-reader".into())
             .spawn(move || Reader { shared }.run(intake))
             .expect("spawn spool reader");
-        *self.reader.lock().unwrap() = Some(handle);
+        *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
     }
 
     /// Spans read from `segment` were delivered (or dead-lettered): they need not be kept.
     pub fn release(&self, segment: u64, spans: usize) {
-        let mut st = self.shared.state.lock().unwrap();
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(seg) = st.segments.get_mut(&segment) {
             seg.outstanding = seg.outstanding.saturating_sub(spans as u64);
             seg.released += spans as u64;
@@ -629,17 +633,17 @@ impl Spool {
     pub fn shutdown(&self) {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.blocking_send(WriteMsg::Stop);
-        if let Some(w) = self.writer.lock().unwrap().take() {
+        if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.join();
         }
-        self.shared.state.lock().unwrap().stop_reader = true;
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).stop_reader = true;
         self.shared.changed.notify_all();
         // The reader may be blocked handing a batch to the stage; the stage's close ends that.
     }
 
     /// Waits for the reader thread (after the stage stopped taking its batches).
     pub fn join_reader(&self) {
-        if let Some(r) = self.reader.lock().unwrap().take() {
+        if let Some(r) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = r.join();
         }
     }
