@@ -28,6 +28,8 @@ enum Misbehave {
     ErrorBodyStalls,
     /// Accepts and never answers (the one case the old header timeout covered).
     Silent,
+    /// `200 OK`, chunked, one byte every 100 ms, forever: no single read ever waits long.
+    Drip,
     /// `503` with `Retry-After: 3600`, complete.
     RetryAfterHour,
 }
@@ -104,6 +106,13 @@ fn misbehave(mut stream: TcpStream, how: Misbehave, hold: &Mutex<Vec<TcpStream>>
         Misbehave::ChunkedNoEnd => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
         Misbehave::ErrorBodyStalls => b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\nbusy",
         Misbehave::Silent => b"",
+        Misbehave::Drip => {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            while stream.write_all(b"1\r\nx\r\n").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return;
+        }
         Misbehave::RetryAfterHour => {
             b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 3600\r\nconnection: close\r\ncontent-length: 4\r\n\r\nbusy"
         }
@@ -214,6 +223,7 @@ fn stalled_answers_time_out_and_are_retried() {
         Misbehave::ChunkedNoEnd,
         Misbehave::ErrorBodyStalls,
         Misbehave::Silent,
+        Misbehave::Drip,
     ];
     let stalls = plan.len();
     let front = Front::start(sink.http, plan);

@@ -522,6 +522,7 @@ impl Spool {
                         rx,
                         next_id,
                         file: None,
+                        full_check: Instant::now(),
                     }
                     .run()
                 })
@@ -665,6 +666,8 @@ struct Writer {
     rx: mpsc::Receiver<WriteMsg>,
     next_id: u64,
     file: Option<OpenSegment>,
+    /// When every tracked segment's link count was last checked (not only the open one's).
+    full_check: Instant,
 }
 
 fn invalid(e: frame::FrameError) -> std::io::Error {
@@ -739,22 +742,32 @@ impl Writer {
         self.seal();
     }
 
-    /// Whether the directory was deleted or replaced, or the open segment unlinked.
-    fn vanished(&self) -> bool {
+    /// Whether the directory was deleted or replaced, or the open segment unlinked; with
+    /// `all`, or once every WATCH_INTERVAL, whether any tracked segment was (a single segment
+    /// file deleted by hand).
+    fn vanished(&mut self, all: bool) -> bool {
         let dir_gone = match std::fs::metadata(&self.shared.settings.dir) {
             Ok(m) => (m.dev(), m.ino()) != *self.shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()),
             Err(_) => true,
         };
-        let unlinked = self
-            .file
-            .as_ref()
-            .is_some_and(|o| o.file.metadata().map_or(true, |m| m.nlink() == 0));
-        dir_gone || unlinked
+        let unlinked = |f: &File| f.metadata().map_or(true, |m| m.nlink() == 0);
+        if dir_gone || self.file.as_ref().is_some_and(|o| unlinked(&o.file)) {
+            return true;
+        }
+        if !all && self.full_check.elapsed() < WATCH_INTERVAL {
+            return false;
+        }
+        self.full_check = Instant::now();
+        let files: Vec<Arc<File>> = {
+            let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.segments.values().map(|s| s.file.clone()).collect()
+        };
+        files.iter().any(|f| unlinked(f))
     }
 
     /// The idle check.
     fn watch(&mut self) {
-        if !self.vanished() {
+        if !self.vanished(true) {
             return;
         }
         match self.relocate() {
@@ -788,16 +801,27 @@ impl Writer {
         let shared = self.shared.clone();
         let dir = &shared.settings.dir;
         std::fs::create_dir_all(dir)?;
-        let lock = File::create(dir.join("lock"))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(std::io::Error::other(
-                    "the recreated directory is in use by another process",
-                ));
+        // The lock is taken again only when its file went with the directory (a segment file
+        // deleted alone leaves our lock in place, and flock would refuse us a second one).
+        let held = {
+            let lock = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let meta = lock.metadata()?;
+            deadletter::same_file(&dir.join("lock"), (meta.dev(), meta.ino()))
+        };
+        let new_lock = if held {
+            None
+        } else {
+            let lock = File::create(dir.join("lock"))?;
+            match lock.try_lock() {
+                Ok(()) => Some(lock),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::other(
+                        "the recreated directory is in use by another process",
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
-        }
+        };
         let open = self.file.as_ref().map(|o| (o.id, o.len));
         let tracked: Vec<(u64, Arc<File>, u64)> = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -840,7 +864,9 @@ impl Writer {
         File::open(dir)?.sync_all()?;
         let meta = std::fs::metadata(dir)?;
         *shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()) = (meta.dev(), meta.ino());
-        *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = lock;
+        if let Some(lock) = new_lock {
+            *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = lock;
+        }
         tracing::warn!(exporter = %shared.settings.exporter, dir = %dir.display(), segments = copied, "spool directory was deleted or replaced: recreated, undelivered segments copied back from open descriptors");
         Ok(())
     }
@@ -859,7 +885,7 @@ impl Writer {
 
     fn open_segment(&mut self) -> std::io::Result<()> {
         match self.create_segment() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound || self.vanished() => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || self.vanished(true) => {
                 self.relocate()?;
                 self.create_segment()
             }
@@ -959,6 +985,10 @@ impl Writer {
             self.seal();
         }
         if self.file.is_none() {
+            // A segment roll: the moment to look at every segment, not only the open one.
+            if self.vanished(true) {
+                self.relocate()?;
+            }
             self.open_segment()?;
         }
         let fsync = self.shared.settings.fsync;
@@ -982,7 +1012,7 @@ impl Writer {
         let (id, before) = (open.id, open.len);
         open.len += total;
         open.spans += spans;
-        if self.vanished()
+        if self.vanished(false)
             && let Err(e) = self.relocate()
         {
             if let Some(open) = self.file.as_mut() {
@@ -1345,6 +1375,30 @@ mod tests {
         spool.shutdown();
         drop(rx);
         spool.join_reader();
+    }
+
+    /// One sealed segment file deleted by hand (the directory intact) is copied back too.
+    #[test]
+    fn a_deleted_segment_file_is_copied_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(settings(dir.path(), 1 << 20), Arc::new(Metrics::new())).unwrap();
+        for _ in 0..10 {
+            write(&spool, 10).unwrap();
+        }
+        let segs = list_segments(dir.path()).unwrap();
+        assert!(segs.len() >= 2);
+        std::fs::remove_file(&segs[0].1).unwrap();
+        // The writer notices within WATCH_INTERVAL, idle or not.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !segs[0].1.exists() {
+            assert!(Instant::now() < deadline, "not copied back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        spool.shutdown();
+        drop(spool);
+        let again = Spool::open(settings(dir.path(), 1 << 20), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(again.recovered_spans(), 1000);
+        again.shutdown();
     }
 
     /// A format 1 spool (written before format 2) is recovered and delivered.
