@@ -114,9 +114,9 @@ impl DeadLetter {
     /// Appends one record durably. Blocking I/O: call from a blocking context.
     pub fn write(&self, record: &proto::Record) -> std::io::Result<()> {
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        // Two rounds at most: the current file (unless replay has it, or it is full), then a
-        // fresh one nobody else knows yet.
-        for _ in 0..2 {
+        // A few rounds at most: the current file (unless replay has it, or it is full), then a
+        // fresh one (which a replay could take before the first append, however unlikely).
+        for _ in 0..4 {
             let open = match guard.take() {
                 Some(open) => open,
                 None => self.create()?,
