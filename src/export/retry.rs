@@ -82,7 +82,7 @@ impl RetryPolicy {
     }
 
     /// The longest wait a Retry-After can impose (`max_interval`).
-    pub fn retry_after_cap(&self) -> Duration {
+    pub(crate) fn retry_after_cap(&self) -> Duration {
         self.retry_after_cap
     }
 

@@ -21,7 +21,7 @@ use prost::Message;
 
 use super::proto::Record;
 
-pub const FILE_MAGIC: [u8; 8] = *b"OTLPRSEG";
+pub(crate) const FILE_MAGIC: [u8; 8] = *b"OTLPRSEG";
 const VERSION: u32 = 2;
 /// One copy of the file header.
 const COPY: usize = 24;
@@ -78,7 +78,7 @@ fn le64(buf: &[u8], at: usize) -> Option<u64> {
 }
 
 /// The header of a new format 2 file whose frames use `seed`.
-pub fn file_header(seed: u32) -> [u8; FILE_HEADER] {
+pub(crate) fn file_header(seed: u32) -> [u8; FILE_HEADER] {
     let mut copy = [0u8; COPY];
     copy[..8].copy_from_slice(&FILE_MAGIC);
     copy[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -154,7 +154,7 @@ fn stamp(header: &mut [u8], seed: u32, before: u64) {
 
 /// Re-stamps frames made by `encode` (with any seed) for the file they are appended to: its
 /// seed, and `before` counted on from `before`. Returns the spans in `buf`.
-pub fn restamp(buf: &mut [u8], seed: u32, mut before: u64) -> Result<u64, FrameError> {
+pub(crate) fn restamp(buf: &mut [u8], seed: u32, mut before: u64) -> Result<u64, FrameError> {
     let mut pos = 0;
     let mut spans = 0;
     while pos < buf.len() {

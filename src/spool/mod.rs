@@ -537,7 +537,7 @@ impl Spool {
     }
 
     /// Reports on `health` (/readyz) while the spool cannot write.
-    pub fn attach_health(&self, health: Arc<Health>) {
+    pub(crate) fn attach_health(&self, health: Arc<Health>) {
         if self.shared.unready.load(Ordering::Acquire) {
             health.set_unready(&self.shared.component(), Some("spool cannot write".into()));
         }
