@@ -861,7 +861,11 @@ impl Writer {
             }
             copied += 1;
         }
+        // The copies' names, and the recreated directory's own name in its parent, durable.
         File::open(dir)?.sync_all()?;
+        if let Some(parent) = dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
         let meta = std::fs::metadata(dir)?;
         *shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()) = (meta.dev(), meta.ino());
         if let Some(lock) = new_lock {
