@@ -236,7 +236,7 @@ fn stalled_answers_time_out_and_are_retried() {
     sink.wait_unique(150, T);
     let took = started.elapsed();
     // Each stall costs about one timeout; nothing waits for anything longer.
-    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
     assert!(front.connections.load(Ordering::SeqCst) > stalls);
     let retries: Vec<String> = relay
         .proc
