@@ -17,6 +17,8 @@ use crate::config::OtlpHttpExporterConfig;
 
 pub const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
+/// Bytes of an answer read at most.
+const ANSWER_READ_LIMIT: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Compression {
@@ -202,18 +204,22 @@ fn compress(raw: Bytes, compression: Compression) -> std::io::Result<Bytes> {
 }
 
 /// Reads the answer's body whole (so the connection can be reused), keeping at most 16 KiB of
-/// an error's text. A body that breaks off is a transport error: the answer is not trusted.
+/// an error's text. A body that breaks off is a transport error: the answer is not trusted. One
+/// far larger than any OTLP answer is not read to its end (the connection is dropped instead).
 async fn read_body(body: hyper::body::Incoming, verdict: HttpVerdict) -> Result<String, ExportError> {
     let mut body = std::pin::pin!(body);
     let mut kept = Vec::new();
-    while let Some(frame) = body.frame().await {
+    let mut read = 0usize;
+    while read <= ANSWER_READ_LIMIT
+        && let Some(frame) = body.frame().await
+    {
         let frame = frame.map_err(|e| ExportError::Transport(format!("reading the answer: {e}")))?;
-        if let Ok(data) = frame.into_data()
-            && verdict != HttpVerdict::Delivered
-            && kept.len() < ERROR_BODY_LIMIT
-        {
-            let room = ERROR_BODY_LIMIT - kept.len();
-            kept.extend_from_slice(&data[..data.len().min(room)]);
+        if let Ok(data) = frame.into_data() {
+            read += data.len();
+            if verdict != HttpVerdict::Delivered && kept.len() < ERROR_BODY_LIMIT {
+                let room = ERROR_BODY_LIMIT - kept.len();
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+            }
         }
     }
     Ok(String::from_utf8_lossy(&kept).trim().to_string())
