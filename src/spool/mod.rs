@@ -868,8 +868,13 @@ impl Writer {
         }
         let meta = std::fs::metadata(dir)?;
         *shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()) = (meta.dev(), meta.ino());
+        let recreated = new_lock.is_some();
         if let Some(lock) = new_lock {
             *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = lock;
+        }
+        // Nothing to say when the only "unlinked" segment was one just delivered and deleted.
+        if !recreated && copied == 0 {
+            return Ok(());
         }
         tracing::warn!(exporter = %shared.settings.exporter, dir = %dir.display(), segments = copied, "spool directory was deleted or replaced: recreated, undelivered segments copied back from open descriptors");
         Ok(())
