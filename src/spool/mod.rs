@@ -1439,31 +1439,38 @@ mod tests {
         spool.join_reader();
     }
 
-    /// The directory deleted under a running spool: the next write notices, recreates it and
-    /// copies the undelivered segments back before acknowledging; they survive a restart.
+    /// The directory deleted (or moved away) under a running spool: the next write notices,
+    /// recreates it and copies the undelivered segments back before acknowledging; they
+    /// survive a restart.
     #[test]
     fn a_deleted_directory_is_recreated_before_the_next_ack() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("spool");
-        let spool = Spool::open(settings(&root, 1 << 20), Arc::new(Metrics::new())).unwrap();
-        for _ in 0..10 {
+        for moved in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("spool");
+            let spool = Spool::open(settings(&root, 1 << 20), Arc::new(Metrics::new())).unwrap();
+            for _ in 0..10 {
+                write(&spool, 10).unwrap();
+            }
+            if moved {
+                std::fs::rename(&root, dir.path().join("elsewhere")).unwrap();
+            } else {
+                std::fs::remove_dir_all(&root).unwrap();
+            }
             write(&spool, 10).unwrap();
+            assert!(root.join("lock").exists());
+            let on_disk: u32 = list_segments(&root)
+                .unwrap()
+                .iter()
+                .flat_map(|(_, p)| frame::scan(&std::fs::read(p).unwrap()).records)
+                .map(|r| r.spans)
+                .sum();
+            assert_eq!(on_disk, 1100, "moved: {moved}");
+            spool.shutdown();
+            drop(spool);
+            let again = Spool::open(settings(&root, 1 << 20), Arc::new(Metrics::new())).unwrap();
+            assert_eq!(again.recovered_spans(), 1100);
+            again.shutdown();
         }
-        std::fs::remove_dir_all(&root).unwrap();
-        write(&spool, 10).unwrap();
-        assert!(root.join("lock").exists());
-        let on_disk: u32 = list_segments(&root)
-            .unwrap()
-            .iter()
-            .flat_map(|(_, p)| frame::scan(&std::fs::read(p).unwrap()).records)
-            .map(|r| r.spans)
-            .sum();
-        assert_eq!(on_disk, 1100);
-        spool.shutdown();
-        drop(spool);
-        let again = Spool::open(settings(&root, 1 << 20), Arc::new(Metrics::new())).unwrap();
-        assert_eq!(again.recovered_spans(), 1100);
-        again.shutdown();
     }
 
     #[test]
