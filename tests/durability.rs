@@ -827,14 +827,14 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     wait_for("dead-lettered spans", T, || {
         (relay.metric("otlp_relay_dead_letter_spans_total", &[]) > 0.0).then_some(())
     });
+    // Replays back to back while the relay keeps dead-lettering, for a while.
     let mut runs = 0;
-    while runs < 6 {
-        if dl.join("otlphttp_mlflow").exists() {
-            replay();
-            runs += 1;
-        }
+    while runs < 10 || relay.metric("otlp_relay_dead_letter_spans_total", &[]) < 10_000.0 {
+        replay();
+        runs += 1;
     }
     let acked = clients.stop();
+    eprintln!("{runs} replays under load; {} spans acknowledged", acked.len());
     assert!(
         good.stats()["unique_spans"].as_u64().unwrap() > 0,
         "replay ran under load"
@@ -844,7 +844,9 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     });
     relay.proc.signal("TERM");
     assert_eq!(relay.proc.wait_exit(T), Some(0));
-    assert_eq!(replay(), Some(0));
+    // 2: the replays under load already took every file (possible, if rare).
+    let last = replay();
+    assert!(matches!(last, Some(0) | Some(2)), "{last:?}");
     let missing = wait_for("every acknowledged span at the good destination", T, || {
         let have = sink_keys(good.http);
         let missing = acked.iter().filter(|k| !have.contains(*k)).count();
