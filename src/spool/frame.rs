@@ -447,7 +447,7 @@ pub fn scan(buf: &[u8]) -> Scan {
         unreadable: false,
         records: Vec::new(),
         lost: Vec::new(),
-        valid_len: buf.len().max(start),
+        valid_len: buf.len(),
         tail_error: None,
     };
     for entry in parsed.entries {
@@ -735,6 +735,16 @@ mod tests {
         let scan = super::scan(&buf);
         assert_eq!(scan.records.len(), 2);
         assert_eq!(scan.tail_error, Some(FrameError::Checksum));
+    }
+
+    #[test]
+    fn a_file_header_cut_short_holds_nothing() {
+        let buf = segment(2);
+        for cut in [COPY, COPY + 5, FILE_HEADER] {
+            let scan = scan(&buf[..cut]);
+            assert!(scan.records.is_empty() && scan.lost.is_empty(), "cut at {cut}");
+            assert!(scan.valid_len <= cut, "cut at {cut}");
+        }
     }
 
     #[test]

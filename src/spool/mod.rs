@@ -441,7 +441,7 @@ impl Spool {
                     exporter = %settings.exporter,
                     segment = %path.display(),
                     kept_records = scan.records.len(),
-                    truncated_bytes = data.len() - scan.valid_len,
+                    truncated_bytes = data.len().saturating_sub(scan.valid_len),
                     error = %err,
                     "spool: torn or corrupt tail truncated; intact records kept"
                 );
