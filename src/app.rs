@@ -26,7 +26,7 @@ use crate::receiver::{Protocol, ReceiverContext};
 use crate::spool::deadletter::DeadLetter;
 use crate::spool::{Spool, SpoolError, SpoolSettings};
 use crate::supervise::Supervisor;
-use crate::telemetry::{self, Health, Metrics, ReceiverLabels, exporter_labels};
+use crate::telemetry::{self, ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
 use crate::tls::ServerTls;
 
 /// How long open receiver connections may take to finish their requests after SIGTERM.
@@ -309,6 +309,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
             let mut stage_control = control.clone();
             if let Some((_, storage)) = config.exporter_storage(id) {
                 let spool = Spool::open(SpoolSettings::from_config(id, storage), metrics.clone())?;
+                spool.attach_health(health.clone());
                 let dead_letter_root = if storage.dead_letter_directory.is_empty() {
                     Path::new(&storage.directory).join("dead_letter")
                 } else {
@@ -591,7 +592,15 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
             }
             Some(spool) => {
                 let (recovered, in_spool) = (spool.recovered_spans(), spool.pending_spans());
-                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, in_spool, balanced = accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
+                // Spans lost to damaged spool records are in `dropped`, and named here.
+                let corrupt = metrics
+                    .exporter_dropped_spans
+                    .get_or_create(&ExporterReasonLabels {
+                        exporter: exporter.clone(),
+                        reason: "corrupt".into(),
+                    })
+                    .get();
+                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, corrupt, in_spool, balanced = accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
             }
         }
     }

@@ -191,7 +191,7 @@ impl Metrics {
         let spool_corrupt_records = CounterFamily::<ExporterLabels>::default();
         registry.register(
             "otlp_relay_spool_corrupt_records",
-            "Torn or corrupt segment tails found (and truncated) in the spool",
+            "Damaged spool records found: torn tails truncated, damaged records skipped (their spans count as dropped, reason corrupt)",
             spool_corrupt_records.clone(),
         );
         let dead_letter_spans = CounterFamily::<ExporterLabels>::default();

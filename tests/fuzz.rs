@@ -1010,8 +1010,10 @@ fn spool_record_reader() {
         .run(
             &(vec(record, 0..8), vec(byte_mut(), 0..3), any::<bool>()),
             |(records, muts, real_payloads)| {
-                let mut segment = Vec::new();
+                const SEED: u32 = 0x5eed;
+                let mut segment = frame::file_header(SEED).to_vec();
                 let mut ends = Vec::new();
+                let mut before = 0u64;
                 for r in &records {
                     let mut r = r.clone();
                     if real_payloads {
@@ -1028,7 +1030,8 @@ fn spool_record_reader() {
                         })
                         .to_vec();
                     }
-                    frame::encode(&r, &mut segment);
+                    frame::encode(&r, SEED, before, &mut segment);
+                    before += u64::from(r.spans);
                     ends.push(segment.len());
                 }
                 let clean = segment.clone();

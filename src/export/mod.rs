@@ -45,7 +45,7 @@ impl OutBatch {
 pub enum ExportError {
     #[error("connection failed: {0}")]
     Transport(String),
-    #[error("no response within {0:?}")]
+    #[error("no complete answer within {0:?}")]
     Timeout(Duration),
     #[error("HTTP {status}: {body}")]
     Retryable {
@@ -513,6 +513,9 @@ async fn deliver(
             release(settings, &batch);
             return;
         };
+        if let Some(asked) = error.retry_after().filter(|a| *a > settings.retry.retry_after_cap()) {
+            tracing::warn!(exporter = %settings.name, retry_after = ?asked, cap = ?settings.retry.retry_after_cap(), "Retry-After above retry_on_failure.max_interval: capped, so the senders and new data are not parked");
+        }
         if matches!(error, ExportError::Auth(_)) {
             // The oauth2client extension logs token failures itself, at most once a minute.
             tracing::debug!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "no token yet; will retry");

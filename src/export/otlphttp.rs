@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
@@ -17,6 +17,8 @@ use crate::config::OtlpHttpExporterConfig;
 
 pub const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
+/// Bytes of an answer read at most.
+const ANSWER_READ_LIMIT: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Compression {
@@ -115,15 +117,24 @@ impl OtlpHttpExporter {
         let req = req
             .body(Full::new(body))
             .map_err(|e| ExportError::Encode(e.to_string()))?;
-        let response = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Err(_) => return Err(ExportError::Timeout(self.timeout)),
-            Ok(Err(e)) => return Err(ExportError::Transport(crate::telemetry::error_chain(&e))),
-            Ok(Ok(r)) => r,
+        // `timeout` bounds the whole exchange (connect, send, headers and body): a destination
+        // or proxy that answers headers and then stalls the body would otherwise hold this
+        // sender forever, with no log and no retry.
+        let exchange = async {
+            let response = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ExportError::Transport(crate::telemetry::error_chain(&e)))?;
+            let status = response.status();
+            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+            let verdict = classify_http(status, retry_after.as_ref(), SystemTime::now());
+            let body = read_body(response.into_body(), verdict).await?;
+            Ok::<_, ExportError>((status, verdict, body))
         };
-        let status = response.status();
-        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-        let verdict = classify_http(status, retry_after.as_ref(), SystemTime::now());
-        let body = read_error_body(response.into_body(), verdict).await;
+        let (status, verdict, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ExportError::Timeout(self.timeout))??;
         match verdict {
             HttpVerdict::Delivered => Ok(()),
             HttpVerdict::Retry { retry_after } => Err(ExportError::Retryable {
@@ -192,15 +203,26 @@ fn compress(raw: Bytes, compression: Compression) -> std::io::Result<Bytes> {
     Ok(Bytes::from(compressed))
 }
 
-async fn read_error_body(body: hyper::body::Incoming, verdict: HttpVerdict) -> String {
-    let collected = Limited::new(body, ERROR_BODY_LIMIT).collect().await;
-    if verdict == HttpVerdict::Delivered {
-        return String::new();
+/// Reads the answer's body whole (so the connection can be reused), keeping at most 16 KiB of
+/// an error's text. A body that breaks off is a transport error: the answer is not trusted. One
+/// far larger than any OTLP answer is not read to its end (the connection is dropped instead).
+async fn read_body(body: hyper::body::Incoming, verdict: HttpVerdict) -> Result<String, ExportError> {
+    let mut body = std::pin::pin!(body);
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    while read <= ANSWER_READ_LIMIT
+        && let Some(frame) = body.frame().await
+    {
+        let frame = frame.map_err(|e| ExportError::Transport(format!("reading the answer: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            read += data.len();
+            if verdict != HttpVerdict::Delivered && kept.len() < ERROR_BODY_LIMIT {
+                let room = ERROR_BODY_LIMIT - kept.len();
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+            }
+        }
     }
-    match collected {
-        Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_string(),
-        Err(_) => "(response body unreadable or over 16 KiB)".to_string(),
-    }
+    Ok(String::from_utf8_lossy(&kept).trim().to_string())
 }
 
 /// Status of an HTTP answer, for tests and logs.

@@ -1,5 +1,6 @@
 //! Retry policy by the OTLP rules: which answers are retryable, how long to wait (exponential
-//! backoff with jitter, never less than the server's Retry-After), and when to give up.
+//! backoff with jitter, never less than the server's Retry-After up to `max_interval`), and when
+//! to give up.
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -59,6 +60,9 @@ pub struct RetryPolicy {
     randomization_factor: f64,
     /// Zero: no limit.
     max_elapsed: Duration,
+    /// The longest Retry-After honoured: `max_interval`. A server (or a proxy in front of it)
+    /// asking for an hour would otherwise park every sender for an hour, new data included.
+    retry_after_cap: Duration,
 }
 
 impl RetryPolicy {
@@ -73,7 +77,13 @@ impl RetryPolicy {
             builder,
             randomization_factor: cfg.randomization_factor,
             max_elapsed: cfg.max_elapsed_time.0,
+            retry_after_cap: cfg.max_interval.0,
         }
+    }
+
+    /// The longest wait a Retry-After can impose (`max_interval`).
+    pub(crate) fn retry_after_cap(&self) -> Duration {
+        self.retry_after_cap
     }
 
     pub fn schedule(&self) -> RetrySchedule {
@@ -101,7 +111,8 @@ impl RetrySchedule {
         // The collector's randomization: base * (1 ± factor), uniformly.
         let spread = self.policy.randomization_factor * (2.0 * jitter - 1.0);
         let backoff = base.mul_f64((1.0 + spread).max(0.0));
-        let delay = backoff.max(retry_after.unwrap_or(Duration::ZERO));
+        let asked = retry_after.unwrap_or(Duration::ZERO).min(self.policy.retry_after_cap);
+        let delay = backoff.max(asked);
         if !self.policy.max_elapsed.is_zero() && elapsed + delay > self.policy.max_elapsed {
             return None;
         }
@@ -190,6 +201,41 @@ mod tests {
         assert_eq!(
             s.next_delay(Duration::ZERO, Some(Duration::from_secs(5)), 0.5),
             Some(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn retry_after_is_capped_by_max_interval() {
+        // An hour (as seconds or as a date) waits max_interval, not an hour; the backoff's own
+        // jitter never exceeds the cap either way.
+        let mut s = policy(0.0, 0).schedule();
+        assert_eq!(
+            s.next_delay(Duration::ZERO, Some(Duration::from_secs(3600)), 0.5),
+            Some(Duration::from_secs(8))
+        );
+        let now = at(1_700_000_000);
+        let date = HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(3600))).unwrap();
+        let HttpVerdict::Retry { retry_after } = classify_http(StatusCode::TOO_MANY_REQUESTS, Some(&date), now) else {
+            panic!("429 is retryable");
+        };
+        let mut s = policy(0.5, 0).schedule();
+        for _ in 0..10 {
+            let d = s.next_delay(Duration::ZERO, retry_after, 0.999).unwrap();
+            assert!(d <= Duration::from_secs(12), "{d:?}");
+        }
+        assert_eq!(policy(0.0, 0).retry_after_cap(), Duration::from_secs(8));
+        // Below the cap, Retry-After still wins over a shorter backoff.
+        let mut s = policy(0.0, 0).schedule();
+        assert_eq!(
+            s.next_delay(Duration::ZERO, Some(Duration::from_secs(3)), 0.5),
+            Some(Duration::from_secs(3))
+        );
+        // u64::MAX seconds does not overflow anything.
+        let huge = HeaderValue::from_static("18446744073709551615");
+        let mut s = policy(0.0, 0).schedule();
+        assert_eq!(
+            s.next_delay(Duration::ZERO, parse_retry_after(&huge, now), 0.5),
+            Some(Duration::from_secs(8))
         );
     }
 

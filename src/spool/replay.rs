@@ -2,15 +2,22 @@
 //! directory again through the config's exporter, once an operator has fixed what made the
 //! destination refuse them. Delivered files are renamed `*.replayed`; records refused again are
 //! written back to DIR as a new file, so nothing is lost and nothing is sent twice by a rerun.
+//!
+//! Safe while the relay runs: a file is taken under its flock and renamed `*.replaying` before
+//! it is read, and the relay never appends to a file it cannot lock or whose name changed (see
+//! `deadletter`). A `*.replaying` file left by a replay that stopped midway is taken again.
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::deadletter::DeadLetter;
-use super::{frame, list_segments, proto, record_to_routed};
+use super::deadletter::{DeadLetter, same_file};
+use super::{frame, proto, record_to_routed};
 use crate::batch::Batch;
 use crate::config::{self, Exporter as ExporterConfig};
 use crate::export::retry::RetryPolicy;
@@ -34,16 +41,22 @@ pub struct Totals {
     pub spans: u64,
     pub failed_records: u64,
     pub failed_spans: u64,
+    /// Files another process held (a relay appending for longer than LOCK_WAIT, or another
+    /// replay): left for the next run.
+    pub skipped_files: u64,
 }
+
+/// How long to wait for a file's lock: the relay holds it only while it appends one record.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 pub fn main(args: ReplayArgs, rt: tokio::runtime::Runtime) -> ExitCode {
     match rt.block_on(run(&args)) {
         Ok(t) => {
             println!(
-                "replay: {} record(s), {} span(s) delivered; {} record(s), {} span(s) refused again",
-                t.records, t.spans, t.failed_records, t.failed_spans
+                "replay: {} record(s), {} span(s) delivered; {} record(s), {} span(s) refused again; {} file(s) in use, skipped",
+                t.records, t.spans, t.failed_records, t.failed_spans, t.skipped_files
             );
-            if t.failed_records == 0 {
+            if t.failed_records == 0 && t.skipped_files == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -56,18 +69,70 @@ pub fn main(args: ReplayArgs, rt: tokio::runtime::Runtime) -> ExitCode {
     }
 }
 
-/// Segment files in `dir` and in its immediate subdirectories.
+/// Record files (`*.seg`, and `*.replaying` a stopped replay left) in `dir` and in its
+/// immediate subdirectories.
 fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out: Vec<PathBuf> = list_segments(dir)?.into_iter().map(|(_, p)| p).collect();
-    let mut subdirs: Vec<PathBuf> = std::fs::read_dir(dir)?
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
-    subdirs.sort();
-    for sub in subdirs {
-        out.extend(list_segments(&sub)?.into_iter().map(|(_, p)| p));
+    dirs.sort();
+    dirs.insert(0, dir.to_path_buf());
+    let mut out = Vec::new();
+    for d in dirs {
+        let mut here: Vec<(u64, PathBuf)> = std::fs::read_dir(&d)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == super::SEGMENT_SUFFIX || e == "replaying")
+            })
+            .filter_map(|p| {
+                let id = p.file_stem()?.to_str()?.parse().ok()?;
+                Some((id, p))
+            })
+            .collect();
+        here.sort();
+        out.extend(here.into_iter().map(|(_, p)| p));
     }
     Ok(out)
+}
+
+/// Takes a file for replay: its lock (held until the returned file is dropped), then renames it
+/// `*.replaying`. None when another process has it (or took it since it was listed).
+fn take(path: &Path) -> anyhow::Result<Option<(File, PathBuf)>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let meta = file.metadata().with_context(|| format!("reading {}", path.display()))?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                eprintln!(
+                    "otlp-relay replay: {} is in use; skipped (run replay again)",
+                    path.display()
+                );
+                return Ok(None);
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+    }
+    if !same_file(path, (meta.dev(), meta.ino())) {
+        return Ok(None);
+    }
+    let replaying = path.with_extension("replaying");
+    if path != replaying {
+        std::fs::rename(path, &replaying).with_context(|| format!("renaming {}", path.display()))?;
+    }
+    Ok(Some((file, replaying)))
 }
 
 pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
@@ -91,11 +156,22 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
         bail!("no record files (*.seg) in {}", args.from.display());
     }
     let mut totals = Totals::default();
-    for path in paths {
-        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    for listed in paths {
+        let Some((mut file, path)) = take(&listed)? else {
+            if listed.exists() {
+                totals.skipped_files += 1;
+            }
+            continue;
+        };
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .with_context(|| format!("reading {}", path.display()))?;
         let scan = frame::scan(&data);
         if let Some(e) = &scan.tail_error {
             tracing::warn!(file = %path.display(), error = %e, kept = scan.records.len(), "torn tail ignored");
+        }
+        for lost in &scan.lost {
+            tracing::error!(file = %path.display(), offset = lost.offset, bytes = lost.len, spans = ?lost.spans, error = %lost.error, "damaged record skipped; the records after it are replayed");
         }
         let mut refused = Vec::new();
         for mut record in scan.records {
@@ -131,6 +207,7 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
         }
         let done = path.with_extension("replayed");
         std::fs::rename(&path, &done).with_context(|| format!("renaming {}", path.display()))?;
+        drop(file);
     }
     Ok(totals)
 }
