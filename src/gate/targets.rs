@@ -1,0 +1,313 @@
+//! The resources a canonical request names, found where the route table says MLflow reads them
+//! (header, query, body, path). Pure: ids out, look-ups (run → experiment...) happen in the gate.
+use serde_json::{Map, Value};
+
+use super::canonical::{self, CanonError, Query};
+use super::routes::{Find, Kind};
+
+/// Most ids one request may name (each may cost an MLflow look-up): more is refused with 400.
+pub const MAX_IDS: usize = 100;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub experiments: Vec<String>,
+    /// Names experiments will get (create, rename).
+    pub new_names: Vec<String>,
+    pub runs: Vec<String>,
+    pub traces: Vec<String>,
+    pub models: Vec<String>,
+    /// Something was named that belongs to no single experiment (an artifact path outside the
+    /// `<experiment id>/` tree): the level is needed everywhere.
+    pub everywhere: bool,
+}
+
+impl Found {
+    pub fn is_empty(&self) -> bool {
+        self.experiments.is_empty()
+            && self.new_names.is_empty()
+            && self.runs.is_empty()
+            && self.traces.is_empty()
+            && self.models.is_empty()
+    }
+
+    pub fn count(&self) -> usize {
+        self.experiments.len() + self.new_names.len() + self.runs.len() + self.traces.len() + self.models.len()
+    }
+
+    fn dedup(&mut self) {
+        for v in [
+            &mut self.experiments,
+            &mut self.new_names,
+            &mut self.runs,
+            &mut self.traces,
+            &mut self.models,
+        ] {
+            v.sort();
+            v.dedup();
+        }
+    }
+
+    pub fn push(&mut self, kind: Kind, v: String) -> Result<(), CanonError> {
+        match kind {
+            Kind::Experiment | Kind::ExperimentOrDefault => {
+                if !canonical::valid_experiment_id(&v) {
+                    return Err(CanonError::Query(format!(
+                        "invalid experiment id {:?}",
+                        v.chars().take(40).collect::<String>()
+                    )));
+                }
+                self.experiments.push(v)
+            }
+            Kind::NewExperimentName => self.new_names.push(v),
+            Kind::Run => self.runs.push(v),
+            Kind::Trace => self.traces.push(v),
+            Kind::LoggedModel => self.models.push(v),
+            Kind::ArtifactPath => {
+                let segs = canonical::artifact_path(&v)?;
+                match segs.first() {
+                    Some(first) if canonical::valid_experiment_id(first) => self.experiments.push(first.to_string()),
+                    _ => self.everywhere = true,
+                }
+            }
+        }
+        if v_is_empty_id(kind, self) {
+            return Err(CanonError::Body("empty id".into()));
+        }
+        Ok(())
+    }
+}
+
+fn v_is_empty_id(kind: Kind, f: &Found) -> bool {
+    let last = match kind {
+        Kind::Run => f.runs.last(),
+        Kind::Trace => f.traces.last(),
+        Kind::LoggedModel => f.models.last(),
+        Kind::NewExperimentName => f.new_names.last(),
+        _ => None,
+    };
+    last.is_some_and(|s| s.is_empty())
+}
+
+/// Trace tag that MLflow trusts as the trace's artifact directory: whoever sets it reads any
+/// directory through `get-trace-artifact`, so only admins may.
+const TRACE_ARTIFACT_TAG: &str = "mlflow.artifactLocation";
+
+/// The request sets a trace tag that redirects where MLflow reads the trace's artifacts.
+pub fn sets_reserved_trace_tag(segments: &[String], body: Option<&Map<String, Value>>) -> bool {
+    let Some(b) = body else { return false };
+    let is_traces = segments.get(3).is_some_and(|s| s == "traces");
+    let tag_route = is_traces && segments.last().is_some_and(|s| s == "tags");
+    let keyed = b.get("key").and_then(Value::as_str) == Some(TRACE_ARTIFACT_TAG);
+    let v3_tags = b
+        .get("trace")
+        .and_then(|t| t.get("trace_info"))
+        .and_then(|i| i.get("tags"))
+        .and_then(Value::as_object)
+        .is_some_and(|m| m.contains_key(TRACE_ARTIFACT_TAG));
+    let v2_tags = b.get("tags").and_then(Value::as_array).is_some_and(|xs| {
+        xs.iter()
+            .any(|t| t.get("key").and_then(Value::as_str) == Some(TRACE_ARTIFACT_TAG))
+    });
+    is_traces && ((tag_route && keyed) || v3_tags || v2_tags)
+}
+
+/// The request's inputs as MLflow reads them: the JSON body for methods that have one, else the query.
+pub struct Inputs<'a> {
+    pub segments: &'a [String],
+    pub query: &'a Query,
+    pub body: Option<&'a Map<String, Value>>,
+    pub body_method: bool,
+    pub experiment_header: Option<&'a str>,
+}
+
+/// Collects every id `finds` point at. Ids of a wrong JSON type are refused (400), as are more than
+/// [`MAX_IDS`] of them.
+pub fn find(finds: &[Find], inp: &Inputs) -> Result<Found, CanonError> {
+    let mut out = Found::default();
+    for f in finds {
+        match *f {
+            Find::Field(kind, field) => {
+                let mut vals = Vec::new();
+                if inp.body_method {
+                    if let Some(b) = inp.body {
+                        let parts: Vec<&str> = field.split('/').collect();
+                        if let Some(x) = b.get(parts[0]) {
+                            walk(x, &parts[1..], &mut vals)?;
+                        }
+                    }
+                } else {
+                    vals.extend(inp.query.get_all(field).map(str::to_owned));
+                }
+                if vals.is_empty() && kind == Kind::ExperimentOrDefault {
+                    vals.push("0".into());
+                }
+                for v in vals {
+                    out.push(kind, v)?;
+                }
+            }
+            Find::Segment(kind, i) => {
+                let v = inp
+                    .segments
+                    .get(i)
+                    .ok_or(CanonError::Path("route without its id segment"))?;
+                out.push(kind, v.clone())?;
+            }
+            Find::Tail(kind, i) => {
+                if inp.segments.len() <= i {
+                    return Err(CanonError::Path("route without its path"));
+                }
+                out.push(kind, inp.segments[i..].join("/"))?;
+            }
+            Find::Header => match inp.experiment_header {
+                Some(h) => out.push(Kind::Experiment, h.trim().to_string())?,
+                None => out.everywhere = true,
+            },
+        }
+    }
+    out.dedup();
+    if out.count() > MAX_IDS {
+        return Err(CanonError::Query(format!("more than {MAX_IDS} ids in one request")));
+    }
+    Ok(out)
+}
+
+fn walk(v: &Value, parts: &[&str], out: &mut Vec<String>) -> Result<(), CanonError> {
+    let Some((first, rest)) = parts.split_first() else {
+        return scalar_ids(v, out);
+    };
+    match (v, *first) {
+        (Value::Null, _) => Ok(()),
+        (Value::Array(xs), "*") => xs.iter().try_for_each(|x| walk(x, rest, out)),
+        (Value::Object(m), name) if name != "*" => match m.get(name) {
+            Some(x) => walk(x, rest, out),
+            None => Ok(()),
+        },
+        _ => Err(CanonError::Body(format!("unexpected JSON type at {first:?}"))),
+    }
+}
+
+/// An id field: a string or non-negative integer, or a list of them; null is absent.
+fn scalar_ids(v: &Value, out: &mut Vec<String>) -> Result<(), CanonError> {
+    match v {
+        Value::Null => Ok(()),
+        Value::String(s) => {
+            out.push(s.clone());
+            Ok(())
+        }
+        Value::Number(n) if n.is_u64() => {
+            out.push(n.to_string());
+            Ok(())
+        }
+        Value::Array(xs) => xs.iter().try_for_each(|x| match x {
+            Value::Array(_) => Err(CanonError::Body("nested list of ids".into())),
+            _ => scalar_ids(x, out),
+        }),
+        _ => Err(CanonError::Body("an id must be a string".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::routes::{Find::*, Kind::*};
+
+    fn inputs<'a>(
+        segments: &'a [String],
+        query: &'a Query,
+        body: Option<&'a Map<String, Value>>,
+        header: Option<&'a str>,
+    ) -> Inputs<'a> {
+        Inputs {
+            segments,
+            query,
+            body,
+            body_method: body.is_some(),
+            experiment_header: header,
+        }
+    }
+
+    #[test]
+    fn fields_nested_and_defaults() {
+        let body = serde_json::json!({"trace": {"trace_info": {"trace_location": {"mlflow_experiment": {"experiment_id": "2"}}}},
+            "locations": [{"mlflow_experiment": {"experiment_id": "3"}}, {"mlflow_experiment": {"experiment_id": 4}}],
+            "models": [{"model_id": "m-1"}]});
+        let body = body.as_object().unwrap();
+        let q = Query::default();
+        let f = find(
+            &[
+                Field(Experiment, "trace/trace_info/trace_location/mlflow_experiment/experiment_id"),
+                Field(Experiment, "locations/*/mlflow_experiment/experiment_id"),
+                Field(LoggedModel, "models/*/model_id"),
+                Field(ExperimentOrDefault, "experiment_id"),
+            ],
+            &inputs(&[], &q, Some(body), None),
+        )
+        .unwrap();
+        assert_eq!(f.experiments, ["0", "2", "3", "4"]);
+        assert_eq!(f.models, ["m-1"]);
+    }
+
+    #[test]
+    fn query_path_and_header() {
+        let q = canonical::query(Some("run_ids=a&run_ids=b&experiment_id=1")).unwrap();
+        let segs: Vec<String> = "api/2.0/mlflow-artifacts/artifacts/7/r/artifacts/x"
+            .split('/')
+            .map(String::from)
+            .collect();
+        let f = find(
+            &[Field(Run, "run_ids"), Tail(ArtifactPath, 4), Header],
+            &inputs(&segs, &q, None, Some("5")),
+        )
+        .unwrap();
+        assert_eq!(f.runs, ["a", "b"]);
+        assert_eq!(f.experiments, ["5", "7"]);
+        assert!(!f.everywhere);
+        // The header is read only where the table says (OTLP ingestion).
+        let f = find(&[Field(Run, "run_ids")], &inputs(&segs, &q, None, Some("5"))).unwrap();
+        assert!(f.experiments.is_empty());
+        // An artifact path outside any experiment, or the root: everywhere.
+        let q = canonical::query(Some("path=")).unwrap();
+        let f = find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).unwrap();
+        assert!(f.everywhere || f.is_empty());
+        let q = canonical::query(Some("path=x/y")).unwrap();
+        assert!(find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).unwrap().everywhere);
+        let q = canonical::query(Some("path=1/../2")).unwrap();
+        assert!(find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).is_err());
+    }
+
+    #[test]
+    fn reserved_trace_tags() {
+        let segs = |p: &str| p.split('/').filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>();
+        let tag = serde_json::json!({"key": "mlflow.artifactLocation", "value": "/"});
+        let tag = tag.as_object().unwrap();
+        assert!(sets_reserved_trace_tag(&segs("/api/3.0/mlflow/traces/tr-1/tags"), Some(tag)));
+        assert!(sets_reserved_trace_tag(&segs("/api/2.0/mlflow/traces/tr-1/tags"), Some(tag)));
+        assert!(!sets_reserved_trace_tag(&segs("/api/2.0/mlflow/runs/set-tag"), Some(tag)));
+        let start = serde_json::json!({"trace": {"trace_info": {"tags": {"mlflow.artifactLocation": "/"}}}});
+        assert!(sets_reserved_trace_tag(&segs("/api/3.0/mlflow/traces"), start.as_object()));
+        let ok = serde_json::json!({"key": "note", "value": "/"});
+        assert!(!sets_reserved_trace_tag(&segs("/api/3.0/mlflow/traces/tr-1/tags"), ok.as_object()));
+    }
+
+    #[test]
+    fn refusals() {
+        let q = Query::default();
+        for body in [
+            serde_json::json!({"experiment_id": {"x": 1}}),
+            serde_json::json!({"experiment_id": true}),
+            serde_json::json!({"experiment_id": "01"}),
+            serde_json::json!({"experiment_ids": [["1"]]}),
+            serde_json::json!({"run_id": ""}),
+        ] {
+            let b = body.as_object().unwrap();
+            let r = find(
+                &[Field(Experiment, "experiment_id"), Field(Experiment, "experiment_ids"), Field(Run, "run_id")],
+                &inputs(&[], &q, Some(b), None),
+            );
+            assert!(r.is_err(), "{body}");
+        }
+        let many: Vec<String> = (0..=MAX_IDS).map(|i| format!("r{i}")).collect();
+        let body = serde_json::json!({ "run_ids": many });
+        assert!(find(&[Field(Run, "run_ids")], &inputs(&[], &q, Some(body.as_object().unwrap()), None)).is_err());
+    }
+}
