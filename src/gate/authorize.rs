@@ -45,7 +45,9 @@ impl Gate {
             Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
         }
         if self.policy.is_admin(groups) {
-            return self.forward(Request::from_parts(parts, body), Some(&identity), peer).await;
+            return self
+                .forward(Request::from_parts(parts, body), Some(&identity), peer)
+                .await;
         }
         if !self.policy.is_member(groups) {
             return self.forbidden(&identity, &method, canon, Decision::NotMember);
@@ -88,7 +90,10 @@ impl Gate {
 
         let mut filter_answer = false;
         let decision = match rule {
-            Rule::Admin => Decision::AdminOnly(format!("{method} {}", canon.decoded().chars().take(100).collect::<String>())),
+            Rule::Admin => Decision::AdminOnly(format!(
+                "{method} {}",
+                canon.decoded().chars().take(100).collect::<String>()
+            )),
             Rule::Member => Decision::Allow,
             Rule::ExperimentListing => {
                 filter_answer = self.policy.needs_experiments(groups);
@@ -149,7 +154,9 @@ impl Gate {
         if filter_answer {
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
-        let resp = self.forward(Request::from_parts(parts, body), Some(&identity), peer).await;
+        let resp = self
+            .forward(Request::from_parts(parts, body), Some(&identity), peer)
+            .await;
         if filter_answer {
             return self.readable_part(resp, groups).await;
         }
@@ -196,7 +203,10 @@ impl Gate {
                     };
                     return Decision::Missing {
                         need: level,
-                        experiment: Some(format!("of {what} {} (not found)", id.chars().take(64).collect::<String>())),
+                        experiment: Some(format!(
+                            "of {what} {} (not found)",
+                            id.chars().take(64).collect::<String>()
+                        )),
                     };
                 }
             }
@@ -218,7 +228,8 @@ impl Gate {
             id: format!("new:{n}"),
             name: Some(n),
         }));
-        self.policy.decide_all(groups, level, &experiments, everywhere && experiments.is_empty())
+        self.policy
+            .decide_all(groups, level, &experiments, everywhere && experiments.is_empty())
     }
 
     /// The experiment a run, trace or logged model belongs to, from MLflow; cached (it never changes).

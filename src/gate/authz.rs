@@ -248,11 +248,13 @@ impl Policy {
     /// `experiments`, and with `everywhere` (a write that names no experiment, the model registry, an
     /// artifact path outside any experiment) on every experiment: a `"*"` rule.
     pub fn decide_all(&self, groups: &[String], need: Level, experiments: &[Experiment], everywhere: bool) -> Decision {
-        if everywhere && !self.is_admin(groups) && self.permissions.is_some() {
+        if let Some(perms) = &self.permissions
+            && everywhere
+            && !self.is_admin(groups)
+        {
             if !self.is_member(groups) {
                 return Decision::NotMember;
             }
-            let perms = self.permissions.as_ref().expect("checked above");
             let star = groups
                 .iter()
                 .filter_map(|g| perms.groups.get(g))
@@ -347,7 +349,6 @@ mod tests {
         assert_eq!(visible(unrelated, only_a), Visible::All);
     }
 
-
     fn exp(id: &str, name: &str) -> Experiment {
         Experiment {
             id: id.into(),
@@ -367,7 +368,6 @@ mod tests {
     }
 
     const FILE: &str = "groups:\n  readers:\n    \"*\": READ\n  team-a:\n    \"7\": MANAGE\n    \"team-a-*\": EDIT\n";
-
 
     #[test]
     fn membership_and_admin() {
@@ -464,7 +464,9 @@ mod tests {
 
     #[test]
     fn all_targets_and_everywhere() {
-        let p = policy(Some("groups:\n  team-a:\n    \"7\": EDIT\n    \"team-a-*\": EDIT\n  readers:\n    \"*\": READ\n"));
+        let p = policy(Some(
+            "groups:\n  team-a:\n    \"7\": EDIT\n    \"team-a-*\": EDIT\n  readers:\n    \"*\": READ\n",
+        ));
         let a = g(&["team-a"]);
         assert_eq!(p.decide_all(&a, Level::Edit, &[exp("7", "x")], false), Decision::Allow);
         // A decoy next to the real target does not help.
@@ -477,22 +479,43 @@ mod tests {
             p.decide_all(&a, Level::Edit, &[], true),
             Decision::Missing { experiment: Some(e), .. } if e == "*"
         ));
-        assert!(matches!(p.decide_all(&a, Level::Read, &[], true), Decision::Missing { .. }));
+        assert!(matches!(
+            p.decide_all(&a, Level::Read, &[], true),
+            Decision::Missing { .. }
+        ));
         assert_eq!(p.decide_all(&g(&["readers"]), Level::Read, &[], true), Decision::Allow);
-        assert!(matches!(p.decide_all(&g(&["readers"]), Level::Edit, &[], true), Decision::Missing { .. }));
+        assert!(matches!(
+            p.decide_all(&g(&["readers"]), Level::Edit, &[], true),
+            Decision::Missing { .. }
+        ));
         // A new name: only name globs and "*" match it.
         let new = |n: &str| Experiment {
             id: format!("new:{n}"),
             name: Some(n.into()),
         };
-        assert_eq!(p.decide_all(&a, Level::Edit, &[new("team-a-new")], false), Decision::Allow);
-        assert!(matches!(p.decide_all(&a, Level::Edit, &[new("7")], false), Decision::Missing { .. }));
+        assert_eq!(
+            p.decide_all(&a, Level::Edit, &[new("team-a-new")], false),
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.decide_all(&a, Level::Edit, &[new("7")], false),
+            Decision::Missing { .. }
+        ));
         // Members only; admins everything; no file: members up to EDIT.
         assert_eq!(p.decide_all(&g(&["x"]), Level::Read, &[], false), Decision::NotMember);
-        assert_eq!(p.decide_all(&g(&["mlflow-admin"]), Level::Manage, &[], true), Decision::Allow);
+        assert_eq!(
+            p.decide_all(&g(&["mlflow-admin"]), Level::Manage, &[], true),
+            Decision::Allow
+        );
         let open = policy(None);
-        assert_eq!(open.decide_all(&g(&["mlflow"]), Level::Edit, &[], true), Decision::Allow);
-        assert!(matches!(open.decide_all(&g(&["mlflow"]), Level::Manage, &[], true), Decision::Missing { .. }));
+        assert_eq!(
+            open.decide_all(&g(&["mlflow"]), Level::Edit, &[], true),
+            Decision::Allow
+        );
+        assert!(matches!(
+            open.decide_all(&g(&["mlflow"]), Level::Manage, &[], true),
+            Decision::Missing { .. }
+        ));
         assert!(p.is_member(&g(&["mlflow-admin"])) && p.is_member(&a) && !p.is_member(&g(&["x"])));
     }
 }

@@ -178,7 +178,10 @@ pub fn query(raw: Option<&str>) -> Result<Query, CanonError> {
         let n = seen.entry(k.clone()).or_insert(0u32);
         *n += 1;
         if *n > 1 && !REPEATABLE.contains(&k.as_str()) {
-            return Err(CanonError::Query(format!("parameter {:?} given more than once", truncate(&k))));
+            return Err(CanonError::Query(format!(
+                "parameter {:?} given more than once",
+                truncate(&k)
+            )));
         }
         out.push((k, v));
     }
@@ -427,7 +430,9 @@ mod tests {
 
     #[test]
     fn bodies() {
-        let m = json_body(br#"{"experimentId": "2", "x": {"runId": "r"}}"#).unwrap().unwrap();
+        let m = json_body(br#"{"experimentId": "2", "x": {"runId": "r"}}"#)
+            .unwrap()
+            .unwrap();
         assert_eq!(m["experiment_id"], "2");
         assert_eq!(m["x"]["run_id"], "r");
         assert!(!m.contains_key("experimentId"));
@@ -441,7 +446,11 @@ mod tests {
             b"{\"a\": \"\xff\"}",
             br#"{"a": 1} x"#,
         ] {
-            assert!(json_body(bad).is_err(), "{:?} must be refused", String::from_utf8_lossy(bad));
+            assert!(
+                json_body(bad).is_err(),
+                "{:?} must be refused",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert_eq!(json_body(b"  ").unwrap(), None);
     }
@@ -464,8 +473,39 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x9a7e);
         let alphabet: Vec<&str> = vec![
-            "/", "%", "2f", "2F", "5c", "64", "61", ".", "..", "a", "api", "&", "=", "+", "%20", "%ff", "\\", "é", "{",
-            "}", "\"", ":", ",", "[", "]", "experimentId", "experiment_id", "1", "0", " ", "\u{feff}", "%00", "?",
+            "/",
+            "%",
+            "2f",
+            "2F",
+            "5c",
+            "64",
+            "61",
+            ".",
+            "..",
+            "a",
+            "api",
+            "&",
+            "=",
+            "+",
+            "%20",
+            "%ff",
+            "\\",
+            "é",
+            "{",
+            "}",
+            "\"",
+            ":",
+            ",",
+            "[",
+            "]",
+            "experimentId",
+            "experiment_id",
+            "1",
+            "0",
+            " ",
+            "\u{feff}",
+            "%00",
+            "?",
         ];
         for _ in 0..20_000 {
             let n = rng.random_range(0..12);

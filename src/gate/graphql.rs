@@ -34,7 +34,10 @@ pub fn needs(body: &Map<String, Value>) -> Result<Needs, CanonError> {
         Some(Value::Object(m)) => m.clone(),
         Some(_) => return Err(CanonError::Body("GraphQL variables must be an object".into())),
     };
-    if !matches!(body.get("operationName"), None | Some(Value::Null) | Some(Value::String(_))) {
+    if !matches!(
+        body.get("operationName"),
+        None | Some(Value::Null) | Some(Value::String(_))
+    ) {
         return Err(CanonError::Body("operationName must be a string".into()));
     }
     let doc = q::parse_query::<String>(query).map_err(|e| CanonError::Body(format!("GraphQL: {e}")))?;
@@ -233,9 +236,14 @@ mod tests {
             "query ($e: [String] = [\"9\"]) { mlflowSearchRuns(input: {experimentIds: $e}) { runs { info { runId } } } }"}))
         .unwrap();
         assert_eq!(n.found.experiments, ["9"]);
-        let n = needs_of(serde_json::json!({"query": "mutation { mlflowSearchRuns(input: {}) { runs { info { runId } } } }"}))
-            .unwrap();
-        assert!(n.found.everywhere, "a search naming no experiment needs READ everywhere");
+        let n = needs_of(
+            serde_json::json!({"query": "mutation { mlflowSearchRuns(input: {}) { runs { info { runId } } } }"}),
+        )
+        .unwrap();
+        assert!(
+            n.found.everywhere,
+            "a search naming no experiment needs READ everywhere"
+        );
         let n = needs_of(serde_json::json!({"query": "subscription { x }"})).unwrap();
         assert!(!n.admin.is_empty());
     }

@@ -114,7 +114,11 @@ pub static ROUTES: &[Route] = &[
     r("POST", "/graphql", Graphql),
     r("GET", "/graphql", Admin),
     // Experiments.
-    r("POST", "/api/2.0/mlflow/experiments/create", X(E, &[Field(NewExperimentName, "name")])),
+    r(
+        "POST",
+        "/api/2.0/mlflow/experiments/create",
+        X(E, &[Field(NewExperimentName, "name")]),
+    ),
     r("GET", "/api/2.0/mlflow/experiments/get", X(R, EXP)),
     r("GET", "/api/2.0/mlflow/experiments/get-by-name", ExperimentListing),
     r("GET|POST", "/api/2.0/mlflow/experiments/search", ExperimentListing),
@@ -123,15 +127,26 @@ pub static ROUTES: &[Route] = &[
     r(
         "POST",
         "/api/2.0/mlflow/experiments/update",
-        X(E, &[Field(Experiment, "experiment_id"), Field(NewExperimentName, "new_name")]),
+        X(
+            E,
+            &[Field(Experiment, "experiment_id"), Field(NewExperimentName, "new_name")],
+        ),
     ),
     r("POST", "/api/2.0/mlflow/experiments/set-experiment-tag", X(E, EXP)),
     r("POST", "/api/2.0/mlflow/experiments/delete-experiment-tag", X(M, EXP)),
     r("POST", "/api/2.0mlflow/experiments/search-datasets", X(R, EXPS)),
     r("POST", "/api/2.0/mlflow/experiments/search-datasets", X(R, EXPS)),
     // Runs.
-    r("POST", "/api/2.0/mlflow/runs/create", X(E, &[Field(ExperimentOrDefault, "experiment_id")])),
-    r("POST", "/api/2.0/mlflow/runs/create-promptlab-run", X(E, &[Field(ExperimentOrDefault, "experiment_id")])),
+    r(
+        "POST",
+        "/api/2.0/mlflow/runs/create",
+        X(E, &[Field(ExperimentOrDefault, "experiment_id")]),
+    ),
+    r(
+        "POST",
+        "/api/2.0/mlflow/runs/create-promptlab-run",
+        X(E, &[Field(ExperimentOrDefault, "experiment_id")]),
+    ),
     r("GET", "/api/2.0/mlflow/runs/get", X(R, RUN)),
     r("POST", "/api/2.0/mlflow/runs/delete", X(M, RUN)),
     r("POST", "/api/2.0/mlflow/runs/restore", X(M, RUN)),
@@ -154,8 +169,16 @@ pub static ROUTES: &[Route] = &[
     ),
     r("POST", "/api/2.0/mlflow/runs/search", X(R, EXPS)),
     r("GET", "/api/2.0/mlflow/metrics/get-history", X(R, RUN)),
-    r("GET", "/api/2.0/mlflow/metrics/get-history-bulk", X(R, &[Field(Run, "run_id")])),
-    r("GET", "/api/2.0/mlflow/metrics/get-history-bulk-interval", X(R, &[Field(Run, "run_ids")])),
+    r(
+        "GET",
+        "/api/2.0/mlflow/metrics/get-history-bulk",
+        X(R, &[Field(Run, "run_id")]),
+    ),
+    r(
+        "GET",
+        "/api/2.0/mlflow/metrics/get-history-bulk-interval",
+        X(R, &[Field(Run, "run_ids")]),
+    ),
     // Run artifacts.
     r("GET", "/api/2.0/mlflow/artifacts/list", X(R, RUN)),
     r("GET", "/get-artifact", X(R, RUN)),
@@ -163,10 +186,18 @@ pub static ROUTES: &[Route] = &[
     r("POST", "/api/2.0/mlflow/artifacts/presigned-download-url", Admin),
     r("POST", "/api/2.0/mlflow/artifacts/presigned-upload-url", Admin),
     // Proxied artifacts: `<experiment id>/<run id>/artifacts/...` under the artifact root.
-    r("GET", "/api/2.0/mlflow-artifacts/artifacts", X(R, &[Field(ArtifactPath, "path")])),
+    r(
+        "GET",
+        "/api/2.0/mlflow-artifacts/artifacts",
+        X(R, &[Field(ArtifactPath, "path")]),
+    ),
     r("GET", "/api/2.0/mlflow-artifacts/artifacts/<*p>", X(R, ARTIFACT_TAIL)),
     opaque("PUT", "/api/2.0/mlflow-artifacts/artifacts/<*p>", X(E, ARTIFACT_TAIL)),
-    r("DELETE", "/api/2.0/mlflow-artifacts/artifacts/<*p>", X(M, ARTIFACT_TAIL)),
+    r(
+        "DELETE",
+        "/api/2.0/mlflow-artifacts/artifacts/<*p>",
+        X(M, ARTIFACT_TAIL),
+    ),
     r("POST", "/api/2.0/mlflow-artifacts/mpu/create/<*p>", X(E, MPU_TAIL)),
     r("POST", "/api/2.0/mlflow-artifacts/mpu/complete/<*p>", X(E, MPU_TAIL)),
     r("POST", "/api/2.0/mlflow-artifacts/mpu/abort/<*p>", X(E, MPU_TAIL)),
@@ -183,14 +214,26 @@ pub static ROUTES: &[Route] = &[
         "/api/2.0/mlflow/traces/delete-traces",
         X(M, &[Field(Experiment, "experiment_id"), Field(Trace, "request_ids")]),
     ),
-    r("POST", "/api/2.0/mlflow/traces/link-prompts", X(E, &[Field(Trace, "trace_id")])),
+    r(
+        "POST",
+        "/api/2.0/mlflow/traces/link-prompts",
+        X(E, &[Field(Trace, "trace_id")]),
+    ),
     r(
         "POST",
         "/api/2.0/mlflow/traces/link-to-run",
         X(E, &[Field(Trace, "trace_ids"), Field(Run, "run_id")]),
     ),
-    r("GET", "/api/2.0/mlflow/get-trace-artifact", X(R, &[Field(Trace, "request_id")])),
-    r("GET", "/api/3.0/mlflow/get-trace-artifact", X(R, &[Field(Trace, "request_id")])),
+    r(
+        "GET",
+        "/api/2.0/mlflow/get-trace-artifact",
+        X(R, &[Field(Trace, "request_id")]),
+    ),
+    r(
+        "GET",
+        "/api/3.0/mlflow/get-trace-artifact",
+        X(R, &[Field(Trace, "request_id")]),
+    ),
     r("GET", "/api/2.0/mlflow/unified-traces", Admin),
     r("GET", "/api/2.0/mlflow/get-online-trace-details", Admin),
     // Traces, v3.
@@ -212,10 +255,22 @@ pub static ROUTES: &[Route] = &[
     r("DELETE", "/api/3.0/mlflow/traces/<id>/assessments/<a>", X(M, TRACE_SEG)),
     r("PATCH", "/api/3.0/mlflow/traces/<id>/tags", X(E, TRACE_SEG)),
     r("DELETE", "/api/3.0/mlflow/traces/<id>/tags", X(M, TRACE_SEG)),
-    r("GET", "/api/3.0/mlflow/traces/batchGet", X(R, &[Field(Trace, "trace_ids")])),
-    r("POST", "/api/3.0/mlflow/traces/batchGetInfos", X(R, &[Field(Trace, "trace_ids")])),
+    r(
+        "GET",
+        "/api/3.0/mlflow/traces/batchGet",
+        X(R, &[Field(Trace, "trace_ids")]),
+    ),
+    r(
+        "POST",
+        "/api/3.0/mlflow/traces/batchGetInfos",
+        X(R, &[Field(Trace, "trace_ids")]),
+    ),
     r("GET", "/api/3.0/mlflow/traces/get", X(R, &[Field(Trace, "trace_id")])),
-    r("POST", "/api/3.0/mlflow/traces/calculate-filter-correlation", X(R, EXPS)),
+    r(
+        "POST",
+        "/api/3.0/mlflow/traces/calculate-filter-correlation",
+        X(R, EXPS),
+    ),
     r("POST", "/api/3.0/mlflow/traces/metrics", X(R, EXPS)),
     r(
         "POST",
@@ -238,22 +293,41 @@ pub static ROUTES: &[Route] = &[
     r(
         "POST",
         "/api/2.0/mlflow/logged-models",
-        X(E, &[Field(ExperimentOrDefault, "experiment_id"), Field(Run, "source_run_id")]),
+        X(
+            E,
+            &[Field(ExperimentOrDefault, "experiment_id"), Field(Run, "source_run_id")],
+        ),
     ),
     r("POST", "/api/2.0/mlflow/logged-models/search", X(R, EXPS)),
     r("GET", "/api/2.0/mlflow/logged-models/<id>", X(R, MODEL_SEG)),
     r("PATCH", "/api/2.0/mlflow/logged-models/<id>", X(E, MODEL_SEG)),
     r("DELETE", "/api/2.0/mlflow/logged-models/<id>", X(M, MODEL_SEG)),
-    r("GET", "/api/2.0/mlflow/logged-models/<id>/artifacts/directories", X(R, MODEL_SEG)),
-    r("GET", "/api/2.0/mlflow/logged-models/<id>/artifacts/files", X(R, MODEL_SEG)),
+    r(
+        "GET",
+        "/api/2.0/mlflow/logged-models/<id>/artifacts/directories",
+        X(R, MODEL_SEG),
+    ),
+    r(
+        "GET",
+        "/api/2.0/mlflow/logged-models/<id>/artifacts/files",
+        X(R, MODEL_SEG),
+    ),
     r("POST", "/api/2.0/mlflow/logged-models/<id>/params", X(E, MODEL_SEG)),
     r("PATCH", "/api/2.0/mlflow/logged-models/<id>/tags", X(E, MODEL_SEG)),
-    r("DELETE", "/api/2.0/mlflow/logged-models/<id>/tags/<key>", X(M, MODEL_SEG)),
+    r(
+        "DELETE",
+        "/api/2.0/mlflow/logged-models/<id>/tags/<key>",
+        X(M, MODEL_SEG),
+    ),
     // Model registry (and prompts, which are registered models).
     r("POST", "/api/2.0/mlflow/registered-models/create", Registry(E)),
     r("GET", "/api/2.0/mlflow/registered-models/get", Registry(R)),
     r("GET", "/api/2.0/mlflow/registered-models/search", Registry(R)),
-    r("GET|POST", "/api/2.0/mlflow/registered-models/get-latest-versions", Registry(R)),
+    r(
+        "GET|POST",
+        "/api/2.0/mlflow/registered-models/get-latest-versions",
+        Registry(R),
+    ),
     r("POST", "/api/2.0/mlflow/registered-models/rename", Registry(E)),
     r("PATCH", "/api/2.0/mlflow/registered-models/update", Registry(E)),
     r("POST", "/api/2.0/mlflow/registered-models/set-tag", Registry(E)),
@@ -285,7 +359,11 @@ pub static ROUTES: &[Route] = &[
     r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/issues/<*p>", Admin),
     r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/label-schemas/<*p>", Admin),
     r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/review-queues/<*p>", Admin),
-    r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/prompt-optimization/<*p>", Admin),
+    r(
+        "GET|POST|PATCH|PUT|DELETE",
+        "/api/3.0/mlflow/prompt-optimization/<*p>",
+        Admin,
+    ),
     r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/workspaces", Admin),
     r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/workspaces/<*p>", Admin),
     r("GET|POST|PATCH|PUT|DELETE", "/api/3.0/mlflow/jobs/<*p>", Admin),
@@ -298,7 +376,7 @@ pub static ROUTES: &[Route] = &[
 ];
 
 /// A request's route: `None` is no entry (admin only).
-pub fn lookup<'a>(method: &str, segments: &'a [String], trailing_slash: bool) -> Option<&'static Route> {
+pub fn lookup(method: &str, segments: &[String], trailing_slash: bool) -> Option<&'static Route> {
     if trailing_slash {
         return None;
     }
@@ -307,7 +385,11 @@ pub fn lookup<'a>(method: &str, segments: &'a [String], trailing_slash: bool) ->
         Some(if i == 0 && s == "ajax-api" { "api" } else { s })
     };
     ROUTES.iter().find(|route| {
-        if !route.methods.split('|').any(|m| m == method || (m == "GET" && method == "HEAD")) {
+        if !route
+            .methods
+            .split('|')
+            .any(|m| m == method || (m == "GET" && method == "HEAD"))
+        {
             return false;
         }
         let pat: Vec<&str> = route.pattern.split('/').skip(1).filter(|p| !p.is_empty()).collect();
@@ -348,7 +430,10 @@ mod tests {
             rule("PUT", "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/x"),
             Some(X(E, ARTIFACT_TAIL))
         );
-        assert_eq!(rule("GET", "/api/2.0/mlflow-artifacts/artifacts"), Some(X(R, &[Field(ArtifactPath, "path")])));
+        assert_eq!(
+            rule("GET", "/api/2.0/mlflow-artifacts/artifacts"),
+            Some(X(R, &[Field(ArtifactPath, "path")]))
+        );
         assert_eq!(rule("HEAD", "/health"), Some(Member));
         assert_eq!(rule("GET", "/api/2.0/mlflow/webhooks/1"), Some(Admin));
         assert_eq!(rule("GET", "/api/2.0/mlflow/something-new"), None);

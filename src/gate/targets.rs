@@ -235,7 +235,10 @@ mod tests {
         let q = Query::default();
         let f = find(
             &[
-                Field(Experiment, "trace/trace_info/trace_location/mlflow_experiment/experiment_id"),
+                Field(
+                    Experiment,
+                    "trace/trace_info/trace_location/mlflow_experiment/experiment_id",
+                ),
                 Field(Experiment, "locations/*/mlflow_experiment/experiment_id"),
                 Field(LoggedModel, "models/*/model_id"),
                 Field(ExperimentOrDefault, "experiment_id"),
@@ -270,23 +273,47 @@ mod tests {
         let f = find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).unwrap();
         assert!(f.everywhere || f.is_empty());
         let q = canonical::query(Some("path=x/y")).unwrap();
-        assert!(find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).unwrap().everywhere);
+        assert!(
+            find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None))
+                .unwrap()
+                .everywhere
+        );
         let q = canonical::query(Some("path=1/../2")).unwrap();
         assert!(find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).is_err());
     }
 
     #[test]
     fn reserved_trace_tags() {
-        let segs = |p: &str| p.split('/').filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>();
+        let segs = |p: &str| {
+            p.split('/')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
         let tag = serde_json::json!({"key": "mlflow.artifactLocation", "value": "/"});
         let tag = tag.as_object().unwrap();
-        assert!(sets_reserved_trace_tag(&segs("/api/3.0/mlflow/traces/tr-1/tags"), Some(tag)));
-        assert!(sets_reserved_trace_tag(&segs("/api/2.0/mlflow/traces/tr-1/tags"), Some(tag)));
-        assert!(!sets_reserved_trace_tag(&segs("/api/2.0/mlflow/runs/set-tag"), Some(tag)));
+        assert!(sets_reserved_trace_tag(
+            &segs("/api/3.0/mlflow/traces/tr-1/tags"),
+            Some(tag)
+        ));
+        assert!(sets_reserved_trace_tag(
+            &segs("/api/2.0/mlflow/traces/tr-1/tags"),
+            Some(tag)
+        ));
+        assert!(!sets_reserved_trace_tag(
+            &segs("/api/2.0/mlflow/runs/set-tag"),
+            Some(tag)
+        ));
         let start = serde_json::json!({"trace": {"trace_info": {"tags": {"mlflow.artifactLocation": "/"}}}});
-        assert!(sets_reserved_trace_tag(&segs("/api/3.0/mlflow/traces"), start.as_object()));
+        assert!(sets_reserved_trace_tag(
+            &segs("/api/3.0/mlflow/traces"),
+            start.as_object()
+        ));
         let ok = serde_json::json!({"key": "note", "value": "/"});
-        assert!(!sets_reserved_trace_tag(&segs("/api/3.0/mlflow/traces/tr-1/tags"), ok.as_object()));
+        assert!(!sets_reserved_trace_tag(
+            &segs("/api/3.0/mlflow/traces/tr-1/tags"),
+            ok.as_object()
+        ));
     }
 
     #[test]
@@ -301,13 +328,23 @@ mod tests {
         ] {
             let b = body.as_object().unwrap();
             let r = find(
-                &[Field(Experiment, "experiment_id"), Field(Experiment, "experiment_ids"), Field(Run, "run_id")],
+                &[
+                    Field(Experiment, "experiment_id"),
+                    Field(Experiment, "experiment_ids"),
+                    Field(Run, "run_id"),
+                ],
                 &inputs(&[], &q, Some(b), None),
             );
             assert!(r.is_err(), "{body}");
         }
         let many: Vec<String> = (0..=MAX_IDS).map(|i| format!("r{i}")).collect();
         let body = serde_json::json!({ "run_ids": many });
-        assert!(find(&[Field(Run, "run_ids")], &inputs(&[], &q, Some(body.as_object().unwrap()), None)).is_err());
+        assert!(
+            find(
+                &[Field(Run, "run_ids")],
+                &inputs(&[], &q, Some(body.as_object().unwrap()), None)
+            )
+            .is_err()
+        );
     }
 }
