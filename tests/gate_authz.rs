@@ -473,6 +473,40 @@ fn rename_and_create_without_star_rule() {
     );
 }
 
+#[test]
+fn otlp_with_a_second_experiment_header() {
+    let w = world();
+    let g = edit_on_a();
+    let otlp = support::otlp::one_span_request("two-headers");
+    let (s, b) = g.call(
+        "POST",
+        "/v1/traces",
+        &[
+            ("content-type", "application/x-protobuf"),
+            ("x-mlflow-experiment-id", &w.a.id),
+            ("x-mlflow-experiment-id", &w.b.id),
+        ],
+        &otlp,
+    );
+    assert_eq!(s, 400, "{b}");
+    for bad in [
+        format!("{},{}", w.a.id, w.b.id),
+        format!(" {}", w.b.id),
+        format!("0{}", w.a.id),
+    ] {
+        let (s, b) = g.call(
+            "POST",
+            "/v1/traces",
+            &[
+                ("content-type", "application/x-protobuf"),
+                ("x-mlflow-experiment-id", &bad),
+            ],
+            &otlp,
+        );
+        assert!(s == 400 || s == 403, "{bad:?}: {s} {b}");
+    }
+}
+
 // ---- Reads of B with READ on A ------------------------------------------------------------------
 
 #[test]
@@ -532,6 +566,13 @@ fn read_through_graphql() {
     let body = serde_json::json!({"query": "query ($r: String) { mlflowGetRun(input: {runId: $r}) { run { info { runName } } } }",
         "variables": {"r": w.b.run}});
     let (s, b) = g.json("POST", "/graphql", &[], &body.to_string());
+    assert_eq!(s, 403, "{b}");
+    // A field naming no experiment next to one naming A still needs READ everywhere.
+    let q = format!(
+        r#"{{ a: mlflowGetExperiment(input: {{experimentId: "{}"}}) {{ experiment {{ name }} }} b: mlflowSearchRuns(input: {{}}) {{ runs {{ info {{ runId }} }} }} }}"#,
+        w.a.id
+    );
+    let (s, b) = g.json("POST", "/graphql", &[], &serde_json::json!({ "query": q }).to_string());
     assert_eq!(s, 403, "{b}");
     // Unknown fields are for admins.
     let body = serde_json::json!({"query": "{ mlflowSomethingNew { x } }"});
@@ -723,6 +764,21 @@ fn edit_on_a_creates_runs_logs_metrics_and_traces() {
     assert_eq!(s, 200, "{b}");
     let (s, b) = g.call("GET", &path, &[], b"");
     assert_eq!((s, b.as_str()), (200, "hello"));
+    // The upload API names its run in the query.
+    let (s, b) = g.call(
+        "POST",
+        &format!("/ajax-api/2.0/mlflow/upload-artifact?run_uuid={run}&path=up.txt"),
+        &[("content-type", "application/octet-stream")],
+        b"up",
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = g.call(
+        "POST",
+        &format!("/ajax-api/2.0/mlflow/upload-artifact?run_uuid={}&path=up.txt", w.b.run),
+        &[("content-type", "application/octet-stream")],
+        b"up",
+    );
+    assert_eq!(s, 403, "{b}");
     // OTLP into A (the one place x-mlflow-experiment-id counts).
     let otlp = support::otlp::one_span_request("authz");
     let (s, b) = g.call(

@@ -15,6 +15,11 @@ use super::session::Identity;
 use super::targets::{self, Found};
 use super::{Body, Gate, MAX_INSPECTED_BODY, detail, full, query_value, read_limited};
 
+/// The experiment OTLP ingestion writes to; the gate reads it for `/v1/traces` only.
+const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
+/// MLflow's workspace selector (a workspaces-enabled server): not passed on for non-admins.
+const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
+
 /// Most resolved owners kept (run, trace and logged-model ids never change experiment).
 const MAX_OWNERS: usize = 100_000;
 
@@ -55,6 +60,11 @@ impl Gate {
         let rule = route.map(|r| r.rule).unwrap_or(Rule::Admin);
         let body_kind = route.map(|r| r.body).unwrap_or(BodyKind::Json);
         let body_method = !matches!(method, Method::GET | Method::HEAD);
+        // Workspaces would give experiment ids another namespace the permissions file knows nothing of.
+        parts.headers.remove(WORKSPACE_HEADER);
+        if parts.headers.get_all(EXPERIMENT_HEADER).iter().count() > 1 {
+            return self.bad_request(&CanonError::Query(format!("{EXPERIMENT_HEADER} given more than once")));
+        }
 
         // MLflow reads a GET's JSON body when it has no query: GETs and HEADs go on without one.
         // Other JSON bodies are read whole and forwarded in their canonical form.
@@ -74,6 +84,8 @@ impl Gate {
             };
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::TRANSFER_ENCODING);
+            // What is forwarded is the canonical JSON itself, never an encoding of it.
+            parts.headers.remove(header::CONTENT_ENCODING);
             match canonical::json_body(&bytes) {
                 Ok(Some(m)) => {
                     let out = serde_json::to_vec(&m).unwrap_or_default();
@@ -108,11 +120,9 @@ impl Gate {
                     segments: &canon.segments,
                     query: &query,
                     body: json.as_ref(),
-                    body_method,
-                    experiment_header: parts
-                        .headers
-                        .get("x-mlflow-experiment-id")
-                        .and_then(|v| v.to_str().ok()),
+                    // Uploads name their run in the query, as do GETs.
+                    body_method: body_method && body_kind == BodyKind::Json,
+                    experiment_header: parts.headers.get(EXPERIMENT_HEADER).and_then(|v| v.to_str().ok()),
                 };
                 let found = match targets::find(finds, &inputs) {
                     Ok(f) => f,
@@ -228,8 +238,7 @@ impl Gate {
             id: format!("new:{n}"),
             name: Some(n),
         }));
-        self.policy
-            .decide_all(groups, level, &experiments, everywhere && experiments.is_empty())
+        self.policy.decide_all(groups, level, &experiments, everywhere)
     }
 
     /// The experiment a run, trace or logged model belongs to, from MLflow; cached (it never changes).
