@@ -347,4 +347,60 @@ mod tests {
             .is_err()
         );
     }
+
+    /// Random requests through the whole pure path (canonical forms, route lookup, targets,
+    /// GraphQL): no panics; and its cost per request, which is most of what the gate adds.
+    #[test]
+    fn fuzz_and_cost_of_the_pure_path() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x7a6e);
+        let paths = [
+            "/api/2.0/mlflow/runs/log-metric",
+            "/ajax-api/3.0/mlflow/traces/search",
+            "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/%41",
+            "/api/3.0/mlflow/traces/tr-1/tags",
+            "/graphql",
+            "/api/2.0/mlflow/logged-models/m-1/tags/k",
+        ];
+        let bits = [
+            "{", "}", "[", "]", ",", ":", "\"experiment_id\"", "\"experimentIds\"", "\"runId\"", "\"locations\"",
+            "\"mlflow_experiment\"", "\"query\"", "\"{ mlflowGetRun(input: {runId: \\\"r\\\"}) { run { info { runId } } } }\"",
+            "\"1\"", "7", "null", "true", "\"*\"", "\"trace\"", "\"trace_info\"", "\"models\"",
+        ];
+        let started = std::time::Instant::now();
+        let n = 5_000;
+        for _ in 0..n {
+            let path = paths[rng.random_range(0..paths.len())];
+            let body: String = (0..rng.random_range(0..24))
+                .map(|_| bits[rng.random_range(0..bits.len())])
+                .collect();
+            let canon = canonical::path(path).unwrap();
+            let q = canonical::query(Some("run_id=a&experiment_ids=1&path=1/x")).unwrap();
+            for method in ["GET", "POST", "PATCH", "PUT", "DELETE"] {
+                let Some(route) = crate::gate::routes::lookup(method, &canon.segments, false) else {
+                    continue;
+                };
+                let json = canonical::json_body(body.as_bytes()).ok().flatten();
+                if let crate::gate::routes::Rule::Experiments(_, finds) = route.rule {
+                    let _ = find(
+                        finds,
+                        &Inputs {
+                            segments: &canon.segments,
+                            query: &q,
+                            body: json.as_ref(),
+                            body_method: method != "GET",
+                            experiment_header: Some("1"),
+                        },
+                    );
+                }
+                if let Some(m) = &json {
+                    let _ = crate::gate::graphql::needs(m);
+                    let _ = sets_reserved_trace_tag(&canon.segments, Some(m));
+                }
+            }
+        }
+        let per = started.elapsed() / n;
+        eprintln!("pure authorization path: {per:?} per request (5 methods each, unoptimised build)");
+        assert!(per < std::time::Duration::from_millis(5), "{per:?}");
+    }
 }
