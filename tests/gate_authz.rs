@@ -60,7 +60,7 @@ fn world() -> &'static World {
 /// A detached watcher that kills `target` (a pid, or -pgid) once this process has exited.
 fn reap_with_us(target: &str) {
     let me = std::process::id();
-    let script = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -KILL -- {target} 2>/dev/null");
+    let script = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -KILL {target} 2>/dev/null");
     let _ = Command::new("setsid")
         .args(["sh", "-c", &script])
         .stdin(std::process::Stdio::null())

@@ -1,5 +1,5 @@
 //! Authorization: group membership, then READ / EDIT / MANAGE per experiment from GATE_PERMISSIONS_FILE.
-//! Pure: the request's method, path and experiments in, a decision out.
+//! Pure: groups, the level a request needs and every experiment it reaches in, a decision out.
 use std::collections::BTreeMap;
 use std::fmt;
 

@@ -363,9 +363,27 @@ mod tests {
             "/api/2.0/mlflow/logged-models/m-1/tags/k",
         ];
         let bits = [
-            "{", "}", "[", "]", ",", ":", "\"experiment_id\"", "\"experimentIds\"", "\"runId\"", "\"locations\"",
-            "\"mlflow_experiment\"", "\"query\"", "\"{ mlflowGetRun(input: {runId: \\\"r\\\"}) { run { info { runId } } } }\"",
-            "\"1\"", "7", "null", "true", "\"*\"", "\"trace\"", "\"trace_info\"", "\"models\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"experiment_id\"",
+            "\"experimentIds\"",
+            "\"runId\"",
+            "\"locations\"",
+            "\"mlflow_experiment\"",
+            "\"query\"",
+            "\"{ mlflowGetRun(input: {runId: \\\"r\\\"}) { run { info { runId } } } }\"",
+            "\"1\"",
+            "7",
+            "null",
+            "true",
+            "\"*\"",
+            "\"trace\"",
+            "\"trace_info\"",
+            "\"models\"",
         ];
         let started = std::time::Instant::now();
         let n = 5_000;
