@@ -443,34 +443,47 @@ fn write_v3_trace_with_nested_location_in_b() {
 fn rename_and_create_without_star_rule() {
     let w = world();
     let g = edit_on_a();
-    let body = format!(r#"{{"experimentId": "{}", "new_name": "renamed-b"}}"#, w.b.id);
-    let (s, b) = g.json(
-        "POST",
-        "/api/2.0/mlflow/experiments/update",
-        &[("x-mlflow-experiment-id", &w.a.id)],
-        &body,
+    let decoy = [("x-mlflow-experiment-id", w.a.id.as_str())];
+    // A registered model renamed by a member with EDIT on A only.
+    let model = format!("rm-{}", rand::random::<u32>());
+    post(
+        &w.mlflow,
+        "/api/2.0/mlflow/registered-models/create",
+        serde_json::json!({ "name": model }),
     );
-    assert_eq!(s, 403, "{b}");
-    let (s, b) = g.json(
-        "POST",
-        "/api/2.0/mlflow/experiments/create",
-        &[("x-mlflow-experiment-id", &w.a.id)],
-        r#"{"name": "created-by-member"}"#,
-    );
+    let body = serde_json::json!({"name": model, "new_name": format!("{model}-stolen")}).to_string();
+    let (s, b) = g.json("POST", "/api/2.0/mlflow/registered-models/rename", &decoy, &body);
     assert_eq!(s, 403, "{b}");
     let (s, b) = g.json(
         "POST",
         "/api/2.0/mlflow/registered-models/create",
-        &[("x-mlflow-experiment-id", &w.a.id)],
+        &decoy,
         r#"{"name": "model-by-member"}"#,
     );
     assert_eq!(s, 403, "{b}");
-    assert_eq!(
-        experiment_stage(&w.b.id),
-        "active",
-        "B untouched (and still named {})",
-        w.b.name
+    // Experiments created or renamed outside the member's rules.
+    let (s, b) = g.json(
+        "POST",
+        "/api/2.0/mlflow/experiments/create",
+        &decoy,
+        r#"{"name": "created-by-member"}"#,
     );
+    assert_eq!(s, 403, "{b}");
+    let body = format!(r#"{{"experiment_id": "{}", "new_name": "renamed-b"}}"#, w.b.id);
+    let (s, b) = g.json("POST", "/api/2.0/mlflow/experiments/update", &decoy, &body);
+    assert_eq!(s, 403, "{b}");
+    let (_, v) = w.mlflow.post_json(
+        "/api/2.0/mlflow/registered-models/get-latest-versions",
+        &serde_json::json!({ "name": model }),
+    );
+    assert!(
+        !v.to_string().contains("RESOURCE_DOES_NOT_EXIST"),
+        "the model was renamed: {v}"
+    );
+    // EDIT on A renames A (the rules name ids only, so a name gains nothing).
+    let body = format!(r#"{{"experiment_id": "{}", "new_name": "{}"}}"#, w.a.id, w.a.name);
+    let (s, b) = g.json("POST", "/api/2.0/mlflow/experiments/update", &[], &body);
+    assert_eq!(s, 200, "{b}");
 }
 
 #[test]
@@ -637,20 +650,21 @@ fn read_artifacts_of_b() {
 #[test]
 fn read_model_version_artifacts_and_registry() {
     let w = world();
+    let model = format!("rm-{}", rand::random::<u32>());
     post(
         &w.mlflow,
         "/api/2.0/mlflow/registered-models/create",
-        serde_json::json!({"name": format!("rm-{}", rand::random::<u32>())}),
+        serde_json::json!({ "name": model }),
     );
     let g = read_on_a();
     let decoy = [("x-mlflow-experiment-id", w.a.id.as_str())];
     for p in [
-        "/model-versions/get-artifact?name=rm&version=1&path=MLmodel",
-        "/api/2.0/mlflow/registered-models/search",
-        "/api/2.0/mlflow/model-versions/search",
-        "/api/2.0/mlflow/registered-models/get?name=rm",
+        "/api/2.0/mlflow/registered-models/search".to_string(),
+        "/api/2.0/mlflow/model-versions/search".to_string(),
+        format!("/api/2.0/mlflow/registered-models/get?name={model}"),
+        format!("/model-versions/get-artifact?name={model}&version=1&path=MLmodel"),
     ] {
-        let (s, b) = g.call("GET", p, &decoy, b"");
+        let (s, b) = g.call("GET", &p, &decoy, b"");
         assert_eq!(s, 403, "{p}: {b}");
     }
 }

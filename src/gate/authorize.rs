@@ -233,8 +233,16 @@ impl Gate {
             .zip(names)
             .map(|(id, name)| Experiment { id, name })
             .collect();
-        // A created or renamed experiment has no id yet: only name rules (and "*") can match it.
-        experiments.extend(found.new_names.into_iter().map(|n| Experiment {
+        // A created experiment has no id yet: only name rules (and "*") can match its name. A
+        // rename matters only where rules match names (it could move an experiment under a more
+        // generous glob); with id rules alone, EDIT on the experiment is what it takes.
+        let renames = !experiments.is_empty();
+        let new_names = if renames && !self.policy.needs_names() {
+            Vec::new()
+        } else {
+            found.new_names
+        };
+        experiments.extend(new_names.into_iter().map(|n| Experiment {
             id: format!("new:{n}"),
             name: Some(n),
         }));
