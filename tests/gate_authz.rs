@@ -520,6 +520,100 @@ fn otlp_with_a_second_experiment_header() {
     }
 }
 
+/// An OTLP protobuf export with one span in the trace `trace_hex` (MLflow's `tr-<hex>`).
+fn otlp_span_in(trace_hex: &str, name: &str) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: const_hex::decode(trace_hex).unwrap(),
+                    span_id: rand::random::<[u8; 8]>().to_vec(),
+                    name: name.into(),
+                    start_time_unix_nano: 1_000,
+                    end_time_unix_nano: 2_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+fn trace_has_span(trace: &str, name: &str) -> bool {
+    let (_, b) = support::http(
+        "GET",
+        world().mlflow.addr,
+        &format!("/ajax-api/3.0/mlflow/get-trace-artifact?request_id={trace}"),
+        &[],
+        b"",
+    );
+    String::from_utf8_lossy(&b).contains(name)
+}
+
+#[test]
+fn otlp_spans_joining_a_trace_of_b() {
+    // MLflow appends spans of an existing trace to it, whatever experiment the header names.
+    let w = world();
+    let g = edit_on_a();
+    let hex = w.b.trace.trim_start_matches("tr-");
+    let body = otlp_span_in(hex, "injected-into-b");
+    let (s, b) = g.call(
+        "POST",
+        "/v1/traces",
+        &[
+            ("content-type", "application/x-protobuf"),
+            ("x-mlflow-experiment-id", &w.a.id),
+        ],
+        &body,
+    );
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains(&format!("experiment {}", w.b.id)), "{b}");
+    assert!(!trace_has_span(&w.b.trace, "injected-into-b"));
+    // The same, gzip-compressed.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &body).unwrap();
+    let (s, b) = g.call(
+        "POST",
+        "/v1/traces",
+        &[
+            ("content-type", "application/x-protobuf"),
+            ("content-encoding", "gzip"),
+            ("x-mlflow-experiment-id", &w.a.id),
+        ],
+        &gz.finish().unwrap(),
+    );
+    assert_eq!(s, 403, "{b}");
+    // OTLP/JSON cannot be checked the same way: refused for writers with per-experiment rules.
+    let (s, b) = g.call(
+        "POST",
+        "/v1/traces",
+        &[
+            ("content-type", "application/json"),
+            ("x-mlflow-experiment-id", &w.a.id),
+        ],
+        br#"{"resourceSpans": []}"#,
+    );
+    assert_eq!(s, 400, "{b}");
+    // Spans of A's own traces, and of new traces, go in.
+    let hex_a = w.a.trace.trim_start_matches("tr-");
+    let (s, b) = g.call(
+        "POST",
+        "/v1/traces",
+        &[
+            ("content-type", "application/x-protobuf"),
+            ("x-mlflow-experiment-id", &w.a.id),
+        ],
+        &otlp_span_in(hex_a, "more-for-a"),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(trace_has_span(&w.a.trace, "more-for-a"));
+}
+
 // ---- Reads of B with READ on A ------------------------------------------------------------------
 
 #[test]

@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::authz::{Decision, Experiment, Level};
 use super::canonical::{self, CanonError, CanonPath};
-use super::routes::{self, BodyKind, Kind, Rule};
+use super::routes::{self, BodyKind, Find, Kind, Rule};
 use super::session::Identity;
 use super::targets::{self, Found};
 use super::{Body, Gate, MAX_INSPECTED_BODY, detail, full, query_value, read_limited};
@@ -19,6 +19,9 @@ use super::{Body, Gate, MAX_INSPECTED_BODY, detail, full, query_value, read_limi
 const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 /// MLflow's workspace selector (a workspaces-enabled server): not passed on for non-admins.
 const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
+
+/// Largest OTLP body a non-admin's export may have (the gate reads it to find its traces).
+const MAX_OTLP_BODY: usize = 32 << 20;
 
 /// Most resolved owners kept (run, trace and logged-model ids never change experiment).
 const MAX_OWNERS: usize = 100_000;
@@ -69,7 +72,29 @@ impl Gate {
         // MLflow reads a GET's JSON body when it has no query: GETs and HEADs go on without one.
         // Other JSON bodies are read whole and forwarded in their canonical form.
         let mut json = None;
-        let body = if !body_method {
+        // OTLP spans of a trace that exists join it in its experiment: a writer's OTLP body is read
+        // (bounded) to find its traces.
+        let inspect_otlp = matches!(rule, Rule::Experiments(_, finds) if finds.contains(&Find::OtlpTraces))
+            && self.policy.needs_experiments(groups);
+        let mut otlp_traces = Vec::new();
+        let body = if inspect_otlp {
+            let Some(bytes) = read_limited(body, MAX_OTLP_BODY).await else {
+                return detail(StatusCode::PAYLOAD_TOO_LARGE, "OTLP request body too large");
+            };
+            let value = |h| parts.headers.get(h).and_then(|v| v.to_str().ok());
+            match targets::otlp_trace_ids(
+                value(header::CONTENT_TYPE),
+                value(header::CONTENT_ENCODING),
+                &bytes,
+                MAX_OTLP_BODY,
+            ) {
+                Ok(ids) => otlp_traces = ids,
+                Err(e) => return self.bad_request(&e),
+            }
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            full(bytes)
+        } else if !body_method {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::TRANSFER_ENCODING);
             full(Bytes::new())
@@ -124,10 +149,26 @@ impl Gate {
                     body_method: body_method && body_kind == BodyKind::Json,
                     experiment_header: parts.headers.get(EXPERIMENT_HEADER).and_then(|v| v.to_str().ok()),
                 };
-                let found = match targets::find(finds, &inputs) {
+                let mut found = match targets::find(finds, &inputs) {
                     Ok(f) => f,
                     Err(e) => return self.bad_request(&e),
                 };
+                match self.existing_trace_experiments(&otlp_traces).await {
+                    Some(owners) => found.experiments.extend(owners),
+                    None => {
+                        return self.forbidden(
+                            &identity,
+                            &method,
+                            canon,
+                            Decision::Missing {
+                                need: level,
+                                experiment: Some("of the traces (look-up failed)".into()),
+                            },
+                        );
+                    }
+                }
+                found.experiments.sort();
+                found.experiments.dedup();
                 self.decide_found(groups, level, found).await
             }
             Rule::Graphql => {
@@ -247,6 +288,63 @@ impl Gate {
             name: Some(n),
         }));
         self.policy.decide_all(groups, level, &experiments, everywhere)
+    }
+
+    /// The experiments of those of `traces` that exist already (one MLflow call per 100 ids);
+    /// None when MLflow could not say.
+    async fn existing_trace_experiments(&self, traces: &[String]) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut unknown = Vec::new();
+        {
+            let owners = self.owners.lock().await;
+            for t in traces {
+                match owners.get(&(kind_tag(Kind::Trace), t.clone())) {
+                    Some(e) => out.push(e.clone()),
+                    None => unknown.push(t.clone()),
+                }
+            }
+        }
+        for chunk in unknown.chunks(100) {
+            let body = serde_json::json!({ "trace_ids": chunk }).to_string();
+            let uri = format!(
+                "{}://{}/api/3.0/mlflow/traces/batchGetInfos",
+                self.upstream_scheme, self.upstream_authority
+            );
+            let req = http::Request::post(uri)
+                .header(header::HOST, &self.upstream_authority)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.into_bytes())
+                .ok()?;
+            let resp = self.http.exchange(req).await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let v: serde_json::Value = serde_json::from_slice(resp.body()).ok()?;
+            let mut owners = self.owners.lock().await;
+            // Protobuf JSON leaves an empty list out: `{}` is "none of them exists".
+            let infos = match v.get("trace_infos") {
+                None => &[][..],
+                Some(x) => x.as_array()?.as_slice(),
+            };
+            for info in infos {
+                let id = info.get("trace_id")?.as_str()?;
+                // A trace stored anywhere but an experiment: nothing the permissions file covers.
+                let e = info
+                    .pointer("/trace_location/mlflow_experiment/experiment_id")?
+                    .as_str()?;
+                if !canonical::valid_experiment_id(e) {
+                    return None;
+                }
+                if owners.len() >= MAX_OWNERS {
+                    owners.clear();
+                }
+                owners.insert((kind_tag(Kind::Trace), id.to_string()), e.to_string());
+                out.push(e.to_string());
+            }
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
     }
 
     /// The experiment a run, trace or logged model belongs to, from MLflow; cached (it never changes).

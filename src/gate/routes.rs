@@ -33,6 +33,9 @@ pub enum Find {
     Tail(Kind, usize),
     /// The `x-mlflow-experiment-id` header (OTLP ingestion only).
     Header,
+    /// The trace ids of an OTLP body: spans of a trace that already exists join that trace, in
+    /// whatever experiment it is.
+    OtlpTraces,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +72,7 @@ pub struct Route {
 }
 
 use BodyKind::{Json, Opaque};
-use Find::{Field, Header, Segment, Tail};
+use Find::{Field, Header, OtlpTraces, Segment, Tail};
 use Kind::*;
 use Level::{Edit as E, Manage as M, Read as R};
 use Rule::{Admin, ExperimentListing, Experiments as X, Graphql, Member, Registry};
@@ -288,7 +291,7 @@ pub static ROUTES: &[Route] = &[
         "/api/3.0/mlflow/traces/delete-traces",
         X(M, &[Field(Experiment, "experiment_id"), Field(Trace, "request_ids")]),
     ),
-    opaque("POST", "/v1/traces", X(E, &[Header])),
+    opaque("POST", "/v1/traces", X(E, &[Header, OtlpTraces])),
     // Logged models.
     r(
         "POST",

@@ -111,6 +111,63 @@ pub fn sets_reserved_trace_tag(segments: &[String], body: Option<&Map<String, Va
     is_traces && ((tag_route && keyed) || v3_tags || v2_tags)
 }
 
+/// Most distinct traces in one OTLP request from a non-admin (each is looked up).
+pub const MAX_OTLP_TRACES: usize = 10_000;
+
+/// The MLflow trace ids (`tr-<hex>`) of an OTLP/HTTP protobuf body, decompressed as its
+/// Content-Encoding says (gzip, deflate) up to `limit` bytes. OTLP/JSON is refused: its id
+/// encoding is translated by MLflow in ways the gate would have to mirror exactly.
+pub fn otlp_trace_ids(
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    body: &[u8],
+    limit: usize,
+) -> Result<Vec<String>, CanonError> {
+    use prost::Message;
+    use std::io::Read;
+    let media = content_type.unwrap_or("").split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/x-protobuf") {
+        return Err(CanonError::Body("OTLP must be sent as application/x-protobuf".into()));
+    }
+    let mut plain = Vec::new();
+    let raw: &[u8] = match content_encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("identity") => body,
+        Some(enc @ ("gzip" | "deflate")) => {
+            let reader: Box<dyn Read> = if enc == "gzip" {
+                Box::new(flate2::read::GzDecoder::new(body))
+            } else {
+                Box::new(flate2::read::ZlibDecoder::new(body))
+            };
+            reader
+                .take(limit as u64 + 1)
+                .read_to_end(&mut plain)
+                .map_err(|_| CanonError::Body(format!("OTLP body is not valid {enc}")))?;
+            if plain.len() > limit {
+                return Err(CanonError::Body("OTLP body too large once decompressed".into()));
+            }
+            &plain
+        }
+        Some(_) => return Err(CanonError::Body("unsupported Content-Encoding".into())),
+    };
+    let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(raw)
+        .map_err(|_| CanonError::Body("OTLP body is not an ExportTraceServiceRequest".into()))?;
+    let mut ids: Vec<String> = req
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .map(|sp| format!("tr-{}", const_hex::encode(&sp.trace_id)))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    if ids.len() > MAX_OTLP_TRACES {
+        return Err(CanonError::Body(format!(
+            "more than {MAX_OTLP_TRACES} traces in one request"
+        )));
+    }
+    Ok(ids)
+}
+
 /// The request's inputs as MLflow reads them: the JSON body for methods that have one, else the query.
 pub struct Inputs<'a> {
     pub segments: &'a [String],
@@ -158,6 +215,8 @@ pub fn find(finds: &[Find], inp: &Inputs) -> Result<Found, CanonError> {
                 }
                 out.push(kind, inp.segments[i..].join("/"))?;
             }
+            // Read from the body by the gate itself (see `otlp_trace_ids`).
+            Find::OtlpTraces => {}
             Find::Header => match inp.experiment_header {
                 Some(h) => out.push(Kind::Experiment, h.trim().to_string())?,
                 None => out.everywhere = true,
@@ -280,6 +339,44 @@ mod tests {
         );
         let q = canonical::query(Some("path=1/../2")).unwrap();
         assert!(find(&[Field(ArtifactPath, "path")], &inputs(&[], &q, None, None)).is_err());
+    }
+
+    #[test]
+    fn otlp_ids() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        use prost::Message;
+        let span = |t: u8| Span {
+            trace_id: vec![t; 16],
+            span_id: vec![1; 8],
+            ..Default::default()
+        };
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span(0xab), span(0xab), span(1)],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let bytes = req.encode_to_vec();
+        let ids = otlp_trace_ids(Some("application/x-protobuf"), None, &bytes, 1 << 20).unwrap();
+        assert_eq!(
+            ids,
+            [format!("tr-{}", "01".repeat(16)), format!("tr-{}", "ab".repeat(16))]
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &bytes).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(
+            otlp_trace_ids(Some("application/x-protobuf"), Some("gzip"), &gz, 1 << 20).unwrap(),
+            ids
+        );
+        assert!(otlp_trace_ids(Some("application/x-protobuf"), Some("gzip"), &gz, 10).is_err());
+        assert!(otlp_trace_ids(Some("application/json"), None, b"{}", 1 << 20).is_err());
+        assert!(otlp_trace_ids(Some("application/x-protobuf"), Some("br"), &bytes, 1 << 20).is_err());
+        assert!(otlp_trace_ids(Some("application/x-protobuf"), None, b"\xff\xff", 1 << 20).is_err());
     }
 
     #[test]
