@@ -440,6 +440,37 @@ fn write_v3_trace_with_nested_location_in_b() {
 }
 
 #[test]
+fn write_v3_trace_reusing_the_id_of_a_trace_of_b() {
+    // MLflow's start-trace overwrites an existing trace and moves it into the named experiment.
+    let w = world();
+    let (_, t) = start_trace(w.mlflow.addr, &w.b.id, &[]);
+    let victim = t["trace"]["trace_info"]["trace_id"].as_str().unwrap().to_string();
+    let g = edit_on_a();
+    let mut body = trace_body(&w.a.id);
+    body["trace"]["trace_info"]["trace_id"] = victim.clone().into();
+    let (s, b) = g.json(
+        "POST",
+        "/api/3.0/mlflow/traces",
+        &[("x-mlflow-experiment-id", &w.a.id)],
+        &body.to_string(),
+    );
+    assert_eq!(s, 403, "{b}");
+    let (_, b) = support::http(
+        "GET",
+        w.mlflow.addr,
+        &format!("/api/3.0/mlflow/traces/{victim}"),
+        &[],
+        b"",
+    );
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        v.pointer("/trace/trace_info/trace_location/mlflow_experiment/experiment_id"),
+        Some(&serde_json::Value::from(w.b.id.as_str())),
+        "the trace stayed in B"
+    );
+}
+
+#[test]
 fn rename_and_create_without_star_rule() {
     let w = world();
     let g = edit_on_a();

@@ -23,7 +23,7 @@ const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
 /// Largest OTLP body a non-admin's export may have (the gate reads it to find its traces).
 const MAX_OTLP_BODY: usize = 32 << 20;
 
-/// Most resolved owners kept (run, trace and logged-model ids never change experiment).
+/// Most resolved owners kept (run and logged-model ids never change experiment).
 const MAX_OWNERS: usize = 100_000;
 
 impl Gate {
@@ -153,7 +153,13 @@ impl Gate {
                     Ok(f) => f,
                     Err(e) => return self.bad_request(&e),
                 };
-                match self.existing_trace_experiments(&otlp_traces).await {
+                otlp_traces.append(&mut found.traces_if_exist);
+                let existing = if self.policy.needs_experiments(groups) {
+                    self.existing_trace_experiments(&otlp_traces).await
+                } else {
+                    Some(Vec::new())
+                };
+                match existing {
                     Some(owners) => found.experiments.extend(owners),
                     None => {
                         return self.forbidden(
@@ -294,17 +300,7 @@ impl Gate {
     /// None when MLflow could not say.
     async fn existing_trace_experiments(&self, traces: &[String]) -> Option<Vec<String>> {
         let mut out = Vec::new();
-        let mut unknown = Vec::new();
-        {
-            let owners = self.owners.lock().await;
-            for t in traces {
-                match owners.get(&(kind_tag(Kind::Trace), t.clone())) {
-                    Some(e) => out.push(e.clone()),
-                    None => unknown.push(t.clone()),
-                }
-            }
-        }
-        for chunk in unknown.chunks(100) {
+        for chunk in traces.chunks(100) {
             let body = serde_json::json!({ "trace_ids": chunk }).to_string();
             let uri = format!(
                 "{}://{}/api/3.0/mlflow/traces/batchGetInfos",
@@ -320,14 +316,12 @@ impl Gate {
                 return None;
             }
             let v: serde_json::Value = serde_json::from_slice(resp.body()).ok()?;
-            let mut owners = self.owners.lock().await;
             // Protobuf JSON leaves an empty list out: `{}` is "none of them exists".
             let infos = match v.get("trace_infos") {
                 None => &[][..],
                 Some(x) => x.as_array()?.as_slice(),
             };
             for info in infos {
-                let id = info.get("trace_id")?.as_str()?;
                 // A trace stored anywhere but an experiment: nothing the permissions file covers.
                 let e = info
                     .pointer("/trace_location/mlflow_experiment/experiment_id")?
@@ -335,10 +329,6 @@ impl Gate {
                 if !canonical::valid_experiment_id(e) {
                     return None;
                 }
-                if owners.len() >= MAX_OWNERS {
-                    owners.clear();
-                }
-                owners.insert((kind_tag(Kind::Trace), id.to_string()), e.to_string());
                 out.push(e.to_string());
             }
         }
@@ -347,10 +337,13 @@ impl Gate {
         Some(out)
     }
 
-    /// The experiment a run, trace or logged model belongs to, from MLflow; cached (it never changes).
+    /// The experiment a run, trace or logged model belongs to, from MLflow. Runs and logged models
+    /// never change experiment and are cached; a trace moves when a start-trace call names it
+    /// again with another experiment, so traces are asked every time.
     async fn owner(&self, kind: Kind, id: &str) -> Option<String> {
         let key = (kind_tag(kind), id.to_string());
-        if let Some(e) = self.owners.lock().await.get(&key) {
+        let cacheable = matches!(kind, Kind::Run | Kind::LoggedModel);
+        if cacheable && let Some(e) = self.owners.lock().await.get(&key) {
             return Some(e.clone());
         }
         let (path, pointer) = match kind {
@@ -373,11 +366,13 @@ impl Gate {
         if !canonical::valid_experiment_id(&e) {
             return None;
         }
-        let mut owners = self.owners.lock().await;
-        if owners.len() >= MAX_OWNERS {
-            owners.clear();
+        if cacheable {
+            let mut owners = self.owners.lock().await;
+            if owners.len() >= MAX_OWNERS {
+                owners.clear();
+            }
+            owners.insert(key, e.clone());
         }
-        owners.insert(key, e.clone());
         Some(e)
     }
 }

@@ -177,7 +177,7 @@ pub struct Gate {
     upstream: proxy::UpstreamClient,
     metrics: GateMetrics,
     names: Mutex<HashMap<String, (String, Instant)>>,
-    /// Run / trace / logged-model id → experiment id.
+    /// Run / logged-model id → experiment id.
     owners: Mutex<authorize::Owners>,
     upstream_scheme: String,
     upstream_authority: String,

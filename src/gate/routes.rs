@@ -16,6 +16,9 @@ pub enum Kind {
     NewExperimentName,
     Run,
     Trace,
+    /// A trace id a write may create: when the trace exists already, MLflow overwrites it (and
+    /// moves it into the request's experiment), so its experiment counts too.
+    TraceIfExists,
     LoggedModel,
     /// An artifact path under the artifact root: `<experiment id>/...`.
     ArtifactPath,
@@ -245,10 +248,13 @@ pub static ROUTES: &[Route] = &[
         "/api/3.0/mlflow/traces",
         X(
             E,
-            &[Field(
-                Experiment,
-                "trace/trace_info/trace_location/mlflow_experiment/experiment_id",
-            )],
+            &[
+                Field(
+                    Experiment,
+                    "trace/trace_info/trace_location/mlflow_experiment/experiment_id",
+                ),
+                Field(TraceIfExists, "trace/trace_info/trace_id"),
+            ],
         ),
     ),
     r("GET", "/api/3.0/mlflow/traces/<id>", X(R, TRACE_SEG)),

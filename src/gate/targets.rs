@@ -15,6 +15,8 @@ pub struct Found {
     pub new_names: Vec<String>,
     pub runs: Vec<String>,
     pub traces: Vec<String>,
+    /// Traces a write creates or, when they exist, overwrites.
+    pub traces_if_exist: Vec<String>,
     pub models: Vec<String>,
     /// Something was named that belongs to no single experiment (an artifact path outside the
     /// `<experiment id>/` tree): the level is needed everywhere.
@@ -27,11 +29,17 @@ impl Found {
             && self.new_names.is_empty()
             && self.runs.is_empty()
             && self.traces.is_empty()
+            && self.traces_if_exist.is_empty()
             && self.models.is_empty()
     }
 
     pub fn count(&self) -> usize {
-        self.experiments.len() + self.new_names.len() + self.runs.len() + self.traces.len() + self.models.len()
+        self.experiments.len()
+            + self.new_names.len()
+            + self.runs.len()
+            + self.traces.len()
+            + self.traces_if_exist.len()
+            + self.models.len()
     }
 
     fn dedup(&mut self) {
@@ -40,6 +48,7 @@ impl Found {
             &mut self.new_names,
             &mut self.runs,
             &mut self.traces,
+            &mut self.traces_if_exist,
             &mut self.models,
         ] {
             v.sort();
@@ -61,6 +70,7 @@ impl Found {
             Kind::NewExperimentName => self.new_names.push(v),
             Kind::Run => self.runs.push(v),
             Kind::Trace => self.traces.push(v),
+            Kind::TraceIfExists => self.traces_if_exist.push(v),
             Kind::LoggedModel => self.models.push(v),
             Kind::ArtifactPath => {
                 let segs = canonical::artifact_path(&v)?;
@@ -81,6 +91,7 @@ fn v_is_empty_id(kind: Kind, f: &Found) -> bool {
     let last = match kind {
         Kind::Run => f.runs.last(),
         Kind::Trace => f.traces.last(),
+        Kind::TraceIfExists => f.traces_if_exist.last(),
         Kind::LoggedModel => f.models.last(),
         Kind::NewExperimentName => f.new_names.last(),
         _ => None,
