@@ -15,6 +15,8 @@ pub enum CanonError {
     Query(String),
     #[error("invalid JSON body: {0}")]
     Body(String),
+    #[error("invalid request: {0}")]
+    Target(String),
 }
 
 /// A request path: its decoded segments (what MLflow routes on) and the form sent upstream.

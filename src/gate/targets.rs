@@ -60,7 +60,7 @@ impl Found {
         match kind {
             Kind::Experiment | Kind::ExperimentOrDefault => {
                 if !canonical::valid_experiment_id(&v) {
-                    return Err(CanonError::Query(format!(
+                    return Err(CanonError::Target(format!(
                         "invalid experiment id {:?}",
                         v.chars().take(40).collect::<String>()
                     )));
@@ -81,7 +81,7 @@ impl Found {
             }
         }
         if v_is_empty_id(kind, self) {
-            return Err(CanonError::Body("empty id".into()));
+            return Err(CanonError::Target("empty id".into()));
         }
         Ok(())
     }
@@ -236,7 +236,7 @@ pub fn find(finds: &[Find], inp: &Inputs) -> Result<Found, CanonError> {
     }
     out.dedup();
     if out.count() > MAX_IDS {
-        return Err(CanonError::Query(format!("more than {MAX_IDS} ids in one request")));
+        return Err(CanonError::Target(format!("more than {MAX_IDS} ids in one request")));
     }
     Ok(out)
 }
