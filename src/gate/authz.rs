@@ -1,5 +1,5 @@
 //! Authorization: group membership, then READ / EDIT / MANAGE per experiment from GATE_PERMISSIONS_FILE.
-//! Pure: the request's method, path and experiments in, a decision out.
+//! Pure: groups, the level a request needs and every experiment it reaches in, a decision out.
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -150,6 +150,8 @@ pub enum Decision {
         need: Level,
         experiment: Option<String>,
     },
+    /// A route, GraphQL field or tag only the admin group may use.
+    AdminOnly(String),
 }
 
 impl Decision {
@@ -165,6 +167,7 @@ impl Decision {
             Decision::Missing { need, experiment: None } => {
                 format!("Permission denied: {need} permission required")
             }
+            Decision::AdminOnly(what) => format!("Permission denied: {what} is for admins only"),
         }
     }
 }
@@ -231,60 +234,51 @@ impl Policy {
     }
 }
 
-/// The permission a request needs: reads (GET, HEAD, MLflow's search POSTs, GraphQL queries) READ;
-/// deletes (DELETE, POST .../delete*) MANAGE; every other write (POST /v1/traces included) EDIT.
-pub fn required_level(method: &http::Method, path: &str) -> Level {
-    use http::Method;
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
-        return Level::Read;
+impl Policy {
+    pub fn is_admin(&self, groups: &[String]) -> bool {
+        groups.contains(&self.admin_group)
     }
-    if *method == Method::DELETE {
-        return Level::Manage;
-    }
-    let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
-    let api = path.starts_with("/api/") || path.starts_with("/ajax-api/");
-    if *method == Method::POST
-        && (path == "/graphql" || path.ends_with("/graphql") || (api && last.starts_with("search")))
-    {
-        return Level::Read;
-    }
-    if api && last.starts_with("delete") {
-        return Level::Manage;
-    }
-    Level::Edit
-}
 
-/// Experiment ids named in a query string (`experiment_id=`, `experiment_ids=`).
-pub fn experiments_in_query(query: &str) -> Vec<String> {
-    url::form_urlencoded::parse(query.as_bytes())
-        .filter(|(k, _)| k == "experiment_id" || k == "experiment_ids")
-        .map(|(_, v)| v.into_owned())
-        .collect()
-}
+    /// In OIDC_GROUP_NAME (or the admin group).
+    pub fn is_member(&self, groups: &[String]) -> bool {
+        self.is_admin(groups) || groups.iter().any(|g| self.member_groups.contains(g))
+    }
 
-/// Experiment ids named in an MLflow JSON request body: `experiment_id`, `experiment_ids`, and the
-/// v3 trace APIs' `locations[].mlflow_experiment.experiment_id`.
-pub fn experiments_in_json(v: &serde_json::Value) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut push = |x: &serde_json::Value| match x {
-        serde_json::Value::String(s) => out.push(s.clone()),
-        serde_json::Value::Number(n) => out.push(n.to_string()),
-        _ => {}
-    };
-    if let Some(x) = v.get("experiment_id") {
-        push(x);
-    }
-    if let Some(serde_json::Value::Array(xs)) = v.get("experiment_ids") {
-        xs.iter().for_each(&mut push);
-    }
-    if let Some(serde_json::Value::Array(locs)) = v.get("locations") {
-        for l in locs {
-            if let Some(x) = l.pointer("/mlflow_experiment/experiment_id") {
-                push(x);
+    /// Like [`Policy::decide`] for a request whose targets are all known: `need` on every one of
+    /// `experiments`, and with `everywhere` (a write that names no experiment, the model registry, an
+    /// artifact path outside any experiment) on every experiment: a `"*"` rule.
+    pub fn decide_all(&self, groups: &[String], need: Level, experiments: &[Experiment], everywhere: bool) -> Decision {
+        if let Some(perms) = &self.permissions
+            && everywhere
+            && !self.is_admin(groups)
+        {
+            if !self.is_member(groups) {
+                return Decision::NotMember;
+            }
+            let star = groups
+                .iter()
+                .filter_map(|g| perms.groups.get(g))
+                .flatten()
+                .filter(|(p, _)| *p == Pattern::Any)
+                .map(|(_, l)| *l)
+                .max();
+            if star.is_none_or(|b| b < need) {
+                return Decision::Missing {
+                    need,
+                    experiment: Some("*".into()),
+                };
             }
         }
+        if experiments.is_empty() && !everywhere {
+            // Nothing to check per experiment: membership (and without a file, the level) decides.
+            return match self.decide(groups, need, &[]) {
+                Decision::NotMember => Decision::NotMember,
+                d if self.permissions.is_none() => d,
+                _ => Decision::Allow,
+            };
+        }
+        self.decide(groups, need, experiments)
     }
-    out
 }
 
 /// What a read that named no experiment may see of MLflow's answer.
@@ -329,29 +323,9 @@ pub fn visible(mut answer: serde_json::Value, allowed: impl Fn(&Experiment) -> b
     }
 }
 
-/// Run ids named in a query string or a JSON body (`run_id`, and the older `run_uuid`): MLflow's
-/// run APIs name only the run, so its experiment is looked up before deciding.
-pub fn runs_in(query: &str, body: Option<&serde_json::Value>) -> Vec<String> {
-    let is_run_key = |k: &str| k == "run_id" || k == "run_uuid";
-    let mut out: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
-        .filter(|(k, _)| is_run_key(k))
-        .map(|(_, v)| v.into_owned())
-        .collect();
-    if let Some(serde_json::Value::Object(m)) = body {
-        out.extend(
-            m.iter()
-                .filter(|(k, _)| is_run_key(k))
-                .filter_map(|(_, v)| v.as_str().map(str::to_owned)),
-        );
-    }
-    out.retain(|r| !r.is_empty());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Method;
 
     #[test]
     fn answers_show_only_readable_experiments() {
@@ -375,16 +349,6 @@ mod tests {
         assert_eq!(visible(unrelated, only_a), Visible::All);
     }
 
-    #[test]
-    fn run_ids_come_from_query_and_body() {
-        let body = serde_json::json!({"run_id": "b", "run_uuid": "c", "key": "m", "value": 1});
-        let mut runs = runs_in("run_id=a&experiment_id=1", Some(&body));
-        runs.sort();
-        assert_eq!(runs, ["a", "b", "c"]);
-        assert!(runs_in("run_id=", Some(&serde_json::json!([{"run_id": "x"}]))).is_empty());
-        assert!(runs_in("", None).is_empty());
-    }
-
     fn exp(id: &str, name: &str) -> Experiment {
         Experiment {
             id: id.into(),
@@ -404,46 +368,6 @@ mod tests {
     }
 
     const FILE: &str = "groups:\n  readers:\n    \"*\": READ\n  team-a:\n    \"7\": MANAGE\n    \"team-a-*\": EDIT\n";
-
-    #[test]
-    fn levels_by_request() {
-        assert_eq!(
-            required_level(&Method::GET, "/api/2.0/mlflow/experiments/get"),
-            Level::Read
-        );
-        assert_eq!(
-            required_level(&Method::POST, "/api/2.0/mlflow/runs/search"),
-            Level::Read
-        );
-        assert_eq!(
-            required_level(&Method::POST, "/ajax-api/2.0/mlflow/experiments/search"),
-            Level::Read
-        );
-        assert_eq!(
-            required_level(&Method::POST, "/api/3.0/mlflow/traces/search"),
-            Level::Read
-        );
-        assert_eq!(required_level(&Method::POST, "/graphql"), Level::Read);
-        assert_eq!(required_level(&Method::POST, "/v1/traces"), Level::Edit);
-        assert_eq!(
-            required_level(&Method::POST, "/api/2.0/mlflow/runs/create"),
-            Level::Edit
-        );
-        assert_eq!(
-            required_level(&Method::POST, "/api/2.0/mlflow/experiments/delete"),
-            Level::Manage
-        );
-        assert_eq!(
-            required_level(&Method::POST, "/api/2.0/mlflow/runs/delete-tag"),
-            Level::Manage
-        );
-        assert_eq!(required_level(&Method::DELETE, "/api/3.0/mlflow/traces"), Level::Manage);
-        assert_eq!(
-            required_level(&Method::POST, "/v1/search"),
-            Level::Edit,
-            "only MLflow's APIs search"
-        );
-    }
 
     #[test]
     fn membership_and_admin() {
@@ -539,10 +463,59 @@ mod tests {
     }
 
     #[test]
-    fn experiments_from_requests() {
-        assert_eq!(experiments_in_query("experiment_id=4&x=1&experiment_ids=5"), ["4", "5"]);
-        let v = serde_json::json!({"experiment_ids": ["1", 2], "locations": [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": "3"}}]});
-        assert_eq!(experiments_in_json(&v), ["1", "2", "3"]);
-        assert_eq!(experiments_in_json(&serde_json::json!({"experiment_id": "0"})), ["0"]);
+    fn all_targets_and_everywhere() {
+        let p = policy(Some(
+            "groups:\n  team-a:\n    \"7\": EDIT\n    \"team-a-*\": EDIT\n  readers:\n    \"*\": READ\n",
+        ));
+        let a = g(&["team-a"]);
+        assert_eq!(p.decide_all(&a, Level::Edit, &[exp("7", "x")], false), Decision::Allow);
+        // A decoy next to the real target does not help.
+        assert!(matches!(
+            p.decide_all(&a, Level::Edit, &[exp("7", "x"), exp("8", "y")], false),
+            Decision::Missing { experiment: Some(e), .. } if e == "8"
+        ));
+        // Writes naming nothing, the registry: a "*" rule at that level.
+        assert!(matches!(
+            p.decide_all(&a, Level::Edit, &[], true),
+            Decision::Missing { experiment: Some(e), .. } if e == "*"
+        ));
+        assert!(matches!(
+            p.decide_all(&a, Level::Read, &[], true),
+            Decision::Missing { .. }
+        ));
+        assert_eq!(p.decide_all(&g(&["readers"]), Level::Read, &[], true), Decision::Allow);
+        assert!(matches!(
+            p.decide_all(&g(&["readers"]), Level::Edit, &[], true),
+            Decision::Missing { .. }
+        ));
+        // A new name: only name globs and "*" match it.
+        let new = |n: &str| Experiment {
+            id: format!("new:{n}"),
+            name: Some(n.into()),
+        };
+        assert_eq!(
+            p.decide_all(&a, Level::Edit, &[new("team-a-new")], false),
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.decide_all(&a, Level::Edit, &[new("7")], false),
+            Decision::Missing { .. }
+        ));
+        // Members only; admins everything; no file: members up to EDIT.
+        assert_eq!(p.decide_all(&g(&["x"]), Level::Read, &[], false), Decision::NotMember);
+        assert_eq!(
+            p.decide_all(&g(&["mlflow-admin"]), Level::Manage, &[], true),
+            Decision::Allow
+        );
+        let open = policy(None);
+        assert_eq!(
+            open.decide_all(&g(&["mlflow"]), Level::Edit, &[], true),
+            Decision::Allow
+        );
+        assert!(matches!(
+            open.decide_all(&g(&["mlflow"]), Level::Manage, &[], true),
+            Decision::Missing { .. }
+        ));
+        assert!(p.is_member(&g(&["mlflow-admin"])) && p.is_member(&a) && !p.is_member(&g(&["x"])));
     }
 }

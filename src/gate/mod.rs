@@ -3,13 +3,18 @@
 //! Bearer JWT (checked locally against the provider's keys) or Basic client credentials (exchanged for
 //! a client-credentials token). Members of the configured groups reach MLflow, with READ / EDIT / MANAGE
 //! per experiment from an optional permissions file; OIDC_EXCLUDE_PATHS pass without authentication.
+mod authorize;
 pub mod authz;
+pub mod canonical;
 pub mod config;
+pub mod graphql;
 pub mod jwt;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
+pub mod routes;
 pub mod session;
+pub mod targets;
 
 #[cfg(test)]
 mod fuzz_tests;
@@ -175,8 +180,8 @@ pub struct Gate {
     upstream: proxy::UpstreamClient,
     metrics: GateMetrics,
     names: Mutex<HashMap<String, (String, Instant)>>,
-    /// Run id → experiment id.
-    run_experiments: Mutex<HashMap<String, String>>,
+    /// Run / logged-model id → experiment id.
+    owners: Mutex<authorize::Owners>,
     upstream_scheme: String,
     upstream_authority: String,
 }
@@ -271,7 +276,7 @@ impl Gate {
             upstream,
             metrics: GateMetrics::new(),
             names: Mutex::new(HashMap::new()),
-            run_experiments: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             upstream_scheme,
             upstream_authority,
             cfg,
@@ -292,8 +297,24 @@ impl Gate {
         resp
     }
 
-    async fn route(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
-        let path = req.uri().path().to_string();
+    async fn route(&self, mut req: Request<Body>, peer: SocketAddr) -> Response<Body> {
+        // Everything from here on (excluded paths too) sees, and MLflow gets, the canonical path.
+        let canon = match canonical::path(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.auth_failure("bad_request");
+                return detail(StatusCode::BAD_REQUEST, &e.to_string());
+            }
+        };
+        let path = canon.decoded();
+        let pq = match req.uri().query() {
+            Some(q) => format!("{}?{q}", canon.encoded()),
+            None => canon.encoded(),
+        };
+        match pq.parse() {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
+        }
         if path == "/gate/healthz" {
             let ready = self.oidc.is_ready().await;
             return json(StatusCode::OK, serde_json::json!({"status": "ok", "oidc_ready": ready}));
@@ -352,37 +373,7 @@ impl Gate {
             }
         };
 
-        let need = authz::required_level(req.method(), &path);
-        let (req, experiments) = if self.policy.needs_experiments(&identity.groups) {
-            match self.experiments_of(req).await {
-                Ok(x) => x,
-                Err(resp) => return resp,
-            }
-        } else {
-            (req, Vec::new())
-        };
-        let decision = self.policy.decide(&identity.groups, need, &experiments);
-        if decision != Decision::Allow {
-            self.metrics.auth_failure(match decision {
-                Decision::NotMember => "not_member",
-                _ => "permission",
-            });
-            tracing::info!(user = %identity.user, method = %req.method(), path = %path, "forbidden: {}", decision.detail());
-            return detail(StatusCode::FORBIDDEN, &decision.detail());
-        }
-        // A read naming no experiment (a search, get-by-name) was allowed for READ somewhere: what
-        // MLflow answers is then cut down to the experiments the caller may read.
-        let per_experiment_answer =
-            need == Level::Read && experiments.is_empty() && self.policy.needs_experiments(&identity.groups);
-        let mut req = req;
-        if per_experiment_answer {
-            req.headers_mut().remove(header::ACCEPT_ENCODING);
-        }
-        let resp = self.forward(req, Some(&identity), peer).await;
-        if per_experiment_answer {
-            return self.readable_part(resp, &identity.groups).await;
-        }
-        resp
+        self.authorize(req, &canon, identity, peer).await
     }
 
     /// MLflow's JSON answer without the experiments `groups` may not read (see `authz::visible`).
@@ -630,73 +621,6 @@ impl Gate {
             .await
             .unwrap_or_else(|| "/".into());
         redirect(&target, &[session::clear_cookie(SESSION_COOKIE, secure)])
-    }
-
-    /// The experiments a request touches: x-mlflow-experiment-id, experiment_id(s) in the query, and in
-    /// a small JSON body (read here, then passed on unchanged), plus the experiments of the runs it
-    /// names (looked up in MLflow). Names are looked up when rules need them.
-    async fn experiments_of(&self, req: Request<Body>) -> Result<(Request<Body>, Vec<Experiment>), Response<Body>> {
-        let mut ids: Vec<String> = Vec::new();
-        if let Some(h) = header_str(&req, "x-mlflow-experiment-id") {
-            ids.push(h.trim().to_string());
-        }
-        let query = req.uri().query().unwrap_or("").to_string();
-        ids.extend(authz::experiments_in_query(&query));
-        let mut body_json = None;
-        let is_json = header_str(&req, header::CONTENT_TYPE).is_some_and(|c| c.starts_with("application/json"));
-        let path = req.uri().path();
-        let api = path.starts_with("/api/") || path.starts_with("/ajax-api/");
-        let req = if is_json && api && req.method() != Method::GET {
-            let (parts, body) = req.into_parts();
-            let Some(bytes) = read_limited(body, MAX_INSPECTED_BODY).await else {
-                return Err(detail(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Request body too large for an MLflow API call",
-                ));
-            };
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                ids.extend(authz::experiments_in_json(&v));
-                body_json = Some(v);
-            }
-            Request::from_parts(parts, full(bytes))
-        } else {
-            req
-        };
-        for run in authz::runs_in(&query, body_json.as_ref()) {
-            // An unknown run names no experiment: MLflow answers it with 404 anyway.
-            if let Some(id) = self.run_experiment(&run).await {
-                ids.push(id);
-            }
-        }
-        ids.sort();
-        ids.dedup();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let name = if self.policy.needs_names() {
-                self.experiment_name(&id).await
-            } else {
-                None
-            };
-            out.push(Experiment { id, name });
-        }
-        Ok((req, out))
-    }
-
-    /// The experiment a run belongs to, from MLflow (cached: a run never changes experiment).
-    async fn run_experiment(&self, run_id: &str) -> Option<String> {
-        if let Some(id) = self.run_experiments.lock().await.get(run_id) {
-            return Some(id.clone());
-        }
-        let v = self
-            .upstream_json(&format!("/api/2.0/mlflow/runs/get?run_id={}", query_value(run_id)))
-            .await?;
-        let id = v.pointer("/run/info/experiment_id")?.as_str()?.to_string();
-        let mut runs = self.run_experiments.lock().await;
-        if runs.len() > 100_000 {
-            runs.clear();
-        }
-        runs.insert(run_id.to_string(), id.clone());
-        Some(id)
     }
 
     /// GET an MLflow API path as the gate itself (for look-ups that authorization needs).

@@ -96,6 +96,11 @@ impl Mlflow {
         format!("http://{}", self.addr)
     }
 
+    /// The server's pid, also its process group's id.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
     pub fn python(&self) -> PathBuf {
         self.venv.join("bin/python")
     }

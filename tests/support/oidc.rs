@@ -136,6 +136,11 @@ impl OidcProvider {
         self.spawn();
     }
 
+    /// The provider process's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
     pub fn key_file(&self) -> &PathBuf {
         &self.key_file
     }
