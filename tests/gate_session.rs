@@ -95,7 +95,10 @@ fn exchange(
 ) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req.push_str(&format!("host: {addr}\r\n"));
     }
@@ -107,19 +110,31 @@ fn exchange(
     s.write_all(body).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head from {addr}{path}: {:?}", String::from_utf8_lossy(&raw)));
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!(
+            "no response head from {addr}{path}: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    });
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let hs: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let mut body = raw[split + 4..].to_vec();
-    if hs.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+    if hs
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
     (status, hs, String::from_utf8_lossy(&body).to_string())
@@ -168,8 +183,8 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-/// A stand-in upstream for cases where the gate, not MLflow, is under test: answers 200 `{}` and
-/// records each request's headers.
+/// A stand-in upstream for cases where the gate, not MLflow, is under test: reads each request
+/// (head and content-length body), records its headers and answers 200 `{}`.
 struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Vec<(String, String)>>>>,
@@ -203,6 +218,19 @@ fn upstream() -> Upstream {
                     .filter_map(|l| l.split_once(':'))
                     .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
                     .collect();
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                let head_len = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let mut have = raw.len() - head_len;
+                while have < len {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have += n,
+                    }
+                }
                 seen.lock().unwrap().push(headers);
                 let _ = stream.write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
@@ -238,14 +266,21 @@ impl Jar {
     }
 
     fn header(&self) -> String {
-        self.0.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
 fn split_url(url: &str) -> (SocketAddr, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    (host.parse().unwrap(), if path.is_empty() { "/".into() } else { path.into() })
+    (
+        host.parse().unwrap(),
+        if path.is_empty() { "/".into() } else { path.into() },
+    )
 }
 
 /// Follows redirects from `url` like a browser would (one jar per origin, the provider's login form
@@ -269,7 +304,10 @@ fn follow(url: &str, stop_at: &str, user: &str, jars: &mut HashMap<SocketAddr, J
                 addr,
                 "POST",
                 &path,
-                &[("cookie", &cookie), ("content-type", "application/x-www-form-urlencoded")],
+                &[
+                    ("cookie", &cookie),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
                 form.as_bytes(),
             );
             jar.take(&hs);
@@ -307,7 +345,10 @@ fn code_flow_tokens(p: &OidcProvider, user: &str) -> serde_json::Value {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let verifier = b64.encode(rand_bytes());
-    let challenge = b64.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes()));
+    let challenge = b64.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        verifier.as_bytes(),
+    ));
     let redirect = "http://127.0.0.1:9/callback";
     let url = format!(
         "{}?client_id={}&response_type=code&scope=openid%20profile%20email%20groups&redirect_uri={redirect}\
@@ -316,7 +357,14 @@ fn code_flow_tokens(p: &OidcProvider, user: &str) -> serde_json::Value {
         oidc::CLIENT_ID
     );
     let back = follow(&url, redirect, user, &mut HashMap::new());
-    let code = back.split("code=").nth(1).unwrap().split('&').next().unwrap().to_string();
+    let code = back
+        .split("code=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_string();
     let form = format!("grant_type=authorization_code&code={code}&code_verifier={verifier}&redirect_uri={redirect}");
     let (_, path) = split_url(&p.token_url());
     let basic = basic_auth(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
@@ -324,7 +372,10 @@ fn code_flow_tokens(p: &OidcProvider, user: &str) -> serde_json::Value {
         p.addr(),
         "POST",
         &path,
-        &[("authorization", &basic), ("content-type", "application/x-www-form-urlencoded")],
+        &[
+            ("authorization", &basic),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
         form.as_bytes(),
     );
     assert_eq!(s, 200, "{b}");
@@ -411,16 +462,19 @@ fn slowloris_connections_are_closed_and_health_keeps_answering() {
     );
     let baseline = g.fds();
     let t0 = Instant::now();
-    // Four kinds: silent; a request line never finished; header lines dripped forever; one
-    // complete request, then nothing (keep-alive idle).
+    // Five kinds: silent; a request line never finished; header lines dripped forever; one
+    // complete request, then nothing (keep-alive idle); an HTTP/2 preface, then nothing.
     let mut clients: Vec<SlowClient> = (0..200)
         .map(|i| {
             let mut stream = TcpStream::connect(g.addr).unwrap();
-            let kind = i % 4;
+            let kind = i % 5;
             match kind {
                 1 => stream.write_all(b"GET /api/2.0/mlflow/experiments/search HTT").unwrap(),
                 2 => stream.write_all(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n").unwrap(),
-                3 => stream.write_all(b"GET /gate/healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").unwrap(),
+                3 => stream
+                    .write_all(b"GET /gate/healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                    .unwrap(),
+                4 => stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap(),
                 _ => {}
             }
             stream.set_nonblocking(true).unwrap();
@@ -440,7 +494,11 @@ fn slowloris_connections_are_closed_and_health_keeps_answering() {
         for c in clients.iter_mut().filter(|c| c.kind == 2 && c.closed_after.is_none()) {
             let _ = c.stream.write_all(format!("x-drip-{round}: 1\r\n").as_bytes());
         }
-        let open = clients.iter_mut().map(|c| c.poll_closed(t0)).filter(|closed| !closed).count();
+        let open = clients
+            .iter_mut()
+            .map(|c| c.poll_closed(t0))
+            .filter(|closed| !closed)
+            .count();
         peak_fds = peak_fds.max(g.fds());
         let h0 = Instant::now();
         let (s, _, b) = exchange(g.addr, "GET", "/gate/healthz", &[], b"");
@@ -465,18 +523,22 @@ fn slowloris_connections_are_closed_and_health_keeps_answering() {
             .unwrap()
     };
     eprintln!(
-        "closed by kind (silent, partial line, drip, idle after a request): {:?} {:?} {:?} {:?}; \
+        "closed by kind (silent, partial line, drip, idle after a request, h2 preface): {:?} {:?} {:?} {:?} {:?}; \
          fds baseline {baseline} peak {peak_fds}; worst healthz {health_worst:?}",
         by_kind(0),
         by_kind(1),
         by_kind(2),
-        by_kind(3)
+        by_kind(3),
+        by_kind(4)
     );
     // Header-read deadline 1 s, idle 2 s (plus scheduling slack).
-    for k in 0..3 {
+    for k in [0, 1, 2, 4] {
         assert!(by_kind(k) < Duration::from_secs(5), "kind {k}: {:?}", by_kind(k));
     }
-    assert!(by_kind(3) >= Duration::from_secs(2), "idle keep-alive kept for GATE_IDLE_TIMEOUT");
+    assert!(
+        by_kind(3) >= Duration::from_secs(2),
+        "idle keep-alive kept for GATE_IDLE_TIMEOUT"
+    );
     assert!(health_worst < Duration::from_secs(2), "healthz took {health_worst:?}");
     assert!(peak_fds <= baseline + 220, "peak fds {peak_fds} (baseline {baseline})");
     wait_for("the gate's fds back near the baseline", Duration::from_secs(10), || {
@@ -533,8 +595,8 @@ fn connections_beyond_the_cap_are_closed_at_once() {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             exchange(g.addr, "GET", "/gate/healthz", &[], b"").0
         }))
-            .ok()
-            .filter(|s| *s == 200)
+        .ok()
+        .filter(|s| *s == 200)
     });
 }
 
@@ -553,7 +615,11 @@ fn id_and_refresh_tokens_are_not_bearer_tokens() {
     let tokens = code_flow_tokens(&provider, "alice");
     let (id_header, id_claims) = jwt_parts(tokens["id_token"].as_str().unwrap());
     eprintln!("provider ID token header {id_header} claims {id_claims}");
-    assert_eq!(id_claims["aud"], oidc::CLIENT_ID, "an ID token's audience is the gate's client");
+    assert_eq!(
+        id_claims["aud"],
+        oidc::CLIENT_ID,
+        "an ID token's audience is the gate's client"
+    );
     // Control: the access token of the same login reaches MLflow.
     let (s, b) = call(tokens["access_token"].as_str().unwrap());
     assert_eq!(s, 200, "{b}");
@@ -561,7 +627,10 @@ fn id_and_refresh_tokens_are_not_bearer_tokens() {
 
     let mut refused = vec![
         ("provider ID token", tokens["id_token"].as_str().unwrap().to_string()),
-        ("provider refresh token", tokens["refresh_token"].as_str().unwrap().to_string()),
+        (
+            "provider refresh token",
+            tokens["refresh_token"].as_str().unwrap().to_string(),
+        ),
     ];
     let jwt = serde_json::json!({"typ": "JWT"});
     for typ in ["ID", "Refresh", "Offline", "Logout"] {
@@ -600,13 +669,25 @@ fn tokens_of_clients_not_allowed_are_refused() {
 
     let reader = provider.access_token(oidc::READER.0, oidc::READER.1);
     let (_, claims) = jwt_parts(&reader);
-    assert_eq!(claims["aud"], oidc::CLIENT_ID, "the reader client's tokens name our audience");
+    assert_eq!(
+        claims["aud"],
+        oidc::CLIENT_ID,
+        "the reader client's tokens name our audience"
+    );
     assert_eq!(claims["azp"], oidc::READER.0);
-    assert_eq!(call(&open, &bearer(&reader)), 200, "any client, without GATE_ALLOWED_CLIENTS");
+    assert_eq!(
+        call(&open, &bearer(&reader)),
+        200,
+        "any client, without GATE_ALLOWED_CLIENTS"
+    );
     assert_eq!(call(&strict, &bearer(&reader)), 401);
 
     let ours = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
-    assert_eq!(call(&strict, &bearer(&ours)), 200, "the gate's own client is always allowed");
+    assert_eq!(
+        call(&strict, &bearer(&ours)),
+        200,
+        "the gate's own client is always allowed"
+    );
     assert_eq!(call(&strict, &basic_auth(oidc::CLIENT_ID, oidc::CLIENT_SECRET)), 200);
     // A listed client by RFC 9068's client_id; no client at all; an unlisted one posing as listed.
     let jwt = serde_json::json!({"typ": "at+jwt"});
@@ -700,7 +781,11 @@ fn logout_in_the_browser_ends_the_session_on_every_replica() {
         b"",
     );
     assert_eq!(s, 401, "{body}");
-    assert_eq!(cookie_value(&hs, "gate_session").as_deref(), Some(""), "cleared: {hs:?}");
+    assert_eq!(
+        cookie_value(&hs, "gate_session").as_deref(),
+        Some(""),
+        "cleared: {hs:?}"
+    );
     let (s, hs, _) = exchange(
         a.addr,
         "GET",
@@ -709,7 +794,10 @@ fn logout_in_the_browser_ends_the_session_on_every_replica() {
         b"",
     );
     assert_eq!(s, 302);
-    assert!(header(&hs, "location").unwrap().starts_with(&provider.auth_url()), "{hs:?}");
+    assert!(
+        header(&hs, "location").unwrap().starts_with(&provider.auth_url()),
+        "{hs:?}"
+    );
     // ...and on the other replica within GATE_SESSION_REFRESH (it asks the provider).
     let mut replayed = old.clone();
     let took = poll_session(&b, &mut replayed, 401, Duration::from_secs(10));
@@ -777,9 +865,16 @@ fn metrics_are_served_on_the_admin_listener_only() {
     let (s, hs, b) = exchange(g.admin, "GET", "/gate/metrics", &[], b"");
     assert_eq!(s, 200);
     assert!(header(&hs, "content-type").unwrap().contains("openmetrics"));
-    assert!(b.contains("gate_requests_total") && b.contains("gate_connections_open"), "{b}");
+    assert!(
+        b.contains("gate_requests_total") && b.contains("gate_connections_open"),
+        "{b}"
+    );
     assert_eq!(exchange(g.admin, "GET", "/gate/readyz", &[], b"").0, 200);
-    assert_eq!(exchange(g.addr, "GET", "/gate/healthz", &[], b"").0, 200, "probes stay public too");
+    assert_eq!(
+        exchange(g.addr, "GET", "/gate/healthz", &[], b"").0,
+        200,
+        "probes stay public too"
+    );
     let (s, _, _) = exchange(
         g.admin,
         "GET",
@@ -875,7 +970,10 @@ fn forwarded_headers_from_untrusted_peers_are_ignored() {
         ("x-forwarded-proto", "https"),
         ("forwarded", "for=6.6.6.6"),
     ];
-    assert_eq!(exchange(g.addr, "GET", "/api/2.0/mlflow/experiments/search", &forged, b"").0, 200);
+    assert_eq!(
+        exchange(g.addr, "GET", "/api/2.0/mlflow/experiments/search", &forged, b"").0,
+        200
+    );
     let seen = up.seen.lock().unwrap().last().cloned().unwrap();
     assert_eq!(header(&seen, "x-forwarded-for"), Some("127.0.0.1"), "{seen:?}");
     assert_eq!(header(&seen, "x-forwarded-proto"), Some("http"));
@@ -889,10 +987,72 @@ fn forwarded_headers_from_untrusted_peers_are_ignored() {
     );
     assert_eq!(s, 302, "{b}");
     let loc = header(&rhs, "location").unwrap();
-    assert!(loc.contains("redirect_uri=https%3A%2F%2Fmlflow.example%2Fcallback"), "{loc}");
+    assert!(
+        loc.contains("redirect_uri=https%3A%2F%2Fmlflow.example%2Fcallback"),
+        "{loc}"
+    );
     assert!(set_cookies(&rhs).join("\n").contains("Secure"));
-    assert_eq!(exchange(t.addr, "GET", "/api/2.0/mlflow/experiments/search", &forged, b"").0, 200);
+    assert_eq!(
+        exchange(t.addr, "GET", "/api/2.0/mlflow/experiments/search", &forged, b"").0,
+        200
+    );
     let seen = up.seen.lock().unwrap().last().cloned().unwrap();
     assert_eq!(header(&seen, "x-forwarded-for"), Some("6.6.6.6, 127.0.0.1"), "{seen:?}");
     assert_eq!(header(&seen, "x-forwarded-proto"), Some("https"));
+}
+
+/// Sends a POST head announcing `len` body bytes, then `first` bytes, then one byte every `every`
+/// until answered; returns the status and when it came.
+fn dripped_body(g: &Gate, token: &str, len: usize, first: usize, every: Duration) -> (u16, Duration) {
+    let mut s = TcpStream::connect(g.addr).unwrap();
+    let head = format!(
+        "POST /v1/traces HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/x-protobuf\r\nx-mlflow-experiment-id: 0\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&vec![0u8; first]).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let t0 = Instant::now();
+    let mut sent = first;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < Duration::from_secs(60) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        if sent < len {
+            let _ = s.write_all(&[0]);
+            sent += 1;
+        }
+        std::thread::sleep(every); // the attacker's drip interval
+    }
+    let text = String::from_utf8_lossy(&got);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, t0.elapsed())
+}
+
+#[test]
+fn slow_request_bodies_are_cut_off() {
+    let provider = OidcProvider::start(OidcOptions::default());
+    let up = upstream();
+    let g = gate(&provider, &up.url(), &[("GATE_BODY_READ_TIMEOUT", "1s")]);
+    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    // Control: a body with pauses shorter than the limit goes through.
+    let (s, took) = dripped_body(&g, &token, 4, 0, Duration::from_millis(300));
+    assert_eq!(s, 200, "{took:?}");
+    // A byte every 1.5 s, and a body that never starts: cut off after about a second of silence.
+    for (first, every) in [(10, Duration::from_millis(1500)), (0, Duration::from_millis(1500))] {
+        let (s, took) = dripped_body(&g, &token, 100, first, every);
+        eprintln!("dripped body ({first} bytes first, then one per {every:?}): {s} after {took:?}");
+        assert_eq!(s, 408, "after {took:?}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+    }
 }

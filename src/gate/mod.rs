@@ -200,6 +200,9 @@ pub struct Gate {
     /// Session id → unix expiry, of sessions logged out through this replica (others learn it from
     /// the provider at their next check).
     ended_sessions: std::sync::Mutex<HashMap<String, u64>>,
+    /// Session id → unix time the provider last confirmed it here: a cookie the browser has not
+    /// replaced yet (parallel requests, replays) is not checked again within the interval.
+    confirmed_sessions: std::sync::Mutex<HashMap<String, u64>>,
     names: Mutex<HashMap<String, (String, Instant)>>,
     /// Run id → experiment id.
     run_experiments: Mutex<HashMap<String, String>>,
@@ -297,6 +300,7 @@ impl Gate {
             upstream,
             metrics: Arc::new(GateMetrics::new()),
             ended_sessions: std::sync::Mutex::new(HashMap::new()),
+            confirmed_sessions: std::sync::Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             run_experiments: Mutex::new(HashMap::new()),
             upstream_scheme,
@@ -357,6 +361,28 @@ impl Gate {
         self.ended_sessions.lock().map(|m| m.contains_key(sid)).unwrap_or(true)
     }
 
+    /// When the provider last confirmed session `sid` on this replica, if within the interval.
+    fn confirmed_here(&self, sid: &str, now: u64) -> Option<u64> {
+        let refresh = self.cfg.session_refresh.as_secs();
+        let m = self.confirmed_sessions.lock().ok()?;
+        m.get(sid)
+            .copied()
+            .filter(|t| now < t.saturating_add(refresh) && *t <= now)
+    }
+
+    fn confirm_here(&self, sid: &str, now: u64) {
+        let Ok(mut m) = self.confirmed_sessions.lock() else {
+            return;
+        };
+        if m.len() >= MAX_ENDED_SESSIONS {
+            let refresh = self.cfg.session_refresh.as_secs();
+            m.retain(|_, t| now < t.saturating_add(refresh));
+        }
+        if m.len() < MAX_ENDED_SESSIONS {
+            m.insert(sid.to_string(), now);
+        }
+    }
+
     fn end_session_here(&self, s: &Session) {
         let Ok(mut m) = self.ended_sessions.lock() else { return };
         let now = now_secs();
@@ -400,6 +426,17 @@ impl Gate {
             SessionState::Expired => return Ok(ended(req)),
             SessionState::Due => {}
         }
+        if let Some(at) = self.confirmed_here(&session.sid, now) {
+            // Confirmed here moments ago (the browser still sends the previous cookie): pass it on
+            // as confirmed then, without asking again.
+            let renewed = Session { checked: at, ..session };
+            let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
+            session::remove_cookie(req.headers_mut(), SESSION_COOKIE);
+            if let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={sealed}")) {
+                req.headers_mut().append(header::COOKIE, v);
+            }
+            return Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))));
+        }
         let Some(rt) = session.refresh_token.clone() else {
             // Nothing to ask the provider with: the session cannot be confirmed, so it ends.
             self.metrics
@@ -414,6 +451,7 @@ impl Gate {
                     .session_checks
                     .get_or_create(&metrics::ResultLabel { result: "active" })
                     .inc();
+                self.confirm_here(&session.sid, now);
                 let renewed = Session {
                     checked: now,
                     refresh_token: refresh_token.or(Some(rt)),
@@ -433,6 +471,8 @@ impl Gate {
                     .inc();
                 self.metrics.auth_failure("session_ended");
                 tracing::info!(user = %session.identity.user, "browser session ended at the identity provider");
+                // Replays of this cookie are refused here without asking the provider again.
+                self.end_session_here(&session);
                 Ok(ended(req))
             }
             Err(e) => {
@@ -937,7 +977,15 @@ impl Gate {
         let proto = self.client_proto(&parts.headers, peer);
         if !self.trusted_proxy(peer) {
             // Only a trusted proxy's chain is passed on; anyone else's would be believed by MLflow.
-            for h in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"] {
+            for h in [
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "x-forwarded-port",
+                "x-forwarded-prefix",
+                "x-real-ip",
+                "forwarded",
+            ] {
                 parts.headers.remove(h);
             }
         }
@@ -949,6 +997,10 @@ impl Gate {
                 let (mut parts, body) = resp.into_parts();
                 proxy::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+            }
+            Err(e) if server::is_body_timeout(&e) => {
+                tracing::info!(%peer, "request body too slow; answered 408");
+                detail(StatusCode::REQUEST_TIMEOUT, "Request body too slow")
             }
             Err(e) => {
                 let why = error_chain(&e);

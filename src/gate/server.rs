@@ -126,6 +126,18 @@ impl Drop for ActivityGuard {
 #[error("request body read timed out")]
 pub(crate) struct BodyTimeout;
 
+/// Whether `e` (or any error behind it) is a request body that timed out in [`TimeoutBody`].
+pub(crate) fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// A request body that fails when the client pauses longer than `limit` while the gate waits for it.
 /// Time the gate spends not reading (waiting on MLflow, say) does not count.
 struct TimeoutBody {
@@ -297,6 +309,16 @@ pub(crate) async fn serve<H, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_timeouts_are_found_behind_other_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] BoxError);
+        let e = Outer(Box::new(BodyTimeout));
+        assert!(is_body_timeout(&e));
+        assert!(!is_body_timeout(&Outer(Box::new(std::io::Error::other("x")))));
+    }
 
     #[test]
     fn accept_backoff_doubles_to_a_second() {
