@@ -185,9 +185,12 @@ fn now() -> u64 {
 
 /// A stand-in upstream for cases where the gate, not MLflow, is under test: reads each request
 /// (head and content-length body), records its headers and answers 200 `{}`.
+/// Request headers as received, lower-cased names.
+type Headers = Vec<(String, String)>;
+
 struct Upstream {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    seen: Arc<Mutex<Vec<Headers>>>,
 }
 
 fn upstream() -> Upstream {
