@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | OIDC_DISCOVERY_URL | required | `<issuer>/.well-known/openid-configuration` |
 //! | OIDC_CLIENT_ID, OIDC_CLIENT_SECRET | required | the confidential client (Basic auth accepts exactly these) |
-//! | OIDC_REDIRECT_URI | `<proto>://<host>/callback` of each request | fixed callback URL; its path is served |
+//! | OIDC_REDIRECT_URI | `<proto>://<host>/callback` of a request whose host GATE_TRUSTED_PROXIES or GATE_ALLOWED_HOSTS vouch for (else no browser login) | fixed callback URL; its path is served |
 //! | OIDC_SCOPE | `openid email profile` | scopes asked at login |
 //! | OIDC_GROUPS_ATTRIBUTE | `groups` | claim with the groups (ID token, else access token) |
 //! | OIDC_GROUP_NAME | `mlflow` | comma list of groups allowed in |
@@ -55,7 +55,8 @@ pub struct GateConfig {
     pub issuer: String,
     pub client_id: String,
     pub client_secret: Secret,
-    /// Fixed redirect URI; None derives `<scheme>://<host>/callback` from each request.
+    /// Fixed redirect URI; None derives `<scheme>://<host>/callback` from a request whose host is
+    /// vouched for (trusted proxy, allowed host), and refuses browser login otherwise.
     pub redirect_uri: Option<String>,
     /// Path the provider redirects back to (the redirect URI's path, default /callback).
     pub callback_path: String,

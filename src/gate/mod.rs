@@ -363,6 +363,9 @@ impl Gate {
 
     /// When the provider last confirmed session `sid` on this replica, if within the interval.
     fn confirmed_here(&self, sid: &str, now: u64) -> Option<u64> {
+        if sid.is_empty() {
+            return None;
+        }
         let refresh = self.cfg.session_refresh.as_secs();
         let m = self.confirmed_sessions.lock().ok()?;
         m.get(sid)
@@ -371,6 +374,9 @@ impl Gate {
     }
 
     fn confirm_here(&self, sid: &str, now: u64) {
+        if sid.is_empty() {
+            return;
+        }
         let Ok(mut m) = self.confirmed_sessions.lock() else {
             return;
         };
@@ -406,6 +412,17 @@ impl Gate {
         mut req: Request<Body>,
         peer: SocketAddr,
     ) -> Result<(Request<Body>, Option<String>), Response<Body>> {
+        // Only where the session is what authenticates: not the gate's own paths (probes, login,
+        // logout must work with the provider down), excluded paths, or requests with credentials.
+        let path = req.uri().path();
+        if path.starts_with("/gate/")
+            || path == self.cfg.callback_path
+            || path == "/logout"
+            || self.cfg.is_excluded(path)
+            || req.headers().contains_key(header::AUTHORIZATION)
+        {
+            return Ok((req, None));
+        }
         let Some(session) = header_str(&req, header::COOKIE)
             .and_then(|c| session::cookie(c, SESSION_COOKIE))
             .and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
