@@ -865,6 +865,17 @@ fn metrics_are_served_on_the_admin_listener_only() {
         }
     }
     assert!(up.seen.lock().unwrap().is_empty(), "never forwarded upstream");
+    // Look-alike paths are ordinary (authenticated) MLflow paths, never the gate's metrics.
+    for path in [
+        "/gate/metrics/",
+        "/gate//metrics",
+        "/gate/%6detrics",
+        "//gate/metrics",
+        "/GATE/metrics",
+    ] {
+        let (_, _, b) = exchange(g.addr, "GET", path, &[("authorization", &bearer(&token))], b"");
+        assert!(!b.contains("gate_requests"), "{path}: {b}");
+    }
     let (s, hs, b) = exchange(g.admin, "GET", "/gate/metrics", &[], b"");
     assert_eq!(s, 200);
     assert!(header(&hs, "content-type").unwrap().contains("openmetrics"));
@@ -1058,4 +1069,45 @@ fn slow_request_bodies_are_cut_off() {
         assert_eq!(s, 408, "after {took:?}");
         assert!(took < Duration::from_secs(6), "{took:?}");
     }
+}
+
+#[test]
+fn sessions_are_not_passed_while_the_provider_cannot_confirm_them() {
+    let mut provider = OidcProvider::start(OidcOptions::default());
+    let up = upstream();
+    let g = gate(&provider, &up.url(), &[("GATE_SESSION_REFRESH", "1s")]);
+    let mut cookie = gate_login(&g, "alice");
+    poll_session(&g, &mut cookie, 200, Duration::from_secs(5));
+    provider.stop();
+    // Due for its check and nobody to ask: 503, never a pass.
+    let took = poll_session(&g, &mut cookie, 503, Duration::from_secs(10));
+    eprintln!("session refused {took:?} after the provider went away");
+    assert!(g.metric("gate_session_checks_total", "result=\"error\"") >= 1.0);
+    // The gate's own paths do not depend on it: probes answer and logout clears the cookie.
+    assert_eq!(exchange(g.addr, "GET", "/gate/healthz", &[], b"").0, 200);
+    let (s, hs, _) = exchange(
+        g.addr,
+        "GET",
+        "/logout",
+        &[("cookie", &format!("gate_session={cookie}"))],
+        b"",
+    );
+    assert_eq!(s, 302);
+    assert_eq!(cookie_value(&hs, "gate_session").as_deref(), Some(""), "{hs:?}");
+    // The provider back (a restart forgets its grants): a new login works again.
+    provider.start_again();
+    let mut fresh = gate_login(&g, "alice");
+    poll_session(&g, &mut fresh, 200, Duration::from_secs(20));
+    // The logged-out one stays refused on this replica.
+    assert_eq!(
+        exchange(
+            g.addr,
+            "GET",
+            "/api/2.0/mlflow/experiments/search",
+            &[("cookie", &format!("gate_session={cookie}"))],
+            b""
+        )
+        .0,
+        401
+    );
 }
