@@ -185,6 +185,9 @@ fn now() -> u64 {
 
 /// A stand-in upstream for cases where the gate, not MLflow, is under test: reads each request
 /// (head and content-length body), records its headers and answers 200 `{}`.
+/// Size of the stand-in upstream's `GET /big` answer.
+const BIG: usize = 256 << 20;
+
 /// Request headers as received, lower-cased names.
 type Headers = Vec<(String, String)>;
 
@@ -235,6 +238,19 @@ fn upstream() -> Upstream {
                     }
                 }
                 seen.lock().unwrap().push(headers);
+                if head.starts_with("GET /big ") {
+                    // A large answer (an artifact download, say).
+                    let _ = stream.write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\nconnection: close\r\n\r\n").as_bytes(),
+                    );
+                    let chunk = vec![0u8; 1 << 20];
+                    for _ in 0..BIG >> 20 {
+                        if stream.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
                 let _ = stream.write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
                 );
@@ -1110,4 +1126,35 @@ fn sessions_are_not_passed_while_the_provider_cannot_confirm_them() {
         .0,
         401
     );
+}
+
+#[test]
+fn answers_nobody_reads_do_not_hold_connections() {
+    let provider = OidcProvider::start(OidcOptions::default());
+    let up = upstream();
+    let g = gate(&provider, &up.url(), &[("GATE_IDLE_TIMEOUT", "2s")]);
+    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let mut s = TcpStream::connect(g.addr).unwrap();
+    s.write_all(format!("GET /big HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\r\n").as_bytes())
+        .unwrap();
+    // The client reads nothing; the gate's writes block once the socket buffers are full.
+    wait_for(
+        "the stalled answer's connection closed",
+        Duration::from_secs(20),
+        || (g.metric("gate_connections_timed_out_total", "listener=\"public\"") >= 1.0).then_some(()),
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    eprintln!("the client got {got} of {BIG} bytes before the gate hung up");
+    assert!(got < BIG, "the whole answer was kept waiting for the client");
+    wait_for("no connection left open", Duration::from_secs(10), || {
+        (g.metric("gate_connections_open", "listener=\"public\"") == 0.0).then_some(())
+    });
 }

@@ -1,7 +1,8 @@
 //! The gate's listeners: a cap on open connections, a deadline for a new connection's first request
-//! head, an idle timeout between requests, a pause limit while a request body is read, and accept
-//! errors backed off (5 ms doubling to 1 s) with a rate-limited warning. Slow or silent clients cost
-//! at most one connection slot for a bounded time.
+//! head, an idle timeout between requests, a pause limit while a request body is read, a limit on
+//! how long an answer may wait for a client that does not read it, and accept errors backed off
+//! (5 ms doubling to 1 s) with a rate-limited warning. Slow or silent clients cost at most one
+//! connection slot for a bounded time.
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -78,6 +79,8 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// Requests begun so far (0: still waiting for the first request head).
     requests: AtomicU64,
+    /// Milliseconds after `start` + 1 since a write to the client has been blocked (0: not blocked).
+    write_blocked_since_ms: AtomicU64,
 }
 
 impl Activity {
@@ -87,6 +90,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            write_blocked_since_ms: AtomicU64::new(0),
         })
     }
 
@@ -96,10 +100,26 @@ impl Activity {
         ActivityGuard(self.clone())
     }
 
-    /// When the connection must be closed if it stays idle; None while a request is in flight.
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis().min(u128::from(u64::MAX - 1)) as u64
+    }
+
+    fn write_blocked(&self, blocked: bool) {
+        if blocked {
+            let _ =
+                self.write_blocked_since_ms
+                    .compare_exchange(0, self.now_ms() + 1, Ordering::SeqCst, Ordering::SeqCst);
+        } else {
+            self.write_blocked_since_ms.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// When the connection must be closed: idle (no request in flight) past its limit, or an
+    /// answer blocked on a client that has not read for GATE_IDLE_TIMEOUT. None: no deadline now.
     fn deadline(&self, limits: &Limits) -> Option<Instant> {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return None;
+            let blocked = self.write_blocked_since_ms.load(Ordering::SeqCst);
+            return (blocked > 0).then(|| self.start + Duration::from_millis(blocked - 1) + limits.idle_timeout);
         }
         let since = self.start + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
         let limit = if self.requests.load(Ordering::SeqCst) == 0 {
@@ -111,13 +131,60 @@ impl Activity {
     }
 }
 
+/// The client's socket, telling [`Activity`] while writes to it are blocked.
+struct WatchedStream {
+    inner: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for WatchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WatchedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.write_blocked(r.is_pending());
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.write_blocked(r.is_pending());
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.activity.write_blocked(r.is_pending());
+        r
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Held from a request's head until its response body is done (or dropped).
 struct ActivityGuard(Arc<Activity>);
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        let ms = self.0.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
-        self.0.idle_since_ms.store(ms, Ordering::SeqCst);
+        self.0.idle_since_ms.store(self.0.now_ms(), Ordering::SeqCst);
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -262,6 +329,10 @@ pub(crate) async fn serve<H, F>(
                 }))
             }
         });
+        let stream = WatchedStream {
+            inner: stream,
+            activity: activity.clone(),
+        };
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
@@ -274,9 +345,10 @@ pub(crate) async fn serve<H, F>(
             open.inc();
             tokio::pin!(conn);
             loop {
+                // Without a deadline now (a request in flight), look again soon: a write may block.
                 let wake = activity
                     .deadline(&limits)
-                    .unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+                    .unwrap_or_else(|| Instant::now() + limits.idle_timeout / 4);
                 tokio::select! {
                     r = &mut conn => {
                         if let Err(e) = r {
@@ -286,7 +358,8 @@ pub(crate) async fn serve<H, F>(
                     }
                     _ = tokio::time::sleep_until(wake.into()) => {
                         if activity.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
-                            // No request in flight: dropping the connection loses nothing.
+                            // Idle, or the client stopped reading its answer: dropping the
+                            // connection loses nothing the client was going to take.
                             metrics.connections_timed_out.get_or_create(&label).inc();
                             tracing::debug!(%peer, "closing a connection idle past its deadline");
                             break;
@@ -366,5 +439,15 @@ mod tests {
         drop(g2);
         let d = a.deadline(&limits).unwrap();
         assert!(d >= a.start + Duration::from_secs(60), "then the idle deadline");
+        // An answer blocked on a client that does not read: the idle limit from the first block.
+        let g3 = a.begin();
+        a.write_blocked(true);
+        let blocked = a.deadline(&limits).unwrap();
+        a.write_blocked(true);
+        assert_eq!(a.deadline(&limits), Some(blocked), "counted from when the block began");
+        assert!(blocked <= Instant::now() + Duration::from_secs(60));
+        a.write_blocked(false);
+        assert_eq!(a.deadline(&limits), None, "progress clears it");
+        drop(g3);
     }
 }
