@@ -23,7 +23,7 @@
 //! | GATE_ADMIN_LISTEN | `127.0.0.1:9091` | admin listener (/gate/metrics, health); `off` disables it |
 //! | GATE_MAX_CONNECTIONS | 512 | open client connections on the public listener; more are closed at once |
 //! | GATE_HEADER_READ_TIMEOUT | `10s` | a new connection must complete its first request head within this |
-//! | GATE_IDLE_TIMEOUT | `60s` | a connection with no request in flight is closed after this |
+//! | GATE_IDLE_TIMEOUT | `60s` | a connection with no request in flight is closed after this; also the longest an answer waits for a client that does not read |
 //! | GATE_BODY_READ_TIMEOUT | `30s` | longest pause while reading a request body |
 //! | GATE_TRUSTED_PROXIES | none | comma list of IPs / CIDRs whose X-Forwarded-Proto/-Host/-For are believed |
 //! | GATE_ALLOWED_HOSTS | none | Host names (optionally `:port`) a login redirect may be built from |
