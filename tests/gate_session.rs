@@ -732,7 +732,8 @@ fn tokens_of_clients_not_allowed_are_refused() {
     assert!(strict.metric("gate_auth_failures_total", "reason=\"client\"") >= 3.0);
 }
 
-/// Polls `call` with the session cookie (following re-sealed cookies) until it answers `want`.
+/// Polls an API call with the session cookie among others (following re-sealed cookies) until it
+/// answers `want`.
 fn poll_session(g: &Gate, cookie: &mut String, want: u16, within: Duration) -> Duration {
     let t0 = Instant::now();
     wait_for(&format!("the session answered {want}"), within, || {
@@ -740,7 +741,7 @@ fn poll_session(g: &Gate, cookie: &mut String, want: u16, within: Duration) -> D
             g.addr,
             "GET",
             "/api/2.0/mlflow/experiments/search?max_results=1",
-            &[("cookie", &format!("gate_session={cookie}"))],
+            &[("cookie", &format!("theme=dark; gate_session={cookie}; _ga=1"))],
             b"",
         );
         if let Some(v) = cookie_value(&hs, "gate_session").filter(|v| !v.is_empty()) {

@@ -448,10 +448,7 @@ impl Gate {
             // as confirmed then, without asking again.
             let renewed = Session { checked: at, ..session };
             let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
-            session::remove_cookie(req.headers_mut(), SESSION_COOKIE);
-            if let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={sealed}")) {
-                req.headers_mut().append(header::COOKIE, v);
-            }
+            session::replace_cookie(req.headers_mut(), SESSION_COOKIE, &sealed);
             return Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))));
         }
         let Some(rt) = session.refresh_token.clone() else {
@@ -475,10 +472,7 @@ impl Gate {
                     ..session
                 };
                 let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
-                session::remove_cookie(req.headers_mut(), SESSION_COOKIE);
-                if let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={sealed}")) {
-                    req.headers_mut().append(header::COOKIE, v);
-                }
+                session::replace_cookie(req.headers_mut(), SESSION_COOKIE, &sealed);
                 Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))))
             }
             Ok(oidc::SessionCheck::Ended) => {

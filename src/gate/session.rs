@@ -163,6 +163,18 @@ pub fn remove_cookie(h: &mut http::HeaderMap, name: &str) {
     }
 }
 
+/// Sets cookie `name` to `value` in a request's Cookie header (one header, the other cookies kept).
+pub fn replace_cookie(h: &mut http::HeaderMap, name: &str, value: &str) {
+    remove_cookie(h, name);
+    let merged = match h.get(http::header::COOKIE).and_then(|v| v.to_str().ok()) {
+        Some(rest) if !rest.is_empty() => format!("{rest}; {name}={value}"),
+        _ => format!("{name}={value}"),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&merged) {
+        h.insert(http::header::COOKIE, v);
+    }
+}
+
 /// A Set-Cookie value: HttpOnly, SameSite=Lax, Path=/, Secure on https; no Max-Age so it dies with the
 /// browser session (the sealed payload has its own expiry).
 pub fn set_cookie(name: &str, value: &str, secure: bool) -> String {
@@ -284,9 +296,19 @@ mod tests {
         remove_cookie(&mut h, SESSION_COOKIE);
         assert_eq!(h.get_all(http::header::COOKIE).iter().count(), 1);
         assert_eq!(h[http::header::COOKIE], "a=1; b=2");
+        replace_cookie(&mut h, SESSION_COOKIE, "new");
+        assert_eq!(h.get_all(http::header::COOKIE).iter().count(), 1);
+        assert_eq!(
+            cookie(h[http::header::COOKIE].to_str().unwrap(), SESSION_COOKIE),
+            Some("new")
+        );
+        assert_eq!(cookie(h[http::header::COOKIE].to_str().unwrap(), "a"), Some("1"));
         remove_cookie(&mut h, "a");
         remove_cookie(&mut h, "b");
+        remove_cookie(&mut h, SESSION_COOKIE);
         assert!(h.get(http::header::COOKIE).is_none());
+        replace_cookie(&mut h, SESSION_COOKIE, "only");
+        assert_eq!(h[http::header::COOKIE], "gate_session=only");
     }
 
     #[test]
