@@ -194,6 +194,8 @@ type Headers = Vec<(String, String)>;
 struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Headers>>>,
+    /// `GET /slow` requests waiting until `release` (a slow MLflow call).
+    held: Arc<(Mutex<(usize, bool)>, std::sync::Condvar)>,
 }
 
 fn upstream() -> Upstream {
@@ -201,10 +203,13 @@ fn upstream() -> Upstream {
     let addr = l.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
+    let held = Arc::new((Mutex::new((0, false)), std::sync::Condvar::new()));
+    let h2 = held.clone();
     std::thread::spawn(move || {
         for stream in l.incoming() {
             let Ok(mut stream) = stream else { continue };
             let seen = s2.clone();
+            let held = h2.clone();
             std::thread::spawn(move || {
                 let mut raw = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -238,6 +243,15 @@ fn upstream() -> Upstream {
                     }
                 }
                 seen.lock().unwrap().push(headers);
+                if head.starts_with("GET /slow ") {
+                    let (lock, cv) = &*held;
+                    let mut state = lock.lock().unwrap();
+                    state.0 += 1;
+                    cv.notify_all();
+                    while !state.1 {
+                        state = cv.wait(state).unwrap();
+                    }
+                }
                 if head.starts_with("GET /big ") {
                     // A large answer (an artifact download, say).
                     let _ = stream.write_all(
@@ -257,12 +271,23 @@ fn upstream() -> Upstream {
             });
         }
     });
-    Upstream { addr, seen }
+    Upstream { addr, seen, held }
 }
 
 impl Upstream {
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many `GET /slow` requests have arrived.
+    fn slow_arrived(&self) -> usize {
+        self.held.0.lock().unwrap().0
+    }
+
+    /// Lets every held `GET /slow` request (and later ones) answer.
+    fn release(&self) {
+        self.held.0.lock().unwrap().1 = true;
+        self.held.1.notify_all();
     }
 }
 
@@ -1158,4 +1183,65 @@ fn answers_nobody_reads_do_not_hold_connections() {
     wait_for("no connection left open", Duration::from_secs(10), || {
         (g.metric("gate_connections_open", "listener=\"public\"") == 0.0).then_some(())
     });
+}
+
+#[test]
+fn http2_multiplexing_cannot_exceed_the_request_cap() {
+    let provider = OidcProvider::start(OidcOptions::default());
+    let up = upstream();
+    let g = gate(&provider, &up.url(), &[("GATE_MAX_CONNECTIONS", "5")]);
+    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let statuses: Vec<u16> = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        // One connection, 20 concurrent streams, each a slow MLflow call.
+        let calls = (0..20).map(|_| {
+            let mut send = send.clone();
+            let req = http::Request::get(format!("http://{}/slow", g.addr))
+                .header("authorization", bearer(&token))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            tokio::spawn(async move { send.send_request(req).await.map(|r| r.status().as_u16()).unwrap_or(0) })
+        });
+        let calls: Vec<_> = calls.collect();
+        // Those over the cap are answered at once, while the others still wait on MLflow.
+        let refused = tokio::task::spawn_blocking({
+            let admin = g.admin;
+            move || {
+                wait_for("15 requests refused", Duration::from_secs(20), || {
+                    let (_, _, text) = exchange(admin, "GET", "/gate/metrics", &[], b"");
+                    text.lines()
+                        .find(|l| l.starts_with("gate_requests_refused_total"))
+                        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .filter(|n| *n >= 15.0)
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(refused, 15.0);
+        let arrived = tokio::task::block_in_place(|| {
+            wait_for("the admitted requests at MLflow", Duration::from_secs(10), || {
+                (up.slow_arrived() >= 5).then(|| up.slow_arrived())
+            })
+        });
+        assert_eq!(arrived, 5, "only the capped number reached MLflow");
+        up.release();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        out
+    });
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let busy = statuses.iter().filter(|s| **s == 503).count();
+    eprintln!("20 streams on one connection with a cap of 5: {ok} answered, {busy} refused");
+    assert_eq!((ok, busy), (5, 15), "{statuses:?}");
 }

@@ -21,7 +21,7 @@
 //! | GATE_SESSION_REFRESH | `5m` | how often a browser session is re-checked with the provider |
 //! | GATE_ALLOWED_CLIENTS | any | comma list of clients (`azp`) whose tokens are accepted (plus OIDC_CLIENT_ID) |
 //! | GATE_ADMIN_LISTEN | `127.0.0.1:9091` | admin listener (/gate/metrics, health); `off` disables it |
-//! | GATE_MAX_CONNECTIONS | 512 | open client connections on the public listener; more are closed at once |
+//! | GATE_MAX_CONNECTIONS | 512 | open client connections on the public listener (more are closed at once), and requests in flight across them (more get 503) |
 //! | GATE_HEADER_READ_TIMEOUT | `10s` | a new connection must complete its first request head within this |
 //! | GATE_IDLE_TIMEOUT | `60s` | a connection with no request in flight is closed after this; also the longest an answer waits for a client that does not read |
 //! | GATE_BODY_READ_TIMEOUT | `30s` | longest pause while reading a request body |

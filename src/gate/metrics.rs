@@ -39,6 +39,8 @@ pub struct GateMetrics {
     /// Closed by the header-read or idle timeout.
     pub connections_timed_out: Family<ListenerLabel, Counter>,
     pub accept_errors: Family<ListenerLabel, Counter>,
+    /// Answered 503 at once: as many requests in flight as GATE_MAX_CONNECTIONS.
+    pub requests_refused: Family<ListenerLabel, Counter>,
     /// Browser sessions checked with the provider: active, ended, error.
     pub session_checks: Family<ResultLabel, Counter>,
 }
@@ -64,6 +66,7 @@ impl GateMetrics {
         let connections_refused = Family::<ListenerLabel, Counter>::default();
         let connections_timed_out = Family::<ListenerLabel, Counter>::default();
         let accept_errors = Family::<ListenerLabel, Counter>::default();
+        let requests_refused = Family::<ListenerLabel, Counter>::default();
         let session_checks = Family::<ResultLabel, Counter>::default();
         registry.register(
             "gate_connections_open",
@@ -82,6 +85,11 @@ impl GateMetrics {
         );
         registry.register("gate_accept_errors", "Failed accept() calls", accept_errors.clone());
         registry.register(
+            "gate_requests_refused",
+            "Requests answered 503 because GATE_MAX_CONNECTIONS requests were in flight",
+            requests_refused.clone(),
+        );
+        registry.register(
             "gate_session_checks",
             "Browser sessions re-checked with the identity provider, by result",
             session_checks.clone(),
@@ -95,6 +103,7 @@ impl GateMetrics {
             connections_refused,
             connections_timed_out,
             accept_errors,
+            requests_refused,
             session_checks,
         }
     }

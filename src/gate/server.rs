@@ -2,12 +2,14 @@
 //! head, an idle timeout between requests, a pause limit while a request body is read, a limit on
 //! how long an answer may wait for a client that does not read it, and accept errors backed off
 //! (5 ms doubling to 1 s) with a rate-limited warning. Slow or silent clients cost at most one
-//! connection slot for a bounded time.
+//! connection slot for a bounded time. Requests in flight (each may hold a connection to MLflow)
+//! are capped at the connection cap across all connections, so HTTP/2 multiplexing cannot
+//! multiply sockets either.
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,10 @@ use super::proxy::{Body, BoxError};
 const WARN_EVERY: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+
+/// HTTP/2 streams one connection may have open (hyper's default is 200).
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -258,8 +264,12 @@ pub(crate) async fn serve<H, F>(
 {
     let label = ListenerLabel { listener: name };
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // HTTP/1.1 has one request in flight per connection; HTTP/2 could have many.
+    let request_slots = Arc::new(Semaphore::new(limits.max_connections));
+    let busy_warning = Arc::new(Mutex::new(RateLimitedWarning::new()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     let mut backoff = Duration::ZERO;
     let mut accept_warning = RateLimitedWarning::new();
     let mut full_warning = RateLimitedWarning::new();
@@ -306,8 +316,27 @@ pub(crate) async fn serve<H, F>(
         let act = activity.clone();
         let h = handler.clone();
         let body_limit = limits.body_read_timeout;
+        let request_slots = request_slots.clone();
+        let busy_warning = busy_warning.clone();
+        let busy_metrics = metrics.clone();
+        let busy_label = label.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = act.begin();
+            let Ok(permit) = request_slots.clone().try_acquire_owned() else {
+                busy_metrics.requests_refused.get_or_create(&busy_label).inc();
+                if let Some(n) = busy_warning.lock().ok().and_then(|mut w| w.hit(Instant::now())) {
+                    tracing::warn!(
+                        listener = name,
+                        refused = n,
+                        "too many requests in flight; answering 503"
+                    );
+                }
+                let mut resp = super::detail(http::StatusCode::SERVICE_UNAVAILABLE, "Too many requests in flight");
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                drop(guard);
+                return Box::pin(std::future::ready(Ok(resp))) as ServiceFuture;
+            };
             let req = req.map(|inner| {
                 TimeoutBody {
                     inner,
@@ -317,17 +346,18 @@ pub(crate) async fn serve<H, F>(
                 .boxed()
             });
             let fut = h(req, peer);
-            async move {
+            Box::pin(async move {
                 let resp = fut.await;
-                // The connection counts as busy until the response body is sent (or dropped).
+                // The connection counts as busy, and the request slot taken, until the response
+                // body is sent (or dropped).
                 Ok::<_, std::convert::Infallible>(resp.map(|b| {
                     b.map_frame(move |f| {
-                        let _ = &guard;
+                        let _ = (&guard, &permit);
                         f
                     })
                     .boxed()
                 }))
-            }
+            }) as ServiceFuture
         });
         let stream = WatchedStream {
             inner: stream,
