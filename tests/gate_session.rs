@@ -858,7 +858,33 @@ fn logout_in_the_browser_ends_the_session_on_every_replica() {
 
 #[test]
 fn a_disabled_user_loses_access_within_the_refresh_interval() {
-    let provider = OidcProvider::start(OidcOptions::default());
+    disabled_user_loses_access(true);
+}
+
+#[test]
+fn a_disabled_user_loses_access_without_introspection() {
+    // The gate falls back to a refresh grant to ask the provider.
+    disabled_user_loses_access(false);
+}
+
+fn disabled_user_loses_access(introspection: bool) {
+    let provider = OidcProvider::start(OidcOptions {
+        introspection,
+        ..Default::default()
+    });
+    let discovery = exchange(
+        provider.addr(),
+        "GET",
+        &split_url(&provider.discovery_url()).1,
+        &[],
+        b"",
+    )
+    .2;
+    assert_eq!(
+        discovery.contains("introspection_endpoint"),
+        introspection,
+        "{discovery}"
+    );
     let up = upstream();
     let g = gate(&provider, &up.url(), &[("GATE_SESSION_REFRESH", "2s")]);
     let mut cookie = gate_login(&g, "alice");

@@ -1,6 +1,6 @@
 // Keycloak-shaped test OpenID Provider on oidc-provider (panva). Fixture only, binds 127.0.0.1.
 // Env: PORT(8180; 0 = pick a free port) REALM(test) TOKEN_TTL(60) CLIENT_SECRET(mlflow-secret) AUDIENCE(mlflow)
-//      REDIRECT_URIS(comma list; unset = any loopback URL)
+//      REDIRECT_URIS(comma list; unset = any loopback URL) INTROSPECTION(0: no introspection endpoint)
 //      AUTO_LOGIN(1: /auth logs in login_hint or 'alice' with no form; 0: username/password form)
 //      KEY_FILE(path of the RSA signing key as a JWK: loaded if it exists, else generated and written there,
 //               so a restart keeps its key, deleting the file rotates it, and two realms can share one key)
@@ -59,7 +59,7 @@ function makeProvider(issuer) {
       Interaction: 600, Grant: 3600, RefreshToken: 3600 },
     features: {
       devInteractions: { enabled: false }, clientCredentials: { enabled: true },
-      introspection: { enabled: true, allowedPolicy: async (ctx, c, token) => !DISABLED.has(token.accountId)
+      introspection: { enabled: env.INTROSPECTION !== '0', allowedPolicy: async (ctx, c, token) => !DISABLED.has(token.accountId)
         && (c.clientAuthMethod !== 'none' || token.clientId === c.clientId) },
       revocation: { enabled: true },
       rpInitiatedLogout: { enabled: true, logoutSource: logoutPage },
