@@ -180,6 +180,11 @@ pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<(
     Ok(())
 }
 
+/// Set on a request (never by a client: extensions are not on the wire) whose session cookie the
+/// provider has just confirmed.
+#[derive(Clone, Copy)]
+struct SessionConfirmed;
+
 enum Auth {
     Ok(Identity),
     Missing,
@@ -449,6 +454,7 @@ impl Gate {
             let renewed = Session { checked: at, ..session };
             let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
             session::replace_cookie(req.headers_mut(), SESSION_COOKIE, &sealed);
+            req.extensions_mut().insert(SessionConfirmed);
             return Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))));
         }
         let Some(rt) = session.refresh_token.clone() else {
@@ -473,6 +479,7 @@ impl Gate {
                 };
                 let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
                 session::replace_cookie(req.headers_mut(), SESSION_COOKIE, &sealed);
+                req.extensions_mut().insert(SessionConfirmed);
                 Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))))
             }
             Ok(oidc::SessionCheck::Ended) => {
@@ -649,7 +656,12 @@ impl Gate {
         let cookie = header_str(req, header::COOKIE).and_then(|c| session::cookie(c, SESSION_COOKIE));
         // recheck_session has confirmed (and re-sealed) a due session before this point.
         if let Some(s) = cookie.and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
-            && session::session_state(&s, now_secs(), self.cfg.session_refresh.as_secs()) == SessionState::Fresh
+            && match session::session_state(&s, now_secs(), self.cfg.session_refresh.as_secs()) {
+                SessionState::Fresh => true,
+                // Just confirmed by recheck_session (the provider call may have crossed the due time).
+                SessionState::Due => req.extensions().get::<SessionConfirmed>().is_some(),
+                SessionState::Expired => false,
+            }
             && !self.session_ended_here(&s.sid)
         {
             return Auth::Ok(s.identity);
