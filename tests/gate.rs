@@ -40,6 +40,8 @@ fn relay_bin() -> std::path::PathBuf {
 struct Gate {
     proc: Proc,
     addr: SocketAddr,
+    /// The admin listener (/gate/metrics).
+    admin: SocketAddr,
     started: Duration,
 }
 
@@ -54,11 +56,14 @@ fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
         .env("SECRET_KEY", "a test secret key that is long enough")
         .env("GATE_LISTEN", "127.0.0.1:0")
         .env("GATE_UPSTREAM", upstream)
+        .env("GATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
         .env("OTLP_RELAY_LOG", "info,otlp_relay=debug")
         .envs(env.iter().copied());
     let t0 = Instant::now();
     let mut proc = Proc::spawn("gate", cmd);
     let addr = proc.wait_listen("gate", Duration::from_secs(20));
+    let admin = proc.wait_listen("gate-admin", Duration::from_secs(20));
     // Healthy = serving and the provider discovered (tokens can be checked).
     wait_for("gate discovery", Duration::from_secs(20), || {
         let (s, _, b) = request("GET", addr, "/gate/healthz", &[], b"");
@@ -67,6 +72,7 @@ fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
     Gate {
         proc,
         addr,
+        admin,
         started: t0.elapsed(),
     }
 }
@@ -367,14 +373,14 @@ fn refusals(w: &mut World) {
     assert!(b.contains("gate-e2e"), "{b}");
 
     let refused = |token: &str, reason: &str| {
-        let before = gate_metric(g.addr, "gate_auth_failures_total", &format!("reason=\"{reason}\""));
+        let before = gate_metric(g.admin, "gate_auth_failures_total", &format!("reason=\"{reason}\""));
         let (s, _, b) = request("POST", g.addr, search, &[json, ("authorization", &bearer(token))], q);
         assert_eq!(s, 401, "{reason}: {b}");
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&b).unwrap()["detail"],
             "Invalid token"
         );
-        let after = gate_metric(g.addr, "gate_auth_failures_total", &format!("reason=\"{reason}\""));
+        let after = gate_metric(g.admin, "gate_auth_failures_total", &format!("reason=\"{reason}\""));
         assert_eq!(after, before + 1.0, "refused for reason {reason}");
     };
     // Wrong audience: a token the provider minted for another client.
@@ -596,7 +602,7 @@ fn expired_token(w: &mut World) {
         );
         (s == 401).then_some(())
     });
-    assert!(gate_metric(g.addr, "gate_auth_failures_total", "reason=\"expired\"") >= 1.0);
+    assert!(gate_metric(g.admin, "gate_auth_failures_total", "reason=\"expired\"") >= 1.0);
 }
 
 fn bearer_and_metrics(w: &mut World) {
@@ -619,8 +625,8 @@ fn bearer_and_metrics(w: &mut World) {
     );
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("gate-e2e"));
-    assert!(gate_metric(g.addr, "gate_requests_total", "status=\"200\"") >= 2.0);
-    assert!(gate_metric(g.addr, "gate_upstream_duration_seconds_count", "") >= 2.0);
+    assert!(gate_metric(g.admin, "gate_requests_total", "status=\"200\"") >= 2.0);
+    assert!(gate_metric(g.admin, "gate_upstream_duration_seconds_count", "") >= 2.0);
 }
 
 fn excluded_path(w: &mut World) {
@@ -896,6 +902,7 @@ fn readiness_and_shutdown(w: &mut World) {
         .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
         .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
         .env("GATE_LISTEN", "127.0.0.1:0")
+        .env("GATE_ADMIN_LISTEN", "off")
         .env("GATE_UPSTREAM", w.mlflow.url());
     let mut p = Proc::spawn("gate-early", cmd);
     let addr = p.wait_listen("gate", Duration::from_secs(20));

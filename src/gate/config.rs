@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | OIDC_DISCOVERY_URL | required | `<issuer>/.well-known/openid-configuration` |
 //! | OIDC_CLIENT_ID, OIDC_CLIENT_SECRET | required | the confidential client (Basic auth accepts exactly these) |
-//! | OIDC_REDIRECT_URI | `<proto>://<host>/callback` of each request | fixed callback URL; its path is served |
+//! | OIDC_REDIRECT_URI | `<proto>://<host>/callback` of a request whose host GATE_TRUSTED_PROXIES or GATE_ALLOWED_HOSTS vouch for (else no browser login) | fixed callback URL; its path is served |
 //! | OIDC_SCOPE | `openid email profile` | scopes asked at login |
 //! | OIDC_GROUPS_ATTRIBUTE | `groups` | claim with the groups (ID token, else access token) |
 //! | OIDC_GROUP_NAME | `mlflow` | comma list of groups allowed in |
@@ -18,9 +18,21 @@
 //! | GATE_PERMISSIONS_FILE | none (members: EDIT everywhere) | YAML, see [`super::authz::Permissions`] |
 //! | GATE_CLOCK_LEEWAY_SECONDS | 30 | exp/nbf leeway |
 //! | GATE_SESSION_TTL_SECONDS | 28800 | browser session lifetime |
+//! | GATE_SESSION_REFRESH | `5m` | how often a browser session is re-checked with the provider |
+//! | GATE_ALLOWED_CLIENTS | any | comma list of clients (`azp`) whose tokens are accepted (plus OIDC_CLIENT_ID) |
+//! | GATE_ADMIN_LISTEN | `127.0.0.1:9091` | admin listener (/gate/metrics, health); `off` disables it |
+//! | GATE_MAX_CONNECTIONS | 512 | open client connections on the public listener (more are closed at once), and requests in flight across them (more get 503) |
+//! | GATE_HEADER_READ_TIMEOUT | `10s` | a new connection must complete its first request head within this |
+//! | GATE_IDLE_TIMEOUT | `60s` | a connection with no request in flight is closed after this; also the longest an answer waits for a client that does not read |
+//! | GATE_BODY_READ_TIMEOUT | `30s` | longest pause while reading a request body |
+//! | GATE_TRUSTED_PROXIES | none | comma list of IPs / CIDRs whose X-Forwarded-Proto/-Host/-For are believed |
+//! | GATE_ALLOWED_HOSTS | none | Host names (optionally `:port`) a login redirect may be built from |
+//!
+//! Durations are a number with `ms`, `s`, `m` or `h` (a bare number is seconds).
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::authz::{Permissions, Policy};
 
@@ -43,7 +55,8 @@ pub struct GateConfig {
     pub issuer: String,
     pub client_id: String,
     pub client_secret: Secret,
-    /// Fixed redirect URI; None derives `<scheme>://<host>/callback` from each request.
+    /// Fixed redirect URI; None derives `<scheme>://<host>/callback` from a request whose host is
+    /// vouched for (trusted proxy, allowed host), and refuses browser login otherwise.
     pub redirect_uri: Option<String>,
     /// Path the provider redirects back to (the redirect URI's path, default /callback).
     pub callback_path: String,
@@ -63,6 +76,104 @@ pub struct GateConfig {
     pub leeway_secs: u64,
     /// Upper bound of a browser session in seconds.
     pub session_ttl_secs: u64,
+    /// A browser session is re-validated with the provider when its last check is this old.
+    pub session_refresh: Duration,
+    /// Clients (`azp`) whose tokens are accepted; empty: any client with our audience.
+    pub allowed_clients: Vec<String>,
+    /// None: no admin listener.
+    pub admin_listen: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub trusted_proxies: TrustedProxies,
+    /// Host header values (lower case, `host` or `host:port`) a redirect URI may be built from.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Peers whose X-Forwarded-* headers are believed: IPs and CIDR blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Parses `10.0.0.0/8, 192.168.1.7, fd00::/8`. IPv4-mapped IPv6 peers match their IPv4 entries.
+    pub fn parse(text: &str) -> Result<TrustedProxies, String> {
+        let mut out = Vec::new();
+        for item in list(text) {
+            let (ip, bits) = match item.split_once('/') {
+                Some((ip, bits)) => (ip, Some(bits)),
+                None => (item.as_str(), None),
+            };
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("{item:?} is not an IP address or CIDR block"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                None => max,
+                Some(b) => match b.parse::<u8>() {
+                    Ok(n) if n <= max => n,
+                    _ => return Err(format!("{item:?} has a bad prefix length")),
+                },
+            };
+            out.push((ip, bits));
+        }
+        Ok(TrustedProxies(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, peer: IpAddr) -> bool {
+        let peer = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+            v4 => v4,
+        };
+        self.0.iter().any(|&(net, bits)| match (net, peer) {
+            (IpAddr::V4(n), IpAddr::V4(p)) => prefix_eq(u32::from(n).into(), u32::from(p).into(), bits, 32),
+            (IpAddr::V6(n), IpAddr::V6(p)) => prefix_eq(u128::from(n), u128::from(p), bits, 128),
+            _ => false,
+        })
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, bits: u8, width: u8) -> bool {
+    if bits == 0 {
+        return true;
+    }
+    let shift = u32::from(width - bits);
+    (a >> shift) == (b >> shift)
+}
+
+/// `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Whether a Host header value is one of `allowed` (`host` entries match any port, `host:port` only that).
+pub fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let Ok(auth) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    if host.contains('@') {
+        return false;
+    }
+    allowed
+        .iter()
+        .any(|a| *a == host || (!a.contains(':') || a.starts_with('[') && a.ends_with(']')) && *a == auth.host())
 }
 
 impl GateConfig {
@@ -231,6 +342,95 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
     let leeway_secs = number("GATE_CLOCK_LEEWAY_SECONDS", 30, 300);
     let session_ttl_secs = number("GATE_SESSION_TTL_SECONDS", 8 * 3600, 7 * 24 * 3600);
 
+    let mut duration = |k: &str, default: Duration, min: Duration, max: Duration| -> Duration {
+        match get(k) {
+            None => default,
+            Some(v) => match parse_duration(&v) {
+                Some(d) if d >= min && d <= max => d,
+                _ => {
+                    problems.push(format!(
+                        "{k}: {v:?} is not a duration between {min:?} and {max:?} (like 10s, 5m)"
+                    ));
+                    default
+                }
+            },
+        }
+    };
+    let second = Duration::from_secs(1);
+    let session_refresh = duration(
+        "GATE_SESSION_REFRESH",
+        Duration::from_secs(300),
+        second,
+        Duration::from_secs(24 * 3600),
+    );
+    let header_read_timeout = duration(
+        "GATE_HEADER_READ_TIMEOUT",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    );
+    let idle_timeout = duration(
+        "GATE_IDLE_TIMEOUT",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    );
+    let body_read_timeout = duration(
+        "GATE_BODY_READ_TIMEOUT",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    );
+
+    let mut allowed_clients = list(&get("GATE_ALLOWED_CLIENTS").unwrap_or_default());
+    // The gate's own client (Basic is exchanged for its token) is always one of them.
+    if !allowed_clients.is_empty() && !allowed_clients.contains(&client_id) {
+        allowed_clients.push(client_id.clone());
+    }
+
+    let admin_listen = match get("GATE_ADMIN_LISTEN") {
+        Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+        v => {
+            let text = v.unwrap_or_else(|| "127.0.0.1:9091".into());
+            match text.trim().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    problems.push(format!("GATE_ADMIN_LISTEN: {text:?} is not IP:PORT or off"));
+                    None
+                }
+            }
+        }
+    };
+
+    let max_connections = match get("GATE_MAX_CONNECTIONS") {
+        None => 512,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => n,
+            _ => {
+                problems.push(format!("GATE_MAX_CONNECTIONS: {v:?} is not a number from 1 to 1000000"));
+                512
+            }
+        },
+    };
+
+    let trusted_proxies = match TrustedProxies::parse(&get("GATE_TRUSTED_PROXIES").unwrap_or_default()) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(format!("GATE_TRUSTED_PROXIES: {e}"));
+            TrustedProxies::default()
+        }
+    };
+
+    let allowed_hosts: Vec<String> = list(&get("GATE_ALLOWED_HOSTS").unwrap_or_default())
+        .into_iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    for h in &allowed_hosts {
+        if h.parse::<http::uri::Authority>().is_err() || h.contains('@') || h.contains('*') {
+            problems.push(format!("GATE_ALLOWED_HOSTS: {h:?} is not a host or host:port"));
+        }
+    }
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -254,6 +454,15 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
         permissions,
         leeway_secs,
         session_ttl_secs,
+        session_refresh,
+        allowed_clients,
+        admin_listen,
+        max_connections,
+        header_read_timeout,
+        idle_timeout,
+        body_read_timeout,
+        trusted_proxies,
+        allowed_hosts,
     })
 }
 
@@ -289,6 +498,10 @@ mod tests {
         assert_eq!(c.upstream, "http://127.0.0.1:5000");
         assert_eq!(c.callback_path, "/callback");
         assert!(c.exclude_paths.is_empty() && c.permissions.is_none() && c.secret_key.is_none());
+        assert_eq!(c.session_refresh, Duration::from_secs(300));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9091".parse().unwrap()));
+        assert!(c.allowed_clients.is_empty() && c.trusted_proxies.is_empty() && c.allowed_hosts.is_empty());
         assert!(!format!("{c:?}").contains("s3cret"), "secrets never print");
     }
 
@@ -304,6 +517,12 @@ mod tests {
             ("OIDC_REDIRECT_URI", "/relative"),
             ("GATE_PERMISSIONS_FILE", "/nonexistent/perm.yaml"),
             ("GATE_CLOCK_LEEWAY_SECONDS", "-1"),
+            ("GATE_SESSION_REFRESH", "5 parsecs"),
+            ("GATE_ADMIN_LISTEN", "9091"),
+            ("GATE_MAX_CONNECTIONS", "0"),
+            ("GATE_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("GATE_ALLOWED_HOSTS", "user@host"),
+            ("GATE_HEADER_READ_TIMEOUT", "0s"),
         ]))
         .unwrap_err();
         let text = e.join("\n");
@@ -319,10 +538,16 @@ mod tests {
             "OIDC_REDIRECT_URI:",
             "GATE_PERMISSIONS_FILE:",
             "GATE_CLOCK_LEEWAY_SECONDS:",
+            "GATE_SESSION_REFRESH:",
+            "GATE_ADMIN_LISTEN:",
+            "GATE_MAX_CONNECTIONS:",
+            "GATE_TRUSTED_PROXIES:",
+            "GATE_ALLOWED_HOSTS:",
+            "GATE_HEADER_READ_TIMEOUT:",
         ] {
             assert!(text.contains(k), "missing {k:?} in:\n{text}");
         }
-        assert_eq!(e.len(), 11, "{text}");
+        assert_eq!(e.len(), 17, "{text}");
     }
 
     #[test]
@@ -347,5 +572,91 @@ mod tests {
         assert!(!c.is_excluded("/v1/traces/../../api/2.0/mlflow/experiments/delete"));
         assert!(!c.is_excluded("/v1/traces%2F..%2Fapi"));
         assert!(!c.is_excluded("/api/2.0/mlflow/experiments/search"));
+    }
+
+    #[test]
+    fn connection_and_session_settings() {
+        let mut pairs = MIN.to_vec();
+        pairs.extend([
+            ("GATE_SESSION_REFRESH", "2s"),
+            ("GATE_ALLOWED_CLIENTS", "relay, loadgen"),
+            ("GATE_ADMIN_LISTEN", "off"),
+            ("GATE_MAX_CONNECTIONS", "20"),
+            ("GATE_HEADER_READ_TIMEOUT", "1500ms"),
+            ("GATE_IDLE_TIMEOUT", "2m"),
+            ("GATE_BODY_READ_TIMEOUT", "45"),
+            ("GATE_TRUSTED_PROXIES", "10.1.0.0/16, 192.168.0.7, fd00::/8"),
+            ("GATE_ALLOWED_HOSTS", "MLflow.example.com, 127.0.0.1:8080"),
+        ]);
+        let c = from_env(env(&pairs)).unwrap();
+        assert_eq!(c.session_refresh, Duration::from_secs(2));
+        assert_eq!(
+            c.allowed_clients,
+            ["relay", "loadgen", "mlflow"],
+            "our own client is always allowed"
+        );
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.max_connections, 20);
+        assert_eq!(c.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(45));
+        assert_eq!(c.allowed_hosts, ["mlflow.example.com", "127.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration(" 5m "), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["", "s", "-1s", "1.5s", "5 parsecs", "1d", "99999999999999999999h"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxy_matching() {
+        let t = TrustedProxies::parse("10.1.0.0/16, 192.168.0.7, fd00::/8, 0.0.0.0/0").unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(t.contains(ip("8.8.8.8")), "0.0.0.0/0 is every IPv4 peer");
+        let t = TrustedProxies::parse("10.1.0.0/16, 192.168.0.7, fd00::/8").unwrap();
+        assert!(t.contains(ip("10.1.255.3")));
+        assert!(!t.contains(ip("10.2.0.1")));
+        assert!(t.contains(ip("192.168.0.7")));
+        assert!(!t.contains(ip("192.168.0.8")));
+        assert!(t.contains(ip("::ffff:10.1.2.3")), "IPv4-mapped peer");
+        assert!(t.contains(ip("fd12::1")));
+        assert!(!t.contains(ip("fe80::1")));
+        assert!(!t.contains(ip("127.0.0.1")));
+        assert!(
+            !TrustedProxies::default().contains(ip("127.0.0.1")),
+            "nobody by default"
+        );
+        for bad in ["10.0.0.0/33", "fd00::/129", "host.example", "10.0.0.1/x", "10.0.0/8"] {
+            assert!(TrustedProxies::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowed_hosts() {
+        let a: Vec<String> = vec!["mlflow.example.com".into(), "127.0.0.1:8080".into(), "[::1]".into()];
+        assert!(host_allowed(&a, "mlflow.example.com"));
+        assert!(
+            host_allowed(&a, "MLFLOW.example.com:443"),
+            "a bare host matches any port"
+        );
+        assert!(host_allowed(&a, "127.0.0.1:8080"));
+        assert!(!host_allowed(&a, "127.0.0.1:8081"));
+        assert!(!host_allowed(&a, "127.0.0.1"));
+        assert!(host_allowed(&a, "[::1]:8080"));
+        for bad in [
+            "evil.example",
+            "mlflow.example.com.evil",
+            "user@mlflow.example.com",
+            "",
+            "mlflow.example.com/x",
+        ] {
+            assert!(!host_allowed(&a, bad), "{bad:?}");
+        }
     }
 }

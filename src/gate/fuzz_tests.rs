@@ -18,6 +18,7 @@ fn rules() -> JwtRules {
         audience: "mlflow".into(),
         leeway_secs: 5,
         groups_attribute: "groups".into(),
+        allowed_clients: Vec::new(),
     }
 }
 
@@ -123,6 +124,7 @@ proptest! {
         let header = serde_json::json!({"alg": "ES256", "typ": typ, "kid": "k1"});
         let token = signer().sign(header.to_string().as_bytes(), serde_json::to_vec(&claims).unwrap().as_slice());
         if jwt::validate(&signer().jwks, &rules(), &token).is_ok() {
+            prop_assert!(typ == "JWT" || typ == "at+jwt", "a {} token was accepted", typ);
             prop_assert_eq!(claims.get("iss").and_then(|v| v.as_str()), Some(ISSUER));
             let exp = claims.get("exp").and_then(|v| v.as_f64()).unwrap_or(0.0);
             prop_assert!(exp + 5.0 >= now() as f64, "expired token accepted: {:?}", claims);

@@ -1,6 +1,7 @@
 //! Bearer JWT validation against the provider's JWKS: asymmetric algorithms only, typ JWT or at+jwt,
-//! iss, aud (string or array), exp/nbf with leeway. The key set is a plain value (pure checks); the
-//! shell refetches it on an unknown kid, rate-limited.
+//! iss, aud (string or array), exp/nbf with leeway, access tokens only (not ID, refresh or logout
+//! tokens), and optionally only from the allowed clients (`azp`). The key set is a plain value (pure
+//! checks); the shell refetches it on an unknown kid, rate-limited.
 use std::collections::HashMap;
 
 use jsonwebtoken::jwk::JwkSet;
@@ -42,6 +43,12 @@ pub enum JwtError {
     Audience,
     #[error("invalid claims")]
     Claims,
+    /// An ID, refresh or logout token (or anything not declared an access token) sent as a Bearer token.
+    #[error("not an access token")]
+    NotAccessToken,
+    /// `azp` (or `client_id`) missing or not in GATE_ALLOWED_CLIENTS.
+    #[error("client not allowed")]
+    Client,
 }
 
 impl JwtError {
@@ -58,6 +65,8 @@ impl JwtError {
             JwtError::Issuer => "issuer",
             JwtError::Audience => "audience",
             JwtError::Claims => "claims",
+            JwtError::NotAccessToken => "not_access_token",
+            JwtError::Client => "client",
         }
     }
 }
@@ -123,6 +132,52 @@ pub struct JwtRules {
     pub audience: String,
     pub leeway_secs: u64,
     pub groups_attribute: String,
+    /// Empty: any client; else `azp` / `client_id` must be one of these.
+    pub allowed_clients: Vec<String>,
+}
+
+/// Claims that only ID tokens (nonce, at_hash, c_hash, s_hash) or logout tokens (events) carry.
+const NOT_ACCESS_TOKEN_CLAIMS: &[&str] = &["nonce", "at_hash", "c_hash", "s_hash", "events"];
+
+fn is_at_jwt(header_typ: Option<&str>) -> bool {
+    header_typ.is_some_and(|t| t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt"))
+}
+
+/// Whether verified claims belong to an access token. Keycloak says so in the `typ` claim (`Bearer`;
+/// `ID`, `Refresh`, `Logout`, `Offline` are other kinds); RFC 9068 in the header (`at+jwt`). With
+/// neither, a token carrying an ID- or logout-token claim is refused: its `aud` is our client id too.
+pub fn check_access_token(
+    header_typ: Option<&str>,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), JwtError> {
+    match claims.get("typ") {
+        Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("Bearer") => return Ok(()),
+        Some(_) => return Err(JwtError::NotAccessToken),
+        None => {}
+    }
+    if is_at_jwt(header_typ) {
+        return Ok(());
+    }
+    if NOT_ACCESS_TOKEN_CLAIMS.iter().any(|c| claims.contains_key(*c)) {
+        return Err(JwtError::NotAccessToken);
+    }
+    Ok(())
+}
+
+/// With a non-empty `allowed`, the token's authorized party (`azp`, Keycloak and OIDC; `client_id`,
+/// RFC 9068) must be listed; a token naming none is refused.
+pub fn check_client(allowed: &[String], claims: &serde_json::Map<String, serde_json::Value>) -> Result<(), JwtError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let client = claims
+        .get("azp")
+        .or_else(|| claims.get("client_id"))
+        .and_then(|v| v.as_str());
+    match client {
+        Some(c) if allowed.iter().any(|a| a == c) => Ok(()),
+        _ => Err(JwtError::Client),
+    }
 }
 
 /// The token's kid, if it parses at all (to decide on a JWKS refetch before validating).
@@ -163,7 +218,11 @@ pub fn validate(keys: &KeySet, rules: &JwtRules, token: &str) -> Result<Identity
             continue;
         }
         match decode::<serde_json::Map<String, serde_json::Value>>(token, key, &v) {
-            Ok(data) => return identity(&data.claims, &rules.groups_attribute),
+            Ok(data) => {
+                check_access_token(header.typ.as_deref(), &data.claims)?;
+                check_client(&rules.allowed_clients, &data.claims)?;
+                return identity(&data.claims, &rules.groups_attribute);
+            }
             Err(e) => {
                 use jsonwebtoken::errors::ErrorKind as K;
                 last = match e.kind() {
@@ -246,6 +305,7 @@ mod tests {
             audience: "mlflow".into(),
             leeway_secs: 5,
             groups_attribute: "groups".into(),
+            allowed_clients: Vec::new(),
         }
     }
 
@@ -335,6 +395,114 @@ mod tests {
         let hs = encode(&h, &good_claims(), &EncodingKey::from_secret(EC_X.as_bytes()).unwrap()).unwrap();
         assert_eq!(validate(&ks, &r, &hs), Err(JwtError::Algorithm));
         assert_eq!(validate(&ks, &r, "not.a.jwt"), Err(JwtError::Malformed));
+    }
+
+    fn claims(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn only_access_tokens() {
+        use serde_json::json;
+        // Keycloak: header typ JWT for every kind, the kind in the typ claim.
+        assert_eq!(
+            check_access_token(Some("JWT"), &claims(json!({"typ": "Bearer"}))),
+            Ok(())
+        );
+        assert_eq!(
+            check_access_token(Some("JWT"), &claims(json!({"typ": "bearer"}))),
+            Ok(())
+        );
+        for kind in [
+            json!("ID"),
+            json!("Refresh"),
+            json!("Offline"),
+            json!("Logout"),
+            json!(""),
+            json!(1),
+        ] {
+            for h in [None, Some("JWT"), Some("at+jwt")] {
+                assert_eq!(
+                    check_access_token(h, &claims(json!({ "typ": kind }))),
+                    Err(JwtError::NotAccessToken),
+                    "{kind} {h:?}"
+                );
+            }
+        }
+        // RFC 9068 access tokens, and plain ones with no kind at all.
+        assert_eq!(check_access_token(Some("at+jwt"), &claims(json!({"sub": "x"}))), Ok(()));
+        assert_eq!(
+            check_access_token(Some("application/AT+JWT"), &claims(json!({}))),
+            Ok(())
+        );
+        assert_eq!(check_access_token(None, &claims(json!({"sub": "x"}))), Ok(()));
+        // An ID token without a typ claim (most providers): its nonce / hashes give it away.
+        for marker in NOT_ACCESS_TOKEN_CLAIMS {
+            let c = claims(json!({ "sub": "x", *marker: "v" }));
+            assert_eq!(
+                check_access_token(Some("JWT"), &c),
+                Err(JwtError::NotAccessToken),
+                "{marker}"
+            );
+            assert_eq!(check_access_token(None, &c), Err(JwtError::NotAccessToken), "{marker}");
+        }
+    }
+
+    #[test]
+    fn allowed_clients() {
+        use serde_json::json;
+        let allowed = vec!["mlflow".to_string(), "relay".to_string()];
+        assert_eq!(check_client(&[], &claims(json!({}))), Ok(()));
+        assert_eq!(check_client(&allowed, &claims(json!({"azp": "relay"}))), Ok(()));
+        assert_eq!(check_client(&allowed, &claims(json!({"client_id": "mlflow"}))), Ok(()));
+        assert_eq!(
+            check_client(&allowed, &claims(json!({"azp": "reader"}))),
+            Err(JwtError::Client)
+        );
+        // azp wins over client_id: a listed client_id cannot vouch for another party.
+        assert_eq!(
+            check_client(&allowed, &claims(json!({"azp": "reader", "client_id": "mlflow"}))),
+            Err(JwtError::Client)
+        );
+        assert_eq!(
+            check_client(&allowed, &claims(json!({"sub": "x"}))),
+            Err(JwtError::Client)
+        );
+        assert_eq!(
+            check_client(&allowed, &claims(json!({"azp": ["mlflow"]}))),
+            Err(JwtError::Client)
+        );
+        assert_eq!(
+            check_client(&allowed, &claims(json!({"azp": "MLFLOW"}))),
+            Err(JwtError::Client)
+        );
+    }
+
+    #[test]
+    fn validate_refuses_id_tokens_and_other_clients() {
+        let ks = keys("k1");
+        let mut id_token = good_claims();
+        id_token["typ"] = "ID".into();
+        assert_eq!(
+            validate(&ks, &rules(), &token("JWT", "k1", id_token)),
+            Err(JwtError::NotAccessToken)
+        );
+        let mut nonce = good_claims();
+        nonce["nonce"] = "n".into();
+        assert_eq!(
+            validate(&ks, &rules(), &token("JWT", "k1", nonce)),
+            Err(JwtError::NotAccessToken)
+        );
+        let mut r = rules();
+        r.allowed_clients = vec!["mlflow".into()];
+        let mut c = good_claims();
+        c["azp"] = "reader".into();
+        assert_eq!(
+            validate(&ks, &r, &token("at+jwt", "k1", c.clone())),
+            Err(JwtError::Client)
+        );
+        c["azp"] = "mlflow".into();
+        assert!(validate(&ks, &r, &token("at+jwt", "k1", c)).is_ok());
     }
 
     #[test]

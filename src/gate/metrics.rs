@@ -1,7 +1,9 @@
-//! The gate's Prometheus metrics: requests by status, auth failures by reason, upstream latency.
+//! The gate's Prometheus metrics: requests by status, auth failures by reason, upstream latency,
+//! connections (open, refused at the cap, closed by a timeout, accept errors), session checks.
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -15,11 +17,32 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Which listener (`public`, `admin`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 pub struct GateMetrics {
     registry: Registry,
     pub requests: Family<StatusLabel, Counter>,
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub upstream_seconds: Histogram,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    /// Accepted then closed at once: GATE_MAX_CONNECTIONS reached.
+    pub connections_refused: Family<ListenerLabel, Counter>,
+    /// Closed by the header-read or idle timeout.
+    pub connections_timed_out: Family<ListenerLabel, Counter>,
+    pub accept_errors: Family<ListenerLabel, Counter>,
+    /// Answered 503 at once: as many requests in flight as GATE_MAX_CONNECTIONS.
+    pub requests_refused: Family<ListenerLabel, Counter>,
+    /// Browser sessions checked with the provider: active, ended, error.
+    pub session_checks: Family<ResultLabel, Counter>,
 }
 
 impl GateMetrics {
@@ -39,11 +62,49 @@ impl GateMetrics {
             "Time from sending a request to MLflow to its response head",
             upstream_seconds.clone(),
         );
+        let connections_open = Family::<ListenerLabel, Gauge>::default();
+        let connections_refused = Family::<ListenerLabel, Counter>::default();
+        let connections_timed_out = Family::<ListenerLabel, Counter>::default();
+        let accept_errors = Family::<ListenerLabel, Counter>::default();
+        let requests_refused = Family::<ListenerLabel, Counter>::default();
+        let session_checks = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "gate_connections_open",
+            "Client connections open",
+            connections_open.clone(),
+        );
+        registry.register(
+            "gate_connections_refused",
+            "Connections closed at once because GATE_MAX_CONNECTIONS were open",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "gate_connections_timed_out",
+            "Connections closed by the header-read or idle timeout",
+            connections_timed_out.clone(),
+        );
+        registry.register("gate_accept_errors", "Failed accept() calls", accept_errors.clone());
+        registry.register(
+            "gate_requests_refused",
+            "Requests answered 503 because GATE_MAX_CONNECTIONS requests were in flight",
+            requests_refused.clone(),
+        );
+        registry.register(
+            "gate_session_checks",
+            "Browser sessions re-checked with the identity provider, by result",
+            session_checks.clone(),
+        );
         GateMetrics {
             registry,
             requests,
             auth_failures,
             upstream_seconds,
+            connections_open,
+            connections_refused,
+            connections_timed_out,
+            accept_errors,
+            requests_refused,
+            session_checks,
         }
     }
 

@@ -3,6 +3,8 @@
 //! Bearer JWT (checked locally against the provider's keys) or Basic client credentials (exchanged for
 //! a client-credentials token). Members of the configured groups reach MLflow, with READ / EDIT / MANAGE
 //! per experiment from an optional permissions file; OIDC_EXCLUDE_PATHS pass without authentication.
+//! Browser sessions are re-checked with the provider every GATE_SESSION_REFRESH; /gate/metrics is on
+//! the admin listener only.
 mod authorize;
 pub mod authz;
 pub mod canonical;
@@ -13,6 +15,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod proxy;
 pub mod routes;
+mod server;
 pub mod session;
 pub mod targets;
 
@@ -20,7 +23,6 @@ pub mod targets;
 mod fuzz_tests;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,8 +31,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ use config::GateConfig;
 use metrics::{GateMetrics, StatusLabel};
 use oidc::Oidc;
 use proxy::{Body, BoxError, full};
-use session::{Identity, LOGIN_COOKIE, LoginState, SESSION_COOKIE, Sealer, Session};
+use session::{Identity, LOGIN_COOKIE, LoginState, SESSION_COOKIE, Sealer, Session, SessionState};
 
 /// Largest JSON request body read to find the experiments it touches (MLflow API calls are small).
 const MAX_INSPECTED_BODY: usize = 1 << 20;
@@ -51,6 +51,10 @@ const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Bounds each provider call (discovery, JWKS, token) and MLflow look-up.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the admin listener (metrics, probes) keeps open at most.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Sessions logged out here, remembered until their cookie would expire (bounded).
+const MAX_ENDED_SESSIONS: usize = 100_000;
 
 #[derive(Debug, clap::Args)]
 pub struct GateArgs {}
@@ -93,14 +97,28 @@ async fn shutdown_signal() {
     }
 }
 
-/// Binds, logs `listening component=gate addr=...`, and serves until `cancel`.
+/// Binds, logs `listening component=gate addr=...` (and `component=gate-admin` for the admin listener),
+/// and serves until `cancel`.
 pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
+    let admin = match cfg.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("GATE_ADMIN_LISTEN {a}: {e}"))?,
+        ),
+        None => None,
+    };
     let gate = Arc::new(Gate::new(cfg));
     tracing::info!(component = %"gate", addr = %addr, upstream = %gate.cfg.upstream, "listening");
     if gate.cfg.secret_key.is_none() {
         tracing::warn!("SECRET_KEY is not set: sessions use a random key and end when the gate restarts");
+    }
+    if gate.cfg.redirect_uri.is_none() && gate.cfg.allowed_hosts.is_empty() && gate.cfg.trusted_proxies.is_empty() {
+        tracing::warn!(
+            "browser login is off: set OIDC_REDIRECT_URI (or GATE_ALLOWED_HOSTS / GATE_TRUSTED_PROXIES) to enable it"
+        );
     }
 
     // The provider may come up after us: keep trying discovery in the background.
@@ -124,43 +142,56 @@ pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<(
         }
     });
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    let limits = server::Limits {
+        max_connections: gate.cfg.max_connections,
+        header_read_timeout: gate.cfg.header_read_timeout,
+        idle_timeout: gate.cfg.idle_timeout,
+        body_read_timeout: gate.cfg.body_read_timeout,
+    };
+    let admin_task = admin.map(|l| {
         let g = gate.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(component = %"gate-admin", addr = %a, "listening");
+        }
+        let limits = server::Limits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..limits
+        };
+        tokio::spawn(server::serve(
+            l,
+            "admin",
+            limits,
+            gate.metrics.clone(),
+            cancel.clone(),
+            move |req, _peer| {
+                let g = g.clone();
+                async move { g.admin(req).await }
+            },
+        ))
+    });
+    let g = gate.clone();
+    server::serve(
+        listener,
+        "public",
+        limits,
+        gate.metrics.clone(),
+        cancel.clone(),
+        move |req, peer| {
             let g = g.clone();
-            async move { Ok::<_, Infallible>(g.handle(req, peer).await) }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 10 s; closing them");
+            async move { g.handle(req, peer).await }
+        },
+    )
+    .await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
     }
     Ok(())
 }
+
+/// Set on a request (never by a client: extensions are not on the wire) whose session cookie the
+/// provider has just confirmed.
+#[derive(Clone, Copy)]
+struct SessionConfirmed;
 
 enum Auth {
     Ok(Identity),
@@ -178,7 +209,13 @@ pub struct Gate {
     http: HttpClient,
     /// The proxied requests (streamed).
     upstream: proxy::UpstreamClient,
-    metrics: GateMetrics,
+    metrics: Arc<GateMetrics>,
+    /// Session id → unix expiry, of sessions logged out through this replica (others learn it from
+    /// the provider at their next check).
+    ended_sessions: std::sync::Mutex<HashMap<String, u64>>,
+    /// Session id → unix time the provider last confirmed it here: a cookie the browser has not
+    /// replaced yet (parallel requests, replays) is not checked again within the interval.
+    confirmed_sessions: std::sync::Mutex<HashMap<String, u64>>,
     names: Mutex<HashMap<String, (String, Instant)>>,
     /// Run / logged-model id → experiment id.
     owners: Mutex<authorize::Owners>,
@@ -274,7 +311,9 @@ impl Gate {
             sealer,
             http,
             upstream,
-            metrics: GateMetrics::new(),
+            metrics: Arc::new(GateMetrics::new()),
+            ended_sessions: std::sync::Mutex::new(HashMap::new()),
+            confirmed_sessions: std::sync::Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
             upstream_scheme,
@@ -283,11 +322,17 @@ impl Gate {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+    async fn handle(self: Arc<Self>, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
+        let (req, set_cookie) = match self.recheck_session(req, peer).await {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        };
         let route: std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send + '_>> =
             Box::pin(self.route(req, peer));
-        let resp = route.await;
+        let mut resp = route.await;
+        if let Some(c) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut().append(header::SET_COOKIE, c);
+        }
         self.metrics
             .requests
             .get_or_create(&StatusLabel {
@@ -295,6 +340,177 @@ impl Gate {
             })
             .inc();
         resp
+    }
+
+    /// The admin listener: metrics and the probes, nothing else.
+    async fn admin(&self, req: Request<Body>) -> Response<Body> {
+        match req.uri().path() {
+            "/gate/metrics" => Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(full(self.metrics.encode()))
+                .expect("static response parts"),
+            "/gate/healthz" | "/gate/readyz" => self.probe(req.uri().path()).await,
+            _ => detail(StatusCode::NOT_FOUND, "Not found"),
+        }
+    }
+
+    async fn probe(&self, path: &str) -> Response<Body> {
+        let ready = self.oidc.is_ready().await;
+        if path == "/gate/healthz" {
+            return json(StatusCode::OK, serde_json::json!({"status": "ok", "oidc_ready": ready}));
+        }
+        // Ready once the provider is discovered: before that no login or token check can succeed.
+        if ready {
+            json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+        } else {
+            detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider not discovered yet")
+        }
+    }
+
+    fn session_ended_here(&self, sid: &str) -> bool {
+        self.ended_sessions.lock().map(|m| m.contains_key(sid)).unwrap_or(true)
+    }
+
+    /// When the provider last confirmed session `sid` on this replica, if within the interval.
+    fn confirmed_here(&self, sid: &str, now: u64) -> Option<u64> {
+        if sid.is_empty() {
+            return None;
+        }
+        let refresh = self.cfg.session_refresh.as_secs();
+        let m = self.confirmed_sessions.lock().ok()?;
+        m.get(sid)
+            .copied()
+            .filter(|t| now < t.saturating_add(refresh) && *t <= now)
+    }
+
+    fn confirm_here(&self, sid: &str, now: u64) {
+        if sid.is_empty() {
+            return;
+        }
+        let Ok(mut m) = self.confirmed_sessions.lock() else {
+            return;
+        };
+        if m.len() >= MAX_ENDED_SESSIONS {
+            let refresh = self.cfg.session_refresh.as_secs();
+            m.retain(|_, t| now < t.saturating_add(refresh));
+        }
+        if m.len() < MAX_ENDED_SESSIONS {
+            m.insert(sid.to_string(), now);
+        }
+    }
+
+    fn end_session_here(&self, s: &Session) {
+        let Ok(mut m) = self.ended_sessions.lock() else { return };
+        let now = now_secs();
+        if m.len() >= MAX_ENDED_SESSIONS {
+            m.retain(|_, exp| *exp > now);
+        }
+        if m.len() < MAX_ENDED_SESSIONS {
+            m.insert(s.sid.clone(), s.exp);
+        } else {
+            // The provider-side revocation still ends it within GATE_SESSION_REFRESH.
+            tracing::warn!("too many ended sessions remembered; relying on the provider alone");
+        }
+    }
+
+    /// Before routing: a session cookie due for its check is checked with the provider. Still valid:
+    /// the request goes on with a re-sealed cookie (also set on the answer). Ended (logout, revoked,
+    /// user disabled): the cookie is removed from the request and cleared in the browser, so the
+    /// request is treated as not logged in. Provider unreachable: 503, never a pass.
+    async fn recheck_session(
+        &self,
+        mut req: Request<Body>,
+        peer: SocketAddr,
+    ) -> Result<(Request<Body>, Option<String>), Response<Body>> {
+        // Only where the session is what authenticates: not the gate's own paths (probes, login,
+        // logout must work with the provider down), excluded paths, or requests with credentials.
+        let path = req.uri().path();
+        if path.starts_with("/gate/")
+            || path == self.cfg.callback_path
+            || path == "/logout"
+            || self.cfg.is_excluded(path)
+            || req.headers().contains_key(header::AUTHORIZATION)
+        {
+            return Ok((req, None));
+        }
+        let Some(session) = header_str(&req, header::COOKIE)
+            .and_then(|c| session::cookie(c, SESSION_COOKIE))
+            .and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
+        else {
+            return Ok((req, None));
+        };
+        let now = now_secs();
+        let secure = self.secure_cookies(&req, peer);
+        let ended = |mut req: Request<Body>| {
+            session::remove_cookie(req.headers_mut(), SESSION_COOKIE);
+            (req, Some(session::clear_cookie(SESSION_COOKIE, secure)))
+        };
+        if self.session_ended_here(&session.sid) {
+            return Ok(ended(req));
+        }
+        match session::session_state(&session, now, self.cfg.session_refresh.as_secs()) {
+            SessionState::Fresh => return Ok((req, None)),
+            SessionState::Expired => return Ok(ended(req)),
+            SessionState::Due => {}
+        }
+        if let Some(at) = self.confirmed_here(&session.sid, now) {
+            // Confirmed here moments ago (the browser still sends the previous cookie): pass it on
+            // as confirmed then, without asking again.
+            let renewed = Session { checked: at, ..session };
+            let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
+            session::replace_cookie(req.headers_mut(), SESSION_COOKIE, &sealed);
+            req.extensions_mut().insert(SessionConfirmed);
+            return Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))));
+        }
+        let Some(rt) = session.refresh_token.clone() else {
+            // Nothing to ask the provider with: the session cannot be confirmed, so it ends.
+            self.metrics
+                .session_checks
+                .get_or_create(&metrics::ResultLabel { result: "ended" })
+                .inc();
+            return Ok(ended(req));
+        };
+        match self.oidc.check_session(&rt).await {
+            Ok(oidc::SessionCheck::Active { refresh_token }) => {
+                self.metrics
+                    .session_checks
+                    .get_or_create(&metrics::ResultLabel { result: "active" })
+                    .inc();
+                self.confirm_here(&session.sid, now);
+                let renewed = Session {
+                    checked: now,
+                    refresh_token: refresh_token.or(Some(rt)),
+                    ..session
+                };
+                let sealed = self.sealer.seal(SESSION_COOKIE, &renewed);
+                session::replace_cookie(req.headers_mut(), SESSION_COOKIE, &sealed);
+                req.extensions_mut().insert(SessionConfirmed);
+                Ok((req, Some(session::set_cookie(SESSION_COOKIE, &sealed, secure))))
+            }
+            Ok(oidc::SessionCheck::Ended) => {
+                self.metrics
+                    .session_checks
+                    .get_or_create(&metrics::ResultLabel { result: "ended" })
+                    .inc();
+                self.metrics.auth_failure("session_ended");
+                tracing::info!(user = %session.identity.user, "browser session ended at the identity provider");
+                // Replays of this cookie are refused here without asking the provider again.
+                self.end_session_here(&session);
+                Ok(ended(req))
+            }
+            Err(e) => {
+                self.metrics
+                    .session_checks
+                    .get_or_create(&metrics::ResultLabel { result: "error" })
+                    .inc();
+                self.metrics.auth_failure("provider_unavailable");
+                tracing::warn!(error = %e, "cannot check a browser session with the identity provider");
+                Err(detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider unavailable"))
+            }
+        }
     }
 
     async fn route(&self, mut req: Request<Body>, peer: SocketAddr) -> Response<Body> {
@@ -315,39 +531,25 @@ impl Gate {
             Ok(u) => *req.uri_mut() = u,
             Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
         }
-        if path == "/gate/healthz" {
-            let ready = self.oidc.is_ready().await;
-            return json(StatusCode::OK, serde_json::json!({"status": "ok", "oidc_ready": ready}));
-        }
-        if path == "/gate/readyz" {
-            // Ready once the provider is discovered: before that no login or token check can succeed.
-            return if self.oidc.is_ready().await {
-                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
-            } else {
-                detail(StatusCode::SERVICE_UNAVAILABLE, "Identity provider not discovered yet")
-            };
+        if path == "/gate/healthz" || path == "/gate/readyz" {
+            return self.probe(&path).await;
         }
         if path == "/gate/metrics" {
-            return Response::builder()
-                .header(
-                    header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(full(self.metrics.encode()))
-                .expect("static response parts");
+            // Served on the admin listener (GATE_ADMIN_LISTEN) only.
+            return detail(StatusCode::NOT_FOUND, "Not found");
         }
         if path == self.cfg.callback_path {
-            return self.callback(&req).await;
+            return self.callback(&req, peer).await;
         }
         if path == "/logout" {
-            return self.logout(&req).await;
+            return self.logout(&req, peer).await;
         }
         if self.cfg.is_excluded(&path) {
             return self.forward(req, None, peer).await;
         }
         let identity = match self.authenticate(&req).await {
             Auth::Ok(id) => id,
-            Auth::Missing if is_browser_navigation(&req) => return self.start_login(&req).await,
+            Auth::Missing if is_browser_navigation(&req) => return self.start_login(&req, peer).await,
             Auth::Missing => {
                 self.metrics.auth_failure("missing");
                 let mut r = detail(StatusCode::UNAUTHORIZED, "Authentication required");
@@ -446,8 +648,15 @@ impl Gate {
             };
         }
         let cookie = header_str(req, header::COOKIE).and_then(|c| session::cookie(c, SESSION_COOKIE));
+        // recheck_session has confirmed (and re-sealed) a due session before this point.
         if let Some(s) = cookie.and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
-            && s.exp > now_secs()
+            && match session::session_state(&s, now_secs(), self.cfg.session_refresh.as_secs()) {
+                SessionState::Fresh => true,
+                // Just confirmed by recheck_session (the provider call may have crossed the due time).
+                SessionState::Due => req.extensions().get::<SessionConfirmed>().is_some(),
+                SessionState::Expired => false,
+            }
+            && !self.session_ended_here(&s.sid)
         {
             return Auth::Ok(s.identity);
         }
@@ -497,29 +706,49 @@ impl Gate {
         }
     }
 
-    /// `<proto>://<host>` the browser used (X-Forwarded-* from a front proxy, else Host).
-    fn public_origin(&self, req: &Request<Body>) -> Option<String> {
-        let proto = proxy::client_proto(req.headers());
-        let host = header_str(req, "x-forwarded-host")
-            .and_then(|h| h.split(',').next())
-            .map(str::trim)
-            .or_else(|| header_str(req, header::HOST))?;
+    /// Whether `peer` is a front proxy whose X-Forwarded-* headers are believed.
+    fn trusted_proxy(&self, peer: SocketAddr) -> bool {
+        self.cfg.trusted_proxies.contains(peer.ip())
+    }
+
+    /// The scheme the client used: X-Forwarded-Proto from a trusted proxy, else the gate's own (http).
+    fn client_proto(&self, headers: &http::HeaderMap, peer: SocketAddr) -> String {
+        if self.trusted_proxy(peer) {
+            proxy::client_proto(headers)
+        } else {
+            "http".into()
+        }
+    }
+
+    /// `<proto>://<host>` the browser used, when it can be believed: X-Forwarded-Proto/-Host (else
+    /// Host) from a trusted proxy, or a Host listed in GATE_ALLOWED_HOSTS. Anything else: None, so
+    /// a client cannot steer redirect URIs with its headers.
+    fn public_origin(&self, req: &Request<Body>, peer: SocketAddr) -> Option<String> {
+        let proto = self.client_proto(req.headers(), peer);
+        let host = if self.trusted_proxy(peer) {
+            header_str(req, "x-forwarded-host")
+                .and_then(|h| h.split(',').next())
+                .map(str::trim)
+                .or_else(|| header_str(req, header::HOST))?
+        } else {
+            header_str(req, header::HOST).filter(|h| config::host_allowed(&self.cfg.allowed_hosts, h))?
+        };
         // A Host is an authority, nothing more: refuse anything that could change the URL's meaning.
         let ok = !host.is_empty() && host.parse::<http::uri::Authority>().is_ok() && !host.contains('@');
         ok.then(|| format!("{proto}://{host}"))
     }
 
-    fn redirect_uri(&self, req: &Request<Body>) -> Option<String> {
+    fn redirect_uri(&self, req: &Request<Body>, peer: SocketAddr) -> Option<String> {
         match &self.cfg.redirect_uri {
             Some(r) => Some(r.clone()),
             None => self
-                .public_origin(req)
+                .public_origin(req, peer)
                 .map(|o| format!("{o}{}", self.cfg.callback_path)),
         }
     }
 
-    fn secure_cookies(&self, req: &Request<Body>) -> bool {
-        proxy::client_proto(req.headers()) == "https"
+    fn secure_cookies(&self, req: &Request<Body>, peer: SocketAddr) -> bool {
+        self.client_proto(req.headers(), peer) == "https"
             || self
                 .cfg
                 .redirect_uri
@@ -527,9 +756,13 @@ impl Gate {
                 .is_some_and(|r| r.starts_with("https:"))
     }
 
-    async fn start_login(&self, req: &Request<Body>) -> Response<Body> {
-        let Some(redirect_uri) = self.redirect_uri(req) else {
-            return detail(StatusCode::BAD_REQUEST, "Missing or invalid Host header");
+    async fn start_login(&self, req: &Request<Body>, peer: SocketAddr) -> Response<Body> {
+        let Some(redirect_uri) = self.redirect_uri(req, peer) else {
+            self.metrics.auth_failure("untrusted_host");
+            return detail(
+                StatusCode::BAD_REQUEST,
+                "Browser login needs OIDC_REDIRECT_URI, this Host in GATE_ALLOWED_HOSTS, or a proxy in GATE_TRUSTED_PROXIES",
+            );
         };
         let return_to = session::safe_return_path(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
         match self
@@ -541,7 +774,11 @@ impl Gate {
                 let sealed = self.sealer.seal(LOGIN_COOKIE, &state);
                 redirect(
                     &url,
-                    &[session::set_cookie(LOGIN_COOKIE, &sealed, self.secure_cookies(req))],
+                    &[session::set_cookie(
+                        LOGIN_COOKIE,
+                        &sealed,
+                        self.secure_cookies(req, peer),
+                    )],
                 )
             }
             Err(e) => {
@@ -552,7 +789,7 @@ impl Gate {
         }
     }
 
-    async fn callback(&self, req: &Request<Body>) -> Response<Body> {
+    async fn callback(&self, req: &Request<Body>, peer: SocketAddr) -> Response<Body> {
         let params: HashMap<String, String> = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
@@ -580,14 +817,18 @@ impl Gate {
             return detail(StatusCode::BAD_REQUEST, "Login state mismatch; open the page again");
         }
         match self.oidc.complete_login(code, &login).await {
-            Ok((identity, id_token)) => {
-                tracing::info!(user = %identity.user, "browser login");
+            Ok(done) => {
+                tracing::info!(user = %done.identity.user, "browser login");
+                let now = now_secs();
                 let s = Session {
-                    identity,
-                    exp: now_secs() + self.cfg.session_ttl_secs,
-                    id_token: Some(id_token),
+                    identity: done.identity,
+                    exp: now + self.cfg.session_ttl_secs,
+                    id_token: Some(done.id_token),
+                    sid: session::new_sid(),
+                    refresh_token: done.refresh_token,
+                    checked: now,
                 };
-                let secure = self.secure_cookies(req);
+                let secure = self.secure_cookies(req, peer);
                 let sealed = self.sealer.seal(SESSION_COOKIE, &s);
                 redirect(
                     &session::safe_return_path(&login.return_to),
@@ -605,15 +846,31 @@ impl Gate {
         }
     }
 
-    async fn logout(&self, req: &Request<Body>) -> Response<Body> {
-        let secure = self.secure_cookies(req);
-        let id_token = header_str(req, header::COOKIE)
+    /// Ends the session here at once, at the provider (its refresh token revoked, so every replica
+    /// refuses the cookie at its next check), and sends the browser to the provider's end_session.
+    async fn logout(&self, req: &Request<Body>, peer: SocketAddr) -> Response<Body> {
+        let secure = self.secure_cookies(req, peer);
+        let session = header_str(req, header::COOKIE)
             .and_then(|c| session::cookie(c, SESSION_COOKIE))
-            .and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c))
-            .and_then(|s| s.id_token);
+            .and_then(|c| self.sealer.open::<Session>(SESSION_COOKIE, c));
+        let mut id_token = None;
+        if let Some(s) = session {
+            self.end_session_here(&s);
+            if let Some(rt) = &s.refresh_token
+                && !self.oidc.revoke(rt).await
+            {
+                tracing::warn!(user = %s.identity.user, "logout: the provider did not confirm the revocation");
+            }
+            tracing::info!(user = %s.identity.user, "browser logout");
+            id_token = s.id_token;
+        }
         let after = self
-            .public_origin(req)
+            .public_origin(req, peer)
             .map(|o| format!("{o}/"))
+            .or_else(|| {
+                let r = url::Url::parse(self.cfg.redirect_uri.as_deref()?).ok()?;
+                Some(format!("{}/", r.origin().ascii_serialization()))
+            })
             .unwrap_or_else(|| "/".into());
         let target = self
             .oidc
@@ -667,7 +924,21 @@ impl Gate {
             Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
         };
         parts.version = http::Version::HTTP_11;
-        let proto = proxy::client_proto(&parts.headers);
+        let proto = self.client_proto(&parts.headers, peer);
+        if !self.trusted_proxy(peer) {
+            // Only a trusted proxy's chain is passed on; anyone else's would be believed by MLflow.
+            for h in [
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "x-forwarded-port",
+                "x-forwarded-prefix",
+                "x-real-ip",
+                "forwarded",
+            ] {
+                parts.headers.remove(h);
+            }
+        }
         proxy::upstream_request_headers(&mut parts.headers, identity, peer, &self.upstream_authority, &proto);
         let started = Instant::now();
         match self.upstream.request(Request::from_parts(parts, body)).await {
@@ -677,10 +948,15 @@ impl Gate {
                 proxy::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
             }
+            Err(e) if server::is_body_timeout(&e) => {
+                tracing::info!(%peer, "request body too slow; answered 408");
+                detail(StatusCode::REQUEST_TIMEOUT, "Request body too slow")
+            }
             Err(e) => {
                 let why = error_chain(&e);
                 tracing::warn!(error = %why, upstream = %self.upstream_authority, "MLflow upstream unavailable");
-                detail(StatusCode::BAD_GATEWAY, &format!("MLflow upstream unavailable: {why}"))
+                // The cause (addresses, resolver and TLS errors) is for the log, not for the client.
+                detail(StatusCode::BAD_GATEWAY, "MLflow upstream unavailable")
             }
         }
     }

@@ -1,5 +1,7 @@
 //! The provider side: discovery, the browser's authorization-code flow (PKCE, state, nonce) through the
-//! `openidconnect` crate, the JWKS cache for Bearer tokens, and the client-credentials token behind Basic.
+//! `openidconnect` crate, the JWKS cache for Bearer tokens, the client-credentials token behind Basic,
+//! and the session checks: is a browser login still alive at the provider (introspection of its
+//! refresh token, else a refresh grant), and ending it (revocation) on logout.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -7,7 +9,7 @@ use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreIdToken};
 use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl,
     LogoutRequest, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, PostLogoutRedirectUrl,
-    ProviderMetadataWithLogout, RedirectUrl, Scope, TokenResponse,
+    ProviderMetadataWithLogout, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse,
 };
 use tokio::sync::{Mutex, RwLock};
 
@@ -30,12 +32,49 @@ pub enum OidcError {
     Login(String),
     #[error("token request failed: {0}")]
     Token(String),
+    #[error("session check failed: {0}")]
+    SessionCheck(String),
 }
 
 struct Discovered {
     client: Client,
     end_session: Option<String>,
     jwks_uri: String,
+    /// RFC 7662 and RFC 7009 endpoints (not in openidconnect's typed metadata).
+    introspection: Option<String>,
+    revocation: Option<String>,
+}
+
+/// What a completed browser login yields.
+pub struct Login {
+    pub identity: Identity,
+    pub id_token: String,
+    pub refresh_token: Option<String>,
+}
+
+/// The provider's answer on whether a browser login still stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionCheck {
+    /// Still valid; a refresh grant may have rotated the refresh token.
+    Active { refresh_token: Option<String> },
+    /// Logged out, revoked, expired or the user disabled.
+    Ended,
+}
+
+/// An introspection answer (RFC 7662): only `"active": true` keeps a session. A token issued to another
+/// client is not ours to keep a session with.
+pub fn introspection_verdict(body: &[u8], client_id: &str) -> Option<SessionCheck> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let active = v.get("active")?.as_bool()?;
+    let client_ok = v
+        .get("client_id")
+        .and_then(|c| c.as_str())
+        .is_none_or(|c| c == client_id);
+    Some(if active && client_ok {
+        SessionCheck::Active { refresh_token: None }
+    } else {
+        SessionCheck::Ended
+    })
 }
 
 pub struct Oidc {
@@ -56,6 +95,7 @@ impl Oidc {
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway_secs,
             groups_attribute: cfg.groups_attribute.clone(),
+            allowed_clients: cfg.allowed_clients.clone(),
         };
         Oidc {
             cfg,
@@ -86,6 +126,21 @@ impl Oidc {
             .as_ref()
             .map(|u| u.url().to_string());
         let jwks_uri = meta.jwks_uri().url().to_string();
+        // The same document again, for the two endpoints openidconnect has no field for.
+        let extra = self
+            .http
+            .get_json(&self.cfg.discovery_url)
+            .await
+            .map_err(|e| OidcError::NotReady(e.to_string()))?;
+        let endpoint = |k: &str| {
+            extra
+                .get(k)
+                .and_then(|v| v.as_str())
+                .filter(|u| url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https")))
+                .map(String::from)
+        };
+        let introspection = endpoint("introspection_endpoint");
+        let revocation = endpoint("revocation_endpoint");
         let client = CoreClient::from_provider_metadata(
             meta,
             ClientId::new(self.cfg.client_id.clone()),
@@ -95,6 +150,8 @@ impl Oidc {
             client,
             end_session,
             jwks_uri,
+            introspection,
+            revocation,
         }));
         self.refresh_keys(true).await
     }
@@ -198,8 +255,8 @@ impl Oidc {
     }
 
     /// Completes a login: exchanges the code (with the PKCE verifier), verifies the ID token (signature,
-    /// issuer, audience, expiry, nonce) and returns who logged in and the raw ID token.
-    pub async fn complete_login(&self, code: &str, login: &LoginState) -> Result<(Identity, String), OidcError> {
+    /// issuer, audience, expiry, nonce) and returns who logged in, the raw ID token and the refresh token.
+    pub async fn complete_login(&self, code: &str, login: &LoginState) -> Result<Login, OidcError> {
         let d = self.discovered().await?;
         let client = d.client.clone().set_redirect_uri(
             RedirectUrl::new(login.redirect_uri.clone()).map_err(|e| OidcError::Login(e.to_string()))?,
@@ -234,7 +291,96 @@ impl Oidc {
                 Err(e) => tracing::debug!(reason = e.reason(), "no groups in the ID token, access token unusable"),
             }
         }
-        Ok((identity, id_token.to_string()))
+        Ok(Login {
+            identity,
+            id_token: id_token.to_string(),
+            refresh_token: resp.refresh_token().map(|t| t.secret().clone()),
+        })
+    }
+
+    /// A form POST to a provider endpoint with the gate's client credentials (client_secret_basic:
+    /// id and secret form-encoded first, RFC 6749 2.3.1).
+    async fn client_post(&self, url: &str, form: &[(&str, &str)]) -> Result<http::Response<Vec<u8>>, OidcError> {
+        use base64::Engine;
+        let enc = |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            enc(&self.cfg.client_id),
+            enc(&self.cfg.client_secret.0)
+        ));
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let req = http::Request::post(url)
+            .header(http::header::AUTHORIZATION, format!("Basic {basic}"))
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(http::header::ACCEPT, "application/json")
+            .body(body.into_bytes())
+            .map_err(|e| OidcError::SessionCheck(e.to_string()))?;
+        self.http
+            .exchange(req)
+            .await
+            .map_err(|e| OidcError::SessionCheck(e.to_string()))
+    }
+
+    /// Asks the provider whether the login behind `refresh_token` still stands: introspection when the
+    /// provider offers it (no side effects), else a refresh grant (which may rotate the token).
+    pub async fn check_session(&self, refresh_token: &str) -> Result<SessionCheck, OidcError> {
+        let d = self.discovered().await?;
+        if let Some(url) = &d.introspection {
+            let resp = self
+                .client_post(url, &[("token", refresh_token), ("token_type_hint", "refresh_token")])
+                .await?;
+            if !resp.status().is_success() {
+                return Err(OidcError::SessionCheck(format!(
+                    "introspection answered {}",
+                    resp.status()
+                )));
+            }
+            return introspection_verdict(resp.body(), &self.cfg.client_id)
+                .ok_or_else(|| OidcError::SessionCheck("unreadable introspection answer".into()));
+        }
+        let rt = RefreshToken::new(refresh_token.to_string());
+        let req = d
+            .client
+            .exchange_refresh_token(&rt)
+            .map_err(|e| OidcError::SessionCheck(e.to_string()))?;
+        match req.request_async(&self.http).await {
+            Ok(resp) => Ok(SessionCheck::Active {
+                refresh_token: resp.refresh_token().map(|t| t.secret().clone()),
+            }),
+            Err(RequestTokenError::ServerResponse(e))
+                if matches!(
+                    e.error(),
+                    openidconnect::core::CoreErrorResponseType::InvalidGrant
+                        | openidconnect::core::CoreErrorResponseType::UnauthorizedClient
+                ) =>
+            {
+                Ok(SessionCheck::Ended)
+            }
+            Err(e) => Err(OidcError::SessionCheck(error_chain(&e))),
+        }
+    }
+
+    /// Revokes a session's refresh token (RFC 7009), which ends the login's grant at the provider.
+    /// Returns whether the provider confirmed it.
+    pub async fn revoke(&self, refresh_token: &str) -> bool {
+        let Ok(d) = self.discovered().await else { return false };
+        let Some(url) = &d.revocation else { return false };
+        match self
+            .client_post(url, &[("token", refresh_token), ("token_type_hint", "refresh_token")])
+            .await
+        {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                tracing::warn!(status = %r.status(), "the provider refused to revoke a session's refresh token");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot revoke a session's refresh token");
+                false
+            }
+        }
     }
 
     /// Where to send a browser on logout (the provider's end_session endpoint), if it has one.
@@ -296,4 +442,28 @@ fn identity_from_verified(token: &CoreIdToken, groups_attribute: &str) -> Result
     let has_groups = payload.contains_key(groups_attribute);
     let identity = jwt::identity(&payload, groups_attribute).map_err(|e| OidcError::Login(e.to_string()))?;
     Ok((identity, has_groups))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn introspection_answers() {
+        let v = |b: &str| introspection_verdict(b.as_bytes(), "mlflow");
+        assert_eq!(
+            v(r#"{"active":true,"client_id":"mlflow"}"#),
+            Some(SessionCheck::Active { refresh_token: None })
+        );
+        assert_eq!(
+            v(r#"{"active":true}"#),
+            Some(SessionCheck::Active { refresh_token: None })
+        );
+        assert_eq!(v(r#"{"active":false}"#), Some(SessionCheck::Ended));
+        assert_eq!(v(r#"{"active":true,"client_id":"other"}"#), Some(SessionCheck::Ended));
+        // Anything unclear is an error (the caller fails closed), never a pass.
+        for bad in [r#"{"active":"true"}"#, "{}", "not json", r#"{"active":1}"#] {
+            assert_eq!(v(bad), None, "{bad}");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Browser session state in cookies: sealed with AES-256-GCM (encrypted and authenticated, so a client
-//! can neither read nor forge it) under a key derived from SECRET_KEY; plus return-path validation.
+//! can neither read nor forge it) under a key derived from SECRET_KEY; when a session is due for its
+//! re-check with the provider; plus return-path validation.
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::hkdf;
 use base64::Engine;
@@ -24,6 +25,47 @@ pub struct Session {
     pub exp: u64,
     /// For the provider's end_session (id_token_hint).
     pub id_token: Option<String>,
+    /// Random id, to end this session on this replica at once on /logout.
+    #[serde(default)]
+    pub sid: String,
+    /// What the gate asks the provider about (introspection, or a refresh grant) to learn whether the
+    /// login still stands; also revoked on /logout.
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    /// Unix seconds of the last check with the provider (the login itself is one).
+    #[serde(default)]
+    pub checked: u64,
+}
+
+/// Where a session stands at `now` (unix seconds), given the re-check interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Expired,
+    /// Checked with the provider less than `refresh` ago: usable as is.
+    Fresh,
+    /// Must be checked with the provider before it is used again.
+    Due,
+}
+
+pub fn session_state(s: &Session, now: u64, refresh_secs: u64) -> SessionState {
+    if s.exp <= now {
+        return SessionState::Expired;
+    }
+    // A check stamped in the future (another replica's clock ahead) is believed up to one interval
+    // ahead, so a bad clock cannot stretch a session beyond one more interval.
+    let ahead = s.checked > now.saturating_add(refresh_secs);
+    if ahead || now >= s.checked.saturating_add(refresh_secs) {
+        SessionState::Due
+    } else {
+        SessionState::Fresh
+    }
+}
+
+/// A new random session id.
+pub fn new_sid() -> String {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).expect("system randomness");
+    URL_SAFE_NO_PAD.encode(b)
 }
 
 /// What the gate must remember between sending the browser to the provider and its return.
@@ -102,6 +144,37 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Removes cookie `name` from a request's Cookie headers, keeping the others.
+pub fn remove_cookie(h: &mut http::HeaderMap, name: &str) {
+    let kept: Vec<String> = h
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(name))
+        .map(String::from)
+        .collect();
+    h.remove(http::header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = http::HeaderValue::from_str(&kept.join("; "))
+    {
+        h.insert(http::header::COOKIE, v);
+    }
+}
+
+/// Sets cookie `name` to `value` in a request's Cookie header (one header, the other cookies kept).
+pub fn replace_cookie(h: &mut http::HeaderMap, name: &str, value: &str) {
+    remove_cookie(h, name);
+    let merged = match h.get(http::header::COOKIE).and_then(|v| v.to_str().ok()) {
+        Some(rest) if !rest.is_empty() => format!("{rest}; {name}={value}"),
+        _ => format!("{name}={value}"),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&merged) {
+        h.insert(http::header::COOKIE, v);
+    }
+}
+
 /// A Set-Cookie value: HttpOnly, SameSite=Lax, Path=/, Secure on https; no Max-Age so it dies with the
 /// browser session (the sealed payload has its own expiry).
 pub fn set_cookie(name: &str, value: &str, secure: bool) -> String {
@@ -142,7 +215,45 @@ mod tests {
             },
             exp,
             id_token: None,
+            sid: "s1".into(),
+            refresh_token: Some("rt".into()),
+            checked: 1_000,
         }
+    }
+
+    #[test]
+    fn refresh_due_times() {
+        let mut s = session(10_000);
+        s.checked = 1_000;
+        assert_eq!(session_state(&s, 1_000, 300), SessionState::Fresh);
+        assert_eq!(session_state(&s, 1_299, 300), SessionState::Fresh);
+        assert_eq!(
+            session_state(&s, 1_300, 300),
+            SessionState::Due,
+            "due exactly one interval later"
+        );
+        assert_eq!(session_state(&s, 5_000, 300), SessionState::Due);
+        assert_eq!(session_state(&s, 10_000, 300), SessionState::Expired, "expiry wins");
+        // Never checked (a cookie from before this field existed): due at once.
+        s.checked = 0;
+        assert_eq!(session_state(&s, 1_000, 300), SessionState::Due);
+        // Checked slightly in the future (clock skew between replicas): fresh, but a stamp more than
+        // one interval ahead is not believed.
+        s.checked = 1_010;
+        assert_eq!(session_state(&s, 1_000, 300), SessionState::Fresh);
+        s.checked = 1_000 + 301;
+        assert_eq!(session_state(&s, 1_000, 300), SessionState::Due);
+        s.checked = u64::MAX;
+        assert_eq!(session_state(&s, 1_000, 300), SessionState::Due);
+    }
+
+    #[test]
+    fn old_cookies_are_due() {
+        let old = r#"{"identity":{"user":"a","email":null,"groups":[]},"exp":99999999999,"id_token":null}"#;
+        let s: Session = serde_json::from_str(old).unwrap();
+        assert_eq!(session_state(&s, 1_000, 300), SessionState::Due);
+        assert!(s.refresh_token.is_none());
+        assert_ne!(new_sid(), new_sid());
     }
 
     #[test]
@@ -179,6 +290,25 @@ mod tests {
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.ends_with("; Secure"));
         assert!(!set_cookie(SESSION_COOKIE, "v", false).contains("Secure"));
         assert!(clear_cookie(SESSION_COOKIE, false).contains("Max-Age=0"));
+        let mut h = http::HeaderMap::new();
+        h.append(http::header::COOKIE, "a=1; gate_session=old".parse().unwrap());
+        h.append(http::header::COOKIE, "gate_session=older; b=2".parse().unwrap());
+        remove_cookie(&mut h, SESSION_COOKIE);
+        assert_eq!(h.get_all(http::header::COOKIE).iter().count(), 1);
+        assert_eq!(h[http::header::COOKIE], "a=1; b=2");
+        replace_cookie(&mut h, SESSION_COOKIE, "new");
+        assert_eq!(h.get_all(http::header::COOKIE).iter().count(), 1);
+        assert_eq!(
+            cookie(h[http::header::COOKIE].to_str().unwrap(), SESSION_COOKIE),
+            Some("new")
+        );
+        assert_eq!(cookie(h[http::header::COOKIE].to_str().unwrap(), "a"), Some("1"));
+        remove_cookie(&mut h, "a");
+        remove_cookie(&mut h, "b");
+        remove_cookie(&mut h, SESSION_COOKIE);
+        assert!(h.get(http::header::COOKIE).is_none());
+        replace_cookie(&mut h, SESSION_COOKIE, "only");
+        assert_eq!(h[http::header::COOKIE], "gate_session=only");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 // Headless Debian chromium logs in through the gate with the provider's username/password form.
-// usage: node login.mjs URL USER PASSWORD SCREENSHOT.png   env: CHROMIUM, USER_DATA_DIR, EXPECT_TEXT, LOGOUT=1
+// usage: node login.mjs URL USER PASSWORD SCREENSHOT.png   env: CHROMIUM, USER_DATA_DIR, EXPECT_TEXT, LOGOUT=1,
+//        COOKIE_VALUES=1 (cookie values in the result too, to replay a session after logout)
 // Prints one line `RESULT {json}` (urls, statuses, page text, cookie flags, errors) for the Rust test to assert on.
 import puppeteer from 'puppeteer-core';
 
@@ -32,7 +33,8 @@ try {
   out.text = (await page.evaluate(() => document.body ? document.body.innerText : '')).slice(0, 4000);
   const cdp = await page.createCDPSession();
   const jar = async () => (await cdp.send('Storage.getCookies')).cookies;
-  out.cookies = (await jar()).map((c) => ({ name: c.name, httpOnly: c.httpOnly, sameSite: c.sameSite }));
+  out.cookies = (await jar()).map((c) => ({ name: c.name, httpOnly: c.httpOnly, sameSite: c.sameSite,
+    ...(process.env.COOKIE_VALUES === '1' ? { value: c.value } : {}) }));
   await page.screenshot({ path: shot, fullPage: false });
   if (process.env.LOGOUT === '1') {
     await page.goto(new URL('/logout', url).href, { waitUntil: 'domcontentloaded' });

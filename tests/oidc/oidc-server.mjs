@@ -1,6 +1,6 @@
 // Keycloak-shaped test OpenID Provider on oidc-provider (panva). Fixture only, binds 127.0.0.1.
 // Env: PORT(8180; 0 = pick a free port) REALM(test) TOKEN_TTL(60) CLIENT_SECRET(mlflow-secret) AUDIENCE(mlflow)
-//      REDIRECT_URIS(comma list; unset = any loopback URL)
+//      REDIRECT_URIS(comma list; unset = any loopback URL) INTROSPECTION(0: no introspection endpoint)
 //      AUTO_LOGIN(1: /auth logs in login_hint or 'alice' with no form; 0: username/password form)
 //      KEY_FILE(path of the RSA signing key as a JWK: loaded if it exists, else generated and written there,
 //               so a restart keeps its key, deleting the file rotates it, and two realms can share one key)
@@ -9,6 +9,9 @@
 //   mlflow/mlflow-secret [mlflow, mlflow-admin]   noaccess/noaccess-secret []   reader/reader-secret [mlflow-readers]
 //   other/other-secret   [mlflow] with audience "other" (a token minted for another client)
 // Users (password = name): alice [mlflow, mlflow-admin]  bob [other]  carol [mlflow-readers]
+// Tokens as Keycloak makes them: a `typ` claim (Bearer in access tokens, ID in ID tokens).
+// Admin, Keycloak-shaped: PUT /admin/realms/<realm>/users/<name> {"enabled": false|true} disables or
+// enables a user: no new logins, its refresh tokens stop working and introspect as inactive.
 import http from 'node:http';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
@@ -32,6 +35,7 @@ const client = (id, secret) => ({
   token_endpoint_auth_method: 'client_secret_basic', // client_secret_post is accepted too
 });
 const oc = '/protocol/openid-connect';
+const DISABLED = new Set();
 
 function signingKey() {
   if (env.KEY_FILE && fs.existsSync(env.KEY_FILE)) return JSON.parse(fs.readFileSync(env.KEY_FILE, 'utf8'));
@@ -49,13 +53,15 @@ function makeProvider(issuer) {
     cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
     routes: { authorization: `${oc}/auth`, token: `${oc}/token`, jwks: `${oc}/certs`, userinfo: `${oc}/userinfo`,
       end_session: `${oc}/logout`, introspection: `${oc}/token/introspect`, revocation: `${oc}/revoke` },
-    claims: { openid: ['sub'], profile: ['preferred_username', 'name'], email: ['email'], groups: ['groups'] },
+    claims: { openid: ['sub', 'typ'], profile: ['preferred_username', 'name'], email: ['email'], groups: ['groups'] },
     conformIdTokenClaims: false, // put requested claims (groups...) in the ID token too, like Keycloak mappers
     ttl: { AccessToken: TTL, ClientCredentials: TTL, IdToken: TTL, AuthorizationCode: 60, Session: 3600,
       Interaction: 600, Grant: 3600, RefreshToken: 3600 },
     features: {
       devInteractions: { enabled: false }, clientCredentials: { enabled: true },
-      introspection: { enabled: true }, revocation: { enabled: true },
+      introspection: { enabled: env.INTROSPECTION !== '0', allowedPolicy: async (ctx, c, token) => !DISABLED.has(token.accountId)
+        && (c.clientAuthMethod !== 'none' || token.clientId === c.clientId) },
+      revocation: { enabled: true },
       rpInitiatedLogout: { enabled: true, logoutSource: logoutPage },
       resourceIndicators: {
         enabled: true,
@@ -73,9 +79,9 @@ function makeProvider(issuer) {
         preferred_username: user || `service-account-${token.clientId}` };
     },
     async findAccount(ctx, sub) {
-      if (!USERS[sub]) return undefined;
-      return { accountId: sub, claims: () => ({ sub, preferred_username: sub, name: sub,
-        email: `${sub}@example.test`, groups: USERS[sub].groups }) };
+      if (!USERS[sub] || DISABLED.has(sub)) return undefined;
+      return { accountId: sub, claims: (use) => ({ sub, preferred_username: sub, name: sub,
+        email: `${sub}@example.test`, groups: USERS[sub].groups, typ: use === 'id_token' ? 'ID' : undefined }) };
     },
     issueRefreshToken: async (ctx, c) => c.grantTypeAllowed('refresh_token'), // like Keycloak, no offline_access needed
     async loadExistingGrant(ctx) { // first-party client: auto-consent to whatever was requested
@@ -118,7 +124,7 @@ async function login(provider, req, res, uid) {
       return res.end(page(uid, 'Invalid username or password.'));
     }
   }
-  if (!USERS[user]) return provider.interactionFinished(req, res, { error: 'access_denied' });
+  if (!USERS[user] || DISABLED.has(user)) return provider.interactionFinished(req, res, { error: 'access_denied' });
   return provider.interactionFinished(req, res, { login: { accountId: user } }, { mergeWithLastSubmission: false });
 }
 
@@ -126,6 +132,13 @@ async function login(provider, req, res, uid) {
 let provider, cb;
 const server = http.createServer(async (req, res) => {
   try {
+    const admin = req.url.match(/^\/admin\/realms\/[^/]+\/users\/([^/?]+)$/);
+    if (admin && req.method === 'PUT' && USERS[admin[1]]) {
+      let body = ''; for await (const chunk of req) body += chunk;
+      const enabled = JSON.parse(body || '{}').enabled;
+      if (enabled === false) DISABLED.add(admin[1]); else if (enabled === true) DISABLED.delete(admin[1]);
+      res.statusCode = 204; return res.end();
+    }
     const m = req.url.startsWith(`${REALM_PREFIX}/login-actions/`) && req.url.split('?')[0].split('/').pop();
     if (m) return await login(provider, req, res, m);
     if (req.url.startsWith(REALM_PREFIX)) {

@@ -39,6 +39,8 @@ pub struct OidcOptions {
     pub key_file: Option<PathBuf>,
     /// Fixed port; 0 picks a free one below the ephemeral range (safe to restart on).
     pub port: u16,
+    /// false: no token introspection endpoint (a provider that has none).
+    pub introspection: bool,
 }
 
 impl Default for OidcOptions {
@@ -50,6 +52,7 @@ impl Default for OidcOptions {
             audience: None,
             key_file: None,
             port: 0,
+            introspection: true,
         }
     }
 }
@@ -100,6 +103,7 @@ impl OidcProvider {
             .env("AUTO_LOGIN", if self.opts.auto_login { "1" } else { "0" })
             .env("KEY_FILE", &self.key_file)
             .env("CLIENT_SECRET", CLIENT_SECRET)
+            .env("INTROSPECTION", if self.opts.introspection { "1" } else { "0" })
             .env_remove("REDIRECT_URIS");
         if let Some(aud) = &self.opts.audience {
             cmd.env("AUDIENCE", aud);
