@@ -399,7 +399,7 @@ fn raw_for(wire: u8, seed: u64) -> Vec<u8> {
     match wire {
         0 => {
             let mut v = Vec::new();
-            if seed % 7 == 0 {
+            if seed.is_multiple_of(7) {
                 v.extend_from_slice(&[0xff; 9]);
                 v.push((seed >> 8) as u8 & 0x7f);
             } else {
