@@ -13,7 +13,9 @@ pub fn deliver(parsed: ParsedRequest) -> Vec<(Vec<u8>, Vec<u8>)> {
     let accepted = parsed.spans;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Vec<Routed>>>(1);
     let intake = Intake::new(vec![tx.into()], vec![]);
-    intake.submit(parsed, None).expect("an in-memory intake with room accepts");
+    intake
+        .submit(parsed, None)
+        .expect("an in-memory intake with room accepts");
     let mut batcher: Batcher<Destination, Item> = Batcher::new(BatchSettings {
         send_batch_size: 3,
         send_batch_max_size: 3,
@@ -31,7 +33,12 @@ pub fn deliver(parsed: ParsedRequest) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut keys = Vec::new();
     for batch in &batches {
         let req = ExportTraceServiceRequest::decode(batch.payload()).expect("payload decodes");
-        for s in req.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+        for s in req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+        {
             keys.push((s.trace_id.clone(), s.span_id.clone()));
         }
     }
