@@ -5,8 +5,9 @@
 //! (max 3 spans, so records are split) → export payload; the config loader; the spool's record
 //! reader. And the walker against Python protobuf (upb), MLflow's parser.
 //!
-//! `FUZZ_CASES` sets the OTLP cases (default 200,000, spread over parallel tests);
-//! `PROPTEST_RNG_SEED`-style reproduction: a failure prints its minimal case.
+//! `FUZZ_CASES` sets the OTLP cases (default 200,000, spread over four tests that run in
+//! parallel); `FUZZ_SEED` shifts the fixed seeds to explore other cases. A failure prints its
+//! shrunk minimal case.
 mod support;
 
 use std::io::Write;
