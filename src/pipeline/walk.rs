@@ -8,7 +8,7 @@
 //! This is the one rule for what the relay accepts: whatever passes here must decode with prost
 //! (split, spool replay) and with MLflow's parser (Python protobuf, upb), so no later stage can
 //! fail on it. It may refuse more than they do (groups), never less.
-#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 use super::wire::{DecodeError, EXPERIMENT_ATTRIBUTE};
 
 /// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
@@ -53,7 +53,19 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, DecodeError> {
+        // Keys and most lengths are one byte.
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 => {
+                self.pos += 1;
+                Ok(u64::from(b))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for i in 0..10 {
             let byte = *self.buf.get(self.pos).ok_or(err("truncated varint"))?;
@@ -334,6 +346,8 @@ enum Place {
 }
 
 impl Place {
+    #[cold]
+    #[inline(never)]
     fn too_deep(self) -> DecodeError {
         DecodeError::TooDeep {
             place: match self {
@@ -349,6 +363,7 @@ impl Place {
 }
 
 /// Refuses a message at `depth` (its level from the request, which is 1) past the limit.
+#[inline(always)]
 fn enter(depth: u32, place: Place) -> Result<(), DecodeError> {
     if depth > MAX_DEPTH {
         return Err(place.too_deep());

@@ -3,7 +3,7 @@
 //!
 //! `ExportTraceServiceRequest` is `repeated ResourceSpans resource_spans = 1`, so the encoding of
 //! a merged request is the concatenation of its parts' field-1 records.
-#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 use bytes::{Bytes, BytesMut};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
@@ -386,6 +386,65 @@ mod tests {
         let parsed = parse_protobuf(Bytes::from(request(vec![rs, bad]).encode_to_vec())).unwrap();
         assert_eq!(parsed.chunks[0].experiment.as_deref(), Some("42"));
         assert_eq!(parsed.chunks[1].experiment, None);
+    }
+
+    /// A record that does not decode (say, a spooled one damaged behind a valid checksum) or
+    /// whose span count is off is an error from split, never a panic.
+    #[test]
+    fn split_refuses_what_it_cannot_split() {
+        let good = encode_record(&resource_spans("a", 0, 1, 4));
+        let chunk = |bytes: Bytes, spans| ResourceChunk {
+            bytes,
+            spans,
+            experiment: None,
+        };
+        for (bytes, spans) in [
+            (Bytes::from_static(b"\x0a\x05\x01"), 4),
+            (Bytes::from_static(b""), 4),
+            (
+                Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]),
+                4,
+            ),
+            (good.slice(..good.len() - 3), 4),
+            (good.clone(), 9),
+            (good.clone(), 0),
+            ([good.as_ref(), good.as_ref()].concat().into(), 8),
+        ] {
+            assert!(
+                split_chunk(&chunk(bytes.clone(), spans), 2).is_err(),
+                "{bytes:?} {spans}"
+            );
+        }
+        assert!(split_chunk(&chunk(good.clone(), 4), 4).is_err());
+        assert!(split_chunk(&chunk(good, 4), 2).is_ok());
+    }
+
+    /// JSON is held to the protobuf depth rule after conversion.
+    #[test]
+    fn json_depth_is_limited_like_protobuf() {
+        let json = |levels: usize| {
+            let mut value = r#"{"intValue":"1"}"#.to_string();
+            for _ in 0..levels {
+                value = format!(r#"{{"arrayValue":{{"values":[{value}]}}}}"#);
+            }
+            format!(
+                r#"{{"resourceSpans":[{{"scopeSpans":[{{"spans":[{{"traceId":"5b8efff798038103d269b633813fc60c",
+                "spanId":"eee19b7ec3c1b174","attributes":[{{"key":"k","value":{value}}}]}}]}}]}}]}}"#
+            )
+        };
+        // A span attribute's AnyValue is level 6; 29 arrays make 64.
+        assert_eq!(parse_json(json(29).as_bytes()).unwrap().spans, 1);
+        let err = parse_json(json(30).as_bytes()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::TooDeep {
+                    place: "span attribute",
+                    limit: 64
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
