@@ -25,7 +25,7 @@ use crate::pipeline::{Intake, MemoryBudget, Target};
 use crate::receiver::{Protocol, ReceiverContext};
 use crate::spool::deadletter::DeadLetter;
 use crate::spool::{Spool, SpoolError, SpoolSettings};
-use crate::supervise::Supervisor;
+use crate::supervise::{ListenerSlot, Supervisor};
 use crate::telemetry::{self, ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
 use crate::tls::ServerTls;
 
@@ -422,35 +422,64 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
         }
     }
 
+    // Accept loops are supervised like the stages: the listeners are shared, so a restarted
+    // loop accepts on the socket that was bound (and logged) at start.
     let mut admin_tasks = JoinSet::new();
+    let mut admin_handlers: Vec<(TcpListener, &'static str, telemetry::AdminHandler)> = Vec::new();
     {
         let m = metrics.clone();
-        admin_tasks.spawn(telemetry::serve_admin(
+        admin_handlers.push((
             metrics_listener,
             "metrics",
             Arc::new(move |req| telemetry::metrics_response(&m, req.uri().path())),
-            admin_stop.clone(),
         ));
     }
     if let Some(listener) = health_listener {
         let h = health.clone();
-        admin_tasks.spawn(telemetry::serve_admin(
+        admin_handlers.push((
             listener,
             "health",
             Arc::new(move |req| telemetry::health_response(&h, req.uri().path())),
-            admin_stop.clone(),
         ));
+    }
+    for (listener, name, handler) in admin_handlers {
+        let (slot, stop) = (ListenerSlot::new(listener), admin_stop.clone());
+        supervisor.spawn(
+            &mut admin_tasks,
+            "admin",
+            format!("{name} listener"),
+            move || {
+                let (lease, handler, stop) = (slot.lease(), handler.clone(), stop.clone());
+                async move {
+                    if let Some(lease) = lease {
+                        telemetry::serve_admin(lease, name, handler, stop).await;
+                    }
+                }
+            },
+            Box::new(|_| Box::pin(async {})),
+        );
     }
     let mut receiver_tasks = JoinSet::new();
     for run in receiver_runs {
-        receiver_tasks.spawn(crate::receiver::serve(
-            run.listener,
-            run.protocol,
-            run.tls,
-            run.ctx,
-            receivers_stop.clone(),
-            RECEIVER_GRACE,
-        ));
+        let component = format!("{}-{}", run.ctx.receiver, run.ctx.transport);
+        let (slot, stop) = (ListenerSlot::new(run.listener), receivers_stop.clone());
+        let (protocol, tls, ctx) = (run.protocol, run.tls, run.ctx);
+        // Requests in flight belong to their connection tasks, which outlive a panicked accept
+        // loop: nothing accepted is held by the loop itself.
+        supervisor.spawn(
+            &mut receiver_tasks,
+            "receiver",
+            format!("{component} listener"),
+            move || {
+                let (lease, tls, ctx, stop) = (slot.lease(), tls.clone(), ctx.clone(), stop.clone());
+                async move {
+                    if let Some(lease) = lease {
+                        crate::receiver::serve(lease, protocol, tls, ctx, stop, RECEIVER_GRACE).await;
+                    }
+                }
+            },
+            Box::new(|_| Box::pin(async {})),
+        );
     }
     drop(inputs);
     health.set_started();

@@ -122,6 +122,58 @@ impl Supervisor {
     }
 }
 
+/// A listener shared by the runs of a supervised accept loop. Each run leases it; a run that
+/// panics gives it back, so the restart accepts on the socket bound (and logged) at start; a run
+/// that ends closes it, so clients are refused at once instead of waiting in the backlog.
+pub(crate) struct ListenerSlot(std::sync::Mutex<Option<tokio::net::TcpListener>>);
+
+impl ListenerSlot {
+    pub(crate) fn new(listener: tokio::net::TcpListener) -> Arc<ListenerSlot> {
+        Arc::new(ListenerSlot(std::sync::Mutex::new(Some(listener))))
+    }
+
+    /// The listener for one run; None once a run has ended normally.
+    pub(crate) fn lease(self: &Arc<Self>) -> Option<ListenerLease> {
+        let listener = self.0.lock_unpoisoned().take()?;
+        Some(ListenerLease {
+            slot: self.clone(),
+            listener: Some(listener),
+            done: false,
+        })
+    }
+}
+
+pub(crate) struct ListenerLease {
+    slot: Arc<ListenerSlot>,
+    listener: Option<tokio::net::TcpListener>,
+    done: bool,
+}
+
+impl ListenerLease {
+    /// The run ends normally: the listener closes when the lease is dropped.
+    pub(crate) fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl std::ops::Deref for ListenerLease {
+    type Target = tokio::net::TcpListener;
+    #[expect(clippy::expect_used, reason = "the listener is only taken in drop")]
+    fn deref(&self) -> &tokio::net::TcpListener {
+        self.listener.as_ref().expect("leased listener")
+    }
+}
+
+impl Drop for ListenerLease {
+    fn drop(&mut self) {
+        // A panicked run's future is dropped after the panic was caught, so `done` (not
+        // thread::panicking) tells a crash from an orderly end.
+        if !self.done {
+            *self.slot.0.lock_unpoisoned() = self.listener.take();
+        }
+    }
+}
+
 /// A mutex lock that survives a panicked holder. The relay's mutexes guard small self-contained
 /// state (caches, counters, readiness reasons) that stays consistent between statements, and the
 /// supervisor has already reported the panic: refusing the lock forever would turn one bug into
@@ -133,6 +185,46 @@ pub(crate) trait LockUnpoisoned<T> {
 impl<T> LockUnpoisoned<T> for std::sync::Mutex<T> {
     fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T> {
         self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The blocking twin of `Supervisor::spawn`, for the spool's threads: runs `run` until it returns;
+/// after a panic, counts it, reports it to readiness while down and runs it again after the
+/// backoff. The thread's state lives in what `run` borrows, so a restart carries on from it.
+pub(crate) fn supervise_thread(
+    component: &str,
+    instance: &str,
+    metrics: &Metrics,
+    health: &dyn Fn() -> Option<Arc<Health>>,
+    mut run: impl FnMut(),
+) {
+    let restarts = metrics
+        .component_restarts
+        .get_or_create(&ComponentLabels {
+            component: component.to_string(),
+        })
+        .clone();
+    let mut backoff = RestartBackoff::new();
+    loop {
+        let started = Instant::now();
+        let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(&mut run)) else {
+            return;
+        };
+        let message = panic_message(payload.as_ref());
+        restarts.inc();
+        let delay = backoff.after_run(started.elapsed());
+        let h = health();
+        if let Some(h) = &h {
+            h.set_unready(
+                instance,
+                Some(format!("down after a panic ({message}); restarting in {delay:?}")),
+            );
+        }
+        tracing::error!(component, task = instance, panic = %message, restart_in = ?delay, "thread panicked; restarting");
+        std::thread::sleep(delay);
+        if let Some(h) = &h {
+            h.set_unready(instance, None);
+        }
     }
 }
 
@@ -228,6 +320,26 @@ mod tests {
             .map(|(n, c)| (n.as_str(), c.load(Ordering::Relaxed)))
             .collect();
         assert_eq!(names, vec![("batcher", 3), ("sender", 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_listener_survives_a_panicked_run_and_closes_after_a_finished_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slot = ListenerSlot::new(listener);
+        let crashed = AssertUnwindSafe(async {
+            let _lease = slot.lease().unwrap();
+            panic!("accept loop bug");
+        })
+        .catch_unwind()
+        .await;
+        assert!(crashed.is_err());
+        let mut lease = slot.lease().expect("given back after the panic");
+        assert_eq!(lease.local_addr().unwrap(), addr);
+        lease.finish();
+        drop(lease);
+        assert!(slot.lease().is_none(), "closed after an orderly end");
+        assert!(std::net::TcpStream::connect(addr).is_err(), "the socket is closed");
     }
 
     #[tokio::test]

@@ -407,8 +407,8 @@ pub type AdminHandler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> 
 const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves a small plain-HTTP admin endpoint (health, metrics) until `cancel` fires.
-pub async fn serve_admin(
-    listener: TcpListener,
+pub(crate) async fn serve_admin(
+    mut listener: crate::supervise::ListenerLease,
     component: &'static str,
     handler: AdminHandler,
     cancel: CancellationToken,
@@ -416,7 +416,10 @@ pub async fn serve_admin(
     let mut acceptor = crate::net::Acceptor::new(component);
     loop {
         let (stream, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                listener.finish();
+                return;
+            }
             accepted = acceptor.accept(&listener) => accepted,
         };
         let handler = handler.clone();

@@ -223,7 +223,12 @@ impl ServerTls {
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.current.read().unwrap().clone())
+        tokio_rustls::TlsAcceptor::from(
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
     }
 
     /// Re-reads certificate, key and CA every `reload_interval`; a failed reload keeps the old
@@ -250,7 +255,7 @@ impl ServerTls {
                 .await;
                 match loaded {
                     Ok(Ok((config, validity))) => {
-                        *me.current.write().unwrap() = Arc::new(config);
+                        *me.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
                         *me.validity.write().unwrap_or_else(|e| e.into_inner()) = validity;
                         me.check_validity();
                         tracing::debug!(component, "TLS material reloaded");

@@ -151,6 +151,9 @@ fn gate(permissions: Option<&str>) -> Gate {
         .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
         .env("SECRET_KEY", "a test secret key that is long enough")
         .env("GATE_LISTEN", "127.0.0.1:0")
+        // Gates of parallel tests must not share the default admin port.
+        .env("GATE_ADMIN_LISTEN", "off")
+        .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
         .env("GATE_UPSTREAM", w.mlflow.url())
         .env("OIDC_GROUP_NAME", "mlflow,mlflow-readers")
         .env("OTLP_RELAY_LOG", "info");

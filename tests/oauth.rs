@@ -570,7 +570,7 @@ fn sink_checks_grpc_tokens_too() {
         idp.access_token(CLIENT_ID, CLIENT_SECRET)
     );
     let (code, r) = loadgen(&["--otlp-endpoint", &grpc, "--otlp-insecure", "--traces", "5"]);
-    assert_eq!(code, 0, "{r}");
+    assert_eq!(code, 1, "nothing accepted: {r}");
     assert_eq!(r["spans_refused"], 10, "{r}");
     assert_eq!(r["refused_by"]["grpc_UNAUTHENTICATED"], 10, "{r}");
     let (code, r) = loadgen(&[

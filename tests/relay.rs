@@ -241,7 +241,14 @@ async fn status_rules_follow_otlp() {
     let (s, body) = post(&[("content-type", "application/json; charset=utf-8")], b"{nope");
     assert_eq!(s, 400);
     assert!(String::from_utf8_lossy(&body).contains("\"code\":3"));
-    assert_eq!(post(&[("content-type", "text/plain")], b"x").0, 415);
+    // A client that sent neither protobuf nor JSON (curl, a browser) reads why in plain text.
+    let (s, body) = post(&[("content-type", "text/plain")], b"x");
+    assert_eq!(s, 415);
+    let text = String::from_utf8(body).expect("a readable body");
+    assert!(
+        text.contains("use application/x-protobuf or application/json"),
+        "{text}"
+    );
     assert_eq!(
         post(
             &[("content-type", "application/x-protobuf"), ("content-encoding", "br")],

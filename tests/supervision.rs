@@ -177,3 +177,41 @@ fn a_sender_panic_dead_letters_the_batch_in_hand_with_a_spool() {
         .collect();
     assert!(!dead.is_empty(), "a dead-letter file exists");
 }
+
+#[test]
+fn accept_loops_and_spool_threads_restart_after_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let sink = Sink::start(&[]);
+    let mut relay = Relay::start_with_env(
+        dir.path(),
+        &config(&sink.url(), Some(&spool)),
+        "otlp",
+        &[("OTLP_RELAY_TEST_PANIC", "receiver:1,spool_writer:1,spool_reader:1")],
+    );
+    let http_addr = relay.http.unwrap();
+    for component in ["receiver", "spool_reader"] {
+        wait_for(&format!("{component} restarted"), T, || {
+            (relay.metric("otlp_relay_component_restarts_total", &[("component", component)]) == 1.0).then_some(())
+        });
+    }
+    // The writer dies with the first request's group in hand: that request is not acknowledged
+    // (its client retries), the next ones are, once the writer is back.
+    assert_eq!(post(http_addr, &request(0, 4)), 503);
+    assert_eq!(
+        relay.metric("otlp_relay_component_restarts_total", &[("component", "spool_writer")]),
+        1.0
+    );
+    let status = wait_for("the writer back", T, || {
+        let s = post(http_addr, &request(1, 6));
+        (s == 200).then_some(s)
+    });
+    assert_eq!(status, 200);
+    sink.wait_unique(6, T);
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    let line = accounting(&relay);
+    for part in ["accepted=6", "sent=6", "in_spool=0", "balanced=true"] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+}

@@ -178,7 +178,13 @@ async fn answer(
     }
     let encoding = match parse_content_type(parts.headers.get(header::CONTENT_TYPE)) {
         Ok(e) => e,
-        Err(e) => return error_response(&e, Encoding::Protobuf),
+        // The client sent neither protobuf nor JSON, so a Status in either would be unreadable
+        // to it: say what is wrong in plain text.
+        Err(e) => {
+            let mut r = plain(e.http_status(), "");
+            *r.body_mut() = ResponseBody::new(Full::new(Bytes::from(format!("{e}\n"))));
+            return r;
+        }
     };
     match receive(ctx, conn, &parts.headers, declared, body, encoding).await {
         Ok(parsed) => {

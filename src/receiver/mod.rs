@@ -17,7 +17,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -113,8 +112,8 @@ async fn handle(
 /// Accepts connections until `stop` fires, then lets open connections finish their requests
 /// for up to `grace`. At most `max_connections` are open at once; the rest are closed on
 /// accept, counted, and warned about once per interval.
-pub async fn serve(
-    listener: TcpListener,
+pub(crate) async fn serve(
+    mut listener: crate::supervise::ListenerLease,
     protocol: Protocol,
     tls: Option<Arc<ServerTls>>,
     ctx: Arc<ReceiverContext>,
@@ -147,6 +146,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let builder = settings.builder();
     let mut acceptor = Acceptor::new(&component);
+    crate::supervise::fault_point("receiver");
     let mut at_limit_warn = RateLimitedWarn::new(WARN_INTERVAL);
     // A client with the wrong CA (or an expired server certificate) fails every handshake:
     // one line per interval, with a count, instead of one per connection.
@@ -195,7 +195,7 @@ pub async fn serve(
                             count_closed(&ctx.metrics, &labels, "handshake_failed");
                             let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
                             if let Some(suppressed) = due {
-                                tracing::info!(component = %component, %remote, error = %e, suppressed, "TLS handshake failed");
+                                tracing::warn!(component = %component, %remote, error = %e, suppressed, "TLS handshake failed (logged once per interval; `suppressed` since the last line)");
                             }
                             return;
                         }
@@ -203,7 +203,7 @@ pub async fn serve(
                             count_closed(&ctx.metrics, &labels, "handshake_timeout");
                             let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
                             if let Some(suppressed) = due {
-                                tracing::info!(component = %component, %remote, suppressed, "TLS handshake timed out");
+                                tracing::warn!(component = %component, %remote, suppressed, "TLS handshake timed out (logged once per interval)");
                             }
                             return;
                         }
@@ -225,6 +225,7 @@ pub async fn serve(
             }
         });
     }
+    listener.finish();
     drop(listener);
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

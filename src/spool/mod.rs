@@ -245,6 +245,11 @@ impl Shared {
         format!("spool {}", self.settings.exporter)
     }
 
+    /// Readiness, once the relay attached it (supervised threads report on it).
+    fn health(&self) -> Option<Arc<Health>> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Reports (Some) or clears (None) why the spool cannot take requests, on /readyz.
     fn set_unready(&self, reason: Option<String>) {
         if reason.is_none() && !self.unready.load(Ordering::Acquire) {
@@ -507,14 +512,27 @@ impl Spool {
             std::thread::Builder::new()
                 .name("spool-writer".into())
                 .spawn(move || {
-                    Writer {
+                    let mut writer = Writer {
                         shared,
                         rx,
                         next_id,
                         file: None,
                         full_check: Instant::now(),
-                    }
-                    .run()
+                    };
+                    // A panic costs the group being written (not acknowledged: its clients
+                    // retry); the writer goes on with the next one.
+                    let (shared, instance) = (
+                        writer.shared.clone(),
+                        format!("spool {} writer", writer.shared.settings.exporter),
+                    );
+                    crate::supervise::supervise_thread(
+                        "spool_writer",
+                        &instance,
+                        &shared.metrics,
+                        &|| shared.health(),
+                        || writer.run(),
+                    );
+                    writer.seal();
                 })
                 .map_err(io)?
         };
@@ -604,7 +622,18 @@ impl Spool {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("spool-reader".into())
-            .spawn(move || Reader { shared }.run(intake))
+            .spawn(move || {
+                let reader = Reader { shared };
+                let instance = format!("spool {} reader", reader.shared.settings.exporter);
+                let shared = reader.shared.clone();
+                crate::supervise::supervise_thread(
+                    "spool_reader",
+                    &instance,
+                    &shared.metrics,
+                    &|| shared.health(),
+                    || reader.run(intake.clone()),
+                );
+            })
             .expect("spawn spool reader");
         *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
     }
@@ -690,7 +719,7 @@ fn copy_segment(src: &File, bytes: u64, dir: &Path, id: u64, fsync: bool) -> std
 }
 
 impl Writer {
-    fn run(mut self) {
+    fn run(&mut self) {
         // A timer-only runtime: when idle for WATCH_INTERVAL the writer checks that the
         // directory is still there, so a deletion is repaired even without traffic.
         let timer = tokio::runtime::Builder::new_current_thread().enable_time().build();
@@ -727,9 +756,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            crate::supervise::fault_point("spool_writer");
             self.commit(group);
         }
-        self.seal();
     }
 
     /// Whether the directory was deleted or replaced, or the open segment unlinked; with
@@ -1050,10 +1079,11 @@ struct Reader {
 }
 
 impl Reader {
-    fn run(self, intake: mpsc::Sender<Arc<Vec<Routed>>>) {
+    fn run(&self, intake: mpsc::Sender<Arc<Vec<Routed>>>) {
         let labels = exporter_labels(&self.shared.settings.exporter);
         let mut last_error_log: Option<Instant> = None;
         loop {
+            crate::supervise::fault_point("spool_reader");
             let Some(range) = self.next_range() else {
                 return;
             };
