@@ -341,7 +341,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
             );
             let target = match spools.get(id) {
                 Some(spool) => {
-                    spool.start_reader(input);
+                    spool.start_reader(input)?;
                     Target::Spool(spool.clone())
                 }
                 None => Target::Memory(input),
@@ -564,7 +564,7 @@ fn log_destinations(config: &Config) {
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => Some(s),

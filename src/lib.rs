@@ -1,5 +1,7 @@
 //! otlp-relay: an OTLP trace relay for MLflow, plus its auth front end, load generator and sink.
 #![forbid(unsafe_code)]
+// Data from outside never meets an unwrap or expect; the few invariants that remain say why.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod app;
 pub mod batch;

@@ -87,8 +87,10 @@ impl OtlpHttpExporter {
 
     /// One attempt. The caller owns retries.
     pub async fn send(&self, batch: &OutBatch, body: Bytes, content_type: &'static str) -> Result<(), ExportError> {
-        let mut req = Request::builder().method(Method::POST).uri(self.url.clone());
-        let headers = req.headers_mut().expect("fresh builder");
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.url.clone();
+        let headers = req.headers_mut();
         headers.extend(self.headers.clone());
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         // Never "identity": MLflow answers it with 400.
@@ -114,9 +116,6 @@ impl OtlpHttpExporter {
             }
             None => None,
         };
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| ExportError::Encode(e.to_string()))?;
         // `timeout` bounds the whole exchange (connect, send, headers and body): a destination
         // or proxy that answers headers and then stalls the body would otherwise hold this
         // sender forever, with no log and no retry.

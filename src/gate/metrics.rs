@@ -116,7 +116,10 @@ impl GateMetrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        // Writing to a String cannot fail; should the encoder, Prometheus reports a scrape error.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode gate metrics");
+        }
         out
     }
 }

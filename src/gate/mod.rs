@@ -90,11 +90,7 @@ pub fn main(_args: GateArgs, rt: tokio::runtime::Runtime) -> ExitCode {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    crate::app::wait_for_signal().await;
 }
 
 /// Binds, logs `listening component=gate addr=...` (and `component=gate-admin` for the admin listener),
@@ -110,7 +106,7 @@ pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<(
         ),
         None => None,
     };
-    let gate = Arc::new(Gate::new(cfg));
+    let gate = Arc::new(Gate::new(cfg)?);
     tracing::info!(component = %"gate", addr = %addr, upstream = %gate.cfg.upstream, "listening");
     if gate.cfg.secret_key.is_none() {
         tracing::warn!("SECRET_KEY is not set: sessions use a random key and end when the gate restarts");
@@ -249,12 +245,13 @@ fn now_secs() -> u64 {
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(full(v.to_string()))
-        .expect("static response parts")
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 fn detail(status: StatusCode, text: &str) -> Response<Body> {
@@ -262,18 +259,19 @@ fn detail(status: StatusCode, text: &str) -> Response<Body> {
 }
 
 fn redirect(location: &str, cookies: &[String]) -> Response<Body> {
-    let mut b = Response::builder()
-        .status(StatusCode::FOUND)
-        .header(header::CACHE_CONTROL, "no-store");
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    let headers = r.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(location) {
-        b = b.header(header::LOCATION, v);
+        headers.insert(header::LOCATION, v);
     }
     for c in cookies {
         if let Ok(v) = HeaderValue::from_str(c) {
-            b = b.header(header::SET_COOKIE, v);
+            headers.append(header::SET_COOKIE, v);
         }
     }
-    b.body(full(Bytes::new())).expect("static response parts")
+    r
 }
 
 fn header_str(req: &Request<Body>, name: impl http::header::AsHeaderName) -> Option<&str> {
@@ -291,13 +289,12 @@ fn is_browser_navigation(req: &Request<Body>) -> bool {
 }
 
 impl Gate {
-    pub fn new(cfg: GateConfig) -> Gate {
+    pub fn new(cfg: GateConfig) -> Result<Gate, crate::tls::TlsError> {
         let cfg = Arc::new(cfg);
-        // Trust roots only when something is reached over https; the default TLS settings name
-        // no files, so building the client cannot fail.
+        // Trust roots only when something is reached over https (none found is an error).
         let https = crate::http_client::any_https([cfg.discovery_url.as_str(), &cfg.upstream.to_string()]);
-        let tls = crate::tls::client_config(&Default::default(), https).expect("default client TLS settings");
-        let http = HttpClient::new(&Default::default(), https, PROVIDER_TIMEOUT).expect("default client TLS settings");
+        let tls = crate::tls::client_config(&Default::default(), https)?;
+        let http = HttpClient::new(&Default::default(), https, PROVIDER_TIMEOUT)?;
         let upstream = crate::http_client::pooled(tls, UPSTREAM_CONNECT_TIMEOUT, Duration::from_secs(60));
         let sealer = match &cfg.secret_key {
             Some(k) => Sealer::new(k.0.as_bytes()),
@@ -305,7 +302,7 @@ impl Gate {
         };
         let upstream_scheme = cfg.upstream.scheme_str().unwrap_or("http").to_string();
         let upstream_authority = cfg.upstream.authority().map(|a| a.to_string()).unwrap_or_default();
-        Gate {
+        Ok(Gate {
             policy: cfg.policy(),
             oidc: Oidc::new(cfg.clone(), http.clone()),
             sealer,
@@ -319,7 +316,7 @@ impl Gate {
             upstream_scheme,
             upstream_authority,
             cfg,
-        }
+        })
     }
 
     async fn handle(self: Arc<Self>, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
@@ -345,13 +342,14 @@ impl Gate {
     /// The admin listener: metrics and the probes, nothing else.
     async fn admin(&self, req: Request<Body>) -> Response<Body> {
         match req.uri().path() {
-            "/gate/metrics" => Response::builder()
-                .header(
+            "/gate/metrics" => {
+                let mut r = Response::new(full(self.metrics.encode()));
+                r.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(full(self.metrics.encode()))
-                .expect("static response parts"),
+                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                r
+            }
             "/gate/healthz" | "/gate/readyz" => self.probe(req.uri().path()).await,
             _ => detail(StatusCode::NOT_FOUND, "Not found"),
         }

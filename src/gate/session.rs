@@ -62,6 +62,7 @@ pub fn session_state(s: &Session, now: u64, refresh_secs: u64) -> SessionState {
 }
 
 /// A new random session id.
+#[expect(clippy::expect_used, reason = "without system randomness no session can be safe")]
 pub fn new_sid() -> String {
     let mut b = [0u8; 16];
     aws_lc_rs::rand::fill(&mut b).expect("system randomness");
@@ -86,6 +87,7 @@ pub struct Sealer {
 }
 
 impl Sealer {
+    #[expect(clippy::expect_used, reason = "32 bytes is a valid HKDF-SHA256 output length")]
     pub fn new(secret: &[u8]) -> Sealer {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"otlp-relay gate").extract(secret);
         let okm = prk
@@ -97,12 +99,17 @@ impl Sealer {
     }
 
     /// A sealer with a random key (sessions do not survive a restart).
+    #[expect(clippy::expect_used, reason = "without system randomness no session can be safe")]
     pub fn random() -> Sealer {
         let mut k = [0u8; 32];
         aws_lc_rs::rand::fill(&mut k).expect("system randomness");
         Sealer::new(&k)
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "randomness, serializing our own structs and AES-GCM sealing in place do not fail"
+    )]
     pub fn seal<T: Serialize>(&self, name: &str, value: &T) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).expect("system randomness");

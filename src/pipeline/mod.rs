@@ -322,8 +322,8 @@ impl Intake {
                     Err(TrySendError::Closed(())) => return Err(Refusal::ShuttingDown),
                 },
                 Target::Spool(spool) => {
-                    let (f, _) = frames.as_ref().expect("framed when a spool is a target");
-                    spool_permits.push(spool.reserve(f.len() as u64)?);
+                    let framed = frames.as_ref().map_or(0, |(f, _)| f.len());
+                    spool_permits.push(spool.reserve(framed as u64)?);
                 }
             }
         }

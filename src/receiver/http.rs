@@ -95,11 +95,11 @@ async fn discard_refused(body: &mut Incoming, declared: Option<u64>) {
 }
 
 fn respond(status: StatusCode, encoding: Encoding, body: Bytes) -> Response<ResponseBody> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, encoding.content_type())
-        .body(ResponseBody::new(Full::new(body)))
-        .expect("static response parts")
+    let mut r = Response::new(ResponseBody::new(Full::new(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(encoding.content_type()));
+    r
 }
 
 /// A google.rpc.Status body in the request's encoding.
@@ -119,20 +119,21 @@ fn error_response(error: &ReceiveError, encoding: Encoding) -> Response<Response
     };
     let mut response = respond(error.http_status(), encoding, body);
     if let Some(delay) = error.retry_after() {
-        let secs = delay.as_secs().max(1).to_string();
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
     }
     response
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(ResponseBody::new(Full::new(Bytes::from_static(text.as_bytes()))))
-        .expect("static response parts")
+    let mut r = Response::new(ResponseBody::new(Full::new(Bytes::from_static(text.as_bytes()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
 pub async fn handle(

@@ -380,14 +380,16 @@ impl SpoolPermit<'_> {
         let (done, rx) = oneshot::channel();
         // From here the writer owns the reserved bytes.
         self.bytes = 0;
-        let permit = self.permit.take().expect("a permit is sent once");
-        permit.send(WriteMsg::Write(WriteRequest {
-            frames,
-            records,
-            spans,
-            done,
-            _charge: charge,
-        }));
+        // `send` consumes the permit holder, so the permit is always there.
+        if let Some(permit) = self.permit.take() {
+            permit.send(WriteMsg::Write(WriteRequest {
+                frames,
+                records,
+                spans,
+                done,
+                _charge: charge,
+            }));
+        }
         rx
     }
 }
@@ -618,7 +620,7 @@ impl Spool {
     }
 
     /// Starts the thread that reads records in order and feeds them to the exporter's batcher.
-    pub fn start_reader(&self, intake: mpsc::Sender<Arc<Vec<Routed>>>) {
+    pub fn start_reader(&self, intake: mpsc::Sender<Arc<Vec<Routed>>>) -> Result<(), SpoolError> {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("spool-reader".into())
@@ -634,8 +636,12 @@ impl Spool {
                     || reader.run(intake.clone()),
                 );
             })
-            .expect("spawn spool reader");
+            .map_err(|error| SpoolError::Io {
+                dir: self.shared.settings.dir.clone(),
+                error,
+            })?;
         *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
     }
 
     /// Spans read from `segment` were delivered (or dead-lettered): they need not be kept.
@@ -1307,7 +1313,7 @@ mod tests {
         let before = list_segments(dir.path()).unwrap().len();
         assert!(before >= 3);
         let (tx, mut rx) = mpsc::channel(1000);
-        spool.start_reader(tx);
+        spool.start_reader(tx).unwrap();
         let mut items = Vec::new();
         while items.len() < 200 {
             items.extend(rx.blocking_recv().unwrap().iter().cloned());
@@ -1373,7 +1379,7 @@ mod tests {
         drop(f);
         let first_segment = frame::scan(&std::fs::read(&segs[0].1).unwrap()).records.len();
         let (tx, mut rx) = mpsc::channel(1000);
-        spool.start_reader(tx);
+        spool.start_reader(tx).unwrap();
         let items = collect(&mut rx, 199);
         // In order, with exactly the damaged record missing.
         let damaged = first_segment + 3;
@@ -1451,7 +1457,7 @@ mod tests {
         assert_eq!(spool.recovered_spans(), 10);
         write(&spool, 3).unwrap();
         let (tx, mut rx) = mpsc::channel(1000);
-        spool.start_reader(tx);
+        spool.start_reader(tx).unwrap();
         let items = collect(&mut rx, 8);
         let firsts: Vec<u8> = items.iter().map(|r| r.item.chunk.bytes[0]).collect();
         assert_eq!(firsts, vec![0, 1, 2, 3, 4, 0, 1, 2]);
