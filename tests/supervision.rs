@@ -141,17 +141,23 @@ fn a_panicking_batcher_restarts_reports_unready_and_accounts_for_what_it_held() 
     assert_eq!(sink.stats()["unique_spans"], 10, "nothing else arrived");
 }
 
+/// A relay with a spool under a temp dir, delivering to a sink, with injected panics.
+fn spooled_relay(panics: &str) -> (tempfile::TempDir, Sink, Relay) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&[]);
+    let relay = Relay::start_with_env(
+        dir.path(),
+        &config(&sink.url(), Some(&dir.path().join("spool"))),
+        "otlp",
+        &[("OTLP_RELAY_TEST_PANIC", panics)],
+    );
+    (dir, sink, relay)
+}
+
 #[test]
 fn a_sender_panic_dead_letters_the_batch_in_hand_with_a_spool() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, sink, mut relay) = spooled_relay("sender:1");
     let spool = dir.path().join("spool");
-    let sink = Sink::start(&[]);
-    let mut relay = Relay::start_with_env(
-        dir.path(),
-        &config(&sink.url(), Some(&spool)),
-        "otlp",
-        &[("OTLP_RELAY_TEST_PANIC", "sender:1")],
-    );
     let http_addr = relay.http.unwrap();
     assert_eq!(post(http_addr, &request(0, 7)), 200);
     wait_for("the batch in the dead-letter directory", T, || {
@@ -180,15 +186,7 @@ fn a_sender_panic_dead_letters_the_batch_in_hand_with_a_spool() {
 
 #[test]
 fn accept_loops_and_spool_threads_restart_after_a_panic() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let sink = Sink::start(&[]);
-    let mut relay = Relay::start_with_env(
-        dir.path(),
-        &config(&sink.url(), Some(&spool)),
-        "otlp",
-        &[("OTLP_RELAY_TEST_PANIC", "receiver:1,spool_writer:1,spool_reader:1")],
-    );
+    let (_dir, sink, mut relay) = spooled_relay("receiver:1,spool_writer:1,spool_reader:1");
     let http_addr = relay.http.unwrap();
     for component in ["receiver", "spool_reader"] {
         wait_for(&format!("{component} restarted"), T, || {
