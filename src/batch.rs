@@ -20,6 +20,28 @@ pub trait BatchItem: Sized {
     /// Splits off the first `first` spans (0 < first < spans()); on failure the item comes back
     /// whole, so nothing is lost.
     fn split(self, first: usize) -> Result<(Self, Self), Unsplit<Self>>;
+
+    /// Cuts the item into pieces of `first` spans, then `size` each, the last holding the rest
+    /// (0 < first < spans()). Items that can do this in one pass override it; on a failure after
+    /// the first cut the rest comes back whole as the last piece.
+    fn split_pieces(self, first: usize, size: usize) -> Result<Vec<Self>, Unsplit<Self>> {
+        let (head, mut rest) = self.split(first)?;
+        let mut pieces = vec![head];
+        while size > 0 && rest.spans() > size {
+            match rest.split(size) {
+                Ok((piece, tail)) => {
+                    pieces.push(piece);
+                    rest = tail;
+                }
+                Err(Unsplit { item, .. }) => {
+                    rest = item;
+                    break;
+                }
+            }
+        }
+        pieces.push(rest);
+        Ok(pieces)
+    }
 }
 
 /// An item that could not be split, and why.
@@ -115,11 +137,26 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
                 if room == 0 {
                     item = Some(current);
                 } else {
-                    match current.split(room) {
-                        Ok((head, tail)) => {
-                            pending.items.push(head);
-                            pending.spans += room;
-                            item = Some(tail);
+                    match current.split_pieces(room, max) {
+                        Ok(pieces) => {
+                            // The first piece fills this batch; full pieces after it are
+                            // batches of their own; the last goes on like a new item.
+                            let mut pieces = pieces.into_iter();
+                            if let Some(head) = pieces.next() {
+                                pending.spans += head.spans();
+                                pending.items.push(head);
+                            }
+                            out.extend(self.take(&key));
+                            let mut rest: Vec<T> = pieces.collect();
+                            item = rest.pop();
+                            for piece in rest {
+                                out.push(Batch {
+                                    key: key.clone(),
+                                    spans: piece.spans(),
+                                    items: vec![piece],
+                                });
+                            }
+                            continue;
                         }
                         Err(Unsplit { item: whole, reason }) => {
                             // What is pending goes first, then the item alone: order kept,
@@ -217,6 +254,23 @@ mod tests {
             let tail = self.0.split_off(first);
             Ok((self, Run(tail)))
         }
+    }
+
+    #[test]
+    fn a_large_item_becomes_full_batches_in_order() {
+        let mut b: Batcher<&str, Run> = Batcher::new(settings(5, 5));
+        let now = Instant::now();
+        assert!(b.add("k", Run((0..3).collect()), now).is_empty());
+        let out = b.add("k", Run((3..26).collect()), now);
+        let sizes: Vec<usize> = out.iter().map(|batch| batch.spans).collect();
+        assert_eq!(sizes, vec![5, 5, 5, 5, 5], "full batches; the last 1 span waits");
+        let order: Vec<u32> = out
+            .iter()
+            .flat_map(|batch| &batch.items)
+            .flat_map(|r| r.0.clone())
+            .collect();
+        assert_eq!(order, (0..25).collect::<Vec<u32>>());
+        assert_eq!(b.pending_spans(), 1);
     }
 
     fn settings(size: usize, max: usize) -> BatchSettings {

@@ -648,6 +648,67 @@ fn otlp_spans_joining_a_trace_of_b() {
     assert!(trace_has_span(&w.a.trace, "more-for-a"));
 }
 
+/// Variants found in review: ids MLflow reads as B's trace, a second gzip member, the span
+/// attributes that set where a trace's data is read from, and the run the traces are linked to.
+#[test]
+fn otlp_variants_reaching_b() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use prost::Message;
+    let w = world();
+    let g = edit_on_a();
+    let post = |headers: &[(&str, &str)], body: &[u8]| {
+        let mut all = vec![
+            ("content-type", "application/x-protobuf"),
+            ("x-mlflow-experiment-id", w.a.id.as_str()),
+        ];
+        all.extend_from_slice(headers);
+        g.call("POST", "/v1/traces", &all, body)
+    };
+    let gzip = |data: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, data).unwrap();
+        gz.finish().unwrap()
+    };
+    let hex_b = w.b.trace.trim_start_matches("tr-");
+    // 17 bytes with a leading zero: MLflow reads the id as a number, which is B's trace.
+    let (s, b) = post(&[], &otlp_span_in(&format!("00{hex_b}"), "b-by-17-bytes"));
+    assert_eq!(s, 400, "{b}");
+    assert!(!trace_has_span(&w.b.trace, "b-by-17-bytes"));
+    // Two gzip members: a new trace first, B's trace in the second.
+    let fresh = const_hex::encode(rand::random::<[u8; 16]>());
+    let body = [
+        gzip(&otlp_span_in(&fresh, "decoy")),
+        gzip(&otlp_span_in(hex_b, "b-by-second-member")),
+    ]
+    .concat();
+    let (s, b) = post(&[("content-encoding", "gzip")], &body);
+    assert_eq!(s, 403, "{b}");
+    assert!(!trace_has_span(&w.b.trace, "b-by-second-member"));
+    // A new trace in A whose data would be read from B's.
+    let mut tagged = ExportTraceServiceRequest::decode(otlp_span_in(&fresh, "pointer").as_slice()).unwrap();
+    tagged.resource_spans[0].scope_spans[0].spans[0]
+        .attributes
+        .push(KeyValue {
+            key: "mlflow.traceTag.mlflow.artifactLocation".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(format!(
+                    "mlflow-artifacts:/{}/traces/{}/artifacts",
+                    w.b.id, w.b.trace
+                ))),
+            }),
+            ..Default::default()
+        });
+    let (s, b) = post(&[], &tagged.encode_to_vec());
+    assert_eq!(s, 400, "{b}");
+    // Traces linked to B's run: a write to B.
+    let (s, b) = post(&[("x-mlflow-run-id", &w.b.run)], &otlp_span_in(&fresh, "linked-to-b"));
+    assert_eq!(s, 403, "{b}");
+    let own = const_hex::encode(rand::random::<[u8; 16]>());
+    let (s, b) = post(&[("x-mlflow-run-id", &w.a.run)], &otlp_span_in(&own, "linked-to-a"));
+    assert_eq!(s, 200, "{b}");
+}
+
 // ---- Reads of B with READ on A ------------------------------------------------------------------
 
 #[test]

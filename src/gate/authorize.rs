@@ -19,6 +19,8 @@ use super::{Body, Gate, MAX_INSPECTED_BODY, detail, full, query_value, read_limi
 const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 /// MLflow's workspace selector (a workspaces-enabled server): not passed on for non-admins.
 const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
+/// OTLP ingestion links the traces to this run.
+const RUN_ID_HEADER: &str = "x-mlflow-run-id";
 
 /// Largest OTLP body a non-admin's export may have (the gate reads it to find its traces).
 const MAX_OTLP_BODY: usize = 32 << 20;
@@ -82,18 +84,26 @@ impl Gate {
                 return detail(StatusCode::PAYLOAD_TOO_LARGE, "OTLP request body too large");
             };
             let value = |h| parts.headers.get(h).and_then(|v| v.to_str().ok());
-            match targets::otlp_trace_ids(
+            let read = match targets::otlp_trace_ids(
                 value(header::CONTENT_TYPE),
                 value(header::CONTENT_ENCODING),
                 &bytes,
                 MAX_OTLP_BODY,
             ) {
-                Ok(ids) => otlp_traces = ids,
+                Ok(read) => read,
                 Err(e) => return self.bad_request(&e),
-            }
+            };
+            otlp_traces = read.trace_ids;
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::TRANSFER_ENCODING);
-            full(bytes)
+            // MLflow gets exactly the bytes the gate read, never a second reading of them.
+            match read.decompressed {
+                Some(plain) => {
+                    parts.headers.remove(header::CONTENT_ENCODING);
+                    full(plain)
+                }
+                None => full(bytes),
+            }
         } else if !body_method {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::TRANSFER_ENCODING);
@@ -153,6 +163,25 @@ impl Gate {
                     Ok(f) => f,
                     Err(e) => return self.bad_request(&e),
                 };
+                // OTLP ingestion links the traces to the run this header names: a write to the
+                // run's experiment, which must be allowed like the traces' own.
+                if finds.contains(&Find::OtlpTraces) {
+                    let named: Vec<&HeaderValue> = parts.headers.get_all(RUN_ID_HEADER).iter().collect();
+                    match named.as_slice() {
+                        [] => {}
+                        [one] => match one.to_str().map(str::trim) {
+                            Ok(run) if !run.is_empty() => found.runs.push(run.to_string()),
+                            _ => {
+                                return self
+                                    .bad_request(&CanonError::Query(format!("{RUN_ID_HEADER} is not a run id")));
+                            }
+                        },
+                        _ => {
+                            return self
+                                .bad_request(&CanonError::Query(format!("{RUN_ID_HEADER} given more than once")));
+                        }
+                    }
+                }
                 otlp_traces.append(&mut found.traces_if_exist);
                 let existing = if self.policy.needs_experiments(groups) {
                     self.existing_trace_experiments(&otlp_traces).await

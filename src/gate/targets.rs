@@ -125,15 +125,31 @@ pub fn sets_reserved_trace_tag(segments: &[String], body: Option<&Map<String, Va
 /// Most distinct traces in one OTLP request from a non-admin (each is looked up).
 pub const MAX_OTLP_TRACES: usize = 10_000;
 
-/// The MLflow trace ids (`tr-<hex>`) of an OTLP/HTTP protobuf body, decompressed as its
-/// Content-Encoding says (gzip, deflate) up to `limit` bytes. OTLP/JSON is refused: its id
-/// encoding is translated by MLflow in ways the gate would have to mirror exactly.
+/// Span attributes MLflow turns into trace tags that say where a trace's data is read from
+/// (`mlflow.traceTag.<tag>`): setting them would point a trace of A at B's data.
+const RESERVED_OTLP_TAG_ATTRIBUTES: [&str; 2] = [
+    "mlflow.tracetag.mlflow.artifactlocation",
+    "mlflow.tracetag.mlflow.trace.spanslocation",
+];
+
+/// What the gate read from an OTLP export: the MLflow trace ids (`tr-<hex>`) it touches, and
+/// the body decompressed (None when it came uncompressed), which is what gets forwarded.
+pub struct OtlpBody {
+    pub trace_ids: Vec<String>,
+    pub decompressed: Option<Vec<u8>>,
+}
+
+/// Reads an OTLP/HTTP protobuf body as MLflow will: decompressed as its Content-Encoding says
+/// (every gzip member, as Python's gzip does) up to `limit` bytes. Refused: OTLP/JSON (MLflow
+/// translates its ids in ways the gate would have to mirror exactly), trace ids that are not 16
+/// bytes (MLflow reads them as a number, so 17 bytes with a leading zero name another trace),
+/// and the span attributes in RESERVED_OTLP_TAG_ATTRIBUTES.
 pub fn otlp_trace_ids(
     content_type: Option<&str>,
     content_encoding: Option<&str>,
     body: &[u8],
     limit: usize,
-) -> Result<Vec<String>, CanonError> {
+) -> Result<OtlpBody, CanonError> {
     use prost::Message;
     use std::io::Read;
     let media = content_type.unwrap_or("").split(';').next().unwrap_or("").trim();
@@ -141,11 +157,13 @@ pub fn otlp_trace_ids(
         return Err(CanonError::Body("OTLP must be sent as application/x-protobuf".into()));
     }
     let mut plain = Vec::new();
+    let mut compressed = false;
     let raw: &[u8] = match content_encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("identity") => body,
         Some(enc @ ("gzip" | "deflate")) => {
+            compressed = true;
             let reader: Box<dyn Read> = if enc == "gzip" {
-                Box::new(flate2::read::GzDecoder::new(body))
+                Box::new(flate2::read::MultiGzDecoder::new(body))
             } else {
                 Box::new(flate2::read::ZlibDecoder::new(body))
             };
@@ -162,11 +180,37 @@ pub fn otlp_trace_ids(
     };
     let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(raw)
         .map_err(|_| CanonError::Body("OTLP body is not an ExportTraceServiceRequest".into()))?;
-    let mut ids: Vec<String> = req
+    let spans = || {
+        req.resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+    };
+    if spans().any(|sp| sp.trace_id.len() != 16) {
+        return Err(CanonError::Body("OTLP trace ids must be 16 bytes".into()));
+    }
+    let reserved = |key: &str| {
+        let key = key.trim().to_ascii_lowercase();
+        RESERVED_OTLP_TAG_ATTRIBUTES.contains(&key.as_str())
+    };
+    let resource_attributes = req
         .resource_spans
         .iter()
-        .flat_map(|r| &r.scope_spans)
-        .flat_map(|s| &s.spans)
+        .filter_map(|r| r.resource.as_ref())
+        .flat_map(|r| &r.attributes);
+    let span_attributes = spans().flat_map(|sp| {
+        sp.attributes
+            .iter()
+            .chain(sp.events.iter().flat_map(|e| &e.attributes))
+            .chain(sp.links.iter().flat_map(|l| &l.attributes))
+    });
+    if let Some(kv) = resource_attributes.chain(span_attributes).find(|kv| reserved(&kv.key)) {
+        return Err(CanonError::Body(format!(
+            "the span attribute {:?} is reserved (it sets where MLflow reads a trace's data)",
+            kv.key
+        )));
+    }
+    let mut ids: Vec<String> = spans()
         .map(|sp| format!("tr-{}", const_hex::encode(&sp.trace_id)))
         .collect();
     ids.sort();
@@ -176,7 +220,11 @@ pub fn otlp_trace_ids(
             "more than {MAX_OTLP_TRACES} traces in one request"
         )));
     }
-    Ok(ids)
+    let decompressed = compressed.then_some(plain);
+    Ok(OtlpBody {
+        trace_ids: ids,
+        decompressed,
+    })
 }
 
 /// The request's inputs as MLflow reads them: the JSON body for methods that have one, else the query.
@@ -372,22 +420,71 @@ mod tests {
             }],
         };
         let bytes = req.encode_to_vec();
-        let ids = otlp_trace_ids(Some("application/x-protobuf"), None, &bytes, 1 << 20).unwrap();
+        let read = otlp_trace_ids(Some("application/x-protobuf"), None, &bytes, 1 << 20).unwrap();
+        let ids = read.trace_ids;
         assert_eq!(
             ids,
             [format!("tr-{}", "01".repeat(16)), format!("tr-{}", "ab".repeat(16))]
         );
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &bytes).unwrap();
-        let gz = gz.finish().unwrap();
+        assert!(read.decompressed.is_none());
+        let gzip = |data: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, data).unwrap();
+            gz.finish().unwrap()
+        };
+        let gz = gzip(&bytes);
+        let read = otlp_trace_ids(Some("application/x-protobuf"), Some("gzip"), &gz, 1 << 20).unwrap();
+        assert_eq!(read.trace_ids, ids);
         assert_eq!(
-            otlp_trace_ids(Some("application/x-protobuf"), Some("gzip"), &gz, 1 << 20).unwrap(),
-            ids
+            read.decompressed.as_deref(),
+            Some(bytes.as_slice()),
+            "forwarded decompressed"
+        );
+        // Two gzip members: MLflow (Python's gzip) reads both, so the gate must see the second.
+        let other = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span(0xcd)],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec();
+        let two = [gzip(&bytes), gzip(&other)].concat();
+        let read = otlp_trace_ids(Some("application/x-protobuf"), Some("gzip"), &two, 1 << 20).unwrap();
+        assert!(
+            read.trace_ids.contains(&format!("tr-{}", "cd".repeat(16))),
+            "{:?}",
+            read.trace_ids
         );
         assert!(otlp_trace_ids(Some("application/x-protobuf"), Some("gzip"), &gz, 10).is_err());
         assert!(otlp_trace_ids(Some("application/json"), None, b"{}", 1 << 20).is_err());
         assert!(otlp_trace_ids(Some("application/x-protobuf"), Some("br"), &bytes, 1 << 20).is_err());
         assert!(otlp_trace_ids(Some("application/x-protobuf"), None, b"\xff\xff", 1 << 20).is_err());
+        // Ids MLflow would read as another trace's number (17 bytes with a leading zero, 8 bytes).
+        for len in [0, 8, 15, 17, 32] {
+            let mut odd = req.clone();
+            odd.resource_spans[0].scope_spans[0].spans[0].trace_id = vec![0; len];
+            let err = otlp_trace_ids(Some("application/x-protobuf"), None, &odd.encode_to_vec(), 1 << 20);
+            assert!(err.is_err(), "a {len}-byte trace id");
+        }
+        // Attributes MLflow turns into the tags that say where a trace's data is read from.
+        for key in [
+            "mlflow.traceTag.mlflow.artifactLocation",
+            " MLFLOW.TRACETAG.MLFLOW.ARTIFACTLOCATION ",
+            "mlflow.traceTag.mlflow.trace.spansLocation",
+        ] {
+            let mut tagged = req.clone();
+            tagged.resource_spans[0].scope_spans[0].spans[1].attributes.push(
+                opentelemetry_proto::tonic::common::v1::KeyValue {
+                    key: key.into(),
+                    ..Default::default()
+                },
+            );
+            let err = otlp_trace_ids(Some("application/x-protobuf"), None, &tagged.encode_to_vec(), 1 << 20);
+            assert!(err.is_err(), "{key:?}");
+        }
     }
 
     #[test]

@@ -34,6 +34,23 @@ impl BatchItem for Item {
     fn spans(&self) -> usize {
         self.chunk.spans
     }
+    fn split_pieces(self, first: usize, size: usize) -> Result<Vec<Self>, Unsplit<Self>> {
+        match wire::split_chunk_pieces(&self.chunk, first, size) {
+            Ok(pieces) => Ok(pieces
+                .into_iter()
+                .map(|chunk| Item {
+                    chunk,
+                    charge: self.charge.clone(),
+                    origin: self.origin,
+                })
+                .collect()),
+            Err(e) => Err(Unsplit {
+                reason: e.to_string(),
+                item: self,
+            }),
+        }
+    }
+
     fn split(self, first: usize) -> Result<(Self, Self), Unsplit<Self>> {
         let (a, b) = match wire::split_chunk(&self.chunk, first) {
             Ok(parts) => parts,
