@@ -899,6 +899,42 @@ fn decoy_header_keeps_listings_filtered() {
     assert_eq!(s, 403, "{b}");
 }
 
+/// A cut search must not answer whether a hidden experiment matched a filter (review finding):
+/// searching B's secret tag looks the same whether it matches or not, paging included.
+#[test]
+fn searches_do_not_tell_whether_hidden_experiments_matched() {
+    let w = world();
+    // A tag only B has, set directly on MLflow (the gate is not in the way).
+    let key = format!("secret-{}", rand::random::<u32>());
+    let (s, b) = w.mlflow.post_json(
+        "/api/2.0/mlflow/experiments/set-experiment-tag",
+        &serde_json::json!({"experiment_id": w.b.id, "key": key, "value": "hunter2"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let g = read_on_a();
+    let search = |filter: &str, extra: &str| {
+        let body = format!(r#"{{"filter": "tags.`{key}` LIKE '{filter}'"{extra}}}"#);
+        g.json("POST", "/api/2.0/mlflow/experiments/search", &[], &body)
+    };
+    let hit = search("h%", "");
+    let miss = search("z%", "");
+    assert_eq!(hit.0, 200, "{}", hit.1);
+    assert_eq!(hit, miss, "a match in B must look like no match");
+    let paged_hit = search("h%", r#", "max_results": 1"#);
+    let paged_miss = search("z%", r#", "max_results": 1"#);
+    assert_eq!(paged_hit, paged_miss);
+    assert!(!paged_hit.1.contains("next_page_token"), "{}", paged_hit.1);
+    // A's own experiments are still found by the same kind of search.
+    let (s, b) = g.json(
+        "POST",
+        "/api/2.0/mlflow/experiments/search",
+        &[],
+        &format!(r#"{{"filter": "name = '{}'"}}"#, w.a.name),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains(&w.a.name), "{b}");
+}
+
 // ---- Amplification -------------------------------------------------------------------------------
 
 #[test]

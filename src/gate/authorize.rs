@@ -19,6 +19,10 @@ use super::{Body, Gate, MAX_INSPECTED_BODY, detail, full, query_value, read_limi
 const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 /// MLflow's workspace selector (a workspaces-enabled server): not passed on for non-admins.
 const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
+/// Paging of searches (snake and camelCase), replaced for callers whose answers are cut.
+const SEARCH_PAGING: [&str; 4] = ["max_results", "maxResults", "page_token", "pageToken"];
+/// MLflow's largest page (SEARCH_MAX_RESULTS_THRESHOLD).
+const SEARCH_MAX_RESULTS: u64 = 50_000;
 /// OTLP ingestion links the traces to this run.
 const RUN_ID_HEADER: &str = "x-mlflow-run-id";
 
@@ -79,7 +83,7 @@ impl Gate {
         let inspect_otlp = matches!(rule, Rule::Experiments(_, finds) if finds.contains(&Find::OtlpTraces))
             && self.policy.needs_experiments(groups);
         let mut otlp_traces = Vec::new();
-        let body = if inspect_otlp {
+        let mut body = if inspect_otlp {
             let Some(bytes) = read_limited(body, MAX_OTLP_BODY).await else {
                 return detail(StatusCode::PAYLOAD_TOO_LARGE, "OTLP request body too large");
             };
@@ -239,6 +243,33 @@ impl Gate {
         }
         if filter_answer {
             parts.headers.remove(header::ACCEPT_ENCODING);
+            if canon.segments.last().is_some_and(|s| s == "search") {
+                // Cut answers must not tell whether hidden experiments matched: one page holding
+                // every match (MLflow's own maximum), no page tokens either way.
+                let pairs = |q: &canonical::Query| -> Vec<(String, String)> {
+                    q.0.iter()
+                        .filter(|(k, _)| !SEARCH_PAGING.contains(&k.as_str()))
+                        .cloned()
+                        .chain([("max_results".to_string(), SEARCH_MAX_RESULTS.to_string())])
+                        .collect()
+                };
+                if body_method {
+                    let mut m = json.take().unwrap_or_default();
+                    m.retain(|k, _| !SEARCH_PAGING.contains(&k.as_str()));
+                    m.insert("max_results".into(), SEARCH_MAX_RESULTS.into());
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    parts
+                        .headers
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    body = full(serde_json::to_vec(&m).unwrap_or_default());
+                } else {
+                    let q = canonical::Query(pairs(&query)).encoded();
+                    match format!("{}?{q}", canon.encoded()).parse() {
+                        Ok(u) => parts.uri = u,
+                        Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
+                    }
+                }
+            }
         }
         let resp = self
             .forward(Request::from_parts(parts, body), Some(&identity), peer)

@@ -311,16 +311,24 @@ pub fn visible(mut answer: serde_json::Value, allowed: impl Fn(&Experiment) -> b
             Visible::Denied(e.id)
         };
     }
-    let Some(serde_json::Value::Array(list)) = answer.get_mut("experiments") else {
+    // A cut answer looks like an uncut one: no list when nothing is left (as MLflow answers an
+    // empty search), and no page token (the gate asked for every match at once).
+    let Some(obj) = answer.as_object_mut() else {
         return Visible::All;
     };
-    let before = list.len();
-    list.retain(|v| allowed(&entry(v)));
-    if list.len() == before {
-        Visible::All
-    } else {
-        Visible::Filtered(answer)
+    if !obj.contains_key("experiments") && !obj.contains_key("next_page_token") {
+        return Visible::All;
     }
+    {
+        obj.remove("next_page_token");
+        if let Some(serde_json::Value::Array(list)) = obj.get_mut("experiments") {
+            list.retain(|v| allowed(&entry(v)));
+            if list.is_empty() {
+                obj.remove("experiments");
+            }
+        }
+    }
+    Visible::Filtered(answer)
 }
 
 #[cfg(test)]
@@ -337,12 +345,18 @@ mod tests {
             Visible::Filtered(v) => {
                 assert_eq!(v["experiments"].as_array().unwrap().len(), 1);
                 assert_eq!(v["experiments"][0]["name"], "a");
-                assert_eq!(v["next_page_token"], "t");
+                assert!(
+                    v.get("next_page_token").is_none(),
+                    "no page token tells of hidden matches"
+                );
             }
             other => panic!("{other:?}"),
         }
+        // Everything hidden looks like an empty search (MLflow omits the empty list).
+        let hidden = serde_json::json!({"experiments": [{"experiment_id": "2", "name": "b"}], "next_page_token": "t"});
+        assert_eq!(visible(hidden, only_a), Visible::Filtered(serde_json::json!({})));
         let mine = serde_json::json!({"experiments": [{"experiment_id": "1", "name": "a"}]});
-        assert_eq!(visible(mine, only_a), Visible::All);
+        assert_eq!(visible(mine.clone(), only_a), Visible::Filtered(mine));
         let other = serde_json::json!({"experiment": {"experiment_id": "2", "name": "b"}});
         assert_eq!(visible(other, only_a), Visible::Denied("2".into()));
         let unrelated = serde_json::json!({"registered_models": []});

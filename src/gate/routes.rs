@@ -393,26 +393,38 @@ pub fn lookup(method: &str, segments: &[String], trailing_slash: bool) -> Option
         let s = segments.get(i)?.as_str();
         Some(if i == 0 && s == "ajax-api" { "api" } else { s })
     };
-    ROUTES.iter().find(|route| {
-        if !route
-            .methods
-            .split('|')
-            .any(|m| m == method || (m == "GET" && method == "HEAD"))
-        {
-            return false;
-        }
-        let pat: Vec<&str> = route.pattern.split('/').skip(1).filter(|p| !p.is_empty()).collect();
-        for (i, p) in pat.iter().enumerate() {
-            if p.starts_with("<*") {
-                return segments.len() > i;
-            }
-            let Some(s) = seg(i) else { return false };
-            if !(p.starts_with('<') || *p == s) {
+    // The most specific route wins (`traces/batchGet` over `traces/<id>`), the first of equals.
+    let literal = |route: &&Route| {
+        route
+            .pattern
+            .split('/')
+            .filter(|p| !p.is_empty() && !p.starts_with('<'))
+            .count()
+    };
+    ROUTES
+        .iter()
+        .rev()
+        .filter(|route| {
+            if !route
+                .methods
+                .split('|')
+                .any(|m| m == method || (m == "GET" && method == "HEAD"))
+            {
                 return false;
             }
-        }
-        segments.len() == pat.len()
-    })
+            let pat: Vec<&str> = route.pattern.split('/').skip(1).filter(|p| !p.is_empty()).collect();
+            for (i, p) in pat.iter().enumerate() {
+                if p.starts_with("<*") {
+                    return segments.len() > i;
+                }
+                let Some(s) = seg(i) else { return false };
+                if !(p.starts_with('<') || *p == s) {
+                    return false;
+                }
+            }
+            segments.len() == pat.len()
+        })
+        .max_by_key(literal)
 }
 
 #[cfg(test)]
@@ -435,6 +447,12 @@ mod tests {
         assert_eq!(rule("POST", "/api/2.0/mlflow/experiments/delete/x"), None);
         assert_eq!(rule("PATCH", "/api/2.0/mlflow/traces/tr-1/tags"), Some(X(E, TRACE_SEG)));
         assert_eq!(rule("GET", "/api/3.0/mlflow/traces/tr-1"), Some(X(R, TRACE_SEG)));
+        assert_eq!(
+            rule("GET", "/api/3.0/mlflow/traces/get"),
+            Some(X(R, &[Field(Trace, "trace_id")])),
+            "a literal route is not taken for a trace id"
+        );
+        assert_ne!(rule("GET", "/api/3.0/mlflow/traces/batchGet"), Some(X(R, TRACE_SEG)));
         assert_eq!(
             rule("PUT", "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/x"),
             Some(X(E, ARTIFACT_TAIL))
