@@ -287,6 +287,19 @@ async fn grpc_unary_call_with_two_messages_is_invalid_argument() {
     partial.extend_from_slice(&[0, 0, 0]);
     let (status, message) = grpc_call(relay.grpc, partial).await;
     assert_ne!(status, "0", "{message}");
+    // Framing tonic cannot read is malformed input too, not an internal error.
+    let mut flagged = grpc_frame(&first);
+    flagged[0] = 1; // compressed, but no grpc-encoding
+    let mut longer = grpc_frame(&first);
+    longer[4] = longer[4].wrapping_add(9); // a length past the body
+    for (what, body) in [
+        ("compressed flag", flagged),
+        ("length past the body", longer),
+        ("empty body", Vec::new()),
+    ] {
+        let (status, message) = grpc_call(relay.grpc, body).await;
+        assert_eq!(status, "3", "{what}: {message}");
+    }
     let (status, message) = grpc_call(relay.grpc, grpc_frame(&second)).await;
     assert_eq!(status, "0", "{message}");
     // Only the good call's 4 spans arrive (the refused ones would share their batch).

@@ -145,6 +145,18 @@ pub async fn handle(
         }
         return ReceiveError::from(fault).to_grpc().into_http();
     }
+    // tonic answers a request it cannot read (a compressed flag without an encoding, bad gzip,
+    // a frame longer than the body, no message at all) with INTERNAL; our service never does.
+    // For OTLP that is malformed input: INVALID_ARGUMENT, which clients do not retry either.
+    if response.headers().get("grpc-status").is_some_and(|v| v == "13") {
+        let why = response
+            .headers()
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unreadable message")
+            .to_string();
+        response = Status::invalid_argument(format!("malformed gRPC request: {why}")).into_http();
+    }
     // tonic answers a length prefix over the limit with OUT_OF_RANGE (our service never does);
     // OTLP wants RESOURCE_EXHAUSTED for oversize requests.
     if response.headers().get("grpc-status").is_some_and(|v| v == "11") {
