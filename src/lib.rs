@@ -12,6 +12,7 @@ pub mod gate;
 pub mod http_client;
 pub mod loadgen;
 pub(crate) mod net;
+pub(crate) mod otlp;
 pub mod pipeline;
 pub mod receiver;
 pub mod sink;

@@ -14,8 +14,8 @@ use super::auth::Authenticator;
 use super::retry::{HttpVerdict, classify_http};
 use super::{ExportError, OutBatch};
 use crate::config::OtlpHttpExporterConfig;
+use crate::otlp::EXPERIMENT_HEADER;
 
-pub const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 /// Bytes of an answer read at most.
 const ANSWER_READ_LIMIT: usize = 1024 * 1024;

@@ -10,6 +10,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
+use crate::otlp::{ExperimentId, varint};
+
 /// The resource attribute that routes a ResourceSpans to another MLflow experiment.
 pub const EXPERIMENT_ATTRIBUTE: &str = "mlflow.experiment_id";
 
@@ -145,7 +147,7 @@ fn experiment_of(rs: &ResourceSpans) -> Option<String> {
         AnyValueKind::IntValue(i) => i.to_string(),
         _ => return None,
     };
-    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(id)
+    ExperimentId::parse(&id).map(ExperimentId::into_string)
 }
 
 /// Encodes one ResourceSpans as a field-1 record (tag, length, message). Cannot fail: the
@@ -157,16 +159,7 @@ pub fn encode_record(rs: &ResourceSpans) -> Bytes {
 }
 
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*pos).ok_or(DecodeError::Framing("truncated varint"))?;
-        *pos += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(DecodeError::Framing("varint too long"))
+    varint::read(buf, pos).map_err(|e| DecodeError::Framing(e.message()))
 }
 
 /// Splits a record so the first part holds `first` spans (0 < first < chunk.spans). Records

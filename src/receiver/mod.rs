@@ -319,7 +319,7 @@ fn client_name(conn: &ConnInfo) -> String {
 
 /// A numeric experiment id from a request header, when include_metadata allows it.
 fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Option<String> {
-    let header = headers.get(crate::export::otlphttp::EXPERIMENT_HEADER)?;
+    let header = headers.get(crate::otlp::EXPERIMENT_HEADER)?;
     if !ctx.include_metadata {
         // A silent fallback to the exporter's experiment sends traces where nobody looks for them.
         if !ctx
@@ -336,5 +336,5 @@ fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Opt
         return None;
     }
     let v = header.to_str().ok()?.trim();
-    (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.to_string())
+    crate::otlp::ExperimentId::parse(v).map(crate::otlp::ExperimentId::into_string)
 }
