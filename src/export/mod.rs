@@ -1,11 +1,11 @@
 //! Exporters and their stage: per exporter a batcher, a bounded sending queue and
 //! `num_consumers` senders that retry by the OTLP rules, so one slow destination stalls only
 //! its own queue. Every accepted span ends as sent, failed or dropped, and is counted.
-pub mod auth;
-pub mod debug;
-pub mod oauth;
-pub mod otlphttp;
-pub mod retry;
+pub(crate) mod auth;
+pub(crate) mod debug;
+pub(crate) mod oauth;
+pub(crate) mod otlphttp;
+pub(crate) mod retry;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

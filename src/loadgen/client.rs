@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use super::spans::Encoding;
 use crate::otlp::codec::RawCodec;
-use crate::otlp::{GRPC_EXPORT_PATH, rpc};
+use crate::otlp::{GRPC_EXPORT_PATH, grpc_retryable, rpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -151,18 +151,8 @@ pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
 
 /// OTLP/gRPC: the transient codes, and RESOURCE_EXHAUSTED only with RetryInfo.
 pub fn classify_grpc(status: &tonic::Status) -> Failure {
-    use tonic::Code;
     let retry_after = rpc::retry_delay(status.details());
-    let retryable = match status.code() {
-        Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::Unavailable
-        | Code::DataLoss => true,
-        Code::ResourceExhausted => retry_after.is_some(),
-        _ => false,
-    };
+    let retryable = grpc_retryable(status.code(), retry_after.is_some());
     Failure {
         label: format!("grpc_{}", screaming_snake(&format!("{:?}", status.code()))),
         retryable,

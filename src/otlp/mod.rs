@@ -33,9 +33,29 @@ impl ExperimentId {
     }
 }
 
+/// gRPC codes the OTLP spec calls retryable (RESOURCE_EXHAUSTED only with RetryInfo).
+pub(crate) fn grpc_retryable(code: tonic::Code, has_retry_info: bool) -> bool {
+    use tonic::Code::*;
+    match code {
+        Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss => true,
+        ResourceExhausted => has_retry_info,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::ExperimentId;
+    use super::{ExperimentId, grpc_retryable};
+
+    #[test]
+    fn grpc_classification() {
+        assert!(grpc_retryable(tonic::Code::Unavailable, false));
+        assert!(grpc_retryable(tonic::Code::DataLoss, false));
+        assert!(!grpc_retryable(tonic::Code::ResourceExhausted, false));
+        assert!(grpc_retryable(tonic::Code::ResourceExhausted, true));
+        assert!(!grpc_retryable(tonic::Code::InvalidArgument, false));
+        assert!(!grpc_retryable(tonic::Code::PermissionDenied, false));
+    }
 
     #[test]
     fn experiment_ids_are_ascii_digits() {

@@ -60,7 +60,7 @@ pub fn parse_protobuf(body: Bytes) -> Result<ParsedRequest, DecodeError> {
     for record in super::walk::request(&body)? {
         if record.invalid_spans > 0 {
             let rs = ResourceSpans::decode(&body[record.message.clone()])?;
-            parsed.add(rs, None);
+            parsed.add(rs);
         } else if record.spans > 0 {
             parsed.spans += record.spans;
             parsed.chunks.push(ResourceChunk {
@@ -80,7 +80,7 @@ pub fn parse_json(body: &[u8]) -> Result<ParsedRequest, DecodeError> {
     let request: ExportTraceServiceRequest = serde_json::from_slice(body)?;
     let mut parsed = ParsedRequest::default();
     for rs in request.resource_spans {
-        parsed.add(rs, None);
+        parsed.add(rs);
     }
     for chunk in &parsed.chunks {
         super::walk::request(&chunk.bytes)?;
@@ -89,7 +89,7 @@ pub fn parse_json(body: &[u8]) -> Result<ParsedRequest, DecodeError> {
 }
 
 impl ParsedRequest {
-    fn add(&mut self, mut rs: ResourceSpans, encoded: Option<Bytes>) {
+    fn add(&mut self, mut rs: ResourceSpans) {
         let total: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
         let invalid = rs
             .scope_spans
@@ -97,7 +97,7 @@ impl ParsedRequest {
             .flat_map(|s| &s.spans)
             .filter(|s| !span_ids_valid(s))
             .count();
-        let encoded = if invalid > 0 {
+        if invalid > 0 {
             for scope in &mut rs.scope_spans {
                 scope.spans.retain(span_ids_valid);
             }
@@ -107,16 +107,13 @@ impl ParsedRequest {
                 "{} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes, not all zero",
                 self.rejected
             ));
-            None
-        } else {
-            encoded
-        };
+        }
         let spans = total - invalid;
         if spans == 0 {
             return;
         }
         let experiment = experiment_of(&rs);
-        let bytes = encoded.unwrap_or_else(|| encode_record(&rs));
+        let bytes = encode_record(&rs);
         self.spans += spans;
         self.chunks.push(ResourceChunk {
             bytes,

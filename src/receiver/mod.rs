@@ -3,7 +3,7 @@
 mod body;
 mod conn;
 mod errors;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod http;
 
 pub use conn::ConnectionSettings;

@@ -13,9 +13,9 @@
 //! identity) at the next group commit or within a second when idle, recreates the directory,
 //! copies the unlinked segments back from their open descriptors, and only then acknowledges;
 //! while it cannot, requests are refused and `/readyz` says why.
-pub mod deadletter;
+pub(crate) mod deadletter;
 pub mod frame;
-pub mod replay;
+pub(crate) mod replay;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -552,10 +552,6 @@ impl Spool {
             health.set_unready(&self.shared.component(), Some("spool cannot write".into()));
         }
         *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
-    }
-
-    pub fn exporter(&self) -> &str {
-        &self.shared.settings.exporter
     }
 
     /// Spans found on disk at start.
