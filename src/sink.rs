@@ -84,7 +84,7 @@ pub struct SinkArgs {
 
 /// Bearer JWT checks for `--require-jwt`: the JWKS is fetched at start and again (at most once
 /// a second) when a token names an unknown key, as after a provider's key rotation.
-pub struct JwtCheck {
+pub(crate) struct JwtCheck {
     jwks_url: String,
     audience: String,
     http: crate::http_client::HttpClient,
@@ -199,7 +199,7 @@ pub use crate::otlp::rpc;
 // Pure parts: protobuf walking, failure schedule, throttle, counters.
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum WalkError {
+pub(crate) enum WalkError {
     #[error("truncated protobuf")]
     Truncated,
     #[error("unsupported protobuf wire type {0}")]
@@ -248,7 +248,7 @@ fn fields<'a>(mut buf: &'a [u8], mut f: impl FnMut(u64, &'a [u8]) -> Result<(), 
 
 /// Walks an encoded ExportTraceServiceRequest and calls `f(trace_id, span_id)` for every span.
 /// Returns the span count. Only the framing is checked, which is all a counter needs.
-pub fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, WalkError> {
+pub(crate) fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, WalkError> {
     let mut count = 0u64;
     // ExportTraceServiceRequest.resource_spans = 1 → ResourceSpans.scope_spans = 2 →
     // ScopeSpans.spans = 2 → Span.trace_id = 1, span_id = 2.
@@ -284,7 +284,7 @@ pub fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, Wa
 
 /// Which requests fail, and with what status.
 #[derive(Debug, Clone, Copy)]
-pub struct FailurePlan {
+pub(crate) struct FailurePlan {
     pub status: Option<u16>,
     pub fail_every: Option<u64>,
     pub fail_first: Option<u64>,
@@ -292,7 +292,7 @@ pub struct FailurePlan {
 
 impl FailurePlan {
     /// The failing status for the `n`th request (1-based), or None to accept it.
-    pub fn status_for(&self, n: u64) -> Option<u16> {
+    pub(crate) fn status_for(&self, n: u64) -> Option<u16> {
         let failing = self.status.unwrap_or(503);
         let status = match (self.fail_first, self.fail_every) {
             (Some(first), _) if n <= first => Some(failing),
@@ -307,13 +307,13 @@ impl FailurePlan {
 /// Caps ingestion at `rate` spans/s overall: each request reserves its share of a shared timeline
 /// and completes when that share is due, like a server whose throughput is the bottleneck.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     rate: f64,
     next: Mutex<Option<Instant>>,
 }
 
 impl Throttle {
-    pub fn new(rate: f64) -> Throttle {
+    pub(crate) fn new(rate: f64) -> Throttle {
         Throttle {
             rate,
             next: Mutex::new(None),
@@ -321,7 +321,7 @@ impl Throttle {
     }
 
     /// Reserves `spans` and returns when the request may complete.
-    pub fn reserve(&self, spans: u64, now: Instant) -> Instant {
+    pub(crate) fn reserve(&self, spans: u64, now: Instant) -> Instant {
         let mut next = self.next.lock_unpoisoned();
         let start = next.map_or(now, |n| n.max(now));
         let done = start + Duration::from_secs_f64(spans as f64 / self.rate);
@@ -332,7 +332,7 @@ impl Throttle {
 
 /// A hasher for random ids: they are already uniformly distributed, so folding is enough.
 #[derive(Default)]
-pub struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -384,7 +384,7 @@ impl UniqueSpans {
     }
 
     /// Inserts keys; returns how many were new.
-    pub fn insert_all(&self, keys: &[(u128, u64)]) -> u64 {
+    pub(crate) fn insert_all(&self, keys: &[(u128, u64)]) -> u64 {
         let mut new = 0;
         for &k in keys {
             let shard = ((k.1 ^ (k.0 as u64)) as usize) % SHARDS;
@@ -396,26 +396,22 @@ impl UniqueSpans {
         new
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
     /// Every key seen, as `UniqueSpans::key` makes them (for delivery proofs in tests).
-    pub fn keys(&self) -> Vec<(u128, u64)> {
+    pub(crate) fn keys(&self) -> Vec<(u128, u64)> {
         self.shards
             .iter()
             .flat_map(|s| s.lock_unpoisoned().iter().copied().collect::<Vec<_>>())
             .collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The headers of the last request that matter to the relay's tests.
 #[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct LastRequest {
+pub(crate) struct LastRequest {
     pub transport: String,
     pub path: String,
     pub content_type: Option<String>,
@@ -434,7 +430,7 @@ struct Meta {
     failures: BTreeMap<u16, u64>,
 }
 
-pub struct State {
+pub(crate) struct State {
     plan: FailurePlan,
     delay: Duration,
     throttle: Option<Throttle>,
@@ -449,7 +445,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(args: &SinkArgs) -> State {
+    pub(crate) fn new(args: &SinkArgs) -> State {
         State {
             plan: FailurePlan {
                 status: args.status,
@@ -486,7 +482,7 @@ impl State {
     }
 
     /// The /stats document.
-    pub fn stats_json(&self) -> serde_json::Value {
+    pub(crate) fn stats_json(&self) -> serde_json::Value {
         let meta = self.meta.lock_unpoisoned();
         serde_json::json!({
             "requests": self.requests.load(Ordering::Relaxed),
@@ -540,7 +536,7 @@ impl State {
 }
 
 /// The gRPC code an HTTP status stands for (OTLP's mapping, reversed).
-pub fn grpc_code_for(status: u16) -> tonic::Code {
+pub(crate) fn grpc_code_for(status: u16) -> tonic::Code {
     use tonic::Code;
     match status {
         400 => Code::InvalidArgument,
@@ -831,7 +827,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
 }
 
 /// Binds the sink's listeners and returns their addresses and the serving task.
-pub async fn start(
+pub(crate) async fn start(
     args: &SinkArgs,
 ) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>)> {
     let tls = load_tls(args)?;
@@ -874,7 +870,7 @@ pub async fn start(
     Ok((http_addr, grpc_addr, state, handle))
 }
 
-pub fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
+pub(crate) fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
     rt.block_on(async move {
         let (http_addr, grpc_addr, _state, handle) = match start(&args).await {
             Ok(x) => x,

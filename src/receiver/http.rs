@@ -17,7 +17,7 @@ use crate::otlp::compress::{self, DecompressError, Deflate};
 use crate::pipeline::wire::{self, ParsedRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     Protobuf,
     Json,
 }
@@ -32,7 +32,7 @@ impl Encoding {
 }
 
 /// The media type of a Content-Type header, parameters (charset) ignored.
-pub fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
+pub(crate) fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
     let text = value.and_then(|v| v.to_str().ok()).unwrap_or("");
     match text
         .split(';')
@@ -124,7 +124,7 @@ fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     r
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     ctx: Arc<ReceiverContext>,
     conn: Arc<ConnInfo>,
     req: hyper::Request<Incoming>,

@@ -29,7 +29,7 @@ use conn::{Activity, Slot, Slots, count_closed, count_refused, is_header_timeout
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a request handler needs, shared by a receiver's connections.
-pub struct ReceiverContext {
+pub(crate) struct ReceiverContext {
     /// The receiver's component id, e.g. `otlp`.
     pub receiver: String,
     pub transport: &'static str,
@@ -47,7 +47,7 @@ pub struct ReceiverContext {
 }
 
 impl ReceiverContext {
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         (self.max_recv_msg_size_mib * 1024 * 1024) as usize
     }
 
@@ -83,14 +83,14 @@ impl ReceiverContext {
 
 /// What the TLS handshake established about the client, per connection.
 #[derive(Debug, Default)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub peer: Option<PeerIdentity>,
     /// False when allowed_clients is set and the certificate matches none of it.
     pub allowed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Grpc,
     Http,
 }
