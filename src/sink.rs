@@ -28,7 +28,7 @@ use tonic::codec::CompressionEncoding;
 
 use crate::otlp::codec::RawCodec;
 use crate::otlp::compress::{DecompressError, Deflate, decompress};
-use crate::otlp::{EXPERIMENT_HEADER, GRPC_EXPORT_PATH, HTTP_TRACES_PATH, varint};
+use crate::otlp::{EXPERIMENT_HEADER, Encoding, GRPC_EXPORT_PATH, HTTP_TRACES_PATH, varint};
 
 /// Largest body the sink reads (compressed or not).
 const MAX_BODY: usize = 256 * 1024 * 1024;
@@ -605,12 +605,6 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     response
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Encoding {
-    Proto,
-    Json,
-}
-
 fn error_response(status: u16, json: bool, message: &str, retry_after: Option<Duration>) -> Response<RespBody> {
     let code = grpc_code_for(status) as i32;
     let st = rpc::status(code, message, retry_after);
@@ -638,20 +632,8 @@ fn error_response(status: u16, json: bool, message: &str, retry_after: Option<Du
 async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     let headers = req.headers().clone();
     let content_type = header(&headers, "content-type");
-    let mime = content_type
-        .as_deref()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let encoding = match mime.as_str() {
-        "application/x-protobuf" | "application/protobuf" => Encoding::Proto,
-        "application/json" => Encoding::Json,
-        _ => {
-            return error_response(415, false, "unsupported content type", None);
-        }
+    let Some(encoding) = Encoding::from_content_type(content_type.as_deref().unwrap_or("")) else {
+        return error_response(415, false, "unsupported content type", None);
     };
     let json = encoding == Encoding::Json;
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -694,7 +676,7 @@ async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<Resp
     };
     let mut keys = Vec::new();
     match encoding {
-        Encoding::Proto => {
+        Encoding::Protobuf => {
             if let Err(e) = walk_spans(&raw, |t, s| keys.push(UniqueSpans::key(t, s))) {
                 return error_response(400, false, &e.to_string(), None);
             }
@@ -714,7 +696,7 @@ async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<Resp
     }
     state.accept(keys, experiment.as_deref()).await;
     match encoding {
-        Encoding::Proto => respond(
+        Encoding::Protobuf => respond(
             StatusCode::OK,
             "application/x-protobuf",
             ExportTraceServiceResponse::default().encode_to_vec(),

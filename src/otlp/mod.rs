@@ -13,6 +13,38 @@ pub(crate) const HTTP_TRACES_PATH: &str = "/v1/traces";
 /// The header MLflow routes an OTLP request by.
 pub(crate) const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 
+/// The body encodings of OTLP/HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    /// By the media type of a Content-Type header, parameters (charset) ignored.
+    pub(crate) fn from_content_type(text: &str) -> Option<Encoding> {
+        match text
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "application/x-protobuf" | "application/protobuf" => Some(Encoding::Protobuf),
+            "application/json" => Some(Encoding::Json),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
 /// A numeric MLflow experiment id: the one rule for what counts as one, wherever it comes
 /// from (a request header, a resource attribute, an exporter's configured header).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

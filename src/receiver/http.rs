@@ -12,40 +12,14 @@ use prost::Message;
 use super::body::read_http_body;
 use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
-use crate::otlp::HTTP_TRACES_PATH;
 use crate::otlp::compress::{self, DecompressError, Deflate};
+use crate::otlp::{Encoding, HTTP_TRACES_PATH};
 use crate::pipeline::wire::{self, ParsedRequest};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Encoding {
-    Protobuf,
-    Json,
-}
-
-impl Encoding {
-    fn content_type(self) -> &'static str {
-        match self {
-            Encoding::Protobuf => "application/x-protobuf",
-            Encoding::Json => "application/json",
-        }
-    }
-}
 
 /// The media type of a Content-Type header, parameters (charset) ignored.
 pub(crate) fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
     let text = value.and_then(|v| v.to_str().ok()).unwrap_or("");
-    match text
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-        .as_str()
-    {
-        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
-        "application/json" => Ok(Encoding::Json),
-        _ => Err(ReceiveError::UnsupportedMediaType(text.to_string())),
-    }
+    Encoding::from_content_type(text).ok_or_else(|| ReceiveError::UnsupportedMediaType(text.to_string()))
 }
 
 /// Decompresses per Content-Encoding, refusing output over `limit` bytes (a gzip bomb ends at
