@@ -537,7 +537,7 @@ fn log_destinations(config: &Config) {
                 let experiment = c
                     .headers
                     .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(crate::export::otlphttp::EXPERIMENT_HEADER))
+                    .find(|(k, _)| k.eq_ignore_ascii_case(crate::otlp::EXPERIMENT_HEADER))
                     .map_or(
                         "(none: MLflow answers 422 unless spans carry mlflow.experiment_id)",
                         |(_, v)| v.as_str(),

@@ -3,19 +3,20 @@
 // Data from outside never meets an unwrap or expect; the few invariants that remain say why.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod app;
+pub(crate) mod app;
 pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod export;
 pub mod gate;
-pub mod http_client;
-pub mod loadgen;
+pub(crate) mod http_client;
+pub(crate) mod loadgen;
 pub(crate) mod net;
+pub(crate) mod otlp;
 pub mod pipeline;
 pub mod receiver;
 pub mod sink;
 pub mod spool;
 pub(crate) mod supervise;
-pub mod telemetry;
-pub mod tls;
+pub(crate) mod telemetry;
+pub(crate) mod tls;

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::supervise::LockUnpoisoned;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -25,10 +24,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use prost::Message;
 use tokio::net::TcpListener;
-use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::CompressionEncoding;
 
-/// gRPC method path of OTLP trace export.
-pub const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+use crate::otlp::codec::RawCodec;
+use crate::otlp::compress::{DecompressError, Deflate, decompress};
+use crate::otlp::{EXPERIMENT_HEADER, Encoding, GRPC_EXPORT_PATH, HTTP_TRACES_PATH, varint};
+
 /// Largest body the sink reads (compressed or not).
 const MAX_BODY: usize = 256 * 1024 * 1024;
 
@@ -83,7 +84,7 @@ pub struct SinkArgs {
 
 /// Bearer JWT checks for `--require-jwt`: the JWKS is fetched at start and again (at most once
 /// a second) when a token names an unknown key, as after a provider's key rotation.
-pub struct JwtCheck {
+pub(crate) struct JwtCheck {
     jwks_url: String,
     audience: String,
     http: crate::http_client::HttpClient,
@@ -192,103 +193,25 @@ impl JwtCheck {
 }
 
 /// google.rpc.Status and RetryInfo, the OTLP error payloads (not part of opentelemetry-proto).
-pub mod rpc {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Status {
-        #[prost(int32, tag = "1")]
-        pub code: i32,
-        #[prost(string, tag = "2")]
-        pub message: String,
-        #[prost(message, repeated, tag = "3")]
-        pub details: Vec<Any>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Any {
-        #[prost(string, tag = "1")]
-        pub type_url: String,
-        #[prost(bytes = "vec", tag = "2")]
-        pub value: Vec<u8>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RetryInfo {
-        #[prost(message, optional, tag = "1")]
-        pub retry_delay: Option<Duration>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Duration {
-        #[prost(int64, tag = "1")]
-        pub seconds: i64,
-        #[prost(int32, tag = "2")]
-        pub nanos: i32,
-    }
-    pub const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
-
-    /// A Status carrying a RetryInfo detail when `retry_after` is set.
-    pub fn status(code: i32, message: &str, retry_after: Option<std::time::Duration>) -> Status {
-        use prost::Message;
-        let details = retry_after
-            .map(|d| Any {
-                type_url: RETRY_INFO_TYPE.to_string(),
-                value: RetryInfo {
-                    retry_delay: Some(Duration {
-                        seconds: d.as_secs() as i64,
-                        nanos: d.subsec_nanos() as i32,
-                    }),
-                }
-                .encode_to_vec(),
-            })
-            .into_iter()
-            .collect();
-        Status {
-            code,
-            message: message.to_string(),
-            details,
-        }
-    }
-
-    /// The retry delay carried by an encoded google.rpc.Status, if any.
-    pub fn retry_delay(encoded_status: &[u8]) -> Option<std::time::Duration> {
-        use prost::Message;
-        let status = Status::decode(encoded_status).ok()?;
-        status
-            .details
-            .iter()
-            .find(|d| d.type_url == RETRY_INFO_TYPE)
-            .and_then(|d| {
-                let info = RetryInfo::decode(d.value.as_slice()).ok()?;
-                let delay = info.retry_delay?;
-                Some(std::time::Duration::new(
-                    delay.seconds.max(0) as u64,
-                    delay.nanos.max(0) as u32,
-                ))
-            })
-    }
-}
+pub use crate::otlp::rpc;
 
 // ---------------------------------------------------------------------------------------------
 // Pure parts: protobuf walking, failure schedule, throttle, counters.
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum WalkError {
+pub(crate) enum WalkError {
     #[error("truncated protobuf")]
     Truncated,
     #[error("unsupported protobuf wire type {0}")]
     WireType(u64),
 }
 
+/// The varint at the front of `buf`, advancing past it.
 fn varint(buf: &mut &[u8]) -> Result<u64, WalkError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let Some((&b, rest)) = buf.split_first() else {
-            return Err(WalkError::Truncated);
-        };
-        *buf = rest;
-        value |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(WalkError::Truncated)
+    let mut pos = 0;
+    let value = varint::read(buf, &mut pos).map_err(|_| WalkError::Truncated)?;
+    *buf = &buf[pos..];
+    Ok(value)
 }
 
 /// Calls `f(field_number, length_delimited_payload)` for each LEN field of one message, skipping
@@ -325,7 +248,7 @@ fn fields<'a>(mut buf: &'a [u8], mut f: impl FnMut(u64, &'a [u8]) -> Result<(), 
 
 /// Walks an encoded ExportTraceServiceRequest and calls `f(trace_id, span_id)` for every span.
 /// Returns the span count. Only the framing is checked, which is all a counter needs.
-pub fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, WalkError> {
+pub(crate) fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, WalkError> {
     let mut count = 0u64;
     // ExportTraceServiceRequest.resource_spans = 1 → ResourceSpans.scope_spans = 2 →
     // ScopeSpans.spans = 2 → Span.trace_id = 1, span_id = 2.
@@ -361,7 +284,7 @@ pub fn walk_spans(buf: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<u64, Wa
 
 /// Which requests fail, and with what status.
 #[derive(Debug, Clone, Copy)]
-pub struct FailurePlan {
+pub(crate) struct FailurePlan {
     pub status: Option<u16>,
     pub fail_every: Option<u64>,
     pub fail_first: Option<u64>,
@@ -369,7 +292,7 @@ pub struct FailurePlan {
 
 impl FailurePlan {
     /// The failing status for the `n`th request (1-based), or None to accept it.
-    pub fn status_for(&self, n: u64) -> Option<u16> {
+    pub(crate) fn status_for(&self, n: u64) -> Option<u16> {
         let failing = self.status.unwrap_or(503);
         let status = match (self.fail_first, self.fail_every) {
             (Some(first), _) if n <= first => Some(failing),
@@ -384,13 +307,13 @@ impl FailurePlan {
 /// Caps ingestion at `rate` spans/s overall: each request reserves its share of a shared timeline
 /// and completes when that share is due, like a server whose throughput is the bottleneck.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     rate: f64,
     next: Mutex<Option<Instant>>,
 }
 
 impl Throttle {
-    pub fn new(rate: f64) -> Throttle {
+    pub(crate) fn new(rate: f64) -> Throttle {
         Throttle {
             rate,
             next: Mutex::new(None),
@@ -398,7 +321,7 @@ impl Throttle {
     }
 
     /// Reserves `spans` and returns when the request may complete.
-    pub fn reserve(&self, spans: u64, now: Instant) -> Instant {
+    pub(crate) fn reserve(&self, spans: u64, now: Instant) -> Instant {
         let mut next = self.next.lock_unpoisoned();
         let start = next.map_or(now, |n| n.max(now));
         let done = start + Duration::from_secs_f64(spans as f64 / self.rate);
@@ -409,7 +332,7 @@ impl Throttle {
 
 /// A hasher for random ids: they are already uniformly distributed, so folding is enough.
 #[derive(Default)]
-pub struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -461,7 +384,7 @@ impl UniqueSpans {
     }
 
     /// Inserts keys; returns how many were new.
-    pub fn insert_all(&self, keys: &[(u128, u64)]) -> u64 {
+    pub(crate) fn insert_all(&self, keys: &[(u128, u64)]) -> u64 {
         let mut new = 0;
         for &k in keys {
             let shard = ((k.1 ^ (k.0 as u64)) as usize) % SHARDS;
@@ -473,26 +396,22 @@ impl UniqueSpans {
         new
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
     /// Every key seen, as `UniqueSpans::key` makes them (for delivery proofs in tests).
-    pub fn keys(&self) -> Vec<(u128, u64)> {
+    pub(crate) fn keys(&self) -> Vec<(u128, u64)> {
         self.shards
             .iter()
             .flat_map(|s| s.lock_unpoisoned().iter().copied().collect::<Vec<_>>())
             .collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The headers of the last request that matter to the relay's tests.
 #[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct LastRequest {
+pub(crate) struct LastRequest {
     pub transport: String,
     pub path: String,
     pub content_type: Option<String>,
@@ -511,7 +430,7 @@ struct Meta {
     failures: BTreeMap<u16, u64>,
 }
 
-pub struct State {
+pub(crate) struct State {
     plan: FailurePlan,
     delay: Duration,
     throttle: Option<Throttle>,
@@ -526,7 +445,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(args: &SinkArgs) -> State {
+    pub(crate) fn new(args: &SinkArgs) -> State {
         State {
             plan: FailurePlan {
                 status: args.status,
@@ -563,7 +482,7 @@ impl State {
     }
 
     /// The /stats document.
-    pub fn stats_json(&self) -> serde_json::Value {
+    pub(crate) fn stats_json(&self) -> serde_json::Value {
         let meta = self.meta.lock_unpoisoned();
         serde_json::json!({
             "requests": self.requests.load(Ordering::Relaxed),
@@ -617,7 +536,7 @@ impl State {
 }
 
 /// The gRPC code an HTTP status stands for (OTLP's mapping, reversed).
-pub fn grpc_code_for(status: u16) -> tonic::Code {
+pub(crate) fn grpc_code_for(status: u16) -> tonic::Code {
     use tonic::Code;
     match status {
         400 => Code::InvalidArgument,
@@ -632,45 +551,6 @@ pub fn grpc_code_for(status: u16) -> tonic::Code {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// gRPC: a codec that hands over the raw message bytes, so the sink can walk them.
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawDecoder;
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProstEncoder<T>(std::marker::PhantomData<T>);
-
-impl Codec for RawCodec {
-    type Encode = ExportTraceServiceResponse;
-    type Decode = Bytes;
-    type Encoder = ProstEncoder<ExportTraceServiceResponse>;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder(std::marker::PhantomData)
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        RawDecoder
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-impl<T: Message> Encoder for ProstEncoder<T> {
-    type Item = T;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        item.encode(dst).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
@@ -681,7 +561,7 @@ async fn grpc_export(
 ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
     let md = req.metadata().clone().into_headers();
     let body = req.into_inner();
-    let experiment = header(&md, "x-mlflow-experiment-id");
+    let experiment = header(&md, EXPERIMENT_HEADER);
     let last = LastRequest {
         transport: "grpc".into(),
         path: GRPC_EXPORT_PATH.into(),
@@ -725,12 +605,6 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     response
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Encoding {
-    Proto,
-    Json,
-}
-
 fn error_response(status: u16, json: bool, message: &str, retry_after: Option<Duration>) -> Response<RespBody> {
     let code = grpc_code_for(status) as i32;
     let st = rpc::status(code, message, retry_after);
@@ -755,64 +629,22 @@ fn error_response(status: u16, json: bool, message: &str, retry_after: Option<Du
     resp
 }
 
-/// Decompresses an HTTP body by its Content-Encoding (deflate: zlib, or raw deflate as sent by some clients).
-fn decompress(encoding: Option<&str>, body: Bytes) -> Result<Bytes, (u16, String)> {
-    let mut out = Vec::new();
-    let bad = |e: std::io::Error| (400, format!("bad compressed body: {e}"));
-    match encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("identity") => return Ok(body),
-        Some("gzip") | Some("x-gzip") => {
-            flate2::read::MultiGzDecoder::new(&body[..])
-                .take(MAX_BODY as u64)
-                .read_to_end(&mut out)
-                .map_err(bad)?;
-        }
-        Some("deflate") => {
-            if flate2::read::ZlibDecoder::new(&body[..])
-                .take(MAX_BODY as u64)
-                .read_to_end(&mut out)
-                .is_err()
-            {
-                out.clear();
-                flate2::read::DeflateDecoder::new(&body[..])
-                    .take(MAX_BODY as u64)
-                    .read_to_end(&mut out)
-                    .map_err(bad)?;
-            }
-        }
-        Some(other) => return Err((415, format!("unsupported content-encoding {other}"))),
-    }
-    Ok(out.into())
-}
-
 async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     let headers = req.headers().clone();
     let content_type = header(&headers, "content-type");
-    let mime = content_type
-        .as_deref()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let encoding = match mime.as_str() {
-        "application/x-protobuf" | "application/protobuf" => Encoding::Proto,
-        "application/json" => Encoding::Json,
-        _ => {
-            return error_response(415, false, "unsupported content type", None);
-        }
+    let Some(encoding) = Encoding::from_content_type(content_type.as_deref().unwrap_or("")) else {
+        return error_response(415, false, "unsupported content type", None);
     };
     let json = encoding == Encoding::Json;
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return error_response(413, json, &format!("body: {e}"), None),
     };
-    let experiment = header(&headers, "x-mlflow-experiment-id");
+    let experiment = header(&headers, EXPERIMENT_HEADER);
     let content_encoding = header(&headers, "content-encoding");
     let last = LastRequest {
         transport: "http".into(),
-        path: "/v1/traces".into(),
+        path: HTTP_TRACES_PATH.into(),
         content_type,
         content_encoding: content_encoding.clone(),
         experiment_id: experiment.clone(),
@@ -831,13 +663,20 @@ async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<Resp
     if let Some(status) = state.arrive(body.len(), last) {
         return error_response(status, json, "sink: configured failure", state.retry_after());
     }
-    let raw = match decompress(content_encoding.as_deref(), body) {
+    let raw = match decompress(body, content_encoding.as_deref(), MAX_BODY, Deflate::ZlibOrRaw) {
         Ok(b) => b,
-        Err((status, msg)) => return error_response(status, json, &msg, None),
+        Err(e) => {
+            let (status, msg) = match e {
+                DecompressError::Unsupported(_) => (415, e.to_string()),
+                DecompressError::Bad(detail) => (400, format!("bad compressed body: {detail}")),
+                DecompressError::TooLarge => (413, e.to_string()),
+            };
+            return error_response(status, json, &msg, None);
+        }
     };
     let mut keys = Vec::new();
     match encoding {
-        Encoding::Proto => {
+        Encoding::Protobuf => {
             if let Err(e) = walk_spans(&raw, |t, s| keys.push(UniqueSpans::key(t, s))) {
                 return error_response(400, false, &e.to_string(), None);
             }
@@ -857,7 +696,7 @@ async fn http_export(state: Arc<State>, req: Request<Incoming>) -> Response<Resp
     }
     state.accept(keys, experiment.as_deref()).await;
     match encoding {
-        Encoding::Proto => respond(
+        Encoding::Protobuf => respond(
             StatusCode::OK,
             "application/x-protobuf",
             ExportTraceServiceResponse::default().encode_to_vec(),
@@ -877,7 +716,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Res
             let resp = tonic::Status::unimplemented("unknown method").into_http();
             return Ok(resp);
         }
-        let mut grpc = tonic::server::Grpc::new(RawCodec)
+        let mut grpc = tonic::server::Grpc::new(RawCodec::<ExportTraceServiceResponse, Bytes>::new())
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
             .accept_compressed(CompressionEncoding::Deflate)
@@ -886,7 +725,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Res
         return Ok(grpc.unary(svc, req).await);
     }
     let resp = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/traces") => http_export(state, req).await,
+        (&Method::POST, HTTP_TRACES_PATH) => http_export(state, req).await,
         (&Method::GET, "/stats") => respond(StatusCode::OK, "application/json", state.stats_json().to_string()),
         // One `{key.0:032x}-{key.1:016x}` line per unique span, to prove which spans arrived.
         (&Method::GET, "/spans") => {
@@ -970,7 +809,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
 }
 
 /// Binds the sink's listeners and returns their addresses and the serving task.
-pub async fn start(
+pub(crate) async fn start(
     args: &SinkArgs,
 ) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>)> {
     let tls = load_tls(args)?;
@@ -1013,7 +852,7 @@ pub async fn start(
     Ok((http_addr, grpc_addr, state, handle))
 }
 
-pub fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
+pub(crate) fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
     rt.block_on(async move {
         let (http_addr, grpc_addr, _state, handle) = match start(&args).await {
             Ok(x) => x,

@@ -270,11 +270,6 @@ impl Metrics {
         }
     }
 
-    /// Lets other components (e.g. token caches) register their metrics before serving starts.
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-
     /// Counts accepted spans an exporter gave up without a verdict from the destination.
     pub fn count_dropped(&self, exporter: &str, reason: &str, spans: usize) {
         if spans == 0 {

@@ -1,7 +1,6 @@
 //! TLS for both directions with rustls (aws-lc-rs): receiver mTLS with hot reload and client
 //! identity checks, and client configs for exports and token requests (CA bundles,
 //! SSL_CERT_FILE, client certificates).
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -421,11 +420,6 @@ impl ServerCertVerifier for NoVerification {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// True when a path names a readable file (used for early, clear config errors at startup).
-pub fn readable(path: &str) -> bool {
-    Path::new(path).is_file()
 }
 
 #[cfg(test)]

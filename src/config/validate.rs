@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use crate::otlp::{EXPERIMENT_HEADER, ExperimentId};
+
 use super::{Config, ConfigError, Exporter, Extension, Processor, Receiver, ServerTlsConfig, component_type};
 
 pub fn validate(config: &Config) -> Vec<ConfigError> {
@@ -147,12 +149,12 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 if let Some(exp) = x
                     .headers
                     .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("x-mlflow-experiment-id"))
+                    .find(|(k, _)| k.eq_ignore_ascii_case(EXPERIMENT_HEADER))
                     .map(|(_, v)| v)
-                    && (exp.is_empty() || !exp.bytes().all(|b| b.is_ascii_digit()))
+                    && !ExperimentId::is_valid(exp)
                 {
                     err(
-                        format!("{path}.headers.x-mlflow-experiment-id"),
+                        format!("{path}.headers.{EXPERIMENT_HEADER}"),
                         format!("{exp:?} is not a numeric MLflow experiment id"),
                     );
                 }

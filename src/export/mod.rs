@@ -1,11 +1,11 @@
 //! Exporters and their stage: per exporter a batcher, a bounded sending queue and
 //! `num_consumers` senders that retry by the OTLP rules, so one slow destination stalls only
 //! its own queue. Every accepted span ends as sent, failed or dropped, and is counted.
-pub mod auth;
-pub mod debug;
-pub mod oauth;
-pub mod otlphttp;
-pub mod retry;
+pub(crate) mod auth;
+pub(crate) mod debug;
+pub(crate) mod oauth;
+pub(crate) mod otlphttp;
+pub(crate) mod retry;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +42,7 @@ impl OutBatch {
 
 /// Why an export attempt failed; `is_retryable` decides what happens to the batch.
 #[derive(Debug, thiserror::Error)]
-pub enum ExportError {
+pub(crate) enum ExportError {
     #[error("connection failed: {0}")]
     Transport(String),
     #[error("no complete answer within {0:?}")]
@@ -70,7 +70,7 @@ pub enum ExportError {
 impl ExportError {
     /// Retryable errors keep the batch; the rest fail it. A 401 with a token is retryable: the
     /// token is refreshed and data waits rather than vanishes.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             ExportError::Transport(_)
             | ExportError::Timeout(_)
@@ -81,7 +81,7 @@ impl ExportError {
         }
     }
 
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             ExportError::Retryable { retry_after, .. } => *retry_after,
             _ => None,
@@ -89,7 +89,7 @@ impl ExportError {
     }
 
     /// What to check, when the error says more than its text (first runs: MLflow not started).
-    pub fn hint(&self) -> Option<&'static str> {
+    pub(crate) fn hint(&self) -> Option<&'static str> {
         match self {
             ExportError::Transport(text) if text.contains("Connection refused") => {
                 Some("nothing listens at this URL: is MLflow (or the gate) running there?")
@@ -102,7 +102,7 @@ impl ExportError {
     }
 
     /// A short label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ExportError::Transport(_) => "connection",
             ExportError::Timeout(_) => "timeout",
@@ -116,13 +116,13 @@ impl ExportError {
     }
 }
 
-pub enum Exporter {
+pub(crate) enum Exporter {
     OtlpHttp(Box<otlphttp::OtlpHttpExporter>),
     Debug(debug::DebugExporter),
 }
 
 impl Exporter {
-    pub async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+    pub(crate) async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
         match self {
             Exporter::OtlpHttp(e) => e.export(batch).await,
             Exporter::Debug(e) => e.export(batch),
@@ -131,7 +131,7 @@ impl Exporter {
 }
 
 /// Stage settings from the exporter's and its pipeline's config.
-pub struct StageSettings {
+pub(crate) struct StageSettings {
     pub name: String,
     pub batch: BatchSettings,
     /// The batch processor's id for its metric label ("" when the pipeline has none).
@@ -154,14 +154,14 @@ pub struct StageSettings {
 /// Stops a stage in order: `close` stops intake (buffered items still flow out); `abort` gives
 /// up on what is still queued or retrying, counting it dropped.
 #[derive(Clone, Default)]
-pub struct StageControl {
+pub(crate) struct StageControl {
     pub close: CancellationToken,
     pub abort: CancellationToken,
 }
 
 /// Capacity of an exporter's intake, in accepted requests; the batcher drains it continuously,
 /// so it only smooths bursts. The sending queue (queue_size batches) is what fills up.
-pub const INTAKE_CAPACITY: usize = 64;
+pub(crate) const INTAKE_CAPACITY: usize = 64;
 
 /// Starts an exporter's batcher and senders, each supervised; returns the sender the pipeline
 /// feeds. The channels outlive a panicked task, so its restart picks up where it stopped.

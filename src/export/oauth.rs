@@ -151,10 +151,6 @@ impl OAuth2Client {
         })
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Connects the cache to the relay's metrics and readiness (once, before serving).
     pub fn attach(&self, metrics: Arc<Metrics>, health: Arc<Health>) {
         let _ = self.observers.set(Observers { metrics, health });

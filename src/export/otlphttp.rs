@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,8 +14,8 @@ use super::auth::Authenticator;
 use super::retry::{HttpVerdict, classify_http};
 use super::{ExportError, OutBatch};
 use crate::config::OtlpHttpExporterConfig;
+use crate::otlp::EXPERIMENT_HEADER;
 
-pub const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 /// Bytes of an answer read at most.
 const ANSWER_READ_LIMIT: usize = 1024 * 1024;
@@ -222,9 +222,4 @@ async fn read_body(body: hyper::body::Incoming, verdict: HttpVerdict) -> Result<
         }
     }
     Ok(String::from_utf8_lossy(&kept).trim().to_string())
-}
-
-/// Status of an HTTP answer, for tests and logs.
-pub fn status_text(status: StatusCode) -> String {
-    format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""))
 }

@@ -43,16 +43,6 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// gRPC codes the OTLP spec calls retryable (RESOURCE_EXHAUSTED only with RetryInfo).
-pub fn grpc_retryable(code: tonic::Code, has_retry_info: bool) -> bool {
-    use tonic::Code::*;
-    match code {
-        Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss => true,
-        ResourceExhausted => has_retry_info,
-        _ => false,
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub enabled: bool,
@@ -167,16 +157,6 @@ mod tests {
         let past = HeaderValue::from_str(&httpdate::fmt_http_date(now - Duration::from_secs(42))).unwrap();
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
-    }
-
-    #[test]
-    fn grpc_classification() {
-        assert!(grpc_retryable(tonic::Code::Unavailable, false));
-        assert!(grpc_retryable(tonic::Code::DataLoss, false));
-        assert!(!grpc_retryable(tonic::Code::ResourceExhausted, false));
-        assert!(grpc_retryable(tonic::Code::ResourceExhausted, true));
-        assert!(!grpc_retryable(tonic::Code::InvalidArgument, false));
-        assert!(!grpc_retryable(tonic::Code::PermissionDenied, false));
     }
 
     fn policy(rf: f64, max_elapsed: u64) -> RetryPolicy {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
@@ -12,11 +12,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
-use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Channel;
 
 use super::spans::Encoding;
-use crate::sink::{GRPC_EXPORT_PATH, rpc};
+use crate::otlp::codec::RawCodec;
+use crate::otlp::{GRPC_EXPORT_PATH, grpc_retryable, rpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -150,18 +151,8 @@ pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
 
 /// OTLP/gRPC: the transient codes, and RESOURCE_EXHAUSTED only with RetryInfo.
 pub fn classify_grpc(status: &tonic::Status) -> Failure {
-    use tonic::Code;
     let retry_after = rpc::retry_delay(status.details());
-    let retryable = match status.code() {
-        Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::Unavailable
-        | Code::DataLoss => true,
-        Code::ResourceExhausted => retry_after.is_some(),
-        _ => false,
-    };
+    let retryable = grpc_retryable(status.code(), retry_after.is_some());
     Failure {
         label: format!("grpc_{}", screaming_snake(&format!("{:?}", status.code()))),
         retryable,
@@ -180,48 +171,6 @@ fn screaming_snake(camel: &str) -> String {
         out.push(c.to_ascii_uppercase());
     }
     out
-}
-
-/// Sends pre-encoded request bytes and decodes the response.
-#[derive(Debug, Clone, Copy, Default)]
-struct PreEncoded;
-#[derive(Debug, Clone, Copy, Default)]
-struct BytesEncoder;
-#[derive(Debug, Clone, Copy, Default)]
-struct ResponseDecoder;
-
-impl Codec for PreEncoded {
-    type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = BytesEncoder;
-    type Decoder = ResponseDecoder;
-    fn encoder(&mut self) -> BytesEncoder {
-        BytesEncoder
-    }
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
-}
-
-impl Encoder for BytesEncoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for ResponseDecoder {
-    type Item = ExportTraceServiceResponse;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        ExportTraceServiceResponse::decode(bytes)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
 }
 
 /// Where and how to send.
@@ -297,7 +246,11 @@ impl Transport {
                         }
                     }
                     client
-                        .unary(req, http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH), PreEncoded)
+                        .unary(
+                            req,
+                            http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH),
+                            RawCodec::<Bytes, ExportTraceServiceResponse>::new(),
+                        )
                         .await
                 };
                 let outcome = match tokio::time::timeout(timeout, fut).await {

@@ -402,10 +402,6 @@ impl Template {
         self.bytes.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
-
     /// A fresh request: new trace and span ids, timestamps ending at `now_ns`.
     pub fn render(&self, rng: &mut FastRng, now_ns: u64, out: &mut Vec<u8>) {
         out.clear();

@@ -10,6 +10,7 @@
 //! fail on it. It may refuse more than they do (groups), never less.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 use super::wire::{DecodeError, EXPERIMENT_ATTRIBUTE};
+use crate::otlp::{ExperimentId, varint};
 
 /// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
 /// itself at level 1 (ResourceSpans 2, ScopeSpans 3, Span 4, its KeyValue 5, AnyValue 6; every
@@ -55,31 +56,7 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn varint(&mut self) -> Result<u64, DecodeError> {
-        // Keys and most lengths are one byte.
-        match self.buf.get(self.pos) {
-            Some(&b) if b < 0x80 => {
-                self.pos += 1;
-                Ok(u64::from(b))
-            }
-            _ => self.long_varint(),
-        }
-    }
-
-    fn long_varint(&mut self) -> Result<u64, DecodeError> {
-        let mut value = 0u64;
-        for i in 0..10 {
-            let byte = *self.buf.get(self.pos).ok_or(err("truncated varint"))?;
-            self.pos += 1;
-            value |= u64::from(byte & 0x7f) << (7 * i);
-            if byte & 0x80 == 0 {
-                // The tenth byte holds bit 63 only; prost (and upb) refuse anything more.
-                if i == 9 && byte > 1 {
-                    return Err(err("varint overflows 64 bits"));
-                }
-                return Ok(value);
-            }
-        }
-        Err(err("varint too long"))
+        varint::read(self.buf, &mut self.pos).map_err(|e| err(e.message()))
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -441,7 +418,7 @@ fn experiment_id(value: &[u8]) -> Option<String> {
             _ => {}
         }
     }
-    id.filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+    id.and_then(|s| ExperimentId::parse(&s)).map(ExperimentId::into_string)
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
+use crate::otlp::{ExperimentId, varint};
+
 /// The resource attribute that routes a ResourceSpans to another MLflow experiment.
 pub const EXPERIMENT_ATTRIBUTE: &str = "mlflow.experiment_id";
 
@@ -58,7 +60,7 @@ pub fn parse_protobuf(body: Bytes) -> Result<ParsedRequest, DecodeError> {
     for record in super::walk::request(&body)? {
         if record.invalid_spans > 0 {
             let rs = ResourceSpans::decode(&body[record.message.clone()])?;
-            parsed.add(rs, None);
+            parsed.add(rs);
         } else if record.spans > 0 {
             parsed.spans += record.spans;
             parsed.chunks.push(ResourceChunk {
@@ -78,7 +80,7 @@ pub fn parse_json(body: &[u8]) -> Result<ParsedRequest, DecodeError> {
     let request: ExportTraceServiceRequest = serde_json::from_slice(body)?;
     let mut parsed = ParsedRequest::default();
     for rs in request.resource_spans {
-        parsed.add(rs, None);
+        parsed.add(rs);
     }
     for chunk in &parsed.chunks {
         super::walk::request(&chunk.bytes)?;
@@ -87,7 +89,7 @@ pub fn parse_json(body: &[u8]) -> Result<ParsedRequest, DecodeError> {
 }
 
 impl ParsedRequest {
-    fn add(&mut self, mut rs: ResourceSpans, encoded: Option<Bytes>) {
+    fn add(&mut self, mut rs: ResourceSpans) {
         let total: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
         let invalid = rs
             .scope_spans
@@ -95,7 +97,7 @@ impl ParsedRequest {
             .flat_map(|s| &s.spans)
             .filter(|s| !span_ids_valid(s))
             .count();
-        let encoded = if invalid > 0 {
+        if invalid > 0 {
             for scope in &mut rs.scope_spans {
                 scope.spans.retain(span_ids_valid);
             }
@@ -105,16 +107,13 @@ impl ParsedRequest {
                 "{} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes, not all zero",
                 self.rejected
             ));
-            None
-        } else {
-            encoded
-        };
+        }
         let spans = total - invalid;
         if spans == 0 {
             return;
         }
         let experiment = experiment_of(&rs);
-        let bytes = encoded.unwrap_or_else(|| encode_record(&rs));
+        let bytes = encode_record(&rs);
         self.spans += spans;
         self.chunks.push(ResourceChunk {
             bytes,
@@ -145,7 +144,7 @@ fn experiment_of(rs: &ResourceSpans) -> Option<String> {
         AnyValueKind::IntValue(i) => i.to_string(),
         _ => return None,
     };
-    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(id)
+    ExperimentId::parse(&id).map(ExperimentId::into_string)
 }
 
 /// Encodes one ResourceSpans as a field-1 record (tag, length, message). Cannot fail: the
@@ -157,16 +156,7 @@ pub fn encode_record(rs: &ResourceSpans) -> Bytes {
 }
 
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*pos).ok_or(DecodeError::Framing("truncated varint"))?;
-        *pos += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(DecodeError::Framing("varint too long"))
+    varint::read(buf, pos).map_err(|e| DecodeError::Framing(e.message()))
 }
 
 /// Splits a record so the first part holds `first` spans (0 < first < chunk.spans). Records

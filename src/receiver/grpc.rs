@@ -5,67 +5,19 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
-use prost::Message;
-use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings, EncodeBuf, Encoder};
+use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::server::{Grpc, UnaryService};
 use tonic::{Request, Response, Status};
 
 use super::body::{BodyFault, BudgetedBody};
 use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
+use crate::otlp::GRPC_EXPORT_PATH;
+use crate::otlp::codec::RawCodec;
 use crate::pipeline::wire;
-
-pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
-/// Decodes a request message to its raw bytes; encodes the (tiny) response with prost.
-#[derive(Default, Clone, Copy)]
-struct RawCodec;
-
-/// Passes the first message on and refuses a second: tonic's unary path takes the first and
-/// then drains the body through this decoder, which would otherwise drop the rest silently.
-#[derive(Default)]
-struct RawDecoder {
-    seen: bool,
-}
-struct ResponseEncoder;
-
-impl Codec for RawCodec {
-    type Encode = ExportTraceServiceResponse;
-    type Decode = Bytes;
-    type Encoder = ResponseEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> ResponseEncoder {
-        ResponseEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder::default()
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        if std::mem::replace(&mut self.seen, true) {
-            return Err(Status::invalid_argument(
-                "a unary Export call carries exactly one message; this one has more",
-            ));
-        }
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n)))
-    }
-}
-
-impl Encoder for ResponseEncoder {
-    type Item = ExportTraceServiceResponse;
-    type Error = Status;
-    fn encode(&mut self, item: ExportTraceServiceResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst).map_err(|e| Status::internal(e.to_string()))
-    }
-}
 
 struct ExportService {
     ctx: Arc<ReceiverContext>,
@@ -111,7 +63,7 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<ResponseBody> {
-    if req.uri().path() != EXPORT_PATH {
+    if req.uri().path() != GRPC_EXPORT_PATH {
         return Status::unimplemented(format!("unknown method {}", req.uri().path())).into_http();
     }
     if !conn.allowed {
@@ -126,7 +78,7 @@ pub async fn handle(
         Err(refusal) => return ReceiveError::from(refusal).to_grpc().into_http(),
     };
     let req = hyper::Request::from_parts(parts, body);
-    let mut grpc = Grpc::new(RawCodec)
+    let mut grpc = Grpc::new(RawCodec::<ExportTraceServiceResponse, Bytes>::one_message())
         .apply_compression_config(encodings(), encodings())
         .apply_max_message_size_config(Some(ctx.max_bytes()), None);
     let mut response = grpc

@@ -1,6 +1,5 @@
 //! OTLP/HTTP: `POST /v1/traces` with protobuf or JSON, gzip/deflate bodies, size limits applied
 //! to both the wire and the decompressed size, answers in the request's encoding.
-use std::io::Read;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,61 +12,24 @@ use prost::Message;
 use super::body::read_http_body;
 use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
+use crate::otlp::compress::{self, DecompressError, Deflate};
+use crate::otlp::{Encoding, HTTP_TRACES_PATH};
 use crate::pipeline::wire::{self, ParsedRequest};
 
-pub const TRACES_PATH: &str = "/v1/traces";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    Protobuf,
-    Json,
-}
-
-impl Encoding {
-    fn content_type(self) -> &'static str {
-        match self {
-            Encoding::Protobuf => "application/x-protobuf",
-            Encoding::Json => "application/json",
-        }
-    }
-}
-
 /// The media type of a Content-Type header, parameters (charset) ignored.
-pub fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
+pub(crate) fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
     let text = value.and_then(|v| v.to_str().ok()).unwrap_or("");
-    match text
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-        .as_str()
-    {
-        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
-        "application/json" => Ok(Encoding::Json),
-        _ => Err(ReceiveError::UnsupportedMediaType(text.to_string())),
-    }
+    Encoding::from_content_type(text).ok_or_else(|| ReceiveError::UnsupportedMediaType(text.to_string()))
 }
 
 /// Decompresses per Content-Encoding, refusing output over `limit` bytes (a gzip bomb ends at
-/// the limit, never in memory exhaustion).
+/// the limit, never in memory exhaustion); `deflate` is zlib-wrapped, as RFC 9110 says.
 pub fn decompress(body: Bytes, encoding: Option<&str>, limit: usize, limit_mib: u64) -> Result<Bytes, ReceiveError> {
-    let encoding = encoding.map(|e| e.trim().to_ascii_lowercase()).unwrap_or_default();
-    let reader: Box<dyn Read> = match encoding.as_str() {
-        "" | "identity" => return Ok(body),
-        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body.as_ref())),
-        "deflate" => Box::new(flate2::read::ZlibDecoder::new(body.as_ref())),
-        other => return Err(ReceiveError::UnsupportedEncoding(other.to_string())),
-    };
-    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
-    reader
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| ReceiveError::BadCompression(e.to_string()))?;
-    if out.len() > limit {
-        return Err(ReceiveError::TooLarge { limit_mib });
-    }
-    Ok(Bytes::from(out))
+    compress::decompress(body, encoding, limit, Deflate::Zlib).map_err(|e| match e {
+        DecompressError::Unsupported(encoding) => ReceiveError::UnsupportedEncoding(encoding),
+        DecompressError::Bad(detail) => ReceiveError::BadCompression(detail),
+        DecompressError::TooLarge => ReceiveError::TooLarge { limit_mib },
+    })
 }
 
 /// The most of a refused body read and thrown away before answering.
@@ -136,7 +98,7 @@ fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     r
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     ctx: Arc<ReceiverContext>,
     conn: Arc<ConnInfo>,
     req: hyper::Request<Incoming>,
@@ -169,7 +131,7 @@ async fn answer(
     declared: Option<u64>,
     body: &mut Incoming,
 ) -> Response<ResponseBody> {
-    if parts.uri.path() != TRACES_PATH {
+    if parts.uri.path() != HTTP_TRACES_PATH {
         return plain(StatusCode::NOT_FOUND, "not found: OTLP traces go to POST /v1/traces\n");
     }
     if parts.method != Method::POST {

@@ -3,7 +3,7 @@
 mod body;
 mod conn;
 mod errors;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod http;
 
 pub use conn::ConnectionSettings;
@@ -29,7 +29,7 @@ use conn::{Activity, Slot, Slots, count_closed, count_refused, is_header_timeout
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a request handler needs, shared by a receiver's connections.
-pub struct ReceiverContext {
+pub(crate) struct ReceiverContext {
     /// The receiver's component id, e.g. `otlp`.
     pub receiver: String,
     pub transport: &'static str,
@@ -47,7 +47,7 @@ pub struct ReceiverContext {
 }
 
 impl ReceiverContext {
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         (self.max_recv_msg_size_mib * 1024 * 1024) as usize
     }
 
@@ -83,14 +83,14 @@ impl ReceiverContext {
 
 /// What the TLS handshake established about the client, per connection.
 #[derive(Debug, Default)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub peer: Option<PeerIdentity>,
     /// False when allowed_clients is set and the certificate matches none of it.
     pub allowed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Grpc,
     Http,
 }
@@ -319,7 +319,7 @@ fn client_name(conn: &ConnInfo) -> String {
 
 /// A numeric experiment id from a request header, when include_metadata allows it.
 fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Option<String> {
-    let header = headers.get(crate::export::otlphttp::EXPERIMENT_HEADER)?;
+    let header = headers.get(crate::otlp::EXPERIMENT_HEADER)?;
     if !ctx.include_metadata {
         // A silent fallback to the exporter's experiment sends traces where nobody looks for them.
         if !ctx
@@ -336,5 +336,5 @@ fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Opt
         return None;
     }
     let v = header.to_str().ok()?.trim();
-    (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.to_string())
+    crate::otlp::ExperimentId::parse(v).map(crate::otlp::ExperimentId::into_string)
 }

@@ -13,9 +13,9 @@
 //! identity) at the next group commit or within a second when idle, recreates the directory,
 //! copies the unlinked segments back from their open descriptors, and only then acknowledges;
 //! while it cannot, requests are refused and `/readyz` says why.
-pub mod deadletter;
+pub(crate) mod deadletter;
 pub mod frame;
-pub mod replay;
+pub(crate) mod replay;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -53,7 +53,7 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 const READ_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
-pub struct SpoolSettings {
+pub(crate) struct SpoolSettings {
     pub exporter: String,
     pub dir: PathBuf,
     pub fsync: bool,
@@ -67,7 +67,7 @@ impl SpoolSettings {
     /// subdirectory. Segments are at most a quarter of the budget, so drop_oldest and deletion
     /// work in steps smaller than the whole spool, and at least 1/256 of it, because every
     /// tracked segment holds a descriptor (what lets a deleted directory be repaired).
-    pub fn from_config(exporter: &str, cfg: &crate::config::FileStorageConfig) -> SpoolSettings {
+    pub(crate) fn from_config(exporter: &str, cfg: &crate::config::FileStorageConfig) -> SpoolSettings {
         let max_bytes = cfg.max_size_mib * 1024 * 1024;
         SpoolSettings {
             exporter: exporter.to_string(),
@@ -84,7 +84,7 @@ impl SpoolSettings {
 }
 
 /// A component id as a directory name (`otlphttp/mlflow` → `otlphttp_mlflow`).
-pub fn dir_name(id: &str) -> String {
+pub(crate) fn dir_name(id: &str) -> String {
     id.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -97,7 +97,7 @@ pub fn dir_name(id: &str) -> String {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
+pub(crate) enum SpoolError {
     #[error("spool directory {dir}: {error}")]
     Io { dir: PathBuf, error: std::io::Error },
     #[error("spool directory {0} is in use by another process (two relays must not share a spool)")]
@@ -124,7 +124,7 @@ fn remove_temporaries(dir: &Path) {
 }
 
 /// Segment files in `dir`, by id.
-pub fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+pub(crate) fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -139,7 +139,7 @@ pub fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-pub fn now_unix_nanos() -> i64 {
+pub(crate) fn now_unix_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -148,7 +148,7 @@ pub fn now_unix_nanos() -> i64 {
 
 /// Frames a request's routed chunks, one record per ResourceSpans. The writer stamps each frame
 /// with its segment's seed and span position (`frame::restamp`).
-pub fn encode_request(routed: &[Routed]) -> (Bytes, usize) {
+pub(crate) fn encode_request(routed: &[Routed]) -> (Bytes, usize) {
     let now = now_unix_nanos();
     let mut out = Vec::with_capacity(routed.iter().map(|r| r.item.chunk.bytes.len() + 32).sum());
     for r in routed {
@@ -354,7 +354,7 @@ pub struct Spool {
 }
 
 /// Room reserved in the spool for one request, from `Spool::reserve`.
-pub struct SpoolPermit<'a> {
+pub(crate) struct SpoolPermit<'a> {
     spool: &'a Spool,
     permit: Option<mpsc::Permit<'a, WriteMsg>>,
     bytes: u64,
@@ -370,7 +370,7 @@ impl Drop for SpoolPermit<'_> {
 
 impl SpoolPermit<'_> {
     /// Hands the frames to the writer; the receiver resolves once they are durable.
-    pub fn send(
+    pub(crate) fn send(
         mut self,
         frames: Bytes,
         records: usize,
@@ -397,7 +397,7 @@ impl SpoolPermit<'_> {
 impl Spool {
     /// Opens (creating) the spool directory, recovers what a previous run left, and starts the
     /// writer thread. The reader starts with `start_reader`.
-    pub fn open(settings: SpoolSettings, metrics: Arc<Metrics>) -> Result<Arc<Spool>, SpoolError> {
+    pub(crate) fn open(settings: SpoolSettings, metrics: Arc<Metrics>) -> Result<Arc<Spool>, SpoolError> {
         let dir = settings.dir.clone();
         let io = |error| SpoolError::Io {
             dir: dir.clone(),
@@ -554,17 +554,13 @@ impl Spool {
         *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
     }
 
-    pub fn exporter(&self) -> &str {
-        &self.shared.settings.exporter
-    }
-
     /// Spans found on disk at start.
-    pub fn recovered_spans(&self) -> u64 {
+    pub(crate) fn recovered_spans(&self) -> u64 {
         self.shared.recovered_spans.load(Ordering::Relaxed)
     }
 
     /// Spans on disk not yet delivered nor counted lost (what the next start will send).
-    pub fn pending_spans(&self) -> u64 {
+    pub(crate) fn pending_spans(&self) -> u64 {
         let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         st.segments
             .values()
@@ -573,7 +569,7 @@ impl Spool {
     }
 
     /// Reserves room for `bytes` of frames, or says why not.
-    pub fn reserve(&self, bytes: u64) -> Result<SpoolPermit<'_>, Refusal> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<SpoolPermit<'_>, Refusal> {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(Refusal::ShuttingDown);
@@ -620,7 +616,7 @@ impl Spool {
     }
 
     /// Starts the thread that reads records in order and feeds them to the exporter's batcher.
-    pub fn start_reader(&self, intake: mpsc::Sender<Arc<Vec<Routed>>>) -> Result<(), SpoolError> {
+    pub(crate) fn start_reader(&self, intake: mpsc::Sender<Arc<Vec<Routed>>>) -> Result<(), SpoolError> {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("spool-reader".into())
@@ -645,7 +641,7 @@ impl Spool {
     }
 
     /// Spans read from `segment` were delivered (or dead-lettered): they need not be kept.
-    pub fn release(&self, segment: u64, spans: usize) {
+    pub(crate) fn release(&self, segment: u64, spans: usize) {
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(seg) = st.segments.get_mut(&segment) {
             seg.outstanding = seg.outstanding.saturating_sub(spans as u64);
@@ -656,7 +652,7 @@ impl Spool {
 
     /// Stops taking requests, lets the writer commit everything already admitted, then stops
     /// the reader. Blocking: call from a blocking context.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.blocking_send(WriteMsg::Stop);
         if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -668,7 +664,7 @@ impl Spool {
     }
 
     /// Waits for the reader thread (after the stage stopped taking its batches).
-    pub fn join_reader(&self) {
+    pub(crate) fn join_reader(&self) {
         if let Some(r) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = r.join();
         }

@@ -159,10 +159,6 @@ impl TokenState {
             false
         }
     }
-
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
 }
 
 #[cfg(test)]
@@ -236,7 +232,7 @@ mod tests {
         );
         assert_eq!(st.check(t0 + S(5)), Check::Missing);
         assert!(st.store(hv("Bearer a"), Some(S(60)), t0 + S(10)));
-        assert_eq!(st.failures(), 0);
+        assert_eq!(st.failures, 0);
         assert_eq!(st.fail(Failure::unavailable("x"), t0 + S(11)).retry_in, BACKOFF_MIN);
     }
 
