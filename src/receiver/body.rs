@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -33,7 +33,7 @@ pub(crate) async fn read_http_body(
     let mut hold = ctx.intake.hold(expected)?;
     let timeout = ctx.connections.read_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(expected);
+    let mut buf: Vec<u8> = Vec::with_capacity(expected);
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(ReceiveError::BodyTimeout(timeout)),
@@ -46,12 +46,21 @@ pub(crate) async fn read_http_body(
         if len > limit {
             return Err(too_large());
         }
-        if len > hold.bytes() {
-            hold.grow(len - hold.bytes())?;
+        if len > buf.capacity() {
+            // The memory a body holds is its buffer's capacity, not the bytes received: grow
+            // it (doubling, up to the size limit) only once the budget has taken the growth.
+            let capacity = buf.capacity().saturating_mul(2).max(len).min(limit);
+            if capacity > hold.bytes() {
+                hold.grow(capacity - hold.bytes())?;
+            }
+            buf.reserve_exact(capacity - buf.len());
+        }
+        if buf.capacity() > hold.bytes() {
+            hold.grow(buf.capacity() - hold.bytes())?;
         }
         buf.extend_from_slice(&data);
     }
-    Ok((buf.freeze(), hold))
+    Ok((Bytes::from(buf), hold))
 }
 
 /// Why a budgeted body ended early; the gRPC handler answers with it instead of tonic's status.
