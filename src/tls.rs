@@ -13,6 +13,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientTlsConfig, ServerTlsConfig};
+use crate::supervise::LockUnpoisoned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -182,7 +183,7 @@ impl ServerTls {
             .and_then(|v| v.problem(&self.settings.cert_file, unix_now()));
         let component = self.health.get().map(|(_, c)| c.as_str()).unwrap_or("receiver");
         {
-            let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            let mut reported = self.reported.lock_unpoisoned();
             if *reported != problem {
                 match &problem {
                     Some(p) => tracing::warn!(component, "{p}"),

@@ -20,6 +20,7 @@ use crate::batch::{Batch, BatchSettings, Batcher};
 use crate::pipeline::{Destination, Item, Routed};
 use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
+use crate::supervise::LockUnpoisoned;
 use crate::supervise::{Supervisor, fault_point};
 use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, exporter_labels};
 use retry::RetryPolicy;
@@ -231,7 +232,7 @@ pub(crate) fn start_stage(
             format!("exporter {} sender {i}", settings.name),
             move || run_sender(s.clone(), e.clone(), q.clone(), m.clone(), c.clone(), slot.clone()),
             Box::new(move |message| {
-                let batch = in_hand.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let batch = in_hand.lock_unpoisoned().take();
                 let (settings, metrics) = (salvage_settings.clone(), salvage_metrics.clone());
                 Box::pin(async move {
                     if let Some(batch) = batch {
@@ -427,10 +428,10 @@ async fn run_sender(
             shutdown_dropped(&settings, &metrics, batch.spans);
             continue;
         }
-        *in_hand.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch.clone());
+        *in_hand.lock_unpoisoned() = Some(batch.clone());
         fault_point("sender");
         deliver(&settings, &exporter, batch, &metrics, &control).await;
-        in_hand.lock().unwrap_or_else(|e| e.into_inner()).take();
+        in_hand.lock_unpoisoned().take();
     }
 }
 

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 
 use super::{ReceiveError, ReceiverContext};
 use crate::pipeline::{BodyHold, Refusal};
+use crate::supervise::LockUnpoisoned;
 
 /// Reads a whole HTTP request body of at most `limit` bytes. The returned hold keeps the body's
 /// bytes counted until the caller drops it (after decoding, before submitting).
@@ -136,7 +137,7 @@ impl BudgetedBody {
     }
 
     fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(fault);
+        *self.fault.lock_unpoisoned() = Some(fault);
         Poll::Ready(Some(Err(Box::new(fault))))
     }
 }

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ProtocolConfig;
+use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{Health, Metrics, ReceiverLabels, RefusedLabels};
 
 /// The most connections per listener by default; lowered when the open-file limit is low.
@@ -133,7 +134,7 @@ impl Slots {
                 })
             }
             Err(_) => {
-                let mut at_limit = self.at_limit.lock().unwrap_or_else(|e| e.into_inner());
+                let mut at_limit = self.at_limit.lock_unpoisoned();
                 if !*at_limit && self.semaphore.available_permits() == 0 {
                     *at_limit = true;
                     self.health.set_unready(
@@ -150,7 +151,7 @@ impl Slots {
     }
 
     fn released(&self) {
-        let mut at_limit = self.at_limit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut at_limit = self.at_limit.lock_unpoisoned();
         if *at_limit && self.semaphore.available_permits() > 0 {
             *at_limit = false;
             self.health.set_unready(&self.component, None);
@@ -205,7 +206,7 @@ impl Activity {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        Some(*self.last_done.lock().unwrap_or_else(|e| e.into_inner()))
+        Some(*self.last_done.lock_unpoisoned())
     }
 }
 
@@ -214,7 +215,7 @@ pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.last_done.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *self.0.last_done.lock_unpoisoned() = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -18,6 +18,7 @@ use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, 
 use crate::otlp::GRPC_EXPORT_PATH;
 use crate::otlp::codec::RawCodec;
 use crate::pipeline::wire;
+use crate::supervise::LockUnpoisoned;
 
 struct ExportService {
     ctx: Arc<ReceiverContext>,
@@ -90,7 +91,7 @@ pub async fn handle(
             req,
         )
         .await;
-    let fault = *fault.lock().unwrap_or_else(|e| e.into_inner());
+    let fault = *fault.lock_unpoisoned();
     if let Some(fault) = fault {
         if matches!(fault, BodyFault::TimedOut(_)) {
             count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");

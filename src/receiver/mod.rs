@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::net::{Acceptor, RateLimitedWarn, WARN_INTERVAL};
 use crate::pipeline::Intake;
+use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{Health, Metrics, ReceiverLabels, RefusedLabels};
 use crate::tls::{PeerIdentity, ServerTls};
 use conn::{Activity, Slot, Slots, count_closed, count_refused, is_header_timeout};
@@ -193,7 +194,7 @@ pub(crate) async fn serve(
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             count_closed(&ctx.metrics, &labels, "handshake_failed");
-                            let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
+                            let due = handshake_log.lock_unpoisoned().due();
                             if let Some(suppressed) = due {
                                 tracing::warn!(component = %component, %remote, error = %e, suppressed, "TLS handshake failed (logged once per interval; `suppressed` since the last line)");
                             }
@@ -201,7 +202,7 @@ pub(crate) async fn serve(
                         }
                         Err(_) => {
                             count_closed(&ctx.metrics, &labels, "handshake_timeout");
-                            let due = handshake_log.lock().unwrap_or_else(|e| e.into_inner()).due();
+                            let due = handshake_log.lock_unpoisoned().due();
                             if let Some(suppressed) = due {
                                 tracing::warn!(component = %component, %remote, suppressed, "TLS handshake timed out (logged once per interval)");
                             }

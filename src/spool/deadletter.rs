@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{SEGMENT_SUFFIX, frame, proto};
+use crate::supervise::LockUnpoisoned;
 
 /// Dead-letter files are closed at this size and a new one started.
 const FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -113,7 +114,7 @@ impl DeadLetter {
 
     /// Appends one record durably. Blocking I/O: call from a blocking context.
     pub fn write(&self, record: &proto::Record) -> std::io::Result<()> {
-        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.file.lock_unpoisoned();
         // A few rounds at most: the current file (unless replay has it, or it is full), then a
         // fresh one (which a replay could take before the first append, however unlikely).
         for _ in 0..4 {

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::pipeline::wire::ResourceChunk;
 use crate::pipeline::{Charge, Destination, Item, Refusal, Routed};
+use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{Health, Metrics, exporter_labels};
 use frame::Format;
 
@@ -247,7 +248,7 @@ impl Shared {
 
     /// Readiness, once the relay attached it (supervised threads report on it).
     fn health(&self) -> Option<Arc<Health>> {
-        self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.health.lock_unpoisoned().clone()
     }
 
     /// Reports (Some) or clears (None) why the spool cannot take requests, on /readyz.
@@ -256,7 +257,7 @@ impl Shared {
             return;
         }
         self.unready.store(reason.is_some(), Ordering::Release);
-        if let Some(h) = self.health.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(h) = self.health.lock_unpoisoned().as_ref() {
             h.set_unready(&self.component(), reason);
         }
     }
@@ -305,7 +306,7 @@ impl Shared {
     /// on_full: drop_oldest: deletes the oldest sealed segments until `need` more bytes fit.
     /// Spans not yet read from them are lost, and counted.
     fn drop_oldest(&self, need: u64) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if self.used.load(Ordering::Acquire) + need <= self.settings.max_bytes {
                 return true;
@@ -507,7 +508,7 @@ impl Spool {
             unready: AtomicBool::new(false),
         });
         shared.count_corrupt(lost_at_start);
-        shared.update_gauges(&shared.state.lock().unwrap_or_else(|e| e.into_inner()));
+        shared.update_gauges(&shared.state.lock_unpoisoned());
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = {
             let shared = shared.clone();
@@ -551,7 +552,7 @@ impl Spool {
         if self.shared.unready.load(Ordering::Acquire) {
             health.set_unready(&self.shared.component(), Some("spool cannot write".into()));
         }
-        *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+        *self.shared.health.lock_unpoisoned() = Some(health);
     }
 
     /// Spans found on disk at start.
@@ -561,7 +562,7 @@ impl Spool {
 
     /// Spans on disk not yet delivered nor counted lost (what the next start will send).
     pub(crate) fn pending_spans(&self) -> u64 {
-        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.shared.state.lock_unpoisoned();
         st.segments
             .values()
             .map(|s| s.spans.saturating_sub(s.released + s.lost_spans))
@@ -574,7 +575,7 @@ impl Spool {
         if shared.closed.load(Ordering::Acquire) {
             return Err(Refusal::ShuttingDown);
         }
-        if let Some(until) = *shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner())
+        if let Some(until) = *shared.disk_full_until.lock_unpoisoned()
             && Instant::now() < until
         {
             return Err(Refusal::DiskFull);
@@ -636,13 +637,13 @@ impl Spool {
                 dir: self.shared.settings.dir.clone(),
                 error,
             })?;
-        *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        *self.reader.lock_unpoisoned() = Some(handle);
         Ok(())
     }
 
     /// Spans read from `segment` were delivered (or dead-lettered): they need not be kept.
     pub(crate) fn release(&self, segment: u64, spans: usize) {
-        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.shared.state.lock_unpoisoned();
         if let Some(seg) = st.segments.get_mut(&segment) {
             seg.outstanding = seg.outstanding.saturating_sub(spans as u64);
             seg.released += spans as u64;
@@ -655,17 +656,17 @@ impl Spool {
     pub(crate) fn shutdown(&self) {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.blocking_send(WriteMsg::Stop);
-        if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(w) = self.writer.lock_unpoisoned().take() {
             let _ = w.join();
         }
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).stop_reader = true;
+        self.shared.state.lock_unpoisoned().stop_reader = true;
         self.shared.changed.notify_all();
         // The reader may be blocked handing a batch to the stage; the stage's close ends that.
     }
 
     /// Waits for the reader thread (after the stage stopped taking its batches).
     pub(crate) fn join_reader(&self) {
-        if let Some(r) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(r) = self.reader.lock_unpoisoned().take() {
             let _ = r.join();
         }
     }
@@ -768,7 +769,7 @@ impl Writer {
     /// file deleted by hand).
     fn vanished(&mut self, all: bool) -> bool {
         let dir_gone = match std::fs::metadata(&self.shared.settings.dir) {
-            Ok(m) => (m.dev(), m.ino()) != *self.shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()),
+            Ok(m) => (m.dev(), m.ino()) != *self.shared.dir_identity.lock_unpoisoned(),
             Err(_) => true,
         };
         let unlinked = |f: &File| f.metadata().map_or(true, |m| m.nlink() == 0);
@@ -780,7 +781,7 @@ impl Writer {
         }
         self.full_check = Instant::now();
         let files: Vec<Arc<File>> = {
-            let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let st = self.shared.state.lock_unpoisoned();
             st.segments.values().map(|s| s.file.clone()).collect()
         };
         files.iter().any(|f| unlinked(f))
@@ -793,7 +794,7 @@ impl Writer {
         }
         match self.relocate() {
             Ok(()) => {
-                *self.shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.shared.disk_full_until.lock_unpoisoned() = None;
                 self.shared.set_unready(None);
             }
             Err(e) => self.refuse_for_a_while(&e),
@@ -803,7 +804,7 @@ impl Writer {
     /// Requests are refused (503 disk_full) for DISK_FULL_BACKOFF, then writes are tried again.
     fn refuse_for_a_while(&self, e: &std::io::Error) {
         let shared = &self.shared;
-        let mut until = shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner());
+        let mut until = shared.disk_full_until.lock_unpoisoned();
         if until.is_none() {
             tracing::error!(exporter = %shared.settings.exporter, dir = %shared.settings.dir.display(), error = %e, "spool write failed; refusing requests until writes succeed again");
         }
@@ -825,7 +826,7 @@ impl Writer {
         // The lock is taken again only when its file went with the directory (a segment file
         // deleted alone leaves our lock in place, and flock would refuse us a second one).
         let held = {
-            let lock = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let lock = shared.lock.lock_unpoisoned();
             let meta = lock.metadata()?;
             deadletter::same_file(&dir.join("lock"), (meta.dev(), meta.ino()))
         };
@@ -845,7 +846,7 @@ impl Writer {
         };
         let open = self.file.as_ref().map(|o| (o.id, o.len));
         let tracked: Vec<(u64, Arc<File>, u64)> = {
-            let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let st = shared.state.lock_unpoisoned();
             st.segments
                 .iter()
                 .map(|(&id, s)| {
@@ -865,7 +866,7 @@ impl Writer {
             }
             let copy = Arc::new(copy_segment(&file, bytes, dir, id, shared.settings.fsync)?);
             {
-                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = shared.state.lock_unpoisoned();
                 match st.segments.get_mut(&id) {
                     Some(seg) => seg.file = copy.clone(),
                     None => {
@@ -888,10 +889,10 @@ impl Writer {
             File::open(parent)?.sync_all()?;
         }
         let meta = std::fs::metadata(dir)?;
-        *shared.dir_identity.lock().unwrap_or_else(|e| e.into_inner()) = (meta.dev(), meta.ino());
+        *shared.dir_identity.lock_unpoisoned() = (meta.dev(), meta.ino());
         let recreated = new_lock.is_some();
         if let Some(lock) = new_lock {
-            *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = lock;
+            *shared.lock.lock_unpoisoned() = lock;
         }
         // Nothing to say when the only "unlinked" segment was one just delivered and deleted.
         if !recreated && copied == 0 {
@@ -903,7 +904,7 @@ impl Writer {
 
     fn seal(&mut self) {
         if let Some(open) = self.file.take() {
-            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.shared.state.lock_unpoisoned();
             if let Some(seg) = st.segments.get_mut(&open.id) {
                 seg.sealed = true;
             }
@@ -972,7 +973,7 @@ impl Writer {
         match result {
             Ok((id, spans)) => {
                 {
-                    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut st = shared.state.lock_unpoisoned();
                     if let Some(seg) = st.segments.get_mut(&id) {
                         seg.bytes += total;
                         seg.records += group.iter().map(|w| w.records as u64).sum::<u64>();
@@ -981,7 +982,7 @@ impl Writer {
                     shared.update_gauges(&st);
                 }
                 shared.changed.notify_all();
-                *shared.disk_full_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *shared.disk_full_until.lock_unpoisoned() = None;
                 shared.set_unready(None);
                 for w in group {
                     let _ = w.done.send(Ok(()));
@@ -1105,7 +1106,7 @@ impl Reader {
                 }
             };
             {
-                let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = self.shared.state.lock_unpoisoned();
                 // drop_oldest may have removed the segment while we read it: then these spans
                 // were counted dropped and must not travel.
                 if st.read_seg != range.id || st.read_off != range.off {
@@ -1134,7 +1135,7 @@ impl Reader {
 
     /// Waits `d` (or until stopped); false when the reader is to stop.
     fn pause(&self, d: Duration) -> bool {
-        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.shared.state.lock_unpoisoned();
         if st.stop_reader {
             return false;
         }
@@ -1148,7 +1149,7 @@ impl Reader {
 
     /// Waits for committed bytes past the read cursor.
     fn next_range(&self) -> Option<Range> {
-        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.shared.state.lock_unpoisoned();
         loop {
             if st.stop_reader {
                 return None;
