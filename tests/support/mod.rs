@@ -232,13 +232,39 @@ pub fn http_exchange(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, std::collections::HashMap<String, String>, Vec<u8>) {
+    let (status, pairs, body) = http_exchange_pairs(method, addr, path, headers, body);
+    let mut response_headers = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        response_headers
+            .entry(k)
+            .and_modify(|e: &mut String| {
+                e.push('\n');
+                e.push_str(&v)
+            })
+            .or_insert(v);
+    }
+    (status, response_headers, body)
+}
+
+/// Like `http_exchange`, with the response headers in order (repeated ones repeated); a `host`
+/// header is added unless `headers` has one.
+pub fn http_exchange_pairs(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -247,10 +273,12 @@ pub fn http_exchange(
     s.write_all(body).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("http response head");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!(
+            "no response head from {addr}{path}: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    });
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut lines = head.lines();
     let status: u16 = lines
@@ -261,26 +289,18 @@ pub fn http_exchange(
         .unwrap()
         .parse()
         .unwrap();
-    let mut response_headers = std::collections::HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            response_headers
-                .entry(k.trim().to_ascii_lowercase())
-                .and_modify(|e: &mut String| {
-                    e.push('\n');
-                    e.push_str(v.trim())
-                })
-                .or_insert_with(|| v.trim().to_string());
-        }
-    }
+    let pairs: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     let mut body = raw[split + 4..].to_vec();
-    if response_headers
-        .get("transfer-encoding")
-        .is_some_and(|t| t.contains("chunked"))
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
     {
         body = dechunk(&body);
     }
-    (status, response_headers, body)
+    (status, pairs, body)
 }
 
 /// A blocking HTTP/1.1 request; returns (status, body).
@@ -289,15 +309,18 @@ pub fn http(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)]
     (status, body)
 }
 
+/// The data of a chunked body; a cut-off body yields what arrived whole.
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
+        let Ok(size) = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap_or("0").trim(), 16) else {
+            break;
+        };
+        if size == 0 || data.len() < eol + 2 + size {
             break;
         }
         out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
-        data = &data[eol + 2 + size + 2..];
+        data = &data[(eol + 4 + size).min(data.len())..];
     }
     out
 }
