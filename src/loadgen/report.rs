@@ -239,7 +239,7 @@ pub fn diagnose(first_errors: &BTreeMap<String, String>, endpoint: &str, tls: bo
     } else if any(&["certificaterequired", "certificate required", "handshakefailure", "bad certificate"])
         // TLS 1.3 clients finish their handshake before the server checks the client
         // certificate, so a missing one shows up as the connection closing.
-        || (tls && !client_cert && any(&["connection closed", "connection reset", "unexpected eof"]))
+        || (tls && !client_cert && any(&["connection closed", "connection reset", "unexpected eof", "broken pipe"]))
     {
         format!("{endpoint} requires a client certificate: pass --client-cert and --client-key")
     } else if any(&[
@@ -332,6 +332,12 @@ mod tests {
         let closed = one("grpc_CANCELLED", "hyper::Error(Canceled, \"connection closed\")");
         assert!(diagnose(&closed, "h:1", true, false).contains("requires a client certificate"));
         assert!(!diagnose(&closed, "h:1", true, true).contains("requires a client certificate"));
+        // The server's alert can also meet the client mid-write.
+        let piped = one(
+            "grpc_UNKNOWN",
+            "hyper::Error(Io, Custom { kind: BrokenPipe, error: \"stream closed because of a broken pipe\" })",
+        );
+        assert!(diagnose(&piped, "h:1", true, false).contains("requires a client certificate"));
         let d = diagnose(&one("http_404", "HTTP 404 Not Found"), "h:1", false, false);
         assert!(d.contains("no OTLP traces endpoint"), "{d}");
         assert_eq!(
