@@ -1,5 +1,5 @@
 // Headless Debian chromium logs in through the gate with the provider's username/password form.
-// usage: node login.mjs URL USER PASSWORD SCREENSHOT.png   env: CHROMIUM, USER_DATA_DIR, EXPECT_TEXT, LOGOUT=1,
+// usage: node login.mjs URL USER PASSWORD SCREENSHOT.png   env: CHROMIUM, USER_DATA_DIR, GOTO, EXPECT_ANY, EXPECT_TEXT, LOGOUT=1,
 //        COOKIE_VALUES=1 (cookie values in the result too, to replay a session after logout)
 // Prints one line `RESULT {json}` (urls, statuses, page text, cookie flags, errors) for the Rust test to assert on.
 import puppeteer from 'puppeteer-core';
@@ -25,6 +25,17 @@ try {
   const [resp] = await Promise.all([page.waitForNavigation({ waitUntil: 'domcontentloaded' }), page.click('#kc-login')]);
   out.afterLoginUrl = page.url();
   out.afterLoginStatus = resp ? resp.status() : null;
+  if (process.env.GOTO) { // a page of the app, opened once logged in (a #fragment does not survive the login)
+    await page.goto(process.env.GOTO, { waitUntil: 'domcontentloaded' });
+    out.gotoUrl = page.url();
+  }
+  if (process.env.EXPECT_ANY) { // newline-separated texts: wait until one of them shows, report which
+    const wanted = process.env.EXPECT_ANY.split('\n');
+    await page.waitForFunction((ts) => document.body && ts.some((t) => document.body.innerText.includes(t)),
+      { timeout: 90000 }, wanted);
+    const text = await page.evaluate(() => document.body.innerText);
+    out.found = wanted.find((t) => text.includes(t));
+  }
   if (process.env.EXPECT_TEXT) {
     await page.waitForFunction((t) => document.body && document.body.innerText.includes(t), { timeout: 90000 },
       process.env.EXPECT_TEXT);

@@ -41,13 +41,20 @@ impl Mlflow {
 
     /// Starts `mlflow server` with extra command-line arguments.
     pub fn start_with(extra_args: &[&str]) -> Mlflow {
-        let venv = mlflow_venv();
+        Self::start_on(mlflow_venv(), None, extra_args)
+    }
+
+    /// Starts `mlflow server` from `venv` on `backend_store_uri` (None: sqlite in a temp dir).
+    pub fn start_on(venv: PathBuf, backend_store_uri: Option<&str>, extra_args: &[&str]) -> Mlflow {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let backend = backend_store_uri
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("sqlite:///{}", dir.path().join("mlflow.db").display()));
         let mut cmd = Command::new(venv.join("bin/mlflow"));
         cmd.arg("server")
             .arg("--backend-store-uri")
-            .arg(format!("sqlite:///{}", dir.path().join("mlflow.db").display()))
+            .arg(backend)
             .arg("--default-artifact-root")
             .arg(dir.path().join("artifacts"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--workers", "1"])
