@@ -1,5 +1,6 @@
 // Headless Debian chromium logs in through the gate with the provider's username/password form.
-// usage: node login.mjs URL USER PASSWORD SCREENSHOT.png   env: CHROMIUM, USER_DATA_DIR, GOTO, EXPECT_ANY, EXPECT_TEXT, LOGOUT=1,
+// usage: node login.mjs URL USER PASSWORD SCREENSHOT.png   env: CHROMIUM, USER_DATA_DIR, GOTO, EXPECT_ANY, CLICK_TEXT,
+//        EXPECT_TEXT, LOGOUT=1,
 //        COOKIE_VALUES=1 (cookie values in the result too, to replay a session after logout)
 // Prints one line `RESULT {json}` (urls, statuses, page text, cookie flags, errors) for the Rust test to assert on.
 import puppeteer from 'puppeteer-core';
@@ -36,6 +37,11 @@ try {
     const text = await page.evaluate(() => document.body.innerText);
     out.found = wanted.find((t) => text.includes(t));
   }
+  // Then click, in turn, what shows each of these newline-separated texts (a popover's button, a
+  // table row to open it...), each waited for.
+  for (const text of (process.env.CLICK_TEXT || '').split('\n').filter((t) => t)) {
+    await page.locator(`::-p-text(${text})`).setTimeout(90000).click();
+  }
   if (process.env.EXPECT_TEXT) {
     await page.waitForFunction((t) => document.body && document.body.innerText.includes(t), { timeout: 90000 },
       process.env.EXPECT_TEXT);
@@ -55,6 +61,14 @@ try {
   }
 } catch (e) {
   out.error = String(e && e.stack || e);
+  // What the page showed when it failed, for the test's message (and its screenshot).
+  const pages = await browser.pages().catch(() => []);
+  const last = pages[pages.length - 1];
+  if (last) {
+    out.textOnError = (await last.evaluate(() => document.body ? document.body.innerText : '').catch(() => ''))
+      .slice(0, 4000);
+    await last.screenshot({ path: shot, fullPage: false }).catch(() => {});
+  }
 } finally {
   await browser.close();
 }
