@@ -173,7 +173,9 @@ fn cluster_parent(as_nobody: bool) -> tempfile::TempDir {
         }
         dir
     };
+    sweep_orphans(&base);
     let dir = make(&base);
+    std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string()).unwrap();
     if !as_nobody {
         return dir;
     }
@@ -188,6 +190,29 @@ fn cluster_parent(as_nobody: bool) -> tempfile::TempDir {
         .status()
         .is_ok_and(|s| s.success());
     if reachable { dir } else { make(&std::env::temp_dir()) }
+}
+
+/// Clusters left by a test process that was killed before its Drop ran: stopped and removed
+/// (a live process's clusters are left alone).
+fn sweep_orphans(base: &Path) {
+    for e in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with("e2e-pg-") {
+            continue;
+        }
+        let owner = std::fs::read_to_string(dir.join("owner.pid")).unwrap_or_default();
+        if owner.is_empty() || Path::new(&format!("/proc/{}", owner.trim())).exists() {
+            continue;
+        }
+        // The postmaster's pid is the first line of postmaster.pid; it ends with its cluster.
+        if let Some(pid) = std::fs::read_to_string(dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string))
+        {
+            let _ = Command::new("kill").args(["-QUIT", pid.trim()]).status();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// The newest `usr/lib/postgresql/N/bin` under `root` that has initdb.
@@ -478,6 +503,26 @@ fn create_database(venv: &Path, pg: &Postgres) {
     );
 }
 
+/// The trace's experiment and span names as MLflow stored them in PostgreSQL (its `trace_info`
+/// and `spans` tables), read with the server's own driver.
+fn stored_in_postgres(venv: &Path, pg: &Postgres, trace_id: &str) -> Value {
+    let out = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import json, psycopg2, sys\n\
+             cur = psycopg2.connect(sys.argv[1]).cursor()\n\
+             cur.execute('SELECT experiment_id FROM trace_info WHERE request_id = %s', (sys.argv[2],))\n\
+             exp = [str(r[0]) for r in cur.fetchall()]\n\
+             cur.execute('SELECT name FROM spans WHERE trace_id = %s ORDER BY name', (sys.argv[2],))\n\
+             print('RESULT ' + json.dumps({'experiments': exp, 'spans': [r[0] for r in cur.fetchall()]}))\n",
+            &pg.uri("mlflow"),
+            trace_id,
+        ])
+        .output()
+        .unwrap();
+    result_line("the PostgreSQL query", &out)
+}
+
 /// The agent: nested `@mlflow.trace` functions (a root, two children, one grandchild that fails),
 /// exported by the SDK's own OTLP exporter. Prints `RESULT {"trace_id", "flushed"}`.
 const AGENT: &str = r#"
@@ -645,9 +690,11 @@ impl World {
             .unwrap();
         if !out.status.success() {
             panic!(
-                "the trace did not arrive in MLflow:\n{}\n{}\n---- relay ----\n{}",
+                "the trace did not arrive in MLflow:\n{}\n{}\ntraces in experiment 0 (the relay's default): {}\n\
+                 ---- relay ----\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr),
+                self.mlflow.search_traces("0").len(),
                 self.relay.proc.output_text()
             );
         }
@@ -761,6 +808,18 @@ fn shape(t: &Value) -> Value {
 }
 
 impl World {
+    /// The trace is in the PostgreSQL cluster, not some other store MLflow fell back to.
+    fn assert_in_postgres(&self, name: &str, trace_id: &str) {
+        let rows = stored_in_postgres(&self.venv, &self.postgres, trace_id);
+        let mut want = vec![name, "check_safety", "generate", "retrieve"];
+        want.sort();
+        assert_eq!(
+            rows,
+            serde_json::json!({"experiments": [self.experiment], "spans": want}),
+            "rows of trace {trace_id}"
+        );
+    }
+
     /// The agent once more without the relay; what MLflow keeps of both runs must be the same.
     fn assert_same_as_without_relay(&self, mode: Mode, name: &str, via_relay: &Value) {
         self.run_agent_without_relay(mode, name);
@@ -799,6 +858,7 @@ fn token_mode_agent_to_mlflow_ui_through_relay_and_gate() {
     );
     eprintln!("trace readable {:?} after the agent flushed", t0.elapsed());
     assert_trace(&trace, &name, &trace_id, &w.experiment, Mode::Token);
+    w.assert_in_postgres(&name, &trace_id);
     w.assert_same_as_without_relay(Mode::Token, &name, &trace);
     assert!(
         w.relay
@@ -888,13 +948,10 @@ fn direct_mode_agent_to_mlflow_through_relay() {
     let trace_id = w.run_agent(Mode::Direct, &name, false);
     let trace = w.read_back(&name, &w.experiment, &w.mlflow.url(), &[]);
     assert_trace(&trace, &name, &trace_id, &w.experiment, Mode::Direct);
+    w.assert_in_postgres(&name, &trace_id);
     w.assert_same_as_without_relay(Mode::Direct, &name, &trace);
     assert_eq!(w.relay.metric("otelcol_exporter_sent_spans_total", &[]), 4.0);
     // Nothing went to the exporter's default experiment.
     assert!(w.mlflow.search_traces("0").is_empty());
-    eprintln!(
-        "direct mode case took {:?} (postgres {})",
-        t.elapsed(),
-        w.postgres.uri("mlflow")
-    );
+    eprintln!("direct mode case took {:?}", t.elapsed());
 }
