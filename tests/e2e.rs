@@ -950,6 +950,36 @@ fn direct_mode_agent_to_mlflow_through_relay() {
     assert_trace(&trace, &name, &trace_id, &w.experiment, Mode::Direct);
     w.assert_in_postgres(&name, &trace_id);
     w.assert_same_as_without_relay(Mode::Direct, &name, &trace);
+
+    // mTLS is required: the same agent without its client certificate gets nothing in.
+    let handshakes_refused = || {
+        w.relay.metric(
+            "otlp_relay_receiver_connections_closed_total",
+            &[("reason", "handshake_failed")],
+        )
+    };
+    assert_eq!(handshakes_refused(), 0.0, "the agent with its certificate got in");
+    let endpoint = format!("https://{}/v1/traces", w.relay.http.unwrap());
+    let mut agent = w.agent(
+        Mode::Direct,
+        &unique_name(Mode::Direct),
+        &endpoint,
+        "http/protobuf",
+        &w.experiment,
+    );
+    agent
+        .env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", w.dir.path().join("ca.pem"))
+        .env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3");
+    let out = agent.output().unwrap();
+    wait_for("the refused handshake to be counted", Duration::from_secs(30), || {
+        (handshakes_refused() >= 1.0).then_some(())
+    });
+    assert_eq!(
+        w.relay.metric("otelcol_receiver_accepted_spans_total", &[]),
+        4.0,
+        "only the first agent's spans: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(w.relay.metric("otelcol_exporter_sent_spans_total", &[]), 4.0);
     // Nothing went to the exporter's default experiment.
     assert!(w.mlflow.search_traces("0").is_empty());
