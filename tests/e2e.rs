@@ -174,6 +174,7 @@ fn cluster_parent(as_nobody: bool) -> tempfile::TempDir {
         dir
     };
     sweep_orphans(&base);
+    sweep_orphans(&std::env::temp_dir());
     let dir = make(&base);
     std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string()).unwrap();
     if !as_nobody {
@@ -189,7 +190,12 @@ fn cluster_parent(as_nobody: bool) -> tempfile::TempDir {
         .arg(dir.path())
         .status()
         .is_ok_and(|s| s.success());
-    if reachable { dir } else { make(&std::env::temp_dir()) }
+    if reachable {
+        return dir;
+    }
+    let dir = make(&std::env::temp_dir());
+    std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string()).unwrap();
+    dir
 }
 
 /// Clusters left by a test process that was killed before its Drop ran: stopped and removed
