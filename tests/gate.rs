@@ -29,14 +29,6 @@ fn request(
     (status, hs, String::from_utf8_lossy(&body).to_string())
 }
 
-/// The binary under test. OTLP_RELAY_BIN overrides the cargo-built one (useful when several worktrees
-/// share one target directory and may rebuild it mid-run).
-fn relay_bin() -> std::path::PathBuf {
-    std::env::var_os("OTLP_RELAY_BIN")
-        .map(Into::into)
-        .unwrap_or_else(support::bin)
-}
-
 struct Gate {
     proc: Proc,
     addr: SocketAddr,
@@ -47,7 +39,7 @@ struct Gate {
 
 /// Starts `otlp-relay gate` for `provider` in front of `upstream`, with extra environment.
 fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
-    let mut cmd = Command::new(relay_bin());
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
         .env("OIDC_DISCOVERY_URL", provider.discovery_url())
@@ -293,7 +285,7 @@ fn gate_with_real_provider_mlflow_and_browser() {
 }
 
 fn bad_config() {
-    let mut cmd = Command::new(relay_bin());
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env_remove("OIDC_DISCOVERY_URL")
         .env_remove("OIDC_CLIENT_ID")
@@ -895,7 +887,7 @@ fn measure(w: &mut World) {
 fn readiness_and_shutdown(w: &mut World) {
     // Provider down at start: live, not ready, API calls 503; ready once the provider comes up.
     w.provider.stop();
-    let mut cmd = Command::new(relay_bin());
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
         .env("OIDC_DISCOVERY_URL", w.provider.discovery_url())

@@ -141,9 +141,7 @@ struct Gate {
 /// file). Members: groups mlflow and mlflow-readers; the caller is `reader` (mlflow-readers).
 fn gate(permissions: Option<&str>) -> Gate {
     let w = world();
-    // OTLP_RELAY_BIN: another build of the binary (e.g. to show these attacks pass on an older gate).
-    let bin = std::env::var_os("OTLP_RELAY_BIN").map_or_else(support::bin, Into::into);
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
         .env("OIDC_DISCOVERY_URL", w.provider.discovery_url())
