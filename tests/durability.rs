@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,11 +22,6 @@ use support::otlp::{Relay, Sink, loadgen};
 use support::{Proc, get_text, wait_for};
 
 const T: Duration = Duration::from_secs(60);
-
-/// A loopback port nothing listens on (yet): the destination is down until a sink binds it.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// The sink on a given port (the destination coming up where the relay has been sending).
 fn sink_on(port: u16) -> Sink {
@@ -206,7 +201,7 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 #[test]
 fn destination_outage_loses_no_acknowledged_span() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
         &dir.path().join("spool"),
@@ -347,7 +342,7 @@ fn slow_destination_pushes_back_with_bounded_memory() {
 #[test]
 fn torn_tail_is_truncated_and_intact_records_recovered() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), "");
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let (code, report) = loadgen(&[
@@ -403,7 +398,7 @@ fn torn_tail_is_truncated_and_intact_records_recovered() {
 fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
     for drop_oldest in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = support::free_port();
         let extra = if drop_oldest {
             ", max_size_mib: 1, on_full: drop_oldest"
         } else {
@@ -474,7 +469,7 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     drop(relay);
 
     let good = Sink::start(&[]);
-    let fixed = support::write_file(dir.path(), "fixed.yaml", &cfg.replace(&bad.url(), &good.url()));
+    let fixed = support::write_file(dir.path(), "fixed.yaml", &support::replace_once(&cfg, &bad.url(), &good.url()));
     let mut replay = Proc::relay(
         "replay",
         &[
@@ -515,7 +510,7 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
 #[test]
 fn sigterm_with_a_spool_exits_quickly_and_resumes_on_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), "");
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let (code, report) = loadgen(&[
@@ -577,7 +572,7 @@ fn full_disk_refuses_and_recovers() {
         return;
     }
     let _mount = Mount(disk.clone());
-    let port = free_port();
+    let port = support::free_port();
     // The budget (64 MiB) is far above the disk (1 MiB): the disk fills first.
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
@@ -649,7 +644,7 @@ fn frames_of(data: &[u8]) -> Vec<(usize, usize, otlp_relay::spool::proto::Record
 #[test]
 fn damaged_records_cost_only_themselves_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
         &dir.path().join("spool"),
@@ -808,7 +803,7 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     let good = Sink::start(&[]);
     let cfg = config(&bad.url(), &dir.path().join("spool"), "");
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let fixed = support::write_file(dir.path(), "fixed.yaml", &cfg.replace(&bad.url(), &good.url()));
+    let fixed = support::write_file(dir.path(), "fixed.yaml", &support::replace_once(&cfg, &bad.url(), &good.url()));
     let dl = dir.path().join("spool").join("dead_letter");
     let replay = || {
         let mut p = Proc::relay(

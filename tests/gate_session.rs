@@ -915,7 +915,7 @@ fn bad_gateway_answers_carry_no_internal_detail() {
             drop(s);
         }
     });
-    let closed = support::mlflow::free_port();
+    let closed = support::free_port();
     for upstream in [
         format!("http://127.0.0.1:{closed}"),
         format!("http://{rude_addr}"),

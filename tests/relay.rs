@@ -3,7 +3,6 @@
 //! failures, experiment routing, fan-out and the SIGTERM drain.
 mod support;
 
-use std::io::Write;
 use std::time::Duration;
 
 use support::otlp::{Relay, Sink, loadgen, one_span_request};
@@ -212,12 +211,6 @@ fn client_certificates_are_enforced() {
     sink.wait_unique(8, T);
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_rules_follow_otlp() {
     let dir = tempfile::tempdir().unwrap();
@@ -268,7 +261,7 @@ async fn status_rules_follow_otlp() {
         post(&[("content-type", "text/plain")], &vec![0u8; 16 * 1024 * 1024]).0,
         415
     );
-    let bomb = gzip(&vec![0u8; 8 * 1024 * 1024]);
+    let bomb = support::gzip(&vec![0u8; 8 * 1024 * 1024]);
     assert!(bomb.len() < 64 * 1024);
     assert_eq!(
         post(
@@ -279,7 +272,7 @@ async fn status_rules_follow_otlp() {
         413
     );
     // gzip body, valid: accepted.
-    let zipped = gzip(&one_span_request("x"));
+    let zipped = support::gzip(&one_span_request("x"));
     assert_eq!(
         post(
             &[("content-type", "application/x-protobuf"), ("content-encoding", "gzip")],
@@ -428,11 +421,16 @@ fn fan_out_isolates_a_failing_exporter() {
     let dir = tempfile::tempdir().unwrap();
     let healthy = Sink::start(&[]);
     let broken = Sink::start(&["--status", "503"]);
-    let config = plain_config(&healthy, &format!(
-        "  otlphttp/broken:\n    endpoint: {}\n    retry_on_failure: {{initial_interval: 1s, max_elapsed_time: 0s}}\n    sending_queue: {{queue_size: 100}}\n",
-        broken.url()
-    ), "")
-    .replace("exporters: [otlphttp/mlflow]", "exporters: [otlphttp/mlflow, otlphttp/broken]");
+    // One sender for the broken exporter, retrying without end: it holds one batch and the
+    // rest wait in its queue.
+    let config = support::replace_once(
+        &plain_config(&healthy, &format!(
+            "  otlphttp/broken:\n    endpoint: {}\n    retry_on_failure: {{initial_interval: 1s, max_elapsed_time: 0s}}\n    sending_queue: {{queue_size: 100, num_consumers: 1}}\n",
+            broken.url()
+        ), ""),
+        "exporters: [otlphttp/mlflow]",
+        "exporters: [otlphttp/mlflow, otlphttp/broken]",
+    );
     let relay = Relay::start(dir.path(), &config, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, r) = loadgen(&[
@@ -453,7 +451,19 @@ fn fan_out_isolates_a_failing_exporter() {
         relay.metric("otelcol_exporter_sent_spans_total", &[("exporter", "otlphttp/broken")]),
         0.0
     );
-    assert!(relay.metric("otelcol_exporter_queue_size", &[("exporter", "otlphttp/broken")]) >= 0.0);
+    // The broken exporter's backlog waits in its own queue (nothing given up, nothing lost), and
+    // the healthy one's queue is empty.
+    let broken_queue = ("exporter", "otlphttp/broken");
+    let queued = wait_for("the broken exporter's queue to hold its backlog", T, || {
+        let q = relay.metric("otelcol_exporter_queue_size", &[broken_queue]);
+        (q >= 1.0).then_some(q)
+    });
+    assert!(queued <= 100.0, "{queued} batches queued, capacity 100");
+    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[broken_queue]), 0.0);
+    assert_eq!(
+        relay.metric("otelcol_exporter_queue_size", &[("exporter", "otlphttp/mlflow")]),
+        0.0
+    );
 }
 
 #[test]
@@ -461,8 +471,11 @@ fn sigterm_drains_everything_accepted() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination: batches are still queued when SIGTERM arrives.
     let sink = Sink::start(&["--delay-ms", "300"]);
-    let relay_cfg = plain_config(&sink, "    sending_queue: {num_consumers: 1}\n", "")
-        .replace("send_batch_size: 200", "send_batch_size: 50");
+    let relay_cfg = support::replace_once(
+        &plain_config(&sink, "    sending_queue: {num_consumers: 1}\n", ""),
+        "send_batch_size: 200",
+        "send_batch_size: 50",
+    );
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, r) = loadgen(&[
@@ -508,7 +521,7 @@ fn sigterm_drains_everything_accepted() {
 fn drain_deadline_counts_the_rest_as_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--status", "503"]);
-    let relay_cfg = plain_config(&sink, "", "").replace("shutdown_timeout: 10s", "shutdown_timeout: 1s");
+    let relay_cfg = support::replace_once(&plain_config(&sink, "", ""), "shutdown_timeout: 10s", "shutdown_timeout: 1s");
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, _) = loadgen(&[

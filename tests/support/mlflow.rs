@@ -25,15 +25,6 @@ pub struct Mlflow {
     _dir: tempfile::TempDir,
 }
 
-/// A free loopback port (bound then released; the small race is acceptable in tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Mlflow {
     pub fn start() -> Mlflow {
         Self::start_with(&[])
@@ -43,7 +34,7 @@ impl Mlflow {
     pub fn start_with(extra_args: &[&str]) -> Mlflow {
         let venv = mlflow_venv();
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = super::free_port();
         let mut cmd = Command::new(venv.join("bin/mlflow"));
         cmd.arg("server")
             .arg("--backend-store-uri")
