@@ -72,23 +72,41 @@ fn root_store(path: &str) -> Result<RootCertStore, TlsError> {
 /// Builds a receiver's rustls config from files: client certificates are required and verified
 /// when a client CA is set.
 pub fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
-    let certs = load_certs(&cfg.cert_file)?;
-    let key = load_key(&cfg.key_file)?;
     let client_ca = if cfg.client_ca_file.is_empty() {
         &cfg.ca_file
     } else {
         &cfg.client_ca_file
     };
+    server_config_from_files(
+        &cfg.cert_file,
+        &cfg.key_file,
+        (!client_ca.is_empty()).then_some(client_ca.as_str()),
+        &cfg.min_version,
+    )
+}
+
+/// The one TLS server loader (the receivers, the sink): certificate chain and key from PEM files,
+/// HTTP/2 and HTTP/1.1 offered by ALPN, and with `client_ca`, client certificates required and
+/// verified against it. `min_version` "1.3" allows only TLS 1.3, anything else 1.2 and up.
+pub(crate) fn server_config_from_files(
+    cert_file: &str,
+    key_file: &str,
+    client_ca: Option<&str>,
+    min_version: &str,
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let certs = load_certs(cert_file)?;
+    let key = load_key(key_file)?;
     let builder =
-        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(&cfg.min_version))?;
-    let builder = if client_ca.is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider)
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
+        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(min_version))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(client_ca) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider)
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
     };
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
