@@ -469,7 +469,11 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     drop(relay);
 
     let good = Sink::start(&[]);
-    let fixed = support::write_file(dir.path(), "fixed.yaml", &support::replace_once(&cfg, &bad.url(), &good.url()));
+    let fixed = support::write_file(
+        dir.path(),
+        "fixed.yaml",
+        &support::replace_once(&cfg, &bad.url(), &good.url()),
+    );
     let mut replay = Proc::relay(
         "replay",
         &[
@@ -803,7 +807,11 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     let good = Sink::start(&[]);
     let cfg = config(&bad.url(), &dir.path().join("spool"), "");
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let fixed = support::write_file(dir.path(), "fixed.yaml", &support::replace_once(&cfg, &bad.url(), &good.url()));
+    let fixed = support::write_file(
+        dir.path(),
+        "fixed.yaml",
+        &support::replace_once(&cfg, &bad.url(), &good.url()),
+    );
     let dl = dir.path().join("spool").join("dead_letter");
     let replay = || {
         let mut p = Proc::relay(

@@ -424,10 +424,14 @@ fn fan_out_isolates_a_failing_exporter() {
     // One sender for the broken exporter, retrying without end: it holds one batch and the
     // rest wait in its queue.
     let config = support::replace_once(
-        &plain_config(&healthy, &format!(
-            "  otlphttp/broken:\n    endpoint: {}\n    retry_on_failure: {{initial_interval: 1s, max_elapsed_time: 0s}}\n    sending_queue: {{queue_size: 100, num_consumers: 1}}\n",
-            broken.url()
-        ), ""),
+        &plain_config(
+            &healthy,
+            &format!(
+                "  otlphttp/broken:\n    endpoint: {}\n    retry_on_failure: {{initial_interval: 1s, max_elapsed_time: 0s}}\n    sending_queue: {{queue_size: 100, num_consumers: 1}}\n",
+                broken.url()
+            ),
+            "",
+        ),
         "exporters: [otlphttp/mlflow]",
         "exporters: [otlphttp/mlflow, otlphttp/broken]",
     );
@@ -459,7 +463,10 @@ fn fan_out_isolates_a_failing_exporter() {
         (q >= 1.0).then_some(q)
     });
     assert!(queued <= 100.0, "{queued} batches queued, capacity 100");
-    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[broken_queue]), 0.0);
+    assert_eq!(
+        relay.metric("otelcol_exporter_send_failed_spans_total", &[broken_queue]),
+        0.0
+    );
     assert_eq!(
         relay.metric("otelcol_exporter_queue_size", &[("exporter", "otlphttp/mlflow")]),
         0.0
@@ -521,7 +528,11 @@ fn sigterm_drains_everything_accepted() {
 fn drain_deadline_counts_the_rest_as_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--status", "503"]);
-    let relay_cfg = support::replace_once(&plain_config(&sink, "", ""), "shutdown_timeout: 10s", "shutdown_timeout: 1s");
+    let relay_cfg = support::replace_once(
+        &plain_config(&sink, "", ""),
+        "shutdown_timeout: 10s",
+        "shutdown_timeout: 1s",
+    );
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, _) = loadgen(&[

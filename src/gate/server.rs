@@ -24,9 +24,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{GateMetrics, ListenerLabel};
+use super::proxy::{Body, BoxError};
 use crate::net::{Acceptor, RateLimitedWarn, WARN_INTERVAL};
 use crate::supervise::LockUnpoisoned;
-use super::proxy::{Body, BoxError};
 
 type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
 
