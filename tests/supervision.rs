@@ -12,7 +12,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
-use support::otlp::{Relay, Sink, loadgen};
+use serde_json::json;
+use support::config::RelayConfig;
+use support::otlp::{Relay, Sink, spans_accepted_over_https};
 use support::pki::Ca;
 use support::{get_text, http, wait_for};
 
@@ -50,38 +52,30 @@ fn post(addr: SocketAddr, body: &[u8]) -> u16 {
     .0
 }
 
-fn config(sink: &str, storage: Option<&Path>) -> String {
-    let (queue, extension, enabled) = match storage {
-        Some(dir) => (
-            ", storage: file_storage/spool".to_string(),
-            format!("  file_storage/spool: {{directory: \"{}\"}}\n", dir.display()),
-            ", file_storage/spool",
-        ),
-        None => (String::new(), String::new(), ""),
-    };
-    format!(
-        r#"
-receivers:
-  otlp:
-    protocols:
-      http: {{endpoint: "127.0.0.1:0"}}
-processors:
-  batch: {{send_batch_size: 1000, timeout: 20ms}}
-exporters:
-  otlphttp/sink:
-    endpoint: {sink}
-    headers: {{x-mlflow-experiment-id: "0"}}
-    retry_on_failure: {{initial_interval: 50ms, max_interval: 200ms}}
-    sending_queue: {{num_consumers: 1{queue}}}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-{extension}service:
-  extensions: [health_check{enabled}]
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/sink]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-  shutdown_timeout: 10s
-"#
-    )
+/// A relay with an HTTP receiver and one exporter to `sink` (one sender), spooled in `storage`.
+fn config(sink: &str, storage: Option<&Path>) -> RelayConfig {
+    let config = RelayConfig::new()
+        .without_transport("grpc")
+        .batch(json!({"send_batch_size": 1000, "timeout": "20ms"}))
+        .exporter(
+            "otlphttp/sink",
+            json!({
+                "endpoint": sink,
+                "headers": {"x-mlflow-experiment-id": "0"},
+                "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms"},
+                "sending_queue": {"num_consumers": 1},
+            }),
+        )
+        .service(json!({"shutdown_timeout": "10s"}));
+    match storage {
+        Some(dir) => config
+            .extension("file_storage/spool", json!({"directory": dir}))
+            .exporter_settings(
+                "otlphttp/sink",
+                json!({"sending_queue": {"storage": "file_storage/spool"}}),
+            ),
+        None => config,
+    }
 }
 
 /// The numbers of the exit's `final span accounting` line, e.g. `accepted=40`.
@@ -100,7 +94,7 @@ fn a_panicking_batcher_restarts_reports_unready_and_accounts_for_what_it_held() 
     let sink = Sink::start(&[]);
     let mut relay = Relay::start_with_env(
         dir.path(),
-        &config(&sink.url(), None),
+        &config(&sink.url(), None).yaml(),
         "otlp",
         &[("OTLP_RELAY_TEST_PANIC", "batcher:3")],
     );
@@ -149,7 +143,7 @@ fn spooled_relay(panics: &str) -> (tempfile::TempDir, Sink, Relay) {
     let sink = Sink::start(&[]);
     let relay = Relay::start_with_env(
         dir.path(),
-        &config(&sink.url(), Some(&dir.path().join("spool"))),
+        &config(&sink.url(), Some(&dir.path().join("spool"))).yaml(),
         "otlp",
         &[("OTLP_RELAY_TEST_PANIC", panics)],
     );
@@ -226,16 +220,12 @@ fn a_panicking_certificate_reloader_restarts_and_still_picks_up_a_rotation() {
     let new_ca_path = new_ca.write(dir.path(), "new-ca");
     let server = old_ca.server().write(dir.path(), "server");
     let sink = Sink::start(&[]);
-    let tls_receiver = format!(
-        r#"http: {{endpoint: "127.0.0.1:0", tls: {{cert_file: "{}", key_file: "{}", reload_interval: 100ms}}}}"#,
-        server.cert.display(),
-        server.key.display()
-    );
-    let config = support::replace_once(
-        &config(&sink.url(), None),
-        r#"http: {endpoint: "127.0.0.1:0"}"#,
-        &tls_receiver,
-    );
+    let config = config(&sink.url(), None)
+        .receiver(
+            "http",
+            json!({"tls": {"cert_file": server.cert, "key_file": server.key, "reload_interval": "100ms"}}),
+        )
+        .yaml();
     // The reloader panics at its first two reloads, before it read anything.
     let relay = Relay::start_with_env(
         dir.path(),
@@ -245,20 +235,7 @@ fn a_panicking_certificate_reloader_restarts_and_still_picks_up_a_rotation() {
     );
     let health = relay.health.unwrap();
     let endpoint = format!("https://{}", relay.http.unwrap());
-    let send = |ca: &Path| {
-        let (_, r) = loadgen(&[
-            "--otlp-http",
-            "--otlp-endpoint",
-            &endpoint,
-            "--ca-cert",
-            ca.to_str().unwrap(),
-            "--traces",
-            "1",
-            "--max-retries",
-            "0",
-        ]);
-        r["spans_accepted"].as_u64().unwrap()
-    };
+    let send = |ca: &Path| spans_accepted_over_https(&endpoint, ca);
     let unready = wait_for("/readyz to name the downed reloader", T, || {
         let (status, body) = get_text(health, "/readyz");
         (status == 503 && body.contains("tls reloader")).then_some(body)

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::otlp::{Relay, Sink, loadgen};
+use support::otlp::{Relay, Sink, loadgen, spans_accepted_over_https};
 use support::pki::Ca;
 
 const T: Duration = Duration::from_secs(30);
@@ -41,20 +41,7 @@ fn receiver_certificates_reload_without_restart() {
     let exporter = format!("  otlphttp: {{endpoint: \"{}\"}}", sink.url());
     let relay = Relay::start(dir.path(), &base_config(&tls, &exporter), "otlp");
     let endpoint = format!("https://{}", relay.http.unwrap());
-    let send = |ca: &std::path::Path| {
-        let (_, r) = loadgen(&[
-            "--otlp-http",
-            "--otlp-endpoint",
-            &endpoint,
-            "--ca-cert",
-            ca.to_str().unwrap(),
-            "--traces",
-            "1",
-            "--max-retries",
-            "0",
-        ]);
-        r["spans_accepted"].as_u64().unwrap()
-    };
+    let send = |ca: &std::path::Path| spans_accepted_over_https(&endpoint, ca);
     assert_eq!(send(&old_ca_path), 2);
     assert_eq!(send(&new_ca_path), 0, "the new CA is not in use yet");
     // Rotate: a certificate from another CA replaces the files in place.

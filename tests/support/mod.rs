@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod config;
 pub mod mlflow;
 pub mod npm;
 pub mod oidc;
