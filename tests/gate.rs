@@ -947,33 +947,30 @@ fn provider_key_rotation() {
 /// a gate that protects /v1/traces, delivered through one that excludes it (mesh-secured hop).
 #[test]
 fn relay_with_oauth2client_through_the_gate_into_mlflow() {
-    let w = world();
+    use serde_json::json;
+    use support::config::RelayConfig;
     use support::otlp::{Relay, loadgen};
+    let w = world();
     let config = |gate: SocketAddr, experiment: &str, auth: bool| {
-        let (auth_line, ext, ext_list) = if auth {
-            (
-                "    auth: {authenticator: oauth2client/mlflow}\n".to_string(),
-                format!(
-                    "  oauth2client/mlflow: {{client_id: {}, client_secret: {}, token_url: \"{}\"}}\n",
-                    oidc::CLIENT_ID,
-                    oidc::CLIENT_SECRET,
-                    w.provider.token_url()
-                ),
-                ", oauth2client/mlflow",
-            )
-        } else {
-            (String::new(), String::new(), "")
-        };
-        format!(
-            "receivers: {{otlp: {{protocols: {{grpc: {{endpoint: \"127.0.0.1:0\"}}}}}}}}\n\
-             processors: {{batch: {{timeout: 100ms}}}}\n\
-             exporters:\n  otlphttp/mlflow:\n    endpoint: http://{gate}\n    headers: {{x-mlflow-experiment-id: \"{experiment}\"}}\n\
-             {auth_line}\
-             extensions:\n  health_check: {{endpoint: \"127.0.0.1:0\"}}\n{ext}\
-             service:\n  extensions: [health_check{ext_list}]\n\
-             \x20 pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/mlflow]}}}}\n\
-             \x20 telemetry: {{metrics: {{address: \"127.0.0.1:0\"}}}}\n"
-        )
+        let mut exporter = json!({
+            "endpoint": format!("http://{gate}"),
+            "headers": {"x-mlflow-experiment-id": experiment},
+        });
+        let mut config = RelayConfig::new()
+            .without_transport("http")
+            .batch(json!({"timeout": "100ms"}));
+        if auth {
+            exporter["auth"] = json!({"authenticator": "oauth2client/mlflow"});
+            config = config.extension(
+                "oauth2client/mlflow",
+                json!({
+                    "client_id": oidc::CLIENT_ID,
+                    "client_secret": oidc::CLIENT_SECRET,
+                    "token_url": w.provider.token_url(),
+                }),
+            );
+        }
+        config.exporter("otlphttp/mlflow", exporter).yaml()
     };
     let send = |relay: &Relay, seed: &str| {
         let grpc = relay.grpc.unwrap().to_string();
