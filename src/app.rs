@@ -411,7 +411,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
             });
             let tls = prepared.server_tls.get(&(id.clone(), transport)).cloned();
             if let Some(t) = &tls {
-                t.spawn_reloader(format!("{id}-{transport}"), receivers_stop.clone());
+                t.spawn_reloader(format!("{id}-{transport}"), &supervisor, receivers_stop.clone());
             }
             receiver_runs.push(ReceiverRun {
                 protocol,

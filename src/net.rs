@@ -1,9 +1,11 @@
 //! Accept loops that survive their errors: a failed accept (out of descriptors, out of buffers)
 //! backs off instead of spinning, and its warning is rate-limited to one line per interval that
-//! says how many were suppressed. Shared by the receivers and the admin (health, metrics) servers.
+//! says how many were suppressed. Shared by every listener: the receivers, the admin (health,
+//! metrics) servers, the gate and the sink.
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 
 /// The first wait after a failed accept; doubled on each further failure up to the maximum, and
@@ -53,6 +55,8 @@ pub(crate) struct Acceptor {
     component: String,
     delay: Duration,
     warn: RateLimitedWarn,
+    /// Counts every failed accept, where the listener has a metric for it.
+    errors: Option<Counter>,
 }
 
 impl Acceptor {
@@ -61,7 +65,14 @@ impl Acceptor {
             component: component.to_string(),
             delay: ACCEPT_BACKOFF_MIN,
             warn: RateLimitedWarn::new(WARN_INTERVAL),
+            errors: None,
         }
+    }
+
+    /// Also counts each failed accept in `errors`.
+    pub(crate) fn counting_errors(mut self, errors: Counter) -> Acceptor {
+        self.errors = Some(errors);
+        self
     }
 
     /// The next connection. Errors never end the loop: at the descriptor limit the listener is
@@ -75,6 +86,9 @@ impl Acceptor {
                     return x;
                 }
                 Err(e) => {
+                    if let Some(errors) = &self.errors {
+                        errors.inc();
+                    }
                     if let Some(suppressed) = self.warn.due() {
                         tracing::warn!(
                             component = %self.component,
@@ -85,11 +99,16 @@ impl Acceptor {
                         );
                     }
                     tokio::time::sleep(self.delay).await;
-                    self.delay = (self.delay * 2).min(ACCEPT_BACKOFF_MAX);
+                    self.delay = next_delay(self.delay);
                 }
             }
         }
     }
+}
+
+/// The accept backoff after `delay`: doubled, up to the maximum.
+fn next_delay(delay: Duration) -> Duration {
+    (delay * 2).min(ACCEPT_BACKOFF_MAX)
 }
 
 /// The process's soft limit on open files, where the platform says (Linux `/proc`).
@@ -113,6 +132,19 @@ mod tests {
         w.last = Some(Instant::now() - Duration::from_secs(3601));
         assert_eq!(w.due(), Some(1000));
         assert_eq!(w.due(), None);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second() {
+        let mut d = ACCEPT_BACKOFF_MIN;
+        let mut seen = vec![d.as_millis()];
+        for _ in 0..12 {
+            d = next_delay(d);
+            seen.push(d.as_millis());
+        }
+        assert_eq!(&seen[..4], &[5, 10, 20, 40]);
+        assert_eq!(*seen.last().unwrap(), 1000);
+        assert!(seen.iter().all(|&ms| ms <= 1000));
     }
 
     #[test]

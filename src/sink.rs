@@ -747,44 +747,29 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Res
 }
 
 fn load_tls(args: &SinkArgs) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
-    let certs = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(key)?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let builder = match &args.tls_client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)? {
-                roots.add(c?)?;
-            }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder.with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let client_ca = args.tls_client_ca.as_ref().map(|p| p.to_string_lossy());
+    let config = crate::tls::server_config_from_files(
+        &cert.to_string_lossy(),
+        &key.to_string_lossy(),
+        client_ca.as_deref(),
+        "",
+    )?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
-async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+async fn serve(
+    component: &'static str,
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
+    let mut acceptor = crate::net::Acceptor::new(component);
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, _) = acceptor.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let builder = builder.clone();
@@ -835,14 +820,14 @@ pub(crate) async fn start(
         None => None,
     };
     let grpc_addr = grpc.as_ref().map(|g| g.local_addr()).transpose()?;
-    let mut tasks = vec![tokio::spawn(serve(http, state.clone(), tls.clone()))];
+    let mut tasks = vec![tokio::spawn(serve("sink-http", http, state.clone(), tls.clone()))];
     if let Some(g) = grpc {
-        tasks.push(tokio::spawn(serve(g, state.clone(), tls)));
+        tasks.push(tokio::spawn(serve("sink-grpc", g, state.clone(), tls)));
     }
     if let Some(addr) = args.stats_listen {
         let plain = listen(addr, "--stats-listen").await?;
         tracing::info!(component = %"sink-stats", addr = %plain.local_addr()?, "listening");
-        tasks.push(tokio::spawn(serve(plain, state.clone(), None)));
+        tasks.push(tokio::spawn(serve("sink-stats", plain, state.clone(), None)));
     }
     let handle = tokio::spawn(async move {
         for t in tasks {

@@ -10,10 +10,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientTlsConfig, ServerTlsConfig};
-use crate::supervise::LockUnpoisoned;
+use crate::supervise::{LockUnpoisoned, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -72,23 +73,41 @@ fn root_store(path: &str) -> Result<RootCertStore, TlsError> {
 /// Builds a receiver's rustls config from files: client certificates are required and verified
 /// when a client CA is set.
 pub fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
-    let certs = load_certs(&cfg.cert_file)?;
-    let key = load_key(&cfg.key_file)?;
     let client_ca = if cfg.client_ca_file.is_empty() {
         &cfg.ca_file
     } else {
         &cfg.client_ca_file
     };
+    server_config_from_files(
+        &cfg.cert_file,
+        &cfg.key_file,
+        (!client_ca.is_empty()).then_some(client_ca.as_str()),
+        &cfg.min_version,
+    )
+}
+
+/// The one TLS server loader (the receivers, the sink): certificate chain and key from PEM files,
+/// HTTP/2 and HTTP/1.1 offered by ALPN, and with `client_ca`, client certificates required and
+/// verified against it. `min_version` "1.3" allows only TLS 1.3, anything else 1.2 and up.
+pub(crate) fn server_config_from_files(
+    cert_file: &str,
+    key_file: &str,
+    client_ca: Option<&str>,
+    min_version: &str,
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let certs = load_certs(cert_file)?;
+    let key = load_key(key_file)?;
     let builder =
-        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(&cfg.min_version))?;
-    let builder = if client_ca.is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider)
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
+        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(min_version))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(client_ca) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(client_ca)?), provider)
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
     };
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -232,41 +251,62 @@ impl ServerTls {
     }
 
     /// Re-reads certificate, key and CA every `reload_interval`; a failed reload keeps the old
-    /// config (and says so), so a half-written file never takes the receiver down.
-    pub fn spawn_reloader(self: &Arc<Self>, component: String, cancel: CancellationToken) {
+    /// config (and says so), so a half-written file never takes the receiver down. Supervised like
+    /// the stages: a panic is counted (component `tls_reloader`) and the reloader restarts, so
+    /// a later rotation is still picked up. It holds nothing a panic could lose: the config in
+    /// use stays until a reload replaces it whole.
+    pub(crate) fn spawn_reloader(
+        self: &Arc<Self>,
+        component: String,
+        supervisor: &Supervisor,
+        cancel: CancellationToken,
+    ) {
         let interval: Duration = self.settings.reload_interval.0;
         if interval.is_zero() {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let settings = me.settings.clone();
-                let loaded = tokio::task::spawn_blocking(move || {
-                    let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
-                    server_config(&settings).map(|config| (config, validity))
-                })
-                .await;
-                match loaded {
-                    Ok(Ok((config, validity))) => {
-                        *me.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
-                        *me.validity.write().unwrap_or_else(|e| e.into_inner()) = validity;
-                        me.check_validity();
-                        tracing::debug!(component, "TLS material reloaded");
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(component, error = %e, "TLS reload failed; keeping the previous certificates")
-                    }
-                    Err(e) => tracing::warn!(component, error = %e, "TLS reload task failed"),
-                }
+        let mut tasks = JoinSet::new();
+        let instance = format!("{component} tls reloader");
+        supervisor.spawn(
+            &mut tasks,
+            "tls_reloader",
+            instance,
+            move || me.clone().reload_every(interval, component.clone(), cancel.clone()),
+            Box::new(|_| Box::pin(async {})),
+        );
+        // The set aborts its tasks when dropped: it lives as long as the reloader runs.
+        tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+    }
+
+    async fn reload_every(self: Arc<Self>, interval: Duration, component: String, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
             }
-        });
+            crate::supervise::fault_point("tls_reloader");
+            let settings = self.settings.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
+                server_config(&settings).map(|config| (config, validity))
+            })
+            .await;
+            match loaded {
+                Ok(Ok((config, validity))) => {
+                    *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+                    *self.validity.write().unwrap_or_else(|e| e.into_inner()) = validity;
+                    self.check_validity();
+                    tracing::debug!(component, "TLS material reloaded");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(component, error = %e, "TLS reload failed; keeping the previous certificates")
+                }
+                Err(e) => tracing::warn!(component, error = %e, "TLS reload task failed"),
+            }
+        }
     }
 
     /// Whether a verified client may send: always when no patterns are configured.

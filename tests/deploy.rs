@@ -680,6 +680,7 @@ fn policy_model_follows_the_rendered_rules() {
     // policy denies everyone: the model notices the missing label.
     let text = Render::new("migrate", "direct", true).text();
     let unlabelled = text.replace("istio.io/use-waypoint: mlflow-waypoint", "");
+    assert_ne!(unlabelled, text, "the label to remove is in the rendering");
     let docs2 = parse_docs(&unlabelled);
     let mesh = Mesh::from_docs(&docs2);
     let relay_traces = Request::from_sa(NAMESPACE, "otel-collector", "POST", "/v1/traces");

@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,15 +18,12 @@ use otlp_relay::sink::UniqueSpans;
 use otlp_relay::spool::frame;
 use prost::Message;
 
+use serde_json::{Value, json};
+use support::config::RelayConfig;
 use support::otlp::{Relay, Sink, loadgen};
 use support::{Proc, get_text, wait_for};
 
 const T: Duration = Duration::from_secs(60);
-
-/// A loopback port nothing listens on (yet): the destination is down until a sink binds it.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// The sink on a given port (the destination coming up where the relay has been sending).
 fn sink_on(port: u16) -> Sink {
@@ -42,33 +39,27 @@ fn sink_on(port: u16) -> Sink {
     }
 }
 
-fn config(endpoint: &str, spool_dir: &Path, storage_extra: &str) -> String {
-    format!(
-        r#"
-receivers:
-  otlp:
-    protocols:
-      grpc: {{endpoint: "127.0.0.1:0"}}
-      http: {{endpoint: "127.0.0.1:0"}}
-processors:
-  batch: {{send_batch_size: 500, timeout: 50ms}}
-exporters:
-  otlphttp/mlflow:
-    endpoint: {endpoint}
-    headers: {{x-mlflow-experiment-id: "0"}}
-    retry_on_failure: {{initial_interval: 50ms, max_interval: 300ms}}
-    sending_queue: {{storage: file_storage/spool, num_consumers: 4}}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-  file_storage/spool: {{directory: "{dir}"{storage_extra}}}
-service:
-  extensions: [health_check, file_storage/spool]
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/mlflow]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-  shutdown_timeout: 10s
-"#,
-        dir = spool_dir.display()
-    )
+/// A relay exporting to `endpoint` through a spool in `spool_dir`; `storage` is merged into the
+/// spool's settings (e.g. `{"max_size_mib": 1}`).
+fn config(endpoint: &str, spool_dir: &Path, storage: Value) -> String {
+    let mut spool = json!({"directory": spool_dir});
+    if let (Value::Object(spool), Value::Object(extra)) = (&mut spool, storage) {
+        spool.extend(extra);
+    }
+    RelayConfig::new()
+        .batch(json!({"send_batch_size": 500, "timeout": "50ms"}))
+        .exporter(
+            "otlphttp/mlflow",
+            json!({
+                "endpoint": endpoint,
+                "headers": {"x-mlflow-experiment-id": "0"},
+                "retry_on_failure": {"initial_interval": "50ms", "max_interval": "300ms"},
+                "sending_queue": {"storage": "file_storage/spool", "num_consumers": 4},
+            }),
+        )
+        .extension("file_storage/spool", spool)
+        .service(json!({"shutdown_timeout": "10s"}))
+        .yaml()
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
@@ -206,11 +197,11 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 #[test]
 fn destination_outage_loses_no_acknowledged_span() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
         &dir.path().join("spool"),
-        ", max_size_mib: 4, segment_size_mib: 1",
+        json!({"max_size_mib": 4, "segment_size_mib": 1}),
     );
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let endpoint = format!("http://{}", relay.http.unwrap());
@@ -259,7 +250,7 @@ fn sigkill_mid_load_keeps_every_acknowledged_span() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination, so a backlog sits only on disk when the relay dies.
     let sink = Sink::start(&["--max-spans-per-sec", "2000"]);
-    let cfg = config(&sink.url(), &dir.path().join("spool"), "");
+    let cfg = config(&sink.url(), &dir.path().join("spool"), json!({}));
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let clients = Clients::start(relay.http.unwrap(), 3, 50);
     wait_for("acknowledged spans", T, || (clients.acked() >= 15_000).then_some(()));
@@ -289,7 +280,7 @@ fn sigkill_mid_load_keeps_every_acknowledged_span() {
 fn slow_destination_pushes_back_with_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--max-spans-per-sec", "1000"]);
-    let cfg = config(&sink.url(), &dir.path().join("spool"), ", max_size_mib: 1");
+    let cfg = config(&sink.url(), &dir.path().join("spool"), json!({"max_size_mib": 1}));
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let run = |endpoint: String, http: bool, seed: &'static str| {
         std::thread::spawn(move || {
@@ -347,8 +338,12 @@ fn slow_destination_pushes_back_with_bounded_memory() {
 #[test]
 fn torn_tail_is_truncated_and_intact_records_recovered() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), "");
+    let port = support::free_port();
+    let cfg = config(
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("spool"),
+        json!({}),
+    );
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let (code, report) = loadgen(&[
         "--otlp-endpoint",
@@ -403,11 +398,11 @@ fn torn_tail_is_truncated_and_intact_records_recovered() {
 fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
     for drop_oldest in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = support::free_port();
         let extra = if drop_oldest {
-            ", max_size_mib: 1, on_full: drop_oldest"
+            json!({"max_size_mib": 1, "on_full": "drop_oldest"})
         } else {
-            ", max_size_mib: 1"
+            json!({"max_size_mib": 1})
         };
         let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), extra);
         let mut relay = Relay::start(dir.path(), &cfg, "otlp");
@@ -449,7 +444,7 @@ fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
 fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     let dir = tempfile::tempdir().unwrap();
     let bad = Sink::start(&["--status", "422"]);
-    let cfg = config(&bad.url(), &dir.path().join("spool"), "");
+    let cfg = config(&bad.url(), &dir.path().join("spool"), json!({}));
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let (code, report) = loadgen(&[
         "--otlp-endpoint",
@@ -474,7 +469,11 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     drop(relay);
 
     let good = Sink::start(&[]);
-    let fixed = support::write_file(dir.path(), "fixed.yaml", &cfg.replace(&bad.url(), &good.url()));
+    let fixed = support::write_file(
+        dir.path(),
+        "fixed.yaml",
+        &config(&good.url(), &dir.path().join("spool"), json!({})),
+    );
     let mut replay = Proc::relay(
         "replay",
         &[
@@ -515,8 +514,12 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
 #[test]
 fn sigterm_with_a_spool_exits_quickly_and_resumes_on_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), "");
+    let port = support::free_port();
+    let cfg = config(
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("spool"),
+        json!({}),
+    );
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let (code, report) = loadgen(&[
         "--otlp-endpoint",
@@ -577,12 +580,12 @@ fn full_disk_refuses_and_recovers() {
         return;
     }
     let _mount = Mount(disk.clone());
-    let port = free_port();
+    let port = support::free_port();
     // The budget (64 MiB) is far above the disk (1 MiB): the disk fills first.
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
         &disk,
-        ", max_size_mib: 64, segment_size_mib: 1",
+        json!({"max_size_mib": 64, "segment_size_mib": 1}),
     );
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let mut acked = 0;
@@ -649,11 +652,11 @@ fn frames_of(data: &[u8]) -> Vec<(usize, usize, otlp_relay::spool::proto::Record
 #[test]
 fn damaged_records_cost_only_themselves_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
         &dir.path().join("spool"),
-        ", max_size_mib: 8, segment_size_mib: 1",
+        json!({"max_size_mib": 8, "segment_size_mib": 1}),
     );
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let mut acked = Vec::new();
@@ -741,7 +744,7 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     let cfg = config(
         &sink.url(),
         &dir.path().join("spool"),
-        ", max_size_mib: 64, segment_size_mib: 1",
+        json!({"max_size_mib": 64, "segment_size_mib": 1}),
     );
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let health = relay.health.unwrap();
@@ -806,9 +809,13 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let bad = Sink::start(&["--status", "422"]);
     let good = Sink::start(&[]);
-    let cfg = config(&bad.url(), &dir.path().join("spool"), "");
+    let cfg = config(&bad.url(), &dir.path().join("spool"), json!({}));
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let fixed = support::write_file(dir.path(), "fixed.yaml", &cfg.replace(&bad.url(), &good.url()));
+    let fixed = support::write_file(
+        dir.path(),
+        "fixed.yaml",
+        &config(&good.url(), &dir.path().join("spool"), json!({})),
+    );
     let dl = dir.path().join("spool").join("dead_letter");
     let replay = || {
         let mut p = Proc::relay(

@@ -13,7 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use support::mlflow::{MLFLOW_PIN, Mlflow, free_port};
+use support::free_port;
+use support::mlflow::{MLFLOW_PIN, Mlflow};
 use support::oidc::{self, OidcOptions, OidcProvider};
 use support::otlp::Relay;
 use support::pki::Ca;

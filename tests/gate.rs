@@ -1,15 +1,15 @@
 //! The auth front end (`otlp-relay gate`) against a real OpenID provider (npm oidc-provider, Keycloak
 //! shaped), a real `mlflow server`, the real MLflow Python client and headless Debian chromium.
-//! One provider and one MLflow serve every case (they are slow to start); gates are cheap, so each case
-//! starts the gate configuration it needs.
+//! One provider and one MLflow serve every test of this file (they are slow to start; a OnceLock);
+//! gates are cheap, so each test starts the gate configuration it needs. A test that stops or
+//! re-keys a provider starts its own.
 mod support;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -29,14 +29,6 @@ fn request(
     (status, hs, String::from_utf8_lossy(&body).to_string())
 }
 
-/// The binary under test. OTLP_RELAY_BIN overrides the cargo-built one (useful when several worktrees
-/// share one target directory and may rebuild it mid-run).
-fn relay_bin() -> std::path::PathBuf {
-    std::env::var_os("OTLP_RELAY_BIN")
-        .map(Into::into)
-        .unwrap_or_else(support::bin)
-}
-
 struct Gate {
     proc: Proc,
     addr: SocketAddr,
@@ -47,7 +39,7 @@ struct Gate {
 
 /// Starts `otlp-relay gate` for `provider` in front of `upstream`, with extra environment.
 fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
-    let mut cmd = Command::new(relay_bin());
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
         .env("OIDC_DISCOVERY_URL", provider.discovery_url())
@@ -200,100 +192,62 @@ struct World {
     mlflow: Mlflow,
     experiment: String,
     perms: tempfile::TempDir,
+    /// The main gate's permissions file (written once: tests run in parallel).
+    perms_file: String,
+}
+
+/// The provider and MLflow every test shares, started by the first test that needs them.
+fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| {
+        // Both slow starts overlap: the provider (node) in this thread, MLflow (~20 s) in another.
+        let mlflow = std::thread::spawn(Mlflow::start);
+        let provider = OidcProvider::start(OidcOptions {
+            auto_login: false, // the browser test fills in the provider's form
+            ..Default::default()
+        });
+        let mlflow = mlflow.join().unwrap();
+        eprintln!("mlflow healthy after {:?}", mlflow.startup);
+        // Statics are never dropped: end both processes when this test process is gone.
+        support::reap_with_us(&format!("-{}", mlflow.pid()));
+        support::reap_with_us(&provider.pid().expect("provider running").to_string());
+        let experiment = mlflow.create_experiment("gate-e2e");
+        let perms = tempfile::tempdir().unwrap();
+        let perms_file = support::write_file(
+            perms.path(),
+            "permissions.yaml",
+            "groups:\n  mlflow-readers:\n    \"*\": READ\n",
+        )
+        .display()
+        .to_string();
+        World {
+            provider,
+            mlflow,
+            experiment,
+            perms,
+            perms_file,
+        }
+    })
 }
 
 impl World {
-    fn perms_file(&self) -> String {
-        let p = self.perms.path().join("permissions.yaml");
-        std::fs::write(&p, "groups:\n  mlflow-readers:\n    \"*\": READ\n").unwrap();
-        p.display().to_string()
-    }
-
-    /// The gate most cases use: readers (READ everywhere) allowed besides mlflow.
+    /// The gate most tests use: readers (READ everywhere) allowed besides mlflow.
     fn main_gate(&self) -> Gate {
-        let perms = self.perms_file();
+        let perms = &self.perms_file;
         gate(
             &self.provider,
             &self.mlflow.url(),
             &[
                 ("OIDC_GROUP_NAME", "mlflow,mlflow-readers"),
-                ("GATE_PERMISSIONS_FILE", &perms),
+                ("GATE_PERMISSIONS_FILE", perms),
             ],
         )
     }
 }
 
 #[test]
-fn gate_with_real_provider_mlflow_and_browser() {
-    // Both slow starts overlap: the provider (node) in this thread, MLflow (~20 s) in another.
-    let mlflow = std::thread::spawn(Mlflow::start);
-    let provider = OidcProvider::start(OidcOptions {
-        auto_login: false, // the browser case fills in the provider's form
-        ..Default::default()
-    });
-    let mlflow = mlflow.join().unwrap();
-    eprintln!("mlflow healthy after {:?}", mlflow.startup);
-    let experiment = mlflow.create_experiment("gate-e2e");
-    let mut w = World {
-        provider,
-        mlflow,
-        experiment,
-        perms: tempfile::tempdir().unwrap(),
-    };
-
-    let mut failures = Vec::new();
-    // GATE_CASES=substring runs only the matching cases (for working on one).
-    let only = std::env::var("GATE_CASES").ok();
-    let mut case = |name: &str, f: &mut dyn FnMut(&mut World)| {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
-            return;
-        }
-        let t = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| f(&mut w))) {
-            Ok(()) => eprintln!("case {name}: ok ({:?})", t.elapsed()),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("case {name}: FAILED: {msg}");
-                failures.push(format!("{name}: {msg}"));
-            }
-        }
-    };
-    case("bad configuration exits 64 listing every problem", &mut |_| {
-        bad_config()
-    });
-    case("401s, 403s and a READ group", &mut refusals);
-    case("permissions by experiment name glob", &mut name_globs);
-    case("expired token", &mut expired_token);
-    case("bearer and basic through to mlflow, metrics", &mut bearer_and_metrics);
-    case("excluded path lets OTLP through without a token", &mut excluded_path);
-    case(
-        "relay with oauth2client through the gate into mlflow",
-        &mut relay_through_gate,
-    );
-    case("client-sent identity headers never reach upstream", &mut |_| {
-        identity_headers()
-    });
-    case("upstream down is 502", &mut upstream_down);
-    case(
-        "mlflow python client with basic client credentials",
-        &mut python_client_basic,
-    );
-    case("browser login with chromium", &mut browser_login);
-    case("measure startup, rss, latency", &mut measure);
-    case(
-        "readiness follows the provider; SIGTERM exits 0",
-        &mut readiness_and_shutdown,
-    );
-    case("provider key rotation", &mut key_rotation);
-    assert!(failures.is_empty(), "failed cases:\n{}", failures.join("\n"));
-}
-
-fn bad_config() {
-    let mut cmd = Command::new(relay_bin());
+fn bad_configuration_exits_64_listing_every_problem() {
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env_remove("OIDC_DISCOVERY_URL")
         .env_remove("OIDC_CLIENT_ID")
@@ -314,7 +268,9 @@ fn bad_config() {
     }
 }
 
-fn refusals(w: &mut World) {
+#[test]
+fn refusals_401_403_and_a_read_group() {
+    let w = world();
     let g = w.main_gate();
     let search = "/api/2.0/mlflow/experiments/search";
     let q = br#"{"max_results": 10}"#;
@@ -469,7 +425,9 @@ fn refusals(w: &mut World) {
     assert_eq!(s, 401);
 }
 
-fn name_globs(w: &mut World) {
+#[test]
+fn permissions_by_experiment_name_glob() {
+    let w = world();
     // readers may EDIT experiments named gate-* (looked up in MLflow by id), nothing else.
     let perms = w.perms.path().join("globs.yaml");
     std::fs::write(&perms, "groups:\n  mlflow-readers:\n    \"gate-*\": EDIT\n").unwrap();
@@ -574,7 +532,9 @@ fn name_globs(w: &mut World) {
     assert!(b.contains("READ permission on experiment 0"), "{b}");
 }
 
-fn expired_token(w: &mut World) {
+#[test]
+fn expired_token_is_refused() {
+    let w = world();
     // A provider whose tokens live 2 s, and a gate with no clock leeway.
     let short = OidcProvider::start(OidcOptions {
         realm: "short".into(),
@@ -605,7 +565,9 @@ fn expired_token(w: &mut World) {
     assert!(gate_metric(g.admin, "gate_auth_failures_total", "reason=\"expired\"") >= 1.0);
 }
 
-fn bearer_and_metrics(w: &mut World) {
+#[test]
+fn bearer_and_basic_through_to_mlflow_with_metrics() {
+    let w = world();
     let g = w.main_gate();
     let token = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
     let (body, trace) = otlp_request("through-the-gate");
@@ -629,7 +591,9 @@ fn bearer_and_metrics(w: &mut World) {
     assert!(gate_metric(g.admin, "gate_upstream_duration_seconds_count", "") >= 2.0);
 }
 
-fn excluded_path(w: &mut World) {
+#[test]
+fn excluded_path_lets_otlp_through_without_a_token() {
+    let w = world();
     let g = gate(&w.provider, &w.mlflow.url(), &[("OIDC_EXCLUDE_PATHS", "/v1/traces")]);
     let (body, trace) = otlp_request("mesh-secured");
     let (s, b) = post_traces(g.addr, &w.experiment, None, &body);
@@ -654,7 +618,8 @@ fn excluded_path(w: &mut World) {
     assert_eq!(s, 401);
 }
 
-fn identity_headers() {
+#[test]
+fn client_sent_identity_headers_never_reach_upstream() {
     // A real upstream that records what it receives.
     let echo = echo_server();
     let provider = OidcProvider::start(OidcOptions {
@@ -707,8 +672,10 @@ fn identity_headers() {
     }
 }
 
-fn upstream_down(w: &mut World) {
-    let closed = support::mlflow::free_port();
+#[test]
+fn upstream_down_is_502() {
+    let w = world();
+    let closed = support::free_port();
     let g = gate(&w.provider, &format!("http://127.0.0.1:{closed}"), &[]);
     let token = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
     let (s, h, b) = request(
@@ -723,7 +690,9 @@ fn upstream_down(w: &mut World) {
     assert!(b.contains("MLflow upstream unavailable"), "{b}");
 }
 
-fn python_client_basic(w: &mut World) {
+#[test]
+fn mlflow_python_client_with_basic_client_credentials() {
+    let w = world();
     let g = w.main_gate();
     let script = r#"
 import json, mlflow
@@ -767,7 +736,9 @@ print("RESULT " + json.dumps({"names": sorted(e.name for e in c.search_experimen
     assert!(err.contains("Invalid credentials"), "{err}");
 }
 
-fn browser_login(w: &mut World) {
+#[test]
+fn browser_login_with_chromium() {
+    let w = world();
     let g = w.main_gate();
     let shots = support::cache_dir().parent().unwrap().join("gate-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
@@ -822,7 +793,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn measure(w: &mut World) {
+#[test]
+fn measure_startup_rss_latency() {
+    let w = world();
     let g = w.main_gate();
     let pid = g.proc.child.id();
     let token = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
@@ -892,13 +865,20 @@ fn measure(w: &mut World) {
     assert!(rss < 100 * 1024, "gate RSS {rss} KiB");
 }
 
-fn readiness_and_shutdown(w: &mut World) {
+#[test]
+fn readiness_follows_the_provider_and_sigterm_exits_0() {
+    let w = world();
     // Provider down at start: live, not ready, API calls 503; ready once the provider comes up.
-    w.provider.stop();
-    let mut cmd = Command::new(relay_bin());
+    // A provider of its own: the shared one serves the other tests meanwhile.
+    let mut provider = OidcProvider::start(OidcOptions {
+        realm: "restarting".into(),
+        ..Default::default()
+    });
+    provider.stop();
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
-        .env("OIDC_DISCOVERY_URL", w.provider.discovery_url())
+        .env("OIDC_DISCOVERY_URL", provider.discovery_url())
         .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
         .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
         .env("GATE_LISTEN", "127.0.0.1:0")
@@ -918,7 +898,7 @@ fn readiness_and_shutdown(w: &mut World) {
     );
     assert_eq!(s, 503, "{b}");
     let t = Instant::now();
-    w.provider.start_again();
+    provider.start_again();
     eprintln!("provider restarted in {:?}", t.elapsed());
     wait_for("the gate to discover the provider", Duration::from_secs(20), || {
         (request("GET", addr, "/gate/readyz", &[], b"").0 == 200).then_some(())
@@ -937,14 +917,21 @@ fn readiness_and_shutdown(w: &mut World) {
     assert_eq!(p.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
-fn key_rotation(w: &mut World) {
-    let g = w.main_gate();
-    let old = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+#[test]
+fn provider_key_rotation() {
+    let w = world();
+    // A provider of its own: tokens of the shared one must stay valid for the other tests.
+    let mut provider = OidcProvider::start(OidcOptions {
+        realm: "rotating".into(),
+        ..Default::default()
+    });
+    let g = gate(&provider, &w.mlflow.url(), &[]);
+    let old = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
     let path = "/api/2.0/mlflow/experiments/get?experiment_id=0";
     let (s, _, _) = request("GET", g.addr, path, &[("authorization", &bearer(&old))], b"");
     assert_eq!(s, 200);
-    w.provider.restart_with_new_key();
-    let new = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    provider.restart_with_new_key();
+    let new = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
     assert_ne!(jwt_parts(&new).0["kid"], jwt_parts(&old).0["kid"]);
     // The unknown kid makes the gate refetch the JWKS (at most once per 10 s).
     wait_for("the new key to be accepted", Duration::from_secs(15), || {
@@ -958,33 +945,32 @@ fn key_rotation(w: &mut World) {
 /// The whole pipeline: `otlp-relay run` with a client-credentials token → gate → MLflow; the
 /// traces are found by search. Then a relay without a token: refused (401, counted failed) by
 /// a gate that protects /v1/traces, delivered through one that excludes it (mesh-secured hop).
-fn relay_through_gate(w: &mut World) {
+#[test]
+fn relay_with_oauth2client_through_the_gate_into_mlflow() {
+    use serde_json::json;
+    use support::config::RelayConfig;
     use support::otlp::{Relay, loadgen};
+    let w = world();
     let config = |gate: SocketAddr, experiment: &str, auth: bool| {
-        let (auth_line, ext, ext_list) = if auth {
-            (
-                "    auth: {authenticator: oauth2client/mlflow}\n".to_string(),
-                format!(
-                    "  oauth2client/mlflow: {{client_id: {}, client_secret: {}, token_url: \"{}\"}}\n",
-                    oidc::CLIENT_ID,
-                    oidc::CLIENT_SECRET,
-                    w.provider.token_url()
-                ),
-                ", oauth2client/mlflow",
-            )
-        } else {
-            (String::new(), String::new(), "")
-        };
-        format!(
-            "receivers: {{otlp: {{protocols: {{grpc: {{endpoint: \"127.0.0.1:0\"}}}}}}}}\n\
-             processors: {{batch: {{timeout: 100ms}}}}\n\
-             exporters:\n  otlphttp/mlflow:\n    endpoint: http://{gate}\n    headers: {{x-mlflow-experiment-id: \"{experiment}\"}}\n\
-             {auth_line}\
-             extensions:\n  health_check: {{endpoint: \"127.0.0.1:0\"}}\n{ext}\
-             service:\n  extensions: [health_check{ext_list}]\n\
-             \x20 pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/mlflow]}}}}\n\
-             \x20 telemetry: {{metrics: {{address: \"127.0.0.1:0\"}}}}\n"
-        )
+        let mut exporter = json!({
+            "endpoint": format!("http://{gate}"),
+            "headers": {"x-mlflow-experiment-id": experiment},
+        });
+        let mut config = RelayConfig::new()
+            .without_transport("http")
+            .batch(json!({"timeout": "100ms"}));
+        if auth {
+            exporter["auth"] = json!({"authenticator": "oauth2client/mlflow"});
+            config = config.extension(
+                "oauth2client/mlflow",
+                json!({
+                    "client_id": oidc::CLIENT_ID,
+                    "client_secret": oidc::CLIENT_SECRET,
+                    "token_url": w.provider.token_url(),
+                }),
+            );
+        }
+        config.exporter("otlphttp/mlflow", exporter).yaml()
     };
     let send = |relay: &Relay, seed: &str| {
         let grpc = relay.grpc.unwrap().to_string();

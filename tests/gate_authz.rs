@@ -43,8 +43,8 @@ fn world() -> &'static World {
         let provider = OidcProvider::start(OidcOptions::default());
         let mlflow = mlflow.join().unwrap();
         // Statics are never dropped: end both processes when this test process is gone.
-        reap_with_us(&format!("-{}", mlflow.pid()));
-        reap_with_us(&provider.pid().expect("provider running").to_string());
+        support::reap_with_us(&format!("-{}", mlflow.pid()));
+        support::reap_with_us(&provider.pid().expect("provider running").to_string());
         let a = make_exp(&mlflow, "authz-a");
         let b = make_exp(&mlflow, "authz-b");
         World {
@@ -55,18 +55,6 @@ fn world() -> &'static World {
             b,
         }
     })
-}
-
-/// A detached watcher that kills `target` (a pid, or -pgid) once this process has exited.
-fn reap_with_us(target: &str) {
-    let me = std::process::id();
-    let script = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -KILL {target} 2>/dev/null");
-    let _ = Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
 }
 
 fn post(m: &Mlflow, path: &str, body: serde_json::Value) -> serde_json::Value {
@@ -141,9 +129,7 @@ struct Gate {
 /// file). Members: groups mlflow and mlflow-readers; the caller is `reader` (mlflow-readers).
 fn gate(permissions: Option<&str>) -> Gate {
     let w = world();
-    // OTLP_RELAY_BIN: another build of the binary (e.g. to show these attacks pass on an older gate).
-    let bin = std::env::var_os("OTLP_RELAY_BIN").map_or_else(support::bin, Into::into);
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
         .env("OIDC_DISCOVERY_URL", w.provider.discovery_url())
@@ -609,8 +595,6 @@ fn otlp_spans_joining_a_trace_of_b() {
     assert!(b.contains(&format!("experiment {}", w.b.id)), "{b}");
     assert!(!trace_has_span(&w.b.trace, "injected-into-b"));
     // The same, gzip-compressed.
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &body).unwrap();
     let (s, b) = g.call(
         "POST",
         "/v1/traces",
@@ -619,7 +603,7 @@ fn otlp_spans_joining_a_trace_of_b() {
             ("content-encoding", "gzip"),
             ("x-mlflow-experiment-id", &w.a.id),
         ],
-        &gz.finish().unwrap(),
+        &support::gzip(&body),
     );
     assert_eq!(s, 403, "{b}");
     // OTLP/JSON cannot be checked the same way: refused for writers with per-experiment rules.
@@ -665,11 +649,6 @@ fn otlp_variants_reaching_b() {
         all.extend_from_slice(headers);
         g.call("POST", "/v1/traces", &all, body)
     };
-    let gzip = |data: &[u8]| {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, data).unwrap();
-        gz.finish().unwrap()
-    };
     let hex_b = w.b.trace.trim_start_matches("tr-");
     // 17 bytes with a leading zero: MLflow reads the id as a number, which is B's trace.
     let (s, b) = post(&[], &otlp_span_in(&format!("00{hex_b}"), "b-by-17-bytes"));
@@ -678,8 +657,8 @@ fn otlp_variants_reaching_b() {
     // Two gzip members: a new trace first, B's trace in the second.
     let fresh = const_hex::encode(rand::random::<[u8; 16]>());
     let body = [
-        gzip(&otlp_span_in(&fresh, "decoy")),
-        gzip(&otlp_span_in(hex_b, "b-by-second-member")),
+        support::gzip(&otlp_span_in(&fresh, "decoy")),
+        support::gzip(&otlp_span_in(hex_b, "b-by-second-member")),
     ]
     .concat();
     let (s, b) = post(&[("content-encoding", "gzip")], &body);

@@ -18,12 +18,6 @@ use support::{Proc, wait_for};
 
 const SECRET_KEY: &str = "a test secret key that is long enough";
 
-fn relay_bin() -> std::path::PathBuf {
-    std::env::var_os("OTLP_RELAY_BIN")
-        .map(Into::into)
-        .unwrap_or_else(support::bin)
-}
-
 struct Gate {
     proc: Proc,
     addr: SocketAddr,
@@ -61,7 +55,7 @@ impl Gate {
 /// `otlp-relay gate` for `provider` in front of `upstream`: admin listener on a free port, Host
 /// 127.0.0.1 allowed for login redirects, plus `env`.
 fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
-    let mut cmd = Command::new(relay_bin());
+    let mut cmd = Command::new(support::bin());
     cmd.arg("gate")
         .env("NO_COLOR", "1")
         .env("OIDC_DISCOVERY_URL", provider.discovery_url())
@@ -921,7 +915,7 @@ fn bad_gateway_answers_carry_no_internal_detail() {
             drop(s);
         }
     });
-    let closed = support::mlflow::free_port();
+    let closed = support::free_port();
     for upstream in [
         format!("http://127.0.0.1:{closed}"),
         format!("http://{rude_addr}"),

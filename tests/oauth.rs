@@ -280,7 +280,7 @@ fn refused_credentials_make_the_relay_unready_and_data_waits() {
         idp.token_url()
     );
     // At info level, to count what an operator sees.
-    let config = relay_config(&sink, &ext).replace("level: debug", "level: info");
+    let config = support::replace_once(&relay_config(&sink, &ext), "level: debug", "level: info");
     let relay = Relay::start(dir.path(), &config, "otlp");
     let health = relay.health.unwrap();
     let body = wait_for("/readyz 503 with the reason", T, || {

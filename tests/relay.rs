@@ -3,52 +3,39 @@
 //! failures, experiment routing, fan-out and the SIGTERM drain.
 mod support;
 
-use std::io::Write;
 use std::time::Duration;
 
+use serde_json::json;
+use support::config::RelayConfig;
 use support::otlp::{Relay, Sink, loadgen, one_span_request};
 use support::pki::Ca;
 use support::{http, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
-/// A relay config with plaintext receivers, a batch processor and one otlphttp exporter.
-fn plain_config(sink: &Sink, exporter_extra: &str, receiver_extra: &str) -> String {
-    format!(
-        r#"
-receivers:
-  otlp:
-    protocols:
-      grpc: {{endpoint: "127.0.0.1:0"{receiver_extra}}}
-      http: {{endpoint: "127.0.0.1:0"{receiver_extra}}}
-processors:
-  batch: {{send_batch_size: 200, timeout: 50ms}}
-exporters:
-  otlphttp/mlflow:
-    endpoint: {url}
-    headers: {{x-mlflow-experiment-id: "0"}}
-    retry_on_failure: {{initial_interval: 50ms, max_interval: 200ms, max_elapsed_time: 60s}}
-{exporter_extra}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-service:
-  extensions: [health_check]
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/mlflow]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-  shutdown_timeout: 10s
-"#,
-        url = sink.url()
-    )
+/// A relay with plaintext receivers, a batch processor and one otlphttp exporter to `sink`.
+fn plain_config(sink: &Sink) -> RelayConfig {
+    RelayConfig::new()
+        .batch(json!({"send_batch_size": 200, "timeout": "50ms"}))
+        .exporter(
+            "otlphttp/mlflow",
+            json!({
+                "endpoint": sink.url(),
+                "headers": {"x-mlflow-experiment-id": "0"},
+                "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "60s"},
+            }),
+        )
+        .service(json!({"shutdown_timeout": "10s"}))
 }
 
 /// Receiver settings for mTLS that admit the agents namespace's SPIFFE ids only.
-fn mtls_receiver(server: &support::pki::LeafFiles, ca: &std::path::Path) -> String {
-    format!(
-        r#", tls: {{cert_file: "{}", key_file: "{}", client_ca_file: "{}", allowed_clients: ["spiffe://cluster.local/ns/agents/sa/*"]}}"#,
-        server.cert.display(),
-        server.key.display(),
-        ca.display()
-    )
+fn mtls_receiver(server: &support::pki::LeafFiles, ca: &std::path::Path) -> serde_json::Value {
+    json!({"tls": {
+        "cert_file": server.cert,
+        "key_file": server.key,
+        "client_ca_file": ca,
+        "allowed_clients": ["spiffe://cluster.local/ns/agents/sa/*"],
+    }})
 }
 
 #[test]
@@ -62,7 +49,7 @@ fn grpc_and_http_over_mtls_reach_the_sink() {
         .write(dir.path(), "client");
     let sink = Sink::start(&[]);
     let tls = mtls_receiver(&server, &ca_path);
-    let relay = Relay::start(dir.path(), &plain_config(&sink, "", &tls), "otlp");
+    let relay = Relay::start(dir.path(), &plain_config(&sink).receivers(tls).yaml(), "otlp");
     let grpc = format!("https://{}", relay.grpc.unwrap());
     let http_ep = format!("https://{}", relay.http.unwrap());
     let (ca_s, cert_s, key_s) = (
@@ -148,7 +135,7 @@ fn client_certificates_are_enforced() {
         .write(dir.path(), "expired");
     let sink = Sink::start(&[]);
     let tls = mtls_receiver(&server, &ca_path);
-    let relay = Relay::start(dir.path(), &plain_config(&sink, "", &tls), "otlp");
+    let relay = Relay::start(dir.path(), &plain_config(&sink).receivers(tls).yaml(), "otlp");
     let grpc = format!("https://{}", relay.grpc.unwrap());
     let http_ep = format!("https://{}", relay.http.unwrap());
     let ca_s = ca_path.to_str().unwrap();
@@ -212,19 +199,15 @@ fn client_certificates_are_enforced() {
     sink.wait_unique(8, T);
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_rules_follow_otlp() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&[]);
     let relay = Relay::start(
         dir.path(),
-        &plain_config(&sink, "", ", max_recv_msg_size_mib: 1"),
+        &plain_config(&sink)
+            .receivers(json!({"max_recv_msg_size_mib": 1}))
+            .yaml(),
         "otlp",
     );
     let addr = relay.http.unwrap();
@@ -268,7 +251,7 @@ async fn status_rules_follow_otlp() {
         post(&[("content-type", "text/plain")], &vec![0u8; 16 * 1024 * 1024]).0,
         415
     );
-    let bomb = gzip(&vec![0u8; 8 * 1024 * 1024]);
+    let bomb = support::gzip(&vec![0u8; 8 * 1024 * 1024]);
     assert!(bomb.len() < 64 * 1024);
     assert_eq!(
         post(
@@ -279,7 +262,7 @@ async fn status_rules_follow_otlp() {
         413
     );
     // gzip body, valid: accepted.
-    let zipped = gzip(&one_span_request("x"));
+    let zipped = support::gzip(&one_span_request("x"));
     assert_eq!(
         post(
             &[("content-type", "application/x-protobuf"), ("content-encoding", "gzip")],
@@ -329,7 +312,7 @@ async fn status_rules_follow_otlp() {
 fn retryable_answers_are_retried_and_delivered_once() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--fail-first", "3", "--status", "503", "--retry-after", "0"]);
-    let relay = Relay::start(dir.path(), &plain_config(&sink, "", ""), "otlp");
+    let relay = Relay::start(dir.path(), &plain_config(&sink).yaml(), "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, r) = loadgen(&[
         "--otlp-insecure",
@@ -357,7 +340,7 @@ fn retryable_answers_are_retried_and_delivered_once() {
 fn permanent_failures_are_counted_not_retried() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--status", "400"]);
-    let relay = Relay::start(dir.path(), &plain_config(&sink, "", ""), "otlp");
+    let relay = Relay::start(dir.path(), &plain_config(&sink).yaml(), "otlp");
     let http_ep = relay.http.unwrap().to_string();
     let (code, r) = loadgen(&[
         "--otlp-insecure",
@@ -388,7 +371,11 @@ fn permanent_failures_are_counted_not_retried() {
 fn experiments_route_by_resource_attribute_and_request_header() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&[]);
-    let relay = Relay::start(dir.path(), &plain_config(&sink, "", ", include_metadata: true"), "otlp");
+    let relay = Relay::start(
+        dir.path(),
+        &plain_config(&sink).receivers(json!({"include_metadata": true})).yaml(),
+        "otlp",
+    );
     let grpc = relay.grpc.unwrap().to_string();
     let http_ep = relay.http.unwrap().to_string();
     let base = ["--otlp-insecure", "--traces", "10", "--child-spans", "1"];
@@ -428,11 +415,18 @@ fn fan_out_isolates_a_failing_exporter() {
     let dir = tempfile::tempdir().unwrap();
     let healthy = Sink::start(&[]);
     let broken = Sink::start(&["--status", "503"]);
-    let config = plain_config(&healthy, &format!(
-        "  otlphttp/broken:\n    endpoint: {}\n    retry_on_failure: {{initial_interval: 1s, max_elapsed_time: 0s}}\n    sending_queue: {{queue_size: 100}}\n",
-        broken.url()
-    ), "")
-    .replace("exporters: [otlphttp/mlflow]", "exporters: [otlphttp/mlflow, otlphttp/broken]");
+    // One sender for the broken exporter, retrying without end: it holds one batch and the
+    // rest wait in its queue.
+    let config = plain_config(&healthy)
+        .exporter(
+            "otlphttp/broken",
+            json!({
+                "endpoint": broken.url(),
+                "retry_on_failure": {"initial_interval": "1s", "max_elapsed_time": "0s"},
+                "sending_queue": {"queue_size": 100, "num_consumers": 1},
+            }),
+        )
+        .yaml();
     let relay = Relay::start(dir.path(), &config, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, r) = loadgen(&[
@@ -453,7 +447,22 @@ fn fan_out_isolates_a_failing_exporter() {
         relay.metric("otelcol_exporter_sent_spans_total", &[("exporter", "otlphttp/broken")]),
         0.0
     );
-    assert!(relay.metric("otelcol_exporter_queue_size", &[("exporter", "otlphttp/broken")]) >= 0.0);
+    // The broken exporter's backlog waits in its own queue (nothing given up, nothing lost), and
+    // the healthy one's queue is empty.
+    let broken_queue = ("exporter", "otlphttp/broken");
+    let queued = wait_for("the broken exporter's queue to hold its backlog", T, || {
+        let q = relay.metric("otelcol_exporter_queue_size", &[broken_queue]);
+        (q >= 1.0).then_some(q)
+    });
+    assert!(queued <= 100.0, "{queued} batches queued, capacity 100");
+    assert_eq!(
+        relay.metric("otelcol_exporter_send_failed_spans_total", &[broken_queue]),
+        0.0
+    );
+    assert_eq!(
+        relay.metric("otelcol_exporter_queue_size", &[("exporter", "otlphttp/mlflow")]),
+        0.0
+    );
 }
 
 #[test]
@@ -461,8 +470,10 @@ fn sigterm_drains_everything_accepted() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination: batches are still queued when SIGTERM arrives.
     let sink = Sink::start(&["--delay-ms", "300"]);
-    let relay_cfg = plain_config(&sink, "    sending_queue: {num_consumers: 1}\n", "")
-        .replace("send_batch_size: 200", "send_batch_size: 50");
+    let relay_cfg = plain_config(&sink)
+        .exporter_settings("otlphttp/mlflow", json!({"sending_queue": {"num_consumers": 1}}))
+        .batch(json!({"send_batch_size": 50}))
+        .yaml();
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, r) = loadgen(&[
@@ -508,7 +519,7 @@ fn sigterm_drains_everything_accepted() {
 fn drain_deadline_counts_the_rest_as_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--status", "503"]);
-    let relay_cfg = plain_config(&sink, "", "").replace("shutdown_timeout: 10s", "shutdown_timeout: 1s");
+    let relay_cfg = plain_config(&sink).service(json!({"shutdown_timeout": "1s"})).yaml();
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
     let grpc = relay.grpc.unwrap().to_string();
     let (code, _) = loadgen(&[

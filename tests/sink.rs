@@ -46,12 +46,6 @@ fn sink(args: &[&str]) -> (Proc, SocketAddr, Option<SocketAddr>) {
     (p, h, Some(g))
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_http_json_gzip_and_grpc() {
     let (_p, addr, grpc) = sink(&[]);
@@ -73,7 +67,7 @@ async fn counts_http_json_gzip_and_grpc() {
         addr,
         "/v1/traces",
         &[("content-type", "application/x-protobuf"), ("content-encoding", "gzip")],
-        &gzip(&proto),
+        &support::gzip(&proto),
     );
     assert_eq!(s, 200);
     let st = stats(addr);
@@ -95,7 +89,7 @@ async fn counts_http_json_gzip_and_grpc() {
             ("content-encoding", "gzip"),
             ("authorization", "Bearer x"),
         ],
-        &gzip(&json),
+        &support::gzip(&json),
     );
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());

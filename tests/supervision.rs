@@ -1,6 +1,7 @@
 //! Supervision with real processes: a stage made to panic on purpose (the test-only
 //! `OTLP_RELAY_TEST_PANIC` hook) is restarted, `/readyz` says so while it is down, later data is
-//! delivered (counted by an independent sink), and the exit accounting still balances.
+//! delivered (counted by an independent sink), and the exit accounting still balances; a
+//! restarted certificate reloader still picks up a rotation.
 mod support;
 
 use std::net::SocketAddr;
@@ -11,7 +12,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
-use support::otlp::{Relay, Sink};
+use serde_json::json;
+use support::config::RelayConfig;
+use support::otlp::{Relay, Sink, spans_accepted_over_https};
+use support::pki::Ca;
 use support::{get_text, http, wait_for};
 
 const T: Duration = Duration::from_secs(30);
@@ -48,38 +52,30 @@ fn post(addr: SocketAddr, body: &[u8]) -> u16 {
     .0
 }
 
-fn config(sink: &str, storage: Option<&Path>) -> String {
-    let (queue, extension, enabled) = match storage {
-        Some(dir) => (
-            ", storage: file_storage/spool".to_string(),
-            format!("  file_storage/spool: {{directory: \"{}\"}}\n", dir.display()),
-            ", file_storage/spool",
-        ),
-        None => (String::new(), String::new(), ""),
-    };
-    format!(
-        r#"
-receivers:
-  otlp:
-    protocols:
-      http: {{endpoint: "127.0.0.1:0"}}
-processors:
-  batch: {{send_batch_size: 1000, timeout: 20ms}}
-exporters:
-  otlphttp/sink:
-    endpoint: {sink}
-    headers: {{x-mlflow-experiment-id: "0"}}
-    retry_on_failure: {{initial_interval: 50ms, max_interval: 200ms}}
-    sending_queue: {{num_consumers: 1{queue}}}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-{extension}service:
-  extensions: [health_check{enabled}]
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/sink]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-  shutdown_timeout: 10s
-"#
-    )
+/// A relay with an HTTP receiver and one exporter to `sink` (one sender), spooled in `storage`.
+fn config(sink: &str, storage: Option<&Path>) -> RelayConfig {
+    let config = RelayConfig::new()
+        .without_transport("grpc")
+        .batch(json!({"send_batch_size": 1000, "timeout": "20ms"}))
+        .exporter(
+            "otlphttp/sink",
+            json!({
+                "endpoint": sink,
+                "headers": {"x-mlflow-experiment-id": "0"},
+                "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms"},
+                "sending_queue": {"num_consumers": 1},
+            }),
+        )
+        .service(json!({"shutdown_timeout": "10s"}));
+    match storage {
+        Some(dir) => config
+            .extension("file_storage/spool", json!({"directory": dir}))
+            .exporter_settings(
+                "otlphttp/sink",
+                json!({"sending_queue": {"storage": "file_storage/spool"}}),
+            ),
+        None => config,
+    }
 }
 
 /// The numbers of the exit's `final span accounting` line, e.g. `accepted=40`.
@@ -98,7 +94,7 @@ fn a_panicking_batcher_restarts_reports_unready_and_accounts_for_what_it_held() 
     let sink = Sink::start(&[]);
     let mut relay = Relay::start_with_env(
         dir.path(),
-        &config(&sink.url(), None),
+        &config(&sink.url(), None).yaml(),
         "otlp",
         &[("OTLP_RELAY_TEST_PANIC", "batcher:3")],
     );
@@ -147,7 +143,7 @@ fn spooled_relay(panics: &str) -> (tempfile::TempDir, Sink, Relay) {
     let sink = Sink::start(&[]);
     let relay = Relay::start_with_env(
         dir.path(),
-        &config(&sink.url(), Some(&dir.path().join("spool"))),
+        &config(&sink.url(), Some(&dir.path().join("spool"))).yaml(),
         "otlp",
         &[("OTLP_RELAY_TEST_PANIC", panics)],
     );
@@ -196,10 +192,12 @@ fn accept_loops_and_spool_threads_restart_after_a_panic() {
     // The writer dies with the first request's group in hand: that request is not acknowledged
     // (its client retries), the next ones are, once the writer is back.
     assert_eq!(post(http_addr, &request(0, 4)), 503);
-    assert_eq!(
-        relay.metric("otlp_relay_component_restarts_total", &[("component", "spool_writer")]),
-        1.0
-    );
+    // The 503 goes out when the writer drops the group; its supervisor counts the panic a moment
+    // later, on another thread.
+    wait_for("the writer's restart counted", T, || {
+        let n = relay.metric("otlp_relay_component_restarts_total", &[("component", "spool_writer")]);
+        (n == 1.0).then_some(())
+    });
     let status = wait_for("the writer back", T, || {
         let s = post(http_addr, &request(1, 6));
         (s == 200).then_some(s)
@@ -212,4 +210,58 @@ fn accept_loops_and_spool_threads_restart_after_a_panic() {
     for part in ["accepted=6", "sent=6", "in_spool=0", "balanced=true"] {
         assert!(line.contains(part), "{part} in {line}");
     }
+}
+
+#[test]
+fn a_panicking_certificate_reloader_restarts_and_still_picks_up_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_ca, new_ca) = (Ca::new("old-ca"), Ca::new("new-ca"));
+    let old_ca_path = old_ca.write(dir.path(), "old-ca");
+    let new_ca_path = new_ca.write(dir.path(), "new-ca");
+    let server = old_ca.server().write(dir.path(), "server");
+    let sink = Sink::start(&[]);
+    let config = config(&sink.url(), None)
+        .receiver(
+            "http",
+            json!({"tls": {"cert_file": server.cert, "key_file": server.key, "reload_interval": "100ms"}}),
+        )
+        .yaml();
+    // The reloader panics at its first two reloads, before it read anything.
+    let relay = Relay::start_with_env(
+        dir.path(),
+        &config,
+        "otlp",
+        &[("OTLP_RELAY_TEST_PANIC", "tls_reloader:2")],
+    );
+    let health = relay.health.unwrap();
+    let endpoint = format!("https://{}", relay.http.unwrap());
+    let send = |ca: &Path| spans_accepted_over_https(&endpoint, ca);
+    let unready = wait_for("/readyz to name the downed reloader", T, || {
+        let (status, body) = get_text(health, "/readyz");
+        (status == 503 && body.contains("tls reloader")).then_some(body)
+    });
+    assert!(unready.contains("injected fault at tls_reloader"), "{unready}");
+    wait_for("two reloader restarts", T, || {
+        let n = relay.metric("otlp_relay_component_restarts_total", &[("component", "tls_reloader")]);
+        (n == 2.0).then_some(())
+    });
+    // The receiver served throughout, with the certificate it started with.
+    assert_eq!(send(&old_ca_path), 2);
+    assert_eq!(send(&new_ca_path), 0, "not rotated yet");
+    // Rotated after the restarts: the restarted reloader picks it up.
+    let rotated = new_ca.server();
+    std::fs::write(&server.key, &rotated.key_pem).unwrap();
+    std::fs::write(&server.cert, &rotated.cert_pem).unwrap();
+    wait_for("the relay to serve the rotated certificate", T, || {
+        (send(&new_ca_path) == 2).then_some(())
+    });
+    assert_eq!(send(&old_ca_path), 0);
+    wait_for("/readyz ready again", T, || {
+        (get_text(health, "/readyz").0 == 200).then_some(())
+    });
+    assert_eq!(
+        relay.metric("otlp_relay_component_restarts_total", &[("component", "tls_reloader")]),
+        2.0,
+        "no further panics"
+    );
 }

@@ -5,23 +5,21 @@ mod support;
 
 use std::time::Duration;
 
-use support::otlp::{Relay, Sink, loadgen};
+use serde_json::{Value, json};
+use support::config::RelayConfig;
+use support::otlp::{Relay, Sink, loadgen, spans_accepted_over_https};
 use support::pki::Ca;
 
 const T: Duration = Duration::from_secs(30);
 
-fn base_config(receiver_tls: &str, exporter: &str) -> String {
-    format!(
-        r#"
-receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"{receiver_tls}}}}}}}}}
-processors: {{batch: {{timeout: 50ms}}}}
-exporters:
-{exporter}
-service:
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-"#
-    )
+/// A relay with an HTTP receiver (`receiver` merged into its settings) and exporter `otlphttp`.
+fn base_config(receiver: Value, exporter: Value) -> String {
+    RelayConfig::new()
+        .without_transport("grpc")
+        .receiver("http", receiver)
+        .batch(json!({"timeout": "50ms"}))
+        .exporter("otlphttp", exporter)
+        .yaml()
 }
 
 #[test]
@@ -33,28 +31,11 @@ fn receiver_certificates_reload_without_restart() {
     let new_ca_path = new_ca.write(dir.path(), "new-ca");
     let server = old_ca.server().write(dir.path(), "server");
     let sink = Sink::start(&[]);
-    let tls = format!(
-        r#", tls: {{cert_file: "{}", key_file: "{}", reload_interval: 100ms}}"#,
-        server.cert.display(),
-        server.key.display()
-    );
-    let exporter = format!("  otlphttp: {{endpoint: \"{}\"}}", sink.url());
-    let relay = Relay::start(dir.path(), &base_config(&tls, &exporter), "otlp");
+    let tls = json!({"tls": {"cert_file": server.cert, "key_file": server.key, "reload_interval": "100ms"}});
+    let exporter = json!({"endpoint": sink.url()});
+    let relay = Relay::start(dir.path(), &base_config(tls, exporter), "otlp");
     let endpoint = format!("https://{}", relay.http.unwrap());
-    let send = |ca: &std::path::Path| {
-        let (_, r) = loadgen(&[
-            "--otlp-http",
-            "--otlp-endpoint",
-            &endpoint,
-            "--ca-cert",
-            ca.to_str().unwrap(),
-            "--traces",
-            "1",
-            "--max-retries",
-            "0",
-        ]);
-        r["spans_accepted"].as_u64().unwrap()
-    };
+    let send = |ca: &std::path::Path| spans_accepted_over_https(&endpoint, ca);
     assert_eq!(send(&old_ca_path), 2);
     assert_eq!(send(&new_ca_path), 0, "the new CA is not in use yet");
     // Rotate: a certificate from another CA replaces the files in place.
@@ -95,20 +76,15 @@ fn exports_verify_through_bundle_env_and_client_certificate() {
         "127.0.0.1:0",
     ]);
     let url = format!("https://localhost:{}", sink.http.port());
-    let client_tls = format!(
-        r#"cert_file: "{}", key_file: "{}""#,
-        relay_cert.cert.display(),
-        relay_cert.key.display()
-    );
+    let client_tls = json!({"cert_file": relay_cert.cert, "key_file": relay_cert.key});
     let mut delivered = 0;
     // ca_file with the bundle; then no ca_file but SSL_CERT_FILE pointing at it.
-    for (tls, env) in [
-        (format!(r#"{{ca_file: "{}", {client_tls}}}"#, bundle.display()), None),
-        (format!("{{{client_tls}}}"), Some(bundle.clone())),
-    ] {
-        let exporter = format!("  otlphttp: {{endpoint: \"{url}\", tls: {tls}}}");
+    let mut with_bundle = client_tls.clone();
+    with_bundle["ca_file"] = json!(bundle);
+    for (tls, env) in [(with_bundle, None), (client_tls.clone(), Some(bundle.clone()))] {
+        let exporter = json!({"endpoint": url, "tls": tls});
         let sub = tempfile::tempdir().unwrap();
-        let config = support::write_file(sub.path(), "config.yaml", &base_config("", &exporter));
+        let config = support::write_file(sub.path(), "config.yaml", &base_config(json!({}), exporter));
         let mut cmd = std::process::Command::new(support::bin());
         cmd.args(["run", "--config", config.to_str().unwrap()]);
         if let Some(path) = &env {
@@ -132,12 +108,11 @@ fn exports_verify_through_bundle_env_and_client_certificate() {
     }
     // A CA that did not sign MLflow's certificate: nothing is delivered, the batch waits.
     let stranger = Ca::new("stranger").write(dir.path(), "stranger");
-    let exporter = format!(
-        "  otlphttp: {{endpoint: \"{url}\", tls: {{ca_file: \"{}\", {client_tls}}}, retry_on_failure: {{initial_interval: 100ms}}}}",
-        stranger.display()
-    );
+    let mut tls = client_tls;
+    tls["ca_file"] = json!(stranger);
+    let exporter = json!({"endpoint": url, "tls": tls, "retry_on_failure": {"initial_interval": "100ms"}});
     let sub = tempfile::tempdir().unwrap();
-    let relay = Relay::start(sub.path(), &base_config("", &exporter), "otlp");
+    let relay = Relay::start(sub.path(), &base_config(json!({}), exporter), "otlp");
     let http = relay.http.unwrap().to_string();
     let (code, _) = loadgen(&[
         "--otlp-insecure",

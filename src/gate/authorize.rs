@@ -14,9 +14,8 @@ use super::routes::{self, BodyKind, Find, Kind, Rule};
 use super::session::Identity;
 use super::targets::{self, Found};
 use super::{Body, Gate, MAX_INSPECTED_BODY, detail, full, query_value, read_limited};
+use crate::otlp::{EXPERIMENT_HEADER, ExperimentId};
 
-/// The experiment OTLP ingestion writes to; the gate reads it for `/v1/traces` only.
-const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 /// MLflow's workspace selector (a workspaces-enabled server): not passed on for non-admins.
 const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
 /// Paging of searches (snake and camelCase), replaced for callers whose answers are cut.
@@ -386,7 +385,7 @@ impl Gate {
                 let e = info
                     .pointer("/trace_location/mlflow_experiment/experiment_id")?
                     .as_str()?;
-                if !canonical::valid_experiment_id(e) {
+                if !ExperimentId::is_canonical(e) {
                     return None;
                 }
                 out.push(e.to_string());
@@ -423,7 +422,7 @@ impl Gate {
         };
         let v = self.upstream_json(&path).await?;
         let e = v.pointer(pointer)?.as_str()?.to_string();
-        if !canonical::valid_experiment_id(&e) {
+        if !ExperimentId::is_canonical(&e) {
             return None;
         }
         if cacheable {

@@ -36,7 +36,7 @@ impl Pattern {
     fn parse(s: &str) -> Pattern {
         if s == "*" {
             Pattern::Any
-        } else if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        } else if crate::otlp::ExperimentId::is_valid(s) {
             Pattern::Id(s.to_string())
         } else {
             Pattern::Name(s.to_string())

@@ -7,6 +7,8 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use crate::otlp::ExperimentId;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CanonError {
     #[error("invalid request path: {0}")]
@@ -358,15 +360,11 @@ pub fn experiment_id(v: &Value) -> Result<Option<String>, CanonError> {
         Value::Number(n) if n.is_u64() => n.to_string(),
         _ => return Err(CanonError::Body("an experiment id must be a string of digits".into())),
     };
-    if valid_experiment_id(&s) {
+    if ExperimentId::is_canonical(&s) {
         Ok(Some(s))
     } else {
         Err(CanonError::Body(format!("invalid experiment id {:?}", truncate(&s))))
     }
-}
-
-pub fn valid_experiment_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'))
 }
 
 /// An artifact path given as a parameter: relative, no empty, `.` or `..` segments, no `\`.

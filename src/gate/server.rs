@@ -1,7 +1,7 @@
 //! The gate's listeners: a cap on open connections, a deadline for a new connection's first request
 //! head, an idle timeout between requests, a pause limit while a request body is read, a limit on
 //! how long an answer may wait for a client that does not read it, and accept errors backed off
-//! (5 ms doubling to 1 s) with a rate-limited warning. Slow or silent clients cost at most one
+//! (`net::Acceptor`, as every listener of the crate) with a rate-limited warning. Slow or silent clients cost at most one
 //! connection slot for a bounded time. Requests in flight (each may hold a connection to MLflow)
 //! are capped at the connection cap across all connections, so HTTP/2 multiplexing cannot
 //! multiply sockets either.
@@ -25,11 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{GateMetrics, ListenerLabel};
 use super::proxy::{Body, BoxError};
+use crate::net::{Acceptor, RateLimitedWarn, WARN_INTERVAL};
+use crate::supervise::LockUnpoisoned;
 
-/// Least time between two warnings of one kind (the rest are counted into the next one).
-const WARN_EVERY: Duration = Duration::from_secs(10);
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
 
 /// HTTP/2 streams one connection may have open (hyper's default is 200).
@@ -41,40 +39,6 @@ pub(crate) struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
-}
-
-/// The next accept-error backoff: 5 ms, then doubling up to 1 s.
-pub(crate) fn next_backoff(prev: Duration) -> Duration {
-    if prev.is_zero() {
-        ACCEPT_BACKOFF_FIRST
-    } else {
-        (prev * 2).min(ACCEPT_BACKOFF_MAX)
-    }
-}
-
-/// A warning at most every WARN_EVERY, carrying how many events it stands for.
-struct RateLimitedWarning {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedWarning {
-    fn new() -> Self {
-        RateLimitedWarning {
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Some(count of events since the last warning, this one included) when a warning is due now.
-    fn hit(&mut self, now: Instant) -> Option<u64> {
-        self.suppressed += 1;
-        if self.last.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 /// Request activity on one connection, for its idle deadline.
@@ -266,45 +230,26 @@ pub(crate) async fn serve<H, F>(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // HTTP/1.1 has one request in flight per connection; HTTP/2 could have many.
     let request_slots = Arc::new(Semaphore::new(limits.max_connections));
-    let busy_warning = Arc::new(Mutex::new(RateLimitedWarning::new()));
+    let busy_warning = Arc::new(Mutex::new(RateLimitedWarn::new(WARN_INTERVAL)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
-    let mut backoff = Duration::ZERO;
-    let mut accept_warning = RateLimitedWarning::new();
-    let mut full_warning = RateLimitedWarning::new();
+    let mut acceptor = Acceptor::new(name).counting_errors(metrics.accept_errors.get_or_create(&label).clone());
+    let mut full_warning = RateLimitedWarn::new(WARN_INTERVAL);
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => {
-                    backoff = Duration::ZERO;
-                    x
-                }
-                Err(e) => {
-                    // Usually out of file descriptors: waiting lets open connections finish or time out.
-                    metrics.accept_errors.get_or_create(&label).inc();
-                    backoff = next_backoff(backoff);
-                    if let Some(n) = accept_warning.hit(Instant::now()) {
-                        tracing::warn!(listener = name, error = %e, errors = n, retry_in = ?backoff, "accept failed");
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    continue;
-                }
-            },
+            x = acceptor.accept(&listener) => x,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             // Closing at once (rather than leaving it in the backlog) tells the client now and keeps
             // the kernel's queue free for when a slot opens.
             drop(stream);
             metrics.connections_refused.get_or_create(&label).inc();
-            if let Some(n) = full_warning.hit(Instant::now()) {
+            if let Some(suppressed) = full_warning.due() {
                 tracing::warn!(
                     listener = name,
-                    refused = n,
+                    refused = suppressed + 1,
                     max = limits.max_connections,
                     "connection limit reached; closing new connections"
                 );
@@ -324,10 +269,10 @@ pub(crate) async fn serve<H, F>(
             let guard = act.begin();
             let Ok(permit) = request_slots.clone().try_acquire_owned() else {
                 busy_metrics.requests_refused.get_or_create(&busy_label).inc();
-                if let Some(n) = busy_warning.lock().ok().and_then(|mut w| w.hit(Instant::now())) {
+                if let Some(suppressed) = busy_warning.lock_unpoisoned().due() {
                     tracing::warn!(
                         listener = name,
-                        refused = n,
+                        refused = suppressed + 1,
                         "too many requests in flight; answering 503"
                     );
                 }
@@ -421,33 +366,6 @@ mod tests {
         let e = Outer(Box::new(BodyTimeout));
         assert!(is_body_timeout(&e));
         assert!(!is_body_timeout(&Outer(Box::new(std::io::Error::other("x")))));
-    }
-
-    #[test]
-    fn accept_backoff_doubles_to_a_second() {
-        let mut b = Duration::ZERO;
-        let mut seen = Vec::new();
-        for _ in 0..12 {
-            b = next_backoff(b);
-            seen.push(b.as_millis());
-        }
-        assert_eq!(&seen[..4], &[5, 10, 20, 40]);
-        assert_eq!(*seen.last().unwrap(), 1000);
-        assert!(seen.iter().all(|&ms| ms <= 1000));
-    }
-
-    #[test]
-    fn warnings_are_rate_limited_and_counted() {
-        let mut w = RateLimitedWarning::new();
-        let t0 = Instant::now();
-        assert_eq!(w.hit(t0), Some(1));
-        assert_eq!(w.hit(t0 + Duration::from_secs(1)), None);
-        assert_eq!(w.hit(t0 + Duration::from_secs(2)), None);
-        assert_eq!(
-            w.hit(t0 + WARN_EVERY),
-            Some(3),
-            "the two suppressed ones are counted in"
-        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ use serde_json::{Map, Value};
 
 use super::canonical::{self, CanonError, Query};
 use super::routes::{Find, Kind};
+use crate::otlp::ExperimentId;
 
 /// Most ids one request may name (each may cost an MLflow look-up): more is refused with 400.
 pub const MAX_IDS: usize = 100;
@@ -59,7 +60,7 @@ impl Found {
     pub fn push(&mut self, kind: Kind, v: String) -> Result<(), CanonError> {
         match kind {
             Kind::Experiment | Kind::ExperimentOrDefault => {
-                if !canonical::valid_experiment_id(&v) {
+                if !ExperimentId::is_canonical(&v) {
                     return Err(CanonError::Target(format!(
                         "invalid experiment id {:?}",
                         v.chars().take(40).collect::<String>()
@@ -75,7 +76,7 @@ impl Found {
             Kind::ArtifactPath => {
                 let segs = canonical::artifact_path(&v)?;
                 match segs.first() {
-                    Some(first) if canonical::valid_experiment_id(first) => self.experiments.push(first.to_string()),
+                    Some(first) if ExperimentId::is_canonical(first) => self.experiments.push(first.to_string()),
                     _ => self.everywhere = true,
                 }
             }

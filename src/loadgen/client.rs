@@ -1,6 +1,5 @@
 //! The generator's transports: OTLP/gRPC over a tonic channel and OTLP/HTTP over a hyper client,
 //! both connecting through the same rustls (aws-lc-rs) connector, plus OTLP retry classification.
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -21,10 +20,8 @@ use crate::otlp::{GRPC_EXPORT_PATH, grpc_retryable, rpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("reading {0}: {1}")]
-    Pem(String, String),
     #[error("tls: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(#[from] crate::tls::TlsError),
     #[error("bad endpoint {0:?}: {1}")]
     Endpoint(String, String),
     #[error("bad header {0:?}")]
@@ -39,37 +36,18 @@ pub struct TlsOptions {
     pub client_key: Option<std::path::PathBuf>,
 }
 
-/// A rustls client config: the CA file (or the system roots) and an optional client certificate.
+/// A rustls client config: the CA file (or the system roots) and an optional client certificate,
+/// loaded by the relay's own client loader (`tls::client_config`).
 pub fn client_tls(opts: &TlsOptions) -> Result<rustls::ClientConfig, ClientError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let pem_err =
-        |p: &std::path::Path, e: &dyn std::fmt::Display| ClientError::Pem(p.display().to_string(), e.to_string());
-    let roots = match &opts.ca_cert {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, &e))? {
-                roots.add(c.map_err(|e| pem_err(ca, &e))?)?;
-            }
-            Arc::new(roots)
-        }
-        None => crate::tls::system_roots(),
+    let path =
+        |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let settings = crate::config::ClientTlsConfig {
+        ca_file: path(&opts.ca_cert),
+        cert_file: path(&opts.client_cert),
+        key_file: path(&opts.client_key),
+        ..Default::default()
     };
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    Ok(match (&opts.client_cert, &opts.client_key) {
-        (Some(cert), Some(key)) => {
-            let certs = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| pem_err(cert, &e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err(cert, &e))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, &e))?;
-            builder.with_client_auth_cert(certs, key)?
-        }
-        _ => builder.with_no_client_auth(),
-    })
+    Ok(crate::tls::client_config(&settings, true)?)
 }
 
 /// A connector for plain and TLS connections; `h2` makes it negotiate HTTP/2 (gRPC).

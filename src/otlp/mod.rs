@@ -60,6 +60,13 @@ impl ExperimentId {
         !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
     }
 
+    /// Valid and in the one spelling MLflow prints its int64 ids in: at most 19 digits, no
+    /// leading zero. The gate accepts only this form, so two spellings of one id can never be
+    /// told apart by its checks and then read as the same experiment by MLflow.
+    pub(crate) fn is_canonical(s: &str) -> bool {
+        Self::is_valid(s) && s.len() <= 19 && (s == "0" || !s.starts_with('0'))
+    }
+
     pub(crate) fn into_string(self) -> String {
         self.0
     }
@@ -99,6 +106,18 @@ mod tests {
         }
         for bad in ["", " 1", "1 ", "-1", "+1", "1.0", "1e3", "abc", "１"] {
             assert!(ExperimentId::parse(bad).is_none(), "{bad:?}");
+            assert!(!ExperimentId::is_canonical(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn canonical_experiment_ids_have_one_spelling() {
+        for ok in ["0", "7", "1234567890123456789"] {
+            assert!(ExperimentId::is_canonical(ok), "{ok:?}");
+        }
+        for bad in ["00", "07", "0012", "12345678901234567890"] {
+            assert!(ExperimentId::is_valid(bad), "{bad:?}");
+            assert!(!ExperimentId::is_canonical(bad), "{bad:?}");
         }
     }
 }

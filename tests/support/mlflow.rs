@@ -25,15 +25,6 @@ pub struct Mlflow {
     _dir: tempfile::TempDir,
 }
 
-/// A free loopback port (bound then released; the small race is acceptable in tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Mlflow {
     pub fn start() -> Mlflow {
         Self::start_with(&[])
@@ -47,7 +38,7 @@ impl Mlflow {
     /// Starts `mlflow server` from `venv` on `backend_store_uri` (None: sqlite in a temp dir).
     pub fn start_on(venv: PathBuf, backend_store_uri: Option<&str>, extra_args: &[&str]) -> Mlflow {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = super::free_port();
         let backend = backend_store_uri
             .map(str::to_string)
             .unwrap_or_else(|| format!("sqlite:///{}", dir.path().join("mlflow.db").display()));

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod config;
 pub mod mlflow;
 pub mod npm;
 pub mod oidc;
@@ -349,4 +350,45 @@ pub fn metric(metrics_addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> 
         }
     }
     total
+}
+
+/// A free loopback port (bound then released; the small race is acceptable in tests). Nothing
+/// listens on it until someone binds it, so it also stands for a destination that is down.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `data` gzip-compressed (one member).
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `text` with its one occurrence of `from` replaced by `to`. Panics when `from` is absent or
+/// occurs more than once: an edit of a config template that no longer matches would otherwise
+/// silently test the unedited config.
+#[track_caller]
+pub fn replace_once(text: &str, from: &str, to: &str) -> String {
+    let n = text.matches(from).count();
+    assert!(n == 1, "{from:?} occurs {n} times (expected once) in:\n{text}");
+    text.replacen(from, to, 1)
+}
+
+/// A detached watcher that kills `target` (a pid, or -pgid) once this test process has exited:
+/// a process shared by the tests of a file lives in a static, and statics are never dropped.
+pub fn reap_with_us(target: &str) {
+    let me = std::process::id();
+    let script = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -KILL {target} 2>/dev/null");
+    let _ = Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
 }

@@ -75,6 +75,24 @@ pub fn loadgen_with_output(args: &[&str]) -> (i32, serde_json::Value, String) {
     (code, serde_json::from_str(&line).unwrap(), p.output_text())
 }
 
+/// Sends one trace (two spans) over OTLP/HTTPS to `endpoint`, trusting only the CA in `ca`, without
+/// retries: the spans accepted (0 when the handshake fails, e.g. the server's certificate is from
+/// another CA).
+pub fn spans_accepted_over_https(endpoint: &str, ca: &Path) -> u64 {
+    let (_, r) = loadgen(&[
+        "--otlp-http",
+        "--otlp-endpoint",
+        endpoint,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "--traces",
+        "1",
+        "--max-retries",
+        "0",
+    ]);
+    r["spans_accepted"].as_u64().unwrap()
+}
+
 /// A running relay and the addresses it bound (configs use port 0 everywhere).
 pub struct Relay {
     pub proc: Proc,
