@@ -1160,4 +1160,34 @@ mod tests {
             assert!(e.0.contains(words), "{statement}: {e}");
         }
     }
+
+    proptest::proptest! {
+        /// Statements assembled from the grammar's pieces, valid or not: parsing, compiling and
+        /// running them either works or returns an error; nothing panics or overflows.
+        #[test]
+        fn generated_statements_never_panic(
+            editor in proptest::sample::select(vec!["set", "delete_key", "keep_keys", "truncate_all", "limit", "merge_maps", "replace_pattern", "delete_matching_keys", "replace_all_patterns"]),
+            args in proptest::collection::vec(proptest::sample::select(vec![
+                "name", "attributes", r#"attributes["user.email"]"#, r#"attributes["a"]["b"]"#, "resource.attributes",
+                r#""x""#, r#""^.*$""#, r#""key""#, r#""upsert""#, "0", "-1", "9223372036854775807", "1.5", "nil", "true",
+                r#"["a", 1]"#, r#"{"k": [1]}"#, "kind", "status.code", "trace_id", "0xff", "SPAN_KIND_SERVER",
+                r#"Concat([name, 1], "-")"#, "Int(name)", "Len(attributes)", "1 / 0", "name + 1", r#"Split(name, "/")"#,
+            ]), 0..5),
+            condition in proptest::option::of(proptest::sample::select(vec![
+                "IsRootSpan()", r#"name == "ChatOpenAI""#, "kind > 1.5", r#"attributes["x"] != nil and not true"#,
+                "end_time_unix_nano - start_time_unix_nano > 0", r#"IsMatch(attributes["user.email"], "@")"#, "String(1) < 2",
+            ])),
+        ) {
+            let text = match condition {
+                Some(c) => format!("{editor}({}) where {c}", args.join(", ")),
+                None => format!("{editor}({})", args.join(", ")),
+            };
+            if let Ok(statement) = parse_statement(&text)
+                && let Ok(compiled) = compile(statement)
+            {
+                let mut f = Fixture::new();
+                let _ = compiled.execute(&mut f.target());
+            }
+        }
+    }
 }
