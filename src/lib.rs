@@ -14,6 +14,7 @@ pub(crate) mod loadgen;
 pub(crate) mod net;
 pub(crate) mod otlp;
 pub mod pipeline;
+pub(crate) mod processor;
 pub mod receiver;
 pub mod sink;
 pub mod spool;

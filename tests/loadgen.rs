@@ -247,3 +247,53 @@ fn runs_with_nothing_accepted_fail_and_name_the_cause() {
     assert!(r["spans_accepted"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(code, 1, "{text}");
 }
+
+/// `--trace-duration`: spans leave as they end, many traces per request and several requests per
+/// trace, and every span still arrives once.
+#[test]
+fn agent_shaped_load_sends_traces_in_pieces_without_loss() {
+    let s = sink(&[]);
+    let verify = format!("http://{}", s.http);
+    let http = s.http.to_string();
+    let (code, r) = loadgen(&[
+        "--otlp-insecure",
+        "--otlp-http",
+        "--otlp-endpoint",
+        &http,
+        "--traces",
+        "40",
+        "--child-spans",
+        "4",
+        "--rate",
+        "400",
+        "--trace-duration",
+        "1s",
+        "--export-interval",
+        "200ms",
+        "--verify-sink",
+        &verify,
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["spans_sent"], 200, "{r}");
+    assert_eq!(r["verify"]["received_unique_spans"], 200, "{r}");
+    assert_eq!(r["verify"]["lost_spans"], 0);
+    // 80 traces/s lasting 1 s, flushed every 200 ms: whole traces would be 40 / 20 = 2 requests
+    // at most per flush; pieces make it several per trace.
+    let requests = stats(s.http)["requests"].as_u64().unwrap();
+    assert!(requests >= 5, "{requests} requests: the traces were not sent in pieces");
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_otlp-relay"))
+        .args([
+            "loadgen",
+            "--otlp-insecure",
+            "--otlp-endpoint",
+            &http,
+            "--trace-duration",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--trace-duration needs --rate"));
+    drop(s.proc);
+}

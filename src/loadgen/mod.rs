@@ -5,6 +5,7 @@
     clippy::expect_used,
     reason = "the load generator handles only data it generated; its expects are invariants (static histogram bounds, in-memory writes)"
 )]
+pub(crate) mod agent;
 pub mod client;
 pub mod pace;
 pub mod report;
@@ -129,6 +130,14 @@ pub struct LoadgenArgs {
     /// accepted (0 to 1). Whatever its value, a run with nothing accepted fails.
     #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     pub min_accepted: f64,
+    /// Agent-shaped load: each trace's spans are spread over this time and sent as they end
+    /// (children first, root last), many traces in flight, flushed every --export-interval or
+    /// when --batch-size spans have ended, like an SDK's BatchSpanProcessor. Needs --rate.
+    #[arg(long, value_parser = pace::parse_duration)]
+    pub trace_duration: Option<Duration>,
+    /// With --trace-duration: the SDK's export schedule (OTEL_BSP_SCHEDULE_DELAY, default 5 s).
+    #[arg(long, value_parser = pace::parse_duration, default_value = "5s", requires = "trace_duration")]
+    pub export_interval: Duration,
 }
 
 fn parse_share(text: &str) -> Result<f64, String> {
@@ -162,6 +171,9 @@ struct Plan {
     http: bool,
     tls: Option<rustls::ClientConfig>,
     rate_per_worker: f64,
+    trace_duration: Option<Duration>,
+    export_interval: Duration,
+    batch_size: usize,
     deadline: Option<Instant>,
     max_retries: u32,
     seed: u64,
@@ -243,6 +255,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     let tls_config = client::client_tls(&opts)?;
     let tls = use_tls.then(|| tls_config.clone());
     let shape = build_shape(&args)?;
+    if args.trace_duration.is_some() {
+        anyhow::ensure!(
+            args.rate > 0.0,
+            "--trace-duration needs --rate (spans/s): agents start traces at a pace, not as fast as possible"
+        );
+    }
     let trace_len = shape.spans.len();
     let traces_per_request = (args.batch_size / trace_len).max(1);
     let seed = args.seed.unwrap_or_else(now_ns);
@@ -278,6 +296,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         http: args.otlp_http,
         tls,
         rate_per_worker: args.rate / args.workers as f64,
+        trace_duration: args.trace_duration,
+        export_interval: args.export_interval,
+        batch_size: args.batch_size,
         deadline: args.duration.map(|d| start + d),
         max_retries: args.max_retries,
         seed,
@@ -316,7 +337,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         let plan = plan.clone();
         let cancel = cancel.clone();
         let traces = total_traces.map(|t| pace::split(t, args.workers, w));
-        tasks.push(tokio::spawn(async move { worker(w, plan, traces, cancel).await }));
+        tasks.push(tokio::spawn(async move {
+            if plan.trace_duration.is_some() {
+                agent_worker(w, plan, traces, cancel).await
+            } else {
+                worker(w, plan, traces, cancel).await
+            }
+        }));
     }
     let mut stats = WorkerStats::default();
     for t in tasks {
@@ -393,15 +420,8 @@ async fn worker(
     cancel: CancellationToken,
 ) -> anyhow::Result<WorkerStats> {
     let mut stats = WorkerStats::default();
-    let mut rng = FastRng::new(
-        plan.seed
-            .wrapping_add((index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-    );
-    let mut transport = if plan.http {
-        Transport::http(plan.target.clone(), plan.tls.clone())?
-    } else {
-        Transport::grpc(plan.target.clone(), plan.tls.clone())?
-    };
+    let mut rng = worker_rng(&plan, index);
+    let mut transport = transport(&plan)?;
     let mut pacer = Pacer::new(plan.rate_per_worker);
     let mut remainder: Option<Template> = None;
     loop {
@@ -434,51 +454,137 @@ async fn worker(
         let mut buf = Vec::with_capacity(template.len());
         template.render(&mut rng, now_ns(), &mut buf);
         let body = Bytes::from(buf);
-        let spans = template.spans as u64;
-        stats.spans_sent += spans;
-        plan.sent.fetch_add(spans, Ordering::Relaxed);
-        let mut attempt = 0;
-        loop {
-            let t0 = Instant::now();
-            let (outcome, bytes) = transport.send(body.clone()).await;
-            stats.record_latency(t0.elapsed());
-            stats.requests += 1;
-            stats.bytes += bytes;
-            match outcome {
-                Outcome::Accepted { rejected } => {
-                    let rejected = rejected.min(spans);
-                    stats.spans_accepted += spans - rejected;
-                    plan.accepted.fetch_add(spans - rejected, Ordering::Relaxed);
-                    if rejected > 0 {
-                        stats.spans_refused += rejected;
-                        *stats.refused_by.entry("partial_success".into()).or_default() += rejected;
-                    }
-                    break;
-                }
-                Outcome::Failed(f) => {
-                    stats.requests_failed += 1;
-                    *stats.failures_by.entry(f.label.clone()).or_default() += 1;
-                    if !stats.first_errors.contains_key(&f.label) {
-                        stats.first_errors.insert(f.label.clone(), f.detail.clone());
-                    }
-                    if f.retryable && attempt < plan.max_retries && !cancel.is_cancelled() {
-                        let wait = backoff(attempt, &mut rng).max(f.retry_after.unwrap_or_default());
-                        attempt += 1;
-                        stats.retries += 1;
-                        stats.spans_retried += spans;
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => continue,
-                            _ = cancel.cancelled() => {}
-                        }
-                    }
-                    stats.spans_refused += spans;
-                    *stats.refused_by.entry(f.label).or_default() += spans;
-                    break;
-                }
-            }
-        }
+        deliver(
+            &mut transport,
+            body,
+            template.spans as u64,
+            &plan,
+            &mut stats,
+            &mut rng,
+            &cancel,
+        )
+        .await;
         if let Some(n) = traces_left.as_mut() {
             *n -= traces as u64;
+        }
+    }
+    Ok(stats)
+}
+
+fn worker_rng(plan: &Plan, index: usize) -> FastRng {
+    FastRng::new(
+        plan.seed
+            .wrapping_add((index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+    )
+}
+
+fn transport(plan: &Plan) -> anyhow::Result<Transport> {
+    if plan.http {
+        Ok(Transport::http(plan.target.clone(), plan.tls.clone())?)
+    } else {
+        Ok(Transport::grpc(plan.target.clone(), plan.tls.clone())?)
+    }
+}
+
+/// Sends one request of `spans` spans, retrying by the OTLP rules, and counts the outcome.
+async fn deliver(
+    transport: &mut Transport,
+    body: Bytes,
+    spans: u64,
+    plan: &Plan,
+    stats: &mut WorkerStats,
+    rng: &mut FastRng,
+    cancel: &CancellationToken,
+) {
+    stats.spans_sent += spans;
+    plan.sent.fetch_add(spans, Ordering::Relaxed);
+    let mut attempt = 0;
+    loop {
+        let t0 = Instant::now();
+        let (outcome, bytes) = transport.send(body.clone()).await;
+        stats.record_latency(t0.elapsed());
+        stats.requests += 1;
+        stats.bytes += bytes;
+        match outcome {
+            Outcome::Accepted { rejected } => {
+                let rejected = rejected.min(spans);
+                stats.spans_accepted += spans - rejected;
+                plan.accepted.fetch_add(spans - rejected, Ordering::Relaxed);
+                if rejected > 0 {
+                    stats.spans_refused += rejected;
+                    *stats.refused_by.entry("partial_success".into()).or_default() += rejected;
+                }
+                break;
+            }
+            Outcome::Failed(f) => {
+                stats.requests_failed += 1;
+                *stats.failures_by.entry(f.label.clone()).or_default() += 1;
+                if !stats.first_errors.contains_key(&f.label) {
+                    stats.first_errors.insert(f.label.clone(), f.detail.clone());
+                }
+                if f.retryable && attempt < plan.max_retries && !cancel.is_cancelled() {
+                    let wait = backoff(attempt, rng).max(f.retry_after.unwrap_or_default());
+                    attempt += 1;
+                    stats.retries += 1;
+                    stats.spans_retried += spans;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => continue,
+                        _ = cancel.cancelled() => {}
+                    }
+                }
+                stats.spans_refused += spans;
+                *stats.refused_by.entry(f.label).or_default() += spans;
+                break;
+            }
+        }
+    }
+}
+
+/// `--trace-duration`: traces in flight, spans sent as they end (see `agent`).
+async fn agent_worker(
+    index: usize,
+    plan: Arc<Plan>,
+    traces: Option<u64>,
+    cancel: CancellationToken,
+) -> anyhow::Result<WorkerStats> {
+    let mut stats = WorkerStats::default();
+    let mut rng = worker_rng(&plan, index);
+    let mut transport = transport(&plan)?;
+    let spans_per_trace = plan.shape.spans.len().max(1) as f64;
+    let agent_plan = agent::AgentPlan {
+        traces_per_sec: plan.rate_per_worker / spans_per_trace,
+        trace_duration: plan.trace_duration.unwrap_or_default(),
+        export_interval: plan.export_interval,
+        max_batch: plan.batch_size,
+        traces,
+    };
+    let start = Instant::now();
+    let mut traffic = agent::AgentTraffic::new(plan.shape.clone(), agent_plan, rng.next_u64(), now_ns());
+    loop {
+        if plan.deadline.is_some_and(|d| Instant::now() >= d) {
+            traffic.stop_starting();
+        }
+        match traffic.step(start.elapsed()) {
+            agent::Step::Send(spans) => {
+                let count = spans.len() as u64;
+                let body = Bytes::from(agent::encode_request(&plan.shape, spans, plan.template.encoding)?);
+                deliver(&mut transport, body, count, &plan, &mut stats, &mut rng, &cancel).await;
+            }
+            agent::Step::WaitUntil(at) => {
+                let mut due = start + at;
+                // Wake at the deadline to stop starting traces; after it, only the schedule.
+                if let Some(deadline) = plan.deadline.filter(|d| *d > Instant::now()) {
+                    due = due.min(deadline);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = cancel.cancelled() => break,
+                }
+            }
+            agent::Step::Done => break,
+        }
+        if cancel.is_cancelled() {
+            break;
         }
     }
     Ok(stats)
