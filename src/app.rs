@@ -1,10 +1,9 @@
-//! Wiring and lifecycle of `otlp-relay run` and `check`: config → TLS → exporters → receivers,
-//! then an ordered shutdown on SIGTERM/SIGINT: not ready, stop accepting, flush batches, drain
+//! Wiring and lifecycle of the relay: config → TLS → exporters → receivers, then an ordered
+//! shutdown once `shutdown` resolves (SIGTERM/SIGINT): not ready, stop accepting, flush batches, drain
 //! exporters within the deadline, account for every accepted span.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchSettings;
-use crate::cli::{EXIT_BAD_CONFIG, LogFormat};
 use crate::config::{self, Config, ConfigError, Exporter as ExporterConfig, Extension, Processor, Receiver};
 use crate::export::auth::Authenticator;
 use crate::export::debug::DebugExporter;
@@ -41,64 +39,6 @@ pub enum StartError {
     Bind(std::io::Error),
     #[error("{0}")]
     Spool(#[from] SpoolError),
-}
-
-impl StartError {
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            StartError::Config(_) => ExitCode::from(EXIT_BAD_CONFIG),
-            StartError::Bind(_) | StartError::Spool(_) => ExitCode::from(1),
-        }
-    }
-}
-
-pub fn check_main(path: &Path) -> ExitCode {
-    match config::load_file(path).and_then(|c| prepare(&c).map(|_| c)) {
-        Ok(c) => {
-            let pipelines: Vec<&String> = c.service.pipelines.keys().collect();
-            println!(
-                "{}: valid ({} receivers, {} exporters, pipelines {:?})",
-                path.display(),
-                c.receivers.len(),
-                c.exporters.len(),
-                pipelines
-            );
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{}: {} problem(s):", path.display(), errors.0.len());
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            ExitCode::from(1)
-        }
-    }
-}
-
-pub fn run_main(path: &Path, log_format: LogFormat, rt: tokio::runtime::Runtime) -> ExitCode {
-    let config = match config::load_file(path).and_then(|c| prepare(&c).map(|p| (c, p))) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!(
-                "otlp-relay: refusing to start, {} has {} problem(s):",
-                path.display(),
-                errors.0.len()
-            );
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
-    crate::cli::init_logging(log_format, config.0.service.telemetry.logs.level.as_deref());
-    crate::supervise::install_panic_hook();
-    match rt.block_on(run(config.0, config.1)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "relay failed to start");
-            e.exit_code()
-        }
-    }
 }
 
 /// Everything loaded from disk before any port is bound: failures here are config errors.
@@ -206,7 +146,7 @@ struct ReceiverRun {
     ctx: Arc<ReceiverContext>,
 }
 
-pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
+pub async fn run(config: Config, prepared: Prepared, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let admin_stop = CancellationToken::new();
@@ -490,7 +430,7 @@ pub async fn run(config: Config, prepared: Prepared) -> Result<(), StartError> {
         "relay started"
     );
 
-    wait_for_signal().await;
+    shutdown.await;
     let deadline = config.service.shutdown_timeout.0;
     tracing::info!(deadline = ?deadline, "shutting down: refusing new data, draining what was accepted");
     health.set_draining();
@@ -561,27 +501,6 @@ fn log_destinations(config: &Config) {
                 tracing::info!(exporter = %id, verbosity = ?c.verbosity, "spans are logged (debug exporter)");
             }
         }
-    }
-}
-
-pub(crate) async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the relay cleanly");
-            None
-        }
-    };
-    let sigterm = async {
-        match term.as_mut() {
-            Some(t) => t.recv().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = sigterm => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 

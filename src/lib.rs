@@ -5,7 +5,7 @@
 
 pub(crate) mod app;
 pub mod batch;
-pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod export;
 pub mod gate;
