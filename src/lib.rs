@@ -20,3 +20,4 @@ pub mod spool;
 pub(crate) mod supervise;
 pub(crate) mod telemetry;
 pub(crate) mod tls;
+pub(crate) mod topology;

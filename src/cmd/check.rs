@@ -13,7 +13,7 @@ pub(super) struct CheckArgs {
 
 pub(super) fn main(args: CheckArgs) -> ExitCode {
     let path = &args.config;
-    match config::load_file(path).and_then(|c| crate::app::prepare(&c).map(|_| c)) {
+    match config::load_file(path).and_then(|c| crate::topology::prepare(&c).map(|_| c)) {
         Ok(c) => {
             let pipelines: Vec<&String> = c.service.pipelines.keys().collect();
             println!(

@@ -10,7 +10,7 @@ use anyhow::Context;
 use super::Exit;
 use super::logging::{self, LogFormat};
 use crate::batch::Batch;
-use crate::config::{self, Config, Exporter as ExporterConfig};
+use crate::config::{self, Config};
 use crate::export::retry::RetryPolicy;
 use crate::export::{ExportError, Exporter, OutBatch};
 use crate::pipeline::{Destination, Item};
@@ -51,7 +51,7 @@ pub(super) fn main(args: ReplayArgs, rt: tokio::runtime::Runtime) -> ExitCode {
 
 async fn run(args: &ReplayArgs) -> anyhow::Result<crate::spool::replay::Totals> {
     let config = config::load_file(&args.config).map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
-    let prepared = crate::app::prepare(&config).map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
+    let prepared = crate::topology::prepare(&config).map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
     let exporters = ConfigExporters {
         path: args.config.clone(),
         config,
@@ -64,7 +64,7 @@ async fn run(args: &ReplayArgs) -> anyhow::Result<crate::spool::replay::Totals> 
 struct ConfigExporters {
     path: PathBuf,
     config: Config,
-    prepared: crate::app::Prepared,
+    prepared: crate::topology::Prepared,
 }
 
 impl Resend for ConfigExporters {
@@ -74,8 +74,8 @@ impl Resend for ConfigExporters {
             .exporter(id)
             .with_context(|| format!("exporter {id:?} is not in {}", self.path.display()))?;
         let retry = match self.config.exporters.get(id) {
-            Some(ExporterConfig::OtlpHttp(c)) => RetryPolicy::new(&c.retry_on_failure),
-            _ => RetryPolicy::new(&config::RetryConfig {
+            Some(cfg) => crate::export::build::retry_policy(cfg),
+            None => RetryPolicy::new(&config::RetryConfig {
                 enabled: false,
                 ..Default::default()
             }),

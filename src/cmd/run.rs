@@ -17,7 +17,7 @@ pub(super) struct RunArgs {
 
 pub(super) fn main(args: RunArgs, rt: tokio::runtime::Runtime) -> ExitCode {
     let path = &args.config;
-    let (config, prepared) = match config::load_file(path).and_then(|c| crate::app::prepare(&c).map(|p| (c, p))) {
+    let (config, prepared) = match config::load_file(path).and_then(|c| crate::topology::prepare(&c).map(|p| (c, p))) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!(
@@ -44,7 +44,8 @@ pub(super) fn main(args: RunArgs, rt: tokio::runtime::Runtime) -> ExitCode {
 
 fn exit_for(e: &StartError) -> Exit {
     match e {
-        StartError::Config(_) => Exit::BadConfig,
-        StartError::Bind(_) | StartError::Spool(_) => Exit::Failure,
+        // A spool directory that cannot be made or is in use: fix the config, nothing was bound.
+        StartError::Config(_) | StartError::Spool { .. } => Exit::BadConfig,
+        StartError::Bind(_) => Exit::Failure,
     }
 }
