@@ -118,7 +118,7 @@ fn log_destinations(config: &Config) {
                 );
             }
             ExporterConfig::Debug(c) => {
-                tracing::info!(exporter = %id, verbosity = ?c.verbosity, "spans are logged (debug exporter)");
+                tracing::info!(exporter = %id, verbosity = ?c.verbosity.as_str(), "spans are logged (debug exporter)");
             }
         }
     }

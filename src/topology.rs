@@ -19,7 +19,7 @@ use crate::export::build::PipelineBatch;
 use crate::export::oauth::OAuth2Client;
 use crate::export::{Exporter, StageControl, start_stage};
 use crate::pipeline::{Intake, MemoryBudget, Target};
-use crate::receiver::build::{Endpoint, endpoints, listen_addr};
+use crate::receiver::build::{Endpoint, endpoints};
 use crate::receiver::{Protocol, ReceiverContext};
 use crate::spool::{Spool, SpoolSettings};
 use crate::supervise::{ListenerSlot, Supervisor};
@@ -144,13 +144,9 @@ async fn bind_one(component: &str, addr: std::net::SocketAddr) -> Result<TcpList
 }
 
 pub(crate) async fn bind(config: &Config) -> Result<Listeners<'_>, StartError> {
-    let metrics = bind_one(
-        "metrics",
-        listen_addr(&config.service.telemetry.metrics.address, "0.0.0.0:8888"),
-    )
-    .await?;
+    let metrics = bind_one("metrics", config.service.telemetry.metrics.address.0).await?;
     let health = match config.health_check() {
-        Some(h) => Some(bind_one("health", listen_addr(&h.endpoint, "0.0.0.0:13133")).await?),
+        Some(h) => Some(bind_one("health", h.endpoint.0).await?),
         None => None,
     };
     let mut receivers = Vec::new();

@@ -5,12 +5,14 @@ mod env;
 mod load;
 mod model;
 mod validate;
+mod values;
 
 pub use duration::{GoDuration, parse_duration};
 pub use env::{EnvError, Substituted, substitute};
 pub use load::{load_file, parse_str};
 pub use model::*;
 pub use validate::parse_listen as parse_listen_addr;
+pub use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, Verbosity};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::duration::GoDuration;
+use super::values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, Verbosity, empty_is_none};
 
 /// Default gRPC and HTTP receiver endpoints, as the collector's (but loopback for newcomers).
 pub const DEFAULT_GRPC_ENDPOINT: &str = "127.0.0.1:4317";
 pub const DEFAULT_HTTP_ENDPOINT: &str = "127.0.0.1:4318";
+/// Default health_check and metrics listen addresses, as the collector's.
+pub const DEFAULT_HEALTH_ENDPOINT: &str = "0.0.0.0:13133";
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:8888";
 
 // ---------------------------------------------------------------- receivers
 
@@ -28,8 +32,9 @@ pub struct OtlpProtocols {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProtocolConfig {
-    /// Empty means the protocol's default endpoint.
-    pub endpoint: String,
+    /// None (missing or empty) means the protocol's default endpoint.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub endpoint: Option<ListenAddr>,
     pub max_recv_msg_size_mib: u64,
     pub include_metadata: bool,
     pub tls: Option<ServerTlsConfig>,
@@ -81,7 +86,7 @@ impl Default for KeepaliveServerConfig {
 impl Default for ProtocolConfig {
     fn default() -> Self {
         ProtocolConfig {
-            endpoint: String::new(),
+            endpoint: None,
             max_recv_msg_size_mib: 16,
             include_metadata: false,
             tls: None,
@@ -171,11 +176,9 @@ pub struct OtlpHttpExporterConfig {
     pub endpoint: String,
     pub traces_endpoint: String,
     pub headers: BTreeMap<String, String>,
-    /// gzip (default), deflate or none.
-    pub compression: String,
+    pub compression: Compression,
     pub timeout: GoDuration,
-    /// protobuf (default) or json.
-    pub encoding: String,
+    pub encoding: Encoding,
     pub tls: ClientTlsConfig,
     pub retry_on_failure: RetryConfig,
     pub sending_queue: QueueConfig,
@@ -188,9 +191,9 @@ impl Default for OtlpHttpExporterConfig {
             endpoint: String::new(),
             traces_endpoint: String::new(),
             headers: BTreeMap::new(),
-            compression: "gzip".into(),
+            compression: Compression::default(),
             timeout: GoDuration::secs(30),
-            encoding: "proto".into(),
+            encoding: Encoding::default(),
             tls: ClientTlsConfig::default(),
             retry_on_failure: RetryConfig::default(),
             sending_queue: QueueConfig::default(),
@@ -269,8 +272,7 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DebugExporterConfig {
-    /// basic: span counts; normal: one line per span; detailed: every field.
-    pub verbosity: String,
+    pub verbosity: Verbosity,
     pub sampling_initial: Option<u64>,
     pub sampling_thereafter: Option<u64>,
 }
@@ -278,7 +280,7 @@ pub struct DebugExporterConfig {
 impl Default for DebugExporterConfig {
     fn default() -> Self {
         DebugExporterConfig {
-            verbosity: "basic".into(),
+            verbosity: Verbosity::default(),
             sampling_initial: None,
             sampling_thereafter: None,
         }
@@ -290,7 +292,7 @@ impl Default for DebugExporterConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
-    pub endpoint: String,
+    pub endpoint: ListenAddr,
     /// Accepted for collector compatibility; `/`, `/healthz` and `/readyz` are always served.
     pub path: Option<String>,
 }
@@ -298,7 +300,7 @@ pub struct HealthCheckConfig {
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
-            endpoint: "0.0.0.0:13133".into(),
+            endpoint: ListenAddr::constant(DEFAULT_HEALTH_ENDPOINT),
             path: None,
         }
     }
@@ -318,8 +320,7 @@ pub struct OAuth2ClientConfig {
     pub endpoint_params: BTreeMap<String, String>,
     pub timeout: GoDuration,
     pub expiry_buffer: GoDuration,
-    /// basic (HTTP Basic client authentication, default) or post (credentials in the form).
-    pub auth_style: String,
+    pub auth_style: AuthStyle,
     pub tls: ClientTlsConfig,
 }
 
@@ -363,7 +364,7 @@ impl Default for OAuth2ClientConfig {
             endpoint_params: BTreeMap::new(),
             timeout: GoDuration::secs(10),
             expiry_buffer: GoDuration::secs(300),
-            auth_style: "basic".into(),
+            auth_style: AuthStyle::default(),
             tls: ClientTlsConfig::default(),
         }
     }
@@ -383,8 +384,7 @@ pub struct FileStorageConfig {
     pub max_size_mib: u64,
     /// Size at which a segment file is closed and a new one started.
     pub segment_size_mib: u64,
-    /// refuse (default: 429/UNAVAILABLE to clients) or drop_oldest (counted).
-    pub on_full: String,
+    pub on_full: OnFull,
     /// Where batches the destination refuses for good are kept; default `directory/dead_letter`.
     pub dead_letter_directory: String,
     /// Accepted for collector compatibility: segments are deleted whole, nothing to compact.
@@ -401,7 +401,7 @@ impl Default for FileStorageConfig {
             fsync: true,
             max_size_mib: 1024,
             segment_size_mib: 8,
-            on_full: "refuse".into(),
+            on_full: OnFull::default(),
             dead_letter_directory: String::new(),
             compaction: None,
             timeout: None,
@@ -450,7 +450,7 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    pub address: String,
+    pub address: ListenAddr,
     /// Accepted for collector compatibility (none | basic | normal | detailed).
     pub level: Option<String>,
 }
@@ -458,7 +458,7 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            address: "0.0.0.0:8888".into(),
+            address: ListenAddr::constant(DEFAULT_METRICS_ADDRESS),
             level: None,
         }
     }
@@ -476,6 +476,18 @@ pub struct LogsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_addresses_parse() {
+        for text in [
+            DEFAULT_GRPC_ENDPOINT,
+            DEFAULT_HTTP_ENDPOINT,
+            DEFAULT_HEALTH_ENDPOINT,
+            DEFAULT_METRICS_ADDRESS,
+        ] {
+            assert_eq!(ListenAddr::constant(text).as_str(), text);
+        }
+    }
 
     #[test]
     fn debug_output_hides_the_client_secret() {

@@ -43,7 +43,7 @@ pub(crate) fn exporter(
         }
         ExporterConfig::Debug(cfg) => Ok(Some(Exporter::Debug(DebugExporter {
             name: id.to_string(),
-            verbosity: cfg.verbosity.clone(),
+            verbosity: cfg.verbosity,
         }))),
     }
 }

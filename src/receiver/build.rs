@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::{ConnectionSettings, Protocol, ReceiverContext};
-use crate::config::{self, OtlpReceiverConfig, ProtocolConfig};
+use crate::config::{self, ListenAddr, OtlpReceiverConfig, ProtocolConfig};
 use crate::pipeline::Intake;
 use crate::telemetry::{Health, Metrics};
 
@@ -39,20 +39,10 @@ pub(crate) fn endpoints(otlp: &OtlpReceiverConfig) -> Vec<Endpoint<'_>> {
             protocol,
             transport,
             config,
-            addr: listen_addr(&config.endpoint, default),
+            addr: config.endpoint.unwrap_or_else(|| ListenAddr::constant(default)).0,
         })
     })
     .collect()
-}
-
-/// A listen address from the config; an empty one takes `default`.
-#[expect(
-    clippy::expect_used,
-    reason = "config validation refused unparsable endpoints before run"
-)]
-pub(crate) fn listen_addr(endpoint: &str, default: &str) -> SocketAddr {
-    let e = if endpoint.is_empty() { default } else { endpoint };
-    config::parse_listen_addr(e).expect("validated endpoint")
 }
 
 impl ReceiverContext {

@@ -79,7 +79,7 @@ impl SpoolSettings {
                 .min(max_bytes / 4)
                 .max(max_bytes / 256)
                 .max(64 * 1024),
-            drop_oldest: cfg.on_full == "drop_oldest",
+            drop_oldest: cfg.on_full == crate::config::OnFull::DropOldest,
         }
     }
 }
