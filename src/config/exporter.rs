@@ -108,22 +108,13 @@ pub struct AuthConfig {
     pub authenticator: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DebugExporterConfig {
+    /// Default basic (see `Verbosity`).
     pub verbosity: Verbosity,
     pub sampling_initial: Option<u64>,
     pub sampling_thereafter: Option<u64>,
-}
-
-impl Default for DebugExporterConfig {
-    fn default() -> Self {
-        DebugExporterConfig {
-            verbosity: Verbosity::default(),
-            sampling_initial: None,
-            sampling_thereafter: None,
-        }
-    }
 }
 
 /// Checks exporter `id` and what it refers to in `config`; problems go to `err` with their
