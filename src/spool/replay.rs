@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use super::deadletter::{DeadLetter, same_file};
 use super::{frame, proto, record_to_routed};
 use crate::batch::Batch;
-use crate::pipeline::{Destination, Item};
+use crate::pipeline::item::{Destination, Item};
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Totals {
