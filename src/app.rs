@@ -5,23 +5,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::{self, Config, Exporter as ExporterConfig};
-use crate::spool::{Spool, SpoolError};
+use crate::config::{Config, Exporter as ExporterConfig};
+use crate::spool::Spool;
 use crate::supervise::Supervisor;
 use crate::telemetry::{ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
-use crate::topology::{self, Prepared, Running};
-
-/// Why the relay could not start.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StartError {
-    #[error("{0}")]
-    Config(#[from] config::ConfigErrors),
-    #[error("{0}")]
-    Bind(std::io::Error),
-    /// A spool that cannot be opened, at the YAML path that names it.
-    #[error("{path}: {error}")]
-    Spool { path: String, error: SpoolError },
-}
+use crate::topology::{self, Prepared, Running, StartError};
 
 pub(crate) async fn run(
     config: Config,

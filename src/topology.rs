@@ -12,7 +12,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::StartError;
 use crate::batch::BatchSettings;
 use crate::config::{self, Config, ConfigError, Extension, PipelineConfig, Processor, Receiver};
 use crate::export::build::PipelineBatch;
@@ -21,13 +20,25 @@ use crate::export::{Exporter, StageControl, start_stage};
 use crate::pipeline::{Intake, MemoryBudget, Target};
 use crate::receiver::build::{Endpoint, endpoints};
 use crate::receiver::{Protocol, ReceiverContext};
-use crate::spool::{Spool, SpoolSettings};
+use crate::spool::{Spool, SpoolError, SpoolSettings};
 use crate::supervise::{ListenerSlot, Supervisor};
 use crate::telemetry::{self, Health, Metrics};
 use crate::tls::ServerTls;
 
 /// How long open receiver connections may take to finish their requests after SIGTERM.
 const RECEIVER_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("{0}")]
+    Bind(std::io::Error),
+    /// A spool that cannot be opened, at the YAML path that names it.
+    #[error("{path}: {error}")]
+    Spool { path: String, error: SpoolError },
+}
 
 /// Everything loaded from disk before any port is bound: failures here are config errors.
 pub(crate) struct Prepared {

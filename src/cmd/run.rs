@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use super::Exit;
 use super::logging::{self, LogFormat};
-use crate::app::StartError;
 use crate::config;
+use crate::topology::StartError;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct RunArgs {
