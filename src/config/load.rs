@@ -40,13 +40,15 @@ pub fn parse_str(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<
     };
     substitute_tree(&mut root, "", lookup, &mut errors);
     let config = build(root, &mut errors);
-    // A value that failed to load would only be reported again, less clearly, by validation.
+    // A value that failed to load would only be reported again, less clearly, by validation;
+    // and a check that compared another value with it (a port clash naming it) compared with
+    // the default that stood in for it.
     let failed: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
-    errors.extend(
-        super::validate::validate(&config)
-            .into_iter()
-            .filter(|e| !failed.contains(&e.path)),
-    );
+    errors.extend(super::validate::validate(&config).into_iter().filter(|e| {
+        !failed
+            .iter()
+            .any(|f| *f == e.path || (!f.is_empty() && e.message.ends_with(&format!(" {f}"))))
+    }));
     if errors.is_empty() {
         Ok(config)
     } else {

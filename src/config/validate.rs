@@ -212,6 +212,36 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}, metrics: 
         }
     }
 
+    /// An endpoint that failed to load takes the default for the rest of the checks; a clash
+    /// with that default is not the user's problem and is not reported (either order).
+    #[test]
+    fn no_port_clash_with_an_endpoint_that_failed_to_load() {
+        for (first, second) in [("nowhere", "localhost:4317"), ("localhost:4317", "nowhere")] {
+            let errs = errors_of(&format!(
+                "
+receivers: {{otlp/a: {{protocols: {{grpc: {{endpoint: '{first}'}}}}}}, otlp/b: {{protocols: {{grpc: {{endpoint: '{second}'}}}}}}}}
+exporters: {{debug: {{}}}}
+service: {{pipelines: {{traces: {{receivers: [otlp/a, otlp/b], exporters: [debug]}}}}}}
+"
+            ));
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert!(errs[0].ends_with("\"nowhere\" is not HOST:PORT"), "{errs:#?}");
+        }
+        let clash = errors_of(
+            "
+receivers: {otlp/a: {protocols: {grpc: {}}}, otlp/b: {protocols: {grpc: {endpoint: 'localhost:4317'}}}}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp/a, otlp/b], exporters: [debug]}}}
+",
+        );
+        assert_eq!(
+            clash,
+            vec![
+                "receivers.otlp/b.protocols.grpc.endpoint: 127.0.0.1:4317 is already used by receivers.otlp/a.protocols.grpc.endpoint"
+            ]
+        );
+    }
+
     #[test]
     fn listen_forms() {
         assert_eq!(super::parse_listen(":4317").unwrap().to_string(), "0.0.0.0:4317");
