@@ -5,7 +5,7 @@
 
 pub(crate) mod app;
 pub mod batch;
-pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod export;
 pub mod gate;
@@ -21,3 +21,4 @@ pub mod spool;
 pub(crate) mod supervise;
 pub(crate) mod telemetry;
 pub(crate) mod tls;
+pub(crate) mod topology;

@@ -4,6 +4,6 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = otlp_relay::cli::Cli::parse();
-    otlp_relay::cli::main(cli)
+    let cli = otlp_relay::cmd::Cli::parse();
+    otlp_relay::cmd::main(cli)
 }

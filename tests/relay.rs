@@ -578,6 +578,59 @@ fn bad_config_exits_64_before_binding() {
     assert_eq!(check.wait_exit(T), Some(0), "{}", check.output_text());
 }
 
+/// A spool that cannot be opened is a configuration problem like the others: exit 64 with the
+/// YAML path, before any port is bound (the metrics port is taken by us: a relay that bound
+/// first would fail with "cannot listen" and 1). Both ways a spool fails to open: a directory
+/// that cannot be made (under a regular file, so root cannot make it either), and a directory
+/// another relay holds.
+#[test]
+fn unusable_spool_exits_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = |spool: &std::path::Path, metrics: &str| {
+        format!(
+            r#"
+receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"}}}}}}}}
+exporters:
+  otlphttp/mlflow:
+    endpoint: http://127.0.0.1:9
+    sending_queue: {{storage: file_storage/spool}}
+extensions:
+  file_storage/spool: {{directory: "{}"}}
+service:
+  extensions: [file_storage/spool]
+  pipelines: {{traces: {{receivers: [otlp], exporters: [otlphttp/mlflow]}}}}
+  telemetry: {{metrics: {{address: "{metrics}"}}}}
+"#,
+            spool.display()
+        )
+    };
+    let refused = |name: &str, spool: &std::path::Path, why: &str| {
+        let path = support::write_file(
+            dir.path(),
+            name,
+            &config(spool, &taken.local_addr().unwrap().to_string()),
+        );
+        let mut run = support::Proc::relay("relay", &["run", "--config", path.to_str().unwrap()]);
+        assert_eq!(run.wait_exit(T), Some(64), "{}", run.output_text());
+        let out = run.output_text();
+        assert!(out.contains("extensions.file_storage/spool: spool directory"), "{out}");
+        assert!(out.contains(why), "{out}");
+        assert!(!out.contains("listening") && !out.contains("cannot listen"), "{out}");
+    };
+
+    let file = support::write_file(dir.path(), "not-a-directory", "");
+    refused("under-a-file.yaml", &file.join("spool"), "Not a directory");
+
+    let shared = dir.path().join("shared");
+    let first = support::write_file(dir.path(), "first.yaml", &config(&shared, "127.0.0.1:0"));
+    let mut holder = support::Proc::relay("relay", &["run", "--config", first.to_str().unwrap()]);
+    holder.wait_line("relay started", T);
+    refused("second.yaml", &shared, "in use by another process");
+    holder.signal("TERM");
+    assert_eq!(holder.wait_exit(T), Some(0), "{}", holder.output_text());
+}
+
 #[test]
 fn runtime_threads_follow_the_flag_and_refuse_zero() {
     let dir = tempfile::tempdir().unwrap();

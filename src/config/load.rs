@@ -40,13 +40,15 @@ pub fn parse_str(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<
     };
     substitute_tree(&mut root, "", lookup, &mut errors);
     let config = build(root, &mut errors);
-    // A value that failed to load would only be reported again, less clearly, by validation.
+    // A value that failed to load would only be reported again, less clearly, by validation;
+    // and a check that compared another value with it (a port clash naming it) compared with
+    // the default that stood in for it.
     let failed: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
-    errors.extend(
-        super::validate::validate(&config)
-            .into_iter()
-            .filter(|e| !failed.contains(&e.path)),
-    );
+    errors.extend(super::validate::validate(&config).into_iter().filter(|e| {
+        !failed
+            .iter()
+            .any(|f| *f == e.path || (!f.is_empty() && e.message.ends_with(&format!(" {f}"))))
+    }));
     if errors.is_empty() {
         Ok(config)
     } else {
@@ -124,7 +126,10 @@ fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<Con
                 } else {
                     join(path, &inner)
                 };
-                errors.push(ConfigError::new(at, bare_message(&e.inner().to_string(), &inner)));
+                // A value whose env reference failed is already reported there, more clearly.
+                if !errors.iter().any(|x| x.path == at) {
+                    errors.push(ConfigError::new(at, bare_message(&e.inner().to_string(), &inner)));
+                }
                 let segments = path_segments(e.path());
                 if segments.is_empty() || !remove_at(&mut value, &segments) {
                     return None;
@@ -448,7 +453,7 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp/m]}}}
         let Receiver::Otlp(otlp) = &config.receivers["otlp"];
         let grpc = otlp.protocols.grpc.as_ref().unwrap();
         assert_eq!(grpc.max_recv_msg_size_mib, 8);
-        assert_eq!(grpc.endpoint, "127.0.0.1:4317");
+        assert_eq!(grpc.endpoint.map(|e| e.as_str()).as_deref(), Some("127.0.0.1:4317"));
         let Exporter::OtlpHttp(e) = &config.exporters["otlphttp/m"] else {
             panic!()
         };

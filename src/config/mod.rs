@@ -2,15 +2,25 @@
 //! before anything binds a port. Every problem is reported with its YAML path.
 mod duration;
 mod env;
+mod exporter;
+mod extension;
 mod load;
-mod model;
+mod processor;
+mod receiver;
+mod service;
 mod validate;
+mod values;
 
 pub use duration::{GoDuration, parse_duration};
 pub use env::{EnvError, Substituted, substitute};
+pub use exporter::*;
+pub use extension::*;
 pub use load::{load_file, parse_str};
-pub use model::*;
+pub use processor::*;
+pub use receiver::*;
+pub use service::*;
 pub use validate::parse_listen as parse_listen_addr;
+pub use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, Verbosity};
 
 use std::collections::BTreeMap;
 use std::fmt;

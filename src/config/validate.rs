@@ -1,485 +1,29 @@
-//! Semantic checks on a typed configuration: references between components, value ranges,
-//! endpoints. Pure: no file or network access, so `check` and `run` agree.
-use std::collections::BTreeMap;
+//! Semantic checks on a typed configuration, in the order `check` prints them: each
+//! component's own checks live next to its config (`receiver`, `processor`, `exporter`,
+//! `extension`), then the service's, which tie components together. Pure: no file or network
+//! access, so `check` and `run` agree.
 use std::net::SocketAddr;
 
-use crate::otlp::{EXPERIMENT_HEADER, ExperimentId};
-
-use super::{Config, ConfigError, Exporter, Extension, Processor, Receiver, ServerTlsConfig, component_type};
+use super::{Config, ConfigError, Receiver};
 
 pub fn validate(config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     let mut err = |path: String, msg: String| errors.push(ConfigError::new(path, msg));
-
     for (id, r) in &config.receivers {
         let Receiver::Otlp(otlp) = r;
-        let base = format!("receivers.{id}.protocols");
-        if otlp.protocols.grpc.is_none() && otlp.protocols.http.is_none() {
-            err(base.clone(), "enable at least one of grpc, http".into());
-        }
-        for (name, proto) in [("grpc", &otlp.protocols.grpc), ("http", &otlp.protocols.http)] {
-            let Some(p) = proto else { continue };
-            let path = format!("{base}.{name}");
-            if !p.endpoint.is_empty() && parse_listen(&p.endpoint).is_none() {
-                err(format!("{path}.endpoint"), format!("{:?} is not HOST:PORT", p.endpoint));
-            }
-            if p.max_recv_msg_size_mib == 0 || p.max_recv_msg_size_mib > 1024 {
-                err(
-                    format!("{path}.max_recv_msg_size_mib"),
-                    "must be between 1 and 1024".into(),
-                );
-            }
-            if let Some(tls) = &p.tls {
-                validate_server_tls(tls, &format!("{path}.tls"), &mut err);
-            }
-            // Zero would mean "no bound": these close what a slow or hostile peer holds open.
-            let keepalive = p.keepalive.as_ref().map(|k| &k.server_parameters);
-            for (key, d) in [
-                ("read_header_timeout", Some(&p.read_header_timeout)),
-                ("read_timeout", Some(&p.read_timeout)),
-                ("idle_timeout", Some(&p.idle_timeout)),
-                ("keepalive.server_parameters.time", keepalive.map(|k| &k.time)),
-                ("keepalive.server_parameters.timeout", keepalive.map(|k| &k.timeout)),
-            ] {
-                if d.is_some_and(|d| d.0.is_zero()) {
-                    err(format!("{path}.{key}"), "must be more than 0".into());
-                }
-            }
-            if p.max_connections == Some(0) {
-                err(format!("{path}.max_connections"), "must be at least 1".into());
-            }
-            if p.max_concurrent_streams == Some(0) {
-                err(format!("{path}.max_concurrent_streams"), "must be at least 1".into());
-            }
-        }
+        super::receiver::validate(id, otlp, &mut err);
     }
-
     for (id, p) in &config.processors {
-        let path = format!("processors.{id}");
-        match p {
-            Processor::Batch(b) => {
-                if b.send_batch_size == 0 {
-                    err(format!("{path}.send_batch_size"), "must be at least 1".into());
-                }
-                if b.send_batch_max_size != 0 && b.send_batch_max_size < b.send_batch_size {
-                    err(
-                        format!("{path}.send_batch_max_size"),
-                        format!(
-                            "must be 0 (no limit) or at least send_batch_size ({})",
-                            b.send_batch_size
-                        ),
-                    );
-                }
-            }
-            Processor::MemoryLimiter(m) => {
-                if m.limit_percentage != 0 || m.spike_limit_percentage != 0 {
-                    err(
-                        format!("{path}.limit_percentage"),
-                        "percentages of total memory are not supported; set limit_mib".into(),
-                    );
-                } else if m.limit_mib == 0 {
-                    err(
-                        format!("{path}.limit_mib"),
-                        "must be set (MiB of span data held in the relay)".into(),
-                    );
-                }
-                if m.spike_limit_mib >= m.limit_mib && m.limit_mib != 0 {
-                    err(format!("{path}.spike_limit_mib"), "must be below limit_mib".into());
-                }
-            }
-        }
+        super::processor::validate(id, p, &mut err);
     }
-
     for (id, e) in &config.exporters {
-        let path = format!("exporters.{id}");
-        match e {
-            Exporter::OtlpHttp(x) => {
-                if x.endpoint.is_empty() && x.traces_endpoint.is_empty() {
-                    err(format!("{path}.endpoint"), "set endpoint or traces_endpoint".into());
-                }
-                for (key, url) in [("endpoint", &x.endpoint), ("traces_endpoint", &x.traces_endpoint)] {
-                    if !url.is_empty()
-                        && url
-                            .parse::<http::Uri>()
-                            .ok()
-                            .and_then(|u| u.scheme_str().map(str::to_owned))
-                            .is_none_or(|s| s != "http" && s != "https")
-                    {
-                        err(
-                            format!("{path}.{key}"),
-                            format!("{url:?} is not an http:// or https:// URL"),
-                        );
-                    }
-                }
-                match x.compression.as_str() {
-                    "gzip" | "deflate" | "none" | "" => {}
-                    "zstd" | "snappy" => err(
-                        format!("{path}.compression"),
-                        format!(
-                            "{:?} is rejected by MLflow's /v1/traces; use gzip, deflate or none",
-                            x.compression
-                        ),
-                    ),
-                    other => err(
-                        format!("{path}.compression"),
-                        format!("unknown compression {other:?} (gzip, deflate, none)"),
-                    ),
-                }
-                match x.encoding.as_str() {
-                    "proto" | "json" => {}
-                    other => err(
-                        format!("{path}.encoding"),
-                        format!("unknown encoding {other:?} (proto, json)"),
-                    ),
-                }
-                for (k, v) in &x.headers {
-                    if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        err(format!("{path}.headers.{k}"), "not a valid HTTP header name".into());
-                    }
-                    if http::HeaderValue::from_str(v).is_err() {
-                        err(format!("{path}.headers.{k}"), "not a valid HTTP header value".into());
-                    }
-                    if k.eq_ignore_ascii_case("content-encoding") {
-                        err(
-                            format!("{path}.headers.{k}"),
-                            "set compression instead of a Content-Encoding header".into(),
-                        );
-                    }
-                }
-                if let Some(exp) = x
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(EXPERIMENT_HEADER))
-                    .map(|(_, v)| v)
-                    && !ExperimentId::is_valid(exp)
-                {
-                    err(
-                        format!("{path}.headers.{EXPERIMENT_HEADER}"),
-                        format!("{exp:?} is not a numeric MLflow experiment id"),
-                    );
-                }
-                if x.timeout.is_zero() {
-                    err(format!("{path}.timeout"), "must be above 0".into());
-                }
-                let r = &x.retry_on_failure;
-                if r.enabled {
-                    if r.initial_interval.is_zero() {
-                        err(
-                            format!("{path}.retry_on_failure.initial_interval"),
-                            "must be above 0".into(),
-                        );
-                    }
-                    if r.max_interval < r.initial_interval {
-                        err(
-                            format!("{path}.retry_on_failure.max_interval"),
-                            "must be at least initial_interval".into(),
-                        );
-                    }
-                    if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
-                        err(
-                            format!("{path}.retry_on_failure.multiplier"),
-                            "must be at least 1".into(),
-                        );
-                    }
-                    if !(0.0..=1.0).contains(&r.randomization_factor) {
-                        err(
-                            format!("{path}.retry_on_failure.randomization_factor"),
-                            "must be between 0 and 1".into(),
-                        );
-                    }
-                }
-                let q = &x.sending_queue;
-                if q.num_consumers == 0 {
-                    err(
-                        format!("{path}.sending_queue.num_consumers"),
-                        "must be at least 1".into(),
-                    );
-                }
-                if q.queue_size == 0 {
-                    err(format!("{path}.sending_queue.queue_size"), "must be at least 1".into());
-                }
-                if let Some(storage) = &q.storage {
-                    match config.extensions.get(storage) {
-                        Some(Extension::FileStorage(_)) => {
-                            if !config.service.extensions.contains(storage) {
-                                err(
-                                    format!("{path}.sending_queue.storage"),
-                                    format!("{storage:?} must also be listed in service.extensions"),
-                                );
-                            }
-                            if !q.enabled {
-                                err(
-                                    format!("{path}.sending_queue.enabled"),
-                                    "a storage needs the sending queue enabled".into(),
-                                );
-                            }
-                        }
-                        Some(_) => err(
-                            format!("{path}.sending_queue.storage"),
-                            format!("{storage:?} is not a file_storage extension"),
-                        ),
-                        None => err(
-                            format!("{path}.sending_queue.storage"),
-                            format!("{storage:?} is not defined under extensions"),
-                        ),
-                    }
-                }
-                if let Some(auth) = &x.auth {
-                    let a = &auth.authenticator;
-                    match config.extensions.get(a) {
-                        Some(Extension::OAuth2Client(_)) => {
-                            if !config.service.extensions.contains(a) {
-                                err(
-                                    format!("{path}.auth.authenticator"),
-                                    format!("{a:?} must also be listed in service.extensions"),
-                                );
-                            }
-                        }
-                        Some(_) => err(
-                            format!("{path}.auth.authenticator"),
-                            format!("{a:?} is not an oauth2client extension"),
-                        ),
-                        None => err(
-                            format!("{path}.auth.authenticator"),
-                            format!("{a:?} is not defined under extensions"),
-                        ),
-                    }
-                }
-                let t = &x.tls;
-                if t.cert_file.is_empty() != t.key_file.is_empty() {
-                    err(format!("{path}.tls"), "cert_file and key_file go together".into());
-                }
-            }
-            Exporter::Debug(d) => {
-                if !matches!(d.verbosity.as_str(), "basic" | "normal" | "detailed") {
-                    err(
-                        format!("{path}.verbosity"),
-                        format!("unknown verbosity {:?} (basic, normal, detailed)", d.verbosity),
-                    );
-                }
-            }
-        }
+        super::exporter::validate(id, e, config, &mut err);
     }
-
     for (id, x) in &config.extensions {
-        let path = format!("extensions.{id}");
-        match x {
-            Extension::HealthCheck(h) => {
-                if parse_listen(&h.endpoint).is_none() {
-                    err(format!("{path}.endpoint"), format!("{:?} is not HOST:PORT", h.endpoint));
-                }
-            }
-            Extension::FileStorage(f) => {
-                if f.directory.is_empty() {
-                    err(format!("{path}.directory"), "must be set".into());
-                }
-                if f.max_size_mib == 0 {
-                    err(format!("{path}.max_size_mib"), "must be at least 1".into());
-                }
-                if f.segment_size_mib == 0 {
-                    err(format!("{path}.segment_size_mib"), "must be at least 1".into());
-                }
-                if !matches!(f.on_full.as_str(), "refuse" | "drop_oldest") {
-                    err(
-                        format!("{path}.on_full"),
-                        format!("unknown on_full {:?} (refuse, drop_oldest)", f.on_full),
-                    );
-                }
-            }
-            Extension::OAuth2Client(o) => {
-                if o.client_id.is_empty() && o.client_id_file.is_empty() {
-                    err(format!("{path}.client_id"), "set client_id or client_id_file".into());
-                }
-                if !o.client_id.is_empty() && !o.client_id_file.is_empty() {
-                    err(
-                        format!("{path}.client_id_file"),
-                        "set client_id or client_id_file, not both".into(),
-                    );
-                }
-                if o.client_secret.is_empty() && o.client_secret_file.is_empty() {
-                    err(
-                        format!("{path}.client_secret"),
-                        "set client_secret or client_secret_file".into(),
-                    );
-                }
-                if !o.client_secret.is_empty() && !o.client_secret_file.is_empty() {
-                    err(
-                        format!("{path}.client_secret_file"),
-                        "set client_secret or client_secret_file, not both".into(),
-                    );
-                }
-                if o.token_url.is_empty() && o.discovery_url.is_empty() {
-                    err(format!("{path}.token_url"), "set token_url or discovery_url".into());
-                }
-                for (key, url) in [("token_url", &o.token_url), ("discovery_url", &o.discovery_url)] {
-                    if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
-                        err(
-                            format!("{path}.{key}"),
-                            format!("{url:?} is not an http:// or https:// URL"),
-                        );
-                    }
-                }
-                if !matches!(o.auth_style.as_str(), "basic" | "post") {
-                    err(
-                        format!("{path}.auth_style"),
-                        format!("unknown auth_style {:?} (basic, post)", o.auth_style),
-                    );
-                }
-            }
-        }
+        super::extension::validate(id, x, &mut err);
     }
-
-    let s = &config.service;
-    for (i, id) in s.extensions.iter().enumerate() {
-        if !config.extensions.contains_key(id) {
-            err(
-                format!("service.extensions[{i}]"),
-                format!("{id:?} is not defined under extensions"),
-            );
-        }
-    }
-    if parse_listen(&s.telemetry.metrics.address).is_none() {
-        err(
-            "service.telemetry.metrics.address".into(),
-            format!("{:?} is not HOST:PORT", s.telemetry.metrics.address),
-        );
-    }
-    if let Some(level) = &s.telemetry.logs.level
-        && !matches!(level.to_ascii_lowercase().as_str(), "debug" | "info" | "warn" | "error")
-    {
-        err(
-            "service.telemetry.logs.level".into(),
-            format!("unknown level {level:?} (debug, info, warn, error)"),
-        );
-    }
-    if s.pipelines.is_empty() {
-        err("service.pipelines".into(), "define a traces pipeline".into());
-    }
-    let mut exporter_batch: BTreeMap<&str, (&str, Option<&str>)> = BTreeMap::new();
-    for (name, p) in &s.pipelines {
-        let path = format!("service.pipelines.{name}");
-        if component_type(name) != "traces" {
-            err(
-                path.clone(),
-                format!(
-                    "{:?} pipelines are not supported: this relay carries traces",
-                    component_type(name)
-                ),
-            );
-            continue;
-        }
-        if p.receivers.is_empty() {
-            err(format!("{path}.receivers"), "list at least one receiver".into());
-        }
-        if p.exporters.is_empty() {
-            err(format!("{path}.exporters"), "list at least one exporter".into());
-        }
-        for (i, r) in p.receivers.iter().enumerate() {
-            if !config.receivers.contains_key(r) {
-                err(
-                    format!("{path}.receivers[{i}]"),
-                    format!("{r:?} is not defined under receivers"),
-                );
-            }
-        }
-        let mut batch = None;
-        for (i, id) in p.processors.iter().enumerate() {
-            match config.processors.get(id) {
-                None => err(
-                    format!("{path}.processors[{i}]"),
-                    format!("{id:?} is not defined under processors"),
-                ),
-                Some(Processor::Batch(_)) => {
-                    if batch.is_some() {
-                        err(
-                            format!("{path}.processors[{i}]"),
-                            "only one batch processor per pipeline".into(),
-                        );
-                    }
-                    batch = Some(id.as_str());
-                }
-                Some(Processor::MemoryLimiter(_)) => {
-                    if i != 0 {
-                        err(
-                            format!("{path}.processors[{i}]"),
-                            "memory_limiter must be the first processor".into(),
-                        );
-                    }
-                }
-            }
-        }
-        for (i, e) in p.exporters.iter().enumerate() {
-            if !config.exporters.contains_key(e) {
-                err(
-                    format!("{path}.exporters[{i}]"),
-                    format!("{e:?} is not defined under exporters"),
-                );
-                continue;
-            }
-            // Batching happens in front of each exporter, so an exporter shared by pipelines
-            // needs one batch setting.
-            if let Some((other, other_batch)) = exporter_batch.insert(e, (name, batch))
-                && other_batch != batch
-            {
-                err(
-                    format!("{path}.exporters[{i}]"),
-                    format!("{e:?} is also used by pipeline {other:?} with a different batch processor"),
-                );
-            }
-        }
-    }
-    let used: Vec<&String> = s.pipelines.values().flat_map(|p| p.receivers.iter()).collect();
-    let mut seen_addrs: BTreeMap<String, String> = BTreeMap::new();
-    for (id, r) in &config.receivers {
-        let Receiver::Otlp(otlp) = r;
-        if !used.contains(&id) {
-            continue;
-        }
-        for (name, proto, default) in [
-            ("grpc", &otlp.protocols.grpc, super::DEFAULT_GRPC_ENDPOINT),
-            ("http", &otlp.protocols.http, super::DEFAULT_HTTP_ENDPOINT),
-        ] {
-            let Some(p) = proto else { continue };
-            let endpoint = if p.endpoint.is_empty() { default } else { &p.endpoint };
-            let path = format!("receivers.{id}.protocols.{name}.endpoint");
-            if let Some(addr) = parse_listen(endpoint)
-                && addr.port() != 0
-                && let Some(other) = seen_addrs.insert(addr.to_string(), path.clone())
-            {
-                err(path, format!("{endpoint} is already used by {other}"));
-            }
-        }
-    }
+    super::service::validate(config, &mut err);
     errors
-}
-
-fn validate_server_tls(tls: &ServerTlsConfig, path: &str, err: &mut impl FnMut(String, String)) {
-    if tls.cert_file.is_empty() || tls.key_file.is_empty() {
-        err(path.to_string(), "cert_file and key_file are both required".into());
-    }
-    if !tls.client_ca_file.is_empty() && !tls.ca_file.is_empty() && tls.client_ca_file != tls.ca_file {
-        err(
-            format!("{path}.ca_file"),
-            "set client_ca_file or ca_file, not both".into(),
-        );
-    }
-    if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
-        err(
-            format!("{path}.min_version"),
-            format!("{:?} is not supported (1.2, 1.3)", tls.min_version),
-        );
-    }
-    if !tls.allowed_clients.is_empty() && tls.client_ca_file.is_empty() && tls.ca_file.is_empty() {
-        err(
-            format!("{path}.allowed_clients"),
-            "needs client_ca_file: without client certificates there is nothing to match".into(),
-        );
-    }
-    for (i, p) in tls.allowed_clients.iter().enumerate() {
-        if p.is_empty() {
-            err(format!("{path}.allowed_clients[{i}]"), "empty pattern".into());
-        }
-    }
 }
 
 /// Parses a listen endpoint (`HOST:PORT`, `:PORT`, `localhost:PORT`).
@@ -581,10 +125,11 @@ service:
         let errs = errors_of(&ok);
         assert_eq!(
             errs,
+            // on_full is a typed word: read (and refused) with the file, before the checks.
             vec![
+                "extensions.file_storage/bad.on_full: unknown on_full \"block\" (refuse, drop_oldest)",
                 "extensions.file_storage/bad.directory: must be set",
                 "extensions.file_storage/bad.max_size_mib: must be at least 1",
-                "extensions.file_storage/bad.on_full: unknown on_full \"block\" (refuse, drop_oldest)",
             ]
         );
         let errs = errors_of(&base.replace("STORAGE", "file_storage/s").replace("EXTENSIONS", ""));
@@ -649,6 +194,51 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}, metrics: 
             errs.iter()
                 .any(|e| e.contains("is already used by receivers.otlp.protocols.grpc.endpoint")),
             "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn default_addresses_parse() {
+        use super::super::{
+            DEFAULT_GRPC_ENDPOINT, DEFAULT_HEALTH_ENDPOINT, DEFAULT_HTTP_ENDPOINT, DEFAULT_METRICS_ADDRESS, ListenAddr,
+        };
+        for text in [
+            DEFAULT_GRPC_ENDPOINT,
+            DEFAULT_HTTP_ENDPOINT,
+            DEFAULT_HEALTH_ENDPOINT,
+            DEFAULT_METRICS_ADDRESS,
+        ] {
+            assert_eq!(ListenAddr::constant(text).as_str(), text);
+        }
+    }
+
+    /// An endpoint that failed to load takes the default for the rest of the checks; a clash
+    /// with that default is not the user's problem and is not reported (either order).
+    #[test]
+    fn no_port_clash_with_an_endpoint_that_failed_to_load() {
+        for (first, second) in [("nowhere", "localhost:4317"), ("localhost:4317", "nowhere")] {
+            let errs = errors_of(&format!(
+                "
+receivers: {{otlp/a: {{protocols: {{grpc: {{endpoint: '{first}'}}}}}}, otlp/b: {{protocols: {{grpc: {{endpoint: '{second}'}}}}}}}}
+exporters: {{debug: {{}}}}
+service: {{pipelines: {{traces: {{receivers: [otlp/a, otlp/b], exporters: [debug]}}}}}}
+"
+            ));
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert!(errs[0].ends_with("\"nowhere\" is not HOST:PORT"), "{errs:#?}");
+        }
+        let clash = errors_of(
+            "
+receivers: {otlp/a: {protocols: {grpc: {}}}, otlp/b: {protocols: {grpc: {endpoint: 'localhost:4317'}}}}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp/a, otlp/b], exporters: [debug]}}}
+",
+        );
+        assert_eq!(
+            clash,
+            vec![
+                "receivers.otlp/b.protocols.grpc.endpoint: 127.0.0.1:4317 is already used by receivers.otlp/a.protocols.grpc.endpoint"
+            ]
         );
     }
 

@@ -3,17 +3,18 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
 use super::{ExportError, OutBatch};
+use crate::config::Verbosity;
 
 pub struct DebugExporter {
     pub name: String,
-    pub verbosity: String,
+    pub verbosity: Verbosity,
 }
 
 impl DebugExporter {
     pub fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
         let experiment = batch.key.experiment.as_deref().unwrap_or("(default)");
         tracing::info!(exporter = %self.name, spans = batch.spans, experiment, "traces");
-        if self.verbosity == "basic" {
+        if self.verbosity == Verbosity::Basic {
             return Ok(());
         }
         let request =
@@ -21,7 +22,7 @@ impl DebugExporter {
         for rs in &request.resource_spans {
             for ss in &rs.scope_spans {
                 for span in &ss.spans {
-                    if self.verbosity == "detailed" {
+                    if self.verbosity == Verbosity::Detailed {
                         tracing::info!(exporter = %self.name, span = ?span, "span");
                     } else {
                         tracing::info!(

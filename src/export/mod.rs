@@ -2,6 +2,7 @@
 //! `num_consumers` senders that retry by the OTLP rules, so one slow destination stalls only
 //! its own queue. Every accepted span ends as sent, failed or dropped, and is counted.
 pub(crate) mod auth;
+pub(crate) mod build;
 pub(crate) mod debug;
 pub(crate) mod oauth;
 pub(crate) mod otlphttp;

@@ -190,7 +190,7 @@ impl OAuth2Client {
         let token_url = self.token_endpoint().await?;
         let client = BasicClient::new(ClientId::new(self.client_id.current(&self.id)))
             .set_client_secret(ClientSecret::new(self.client_secret.current(&self.id)))
-            .set_auth_type(if self.cfg.auth_style == "post" {
+            .set_auth_type(if self.cfg.auth_style == crate::config::AuthStyle::Post {
                 AuthType::RequestBody
             } else {
                 AuthType::BasicAuth

@@ -13,19 +13,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use super::auth::Authenticator;
 use super::retry::{HttpVerdict, classify_http};
 use super::{ExportError, OutBatch};
-use crate::config::OtlpHttpExporterConfig;
+use crate::config::{Compression, Encoding, OtlpHttpExporterConfig};
 use crate::otlp::EXPERIMENT_HEADER;
 
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 /// Bytes of an answer read at most.
 const ANSWER_READ_LIMIT: usize = 1024 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Compression {
-    None,
-    Gzip,
-    Deflate,
-}
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -69,17 +62,12 @@ impl OtlpHttpExporter {
                 headers.insert(name, value);
             }
         }
-        let compression = match cfg.compression.as_str() {
-            "gzip" => Compression::Gzip,
-            "deflate" => Compression::Deflate,
-            _ => Compression::None,
-        };
         Ok(OtlpHttpExporter {
             client,
             url,
             headers,
-            compression,
-            json: cfg.encoding == "json",
+            compression: cfg.compression,
+            json: cfg.encoding == Encoding::Json,
             timeout: cfg.timeout.0,
             auth,
         })

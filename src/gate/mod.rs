@@ -24,7 +24,6 @@ mod fuzz_tests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -55,43 +54,6 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Sessions logged out here, remembered until their cookie would expire (bounded).
 const MAX_ENDED_SESSIONS: usize = 100_000;
-
-#[derive(Debug, clap::Args)]
-pub struct GateArgs {}
-
-pub fn main(_args: GateArgs, rt: tokio::runtime::Runtime) -> ExitCode {
-    let cfg = match config::from_env(|k| std::env::var(k).ok()) {
-        Ok(c) => c,
-        Err(problems) => {
-            eprintln!("otlp-relay gate: invalid configuration:");
-            for p in problems {
-                eprintln!("  - {p}");
-            }
-            return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
-        }
-    };
-    let cancel = CancellationToken::new();
-    let result = rt.block_on(async {
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            c.cancel();
-        });
-        run(cfg, cancel).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "gate failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    crate::app::wait_for_signal().await;
-}
 
 /// Binds, logs `listening component=gate addr=...` (and `component=gate-admin` for the admin listener),
 /// and serves until `cancel`.

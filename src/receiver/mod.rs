@@ -1,6 +1,7 @@
 //! Receivers: the listener, TLS handshake and client identity check shared by the OTLP/gRPC
 //! and OTLP/HTTP endpoints, connection bounds, and graceful connection shutdown.
 mod body;
+pub(crate) mod build;
 mod conn;
 mod errors;
 pub(crate) mod grpc;

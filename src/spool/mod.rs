@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::pipeline::item::{Charge, Destination, Item, Refusal, Routed};
 use crate::pipeline::wire::ResourceChunk;
-use crate::pipeline::{Charge, Destination, Item, Refusal, Routed};
 use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{Health, Metrics, exporter_labels};
 use frame::Format;
@@ -79,7 +79,7 @@ impl SpoolSettings {
                 .min(max_bytes / 4)
                 .max(max_bytes / 256)
                 .max(64 * 1024),
-            drop_oldest: cfg.on_full == "drop_oldest",
+            drop_oldest: cfg.on_full == crate::config::OnFull::DropOldest,
         }
     }
 }

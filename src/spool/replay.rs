@@ -10,8 +10,6 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,21 +17,7 @@ use anyhow::{Context, bail};
 use super::deadletter::{DeadLetter, same_file};
 use super::{frame, proto, record_to_routed};
 use crate::batch::Batch;
-use crate::config::{self, Exporter as ExporterConfig};
-use crate::export::retry::RetryPolicy;
-use crate::export::{ExportError, Exporter, OutBatch};
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ReplayArgs {
-    /// A dead-letter directory (its per-exporter subdirectories are read too).
-    #[arg(long)]
-    pub from: PathBuf,
-    #[arg(long, default_value = "config.yaml")]
-    pub config: PathBuf,
-    /// Send everything through this exporter instead of the one each record names.
-    #[arg(long)]
-    pub exporter: Option<String>,
-}
+use crate::pipeline::item::{Destination, Item};
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Totals {
@@ -48,26 +32,6 @@ pub struct Totals {
 
 /// How long to wait for a file's lock: the relay holds it only while it appends one record.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
-
-pub fn main(args: ReplayArgs, rt: tokio::runtime::Runtime) -> ExitCode {
-    match rt.block_on(run(&args)) {
-        Ok(t) => {
-            println!(
-                "replay: {} record(s), {} span(s) delivered; {} record(s), {} span(s) refused again; {} file(s) in use, skipped",
-                t.records, t.spans, t.failed_records, t.failed_spans, t.skipped_files
-            );
-            if t.failed_records == 0 && t.skipped_files == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("otlp-relay replay: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
 
 /// Record files (`*.seg`, and `*.replaying` a stopped replay left) in `dir` and in its
 /// immediate subdirectories.
@@ -135,25 +99,18 @@ fn take(path: &Path) -> anyhow::Result<Option<(File, PathBuf)>> {
     Ok(Some((file, replaying)))
 }
 
-pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
-    let cfg = config::load_file(&args.config).map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
-    let prepared = crate::app::prepare(&cfg).map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
-    let resolve = |id: &str| -> anyhow::Result<(Arc<Exporter>, RetryPolicy)> {
-        let exporter = prepared
-            .exporter(id)
-            .with_context(|| format!("exporter {id:?} is not in {}", args.config.display()))?;
-        let retry = match cfg.exporters.get(id) {
-            Some(ExporterConfig::OtlpHttp(c)) => RetryPolicy::new(&c.retry_on_failure),
-            _ => RetryPolicy::new(&config::RetryConfig {
-                enabled: false,
-                ..Default::default()
-            }),
-        };
-        Ok((exporter, retry))
-    };
-    let paths = files(&args.from).with_context(|| format!("reading {}", args.from.display()))?;
+/// Where replayed records go: `otlp-relay replay` sends them through a config's exporter.
+pub(crate) trait Resend {
+    /// Err: `exporter` cannot be used at all, which stops the replay; Ok(Err(why)): the
+    /// destination refused the batch again.
+    async fn resend(&self, exporter: &str, batch: Batch<Destination, Item>) -> anyhow::Result<Result<(), String>>;
+}
+
+/// Replays every record file under `from`, each record through `exporter` (or the one it names).
+pub(crate) async fn run(from: &Path, exporter: Option<&str>, resend: &impl Resend) -> anyhow::Result<Totals> {
+    let paths = files(from).with_context(|| format!("reading {}", from.display()))?;
     if paths.is_empty() {
-        bail!("no record files (*.seg) in {}", args.from.display());
+        bail!("no record files (*.seg) in {}", from.display());
     }
     let mut totals = Totals::default();
     for listed in paths {
@@ -175,13 +132,12 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
         }
         let mut refused = Vec::new();
         for mut record in scan.records {
-            let id = args.exporter.clone().unwrap_or_else(|| record.exporter.clone());
+            let id = exporter.map_or_else(|| record.exporter.clone(), str::to_string);
             if id.is_empty() {
                 bail!("{}: a record names no exporter; pass --exporter", path.display());
             }
-            let (exporter, retry) = resolve(&id)?;
             let spans = record.spans as u64;
-            match send(&exporter, &retry, &record).await {
+            match resend.resend(&id, to_batch(&record)).await? {
                 Ok(()) => {
                     totals.records += 1;
                     totals.spans += spans;
@@ -191,7 +147,7 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
                     totals.failed_records += 1;
                     totals.failed_spans += spans;
                     record.attempts += 1;
-                    record.error = e.to_string();
+                    record.error = e;
                     record.exporter = id;
                     refused.push(record);
                 }
@@ -212,27 +168,12 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<Totals> {
     Ok(totals)
 }
 
-/// Sends one record, retrying retryable failures by the exporter's policy.
-async fn send(exporter: &Exporter, retry: &RetryPolicy, record: &proto::Record) -> Result<(), ExportError> {
+/// One record as the batch it was when it was spooled.
+fn to_batch(record: &proto::Record) -> Batch<Destination, Item> {
     let routed = record_to_routed(record.clone(), None);
-    let batch: OutBatch = Batch {
+    Batch {
         key: routed.destination,
         items: vec![routed.item],
         spans: record.spans as usize,
-    };
-    let started = Instant::now();
-    let mut schedule = retry.schedule();
-    loop {
-        let error = match exporter.export(&batch).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if !error.is_retryable() {
-            return Err(error);
-        }
-        match schedule.next_delay(started.elapsed(), error.retry_after(), rand::random()) {
-            Some(delay) => tokio::time::sleep(delay).await,
-            None => return Err(error),
-        }
     }
 }

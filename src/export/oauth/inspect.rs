@@ -1,24 +1,9 @@
-//! `otlp-relay token`: fetches a token exactly as the relay would and prints its JOSE header and
-//! the claims an operator needs to debug "Bearer token rejected" (iss, aud, azp, sub, exp,
-//! groups, scope) — never the token itself.
-use std::path::PathBuf;
-use std::process::ExitCode;
+//! What `otlp-relay token` prints about a token: its JOSE header and the claims an operator
+//! needs to debug "Bearer token rejected" (iss, aud, azp, sub, exp, groups, scope) — never the
+//! token itself.
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-
-use super::OAuth2Client;
-use crate::config::{self, Extension};
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct TokenArgs {
-    /// The relay configuration holding the oauth2client extension.
-    #[arg(long, default_value = "config.yaml")]
-    pub config: PathBuf,
-    /// Which extension (e.g. oauth2client/mlflow); needed only when there are several.
-    #[arg(long)]
-    pub extension: Option<String>,
-}
 
 /// The decoded JSON header and claims of a JWT, without verifying it; None for opaque tokens.
 pub fn jwt_parts(token: &str) -> Option<(serde_json::Value, serde_json::Value)> {
@@ -66,77 +51,6 @@ pub fn describe(token: &str, now: SystemTime) -> String {
         .unwrap_or_default();
     out.push_str(&format!("  other claims: {others:?}\n"));
     out
-}
-
-pub fn main(args: TokenArgs, rt: tokio::runtime::Runtime) -> ExitCode {
-    let cfg = match config::load_file(&args.config) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{}: {} problem(s):", args.config.display(), errors.0.len());
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
-        }
-    };
-    let candidates: Vec<(&String, &crate::config::OAuth2ClientConfig)> = cfg
-        .extensions
-        .iter()
-        .filter_map(|(id, e)| match e {
-            Extension::OAuth2Client(o) => Some((id, o.as_ref())),
-            _ => None,
-        })
-        .collect();
-    let chosen = match &args.extension {
-        Some(want) => candidates.iter().find(|(id, _)| *id == want),
-        None if candidates.len() == 1 => candidates.first(),
-        None => None,
-    };
-    let Some((id, ext)) = chosen else {
-        let ids: Vec<&String> = candidates.iter().map(|(id, _)| *id).collect();
-        if ids.is_empty() {
-            eprintln!(
-                "{}: no oauth2client extension is defined (the exporters send without a token)",
-                args.config.display()
-            );
-            return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
-        }
-        eprintln!(
-            "{}: choose an oauth2client extension with --extension (defined: {ids:?})",
-            args.config.display()
-        );
-        return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
-    };
-    rt.block_on(async move {
-        let client = match OAuth2Client::new(id, ext) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("extensions.{id}: {e}");
-                return ExitCode::from(crate::cli::EXIT_BAD_CONFIG);
-            }
-        };
-        match client.fetch().await {
-            Ok(f) => {
-                println!("extension: {id}");
-                println!("token endpoint: {}", f.token_url);
-                println!(
-                    "token_type: {}, expires_in: {}",
-                    f.token_type,
-                    f.expires_in
-                        .map_or("(not given)".into(), |d| format!("{} s", d.as_secs()))
-                );
-                if let Some(s) = &f.scopes {
-                    println!("granted scopes: {}", s.join(" "));
-                }
-                print!("{}", describe(&f.access_token, SystemTime::now()));
-                ExitCode::SUCCESS
-            }
-            Err(failure) => {
-                eprintln!("{id}: token request failed: {}", failure.message);
-                ExitCode::from(1)
-            }
-        }
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,275 @@
+//! Exporter configs (`otlphttp` with its TLS, retry and sending queue; `debug`) and their checks.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::GoDuration;
+use super::values::{Compression, Encoding, Verbosity};
+use super::{Config, Exporter, Extension};
+use crate::otlp::{EXPERIMENT_HEADER, ExperimentId};
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpHttpExporterConfig {
+    /// Base URL: traces go to `endpoint + /v1/traces` unless traces_endpoint is set.
+    pub endpoint: String,
+    pub traces_endpoint: String,
+    pub headers: BTreeMap<String, String>,
+    pub compression: Compression,
+    pub timeout: GoDuration,
+    pub encoding: Encoding,
+    pub tls: ClientTlsConfig,
+    pub retry_on_failure: RetryConfig,
+    pub sending_queue: QueueConfig,
+    pub auth: Option<AuthConfig>,
+}
+
+impl Default for OtlpHttpExporterConfig {
+    fn default() -> Self {
+        OtlpHttpExporterConfig {
+            endpoint: String::new(),
+            traces_endpoint: String::new(),
+            headers: BTreeMap::new(),
+            compression: Compression::default(),
+            timeout: GoDuration::secs(30),
+            encoding: Encoding::default(),
+            tls: ClientTlsConfig::default(),
+            retry_on_failure: RetryConfig::default(),
+            sending_queue: QueueConfig::default(),
+            auth: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    pub insecure: bool,
+    pub insecure_skip_verify: bool,
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
+    pub server_name_override: String,
+    pub min_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub enabled: bool,
+    pub initial_interval: GoDuration,
+    pub max_interval: GoDuration,
+    /// 0 means retry without a time limit.
+    pub max_elapsed_time: GoDuration,
+    pub multiplier: f64,
+    pub randomization_factor: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            enabled: true,
+            initial_interval: GoDuration::secs(5),
+            max_interval: GoDuration::secs(30),
+            max_elapsed_time: GoDuration::secs(300),
+            multiplier: 1.5,
+            randomization_factor: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub enabled: bool,
+    pub num_consumers: usize,
+    /// Batches waiting to be sent.
+    pub queue_size: usize,
+    /// A file_storage extension id: queue on disk (the spool) instead of in memory.
+    pub storage: Option<String>,
+    pub blocking: Option<bool>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            enabled: true,
+            num_consumers: 10,
+            queue_size: 1000,
+            storage: None,
+            blocking: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub authenticator: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugExporterConfig {
+    /// Default basic (see `Verbosity`).
+    pub verbosity: Verbosity,
+    pub sampling_initial: Option<u64>,
+    pub sampling_thereafter: Option<u64>,
+}
+
+/// Checks exporter `id` and what it refers to in `config`; problems go to `err` with their
+/// YAML path.
+pub(super) fn validate(id: &str, e: &Exporter, config: &Config, err: &mut dyn FnMut(String, String)) {
+    let path = format!("exporters.{id}");
+    match e {
+        Exporter::OtlpHttp(x) => {
+            validate_destination(&path, x, err);
+            validate_delivery(&path, x, config, err);
+            let t = &x.tls;
+            if t.cert_file.is_empty() != t.key_file.is_empty() {
+                err(format!("{path}.tls"), "cert_file and key_file go together".into());
+            }
+        }
+        // Its words (verbosity) are typed; nothing else to check.
+        Exporter::Debug(_) => {}
+    }
+}
+
+/// Where and how an otlphttp exporter sends: URLs, headers, timeout.
+fn validate_destination(path: &str, x: &OtlpHttpExporterConfig, err: &mut dyn FnMut(String, String)) {
+    if x.endpoint.is_empty() && x.traces_endpoint.is_empty() {
+        err(format!("{path}.endpoint"), "set endpoint or traces_endpoint".into());
+    }
+    for (key, url) in [("endpoint", &x.endpoint), ("traces_endpoint", &x.traces_endpoint)] {
+        if !url.is_empty()
+            && url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.scheme_str().map(str::to_owned))
+                .is_none_or(|s| s != "http" && s != "https")
+        {
+            err(
+                format!("{path}.{key}"),
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+    }
+    for (k, v) in &x.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            err(format!("{path}.headers.{k}"), "not a valid HTTP header name".into());
+        }
+        if http::HeaderValue::from_str(v).is_err() {
+            err(format!("{path}.headers.{k}"), "not a valid HTTP header value".into());
+        }
+        if k.eq_ignore_ascii_case("content-encoding") {
+            err(
+                format!("{path}.headers.{k}"),
+                "set compression instead of a Content-Encoding header".into(),
+            );
+        }
+    }
+    if let Some(exp) = x
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(EXPERIMENT_HEADER))
+        .map(|(_, v)| v)
+        && !ExperimentId::is_valid(exp)
+    {
+        err(
+            format!("{path}.headers.{EXPERIMENT_HEADER}"),
+            format!("{exp:?} is not a numeric MLflow experiment id"),
+        );
+    }
+    if x.timeout.is_zero() {
+        err(format!("{path}.timeout"), "must be above 0".into());
+    }
+}
+
+/// How an otlphttp exporter retries and queues, and the extensions it names for its spool and
+/// its token.
+fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, err: &mut dyn FnMut(String, String)) {
+    let r = &x.retry_on_failure;
+    if r.enabled {
+        if r.initial_interval.is_zero() {
+            err(
+                format!("{path}.retry_on_failure.initial_interval"),
+                "must be above 0".into(),
+            );
+        }
+        if r.max_interval < r.initial_interval {
+            err(
+                format!("{path}.retry_on_failure.max_interval"),
+                "must be at least initial_interval".into(),
+            );
+        }
+        if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+            err(
+                format!("{path}.retry_on_failure.multiplier"),
+                "must be at least 1".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&r.randomization_factor) {
+            err(
+                format!("{path}.retry_on_failure.randomization_factor"),
+                "must be between 0 and 1".into(),
+            );
+        }
+    }
+    let q = &x.sending_queue;
+    if q.num_consumers == 0 {
+        err(
+            format!("{path}.sending_queue.num_consumers"),
+            "must be at least 1".into(),
+        );
+    }
+    if q.queue_size == 0 {
+        err(format!("{path}.sending_queue.queue_size"), "must be at least 1".into());
+    }
+    if let Some(storage) = &q.storage {
+        match config.extensions.get(storage) {
+            Some(Extension::FileStorage(_)) => {
+                if !config.service.extensions.contains(storage) {
+                    err(
+                        format!("{path}.sending_queue.storage"),
+                        format!("{storage:?} must also be listed in service.extensions"),
+                    );
+                }
+                if !q.enabled {
+                    err(
+                        format!("{path}.sending_queue.enabled"),
+                        "a storage needs the sending queue enabled".into(),
+                    );
+                }
+            }
+            Some(_) => err(
+                format!("{path}.sending_queue.storage"),
+                format!("{storage:?} is not a file_storage extension"),
+            ),
+            None => err(
+                format!("{path}.sending_queue.storage"),
+                format!("{storage:?} is not defined under extensions"),
+            ),
+        }
+    }
+    if let Some(auth) = &x.auth {
+        let a = &auth.authenticator;
+        match config.extensions.get(a) {
+            Some(Extension::OAuth2Client(_)) => {
+                if !config.service.extensions.contains(a) {
+                    err(
+                        format!("{path}.auth.authenticator"),
+                        format!("{a:?} must also be listed in service.extensions"),
+                    );
+                }
+            }
+            Some(_) => err(
+                format!("{path}.auth.authenticator"),
+                format!("{a:?} is not an oauth2client extension"),
+            ),
+            None => err(
+                format!("{path}.auth.authenticator"),
+                format!("{a:?} is not defined under extensions"),
+            ),
+        }
+    }
+}
