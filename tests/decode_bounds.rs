@@ -25,7 +25,7 @@ fn config(sink: &Sink) -> String {
 receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"}}, grpc: {{endpoint: "127.0.0.1:0"}}}}}}}}
 processors:
   memory_limiter: {{check_interval: 1s, limit_mib: {LIMIT_MIB}, spike_limit_mib: 16}}
-  batch: {{timeout: 20ms}}
+  batch: {{timeout: 20ms, send_batch_size: 512, send_batch_max_size: 2048}}
 exporters: {{otlphttp: {{endpoint: "{}"}}}}
 extensions:
   health_check: {{endpoint: "127.0.0.1:0"}}
@@ -385,4 +385,43 @@ fn hostile_json_bodies_are_refused_or_decoded_within_the_memory_budget() {
         bound >> 20
     );
     assert!(slowest < Duration::from_secs(1), "/readyz took {slowest:?}");
+}
+
+/// A 16 MB record of 520,000 small valid spans: the batcher cuts it into batches of 2,048 from
+/// its bytes (a decode to cut it took about 13 times its size: 200 MB), within the same bound,
+/// and every span arrives.
+#[test]
+fn a_large_valid_record_is_split_within_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&[]);
+    let relay = Relay::start(dir.path(), &config(&sink), "otlp");
+    let pid = relay.proc.child.id();
+    let baseline = peak_rss(pid);
+    let spans = 520_000u32;
+    let mut scope = Vec::new();
+    for id in 0..spans {
+        field(0x12, &good_span(id), &mut scope);
+    }
+    let mut rs = Vec::new();
+    field(0x12, &scope, &mut rs);
+    let mut body = Vec::new();
+    field(0x0a, &rs, &mut body);
+    let (status, _, response) = http_exchange(
+        "POST",
+        relay.http.unwrap(),
+        "/v1/traces",
+        &[("content-type", "application/x-protobuf")],
+        &body,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&response));
+    sink.wait_unique(u64::from(spans), T);
+    let grown = peak_rss(pid).saturating_sub(baseline);
+    eprintln!("peak RSS grew {} MiB", grown >> 20);
+    let bound = (LIMIT_MIB + 48) << 20;
+    assert!(
+        grown <= bound,
+        "peak grew {} MiB, over {} MiB",
+        grown >> 20,
+        bound >> 20
+    );
 }

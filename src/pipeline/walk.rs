@@ -555,6 +555,81 @@ fn experiment_id(value: &[u8]) -> Option<String> {
     id.and_then(|s| ExperimentId::parse(&s)).map(ExperimentId::into_string)
 }
 
+/// The fields of a message other than `number`, concatenated in their order.
+fn fields_except(buf: &[u8], number: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    let mut r = Reader::new(buf);
+    loop {
+        let start = r.pos;
+        let Some((n, _)) = r.field()? else { break };
+        if n != number {
+            out.extend_from_slice(&buf[start..r.pos]);
+        }
+    }
+    Ok(out)
+}
+
+/// Appends a length-delimited field.
+fn put_field(key: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.push(key);
+    prost::encoding::encode_varint(len as u64, out);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+/// Cuts a ResourceSpans message into records (request fields) of `first` spans, then `size`
+/// spans each, the last holding what is left; returns each with its span count. Each piece
+/// carries the ResourceSpans' other fields (resource, schema_url, unknown ones) and, for every
+/// ScopeSpans it has spans of, that ScopeSpans' other fields: what the pieces decode to is what
+/// decoding the record and regrouping its spans gives, without building a single span in
+/// memory (a decode took about 13 times the record's size).
+pub(crate) fn split_message(message: &[u8], first: usize, size: usize) -> Result<Vec<(Vec<u8>, usize)>, DecodeError> {
+    let resource = fields_except(message, 2)?;
+    let mut pieces = Vec::new();
+    // The current piece's ScopeSpans fields, and its span count.
+    let (mut scopes, mut in_piece, mut want) = (Vec::new(), 0usize, first);
+    let mut r = Reader::new(message);
+    while let Some((number, w)) = r.field()? {
+        if number != 2 {
+            continue;
+        }
+        let scope = len(w)?;
+        let header = fields_except(scope, 2)?;
+        // The current ScopeSpans' spans in the current piece.
+        let mut spans = Vec::new();
+        let mut s = Reader::new(scope);
+        loop {
+            let start = s.pos;
+            let Some((n, _)) = s.field()? else { break };
+            if n != 2 {
+                continue;
+            }
+            spans.extend_from_slice(&scope[start..s.pos]);
+            in_piece += 1;
+            if in_piece == want {
+                put_field(SCOPE_SPANS_KEY, &[&header, &spans], &mut scopes);
+                spans.clear();
+                let mut record = Vec::with_capacity(resource.len() + scopes.len() + 11);
+                put_field(RESOURCE_SPANS_KEY, &[&resource, &scopes], &mut record);
+                pieces.push((record, in_piece));
+                scopes.clear();
+                (in_piece, want) = (0, size);
+            }
+        }
+        if !spans.is_empty() {
+            put_field(SCOPE_SPANS_KEY, &[&header, &spans], &mut scopes);
+        }
+    }
+    if in_piece > 0 {
+        let mut record = Vec::with_capacity(resource.len() + scopes.len() + 11);
+        put_field(RESOURCE_SPANS_KEY, &[&resource, &scopes], &mut record);
+        pieces.push((record, in_piece));
+    }
+    Ok(pieces)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
