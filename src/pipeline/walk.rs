@@ -585,9 +585,20 @@ fn put_field(key: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
 /// ScopeSpans it has spans of, that ScopeSpans' other fields: what the pieces decode to is what
 /// decoding the record and regrouping its spans gives, without building a single span in
 /// memory (a decode took about 13 times the record's size).
-pub(crate) fn split_message(message: &[u8], first: usize, size: usize) -> Result<Vec<(Vec<u8>, usize)>, DecodeError> {
+///
+/// Every piece copies the resource and the scopes it has spans of: a large resource cut into
+/// many pieces would take many times the record's memory (an 8 MB resource attribute, 140
+/// pieces: over a gigabyte). Past `max_out` bytes in all this refuses, and the record goes on
+/// whole.
+pub(crate) fn split_message(
+    message: &[u8],
+    first: usize,
+    size: usize,
+    max_out: usize,
+) -> Result<Vec<(Vec<u8>, usize)>, DecodeError> {
     let resource = fields_except(message, 2)?;
     let mut pieces = Vec::new();
+    let mut out = 0usize;
     // The current piece's ScopeSpans fields, and its span count.
     let (mut scopes, mut in_piece, mut want) = (Vec::new(), 0usize, first);
     let mut r = Reader::new(message);
@@ -613,6 +624,12 @@ pub(crate) fn split_message(message: &[u8], first: usize, size: usize) -> Result
                 spans.clear();
                 let mut record = Vec::with_capacity(resource.len() + scopes.len() + 11);
                 put_field(RESOURCE_SPANS_KEY, &[&resource, &scopes], &mut record);
+                out += record.len();
+                if out > max_out {
+                    return Err(DecodeError::Split(
+                        "its pieces would copy its resource and scopes past twice its size",
+                    ));
+                }
                 pieces.push((record, in_piece));
                 scopes.clear();
                 (in_piece, want) = (0, size);

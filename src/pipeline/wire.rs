@@ -353,7 +353,13 @@ pub fn split_chunk_pieces(chunk: &ResourceChunk, first: usize, size: usize) -> R
             "record holds a different span count than counted on receipt",
         ));
     }
-    let pieces = walk::split_message(message, first, size)?;
+    let count = 1 + (chunk.spans - first).div_ceil(size);
+    let max_out = chunk
+        .bytes
+        .len()
+        .saturating_mul(2)
+        .saturating_add(count.saturating_mul(SPLIT_ALLOWANCE));
+    let pieces = walk::split_message(message, first, size, max_out)?;
     let total: usize = pieces.iter().map(|p| p.1).sum();
     if total != chunk.spans {
         return Err(DecodeError::Split(
@@ -369,6 +375,10 @@ pub fn split_chunk_pieces(chunk: &ResourceChunk, first: usize, size: usize) -> R
         })
         .collect())
 }
+
+/// The bytes each piece of a split may copy (resource, scopes, framing) beyond twice the
+/// record's size in all: real resources are a few hundred bytes.
+const SPLIT_ALLOWANCE: usize = 1024;
 
 /// The ResourceSpans message of a record (a request field: key, length, message), which must
 /// be the whole of `bytes`.
@@ -970,6 +980,29 @@ mod tests {
         for (span, piece) in [(0, 0), (1, 1), (2, 1), (3, 2)] {
             assert!(contains(&pieces[piece].bytes, &marker(&format!("span-{span}"))));
         }
+    }
+
+    /// A large resource is not copied into every piece: past twice the record's size the
+    /// split refuses (the batcher then sends the record whole, counted and logged).
+    #[test]
+    fn split_refuses_to_multiply_a_large_resource() {
+        let mut rs = resource_spans("a", 0, 1, 300);
+        rs.resource
+            .as_mut()
+            .unwrap()
+            .attributes
+            .push(kv("big", &"x".repeat(100_000)));
+        let chunk = ResourceChunk {
+            bytes: encode_record(&rs),
+            spans: 300,
+            experiment: None,
+        };
+        assert!(matches!(
+            split_chunk_pieces(&chunk, 10, 10),
+            Err(DecodeError::Split(m)) if m.contains("resource")
+        ));
+        // Few pieces copy it within the allowance.
+        assert_eq!(split_chunk_pieces(&chunk, 150, 150).unwrap().len(), 2);
     }
 
     #[test]
