@@ -136,7 +136,7 @@ fn fixed32(w: Wire<'_>) -> Result<(), DecodeError> {
 /// Walks an ExportTraceServiceRequest. Unknown fields are skipped, as prost does.
 pub fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
     let mut records = Vec::new();
-    request_each(body, |record| {
+    request_each::<DecodeError>(body, |record| {
         records.push(record);
         Ok(())
     })?;
@@ -146,10 +146,10 @@ pub fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
 /// Walks an ExportTraceServiceRequest, handing each record to `f` as it is validated: a caller
 /// that keeps only records with spans holds memory in proportion to them, not to the count of
 /// (possibly empty) records a hostile body frames.
-pub(crate) fn request_each(
+pub(crate) fn request_each<E: From<DecodeError>>(
     body: &[u8],
-    mut f: impl FnMut(Record) -> Result<(), DecodeError>,
-) -> Result<(), DecodeError> {
+    mut f: impl FnMut(Record) -> Result<(), E>,
+) -> Result<(), E> {
     let mut r = Reader::new(body);
     loop {
         let start = r.pos;

@@ -83,6 +83,12 @@ pub fn parse_protobuf(body: Bytes) -> Result<ParsedRequest, DecodeError> {
     parse_protobuf_within(body, &mut Unbudgeted)
 }
 
+/// What a kept record costs in memory while it is parsed, beyond its bytes: its entry in the
+/// list of kept records and the chunk it becomes.
+const RECORD_COST: usize = std::mem::size_of::<Keep>() + std::mem::size_of::<ResourceChunk>();
+/// Records are charged for this many at a time at least.
+const RECORD_CHARGE_STEP: usize = 64;
+
 /// A record as it will be kept: the body's own bytes, or rebuilt without its unusable spans.
 enum Keep {
     Slice(walk::Record),
@@ -100,11 +106,18 @@ pub fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B) -> Re
     let mut parsed = ParsedRequest::default();
     let mut kept = Vec::new();
     let (mut kept_bytes, mut rebuilt) = (0usize, false);
-    walk::request_each(&body, |record| {
+    walk::request_each::<B::Error>(&body, |record| {
+        if kept.len() == kept.capacity() {
+            // The list of records kept, and the items they become, are memory beyond the
+            // bytes: a body of 470,000 one-span records is 16 MB but took 124 MB.
+            let more = kept.capacity().max(RECORD_CHARGE_STEP);
+            budget.hold_copy(more.saturating_mul(RECORD_COST))?;
+            kept.reserve_exact(more);
+        }
         if record.invalid_spans > 0 {
             let k = walk::kept(&body[record.message.clone()])?;
             if (k.spans, k.dropped) != (record.spans - record.invalid_spans, record.invalid_spans) {
-                return Err(DecodeError::Framing("span count changed while the record was rebuilt"));
+                return Err(DecodeError::Framing("span count changed while the record was rebuilt").into());
             }
             parsed.rejected += k.dropped;
             if k.spans > 0 {
@@ -759,7 +772,7 @@ mod tests {
             assert!(recorder.decoded.is_empty(), "protobuf is never decoded");
             if case.rejected > 0 && parsed.spans > 0 {
                 rebuilt += 1;
-                assert_eq!(recorder.copies, vec![joined.len()], "seed {seed}");
+                assert_eq!(recorder.copies.last(), Some(&joined.len()), "seed {seed}");
             }
             // What the walk accepts, the rebuilt bytes pass again unchanged.
             let again = parse_protobuf(Bytes::from(joined.clone())).unwrap();
@@ -790,7 +803,7 @@ mod tests {
         assert_eq!((parsed.spans, parsed.rejected), (1, 1_000_000));
         let len = parsed.chunks[0].bytes.len();
         assert!(len < 100, "{len}");
-        assert_eq!(recorder.copies, vec![len]);
+        assert_eq!(recorder.copies, vec![RECORD_CHARGE_STEP * RECORD_COST, len]);
         // Many empty records (no spans) are not kept either, nor listed while walking.
         let body = Bytes::from([0x0a, 0x00].repeat(1_000_000));
         assert_eq!(parse_protobuf(body).unwrap(), ParsedRequest::default());
@@ -808,8 +821,24 @@ mod tests {
         let mut recorder = Recorder::default();
         let parsed = parse_protobuf_within(Bytes::from(body), &mut recorder).unwrap();
         assert_eq!(parsed.spans, 1);
-        assert_eq!(recorder.copies, vec![record_len]);
+        assert_eq!(recorder.copies, vec![RECORD_CHARGE_STEP * RECORD_COST, record_len]);
         assert_eq!(parsed.chunks[0].bytes.len(), record_len);
+    }
+
+    /// Records are charged for the memory they take beyond their bytes as they are listed: a
+    /// body of many one-span records costs far more than its size.
+    #[test]
+    fn many_records_are_charged_as_they_are_listed() {
+        let body = request((0..1000).map(|i| resource_spans("a", i * 10, 1, 1)).collect()).encode_to_vec();
+        let mut recorder = Recorder::default();
+        let parsed = parse_protobuf_within(Bytes::from(body), &mut recorder).unwrap();
+        assert_eq!(parsed.chunks.len(), 1000);
+        let charged: usize = recorder.copies.iter().sum();
+        assert!(charged >= 1000 * RECORD_COST, "{charged}");
+        assert!(
+            charged <= 2 * 1000 * RECORD_COST + RECORD_CHARGE_STEP * RECORD_COST,
+            "{charged}"
+        );
     }
 
     /// The JSON estimate is charged before serde runs, and refusing it refuses the request
