@@ -162,6 +162,12 @@ impl BodyHold {
         self.bytes
     }
 
+    /// The smallest soft limit among the budgets held, if any: what no single request may
+    /// exceed for memory that grows many times its body (a decoded JSON request).
+    pub(crate) fn limit(&self) -> Option<usize> {
+        self.reservations.iter().map(|r| r.budget.soft_limit).min()
+    }
+
     /// Holds `extra` more bytes in every budget, or refuses (holding what it held before).
     pub(crate) fn grow(&mut self, extra: usize) -> Result<(), Refusal> {
         for i in 0..self.reservations.len() {

@@ -135,8 +135,22 @@ fn fixed32(w: Wire<'_>) -> Result<(), DecodeError> {
 
 /// Walks an ExportTraceServiceRequest. Unknown fields are skipped, as prost does.
 pub fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
-    let mut r = Reader::new(body);
     let mut records = Vec::new();
+    request_each::<DecodeError>(body, |record| {
+        records.push(record);
+        Ok(())
+    })?;
+    Ok(records)
+}
+
+/// Walks an ExportTraceServiceRequest, handing each record to `f` as it is validated: a caller
+/// that keeps only records with spans holds memory in proportion to them, not to the count of
+/// (possibly empty) records a hostile body frames.
+pub(crate) fn request_each<E: From<DecodeError>>(
+    body: &[u8],
+    mut f: impl FnMut(Record) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut r = Reader::new(body);
     loop {
         let start = r.pos;
         let Some((number, wire)) = r.field()? else { break };
@@ -148,9 +162,129 @@ pub fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
         let mut record = resource_spans(message)?;
         record.field = start..r.pos;
         record.message = message_start..r.pos;
-        records.push(record);
+        f(record)?;
     }
-    Ok(records)
+    Ok(())
+}
+
+// Dropping spans with unusable ids without decoding: a record is rebuilt from its own bytes,
+// leaving out those spans' fields and every ScopeSpans left without spans, and re-framing the
+// ScopeSpans it keeps. Every other field (unknown ones too) is copied as it came, in its order.
+// A ScopeSpans' new length prefix is never longer than its old one (the content only shrinks and
+// the prefix is written minimal), so the result is never larger than the input. These run on
+// records the walk above has validated; they still return errors rather than assume it.
+
+/// ScopeSpans (field 2 of ResourceSpans), as a length-delimited key.
+const SCOPE_SPANS_KEY: u8 = 0x12;
+/// ResourceSpans (field 1 of ExportTraceServiceRequest), as a length-delimited key.
+const RESOURCE_SPANS_KEY: u8 = 0x0a;
+
+/// How a record's spans fare when it is rebuilt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Kept {
+    /// The rebuilt ResourceSpans message's length (without key and length prefix).
+    pub message_len: usize,
+    pub spans: usize,
+    pub dropped: usize,
+}
+
+impl Kept {
+    /// The rebuilt record's length as a field of the request (key, length prefix, message).
+    pub(crate) fn field_len(&self) -> usize {
+        1 + prost::encoding::encoded_len_varint(self.message_len as u64) + self.message_len
+    }
+}
+
+/// Whether a (validated) span's ids are usable, by the walk's rule: the last trace_id and
+/// span_id fields count, an absent one is empty.
+fn span_ids_usable(buf: &[u8]) -> Result<bool, DecodeError> {
+    let (mut trace_ok, mut span_ok) = (false, false);
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        match number {
+            1 => trace_ok = id_usable(len(w)?, 16),
+            2 => span_ok = id_usable(len(w)?, 8),
+            _ => {}
+        }
+    }
+    Ok(trace_ok && span_ok)
+}
+
+/// A ScopeSpans' rebuilt length and span counts; a length of None when it keeps no span.
+fn scope_kept(buf: &[u8]) -> Result<(Option<usize>, usize, usize), DecodeError> {
+    let (mut size, mut spans, mut dropped) = (0, 0, 0);
+    let mut r = Reader::new(buf);
+    loop {
+        let start = r.pos;
+        let Some((number, w)) = r.field()? else { break };
+        if number == 2 {
+            if !span_ids_usable(len(w)?)? {
+                dropped += 1;
+                continue;
+            }
+            spans += 1;
+        }
+        size += r.pos - start;
+    }
+    Ok(((spans > 0).then_some(size), spans, dropped))
+}
+
+/// What rebuilding a ResourceSpans message (the record's `message` bytes) keeps.
+pub(crate) fn kept(message: &[u8]) -> Result<Kept, DecodeError> {
+    let mut out = Kept::default();
+    let mut r = Reader::new(message);
+    loop {
+        let start = r.pos;
+        let Some((number, w)) = r.field()? else { break };
+        if number == 2 {
+            let (size, spans, dropped) = scope_kept(len(w)?)?;
+            out.spans += spans;
+            out.dropped += dropped;
+            if let Some(size) = size {
+                out.message_len += 1 + prost::encoding::encoded_len_varint(size as u64) + size;
+            }
+        } else {
+            out.message_len += r.pos - start;
+        }
+    }
+    Ok(out)
+}
+
+/// Appends the rebuilt record (as a request field) to `out`; `kept` is what `kept` said of it.
+/// Errors, having appended part of it, when the bytes do not agree with `kept`.
+pub(crate) fn write_kept(message: &[u8], kept: &Kept, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    let begin = out.len();
+    out.push(RESOURCE_SPANS_KEY);
+    prost::encoding::encode_varint(kept.message_len as u64, out);
+    let body_start = out.len();
+    let mut r = Reader::new(message);
+    loop {
+        let start = r.pos;
+        let Some((number, w)) = r.field()? else { break };
+        if number != 2 {
+            out.extend_from_slice(&message[start..r.pos]);
+            continue;
+        }
+        let scope = len(w)?;
+        let (Some(size), _, _) = scope_kept(scope)? else {
+            continue;
+        };
+        out.push(SCOPE_SPANS_KEY);
+        prost::encoding::encode_varint(size as u64, out);
+        let mut s = Reader::new(scope);
+        loop {
+            let start = s.pos;
+            let Some((number, w)) = s.field()? else { break };
+            if number == 2 && !span_ids_usable(len(w)?)? {
+                continue;
+            }
+            out.extend_from_slice(&scope[start..s.pos]);
+        }
+    }
+    if out.len() - body_start != kept.message_len || out.len() - begin != kept.field_len() {
+        return Err(err("record changed while it was rebuilt"));
+    }
+    Ok(())
 }
 
 fn resource_spans(buf: &[u8]) -> Result<Record, DecodeError> {
@@ -419,6 +553,98 @@ fn experiment_id(value: &[u8]) -> Option<String> {
         }
     }
     id.and_then(|s| ExperimentId::parse(&s)).map(ExperimentId::into_string)
+}
+
+/// The fields of a message other than `number`, concatenated in their order.
+fn fields_except(buf: &[u8], number: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    let mut r = Reader::new(buf);
+    loop {
+        let start = r.pos;
+        let Some((n, _)) = r.field()? else { break };
+        if n != number {
+            out.extend_from_slice(&buf[start..r.pos]);
+        }
+    }
+    Ok(out)
+}
+
+/// Appends a length-delimited field.
+fn put_field(key: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.push(key);
+    prost::encoding::encode_varint(len as u64, out);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+/// Cuts a ResourceSpans message into records (request fields) of `first` spans, then `size`
+/// spans each, the last holding what is left; returns each with its span count. Each piece
+/// carries the ResourceSpans' other fields (resource, schema_url, unknown ones) and, for every
+/// ScopeSpans it has spans of, that ScopeSpans' other fields: what the pieces decode to is what
+/// decoding the record and regrouping its spans gives, without building a single span in
+/// memory (a decode took about 13 times the record's size).
+///
+/// Every piece copies the resource and the scopes it has spans of: a large resource cut into
+/// many pieces would take many times the record's memory (an 8 MB resource attribute, 140
+/// pieces: over a gigabyte). Past `max_out` bytes in all this refuses, and the record goes on
+/// whole.
+pub(crate) fn split_message(
+    message: &[u8],
+    first: usize,
+    size: usize,
+    max_out: usize,
+) -> Result<Vec<(Vec<u8>, usize)>, DecodeError> {
+    let resource = fields_except(message, 2)?;
+    let mut pieces = Vec::new();
+    let mut out = 0usize;
+    // The current piece's ScopeSpans fields, and its span count.
+    let (mut scopes, mut in_piece, mut want) = (Vec::new(), 0usize, first);
+    let mut r = Reader::new(message);
+    while let Some((number, w)) = r.field()? {
+        if number != 2 {
+            continue;
+        }
+        let scope = len(w)?;
+        let header = fields_except(scope, 2)?;
+        // The current ScopeSpans' spans in the current piece.
+        let mut spans = Vec::new();
+        let mut s = Reader::new(scope);
+        loop {
+            let start = s.pos;
+            let Some((n, _)) = s.field()? else { break };
+            if n != 2 {
+                continue;
+            }
+            spans.extend_from_slice(&scope[start..s.pos]);
+            in_piece += 1;
+            if in_piece == want {
+                put_field(SCOPE_SPANS_KEY, &[&header, &spans], &mut scopes);
+                spans.clear();
+                let mut record = Vec::with_capacity(resource.len() + scopes.len() + 11);
+                put_field(RESOURCE_SPANS_KEY, &[&resource, &scopes], &mut record);
+                out += record.len();
+                if out > max_out {
+                    return Err(DecodeError::Split(
+                        "its pieces would copy its resource and scopes past twice its size",
+                    ));
+                }
+                pieces.push((record, in_piece));
+                scopes.clear();
+                (in_piece, want) = (0, size);
+            }
+        }
+        if !spans.is_empty() {
+            put_field(SCOPE_SPANS_KEY, &[&header, &spans], &mut scopes);
+        }
+    }
+    if in_piece > 0 {
+        let mut record = Vec::with_capacity(resource.len() + scopes.len() + 11);
+        put_field(RESOURCE_SPANS_KEY, &[&resource, &scopes], &mut record);
+        pieces.push((record, in_piece));
+    }
+    Ok(pieces)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{ReceiveError, ReceiverContext};
+use crate::pipeline::wire::DecodeBudget;
 use crate::pipeline::{BodyHold, Refusal};
 use crate::supervise::LockUnpoisoned;
 
@@ -62,6 +63,58 @@ pub(crate) async fn read_http_body(
         buf.extend_from_slice(&data);
     }
     Ok((Bytes::from(buf), hold))
+}
+
+/// What parsing a request takes beyond its body (a copy of what it keeps, a decoded JSON
+/// request) is held with the body, before it is allocated.
+impl DecodeBudget for BodyHold {
+    type Error = ReceiveError;
+
+    fn hold_copy(&mut self, bytes: usize) -> Result<(), ReceiveError> {
+        Ok(self.grow(bytes)?)
+    }
+
+    fn hold_decoded(&mut self, bytes: usize) -> Result<(), ReceiveError> {
+        // A lone request may pass an empty budget whatever its size (so a large one is not
+        // refused forever), but that rule is for bodies bounded by max_recv_msg_size: what
+        // decoding takes is not, and the budget must bound it.
+        if let Some(limit) = self.limit() {
+            let need = self.bytes().saturating_add(bytes);
+            if need > limit {
+                return Err(ReceiveError::DecodeTooLarge {
+                    need_mib: need.div_ceil(MIB) as u64,
+                    limit_mib: (limit / MIB) as u64,
+                });
+            }
+        }
+        Ok(self.grow(bytes)?)
+    }
+}
+
+const MIB: usize = 1024 * 1024;
+
+/// Bodies at least this large are parsed on the blocking pool.
+const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
+
+/// Runs a parse (decompression, validation, decoding) on tokio's blocking pool when the body is
+/// large (`len` bytes) or `always`: a large hostile body takes seconds, and on an async worker
+/// it would stall every connection and probe that worker serves. Small bodies run inline,
+/// where the hand-off would cost more than the parse.
+pub(crate) async fn parse_off_worker<T: Send + 'static>(
+    len: usize,
+    always: bool,
+    parse: impl FnOnce() -> Result<T, ReceiveError> + Send + 'static,
+) -> Result<T, ReceiveError> {
+    if len < BLOCKING_PARSE_BYTES && !always {
+        return parse();
+    }
+    match tokio::task::spawn_blocking(parse).await {
+        Ok(result) => result,
+        // A panic is a bug: let it end the handler as it would have inline.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(ReceiveError::Refused(Refusal::ShuttingDown)),
+    }
 }
 
 /// Why a budgeted body ended early; the gRPC handler answers with it instead of tonic's status.

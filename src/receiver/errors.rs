@@ -14,6 +14,11 @@ pub enum ReceiveError {
     Malformed(#[from] DecodeError),
     #[error("request body is over the {limit_mib} MiB limit (max_recv_msg_size_mib)")]
     TooLarge { limit_mib: u64 },
+    #[error(
+        "decoding this request would take about {need_mib} MiB of memory, more than memory_limiter \
+         allows one request ({limit_mib} MiB); send smaller requests, or protobuf"
+    )]
+    DecodeTooLarge { need_mib: u64, limit_mib: u64 },
     #[error("unsupported content type {0:?}: use application/x-protobuf or application/json")]
     UnsupportedMediaType(String),
     #[error("unsupported content encoding {0:?}: use gzip, deflate or none")]
@@ -36,7 +41,7 @@ impl ReceiveError {
             ReceiveError::Malformed(_) | ReceiveError::BadCompression(_) | ReceiveError::Body(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ReceiveError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ReceiveError::TooLarge { .. } | ReceiveError::DecodeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ReceiveError::UnsupportedMediaType(_) | ReceiveError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
@@ -54,7 +59,7 @@ impl ReceiveError {
             | ReceiveError::UnsupportedMediaType(_)
             | ReceiveError::UnsupportedEncoding(_)
             | ReceiveError::Body(_) => tonic::Code::InvalidArgument,
-            ReceiveError::TooLarge { .. } => tonic::Code::ResourceExhausted,
+            ReceiveError::TooLarge { .. } | ReceiveError::DecodeTooLarge { .. } => tonic::Code::ResourceExhausted,
             ReceiveError::Forbidden(_) => tonic::Code::PermissionDenied,
             ReceiveError::BodyTimeout(_) => tonic::Code::DeadlineExceeded,
             ReceiveError::Refused(_) => tonic::Code::Unavailable,

@@ -12,7 +12,7 @@ use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::server::{Grpc, UnaryService};
 use tonic::{Request, Response, Status};
 
-use super::body::{BodyFault, BudgetedBody};
+use super::body::{BodyFault, BudgetedBody, parse_off_worker};
 use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
 use crate::otlp::GRPC_EXPORT_PATH;
@@ -34,7 +34,18 @@ impl UnaryService<Bytes> for ExportService {
         let experiment = self.experiment.take();
         Box::pin(async move {
             let body = request.into_inner();
-            let parsed = wire::parse_protobuf(body).map_err(|e| ReceiveError::from(e).to_grpc())?;
+            // tonic has released the body's hold by now (its buffer is gone); the message it
+            // decompressed is held again while it is parsed, with what parsing copies.
+            let hold = ctx
+                .intake
+                .hold(body.len())
+                .map_err(|r| ReceiveError::from(r).to_grpc())?;
+            let len = body.len();
+            let parse = move || {
+                let mut hold = hold;
+                wire::parse_protobuf_within(body, &mut hold)
+            };
+            let parsed = parse_off_worker(len, false, parse).await.map_err(|e| e.to_grpc())?;
             let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
             if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
                 ctx.refused(spans, refusal.reason());

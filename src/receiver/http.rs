@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
 use prost::Message;
 
-use super::body::read_http_body;
+use super::body::{parse_off_worker, read_http_body};
 use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
 use crate::otlp::compress::{self, DecompressError, Deflate};
@@ -186,24 +186,28 @@ async fn receive(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let (body, mut hold) = read_http_body(ctx, body, declared, limit).await?;
-    let wire_len = body.len();
-    let body = decompress(body, content_encoding.as_deref(), limit, ctx.max_recv_msg_size_mib)?;
-    if body.len() != wire_len {
-        // The decompressed copy is held too, until the request is decoded.
-        hold.grow(body.len())?;
-    }
-    let parsed: ParsedRequest = if body.is_empty() {
-        ParsedRequest::default()
-    } else {
+    let (body, hold) = read_http_body(ctx, body, declared, limit).await?;
+    let limit_mib = ctx.max_recv_msg_size_mib;
+    let (wire_len, compressed) = (body.len(), content_encoding.is_some());
+    let parse = move || -> Result<ParsedRequest, ReceiveError> {
+        let mut hold = hold;
+        let body = decompress(body, content_encoding.as_deref(), limit, limit_mib)?;
+        if body.len() != wire_len {
+            // The decompressed copy is held too, until the request is decoded.
+            hold.grow(body.len())?;
+        }
+        if body.is_empty() {
+            return Ok(ParsedRequest::default());
+        }
+        // What parsing keeps or decodes is held with the body; all of it is released when
+        // this returns: what is accepted is charged to the budget by the submit itself.
         match encoding {
-            Encoding::Protobuf => wire::parse_protobuf(body)?,
-            Encoding::Json => wire::parse_json(&body)?,
+            Encoding::Protobuf => wire::parse_protobuf_within(body, &mut hold),
+            Encoding::Json => wire::parse_json_within(&body, &mut hold),
         }
     };
+    let parsed = parse_off_worker(wire_len, compressed, parse).await?;
     let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
-    // What is accepted is charged to the budget by the submit itself.
-    drop(hold);
     if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
         ctx.refused(spans, refusal.reason());
         return Err(refusal.into());
