@@ -1,40 +1,15 @@
 //! The memory charged before an OTLP/JSON body is decoded is an upper bound of what decoding
 //! and converting it takes: measured by an allocator that counts every byte, on hostile shapes
 //! (empty objects wherever the schema has a list, tiny strings, nested values, huge strings).
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use peakmem_alloc::{INSTRUMENTED_SYSTEM, PeakMemAlloc, PeakMemAllocTrait};
+use std::alloc::System;
 
 use otlp_relay::pipeline::wire::{json_decoded_estimate, parse_json};
 
-/// Counts the bytes allocated now and the most since the last reset.
-struct Counting;
-
-static NOW: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = NOW.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        NOW.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > layout.size() {
-            let now = NOW.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        } else {
-            NOW.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Counts the bytes allocated and the most since the last reset (a maintained crate, so this
+/// test needs no unsafe allocator code of its own).
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: &PeakMemAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const ID: &str = r#""traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174""#;
 
@@ -48,10 +23,9 @@ fn repeat(item: &str, n: usize) -> String {
 
 /// The most allocated while parsing `body` (beyond what was allocated before), in bytes.
 fn measured(body: &[u8]) -> usize {
-    let before = NOW.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
+    ALLOCATOR.reset_peak_memory();
     let parsed = parse_json(body);
-    let peak = PEAK.load(Ordering::Relaxed) - before;
+    let peak = ALLOCATOR.get_peak_memory();
     drop(parsed);
     peak
 }
