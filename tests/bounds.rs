@@ -446,7 +446,7 @@ mod grpc {
 
     type Client = http2::SendRequest<BoxBody<Bytes, std::convert::Infallible>>;
 
-    async fn connect(addr: SocketAddr) -> Client {
+    pub(super) async fn connect(addr: SocketAddr) -> Client {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -484,6 +484,40 @@ mod grpc {
                 .unwrap_or_default()
         });
         (tx, task)
+    }
+
+    /// Sends one whole request on its own stream, all at once: an OTLP/gRPC Export call
+    /// (`grpc`) or an OTLP/HTTP protobuf POST. The task answers "grpc-status N" or the HTTP status.
+    pub(super) async fn call(client: &mut Client, grpc: bool, message: Vec<u8>) -> tokio::task::JoinHandle<String> {
+        let (path, content_type, body) = if grpc {
+            let mut body = prefix(message.len()).to_vec();
+            body.extend_from_slice(&message);
+            (EXPORT, "application/grpc", body)
+        } else {
+            ("/v1/traces", "application/x-protobuf", message)
+        };
+        let req = http::Request::post(format!("http://relay{path}"))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(
+                http_body_util::Full::new(Bytes::from(body))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        client.ready().await.unwrap();
+        let response = client.send_request(req);
+        tokio::spawn(async move {
+            let resp = response.await.unwrap();
+            let status = resp.status().as_u16().to_string();
+            let header = resp.headers().get("grpc-status").cloned();
+            let collected = resp.into_body().collect().await.unwrap();
+            let trailer = collected.trailers().and_then(|t| t.get("grpc-status")).cloned();
+            match header.or(trailer) {
+                Some(s) => format!("grpc-status {}", s.to_str().unwrap()),
+                None => status,
+            }
+        })
     }
 
     fn prefix(declared: usize) -> Bytes {
@@ -602,4 +636,87 @@ fn slow_tls_handshakes_are_cut_at_the_header_timeout() {
     // One log line for the ten, not ten.
     relay.proc.clone_wait_line("TLS handshake timed out", T);
     assert_eq!(count_lines(&relay.proc, "TLS handshake timed out"), 1);
+}
+
+/// An OTLP/protobuf request holding one span whose id is `id` (trace id fixed).
+fn span_request(id: u64) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![5; 16],
+                    span_id: (id + 1).to_be_bytes().to_vec(),
+                    name: format!("burst-{id}"),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+/// A burst of small requests, many more than the exporter's intake of 64 and fewer than its
+/// sending queue's 1,000 batches, against a slow destination: every one is accepted (the queue
+/// has room) and every span arrives. The intake used to refuse with 429 / UNAVAILABLE
+/// "queue_full" when HTTP/2 streams arrived together: each answered stream woke its connection
+/// ahead of the one batcher task, which then ran only after the whole burst.
+#[test]
+fn a_burst_of_small_requests_is_accepted_while_the_sending_queue_has_room() {
+    let sink = support::otlp::Sink::start(&["--delay-ms", "200"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"}}, grpc: {{endpoint: "127.0.0.1:0"}}}}}}}}
+processors: {{batch: {{send_batch_size: 100, timeout: 50ms}}}}
+exporters:
+  otlphttp:
+    endpoint: {}
+    sending_queue: {{queue_size: 1000, num_consumers: 2}}
+service:
+  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp]}}}}
+  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
+"#,
+        sink.url()
+    );
+    let relay = Relay::start(dir.path(), &config, "otlp");
+    const CONNECTIONS: u64 = 3;
+    // The relay's default max_concurrent_streams.
+    const STREAMS: u64 = 100;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut next_id = 0u64;
+    for (addr, grpc) in [(relay.grpc.unwrap(), true), (relay.http.unwrap(), false)] {
+        let answers: Vec<String> = rt.block_on(async {
+            let mut clients = Vec::new();
+            for _ in 0..CONNECTIONS {
+                clients.push(grpc::connect(addr).await);
+            }
+            let mut calls = Vec::new();
+            for client in clients.iter_mut() {
+                for _ in 0..STREAMS {
+                    calls.push(grpc::call(client, grpc, span_request(next_id)).await);
+                    next_id += 1;
+                }
+            }
+            let mut answers = Vec::new();
+            for call in calls {
+                answers.push(call.await.unwrap());
+            }
+            answers
+        });
+        let ok = if grpc { "grpc-status 0" } else { "200" };
+        let refused: Vec<_> = answers.iter().filter(|a| *a != ok).collect();
+        assert!(
+            refused.is_empty(),
+            "grpc={grpc}: {} of {} requests refused, e.g. {:?}",
+            refused.len(),
+            answers.len(),
+            refused.first()
+        );
+    }
+    sink.wait_unique(next_id, Duration::from_secs(60));
 }
