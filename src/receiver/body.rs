@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::conn::HTTP2_STREAM_WINDOW;
 use super::{ReceiveError, ReceiverContext};
 use crate::pipeline::{BodyHold, Refusal};
 use crate::supervise::LockUnpoisoned;
@@ -64,6 +65,17 @@ pub(crate) async fn read_http_body(
     Ok((Bytes::from(buf), hold))
 }
 
+/// Holds a stream window of the memory budget for an HTTP/2 request while it is served: HTTP/2
+/// flow control lets the client park that much of the body in hyper's buffers before the
+/// handler reads it, on top of what the body's own hold counts (None for HTTP/1, whose
+/// connection reads only as the handler does).
+pub(crate) fn stream_window_hold(ctx: &ReceiverContext, version: http::Version) -> Result<Option<BodyHold>, Refusal> {
+    if version != http::Version::HTTP_2 {
+        return Ok(None);
+    }
+    ctx.intake.hold(HTTP2_STREAM_WINDOW as usize).map(Some)
+}
+
 /// Why a budgeted body ended early; the gRPC handler answers with it instead of tonic's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum BodyFault {
@@ -86,10 +98,15 @@ impl From<BodyFault> for ReceiveError {
 pub(crate) type FaultSlot = Arc<Mutex<Option<BodyFault>>>;
 
 /// An incoming body whose data frames grow a memory hold as they arrive and which fails once
-/// its read deadline passes (for tonic, which buffers the body itself).
+/// its read deadline passes (for tonic, which buffers the body itself). What tonic can buffer
+/// is covered: it reserves the declared message length once the prefix is in (held here as
+/// soon as the prefix arrives) and grows only past what was received; the first frames before
+/// the prefix is complete and the data HTTP/2 flow control lets wait in hyper are within the
+/// stream window held for the body's life.
 pub(crate) struct BudgetedBody {
     inner: Incoming,
     hold: BodyHold,
+    _window: Option<BodyHold>,
     /// The gRPC message prefix (flag, big-endian length) as far as it has arrived.
     prefix: Vec<u8>,
     received: usize,
@@ -103,6 +120,8 @@ pub(crate) struct BudgetedBody {
 impl BudgetedBody {
     /// Wraps a body, or refuses at once when the budget has no room at all.
     pub(crate) fn new(ctx: &ReceiverContext, inner: Incoming) -> Result<(BudgetedBody, FaultSlot), Refusal> {
+        // gRPC is always HTTP/2.
+        let window = stream_window_hold(ctx, http::Version::HTTP_2)?;
         let hold = ctx.intake.hold(0)?;
         let timeout = ctx.connections.read_timeout;
         let fault = FaultSlot::default();
@@ -110,6 +129,7 @@ impl BudgetedBody {
             BudgetedBody {
                 inner,
                 hold,
+                _window: window,
                 prefix: Vec::with_capacity(GRPC_PREFIX),
                 received: 0,
                 max_hold: ctx.max_bytes() + GRPC_PREFIX,

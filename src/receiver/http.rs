@@ -104,6 +104,13 @@ pub(crate) async fn handle(
     req: hyper::Request<Incoming>,
 ) -> Response<ResponseBody> {
     let (parts, mut body) = req.into_parts();
+    let _window = match super::body::stream_window_hold(&ctx, parts.version) {
+        Ok(window) => window,
+        Err(refusal) => {
+            let encoding = parse_content_type(parts.headers.get(header::CONTENT_TYPE)).unwrap_or(Encoding::Protobuf);
+            return error_response(&ReceiveError::from(refusal), encoding);
+        }
+    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
