@@ -14,6 +14,15 @@ use support::{Proc, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
+/// Taken by the tests that measure memory or hold bodies for a few seconds: the 60-stream
+/// test would otherwise load the machine enough to let the others' stalled bodies time out
+/// before they are probed.
+static MEMORY_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn memory_test_lock() -> std::sync::MutexGuard<'static, ()> {
+    MEMORY_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn config(http: &str, processors: &str, extra: &str) -> String {
     format!(
         r#"
@@ -229,6 +238,7 @@ fn expect_408_and_close(s: &mut TcpStream) {
 
 #[test]
 fn stalled_bodies_hold_the_memory_budget_and_release_it_at_the_read_timeout() {
+    let _serial = memory_test_lock();
     let dir = tempfile::tempdir().unwrap();
     let http = ", max_recv_msg_size_mib: 8, read_timeout: 3s";
     // Refuses at limit - spike = 3 MiB.
@@ -245,8 +255,9 @@ fn stalled_bodies_hold_the_memory_budget_and_release_it_at_the_read_timeout() {
     exported(1);
     assert_eq!(probe_budget(addr).0, 400);
 
-    // Two bodies declare 1.5 MiB each (the whole budget) and stall after 100 KiB.
-    let declared = 3 * 512 * 1024;
+    // Two bodies declare 1,456 KiB each (with the 64 KiB read buffer each request holds, the
+    // whole budget but 96 KiB, less than a probe's hold) and stall after 100 KiB.
+    let declared = 1456 * 1024;
     let started = Instant::now();
     let mut stalled: Vec<TcpStream> = (0..2)
         .map(|_| {
@@ -279,7 +290,8 @@ fn stalled_bodies_hold_the_memory_budget_and_release_it_at_the_read_timeout() {
     assert_eq!(post(addr), 200);
     exported(2);
 
-    // A chunked body that never ends, past the budget on its own (3.5 MiB of 8 allowed).
+    // A chunked body that never ends, past the budget on its own (3.5 MiB of 8 allowed: a
+    // lone request may grow past it).
     let mut endless = TcpStream::connect(addr).unwrap();
     write!(
         endless,
@@ -572,6 +584,7 @@ mod grpc {
 
     #[test]
     fn stalled_grpc_streams_hold_the_budget_until_read_timeout_and_idle_connections_close() {
+        let _serial = memory_test_lock();
         let dir = tempfile::tempdir().unwrap();
         let config = r#"
 receivers: {otlp: {protocols: {grpc: {endpoint: "127.0.0.1:0", max_recv_msg_size_mib: 8, read_timeout: 3s, idle_timeout: 2s}}}}
@@ -770,17 +783,64 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// 60 HTTP/1.1 connections each send 15.9 MiB of a chunked body and stall (until the function
+/// has read the peak); returns the peak RSS once every one has sent all it will.
+fn stalled_http1_chunked_peak(addr: SocketAddr, pid: u32) -> u64 {
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Arc::new(std::sync::Mutex::new(release_rx));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let threads: Vec<_> = (0..60)
+        .map(|_| {
+            let (done, release) = (done_tx.clone(), release_rx.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = write!(
+                    s,
+                    "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\ntransfer-encoding: chunked\r\n\r\n"
+                );
+                let chunk = vec![0u8; 64 * 1024];
+                let mut sent = 0;
+                while sent < 16 * 1024 * 1024 - 100 * 1024 {
+                    let ok = write!(s, "{:x}\r\n", chunk.len()).is_ok()
+                        && s.write_all(&chunk).is_ok()
+                        && s.write_all(b"\r\n").is_ok();
+                    if !ok {
+                        break;
+                    }
+                    sent += chunk.len();
+                }
+                done.send(()).unwrap();
+                let _ = release.lock().unwrap().recv();
+            })
+        })
+        .collect();
+    for _ in 0..60 {
+        done_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a connection's sender stuck");
+    }
+    let peak = vm_hwm_kib(pid);
+    drop(release_tx);
+    for t in threads {
+        t.join().unwrap();
+    }
+    peak
+}
+
 /// Bodies stalled on HTTP/2 streams stay within the memory budget: 60 streams, each on its own
 /// connection, send 15.9 MiB of a 16 MiB body without a content-length (HTTP) or with the
-/// length in the gRPC prefix, and stall. What the relay holds for them, its own buffers and
-/// what HTTP/2 flow control lets wait in hyper (a fixed stream window, charged per stream), is
-/// charged to memory_limiter (384 MiB = 402.7 MB here): the budget refuses the streams that do
-/// not fit, and the peak RSS stays below it plus the process's baseline and 16 MiB. (Measured in
-/// a debug build: 426 MiB over HTTP and 407 MiB over gRPC with hyper's default windows, 390 and
-/// 388 MiB with the windows fixed and charged.)
+/// length in the gRPC prefix, and stall; and the same with 60 HTTP/1.1 chunked bodies. What the
+/// relay holds for them (its own buffers, and what hyper may buffer: a fixed HTTP/2 stream
+/// window, or an HTTP/1 connection's read buffer, charged per request) is charged to
+/// memory_limiter (384 MiB = 402.7 MB here): the budget refuses the requests that do not fit,
+/// and the peak RSS stays below it plus the process's baseline and 16 MiB. Measured in a debug
+/// build with hyper's default buffers: HTTP/2 427 MiB, gRPC 407 MiB, HTTP/1 chunked 405-419 MiB;
+/// now 389, 385-388 and 374-393 MiB (baseline 16 MiB).
 #[test]
 fn stalled_http2_streams_stay_within_the_memory_budget() {
-    for grpc_transport in [false, true] {
+    let _serial = memory_test_lock();
+    for (transport, grpc_transport) in [("http1-chunked", false), ("http2", false), ("grpc", true)] {
         let dir = tempfile::tempdir().unwrap();
         let proto = ", max_recv_msg_size_mib: 16, read_timeout: 60s";
         let config = format!(
@@ -802,62 +862,66 @@ service:
             relay.http.unwrap()
         };
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let (answers, peak) = rt.block_on(async {
-            let mut senders = Vec::new();
-            let mut clients = Vec::new();
-            for _ in 0..60 {
-                let mut client = grpc::connect(addr).await;
-                {
-                    let (tx, task) = grpc::open(&mut client, grpc_transport).await;
-                    // Each stream sends concurrently; a refused one ends its sender.
-                    senders.push((
-                        tokio::spawn(async move {
-                            let total = 16 * 1024 * 1024 - 100 * 1024;
-                            if grpc_transport && tx.send(grpc::prefix(16 * 1024 * 1024 - 5)).await.is_err() {
-                                return tx;
-                            }
-                            let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
-                            let mut sent = 0;
-                            while sent < total {
-                                if tx.send(chunk.clone()).await.is_err() {
-                                    break;
+        let (answers, peak) = if transport == "http1-chunked" {
+            (Default::default(), stalled_http1_chunked_peak(addr, pid))
+        } else {
+            rt.block_on(async {
+                let mut senders = Vec::new();
+                let mut clients = Vec::new();
+                for _ in 0..60 {
+                    let mut client = grpc::connect(addr).await;
+                    {
+                        let (tx, task) = grpc::open(&mut client, grpc_transport).await;
+                        // Each stream sends concurrently; a refused one ends its sender.
+                        senders.push((
+                            tokio::spawn(async move {
+                                let total = 16 * 1024 * 1024 - 100 * 1024;
+                                if grpc_transport && tx.send(grpc::prefix(16 * 1024 * 1024 - 5)).await.is_err() {
+                                    return tx;
                                 }
-                                sent += chunk.len();
-                            }
-                            tx
-                        }),
-                        task,
-                    ));
+                                let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+                                let mut sent = 0;
+                                while sent < total {
+                                    if tx.send(chunk.clone()).await.is_err() {
+                                        break;
+                                    }
+                                    sent += chunk.len();
+                                }
+                                tx
+                            }),
+                            task,
+                        ));
+                    }
+                    clients.push(client);
                 }
-                clients.push(client);
-            }
-            // Every stream has sent all it will (or been refused): then the peak is reached.
-            let mut held = Vec::new();
-            let mut tasks = Vec::new();
-            for (sender, task) in senders {
-                held.push(
-                    tokio::time::timeout(Duration::from_secs(120), sender)
+                // Every stream has sent all it will (or been refused): then the peak is reached.
+                let mut held = Vec::new();
+                let mut tasks = Vec::new();
+                for (sender, task) in senders {
+                    held.push(
+                        tokio::time::timeout(Duration::from_secs(120), sender)
+                            .await
+                            .expect("a stream's sender stuck")
+                            .unwrap(),
+                    );
+                    tasks.push(task);
+                }
+                let peak = vm_hwm_kib(pid);
+                drop(held);
+                drop(clients);
+                let mut answers = std::collections::BTreeMap::<String, usize>::new();
+                for task in tasks {
+                    let answer = tokio::time::timeout(Duration::from_secs(90), task)
                         .await
-                        .expect("a stream's sender stuck")
-                        .unwrap(),
-                );
-                tasks.push(task);
-            }
-            let peak = vm_hwm_kib(pid);
-            drop(held);
-            drop(clients);
-            let mut answers = std::collections::BTreeMap::<String, usize>::new();
-            for task in tasks {
-                let answer = tokio::time::timeout(Duration::from_secs(90), task)
-                    .await
-                    .map_or("none".into(), |r| r.unwrap_or_default());
-                *answers.entry(answer).or_default() += 1;
-            }
-            (answers, peak)
-        });
+                        .map_or("none".into(), |r| r.unwrap_or_default());
+                    *answers.entry(answer).or_default() += 1;
+                }
+                (answers, peak)
+            })
+        };
         let budget_kib = 384 * 1024;
         eprintln!(
-            "grpc={grpc_transport}: peak RSS {} MiB (baseline {} MiB, budget {} MiB); answers {answers:?}",
+            "{transport}: peak RSS {} MiB (baseline {} MiB, budget {} MiB); answers {answers:?}",
             peak / 1024,
             baseline / 1024,
             budget_kib / 1024
@@ -866,7 +930,7 @@ service:
         let margin_kib = baseline + 16 * 1024;
         assert!(
             peak < budget_kib + margin_kib,
-            "grpc={grpc_transport}: peak RSS {} MiB over budget {} MiB + margin {} MiB",
+            "{transport}: peak RSS {} MiB over budget {} MiB + margin {} MiB",
             peak / 1024,
             budget_kib / 1024,
             margin_kib / 1024
