@@ -156,7 +156,9 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
                         reason: "corrupt".into(),
                     })
                     .get();
-                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, corrupt, in_spool, balanced = accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
+                // A damaged segment whose loss could not be counted leaves the sums short.
+                let uncounted = spool.segments_with_uncounted_loss();
+                tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, corrupt, in_spool, segments_with_uncounted_loss = uncounted, balanced = uncounted == 0 && accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");
             }
         }
     }

@@ -861,3 +861,121 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     });
     assert_eq!(missing, 0);
 }
+
+/// Fault F4: a finished (non-last) segment cut short lost its acknowledged spans silently: the
+/// loss was logged as a torn tail with lost_spans=0 and balanced=true, or not at all when the
+/// cut fell between records. A segment's header now records how many spans the one before it
+/// holds, so three cuts between two runs are told apart from a torn write and counted:
+/// (a) inside a record (counted exactly), (b) exactly between records (counted exactly),
+/// (c) inside a record of a segment whose successor's header predates the record (as written by
+/// an older relay): at least the cut record is counted, and the accounting says it cannot
+/// balance. Every span of the intact records arrives, checked span id by span id.
+#[test]
+fn a_short_finished_segment_is_corruption_counted_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(
+        &format!("http://127.0.0.1:{port}"),
+        &dir.path().join("spool"),
+        ", max_size_mib: 32, segment_size_mib: 1",
+    );
+    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
+    let mut acked = Vec::new();
+    for seq in 0..360 {
+        let (body, keys) = request(4, seq, 300);
+        assert_eq!(post(relay.http.unwrap(), &body).unwrap().0, 200);
+        acked.extend(keys);
+    }
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit(T);
+    let segs = segments(&spool_dir(dir.path()));
+    assert!(segs.len() >= 5, "{segs:?}");
+    let mut lost_keys: std::collections::HashSet<String> = Default::default();
+    let cut = |lost_keys: &mut std::collections::HashSet<String>, path: &Path, at: usize, from_frame: usize| {
+        let data = std::fs::read(path).unwrap();
+        for (_, _, rec) in &frames_of(&data)[from_frame..] {
+            lost_keys.extend(record_keys(rec));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(at as u64)
+            .unwrap();
+    };
+    // (a) inside a record's body, two thirds into segment 2.
+    let frames = frames_of(&std::fs::read(&segs[1]).unwrap());
+    let k = frames.len() * 2 / 3;
+    cut(&mut lost_keys, &segs[1], frames[k].0 + frame::HEADER + 10, k);
+    // (b) exactly at a record boundary, half-way into segment 3.
+    let frames = frames_of(&std::fs::read(&segs[2]).unwrap());
+    let k = frames.len() / 2;
+    cut(&mut lost_keys, &segs[2], frames[k].0, k);
+    let exact = lost_keys.len();
+    // (c) inside a record of segment 4, whose successor's header says nothing about it.
+    let frames = frames_of(&std::fs::read(&segs[3]).unwrap());
+    let k = frames.len() / 2;
+    let cut_record_spans = frames[k].2.spans as usize;
+    cut(&mut lost_keys, &segs[3], frames[k].0 + frame::HEADER + 10, k);
+    let mut next = std::fs::read(&segs[4]).unwrap();
+    let frame::Kind::Known(frame::Format::V2 { seed }) = frame::detect(&next) else {
+        panic!("not a format 2 segment")
+    };
+    assert!(
+        frame::previous_spans(&next).is_some(),
+        "the writer records the previous segment's spans"
+    );
+    next[..frame::FILE_HEADER].copy_from_slice(&frame::file_header(seed));
+    std::fs::write(&segs[4], &next).unwrap();
+    let lost = lost_keys.len();
+    assert!(lost > exact + cut_record_spans, "{lost}");
+
+    let sink = sink_on(port);
+    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
+    sink.wait_unique((acked.len() - lost) as u64, T);
+    let keys = sink_keys(sink.http);
+    let missing: std::collections::HashSet<&String> = acked.iter().filter(|k| !keys.contains(*k)).collect();
+    assert_eq!(missing.len(), lost);
+    assert!(missing.iter().all(|k| lost_keys.contains(*k)));
+    let counted = exact + cut_record_spans;
+    assert_eq!(
+        relay.metric("otlp_relay_exporter_dropped_spans_total", &[("reason", "corrupt")]),
+        counted as f64
+    );
+    assert_eq!(relay.metric("otlp_relay_spool_corrupt_records_total", &[]), 3.0);
+    let errors: Vec<String> = relay
+        .proc
+        .output()
+        .into_iter()
+        .filter(|l| l.contains("finished segment holds fewer spans"))
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for (line, seg, is_exact) in [
+        (&errors[0], &segs[1], true),
+        (&errors[1], &segs[2], true),
+        (&errors[2], &segs[3], false),
+    ] {
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(line.contains(&seg.display().to_string()), "{line}");
+        assert!(line.contains(&format!("exact={is_exact}")), "{line}");
+    }
+    assert!(
+        !relay.proc.output_text().contains("torn or corrupt tail truncated"),
+        "a finished segment was taken for a torn tail"
+    );
+    wait_for("delivered segments deleted", T, || {
+        segments(&spool_dir(dir.path())).is_empty().then_some(())
+    });
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    let accounting = wait_for("the accounting line", T, || {
+        relay
+            .proc
+            .output()
+            .into_iter()
+            .find(|l| l.contains("final span accounting"))
+    });
+    assert!(accounting.contains(&format!("corrupt={counted}")), "{accounting}");
+    assert!(accounting.contains("segments_with_uncounted_loss=1"), "{accounting}");
+    assert!(accounting.contains("balanced=false"), "{accounting}");
+}

@@ -161,9 +161,17 @@ pub(crate) struct StageControl {
     pub abort: CancellationToken,
 }
 
-/// Capacity of an exporter's intake, in accepted requests; the batcher drains it continuously,
-/// so it only smooths bursts. The sending queue (queue_size batches) is what fills up.
+/// Least capacity of an exporter's intake, in accepted requests. The batcher drains it
+/// continuously, but a burst of small requests can arrive faster than the one batcher task is
+/// scheduled: the intake holds as many requests as the sending queue holds batches (at least
+/// this many), so a burst is refused only when the configured queue is really full. Memory is
+/// bounded by the memory_limiter, which charges every request until it is delivered.
 pub(crate) const INTAKE_CAPACITY: usize = 64;
+
+/// The intake's capacity for a sending queue of `queue_size` batches.
+pub(crate) fn intake_capacity(queue_size: usize) -> usize {
+    queue_size.max(INTAKE_CAPACITY)
+}
 
 /// Starts an exporter's batcher and senders, each supervised; returns the sender the pipeline
 /// feeds. The channels outlive a panicked task, so its restart picks up where it stopped.
@@ -175,7 +183,7 @@ pub(crate) fn start_stage(
     supervisor: &Supervisor,
     tasks: &mut JoinSet<()>,
 ) -> mpsc::Sender<Arc<Vec<Routed>>> {
-    let (intake_tx, intake_rx) = mpsc::channel(INTAKE_CAPACITY);
+    let (intake_tx, intake_rx) = mpsc::channel(intake_capacity(settings.queue_size));
     let (queue_tx, queue_rx) = mpsc::channel::<OutBatch>(settings.queue_size);
     let labels = exporter_labels(&settings.name);
     metrics

@@ -12,18 +12,22 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::conn::{HTTP1_READ_BUFFER, HTTP2_STREAM_WINDOW};
 use super::{ReceiveError, ReceiverContext};
 use crate::pipeline::wire::DecodeBudget;
 use crate::pipeline::{BodyHold, Refusal};
 use crate::supervise::LockUnpoisoned;
 
-/// Reads a whole HTTP request body of at most `limit` bytes. The returned hold keeps the body's
-/// bytes counted until the caller drops it (after decoding, before submitting).
+/// Reads a whole HTTP request body of at most `limit` bytes into `hold` (from
+/// `transport_buffer_hold`: one hold per request, so a lone request may still grow past the
+/// budget). The returned hold keeps the body's bytes counted until the caller drops it (after
+/// decoding, before submitting).
 pub(crate) async fn read_http_body(
     ctx: &ReceiverContext,
     body: &mut Incoming,
     declared: Option<u64>,
     limit: usize,
+    mut hold: BodyHold,
 ) -> Result<(Bytes, BodyHold), ReceiveError> {
     let too_large = || ReceiveError::TooLarge {
         limit_mib: ctx.max_recv_msg_size_mib,
@@ -32,7 +36,9 @@ pub(crate) async fn read_http_body(
     if expected > limit {
         return Err(too_large());
     }
-    let mut hold = ctx.intake.hold(expected)?;
+    // What hyper may buffer, held beside the body's buffer.
+    let base = hold.bytes();
+    hold.grow(expected)?;
     let timeout = ctx.connections.read_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf: Vec<u8> = Vec::with_capacity(expected);
@@ -52,13 +58,13 @@ pub(crate) async fn read_http_body(
             // The memory a body holds is its buffer's capacity, not the bytes received: grow
             // it (doubling, up to the size limit) only once the budget has taken the growth.
             let capacity = buf.capacity().saturating_mul(2).max(len).min(limit);
-            if capacity > hold.bytes() {
-                hold.grow(capacity - hold.bytes())?;
+            if base + capacity > hold.bytes() {
+                hold.grow(base + capacity - hold.bytes())?;
             }
             buf.reserve_exact(capacity - buf.len());
         }
-        if buf.capacity() > hold.bytes() {
-            hold.grow(buf.capacity() - hold.bytes())?;
+        if base + buf.capacity() > hold.bytes() {
+            hold.grow(base + buf.capacity() - hold.bytes())?;
         }
         buf.extend_from_slice(&data);
     }
@@ -117,6 +123,18 @@ pub(crate) async fn parse_off_worker<T: Send + 'static>(
     }
 }
 
+/// Holds, while a request is served, the memory budget for what the client can make hyper
+/// buffer before the handler reads it, on top of what the body's own hold counts: an HTTP/2
+/// stream window (flow control lets that much wait per stream), or an HTTP/1 connection's read
+/// buffer.
+pub(crate) fn transport_buffer_hold(ctx: &ReceiverContext, version: http::Version) -> Result<BodyHold, Refusal> {
+    ctx.intake.hold(if version == http::Version::HTTP_2 {
+        HTTP2_STREAM_WINDOW as usize
+    } else {
+        HTTP1_READ_BUFFER
+    })
+}
+
 /// Why a budgeted body ended early; the gRPC handler answers with it instead of tonic's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum BodyFault {
@@ -139,10 +157,16 @@ impl From<BodyFault> for ReceiveError {
 pub(crate) type FaultSlot = Arc<Mutex<Option<BodyFault>>>;
 
 /// An incoming body whose data frames grow a memory hold as they arrive and which fails once
-/// its read deadline passes (for tonic, which buffers the body itself).
+/// its read deadline passes (for tonic, which buffers the body itself). What tonic can buffer
+/// is covered: it reserves the declared message length once the prefix is in (held here as
+/// soon as the prefix arrives) and grows only past what was received; the first frames before
+/// the prefix is complete and the data HTTP/2 flow control lets wait in hyper are within the
+/// stream window held for the body's life.
 pub(crate) struct BudgetedBody {
     inner: Incoming,
     hold: BodyHold,
+    /// The stream window, held beside the message.
+    window: usize,
     /// The gRPC message prefix (flag, big-endian length) as far as it has arrived.
     prefix: Vec<u8>,
     received: usize,
@@ -156,13 +180,17 @@ pub(crate) struct BudgetedBody {
 impl BudgetedBody {
     /// Wraps a body, or refuses at once when the budget has no room at all.
     pub(crate) fn new(ctx: &ReceiverContext, inner: Incoming) -> Result<(BudgetedBody, FaultSlot), Refusal> {
-        let hold = ctx.intake.hold(0)?;
+        // gRPC is always HTTP/2. One hold for the stream window and the body, so a lone
+        // request may still grow past the budget.
+        let hold = transport_buffer_hold(ctx, http::Version::HTTP_2)?;
+        let window = hold.bytes();
         let timeout = ctx.connections.read_timeout;
         let fault = FaultSlot::default();
         Ok((
             BudgetedBody {
                 inner,
                 hold,
+                window,
                 prefix: Vec::with_capacity(GRPC_PREFIX),
                 received: 0,
                 max_hold: ctx.max_bytes() + GRPC_PREFIX,
@@ -209,7 +237,7 @@ impl Body for BudgetedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let wanted = this.wanted(data);
+                    let wanted = this.window + this.wanted(data);
                     if wanted > this.hold.bytes() && this.hold.grow(wanted - this.hold.bytes()).is_err() {
                         return this.fail(BodyFault::MemoryLimit);
                     }

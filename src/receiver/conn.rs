@@ -21,6 +21,20 @@ const RESERVED_FILES: u64 = 128;
 /// HTTP/2 streams a client may reset before the server saw them, per connection (rapid reset).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 flow control, fixed (no adaptive growth, which would let a fast client grow the
+/// windows) so that what a client can make the relay buffer is known: at most a stream window
+/// of data the handler has not read yet per stream, and a connection window over all of a
+/// connection's streams. Each HTTP/2 request holds a stream window of the memory budget while
+/// it is served (`body::transport_buffer_hold`), so those buffers are charged too. 256 KiB keeps a
+/// stream near full speed on fast links (64 KiB, the protocol's default, made 16 MiB bodies
+/// four times slower on loopback).
+pub(crate) const HTTP2_STREAM_WINDOW: u32 = 256 * 1024;
+pub(crate) const HTTP2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// The most an HTTP/1 connection reads ahead of its handler (hyper's default is about 400 KiB);
+/// held of the memory budget per request too. Request headers must fit in it.
+pub(crate) const HTTP1_READ_BUFFER: usize = 64 * 1024;
+/// The HTTP/2 default (and least) frame size.
+const HTTP2_MAX_FRAME: u32 = 16 * 1024;
 /// How long a connection closed for idleness may take to finish (HTTP/2 GOAWAY) before it is dropped.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -73,14 +87,19 @@ impl ConnectionSettings {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.read_header_timeout);
+            .header_read_timeout(self.read_header_timeout)
+            .max_buf_size(HTTP1_READ_BUFFER);
         builder
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(self.keepalive_time)
             .keep_alive_timeout(self.keepalive_timeout)
             .max_concurrent_streams(self.max_concurrent_streams)
-            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .adaptive_window(false)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(HTTP2_MAX_FRAME);
         builder
     }
 }

@@ -14,6 +14,7 @@ use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
 use crate::otlp::compress::{self, DecompressError, Deflate};
 use crate::otlp::{Encoding, HTTP_TRACES_PATH};
+use crate::pipeline::BodyHold;
 use crate::pipeline::wire::{self, ParsedRequest};
 
 /// The media type of a Content-Type header, parameters (charset) ignored.
@@ -149,7 +150,12 @@ async fn answer(
             return r;
         }
     };
-    match receive(ctx, conn, &parts.headers, declared, body, encoding).await {
+    // One hold for the request: what hyper may buffer for it, then its body.
+    let hold = match super::body::transport_buffer_hold(ctx, parts.version) {
+        Ok(hold) => hold,
+        Err(refusal) => return error_response(&ReceiveError::from(refusal), encoding),
+    };
+    match receive(ctx, conn, &parts.headers, declared, body, encoding, hold).await {
         Ok(parsed) => {
             let partial_success = parsed.1.map(|error_message| ExportTracePartialSuccess {
                 rejected_spans: parsed.0 as i64,
@@ -176,6 +182,7 @@ async fn receive(
     declared: Option<u64>,
     body: &mut Incoming,
     encoding: Encoding,
+    hold: BodyHold,
 ) -> Result<(usize, Option<String>), ReceiveError> {
     if !conn.allowed {
         return Err(ReceiveError::Forbidden(client_name(conn)));
@@ -186,7 +193,7 @@ async fn receive(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let (body, hold) = read_http_body(ctx, body, declared, limit).await?;
+    let (body, hold) = read_http_body(ctx, body, declared, limit, hold).await?;
     let limit_mib = ctx.max_recv_msg_size_mib;
     let (wire_len, compressed) = (body.len(), content_encoding.is_some());
     let parse = move || -> Result<ParsedRequest, ReceiveError> {

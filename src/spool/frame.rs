@@ -79,10 +79,24 @@ fn le64(buf: &[u8], at: usize) -> Option<u64> {
 
 /// The header of a new format 2 file whose frames use `seed`.
 pub fn file_header(seed: u32) -> [u8; FILE_HEADER] {
+    segment_header(seed, None)
+}
+
+/// The header of a new spool segment whose frames use `seed`. `previous`: the spans the segment
+/// before it holds, final since the writer has moved on. A later start compares it with what
+/// that segment's frames hold: a finished segment that came up short is corruption (counted
+/// exactly), not a torn tail. Kept in the header's reserved field as spans + 1 (0: unknown, as
+/// in files from before it was written, or past `u32`), so every format 2 reader still reads it.
+pub fn segment_header(seed: u32, previous: Option<u64>) -> [u8; FILE_HEADER] {
+    let previous = previous
+        .and_then(|n| n.checked_add(1))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
     let mut copy = [0u8; COPY];
     copy[..8].copy_from_slice(&FILE_MAGIC);
     copy[8..12].copy_from_slice(&VERSION.to_le_bytes());
     copy[12..16].copy_from_slice(&seed.to_le_bytes());
+    copy[16..20].copy_from_slice(&previous.to_le_bytes());
     let crc = crc32c::crc32c(&copy[..20]);
     copy[20..24].copy_from_slice(&crc.to_le_bytes());
     let mut out = [0u8; FILE_HEADER];
@@ -101,16 +115,29 @@ pub enum Kind {
     Unreadable,
 }
 
+/// The first copy of a format 2 file header that validates.
+fn valid_header(buf: &[u8]) -> Option<&[u8]> {
+    [buf.get(..COPY), buf.get(COPY..FILE_HEADER)]
+        .into_iter()
+        .flatten()
+        .find(|copy| {
+            copy[..8] == FILE_MAGIC
+                && le32(copy, 8) == Some(VERSION)
+                && le32(copy, 20) == Some(crc32c::crc32c(&copy[..20]))
+        })
+}
+
+/// What a segment's header (the start of `buf`) says the segment before it holds, in spans;
+/// None when it does not say (see `segment_header`).
+pub fn previous_spans(buf: &[u8]) -> Option<u64> {
+    let stored = le32(valid_header(buf)?, 16)?;
+    stored.checked_sub(1).map(u64::from)
+}
+
 /// The format of a file from its first bytes (up to FILE_HEADER, or the first format 1 frame).
 pub fn detect(buf: &[u8]) -> Kind {
-    for copy in [buf.get(..COPY), buf.get(COPY..FILE_HEADER)].into_iter().flatten() {
-        if copy[..8] == FILE_MAGIC
-            && le32(copy, 8) == Some(VERSION)
-            && le32(copy, 20) == Some(crc32c::crc32c(&copy[..20]))
-            && let Some(seed) = le32(copy, 12)
-        {
-            return Kind::Known(Format::V2 { seed });
-        }
+    if let Some(seed) = valid_header(buf).and_then(|copy| le32(copy, 12)) {
+        return Kind::Known(Format::V2 { seed });
     }
     if buf.is_empty() {
         return Kind::Empty;
@@ -409,6 +436,8 @@ pub struct Scan {
     /// Bytes up to a torn or corrupt tail (the whole file when there is none).
     pub valid_len: usize,
     pub tail_error: Option<FrameError>,
+    /// The spans of the record cut off at the tail, when its header survived.
+    pub tail_spans: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -436,6 +465,7 @@ pub fn scan(buf: &[u8]) -> Scan {
                 } else {
                     FrameError::Truncated
                 }),
+                tail_spans: None,
             };
         }
     };
@@ -449,6 +479,7 @@ pub fn scan(buf: &[u8]) -> Scan {
         lost: Vec::new(),
         valid_len: buf.len(),
         tail_error: None,
+        tail_spans: None,
     };
     for entry in parsed.entries {
         match entry {
@@ -456,11 +487,13 @@ pub fn scan(buf: &[u8]) -> Scan {
             Entry::Lost {
                 offset,
                 error,
+                spans,
                 tail: true,
                 ..
             } => {
                 scan.valid_len = start + offset;
                 scan.tail_error = Some(error);
+                scan.tail_spans = spans;
             }
             Entry::Lost {
                 offset,
@@ -759,5 +792,23 @@ mod tests {
         let mut buf = segment(2);
         buf[COPY + 3] ^= 1;
         assert_eq!(super::scan(&buf).records.len(), 2);
+    }
+
+    #[test]
+    fn a_segment_header_tells_what_the_segment_before_it_holds() {
+        for previous in [Some(0), Some(1), Some(8_500), Some(u64::from(u32::MAX) - 1)] {
+            let header = segment_header(SEED, previous);
+            assert_eq!(previous_spans(&header), previous);
+            assert_eq!(detect(&header), Kind::Known(Format::V2 { seed: SEED }));
+            // Either copy is enough.
+            let mut damaged = header;
+            damaged[3] ^= 1;
+            assert_eq!(previous_spans(&damaged), previous);
+        }
+        // Unknown: not said, too large to say, or a file written before it was recorded.
+        assert_eq!(previous_spans(&segment_header(SEED, None)), None);
+        assert_eq!(previous_spans(&segment_header(SEED, Some(u64::from(u32::MAX)))), None);
+        assert_eq!(previous_spans(&file_header(SEED)), None);
+        assert_eq!(previous_spans(&[0u8; FILE_HEADER]), None);
     }
 }

@@ -3,7 +3,11 @@
 //! every request waiting) made them durable. A reader thread feeds the exporter's batcher from
 //! disk, so memory holds only what is being sent; delivered spans release their segment, and a
 //! segment is deleted once nothing in it is left to deliver. On start, surviving segments are
-//! checked, a torn tail truncated, and their records delivered again (at least once).
+//! checked, a torn tail truncated, and their records delivered again (at least once). Only the
+//! last segment can have a torn tail (a crash mid-write): each segment's header records how
+//! many spans the one before it holds, so a finished segment found short is corruption, logged
+//! as an error and its lost spans counted exactly (or, for segments from before that record, at
+//! least the cut record, with the accounting marked as unable to balance).
 //!
 //! A damaged record costs that record only (see `frame`): readers resynchronise on the next
 //! valid frame, the spans lost are counted exactly (`otlp_relay_exporter_dropped_spans_total
@@ -187,6 +191,10 @@ struct Segment {
     format: Format,
     /// Bytes checked at start (damage found there is already logged and counted).
     checked_until: u64,
+    /// Spans counted lost at start that are no longer in the file (a finished segment found
+    /// short): the next segment's header records the spans without them, so a later start
+    /// does not count them again.
+    absent: u64,
 }
 
 impl Segment {
@@ -203,6 +211,7 @@ impl Segment {
             file,
             format,
             checked_until: 0,
+            absent: 0,
         }
     }
 }
@@ -231,6 +240,9 @@ struct Shared {
     dir_identity: Mutex<(u64, u64)>,
     health: Mutex<Option<Arc<Health>>>,
     unready: AtomicBool,
+    /// Segments found damaged at start whose lost spans could not all be counted (no record of
+    /// how many they held): the accounting cannot balance, and says so.
+    uncounted_loss: AtomicU64,
 }
 
 impl Shared {
@@ -421,7 +433,15 @@ impl Spool {
         let mut recovered = 0;
         let mut lost_at_start = 0;
         let mut next_id = 1;
-        for (id, path) in list_segments(&settings.dir).map_err(io)? {
+        let mut uncounted_loss = 0;
+        let listed = list_segments(&settings.dir).map_err(io)?;
+        let last_id = listed.last().map(|(id, _)| *id);
+        // What each segment holds, as the header of the segment after it recorded it.
+        let said: BTreeMap<u64, u64> = listed
+            .iter()
+            .filter_map(|(id, path)| Some((id.checked_sub(1)?, frame::previous_spans(&read_head(path)?)?)))
+            .collect();
+        for (id, path) in listed {
             next_id = id + 1;
             let data = std::fs::read(&path).map_err(io)?;
             let scan = frame::scan(&data);
@@ -434,7 +454,45 @@ impl Spool {
                 std::fs::rename(&path, &aside).map_err(io)?;
                 continue;
             }
-            if let Some(err) = &scan.tail_error {
+            let readable: u64 = scan.records.iter().map(|r| r.spans as u64).sum();
+            let mut lost: u64 = scan.lost.iter().filter_map(|l| l.spans).sum();
+            // A segment with one after it was finished by the writer (it moves on only after
+            // the last commit): one that comes up short lost acknowledged spans to damage, it
+            // was not cut by a crash mid-write.
+            let expected = said.get(&id).copied();
+            let short = last_id.is_some_and(|last| id < last)
+                && (scan.tail_error.is_some() || expected.is_some_and(|e| e > readable + lost));
+            let mut absent = 0;
+            if short {
+                let exact = expected.is_some();
+                absent = match expected {
+                    Some(e) => e.saturating_sub(readable + lost),
+                    // At least the record cut off, when its header says.
+                    None => scan.tail_spans.unwrap_or(0),
+                };
+                if !exact {
+                    uncounted_loss += 1;
+                }
+                tracing::error!(
+                    exporter = %settings.exporter,
+                    segment = %path.display(),
+                    held_spans = ?expected,
+                    readable_spans = readable,
+                    lost_spans = absent,
+                    exact,
+                    missing_bytes = data.len().saturating_sub(scan.valid_len),
+                    error = ?scan.tail_error,
+                    "spool: a finished segment holds fewer spans than were written to it (truncated or damaged, not a torn write): the lost spans are counted dropped, reason corrupt{}",
+                    if exact { "" } else { "; how many it held is not recorded, so the count is a lower bound and the accounting cannot balance" }
+                );
+                metrics.spool_corrupt_records.get_or_create(&labels).inc();
+                lost += absent;
+                if let Some(valid) = scan.tail_error.as_ref().map(|_| scan.valid_len) {
+                    let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io)?;
+                    f.set_len(valid as u64).map_err(io)?;
+                    f.sync_all().map_err(io)?;
+                }
+            } else if let Some(err) = &scan.tail_error {
                 tracing::warn!(
                     exporter = %settings.exporter,
                     segment = %path.display(),
@@ -448,7 +506,9 @@ impl Spool {
                 f.set_len(scan.valid_len as u64).map_err(io)?;
                 f.sync_all().map_err(io)?;
             }
-            let lost: u64 = scan.lost.iter().filter_map(|l| l.spans).sum();
+            if scan.lost.iter().any(|l| l.spans.is_none()) && expected.is_none() {
+                uncounted_loss += 1;
+            }
             for l in &scan.lost {
                 tracing::error!(
                     exporter = %settings.exporter,
@@ -469,7 +529,7 @@ impl Spool {
                 continue;
             };
             let file = File::open(&path).map_err(io)?;
-            let spans: u64 = scan.records.iter().map(|r| r.spans as u64).sum::<u64>() + lost;
+            let spans: u64 = readable + lost;
             recovered += spans;
             lost_at_start += lost;
             used += scan.valid_len as u64;
@@ -478,6 +538,7 @@ impl Spool {
             seg.records = scan.records.len() as u64;
             seg.spans = spans;
             seg.lost_spans = lost;
+            seg.absent = absent;
             seg.sealed = true;
             seg.checked_until = scan.valid_len as u64;
             state.segments.insert(id, seg);
@@ -489,6 +550,7 @@ impl Spool {
                 segments = state.segments.len(),
                 spans = recovered,
                 lost_spans = lost_at_start,
+                segments_with_uncounted_loss = uncounted_loss,
                 bytes = used,
                 "spool: recovered undelivered spans; delivering them first"
             );
@@ -506,6 +568,7 @@ impl Spool {
             dir_identity: Mutex::new((dir_meta.dev(), dir_meta.ino())),
             health: Mutex::new(None),
             unready: AtomicBool::new(false),
+            uncounted_loss: AtomicU64::new(uncounted_loss),
         });
         shared.count_corrupt(lost_at_start);
         shared.update_gauges(&shared.state.lock_unpoisoned());
@@ -553,6 +616,11 @@ impl Spool {
             health.set_unready(&self.shared.component(), Some("spool cannot write".into()));
         }
         *self.shared.health.lock_unpoisoned() = Some(health);
+    }
+
+    /// Segments found damaged at start whose lost spans could not all be counted.
+    pub(crate) fn segments_with_uncounted_loss(&self) -> u64 {
+        self.shared.uncounted_loss.load(Ordering::Relaxed)
     }
 
     /// Spans found on disk at start.
@@ -690,6 +758,18 @@ struct Writer {
     file: Option<OpenSegment>,
     /// When every tracked segment's link count was last checked (not only the open one's).
     full_check: Instant,
+}
+
+/// The first bytes of a file, up to a file header; None when it cannot be read.
+fn read_head(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(frame::FILE_HEADER);
+    File::open(path)
+        .ok()?
+        .take(frame::FILE_HEADER as u64)
+        .read_to_end(&mut head)
+        .ok()?;
+    Some(head)
 }
 
 fn invalid(e: frame::FrameError) -> std::io::Error {
@@ -904,6 +984,11 @@ impl Writer {
 
     fn seal(&mut self) {
         if let Some(open) = self.file.take() {
+            // Only committed bytes stay: a write that failed or panicked part-way may have left
+            // some after them, which a later start would take for damage in a finished segment.
+            if open.file.metadata().is_ok_and(|m| m.len() > open.len) {
+                let _ = open.file.set_len(open.len);
+            }
             let mut st = self.shared.state.lock_unpoisoned();
             if let Some(seg) = st.segments.get_mut(&open.id) {
                 seg.sealed = true;
@@ -934,7 +1019,13 @@ impl Writer {
             .write(true)
             .open(&path)?;
         let seed: u32 = rand::random();
-        let written = file.write_all_at(&frame::file_header(seed), 0).and_then(|()| {
+        // The segment before this one is finished: what it holds goes in this one's header.
+        let previous = id.checked_sub(1).and_then(|p| {
+            let st = self.shared.state.lock_unpoisoned();
+            st.segments.get(&p).map(|seg| seg.spans.saturating_sub(seg.absent))
+        });
+        let header = frame::segment_header(seed, previous);
+        let written = file.write_all_at(&header, 0).and_then(|()| {
             if self.shared.settings.fsync {
                 file.sync_data()?;
                 File::open(dir)?.sync_all()
