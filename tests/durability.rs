@@ -873,11 +873,11 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
 #[test]
 fn a_short_finished_segment_is_corruption_counted_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let cfg = config(
         &format!("http://127.0.0.1:{port}"),
         &dir.path().join("spool"),
-        ", max_size_mib: 32, segment_size_mib: 1",
+        json!({"max_size_mib": 32, "segment_size_mib": 1}),
     );
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     let mut acked = Vec::new();
