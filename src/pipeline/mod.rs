@@ -49,6 +49,11 @@ pub struct Intake {
     budgets: Vec<Arc<MemoryBudget>>,
 }
 
+/// What one record costs in memory beyond its bytes while it waits in queues and batches (the
+/// item, its routing and its place in a batch): charged with the bytes, so a body of many tiny
+/// records cannot hold many times what the budget counted.
+const ITEM_OVERHEAD: usize = std::mem::size_of::<Routed>() + 64;
+
 impl Intake {
     pub fn new(targets: Vec<Target>, budgets: Vec<Arc<MemoryBudget>>) -> Intake {
         Intake { targets, budgets }
@@ -76,7 +81,7 @@ impl Intake {
         if parsed.chunks.is_empty() {
             return Ok(Ack::default());
         }
-        let bytes: usize = parsed.chunks.iter().map(|c| c.bytes.len()).sum();
+        let bytes: usize = parsed.chunks.iter().map(|c| c.bytes.len() + ITEM_OVERHEAD).sum();
         let mut reservations = Vec::with_capacity(self.budgets.len());
         for budget in &self.budgets {
             reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
@@ -185,11 +190,34 @@ mod tests {
             intake.submit(parsed(1, 700 * 1024, None), None).err(),
             Some(Refusal::MemoryLimit)
         );
-        assert_eq!(budget.used(), 700 * 1024);
+        assert_eq!(budget.used(), 700 * 1024 + ITEM_OVERHEAD);
         drop(rx.try_recv().unwrap());
         assert_eq!(budget.used(), 0);
         // An oversized request still passes an empty budget.
         intake.submit(parsed(1, 3 * 1024 * 1024, None), None).unwrap();
+    }
+
+    #[test]
+    fn tiny_records_are_charged_what_they_hold_in_memory() {
+        let budget = MemoryBudget::new("memory_limiter", 64, 1);
+        let (tx, mut rx) = mpsc::channel(10);
+        let intake = Intake::new(vec![tx.into()], vec![budget.clone()]);
+        let chunk = |_| ResourceChunk {
+            bytes: Bytes::from_static(&[0u8; 4]),
+            spans: 1,
+            experiment: None,
+        };
+        let request = ParsedRequest {
+            chunks: (0..10_000).map(chunk).collect(),
+            spans: 10_000,
+            ..Default::default()
+        };
+        intake.submit(request, None).unwrap();
+        let items = rx.try_recv().unwrap();
+        let held = items.len() * (std::mem::size_of::<Routed>() + 4);
+        assert!(budget.used() >= held, "{} charged for {held} held", budget.used());
+        drop(items);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
