@@ -244,7 +244,7 @@ pub(crate) fn install_panic_hook() {
 
 /// Test-only fault injection for the supervision tests: `OTLP_RELAY_TEST_PANIC=batcher:3,sender:1`
 /// makes those points panic the next N times they are reached (with data in hand). The points:
-/// receiver, batcher, sender, spool_writer, spool_reader, tls_reloader. Unset in
+/// receiver, batcher, sender, spool_writer, spool_reader, tls_reloader, tls_validity. Unset in
 /// production, it costs one initialised-once lookup.
 pub(crate) fn fault_point(point: &str) {
     static PLAN: OnceLock<Vec<(String, AtomicU32)>> = OnceLock::new();

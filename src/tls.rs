@@ -218,10 +218,13 @@ impl ServerTls {
 
     /// Reports the certificate's validity to readiness from now on (at once, after every
     /// reload, and every VALIDITY_CHECK, since a certificate expires without being reloaded).
-    pub fn watch_validity(
+    /// Supervised like the reloader: a panic is counted (component `tls_validity`) and the
+    /// watch restarts, so an expiring certificate is still reported after it.
+    pub(crate) fn watch_validity(
         self: &Arc<Self>,
         component: &str,
         health: Arc<crate::telemetry::Health>,
+        supervisor: &Supervisor,
         cancel: CancellationToken,
     ) {
         if self.health.set((health, component.to_string())).is_err() {
@@ -229,16 +232,28 @@ impl ServerTls {
         }
         self.check_validity();
         let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(VALIDITY_CHECK);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => me.check_validity(),
-                }
+        let mut tasks = JoinSet::new();
+        supervisor.spawn(
+            &mut tasks,
+            "tls_validity",
+            format!("{component} tls validity"),
+            move || me.clone().check_validity_every(cancel.clone()),
+            Box::new(|_| Box::pin(async {})),
+        );
+        // The set aborts its tasks when dropped: it lives as long as the watch runs.
+        tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+    }
+
+    async fn check_validity_every(self: Arc<Self>, cancel: CancellationToken) {
+        crate::supervise::fault_point("tls_validity");
+        let mut tick = tokio::time::interval(VALIDITY_CHECK);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => self.check_validity(),
             }
-        });
+        }
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {

@@ -236,7 +236,9 @@ pub(crate) fn start(
         ));
         let tls = prepared.server_tls.get(&(id.clone(), transport)).cloned();
         if let Some(t) = &tls {
-            t.spawn_reloader(format!("{id}-{transport}"), supervisor, running.receivers_stop.clone());
+            let component = format!("{id}-{transport}");
+            t.watch_validity(&component, health.clone(), supervisor, running.receivers_stop.clone());
+            t.spawn_reloader(component, supervisor, running.receivers_stop.clone());
         }
         spawn_receiver(&mut running, supervisor, listener, e.protocol, tls, ctx);
     }

@@ -265,3 +265,41 @@ fn a_panicking_certificate_reloader_restarts_and_still_picks_up_a_rotation() {
         "no further panics"
     );
 }
+
+/// The certificate validity watch is supervised too: before, a panic in it ended the watch for
+/// good, silently, and an expiring certificate was never reported on /readyz again.
+#[test]
+fn a_panicking_certificate_validity_watch_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("validity-ca");
+    let ca_path = ca.write(dir.path(), "ca");
+    let server = ca.server().write(dir.path(), "server");
+    let sink = Sink::start(&[]);
+    let config = config(&sink.url(), None)
+        .receiver(
+            "http",
+            json!({"tls": {"cert_file": server.cert, "key_file": server.key}}),
+        )
+        .yaml();
+    let relay = Relay::start_with_env(
+        dir.path(),
+        &config,
+        "otlp",
+        &[("OTLP_RELAY_TEST_PANIC", "tls_validity:2")],
+    );
+    wait_for("two validity-watch restarts", T, || {
+        let n = relay.metric("otlp_relay_component_restarts_total", &[("component", "tls_validity")]);
+        (n == 2.0).then_some(())
+    });
+    let health = relay.health.unwrap();
+    wait_for("/readyz ready again", T, || {
+        (get_text(health, "/readyz").0 == 200).then_some(())
+    });
+    let endpoint = format!("https://{}", relay.http.unwrap());
+    assert_eq!(spans_accepted_over_https(&endpoint, &ca_path), 2);
+    assert_eq!(
+        relay.metric("otlp_relay_component_restarts_total", &[("component", "tls_validity")]),
+        2.0,
+        "no further panics"
+    );
+}

@@ -135,9 +135,6 @@ pub(crate) async fn serve(
             "max_connections is not below the open-file limit: at that many connections the health and metrics listeners cannot accept"
         );
     }
-    if let Some(t) = &tls {
-        t.watch_validity(&component, ctx.health.clone(), stop.clone());
-    }
     let slots = Slots::new(
         &component,
         settings.max_connections,
