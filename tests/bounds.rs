@@ -565,6 +565,120 @@ mod grpc {
         })
     }
 
+    /// Starts an Export call with `grpc-encoding: gzip` whose body is sent through the
+    /// returned sender; the task answers "grpc-status N" (or "reset").
+    async fn open_gzip(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok(http_body::Frame::data(data)), rx))
+        });
+        let req = http::Request::post(format!("http://relay{EXPORT}"))
+            .header("content-type", "application/grpc")
+            .header("grpc-encoding", "gzip")
+            .header("te", "trailers")
+            .body(StreamBody::new(frames).boxed())
+            .unwrap();
+        client.ready().await.unwrap();
+        let response = client.send_request(req);
+        let task = tokio::spawn(async move {
+            let Ok(resp) = response.await else {
+                return "reset".to_string();
+            };
+            if let Some(s) = resp.headers().get("grpc-status") {
+                return format!("grpc-status {}", s.to_str().unwrap());
+            }
+            match resp.into_body().collect().await {
+                Ok(c) => c
+                    .trailers()
+                    .and_then(|t| t.get("grpc-status"))
+                    .map_or("none".into(), |v| format!("grpc-status {}", v.to_str().unwrap())),
+                Err(_) => "reset".into(),
+            }
+        });
+        (tx, task)
+    }
+
+    /// A small gzip message that decompresses to 15 MiB, sent on 40 streams that never end:
+    /// tonic keeps each decompressed copy while it waits for the end of the stream. The budget
+    /// counted only the compressed bytes, so 40 streams held about 600 MiB against an 80 MiB
+    /// budget; now a compressed message is charged what it may decompress to, and the streams
+    /// past the budget are refused.
+    #[test]
+    fn compressed_grpc_messages_are_charged_what_they_decompress_to() {
+        let _serial = memory_test_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let config = r#"
+receivers: {otlp: {protocols: {grpc: {endpoint: "127.0.0.1:0", max_recv_msg_size_mib: 16, read_timeout: 60s}}}}
+processors: {batch: {timeout: 20ms}, memory_limiter: {check_interval: 1s, limit_mib: 96, spike_limit_mib: 16}}
+exporters: {debug: {}}
+service:
+  pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, batch], exporters: [debug]}}
+  telemetry: {metrics: {address: "127.0.0.1:0"}}
+"#;
+        let relay = Relay::start(dir.path(), config, "otlp");
+        let pid = relay.proc.child.id();
+        let baseline = vm_hwm_kib(pid);
+        let addr = relay.grpc.unwrap();
+        let compressed = support::gzip(&vec![0u8; 15 * 1024 * 1024]);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (peak, answers) = rt.block_on(async {
+            let mut open = Vec::new();
+            let mut clients = Vec::new();
+            for _ in 0..4 {
+                let mut client = connect(addr).await;
+                for _ in 0..10 {
+                    let (tx, task) = open_gzip(&mut client).await;
+                    let mut message = vec![1u8];
+                    message.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+                    message.extend_from_slice(&compressed);
+                    // A refused stream may be gone before its message is in.
+                    let _ = tx.send(Bytes::from(message)).await;
+                    open.push((tx, task));
+                }
+                clients.push(client);
+            }
+            // The relay has read and decompressed everything it will once it stops using CPU.
+            let mut last = (cpu_ticks(pid), Instant::now());
+            wait_for("the relay to go idle", Duration::from_secs(60), || {
+                let now = cpu_ticks(pid);
+                if now != last.0 {
+                    last = (now, Instant::now());
+                    return None;
+                }
+                (last.1.elapsed() > Duration::from_millis(1500)).then_some(())
+            });
+            let peak = vm_hwm_kib(pid);
+            let mut answers = std::collections::BTreeMap::<String, usize>::new();
+            for (tx, task) in open {
+                drop(tx);
+                let answer = tokio::time::timeout(Duration::from_secs(90), task)
+                    .await
+                    .map_or("none".into(), |r| r.unwrap_or_default());
+                *answers.entry(answer).or_default() += 1;
+            }
+            drop(clients);
+            (peak, answers)
+        });
+        eprintln!(
+            "compressed gRPC: peak RSS {} MiB (baseline {} MiB); answers {answers:?}",
+            peak / 1024,
+            baseline / 1024
+        );
+        let budget_kib = 80 * 1024;
+        let margin_kib = baseline + 32 * 1024;
+        assert!(
+            peak < budget_kib + margin_kib,
+            "peak RSS {} MiB over the 80 MiB budget + margin {} MiB",
+            peak / 1024,
+            margin_kib / 1024
+        );
+        assert!(
+            answers.keys().any(|a| a == "grpc-status 8" || a == "grpc-status 14"),
+            "streams past the budget are refused: {answers:?}"
+        );
+    }
+
     pub(super) fn prefix(declared: usize) -> Bytes {
         let mut p = vec![0u8];
         p.extend_from_slice(&(declared as u32).to_be_bytes());

@@ -172,6 +172,9 @@ pub(crate) struct BudgetedBody {
     received: usize,
     /// The most worth holding for one message (max_recv_msg_size plus its prefix).
     max_hold: usize,
+    /// How much a compressed message may grow when tonic decompresses it: gzip and deflate
+    /// expand at most 1032 times; anything else up to max_recv_msg_size.
+    expansion: Option<usize>,
     timeout: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     fault: FaultSlot,
@@ -179,7 +182,12 @@ pub(crate) struct BudgetedBody {
 
 impl BudgetedBody {
     /// Wraps a body, or refuses at once when the budget has no room at all.
-    pub(crate) fn new(ctx: &ReceiverContext, inner: Incoming) -> Result<(BudgetedBody, FaultSlot), Refusal> {
+    /// `encoding` is the request's grpc-encoding.
+    pub(crate) fn new(
+        ctx: &ReceiverContext,
+        inner: Incoming,
+        encoding: Option<&str>,
+    ) -> Result<(BudgetedBody, FaultSlot), Refusal> {
         // gRPC is always HTTP/2. One hold for the stream window and the body, so a lone
         // request may still grow past the budget.
         let hold = transport_buffer_hold(ctx, http::Version::HTTP_2)?;
@@ -194,6 +202,10 @@ impl BudgetedBody {
                 prefix: Vec::with_capacity(GRPC_PREFIX),
                 received: 0,
                 max_hold: ctx.max_bytes() + GRPC_PREFIX,
+                expansion: match encoding {
+                    Some("gzip" | "deflate") => Some(DEFLATE_MAX_RATIO),
+                    _ => None,
+                },
                 timeout,
                 deadline: Box::pin(tokio::time::sleep(timeout)),
                 fault: fault.clone(),
@@ -203,18 +215,32 @@ impl BudgetedBody {
     }
 
     /// The bytes to hold after `data` arrived: what was received, or the message's declared
-    /// length (as HTTP's Content-Length) once its prefix is in, whichever is more.
+    /// length (as HTTP's Content-Length) once its prefix is in, whichever is more; plus, for a
+    /// compressed message, what tonic's decompressed copy may take. tonic keeps that copy while
+    /// it waits for the end of the stream, so a client that sends a small compressed message and
+    /// never ends the stream would otherwise hold up to max_recv_msg_size each, uncounted.
     fn wanted(&mut self, data: &[u8]) -> usize {
         self.received += data.len();
         if self.prefix.len() < GRPC_PREFIX {
             let take = (GRPC_PREFIX - self.prefix.len()).min(data.len());
             self.prefix.extend_from_slice(&data[..take]);
         }
-        let declared = match self.prefix[..] {
-            [_, a, b, c, d] => GRPC_PREFIX + u32::from_be_bytes([a, b, c, d]) as usize,
-            _ => 0,
+        let (compressed, length) = match self.prefix[..] {
+            [flag, a, b, c, d] => (flag == 1, u32::from_be_bytes([a, b, c, d]) as usize),
+            _ => (false, 0),
         };
-        self.received.max(declared.min(self.max_hold))
+        let declared = if self.prefix.len() == GRPC_PREFIX {
+            GRPC_PREFIX + length
+        } else {
+            0
+        };
+        let max_message = self.max_hold - GRPC_PREFIX;
+        let decompressed = match (compressed, self.expansion) {
+            (false, _) => 0,
+            (true, Some(ratio)) => length.saturating_mul(ratio).min(max_message),
+            (true, None) => max_message,
+        };
+        self.received.max(declared.min(self.max_hold)) + decompressed
     }
 
     fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -227,6 +253,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A gRPC message's prefix: compressed flag and 4-byte length.
 const GRPC_PREFIX: usize = 5;
+
+/// The most deflate (and so gzip) can expand its input: 1032 to 1 (zlib's technical details).
+const DEFLATE_MAX_RATIO: usize = 1032;
 
 impl Body for BudgetedBody {
     type Data = Bytes;

@@ -85,7 +85,8 @@ pub async fn handle(
     // tonic buffers the body itself: the wrapper counts it against the memory budget as it
     // arrives and ends it at read_timeout.
     let (parts, body) = req.into_parts();
-    let (body, fault) = match BudgetedBody::new(&ctx, body) {
+    let encoding = parts.headers.get("grpc-encoding").and_then(|v| v.to_str().ok());
+    let (body, fault) = match BudgetedBody::new(&ctx, body, encoding) {
         Ok(x) => x,
         Err(refusal) => return ReceiveError::from(refusal).to_grpc().into_http(),
     };
