@@ -9,10 +9,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, status};
+use opentelemetry_proto::tonic::trace::v1::{Span, Status, status};
 use prost::Message;
 
 use super::spans::{Encoding, FastRng, Shape};
@@ -226,24 +223,7 @@ pub(crate) fn encode_request(
     spans: Vec<Span>,
     encoding: Encoding,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    let req = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: shape.resource.clone(),
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "otlp-relay-loadgen".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
+    let req = shape.request(spans);
     match encoding {
         Encoding::Proto => Ok(req.encode_to_vec()),
         Encoding::Json => serde_json::to_vec(&req),
@@ -254,6 +234,7 @@ pub(crate) fn encode_request(
 mod tests {
     use super::*;
     use crate::loadgen::spans::plain_shape;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use std::collections::HashMap;
 
     const MS: Duration = Duration::from_millis(1);

@@ -57,6 +57,30 @@ pub struct Shape {
     pub spans: Vec<SpanShape>,
 }
 
+impl Shape {
+    /// A request holding `spans` under this shape's resource and loadgen's scope.
+    pub(crate) fn request(&self, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: self.resource.clone(),
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "otlp-relay-loadgen".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+}
+
 pub fn kv(key: &str, value: Value) -> KeyValue {
     KeyValue {
         key: key.to_string(),
@@ -322,24 +346,7 @@ impl Template {
                 });
             }
         }
-        let req = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: shape.resource.clone(),
-                    ..Default::default()
-                }),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "otlp-relay-loadgen".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
+        let req = shape.request(spans);
         let bytes = match encoding {
             Encoding::Proto => req.encode_to_vec(),
             Encoding::Json => serde_json::to_vec(&req)?,
