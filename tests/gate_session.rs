@@ -931,13 +931,14 @@ fn bad_gateway_answers_carry_no_internal_detail() {
         );
         assert_eq!(s, 502, "{upstream}: {b}");
         assert_eq!(b, r#"{"detail":"MLflow upstream unavailable"}"#, "{upstream}");
-        // The cause is in the log.
-        let log = g.proc.output_text();
-        assert!(
-            log.lines()
-                .any(|l| l.contains("MLflow upstream unavailable") && l.contains("error=")),
-            "{log}"
-        );
+        // The cause is in the log (read by another thread: waited for, not read once).
+        wait_for("the cause in the gate's log", Duration::from_secs(10), || {
+            g.proc
+                .output_text()
+                .lines()
+                .any(|l| l.contains("MLflow upstream unavailable") && l.contains("error="))
+                .then_some(())
+        });
     }
 }
 
