@@ -33,7 +33,7 @@ pub struct Record {
     pub experiment: Option<String>,
 }
 
-enum Wire<'a> {
+pub(super) enum Wire<'a> {
     Varint(u64),
     Fixed64,
     Fixed32,
@@ -44,13 +44,13 @@ fn err(what: &'static str) -> DecodeError {
     DecodeError::Framing(what)
 }
 
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     buf: &'a [u8],
-    pos: usize,
+    pub(super) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(super) fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
 
@@ -71,7 +71,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field's number and value, or None at the end of the message.
-    fn field(&mut self) -> Result<Option<(u64, Wire<'a>)>, DecodeError> {
+    pub(super) fn field(&mut self) -> Result<Option<(u64, Wire<'a>)>, DecodeError> {
         if self.pos >= self.buf.len() {
             return Ok(None);
         }
@@ -101,7 +101,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn len(w: Wire<'_>) -> Result<&[u8], DecodeError> {
+pub(super) fn len(w: Wire<'_>) -> Result<&[u8], DecodeError> {
     match w {
         Wire::Len(b) => Ok(b),
         _ => Err(err("wrong wire type for a length-delimited field")),
@@ -175,9 +175,9 @@ pub(crate) fn request_each<E: From<DecodeError>>(
 // records the walk above has validated; they still return errors rather than assume it.
 
 /// ScopeSpans (field 2 of ResourceSpans), as a length-delimited key.
-const SCOPE_SPANS_KEY: u8 = 0x12;
+pub(super) const SCOPE_SPANS_KEY: u8 = 0x12;
 /// ResourceSpans (field 1 of ExportTraceServiceRequest), as a length-delimited key.
-const RESOURCE_SPANS_KEY: u8 = 0x0a;
+pub(super) const RESOURCE_SPANS_KEY: u8 = 0x0a;
 
 /// How a record's spans fare when it is rebuilt.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
