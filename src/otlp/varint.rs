@@ -17,8 +17,9 @@ impl VarintError {
     }
 }
 
-/// Reads the varint at `*pos`, advancing it.
-#[inline]
+/// Reads the varint at `*pos`, advancing it. The one-byte case is inlined into every caller
+/// (the schema walk reads two or three per field); longer ones take a call.
+#[inline(always)]
 pub(crate) fn read(buf: &[u8], pos: &mut usize) -> Result<u64, VarintError> {
     // Keys and most lengths are one byte.
     match buf.get(*pos) {
@@ -30,6 +31,7 @@ pub(crate) fn read(buf: &[u8], pos: &mut usize) -> Result<u64, VarintError> {
     }
 }
 
+#[inline(never)]
 fn read_long(buf: &[u8], pos: &mut usize) -> Result<u64, VarintError> {
     let mut value = 0u64;
     for i in 0..10 {

@@ -54,7 +54,9 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
-    #[inline]
+    // Every key and length is read through here: when the compiler stopped inlining it, the
+    // call cost about 4% of the relay's CPU on OTLP/HTTP.
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, DecodeError> {
         varint::read(self.buf, &mut self.pos).map_err(|e| err(e.message()))
     }
@@ -151,9 +153,22 @@ pub(crate) fn request_each<E: From<DecodeError>>(
     mut f: impl FnMut(Record) -> Result<(), E>,
 ) -> Result<(), E> {
     let mut r = Reader::new(body);
+    while let Some(record) = next_record(&mut r)? {
+        f(record)?;
+    }
+    Ok(())
+}
+
+/// The next `resource_spans` record of a request, validated; None at its end. It is not
+/// generic, so the walk below it is compiled once, here, with its helpers inlined, whoever
+/// takes the records: walked from inside a loop generic over the caller's error, it became
+/// functions calling each other and took a fifth more of the relay's CPU on OTLP/HTTP.
+fn next_record(r: &mut Reader<'_>) -> Result<Option<Record>, DecodeError> {
     loop {
         let start = r.pos;
-        let Some((number, wire)) = r.field()? else { break };
+        let Some((number, wire)) = r.field()? else {
+            return Ok(None);
+        };
         if number != 1 {
             continue;
         }
@@ -162,9 +177,8 @@ pub(crate) fn request_each<E: From<DecodeError>>(
         let mut record = resource_spans(message)?;
         record.field = start..r.pos;
         record.message = message_start..r.pos;
-        f(record)?;
+        return Ok(Some(record));
     }
-    Ok(())
 }
 
 // Dropping spans with unusable ids without decoding: a record is rebuilt from its own bytes,
