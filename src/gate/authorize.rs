@@ -31,6 +31,28 @@ const MAX_OTLP_BODY: usize = 32 << 20;
 /// Most resolved owners kept (run and logged-model ids never change experiment).
 const MAX_OWNERS: usize = 100_000;
 
+/// A canonical JSON body, as MLflow gets it.
+type JsonBody = serde_json::Map<String, serde_json::Value>;
+
+/// What authorization knows of a request once its route is looked up.
+struct Ask<'a> {
+    groups: &'a [String],
+    canon: &'a CanonPath,
+    query: &'a canonical::Query,
+    method: &'a Method,
+    rule: Rule,
+    body_kind: BodyKind,
+    /// Not a GET or HEAD: a body may be read.
+    body_method: bool,
+}
+
+/// The body to forward, its canonical JSON, and the traces an OTLP export carries.
+struct ReadBody {
+    body: Body,
+    json: Option<JsonBody>,
+    otlp_traces: Vec<String>,
+}
+
 impl Gate {
     pub(super) async fn authorize(
         &self,
@@ -39,11 +61,21 @@ impl Gate {
         identity: Identity,
         peer: SocketAddr,
     ) -> Response<Body> {
+        match self.authorized(req, canon, &identity, peer).await {
+            Ok(resp) | Err(resp) => resp,
+        }
+    }
+
+    /// Ok: MLflow's answer to the forwarded request; Err: the gate's answer instead.
+    async fn authorized(
+        &self,
+        req: Request<Body>,
+        canon: &CanonPath,
+        identity: &Identity,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Response<Body>> {
         let groups = &identity.groups;
-        let query = match canonical::query(req.uri().query()) {
-            Ok(q) => q,
-            Err(e) => return self.bad_request(&e),
-        };
+        let query = canonical::query(req.uri().query()).map_err(|e| self.bad_request(&e))?;
         let method = req.method().clone();
         let route = routes::lookup(method.as_str(), &canon.segments, canon.trailing_slash);
         let encoded_query = query.encoded();
@@ -53,230 +85,249 @@ impl Gate {
             format!("{}?{encoded_query}", canon.encoded())
         };
         let (mut parts, body) = req.into_parts();
-        match pq.parse() {
-            Ok(u) => parts.uri = u,
-            Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
-        }
+        parts.uri = pq
+            .parse()
+            .map_err(|_| detail(StatusCode::BAD_REQUEST, "Invalid request target"))?;
         if self.policy.is_admin(groups) {
-            return self
-                .forward(Request::from_parts(parts, body), Some(&identity), peer)
-                .await;
+            return Ok(self
+                .forward(Request::from_parts(parts, body), Some(identity), peer)
+                .await);
         }
         if !self.policy.is_member(groups) {
-            return self.forbidden(&identity, &method, canon, Decision::NotMember);
+            return Err(self.forbidden(identity, &method, canon, Decision::NotMember));
         }
-        let rule = route.map(|r| r.rule).unwrap_or(Rule::Admin);
-        let body_kind = route.map(|r| r.body).unwrap_or(BodyKind::Json);
-        let body_method = !matches!(method, Method::GET | Method::HEAD);
+        let ask = Ask {
+            groups,
+            canon,
+            query: &query,
+            method: &method,
+            rule: route.map(|r| r.rule).unwrap_or(Rule::Admin),
+            body_kind: route.map(|r| r.body).unwrap_or(BodyKind::Json),
+            body_method: !matches!(method, Method::GET | Method::HEAD),
+        };
         // Workspaces would give experiment ids another namespace the permissions file knows nothing of.
         parts.headers.remove(WORKSPACE_HEADER);
         if parts.headers.get_all(EXPERIMENT_HEADER).iter().count() > 1 {
-            return self.bad_request(&CanonError::Query(format!("{EXPERIMENT_HEADER} given more than once")));
+            return Err(self.bad_request(&CanonError::Query(format!("{EXPERIMENT_HEADER} given more than once"))));
         }
-
-        // MLflow reads a GET's JSON body when it has no query: GETs and HEADs go on without one.
-        // Other JSON bodies are read whole and forwarded in their canonical form.
-        let mut json = None;
-        // OTLP spans of a trace that exists join it in its experiment: a writer's OTLP body is read
-        // (bounded) to find its traces.
-        let inspect_otlp = matches!(rule, Rule::Experiments(_, finds) if finds.contains(&Find::OtlpTraces))
-            && self.policy.needs_experiments(groups);
-        let mut otlp_traces = Vec::new();
-        let mut body = if inspect_otlp {
-            let Some(bytes) = read_limited(body, MAX_OTLP_BODY).await else {
-                return detail(StatusCode::PAYLOAD_TOO_LARGE, "OTLP request body too large");
-            };
-            let value = |h| parts.headers.get(h).and_then(|v| v.to_str().ok());
-            let read = match targets::otlp_trace_ids(
-                value(header::CONTENT_TYPE),
-                value(header::CONTENT_ENCODING),
-                &bytes,
-                MAX_OTLP_BODY,
-            ) {
-                Ok(read) => read,
-                Err(e) => return self.bad_request(&e),
-            };
-            otlp_traces = read.trace_ids;
-            parts.headers.remove(header::CONTENT_LENGTH);
-            parts.headers.remove(header::TRANSFER_ENCODING);
-            // MLflow gets exactly the bytes the gate read, never a second reading of them.
-            match read.decompressed {
-                Some(plain) => {
-                    parts.headers.remove(header::CONTENT_ENCODING);
-                    full(plain)
-                }
-                None => full(bytes),
-            }
-        } else if !body_method {
-            parts.headers.remove(header::CONTENT_LENGTH);
-            parts.headers.remove(header::TRANSFER_ENCODING);
-            full(Bytes::new())
-        } else if body_kind == BodyKind::Opaque {
-            body
-        } else {
-            let Some(bytes) = read_limited(body, MAX_INSPECTED_BODY).await else {
-                return detail(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Request body too large for an MLflow API call",
-                );
-            };
-            parts.headers.remove(header::CONTENT_LENGTH);
-            parts.headers.remove(header::TRANSFER_ENCODING);
-            // What is forwarded is the canonical JSON itself, never an encoding of it.
-            parts.headers.remove(header::CONTENT_ENCODING);
-            match canonical::json_body(&bytes) {
-                Ok(Some(m)) => {
-                    let out = serde_json::to_vec(&m).unwrap_or_default();
-                    json = Some(m);
-                    parts
-                        .headers
-                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    full(out)
-                }
-                Ok(None) => full(Bytes::new()),
-                Err(e) => return self.bad_request(&e),
-            }
-        };
-
-        let mut filter_answer = false;
-        let decision = match rule {
-            Rule::Admin => Decision::AdminOnly(format!(
-                "{method} {}",
-                canon.decoded().chars().take(100).collect::<String>()
-            )),
-            Rule::Member => Decision::Allow,
-            Rule::ExperimentListing => {
-                filter_answer = self.policy.needs_experiments(groups);
-                self.policy.decide(groups, Level::Read, &[])
-            }
-            Rule::Registry(level) => self.policy.decide_all(groups, level, &[], true),
-            Rule::Experiments(_, _) if targets::sets_reserved_trace_tag(&canon.segments, json.as_ref()) => {
-                Decision::AdminOnly("setting the trace tag mlflow.artifactLocation".into())
-            }
-            Rule::Experiments(level, finds) => {
-                let inputs = targets::Inputs {
-                    segments: &canon.segments,
-                    query: &query,
-                    body: json.as_ref(),
-                    // Uploads name their run in the query, as do GETs.
-                    body_method: body_method && body_kind == BodyKind::Json,
-                    experiment_header: parts.headers.get(EXPERIMENT_HEADER).and_then(|v| v.to_str().ok()),
-                };
-                let mut found = match targets::find(finds, &inputs) {
-                    Ok(f) => f,
-                    Err(e) => return self.bad_request(&e),
-                };
-                // OTLP ingestion links the traces to the run this header names: a write to the
-                // run's experiment, which must be allowed like the traces' own.
-                if finds.contains(&Find::OtlpTraces) {
-                    let named: Vec<&HeaderValue> = parts.headers.get_all(RUN_ID_HEADER).iter().collect();
-                    match named.as_slice() {
-                        [] => {}
-                        [one] => match one.to_str().map(str::trim) {
-                            Ok(run) if !run.is_empty() => found.runs.push(run.to_string()),
-                            _ => {
-                                return self
-                                    .bad_request(&CanonError::Query(format!("{RUN_ID_HEADER} is not a run id")));
-                            }
-                        },
-                        _ => {
-                            return self
-                                .bad_request(&CanonError::Query(format!("{RUN_ID_HEADER} given more than once")));
-                        }
-                    }
-                }
-                otlp_traces.append(&mut found.traces_if_exist);
-                let existing = if self.policy.needs_experiments(groups) {
-                    self.existing_trace_experiments(&otlp_traces).await
-                } else {
-                    Some(Vec::new())
-                };
-                match existing {
-                    Some(owners) => found.experiments.extend(owners),
-                    None => {
-                        return self.forbidden(
-                            &identity,
-                            &method,
-                            canon,
-                            Decision::Missing {
-                                need: level,
-                                experiment: Some("of the traces (look-up failed)".into()),
-                            },
-                        );
-                    }
-                }
-                found.experiments.sort();
-                found.experiments.dedup();
-                self.decide_found(groups, level, found).await
-            }
-            Rule::Graphql => {
-                if !query.0.is_empty() {
-                    // graphene would let query parameters override the body.
-                    return self.bad_request(&CanonError::Query("GraphQL takes no query parameters".into()));
-                }
-                let empty = serde_json::Map::new();
-                let needs = match super::graphql::needs(json.as_ref().unwrap_or(&empty)) {
-                    Ok(n) => n,
-                    Err(e) => return self.bad_request(&e),
-                };
-                if let Some(f) = needs.admin.first() {
-                    Decision::AdminOnly(format!("GraphQL field {f}"))
-                } else {
-                    let registry = if needs.registry {
-                        self.policy.decide_all(groups, Level::Read, &[], true)
-                    } else {
-                        Decision::Allow
-                    };
-                    if registry != Decision::Allow {
-                        registry
-                    } else if needs.found.is_empty() && !needs.found.everywhere {
-                        Decision::Allow
-                    } else {
-                        self.decide_found(groups, Level::Read, needs.found).await
-                    }
-                }
-            }
-        };
+        let ReadBody {
+            mut body,
+            json,
+            otlp_traces,
+        } = self.read_body(&ask, &mut parts, body).await?;
+        let (decision, filter_answer) = self.decide(&ask, &parts.headers, json.as_ref(), otlp_traces).await?;
         if decision != Decision::Allow {
-            return self.forbidden(&identity, &method, canon, decision);
+            return Err(self.forbidden(identity, &method, canon, decision));
         }
         if filter_answer {
             parts.headers.remove(header::ACCEPT_ENCODING);
-            if canon.segments.last().is_some_and(|s| s == "search") {
-                // Cut answers must not tell whether hidden experiments matched: one page holding
-                // every match (MLflow's own maximum), no page tokens either way.
-                let pairs = |q: &canonical::Query| -> Vec<(String, String)> {
-                    q.0.iter()
-                        .filter(|(k, _)| !SEARCH_PAGING.contains(&k.as_str()))
-                        .cloned()
-                        .chain([("max_results".to_string(), SEARCH_MAX_RESULTS.to_string())])
-                        .collect()
-                };
-                if body_method {
-                    let mut m = json.take().unwrap_or_default();
-                    m.retain(|k, _| !SEARCH_PAGING.contains(&k.as_str()));
-                    m.insert("max_results".into(), SEARCH_MAX_RESULTS.into());
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    parts
-                        .headers
-                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    body = full(serde_json::to_vec(&m).unwrap_or_default());
-                } else {
-                    let q = canonical::Query(pairs(&query)).encoded();
-                    match format!("{}?{q}", canon.encoded()).parse() {
-                        Ok(u) => parts.uri = u,
-                        Err(_) => return detail(StatusCode::BAD_REQUEST, "Invalid request target"),
-                    }
-                }
+            if canon.segments.last().is_some_and(|s| s == "search")
+                && let Some(whole) = whole_search(&ask, &mut parts, json)
+                    .map_err(|_| detail(StatusCode::BAD_REQUEST, "Invalid request target"))?
+            {
+                body = whole;
             }
         }
         let resp = self
-            .forward(Request::from_parts(parts, body), Some(&identity), peer)
+            .forward(Request::from_parts(parts, body), Some(identity), peer)
             .await;
         if filter_answer {
-            return self.readable_part(resp, groups).await;
+            return Ok(self.readable_part(resp, groups).await);
         }
-        resp
+        Ok(resp)
+    }
+
+    /// MLflow reads a GET's JSON body when it has no query: GETs and HEADs go on without one.
+    /// Other JSON bodies are read whole and forwarded in their canonical form. OTLP spans of a
+    /// trace that exists join it in its experiment: a writer's OTLP body is read (bounded) to find
+    /// its traces.
+    async fn read_body(
+        &self,
+        ask: &Ask<'_>,
+        parts: &mut http::request::Parts,
+        body: Body,
+    ) -> Result<ReadBody, Response<Body>> {
+        let read = |body, json| ReadBody {
+            body,
+            json,
+            otlp_traces: Vec::new(),
+        };
+        let inspect_otlp = matches!(ask.rule, Rule::Experiments(_, finds) if finds.contains(&Find::OtlpTraces))
+            && self.policy.needs_experiments(ask.groups);
+        if inspect_otlp {
+            return self.read_otlp_body(parts, body).await;
+        }
+        if !ask.body_method {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            return Ok(read(full(Bytes::new()), None));
+        }
+        if ask.body_kind == BodyKind::Opaque {
+            return Ok(read(body, None));
+        }
+        let Some(bytes) = read_limited(body, MAX_INSPECTED_BODY).await else {
+            return Err(detail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large for an MLflow API call",
+            ));
+        };
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        // What is forwarded is the canonical JSON itself, never an encoding of it.
+        parts.headers.remove(header::CONTENT_ENCODING);
+        match canonical::json_body(&bytes) {
+            Ok(Some(m)) => {
+                let out = serde_json::to_vec(&m).unwrap_or_default();
+                parts
+                    .headers
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Ok(read(full(out), Some(m)))
+            }
+            Ok(None) => Ok(read(full(Bytes::new()), None)),
+            Err(e) => Err(self.bad_request(&e)),
+        }
+    }
+
+    /// An OTLP export read whole (bounded) for its trace ids.
+    async fn read_otlp_body(&self, parts: &mut http::request::Parts, body: Body) -> Result<ReadBody, Response<Body>> {
+        let Some(bytes) = read_limited(body, MAX_OTLP_BODY).await else {
+            return Err(detail(StatusCode::PAYLOAD_TOO_LARGE, "OTLP request body too large"));
+        };
+        let value = |h| parts.headers.get(h).and_then(|v| v.to_str().ok());
+        let read = targets::otlp_trace_ids(
+            value(header::CONTENT_TYPE),
+            value(header::CONTENT_ENCODING),
+            &bytes,
+            MAX_OTLP_BODY,
+        )
+        .map_err(|e| self.bad_request(&e))?;
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        // MLflow gets exactly the bytes the gate read, never a second reading of them.
+        let body = match read.decompressed {
+            Some(plain) => {
+                parts.headers.remove(header::CONTENT_ENCODING);
+                full(plain)
+            }
+            None => full(bytes),
+        };
+        Ok(ReadBody {
+            body,
+            json: None,
+            otlp_traces: read.trace_ids,
+        })
+    }
+
+    /// The route's rule applied to what the request names, and whether MLflow's answer must be
+    /// cut to what the caller may read.
+    async fn decide(
+        &self,
+        ask: &Ask<'_>,
+        headers: &http::HeaderMap,
+        json: Option<&JsonBody>,
+        otlp_traces: Vec<String>,
+    ) -> Result<(Decision, bool), Response<Body>> {
+        let groups = ask.groups;
+        let decision = match ask.rule {
+            Rule::Admin => Decision::AdminOnly(format!(
+                "{} {}",
+                ask.method,
+                ask.canon.decoded().chars().take(100).collect::<String>()
+            )),
+            Rule::Member => Decision::Allow,
+            Rule::ExperimentListing => {
+                let filter_answer = self.policy.needs_experiments(groups);
+                return Ok((self.policy.decide(groups, Level::Read, &[]), filter_answer));
+            }
+            Rule::Registry(level) => self.policy.decide_all(groups, level, &[], true),
+            Rule::Experiments(_, _) if targets::sets_reserved_trace_tag(&ask.canon.segments, json) => {
+                Decision::AdminOnly("setting the trace tag mlflow.artifactLocation".into())
+            }
+            Rule::Experiments(level, finds) => {
+                self.decide_experiments(ask, (level, finds), headers, json, otlp_traces)
+                    .await?
+            }
+            Rule::Graphql => self.decide_graphql(ask, json).await?,
+        };
+        Ok((decision, false))
+    }
+
+    /// `Rule::Experiments`: `level` on every experiment the request names or reaches.
+    async fn decide_experiments(
+        &self,
+        ask: &Ask<'_>,
+        (level, finds): (Level, &[Find]),
+        headers: &http::HeaderMap,
+        json: Option<&JsonBody>,
+        mut otlp_traces: Vec<String>,
+    ) -> Result<Decision, Response<Body>> {
+        let inputs = targets::Inputs {
+            segments: &ask.canon.segments,
+            query: ask.query,
+            body: json,
+            // Uploads name their run in the query, as do GETs.
+            body_method: ask.body_method && ask.body_kind == BodyKind::Json,
+            experiment_header: headers.get(EXPERIMENT_HEADER).and_then(|v| v.to_str().ok()),
+        };
+        let mut found = targets::find(finds, &inputs).map_err(|e| self.bad_request(&e))?;
+        // OTLP ingestion links the traces to the run this header names: a write to the
+        // run's experiment, which must be allowed like the traces' own.
+        if finds.contains(&Find::OtlpTraces) {
+            let named: Vec<&HeaderValue> = headers.get_all(RUN_ID_HEADER).iter().collect();
+            match named.as_slice() {
+                [] => {}
+                [one] => match one.to_str().map(str::trim) {
+                    Ok(run) if !run.is_empty() => found.runs.push(run.to_string()),
+                    _ => {
+                        return Err(self.bad_request(&CanonError::Query(format!("{RUN_ID_HEADER} is not a run id"))));
+                    }
+                },
+                _ => {
+                    return Err(self.bad_request(&CanonError::Query(format!("{RUN_ID_HEADER} given more than once"))));
+                }
+            }
+        }
+        otlp_traces.append(&mut found.traces_if_exist);
+        let existing = if self.policy.needs_experiments(ask.groups) {
+            self.existing_trace_experiments(&otlp_traces).await
+        } else {
+            Some(Vec::new())
+        };
+        let Some(owners) = existing else {
+            return Ok(Decision::Missing {
+                need: level,
+                experiment: Some("of the traces (look-up failed)".into()),
+            });
+        };
+        found.experiments.extend(owners);
+        found.experiments.sort();
+        found.experiments.dedup();
+        Ok(self.decide_found(ask.groups, level, found).await)
+    }
+
+    /// `Rule::Graphql`: each field of the document.
+    async fn decide_graphql(&self, ask: &Ask<'_>, json: Option<&JsonBody>) -> Result<Decision, Response<Body>> {
+        if !ask.query.0.is_empty() {
+            // graphene would let query parameters override the body.
+            return Err(self.bad_request(&CanonError::Query("GraphQL takes no query parameters".into())));
+        }
+        let empty = serde_json::Map::new();
+        let needs = super::graphql::needs(json.unwrap_or(&empty)).map_err(|e| self.bad_request(&e))?;
+        if let Some(f) = needs.admin.first() {
+            return Ok(Decision::AdminOnly(format!("GraphQL field {f}")));
+        }
+        let registry = if needs.registry {
+            self.policy.decide_all(ask.groups, Level::Read, &[], true)
+        } else {
+            Decision::Allow
+        };
+        Ok(if registry != Decision::Allow {
+            registry
+        } else if needs.found.is_empty() && !needs.found.everywhere {
+            Decision::Allow
+        } else {
+            self.decide_found(ask.groups, Level::Read, needs.found).await
+        })
     }
 
     fn bad_request(&self, e: &CanonError) -> Response<Body> {
@@ -434,6 +485,37 @@ impl Gate {
         }
         Some(e)
     }
+}
+
+/// A search whose answer is cut must not tell whether hidden experiments matched: one page holding
+/// every match (MLflow's own maximum), no page tokens either way. Some: the new body (the paging
+/// was in it); None: the query was rewritten and the body stays.
+fn whole_search(
+    ask: &Ask<'_>,
+    parts: &mut http::request::Parts,
+    json: Option<JsonBody>,
+) -> Result<Option<Body>, http::uri::InvalidUri> {
+    if ask.body_method {
+        let mut m = json.unwrap_or_default();
+        m.retain(|k, _| !SEARCH_PAGING.contains(&k.as_str()));
+        m.insert("max_results".into(), SEARCH_MAX_RESULTS.into());
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts
+            .headers
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(Some(full(serde_json::to_vec(&m).unwrap_or_default())));
+    }
+    let pairs: Vec<(String, String)> = ask
+        .query
+        .0
+        .iter()
+        .filter(|(k, _)| !SEARCH_PAGING.contains(&k.as_str()))
+        .cloned()
+        .chain([("max_results".to_string(), SEARCH_MAX_RESULTS.to_string())])
+        .collect();
+    let q = canonical::Query(pairs).encoded();
+    parts.uri = format!("{}?{q}", ask.canon.encoded()).parse()?;
+    Ok(None)
 }
 
 fn kind_tag(k: Kind) -> u8 {

@@ -221,218 +221,34 @@ fn list(v: &str) -> Vec<String> {
 /// Reads the configuration through `get` (the process environment in production). Returns every
 /// problem found, each naming its variable.
 pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<String>> {
-    let mut problems = Vec::new();
-    let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-    let required = |k: &str, problems: &mut Vec<String>| {
-        get(k).unwrap_or_else(|| {
-            problems.push(format!("{k}: required"));
-            String::new()
-        })
+    let mut env = Env {
+        get: &get,
+        problems: Vec::new(),
     };
-    let discovery_url = required("OIDC_DISCOVERY_URL", &mut problems);
-    let client_id = required("OIDC_CLIENT_ID", &mut problems);
-    let client_secret = Secret(required("OIDC_CLIENT_SECRET", &mut problems));
-
-    let mut issuer = String::new();
-    if !discovery_url.is_empty() {
-        match url::Url::parse(&discovery_url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                issuer = discovery_url
-                    .strip_suffix(WELL_KNOWN)
-                    .unwrap_or(&discovery_url)
-                    .trim_end_matches('/')
-                    .to_string();
-            }
-            _ => problems.push(format!("OIDC_DISCOVERY_URL: {discovery_url:?} is not an http(s) URL")),
-        }
-    }
-
-    let redirect_uri = get("OIDC_REDIRECT_URI");
-    let mut callback_path = "/callback".to_string();
-    if let Some(r) = &redirect_uri {
-        match url::Url::parse(r) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => callback_path = u.path().to_string(),
-            _ => problems.push(format!("OIDC_REDIRECT_URI: {r:?} is not an absolute http(s) URL")),
-        }
-    }
-
-    let scopes = list(
-        &get("OIDC_SCOPE")
-            .unwrap_or_else(|| "openid email profile".into())
-            .replace(' ', ","),
-    );
-    if !scopes.iter().any(|s| s == "openid") {
-        problems.push("OIDC_SCOPE: must contain openid".into());
-    }
-    let groups_attribute = get("OIDC_GROUPS_ATTRIBUTE").unwrap_or_else(|| "groups".into());
-    let groups = list(&get("OIDC_GROUP_NAME").unwrap_or_else(|| "mlflow".into()));
-    if groups.is_empty() {
-        problems.push("OIDC_GROUP_NAME: empty group list".into());
-    }
-    let admin_group = get("OIDC_ADMIN_GROUP_NAME").unwrap_or_else(|| "mlflow-admin".into());
-    let audience = get("OIDC_AUDIENCE").unwrap_or_else(|| client_id.clone());
-
-    let secret_key = get("SECRET_KEY").map(Secret);
-    if let Some(k) = &secret_key
-        && k.0.len() < 16
-    {
-        problems.push("SECRET_KEY: too short (at least 16 characters)".into());
-    }
-
-    let listen_text = get("GATE_LISTEN").unwrap_or_else(|| "0.0.0.0:8080".into());
-    let listen = listen_text.parse().unwrap_or_else(|_| {
-        problems.push(format!("GATE_LISTEN: {listen_text:?} is not IP:PORT"));
-        SocketAddr::from(([0, 0, 0, 0], 8080))
-    });
-
-    let upstream_text = get("GATE_UPSTREAM").unwrap_or_else(|| "http://127.0.0.1:5000".into());
-    let upstream: http::Uri = match upstream_text.parse::<http::Uri>() {
-        Ok(u)
-            if matches!(u.scheme_str(), Some("http" | "https"))
-                && u.authority().is_some()
-                && matches!(u.path(), "" | "/")
-                && u.query().is_none() =>
-        {
-            u
-        }
-        _ => {
-            problems.push(format!(
-                "GATE_UPSTREAM: {upstream_text:?} must be http(s)://HOST:PORT without a path"
-            ));
-            http::Uri::from_static("http://127.0.0.1:5000")
-        }
-    };
-
-    let exclude_paths = list(&get("OIDC_EXCLUDE_PATHS").unwrap_or_default());
-    for p in &exclude_paths {
-        if !p.starts_with('/') || p == "/" {
-            problems.push(format!(
-                "OIDC_EXCLUDE_PATHS: {p:?} must be a path prefix starting with / (and not / itself)"
-            ));
-        }
-    }
-
-    let permissions_file = get("GATE_PERMISSIONS_FILE").map(PathBuf::from);
-    let mut permissions = None;
-    if let Some(f) = &permissions_file {
-        match std::fs::read_to_string(f) {
-            Ok(text) => match Permissions::parse(&text) {
-                Ok(p) => permissions = Some(p),
-                Err(errs) => problems.extend(
-                    errs.into_iter()
-                        .map(|e| format!("GATE_PERMISSIONS_FILE {}: {e}", f.display())),
-                ),
-            },
-            Err(e) => problems.push(format!("GATE_PERMISSIONS_FILE: cannot read {}: {e}", f.display())),
-        }
-    }
-
-    let mut number = |k: &str, default: u64, max: u64| -> u64 {
-        match get(k) {
-            None => default,
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) if n <= max => n,
-                _ => {
-                    problems.push(format!("{k}: {v:?} is not a number of seconds <= {max}"));
-                    default
-                }
-            },
-        }
-    };
-    let leeway_secs = number("GATE_CLOCK_LEEWAY_SECONDS", 30, 300);
-    let session_ttl_secs = number("GATE_SESSION_TTL_SECONDS", 8 * 3600, 7 * 24 * 3600);
-
-    let mut duration = |k: &str, default: Duration, min: Duration, max: Duration| -> Duration {
-        match get(k) {
-            None => default,
-            Some(v) => match parse_duration(&v) {
-                Some(d) if d >= min && d <= max => d,
-                _ => {
-                    problems.push(format!(
-                        "{k}: {v:?} is not a duration between {min:?} and {max:?} (like 10s, 5m)"
-                    ));
-                    default
-                }
-            },
-        }
-    };
-    let second = Duration::from_secs(1);
-    let session_refresh = duration(
-        "GATE_SESSION_REFRESH",
-        Duration::from_secs(300),
-        second,
-        Duration::from_secs(24 * 3600),
-    );
-    let header_read_timeout = duration(
-        "GATE_HEADER_READ_TIMEOUT",
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        Duration::from_secs(300),
-    );
-    let idle_timeout = duration(
-        "GATE_IDLE_TIMEOUT",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        Duration::from_secs(3600),
-    );
-    let body_read_timeout = duration(
-        "GATE_BODY_READ_TIMEOUT",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        Duration::from_secs(3600),
-    );
-
-    let mut allowed_clients = list(&get("GATE_ALLOWED_CLIENTS").unwrap_or_default());
-    // The gate's own client (Basic is exchanged for its token) is always one of them.
-    if !allowed_clients.is_empty() && !allowed_clients.contains(&client_id) {
-        allowed_clients.push(client_id.clone());
-    }
-
-    let admin_listen = match get("GATE_ADMIN_LISTEN") {
-        Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
-        v => {
-            let text = v.unwrap_or_else(|| "127.0.0.1:9091".into());
-            match text.trim().parse::<SocketAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    problems.push(format!("GATE_ADMIN_LISTEN: {text:?} is not IP:PORT or off"));
-                    None
-                }
-            }
-        }
-    };
-
-    let max_connections = match get("GATE_MAX_CONNECTIONS") {
-        None => 512,
-        Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=1_000_000).contains(&n) => n,
-            _ => {
-                problems.push(format!("GATE_MAX_CONNECTIONS: {v:?} is not a number from 1 to 1000000"));
-                512
-            }
-        },
-    };
-
-    let trusted_proxies = match TrustedProxies::parse(&get("GATE_TRUSTED_PROXIES").unwrap_or_default()) {
-        Ok(t) => t,
-        Err(e) => {
-            problems.push(format!("GATE_TRUSTED_PROXIES: {e}"));
-            TrustedProxies::default()
-        }
-    };
-
-    let allowed_hosts: Vec<String> = list(&get("GATE_ALLOWED_HOSTS").unwrap_or_default())
-        .into_iter()
-        .map(|h| h.to_ascii_lowercase())
-        .collect();
-    for h in &allowed_hosts {
-        if h.parse::<http::uri::Authority>().is_err() || h.contains('@') || h.contains('*') {
-            problems.push(format!("GATE_ALLOWED_HOSTS: {h:?} is not a host or host:port"));
-        }
-    }
-
-    if !problems.is_empty() {
-        return Err(problems);
+    let discovery_url = env.required("OIDC_DISCOVERY_URL");
+    let client_id = env.required("OIDC_CLIENT_ID");
+    let client_secret = Secret(env.required("OIDC_CLIENT_SECRET"));
+    let issuer = env.issuer(&discovery_url);
+    let (redirect_uri, callback_path) = env.redirect_uri();
+    let (scopes, groups) = env.scopes_and_groups();
+    let groups_attribute = env.or("OIDC_GROUPS_ATTRIBUTE", "groups");
+    let admin_group = env.or("OIDC_ADMIN_GROUP_NAME", "mlflow-admin");
+    let audience = env.or("OIDC_AUDIENCE", &client_id);
+    let secret_key = env.secret_key();
+    let listen = env.listen();
+    let upstream = env.upstream();
+    let exclude_paths = env.exclude_paths();
+    let (permissions_file, permissions) = env.permissions();
+    let leeway_secs = env.seconds("GATE_CLOCK_LEEWAY_SECONDS", 30, 300);
+    let session_ttl_secs = env.seconds("GATE_SESSION_TTL_SECONDS", 8 * 3600, 7 * 24 * 3600);
+    let [session_refresh, header_read_timeout, idle_timeout, body_read_timeout] = DURATIONS.map(|d| env.duration(d));
+    let allowed_clients = env.allowed_clients(&client_id);
+    let admin_listen = env.admin_listen();
+    let max_connections = env.max_connections();
+    let trusted_proxies = env.trusted_proxies();
+    let allowed_hosts = env.allowed_hosts();
+    if !env.problems.is_empty() {
+        return Err(env.problems);
     }
     Ok(GateConfig {
         discovery_url,
@@ -464,6 +280,286 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
         trusted_proxies,
         allowed_hosts,
     })
+}
+
+/// A duration variable: its name, default and accepted range.
+struct DurationVar {
+    name: &'static str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+/// GATE_SESSION_REFRESH, GATE_HEADER_READ_TIMEOUT, GATE_IDLE_TIMEOUT, GATE_BODY_READ_TIMEOUT.
+const DURATIONS: [DurationVar; 4] = [
+    DurationVar {
+        name: "GATE_SESSION_REFRESH",
+        default: Duration::from_secs(300),
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(24 * 3600),
+    },
+    DurationVar {
+        name: "GATE_HEADER_READ_TIMEOUT",
+        default: Duration::from_secs(10),
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(300),
+    },
+    DurationVar {
+        name: "GATE_IDLE_TIMEOUT",
+        default: Duration::from_secs(60),
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(3600),
+    },
+    DurationVar {
+        name: "GATE_BODY_READ_TIMEOUT",
+        default: Duration::from_secs(30),
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(3600),
+    },
+];
+
+/// The environment as `from_env` reads it: a blank value counts as unset, and every problem is
+/// collected (each step falls back to its default so the later steps still run).
+struct Env<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<String>,
+}
+
+impl Env<'_> {
+    fn get(&self, k: &str) -> Option<String> {
+        (self.get)(k).filter(|v| !v.trim().is_empty())
+    }
+
+    fn or(&self, k: &str, default: &str) -> String {
+        self.get(k).unwrap_or_else(|| default.into())
+    }
+
+    fn required(&mut self, k: &str) -> String {
+        self.get(k).unwrap_or_else(|| {
+            self.problems.push(format!("{k}: required"));
+            String::new()
+        })
+    }
+
+    /// The issuer: OIDC_DISCOVERY_URL without `/.well-known/openid-configuration`.
+    fn issuer(&mut self, discovery_url: &str) -> String {
+        if discovery_url.is_empty() {
+            return String::new();
+        }
+        match url::Url::parse(discovery_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => discovery_url
+                .strip_suffix(WELL_KNOWN)
+                .unwrap_or(discovery_url)
+                .trim_end_matches('/')
+                .to_string(),
+            _ => {
+                self.problems
+                    .push(format!("OIDC_DISCOVERY_URL: {discovery_url:?} is not an http(s) URL"));
+                String::new()
+            }
+        }
+    }
+
+    /// OIDC_REDIRECT_URI and the callback path it implies.
+    fn redirect_uri(&mut self) -> (Option<String>, String) {
+        let redirect_uri = self.get("OIDC_REDIRECT_URI");
+        let mut callback_path = "/callback".to_string();
+        if let Some(r) = &redirect_uri {
+            match url::Url::parse(r) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => callback_path = u.path().to_string(),
+                _ => self
+                    .problems
+                    .push(format!("OIDC_REDIRECT_URI: {r:?} is not an absolute http(s) URL")),
+            }
+        }
+        (redirect_uri, callback_path)
+    }
+
+    /// OIDC_SCOPE and OIDC_GROUP_NAME.
+    fn scopes_and_groups(&mut self) -> (Vec<String>, Vec<String>) {
+        let scopes = list(&self.or("OIDC_SCOPE", "openid email profile").replace(' ', ","));
+        if !scopes.iter().any(|s| s == "openid") {
+            self.problems.push("OIDC_SCOPE: must contain openid".into());
+        }
+        let groups = list(&self.or("OIDC_GROUP_NAME", "mlflow"));
+        if groups.is_empty() {
+            self.problems.push("OIDC_GROUP_NAME: empty group list".into());
+        }
+        (scopes, groups)
+    }
+
+    fn secret_key(&mut self) -> Option<Secret> {
+        let secret_key = self.get("SECRET_KEY").map(Secret);
+        if let Some(k) = &secret_key
+            && k.0.len() < 16
+        {
+            self.problems
+                .push("SECRET_KEY: too short (at least 16 characters)".into());
+        }
+        secret_key
+    }
+
+    fn listen(&mut self) -> SocketAddr {
+        let listen_text = self.or("GATE_LISTEN", "0.0.0.0:8080");
+        listen_text.parse().unwrap_or_else(|_| {
+            self.problems
+                .push(format!("GATE_LISTEN: {listen_text:?} is not IP:PORT"));
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        })
+    }
+
+    fn upstream(&mut self) -> http::Uri {
+        let upstream_text = self.or("GATE_UPSTREAM", "http://127.0.0.1:5000");
+        match upstream_text.parse::<http::Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && matches!(u.path(), "" | "/")
+                    && u.query().is_none() =>
+            {
+                u
+            }
+            _ => {
+                self.problems.push(format!(
+                    "GATE_UPSTREAM: {upstream_text:?} must be http(s)://HOST:PORT without a path"
+                ));
+                http::Uri::from_static("http://127.0.0.1:5000")
+            }
+        }
+    }
+
+    fn exclude_paths(&mut self) -> Vec<String> {
+        let exclude_paths = list(&self.get("OIDC_EXCLUDE_PATHS").unwrap_or_default());
+        for p in &exclude_paths {
+            if !p.starts_with('/') || p == "/" {
+                self.problems.push(format!(
+                    "OIDC_EXCLUDE_PATHS: {p:?} must be a path prefix starting with / (and not / itself)"
+                ));
+            }
+        }
+        exclude_paths
+    }
+
+    /// GATE_PERMISSIONS_FILE and what it holds.
+    fn permissions(&mut self) -> (Option<PathBuf>, Option<Permissions>) {
+        let permissions_file = self.get("GATE_PERMISSIONS_FILE").map(PathBuf::from);
+        let mut permissions = None;
+        if let Some(f) = &permissions_file {
+            match std::fs::read_to_string(f) {
+                Ok(text) => match Permissions::parse(&text) {
+                    Ok(p) => permissions = Some(p),
+                    Err(errs) => self.problems.extend(
+                        errs.into_iter()
+                            .map(|e| format!("GATE_PERMISSIONS_FILE {}: {e}", f.display())),
+                    ),
+                },
+                Err(e) => self
+                    .problems
+                    .push(format!("GATE_PERMISSIONS_FILE: cannot read {}: {e}", f.display())),
+            }
+        }
+        (permissions_file, permissions)
+    }
+
+    /// A whole number of seconds up to `max`.
+    fn seconds(&mut self, k: &str, default: u64, max: u64) -> u64 {
+        match self.get(k) {
+            None => default,
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n <= max => n,
+                _ => {
+                    self.problems
+                        .push(format!("{k}: {v:?} is not a number of seconds <= {max}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn duration(&mut self, d: DurationVar) -> Duration {
+        let DurationVar {
+            name,
+            default,
+            min,
+            max,
+        } = d;
+        match self.get(name) {
+            None => default,
+            Some(v) => match parse_duration(&v) {
+                Some(d) if d >= min && d <= max => d,
+                _ => {
+                    self.problems.push(format!(
+                        "{name}: {v:?} is not a duration between {min:?} and {max:?} (like 10s, 5m)"
+                    ));
+                    default
+                }
+            },
+        }
+    }
+
+    fn allowed_clients(&self, client_id: &str) -> Vec<String> {
+        let mut allowed_clients = list(&self.get("GATE_ALLOWED_CLIENTS").unwrap_or_default());
+        // The gate's own client (Basic is exchanged for its token) is always one of them.
+        if !allowed_clients.is_empty() && !allowed_clients.iter().any(|c| c == client_id) {
+            allowed_clients.push(client_id.to_string());
+        }
+        allowed_clients
+    }
+
+    fn admin_listen(&mut self) -> Option<SocketAddr> {
+        match self.get("GATE_ADMIN_LISTEN") {
+            Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+            v => {
+                let text = v.unwrap_or_else(|| "127.0.0.1:9091".into());
+                match text.trim().parse::<SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.problems
+                            .push(format!("GATE_ADMIN_LISTEN: {text:?} is not IP:PORT or off"));
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn max_connections(&mut self) -> usize {
+        match self.get("GATE_MAX_CONNECTIONS") {
+            None => 512,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => n,
+                _ => {
+                    self.problems
+                        .push(format!("GATE_MAX_CONNECTIONS: {v:?} is not a number from 1 to 1000000"));
+                    512
+                }
+            },
+        }
+    }
+
+    fn trusted_proxies(&mut self) -> TrustedProxies {
+        match TrustedProxies::parse(&self.get("GATE_TRUSTED_PROXIES").unwrap_or_default()) {
+            Ok(t) => t,
+            Err(e) => {
+                self.problems.push(format!("GATE_TRUSTED_PROXIES: {e}"));
+                TrustedProxies::default()
+            }
+        }
+    }
+
+    fn allowed_hosts(&mut self) -> Vec<String> {
+        let allowed_hosts: Vec<String> = list(&self.get("GATE_ALLOWED_HOSTS").unwrap_or_default())
+            .into_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        for h in &allowed_hosts {
+            if h.parse::<http::uri::Authority>().is_err() || h.contains('@') || h.contains('*') {
+                self.problems
+                    .push(format!("GATE_ALLOWED_HOSTS: {h:?} is not a host or host:port"));
+            }
+        }
+        allowed_hosts
+    }
 }
 
 #[cfg(test)]

@@ -228,9 +228,15 @@ pub(crate) async fn serve<H, F>(
 {
     let label = ListenerLabel { listener: name };
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    // HTTP/1.1 has one request in flight per connection; HTTP/2 could have many.
-    let request_slots = Arc::new(Semaphore::new(limits.max_connections));
-    let busy_warning = Arc::new(Mutex::new(RateLimitedWarn::new(WARN_INTERVAL)));
+    let requests = RequestSlots {
+        name,
+        // HTTP/1.1 has one request in flight per connection; HTTP/2 could have many.
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        busy_warning: Arc::new(Mutex::new(RateLimitedWarn::new(WARN_INTERVAL))),
+        metrics: metrics.clone(),
+        label: label.clone(),
+        body_limit: limits.body_read_timeout,
+    };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
@@ -258,52 +264,8 @@ pub(crate) async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let act = activity.clone();
-        let h = handler.clone();
-        let body_limit = limits.body_read_timeout;
-        let request_slots = request_slots.clone();
-        let busy_warning = busy_warning.clone();
-        let busy_metrics = metrics.clone();
-        let busy_label = label.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let guard = act.begin();
-            let Ok(permit) = request_slots.clone().try_acquire_owned() else {
-                busy_metrics.requests_refused.get_or_create(&busy_label).inc();
-                if let Some(suppressed) = busy_warning.lock_unpoisoned().due() {
-                    tracing::warn!(
-                        listener = name,
-                        refused = suppressed + 1,
-                        "too many requests in flight; answering 503"
-                    );
-                }
-                let mut resp = super::detail(http::StatusCode::SERVICE_UNAVAILABLE, "Too many requests in flight");
-                resp.headers_mut()
-                    .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                drop(guard);
-                return Box::pin(std::future::ready(Ok(resp))) as ServiceFuture;
-            };
-            let req = req.map(|inner| {
-                TimeoutBody {
-                    inner,
-                    limit: body_limit,
-                    sleep: None,
-                }
-                .boxed()
-            });
-            let fut = h(req, peer);
-            Box::pin(async move {
-                let resp = fut.await;
-                // The connection counts as busy, and the request slot taken, until the response
-                // body is sent (or dropped).
-                Ok::<_, std::convert::Infallible>(resp.map(|b| {
-                    b.map_frame(move |f| {
-                        let _ = (&guard, &permit);
-                        f
-                    })
-                    .boxed()
-                }))
-            }) as ServiceFuture
-        });
+        let (act, h, requests) = (activity.clone(), handler.clone(), requests.clone());
+        let svc = hyper::service::service_fn(move |req| requests.call(&h, &act, req, peer));
         let stream = WatchedStream {
             inner: stream,
             activity: activity.clone(),
@@ -312,36 +274,12 @@ pub(crate) async fn serve<H, F>(
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
         let conn = graceful.watch(conn);
-        let metrics = metrics.clone();
-        let label = label.clone();
+        let open = metrics.connections_open.get_or_create(&label).clone();
+        let (conn_metrics, conn_label) = (metrics.clone(), label.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let open = metrics.connections_open.get_or_create(&label).clone();
             open.inc();
-            tokio::pin!(conn);
-            loop {
-                // Without a deadline now (a request in flight), look again soon: a write may block.
-                let wake = activity
-                    .deadline(&limits)
-                    .unwrap_or_else(|| Instant::now() + limits.idle_timeout / 4);
-                tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    _ = tokio::time::sleep_until(wake.into()) => {
-                        if activity.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
-                            // Idle, or the client stopped reading its answer: dropping the
-                            // connection loses nothing the client was going to take.
-                            metrics.connections_timed_out.get_or_create(&label).inc();
-                            tracing::debug!(%peer, "closing a connection idle past its deadline");
-                            break;
-                        }
-                    }
-                }
-            }
+            drive(conn, &activity, &limits, (&conn_metrics, &conn_label), peer).await;
             open.dec();
         });
     }
@@ -351,6 +289,109 @@ pub(crate) async fn serve<H, F>(
         .is_err()
     {
         tracing::warn!(listener = name, "connections still open after 10 s; closing them");
+    }
+}
+
+/// Runs one connection until it ends, or until it is idle (or its client stops reading an
+/// answer) past its deadline.
+async fn drive<C, E>(
+    conn: C,
+    activity: &Activity,
+    limits: &Limits,
+    (metrics, label): (&GateMetrics, &ListenerLabel),
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    loop {
+        // Without a deadline now (a request in flight), look again soon: a write may block.
+        let wake = activity
+            .deadline(limits)
+            .unwrap_or_else(|| Instant::now() + limits.idle_timeout / 4);
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if activity.deadline(limits).is_some_and(|d| d <= Instant::now()) {
+                    // Idle, or the client stopped reading its answer: dropping the
+                    // connection loses nothing the client was going to take.
+                    metrics.connections_timed_out.get_or_create(label).inc();
+                    tracing::debug!(%peer, "closing a connection idle past its deadline");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the requests of one listener share: the cap on requests in flight across its connections.
+#[derive(Clone)]
+struct RequestSlots {
+    name: &'static str,
+    slots: Arc<Semaphore>,
+    busy_warning: Arc<Mutex<RateLimitedWarn>>,
+    metrics: Arc<GateMetrics>,
+    label: ListenerLabel,
+    body_limit: Duration,
+}
+
+impl RequestSlots {
+    /// One request through `handler`, or 503 when too many are in flight. Its body is read with
+    /// the pause limit; the connection counts as busy until the answer is sent.
+    fn call<H, F>(
+        &self,
+        handler: &H,
+        activity: &Arc<Activity>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> ServiceFuture
+    where
+        H: Fn(Request<Body>, SocketAddr) -> F,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let guard = activity.begin();
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.metrics.requests_refused.get_or_create(&self.label).inc();
+            if let Some(suppressed) = self.busy_warning.lock_unpoisoned().due() {
+                tracing::warn!(
+                    listener = self.name,
+                    refused = suppressed + 1,
+                    "too many requests in flight; answering 503"
+                );
+            }
+            let mut resp = super::detail(http::StatusCode::SERVICE_UNAVAILABLE, "Too many requests in flight");
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            drop(guard);
+            return Box::pin(std::future::ready(Ok(resp)));
+        };
+        let req = req.map(|inner| {
+            TimeoutBody {
+                inner,
+                limit: self.body_limit,
+                sleep: None,
+            }
+            .boxed()
+        });
+        let fut = handler(req, peer);
+        Box::pin(async move {
+            let resp = fut.await;
+            // The connection counts as busy, and the request slot taken, until the response
+            // body is sent (or dropped).
+            Ok::<_, std::convert::Infallible>(resp.map(|b| {
+                b.map_frame(move |f| {
+                    let _ = (&guard, &permit);
+                    f
+                })
+                .boxed()
+            }))
+        })
     }
 }
 

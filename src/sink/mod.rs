@@ -1,0 +1,124 @@
+//! A fast counting OTLP sink (`otlp-relay sink`) that plays MLflow in tests and benchmarks.
+//!
+//! It accepts OTLP/HTTP `POST /v1/traces` (protobuf or JSON, gzip/deflate bodies) and gRPC
+//! `TraceService/Export` (on the HTTP port too, and on `--grpc-listen`), counts requests, spans,
+//! unique spans (trace_id + span_id) and wire bytes, and serves them at `GET /stats`. It can play a
+//! failing or slow MLflow (`--status`, `--fail-every`, `--delay-ms`, `--max-spans-per-sec`).
+//! Protobuf bodies are walked, not decoded, so the sink stays far cheaper than anything it measures.
+//!
+//! Layout: `server` binds and accepts, `export` answers the two transports, `walk` finds the span
+//! ids in a protobuf body, `count` keeps what `/stats` reports, `faults` plays the failing or slow
+//! MLflow, `jwt` checks `--require-jwt`.
+mod count;
+mod export;
+mod faults;
+mod jwt;
+mod server;
+mod walk;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub use count::UniqueSpans;
+use server::start;
+
+/// Largest body the sink reads (compressed or not).
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SinkArgs {
+    /// Address for OTLP/HTTP (and gRPC, which is served on the same port too), e.g. 127.0.0.1:4318.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Extra address serving gRPC (and HTTP) e.g. 127.0.0.1:4317.
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Answer every request with this HTTP status (gRPC: the matching code); with --fail-every,
+    /// the status of the failing requests.
+    #[arg(long)]
+    pub status: Option<u16>,
+    /// Fail every Nth request (with --status, default 503).
+    #[arg(long)]
+    pub fail_every: Option<u64>,
+    /// Fail the first N requests (with --status, default 503), then accept: "503, then 200".
+    #[arg(long)]
+    pub fail_first: Option<u64>,
+    /// Delay every request by this many milliseconds before answering (a slow MLflow).
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Ingest at most this many spans per second overall (requests queue up behind each other).
+    #[arg(long)]
+    pub max_spans_per_sec: Option<f64>,
+    /// Retry-After seconds on failures (gRPC: RetryInfo).
+    #[arg(long)]
+    pub retry_after: Option<u64>,
+    /// Extra plain-HTTP address (no TLS) serving everything, /stats included: lets tests and
+    /// loadgen --verify-sink read the counts of a TLS-only sink.
+    #[arg(long)]
+    pub stats_listen: Option<SocketAddr>,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM) (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Require a Bearer JWT on every export, verified against this JWKS URL (signature, exp with
+    /// no leeway, aud); 401 otherwise. /stats counts the distinct tokens seen.
+    #[arg(long, requires = "audience")]
+    pub require_jwt: Option<String>,
+    /// The audience a token must carry (with --require-jwt).
+    #[arg(long, requires = "require_jwt")]
+    pub audience: Option<String>,
+}
+
+/// google.rpc.Status and RetryInfo, the OTLP error payloads (not part of opentelemetry-proto).
+pub use crate::otlp::rpc;
+
+pub(crate) fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
+    rt.block_on(async move {
+        let (http_addr, grpc_addr, _state, handle) = match start(&args).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "sink failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(component = %"sink-http", addr = %http_addr, "listening");
+        if let Some(a) = grpc_addr {
+            tracing::info!(component = %"sink-grpc", addr = %a, "listening");
+        }
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "signal handler");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            _ = handle => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prost::Message;
+
+    use super::rpc;
+
+    #[test]
+    fn retry_info_round_trip() {
+        let st = rpc::status(14, "x", Some(Duration::from_secs(3)));
+        assert_eq!(rpc::retry_delay(&st.encode_to_vec()), Some(Duration::from_secs(3)));
+        assert_eq!(rpc::retry_delay(&rpc::status(14, "x", None).encode_to_vec()), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! Binds the sink's listeners (plain or TLS) and serves each accepted connection.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use super::SinkArgs;
+use super::count::State;
+use super::export::route;
+use super::jwt::JwtCheck;
+use crate::supervise::LockUnpoisoned;
+
+fn load_tls(args: &SinkArgs) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let client_ca = args.tls_client_ca.as_ref().map(|p| p.to_string_lossy());
+    let config = crate::tls::server_config_from_files(
+        &cert.to_string_lossy(),
+        &key.to_string_lossy(),
+        client_ca.as_deref(),
+        "",
+    )?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+async fn serve(
+    component: &'static str,
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
+    let mut acceptor = crate::net::Acceptor::new(component);
+    loop {
+        let (stream, _) = acceptor.accept(&listener).await;
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| route(state.clone(), req));
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "tls handshake failed");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the sink's listeners and returns their addresses and the serving task.
+pub(crate) async fn start(
+    args: &SinkArgs,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>)> {
+    let tls = load_tls(args)?;
+    let mut state = State::new(args);
+    if let (Some(url), Some(aud)) = (&args.require_jwt, &args.audience) {
+        let check = JwtCheck::new(url.clone(), aud.clone())?;
+        if let Err(e) = check.refetch().await {
+            tracing::warn!(error = %e, "JWKS not available yet; fetched again on the first token");
+            *check.last_fetch.lock_unpoisoned() = None;
+        }
+        state.jwt = Some(check);
+    }
+    let state = Arc::new(state);
+    let listen = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: cannot listen on {addr}: {e}"))
+    };
+    let http = listen(args.listen, "--listen").await?;
+    let http_addr = http.local_addr()?;
+    let grpc = match args.grpc_listen {
+        Some(a) => Some(listen(a, "--grpc-listen").await?),
+        None => None,
+    };
+    let grpc_addr = grpc.as_ref().map(|g| g.local_addr()).transpose()?;
+    let mut tasks = vec![tokio::spawn(serve("sink-http", http, state.clone(), tls.clone()))];
+    if let Some(g) = grpc {
+        tasks.push(tokio::spawn(serve("sink-grpc", g, state.clone(), tls)));
+    }
+    if let Some(addr) = args.stats_listen {
+        let plain = listen(addr, "--stats-listen").await?;
+        tracing::info!(component = %"sink-stats", addr = %plain.local_addr()?, "listening");
+        tasks.push(tokio::spawn(serve("sink-stats", plain, state.clone(), None)));
+    }
+    let handle = tokio::spawn(async move {
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    Ok((http_addr, grpc_addr, state, handle))
+}
