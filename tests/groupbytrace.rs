@@ -119,10 +119,7 @@ fn a_trace_sent_over_time_reaches_the_sink_as_one_request_when_its_root_arrives(
     sink.wait_unique(8, Duration::from_secs(10));
     assert_eq!(stat(&sink, "requests"), 1, "{}", sink.stats());
     assert_eq!(
-        relay.metric(
-            "otlp_relay_groupbytrace_released_traces_total",
-            &[("reason", "root")]
-        ),
+        relay.metric("otlp_relay_groupbytrace_released_traces_total", &[("reason", "root")]),
         1.0
     );
 }
@@ -143,10 +140,7 @@ fn a_trace_without_a_root_leaves_after_wait_duration() {
     assert!(waited >= Duration::from_millis(900), "left after {waited:?}");
     assert_eq!(stat(&sink, "requests"), 1, "{}", sink.stats());
     assert_eq!(
-        relay.metric(
-            "otlp_relay_groupbytrace_released_traces_total",
-            &[("reason", "idle")]
-        ),
+        relay.metric("otlp_relay_groupbytrace_released_traces_total", &[("reason", "idle")]),
         1.0
     );
 }
@@ -173,7 +167,11 @@ fn sigkill_while_traces_are_held_loses_no_acknowledged_span() {
     assert_eq!(post(http, &request(99, 1..4)), 200);
     acknowledged += 3;
     sink.wait_unique(3, T);
-    assert_eq!(stat(&sink, "spans"), 3, "the other traces are held when the relay is killed");
+    assert_eq!(
+        stat(&sink, "spans"),
+        3,
+        "the other traces are held when the relay is killed"
+    );
     relay.proc.signal("KILL");
     relay.proc.wait_exit(T);
     let _again = Relay::start(dir.path(), &cfg, "otlp");
@@ -186,15 +184,22 @@ fn sigkill_while_traces_are_held_loses_no_acknowledged_span() {
 fn sigterm_sends_held_traces() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&[]);
-    let mut relay = Relay::start(dir.path(), &config(&sink, json!({"wait_duration": "60s"}), None), "otlp");
+    let mut relay = Relay::start(
+        dir.path(),
+        &config(&sink, json!({"wait_duration": "60s"}), None),
+        "otlp",
+    );
     let http = relay.http.unwrap();
     for trace in 1..=10u8 {
         assert_eq!(post(http, &request(trace, 2..6)), 200);
     }
-    assert_eq!(stat(&sink, "spans"), 0, "the traces are held");
+    // A whole trace last: once it is at the sink, the ones before it were taken in, and held.
+    assert_eq!(post(http, &request(99, 1..4)), 200);
+    sink.wait_unique(3, T);
+    assert_eq!(stat(&sink, "spans"), 3, "the other traces are held");
     relay.proc.signal("TERM");
     assert_eq!(relay.proc.wait_exit(T), Some(0));
-    assert_eq!(stat(&sink, "unique_spans"), 40, "{}", sink.stats());
+    assert_eq!(stat(&sink, "unique_spans"), 43, "{}", sink.stats());
     let accounting = wait_for("the accounting line", T, || {
         relay
             .proc
@@ -202,7 +207,7 @@ fn sigterm_sends_held_traces() {
             .into_iter()
             .find(|l| l.contains("final span accounting"))
     });
-    assert!(accounting.contains("sent=40"), "{accounting}");
+    assert!(accounting.contains("sent=43"), "{accounting}");
     assert!(accounting.contains("balanced=true"), "{accounting}");
 }
 
@@ -229,7 +234,90 @@ fn bad_settings_are_refused_with_their_paths() {
         assert!(out.contains(&format!("processors.groupbytrace.{key}")), "{out}");
     }
     let out = check(&config(&sink, json!({"wait_duration": "5s", "max_hold": "1s"}), None));
-    assert!(out.contains("processors.groupbytrace.max_hold: must be at least wait_duration"), "{out}");
+    assert!(
+        out.contains("processors.groupbytrace.max_hold: must be at least wait_duration"),
+        "{out}"
+    );
     let out = check(&config_with(&sink, json!({}), None, &["batch", "groupbytrace"]));
-    assert!(out.contains("service.pipelines.traces.processors[1]: groupbytrace must come before"), "{out}");
+    assert!(
+        out.contains("service.pipelines.traces.processors[1]: groupbytrace must come before"),
+        "{out}"
+    );
+}
+
+/// Past `num_traces` the oldest trace leaves whole (never dropped), the newer ones stay held.
+#[test]
+fn the_oldest_trace_leaves_whole_past_num_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&[]);
+    let cfg = config(&sink, json!({"wait_duration": "60s", "num_traces": 3}), None);
+    let relay = Relay::start(dir.path(), &cfg, "otlp");
+    let http = relay.http.unwrap();
+    for part in [2..4u64, 4..6] {
+        for trace in 1..=3u8 {
+            assert_eq!(post(http, &request(trace, part.clone())), 200);
+        }
+    }
+    assert_eq!(post(http, &request(4, 2..4)), 200);
+    assert_eq!(post(http, &request(5, 2..4)), 200);
+    sink.wait_unique(8, T);
+    let (_, spans) = support::get_text(sink.stats_addr, "/spans");
+    let mut traces: Vec<&str> = spans.lines().map(|l| &l[..2]).collect();
+    traces.sort();
+    traces.dedup();
+    assert_eq!(traces, vec!["01", "02"], "{spans}");
+    assert_eq!(
+        relay.metric(
+            "otlp_relay_groupbytrace_released_traces_total",
+            &[("reason", "evicted")]
+        ),
+        2.0
+    );
+}
+
+/// Held spans count in the memory_limiter's budget: traces far above it in all, none with a
+/// root, are all accepted within seconds (not after wait_duration) because the oldest leave
+/// whole as the budget fills.
+#[test]
+fn held_traces_leave_when_the_memory_budget_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&[]);
+    let cfg = config_with(
+        &sink,
+        json!({"wait_duration": "60s"}),
+        None,
+        &["memory_limiter", "groupbytrace", "batch"],
+    );
+    let mut value: Value = serde_norway::from_str(&cfg).unwrap();
+    value["processors"]["memory_limiter"] = json!({"limit_mib": 5, "spike_limit_mib": 1});
+    let relay = Relay::start(dir.path(), &serde_norway::to_string(&value).unwrap(), "otlp");
+    let http = relay.http.unwrap();
+    let padding = "x".repeat(200_000);
+    for trace in 1..=40u8 {
+        let mut req = ExportTraceServiceRequest::decode(request(trace, 2..3).as_slice()).unwrap();
+        req.resource_spans[0].scope_spans[0].spans[0].attributes =
+            vec![opentelemetry_proto::tonic::common::v1::KeyValue {
+                key: "padding".into(),
+                value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                        padding.clone(),
+                    )),
+                }),
+                ..Default::default()
+            }];
+        // The budget may be full of traces on their way to the sink for a moment (429, retry as
+        // a client does); it must not stay full of held ones until wait_duration.
+        let body = req.encode_to_vec();
+        wait_for(&format!("trace {trace} accepted"), Duration::from_secs(10), || {
+            (post(http, &body) == 200).then_some(())
+        });
+    }
+    // 8 MB sent against a 4 MiB budget: the oldest left, the newest are still held.
+    let evicted = relay.metric(
+        "otlp_relay_groupbytrace_released_traces_total",
+        &[("reason", "evicted")],
+    );
+    assert!(evicted >= 20.0, "{evicted}");
+    let at_sink = stat(&sink, "unique_spans");
+    assert!(at_sink < 40, "{at_sink}");
 }
