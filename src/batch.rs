@@ -1,5 +1,9 @@
 //! The batch processor's core: collect items per destination, emit a batch at `send_batch_size`
 //! spans or when its oldest item has waited `timeout`, never above `send_batch_max_size`.
+//! A trace is never cut across batches unless it alone is above `send_batch_max_size`: an item
+//! that must be cut is cut between traces first, and a group (one trace, from groupbytrace)
+//! goes into one batch. MLflow writes a request all-or-nothing and recomputes a trace's
+//! aggregates each time more of its spans arrive, so a trace in two requests costs it twice.
 //! Pure: the caller supplies the clock, so it is tested without timers.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 use std::collections::HashMap;
@@ -41,6 +45,12 @@ pub trait BatchItem: Sized {
         }
         pieces.push(rest);
         Ok(pieces)
+    }
+
+    /// The item cut into one item per trace, in order; the item back when it cannot tell its
+    /// traces (it is then cut by span count alone).
+    fn split_traces(self) -> Result<Vec<Self>, Self> {
+        Err(self)
     }
 }
 
@@ -122,7 +132,30 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
         let mut out = Vec::new();
         let max = self.settings.send_batch_max_size;
         let mut item = Some(item);
+        // The item in hand is one trace, or cannot tell its traces: cut it by span count.
+        let mut one_trace = false;
         while let Some(current) = item.take() {
+            let spans = current.spans();
+            let pending_spans = self.pending.get(&key).map_or(0, |p| p.spans);
+            if max > 0 && pending_spans + spans > max && !one_trace {
+                one_trace = true;
+                match current.split_traces() {
+                    Ok(traces) if traces.len() > 1 => {
+                        for trace in traces {
+                            out.extend(self.add_group(key.clone(), vec![trace], now));
+                        }
+                    }
+                    Ok(mut traces) => {
+                        // A trace that does not fit the room left starts a batch of its own.
+                        if pending_spans > 0 {
+                            out.extend(self.take(&key));
+                        }
+                        item = traces.pop();
+                    }
+                    Err(whole) => item = Some(whole),
+                }
+                continue;
+            }
             let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
                 items: Vec::new(),
                 spans: 0,
@@ -131,7 +164,6 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             if pending.items.is_empty() {
                 pending.since = now;
             }
-            let spans = current.spans();
             if max > 0 && pending.spans + spans > max {
                 let room = max - pending.spans;
                 if room == 0 {
@@ -182,6 +214,46 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             if pending.spans >= self.settings.send_batch_size {
                 out.extend(self.take(&key));
             }
+        }
+        out
+    }
+
+    /// Adds items that must travel in one batch (one trace's pieces): what is pending goes first
+    /// when they do not fit its room; they are cut only when together above
+    /// `send_batch_max_size`.
+    pub fn add_group(&mut self, key: K, items: Vec<T>, now: Instant) -> Vec<Batch<K, T>> {
+        let total: usize = items.iter().map(BatchItem::spans).sum();
+        let max = self.settings.send_batch_max_size;
+        let mut out = Vec::new();
+        if max > 0 && total > max {
+            if self.pending.get(&key).is_some_and(|p| !p.items.is_empty()) {
+                out.extend(self.take(&key));
+            }
+            for item in items {
+                out.extend(self.add(key.clone(), item, now));
+            }
+            return out;
+        }
+        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
+            items: Vec::new(),
+            spans: 0,
+            since: now,
+        });
+        if max > 0 && pending.spans + total > max {
+            out.extend(self.take(&key));
+        }
+        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
+            items: Vec::new(),
+            spans: 0,
+            since: now,
+        });
+        if pending.items.is_empty() {
+            pending.since = now;
+        }
+        pending.spans += total;
+        pending.items.extend(items);
+        if pending.spans >= self.settings.send_batch_size {
+            out.extend(self.take(&key));
         }
         out
     }
@@ -365,6 +437,159 @@ mod tests {
         b.add("a", run(2, 1), t + Duration::from_millis(250));
         assert_eq!(b.expired(t + Duration::from_millis(300)).len(), 1);
         assert_eq!(b.next_deadline(), Some(t + Duration::from_millis(450)));
+    }
+
+    /// A test item holding spans of several traces: (trace, span number).
+    #[derive(Debug, Clone, PartialEq)]
+    struct Traced(Vec<(u32, u32)>);
+
+    impl BatchItem for Traced {
+        fn spans(&self) -> usize {
+            self.0.len()
+        }
+        fn split(mut self, first: usize) -> Result<(Self, Self), Unsplit<Self>> {
+            let tail = self.0.split_off(first);
+            Ok((self, Traced(tail)))
+        }
+        fn split_traces(self) -> Result<Vec<Self>, Self> {
+            let mut out: Vec<Traced> = Vec::new();
+            for span in self.0 {
+                match out.iter_mut().find(|t| t.0[0].0 == span.0) {
+                    Some(t) => t.0.push(span),
+                    None => out.push(Traced(vec![span])),
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    /// Random items of several traces each (spread over the item, as SDK batches interleave
+    /// them), through batchers of every size: each trace of at most send_batch_max_size spans is
+    /// in one batch, no batch is above the maximum, every span leaves once and each trace's in
+    /// order.
+    #[test]
+    fn a_trace_is_cut_only_when_it_alone_is_above_the_maximum() {
+        let mut rng = crate::loadgen::spans::FastRng::new(15);
+        let mut pick = |n: u64| (rng.next_u64() % n) as u32;
+        let (mut cut_needed, mut whole_checked) = (0, 0);
+        for round in 0..2000u32 {
+            let size = 1 + pick(12) as usize;
+            let max = size + pick(10) as usize;
+            let mut b = Batcher::new(settings(size, max));
+            let t = Instant::now();
+            let (mut out, mut sizes) = (Vec::new(), std::collections::HashMap::new());
+            let mut next = 0;
+            for item in 0..1 + pick(6) {
+                let traces = 1 + pick(4);
+                let mut spans = Vec::new();
+                for _ in 0..pick(20) {
+                    let trace = round * 100 + item * 10 + pick(traces.into());
+                    spans.push((trace, next));
+                    *sizes.entry(trace).or_insert(0usize) += 1;
+                    next += 1;
+                }
+                if spans.is_empty() {
+                    continue;
+                }
+                if pick(3) == 0 {
+                    out.extend(b.add_group("k", vec![Traced(spans)], t));
+                } else {
+                    out.extend(b.add("k", Traced(spans), t));
+                }
+            }
+            out.extend(b.flush());
+            let mut seen: Vec<(u32, u32)> = Vec::new();
+            for batch in &out {
+                assert!(batch.spans <= max, "round {round}");
+                assert_eq!(batch.spans, batch.items.iter().map(|i| i.0.len()).sum::<usize>());
+                seen.extend(batch.items.iter().flat_map(|i| i.0.clone()));
+            }
+            assert_eq!(seen.len(), next as usize, "round {round}");
+            for (&trace, &n) in &sizes {
+                let batches = out
+                    .iter()
+                    .filter(|batch| batch.items.iter().any(|i| i.0.iter().any(|s| s.0 == trace)))
+                    .count();
+                let order: Vec<u32> = seen.iter().filter(|s| s.0 == trace).map(|s| s.1).collect();
+                assert!(order.windows(2).all(|w| w[0] < w[1]), "round {round}");
+                if n <= max {
+                    assert_eq!(batches, 1, "round {round}: trace of {n} spans, max {max}");
+                    whole_checked += 1;
+                } else {
+                    assert_eq!(batches, n.div_ceil(max), "round {round}: full batches of it");
+                    cut_needed += 1;
+                }
+            }
+        }
+        assert!(whole_checked > 5000 && cut_needed > 100, "{whole_checked} {cut_needed}");
+    }
+
+    /// A group (one trace from groupbytrace) goes into one batch: what is pending leaves first
+    /// when the group does not fit its room.
+    #[test]
+    fn a_group_goes_into_one_batch() {
+        let t = Instant::now();
+        let mut b = Batcher::new(settings(10, 10));
+        assert!(b.add("k", run(0, 6), t).is_empty());
+        let out = b.add_group("k", vec![run(6, 2), run(8, 3)], t);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].items, vec![run(0, 6)]);
+        assert_eq!(b.pending_spans(), 5);
+        // Filling send_batch_size with a group sends it.
+        let out = b.add_group("k", vec![run(11, 5)], t);
+        assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![10]);
+        // A group above the maximum alone is cut into full batches, after what was pending.
+        b.add("k", run(16, 1), t);
+        let mut out = b.add_group("k", vec![run(17, 7), run(24, 7)], t);
+        out.extend(b.flush());
+        assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![1, 10, 4]);
+    }
+
+    /// Real records: items of several interleaved traces through a batcher whose maximum cuts
+    /// them: every trace decodes from exactly one request.
+    #[test]
+    fn real_records_are_cut_between_traces() {
+        use crate::pipeline::Item;
+        let t = Instant::now();
+        let mut b: Batcher<(), Item> = Batcher::new(settings(8, 8));
+        let mut out = Vec::new();
+        for i in 0..6u64 {
+            let mut rs = testdata::resource_spans(&format!("svc{i}"), i * 100, 1, 5);
+            for (n, span) in rs.scope_spans.iter_mut().flat_map(|s| &mut s.spans).enumerate() {
+                span.trace_id = vec![(i * 3 + n as u64 % 3) as u8 + 1; 16];
+            }
+            let chunk = ResourceChunk {
+                bytes: encode_record(&rs),
+                spans: 5,
+                experiment: None,
+            };
+            let item = Item {
+                chunk,
+                charge: None,
+                origin: None,
+            };
+            out.extend(b.add((), item, t));
+        }
+        out.extend(b.flush());
+        let mut where_: std::collections::HashMap<Vec<u8>, std::collections::HashSet<usize>> = Default::default();
+        let mut total = 0;
+        for (n, batch) in out.iter().enumerate() {
+            assert!(batch.spans <= 8);
+            let payload: Vec<u8> = batch.items.iter().flat_map(|c| c.chunk.bytes.to_vec()).collect();
+            let req = ExportTraceServiceRequest::decode(payload.as_slice()).unwrap();
+            for span in req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+            {
+                where_.entry(span.trace_id.clone()).or_default().insert(n);
+                total += 1;
+            }
+        }
+        assert_eq!(total, 30);
+        assert_eq!(where_.len(), 18);
+        assert!(where_.values().all(|batches| batches.len() == 1), "{where_:?}");
     }
 
     impl BatchItem for ResourceChunk {

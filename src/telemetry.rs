@@ -92,6 +92,8 @@ pub struct Metrics {
     /// a new drop reason cannot unbalance it. Not exported (the labelled family above is).
     exporter_dropped_total: CounterFamily<ExporterLabels>,
     pub batch_unsplittable: CounterFamily<ExporterLabels>,
+    /// Traces groupbytrace let go, per exporter stage and reason (root, idle, ...).
+    pub groupbytrace_released_traces: CounterFamily<ExporterReasonLabels>,
     pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
     pub receiver_connections_refused: CounterFamily<RefusedLabels>,
     pub receiver_connections_closed: CounterFamily<RefusedLabels>,
@@ -141,6 +143,12 @@ impl Metrics {
             "otlp_relay_batch_unsplittable_items",
             "Items the batcher could not split and sent whole, above send_batch_max_size",
             batch_unsplittable.clone(),
+        );
+        let groupbytrace_released_traces = CounterFamily::<ExporterReasonLabels>::default();
+        registry.register(
+            "otlp_relay_groupbytrace_released_traces",
+            "Traces groupbytrace released to the batcher, by reason (root, idle, max_hold, evicted, shutdown)",
+            groupbytrace_released_traces.clone(),
         );
         let exporter_retries = CounterFamily::<ExporterReasonLabels>::default();
         registry.register(
@@ -263,6 +271,7 @@ impl Metrics {
             exporter_queue_capacity,
             batch_send_size,
             batch_unsplittable,
+            groupbytrace_released_traces,
             export_duration,
             exporter_unauthorized,
             token_requests,

@@ -216,8 +216,8 @@ pub(crate) fn start(
         client.attach(metrics.clone(), health.clone());
         client.spawn_warmup();
     }
-    let inputs = start_stages(config, &prepared, &mut running, metrics, supervisor)?;
     let budgets = memory_budgets(config);
+    let inputs = start_stages(config, &prepared, &mut running, metrics, supervisor, &budgets)?;
     // One intake per receiver, shared by its protocols.
     let mut intakes: BTreeMap<String, Arc<Intake>> = BTreeMap::new();
     for (id, e, listener) in listeners.receivers {
@@ -280,6 +280,46 @@ fn pipeline_batch(config: &Config, pipeline: &PipelineConfig) -> PipelineBatch {
         })
 }
 
+/// The pipeline's groupbytrace, held in each exporter's stage. Its held bytes are bounded by
+/// half the memory_limiter's budget (64 MiB without one), and past three quarters of the budget
+/// in use the oldest held traces leave.
+fn pipeline_group(
+    config: &Config,
+    pipeline: &PipelineConfig,
+    budgets: &BTreeMap<String, Arc<MemoryBudget>>,
+) -> Option<crate::processor::grouping::GroupSettings> {
+    let (id, g) = pipeline
+        .processors
+        .iter()
+        .find_map(|id| match config.processors.get(id) {
+            Some(Processor::GroupByTrace(g)) => Some((id, g)),
+            _ => None,
+        })?;
+    let budgets: Vec<(Arc<MemoryBudget>, usize)> = pipeline
+        .processors
+        .iter()
+        .filter_map(|p| budgets.get(p))
+        .map(|b| (b.clone(), b.soft_limit() / 4 * 3))
+        .collect();
+    let max_bytes = budgets
+        .iter()
+        .map(|(b, _)| b.soft_limit() / 2)
+        .min()
+        .unwrap_or(64 << 20);
+    Some(crate::processor::grouping::GroupSettings {
+        processor: id.clone(),
+        rules: crate::processor::groupbytrace::HoldRules {
+            wait_duration: g.wait_duration.0,
+            release_on_root: g.release_on_root,
+            root_grace: g.root_grace.0,
+            max_hold: g.max_hold.0,
+            num_traces: g.num_traces,
+            max_bytes,
+        },
+        budgets,
+    })
+}
+
 /// One stage per exporter used by a pipeline (batched as the first pipeline naming it says);
 /// a spooled exporter's stage reads from its spool. Returns where each exporter takes items.
 fn start_stages(
@@ -288,6 +328,7 @@ fn start_stages(
     running: &mut Running,
     metrics: &Arc<Metrics>,
     supervisor: &Supervisor,
+    budgets: &BTreeMap<String, Arc<MemoryBudget>>,
 ) -> Result<BTreeMap<String, Target>, StartError> {
     let mut inputs = BTreeMap::new();
     for pipeline in config.service.pipelines.values() {
@@ -297,6 +338,7 @@ fn start_stages(
             }
             let cfg = &config.exporters[id];
             let mut settings = crate::export::build::stage_settings(id, cfg, pipeline_batch(config, pipeline));
+            settings.group = pipeline_group(config, pipeline, budgets);
             let mut stage_control = running.control.clone();
             let spool = running.spools.get(id).cloned();
             if let (Some(spool), Some((_, storage))) = (&spool, config.exporter_storage(id)) {

@@ -271,7 +271,19 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.processors.insert(id, Processor::MemoryLimiter(c));
                 }
             }
-            other => unsupported(&path, "processor", other, "batch, memory_limiter", "", errors),
+            "groupbytrace" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.processors.insert(id, Processor::GroupByTrace(c));
+                }
+            }
+            other => unsupported(
+                &path,
+                "processor",
+                other,
+                "batch, groupbytrace, memory_limiter",
+                "",
+                errors,
+            ),
         }
     }
     for (id, v) in section(&mut top, "exporters", errors) {

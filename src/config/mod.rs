@@ -76,6 +76,7 @@ pub enum Receiver {
 pub enum Processor {
     Batch(BatchConfig),
     MemoryLimiter(MemoryLimiterConfig),
+    GroupByTrace(GroupByTraceConfig),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -38,6 +38,37 @@ pub struct MemoryLimiterConfig {
     pub spike_limit_percentage: u64,
 }
 
+/// groupbytrace: holds spans by trace id and lets a trace go as one unit (see
+/// `processor::groupbytrace`). The collector's keys, plus ours from `release_on_root` on.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupByTraceConfig {
+    /// A trace leaves this long after its last span arrived.
+    pub wait_duration: GoDuration,
+    /// At most this many traces held; the oldest leaves (whole, never dropped) past it.
+    pub num_traces: usize,
+    /// Accepted for collector compatibility: one task per exporter does the work.
+    pub num_workers: Option<u32>,
+    pub release_on_root: bool,
+    /// How long after its root a trace still waits for stragglers.
+    pub root_grace: GoDuration,
+    /// No trace is held longer than this in all.
+    pub max_hold: GoDuration,
+}
+
+impl Default for GroupByTraceConfig {
+    fn default() -> Self {
+        GroupByTraceConfig {
+            wait_duration: GoDuration::secs(1),
+            num_traces: 1_000_000,
+            num_workers: None,
+            release_on_root: true,
+            root_grace: GoDuration::millis(100),
+            max_hold: GoDuration::secs(60),
+        }
+    }
+}
+
 /// Checks processor `id`; problems go to `err` with their YAML path.
 pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, String)) {
     let path = format!("processors.{id}");
@@ -70,6 +101,19 @@ pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, Stri
             }
             if m.spike_limit_mib >= m.limit_mib && m.limit_mib != 0 {
                 err(format!("{path}.spike_limit_mib"), "must be below limit_mib".into());
+            }
+        }
+        Processor::GroupByTrace(g) => {
+            for (key, d) in [("wait_duration", g.wait_duration), ("max_hold", g.max_hold)] {
+                if d.is_zero() {
+                    err(format!("{path}.{key}"), "must be above 0".into());
+                }
+            }
+            if g.max_hold < g.wait_duration {
+                err(format!("{path}.max_hold"), "must be at least wait_duration".into());
+            }
+            if g.num_traces == 0 {
+                err(format!("{path}.num_traces"), "must be at least 1".into());
             }
         }
     }

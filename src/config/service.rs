@@ -130,6 +130,14 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
                     format!("{path}.processors[{i}]"),
                     format!("{id:?} is not defined under processors"),
                 ),
+                Some(Processor::GroupByTrace(_)) => {
+                    if batch.is_some() {
+                        err(
+                            format!("{path}.processors[{i}]"),
+                            "groupbytrace must come before the batch processor".into(),
+                        );
+                    }
+                }
                 Some(Processor::Batch(_)) => {
                     if batch.is_some() {
                         err(

@@ -84,6 +84,7 @@ pub(crate) fn stage_settings(id: &str, cfg: &ExporterConfig, batch: PipelineBatc
         retry: retry_policy(cfg),
         spool: None,
         dead_letter: None,
+        group: None,
         destination: match cfg {
             ExporterConfig::OtlpHttp(c) => traces_url(c),
             ExporterConfig::Debug(_) => "debug log".into(),

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, BatchSettings, Batcher};
 use crate::pipeline::{Destination, Item, Routed};
+use crate::processor::grouping::Grouper;
 use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 use crate::supervise::LockUnpoisoned;
@@ -148,6 +149,8 @@ pub(crate) struct StageSettings {
     pub dead_letter: Option<Arc<DeadLetter>>,
     /// Where batches go (the URL), for log lines.
     pub destination: String,
+    /// The pipeline's groupbytrace, between the intake and the batcher.
+    pub group: Option<crate::processor::grouping::GroupSettings>,
     /// Retryable failures since the last delivery, over all senders: the first delivery after
     /// some says so, so an operator sees the outage end.
     pub failures_since_delivery: std::sync::atomic::AtomicU64,
@@ -291,6 +294,7 @@ async fn run_batcher(
     let mut intake = intake.lock().await;
     let intake = &mut *intake;
     let mut batcher: Batcher<Destination, Item> = Batcher::new(settings.batch);
+    let mut grouper = (settings.group.clone()).map(|g| Grouper::new(g, &settings.name, metrics.clone()));
     let outlet = Outlet {
         queue: &queue,
         queue_size: metrics
@@ -311,7 +315,7 @@ async fn run_batcher(
     };
     let mut closing = false;
     loop {
-        let deadline = batcher.next_deadline();
+        let deadline = earliest(batcher.next_deadline(), grouper.as_ref().and_then(Grouper::next_due));
         let ready: Vec<OutBatch> = tokio::select! {
             biased;
             _ = control.close.cancelled(), if !closing => {
@@ -327,7 +331,10 @@ async fn run_batcher(
                     let now = Instant::now();
                     let mut out = Vec::new();
                     for r in routed.iter() {
-                        out.extend(batcher.add(r.destination.clone(), r.item.clone(), now));
+                        match &mut grouper {
+                            Some(g) => out.extend(g.take_in(r, &mut batcher, now)),
+                            None => out.extend(batcher.add(r.destination.clone(), r.item.clone(), now)),
+                        }
                     }
                     match batcher.take_unsplit() {
                         0 => {}
@@ -337,20 +344,41 @@ async fn run_batcher(
                 }
                 None => break,
             },
-            _ = sleep_until_opt(deadline) => batcher.expired(Instant::now()),
+            _ = sleep_until_opt(deadline) => {
+                let now = Instant::now();
+                let mut out = match &mut grouper {
+                    Some(g) => g.due(&mut batcher, now),
+                    None => Vec::new(),
+                };
+                out.extend(batcher.expired(now));
+                out
+            }
         };
         for batch in ready {
             if !enqueue(&settings, &outlet, batch, &metrics, &control).await {
-                abandon(&settings, &mut batcher, intake, &metrics, &held).await;
+                abandon(&settings, &mut batcher, &mut grouper, intake, &metrics, &held).await;
                 return;
             }
         }
     }
-    for batch in batcher.flush() {
+    // Held traces leave first, each whole, then whatever the batcher has.
+    let mut last = match &mut grouper {
+        Some(g) => g.drain(&mut batcher, Instant::now()),
+        None => Vec::new(),
+    };
+    last.extend(batcher.flush());
+    for batch in last {
         if !enqueue(&settings, &outlet, batch, &metrics, &control).await {
-            abandon(&settings, &mut batcher, intake, &metrics, &held).await;
+            abandon(&settings, &mut batcher, &mut grouper, intake, &metrics, &held).await;
             return;
         }
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -358,12 +386,18 @@ async fn run_batcher(
 async fn abandon(
     settings: &StageSettings,
     batcher: &mut Batcher<Destination, Item>,
+    grouper: &mut Option<Grouper>,
     intake: &mut mpsc::Receiver<Arc<Vec<Routed>>>,
     metrics: &Metrics,
     held: &AtomicUsize,
 ) {
     intake.close();
-    let mut spans = batcher.flush().iter().map(|b| b.spans).sum::<usize>();
+    let mut left = match grouper {
+        Some(g) => g.drain(batcher, Instant::now()),
+        None => Vec::new(),
+    };
+    left.extend(batcher.flush());
+    let mut spans = left.iter().map(|b| b.spans).sum::<usize>();
     held.fetch_sub(spans, Ordering::AcqRel);
     while let Some(routed) = intake.recv().await {
         spans += routed.iter().map(|r| r.item.chunk.spans).sum::<usize>();

@@ -46,6 +46,20 @@ impl BatchItem for Item {
         }
     }
 
+    fn split_traces(self) -> Result<Vec<Self>, Self> {
+        match super::by_trace::split_chunk(&self.chunk) {
+            Ok(pieces) => Ok(pieces
+                .into_iter()
+                .map(|(_, chunk)| Item {
+                    chunk,
+                    charge: self.charge.clone(),
+                    origin: self.origin,
+                })
+                .collect()),
+            Err(_) => Err(self),
+        }
+    }
+
     fn split(self, first: usize) -> Result<(Self, Self), Unsplit<Self>> {
         let (a, b) = match wire::split_chunk(&self.chunk, first) {
             Ok(parts) => parts,
@@ -98,6 +112,11 @@ impl MemoryBudget {
 
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// The use above which requests are refused.
+    pub(crate) fn soft_limit(&self) -> usize {
+        self.soft_limit
     }
 
     pub(super) fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {

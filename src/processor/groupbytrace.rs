@@ -59,6 +59,19 @@ pub(crate) enum ReleaseReason {
     Shutdown,
 }
 
+impl ReleaseReason {
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ReleaseReason::Root => "root",
+            ReleaseReason::Idle => "idle",
+            ReleaseReason::MaxHold => "max_hold",
+            ReleaseReason::Evicted => "evicted",
+            ReleaseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// One trace leaving, with every piece that was held for it, in arrival order.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Released<P> {
@@ -118,14 +131,17 @@ impl<P> TraceGroups<P> {
         }
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn held_traces(&self) -> usize {
         self.traces.len()
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn held_spans(&self) -> usize {
         self.spans
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn held_bytes(&self) -> usize {
         self.bytes
     }
@@ -216,6 +232,12 @@ impl<P> TraceGroups<P> {
             }
         }
         out
+    }
+
+    /// The oldest trace, for room the caller needs (e.g. the memory budget under pressure).
+    pub(crate) fn evict_oldest(&mut self) -> Option<Released<P>> {
+        let &(_, oldest) = self.by_age.first()?;
+        self.take(oldest, ReleaseReason::Evicted)
     }
 
     /// Everything held, oldest first: for shutdown, when nothing may stay behind.
@@ -429,6 +451,26 @@ mod tests {
             ]
         );
         assert_eq!(groups.next_due(), None);
+    }
+
+    #[test]
+    fn evict_oldest_takes_the_oldest_whole() {
+        let t0 = Instant::now();
+        let mut groups = TraceGroups::new(rules());
+        groups.add(id(5), 1, child(), t0);
+        groups.add(id(2), 2, child(), t0 + MS);
+        groups.add(id(5), 3, child(), t0 + 2 * MS);
+        let out = groups.evict_oldest().unwrap();
+        assert_eq!(
+            (out.trace_id, out.pieces, out.reason),
+            (id(5), vec![1, 3], ReleaseReason::Evicted)
+        );
+        assert_eq!(groups.evict_oldest().unwrap().trace_id, id(2));
+        assert!(groups.evict_oldest().is_none());
+        assert_eq!(
+            (groups.held_traces(), groups.held_spans(), groups.next_due()),
+            (0, 0, None)
+        );
     }
 
     #[derive(Debug, Clone)]
