@@ -4,9 +4,11 @@
 pub(crate) mod auth;
 pub(crate) mod build;
 pub(crate) mod debug;
+pub(crate) mod isolate;
 pub(crate) mod oauth;
 pub(crate) mod otlphttp;
 pub(crate) mod retry;
+pub(crate) mod route;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
