@@ -1,0 +1,349 @@
+//! A sender's work on one batch: one request per MLflow target (experiment, run, workspace),
+//! each retried by the OTLP rules until stored, refused for good, out of retries or abandoned;
+//! a request of several traces that MLflow refuses for good is bisected by trace, so only the
+//! traces MLflow refuses fail.
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::isolate::{self, Bisection};
+use super::route::Target;
+use super::{ExportError, Exporter, OutBatch, StageControl, StageSettings, dead_letter, release, shutdown_dropped};
+use crate::pipeline::Item;
+use crate::supervise::LockUnpoisoned;
+use crate::telemetry::{ExporterReasonLabels, Metrics, exporter_labels};
+
+/// Bytes of MLflow's reason kept in the isolation log line.
+const REASON_CHARS: usize = 300;
+/// At most one isolation log line per exporter this often; the others are counted in the next.
+const ISOLATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How a request ended.
+enum Verdict {
+    Stored,
+    /// Refused for good (`exhausted`: a retryable error outlived the retry policy).
+    Failed {
+        error: ExportError,
+        attempts: u32,
+        exhausted: bool,
+    },
+    /// The stage is aborting: the request's spans are counted dropped (without a spool) already.
+    Abandoned,
+}
+
+/// Sends one batch: each of its targets until it is stored, refused for good, out of retries,
+/// or abandoned.
+pub(super) async fn deliver(
+    settings: &StageSettings,
+    exporter: &Exporter,
+    batch: OutBatch,
+    metrics: &Metrics,
+    control: &StageControl,
+) {
+    let groups = exporter.targets(&batch);
+    let mut left = batch.spans;
+    for (target, members) in groups {
+        let part = batch.subset(&members);
+        left -= part.spans;
+        if !deliver_part(settings, exporter, part, &target, metrics, control).await {
+            shutdown_dropped(settings, metrics, left);
+            return;
+        }
+    }
+}
+
+/// False when the stage aborted meanwhile.
+async fn deliver_part(
+    settings: &StageSettings,
+    exporter: &Exporter,
+    part: OutBatch,
+    target: &Target,
+    metrics: &Metrics,
+    control: &StageControl,
+) -> bool {
+    match send(settings, exporter, &part, target, metrics, control).await {
+        Verdict::Stored => stored(settings, &part, metrics),
+        Verdict::Abandoned => return false,
+        Verdict::Failed {
+            error,
+            attempts,
+            exhausted,
+        } => {
+            let bisect = !exhausted
+                && exporter.isolates_poison_traces()
+                && matches!(&error, ExportError::Permanent { status, .. } if isolate::worth_bisecting(*status));
+            if bisect && let Some(traces) = split_traces(&part) {
+                return isolate(settings, exporter, &part, traces, target, error, metrics, control).await;
+            }
+            failed(settings, &part, &error, attempts, metrics, exhausted).await;
+        }
+    }
+    true
+}
+
+/// The part's items cut by trace id, in order of first appearance; None when it holds fewer
+/// than two traces or a record does not cut (then it fails whole, as before isolation).
+fn split_traces(part: &OutBatch) -> Option<Vec<Vec<Item>>> {
+    let _ = part;
+    None
+}
+
+/// Bisects a refused part by trace: what MLflow stores is counted sent, each trace it refuses
+/// alone fails (and is dead-lettered), and what the request budget leaves undecided fails whole.
+#[allow(clippy::too_many_arguments)]
+async fn isolate(
+    settings: &StageSettings,
+    exporter: &Exporter,
+    part: &OutBatch,
+    traces: Vec<Vec<Item>>,
+    target: &Target,
+    first: ExportError,
+    metrics: &Metrics,
+    control: &StageControl,
+) -> bool {
+    let labels = exporter_labels(&settings.name);
+    let of = |range: std::ops::Range<usize>| {
+        let items: Vec<Item> = traces[range].iter().flatten().cloned().collect();
+        OutBatch {
+            key: part.key.clone(),
+            spans: items.iter().map(|i| i.chunk.spans).sum(),
+            items,
+        }
+    };
+    let mut bisection = Bisection::new(traces.len());
+    let mut refusals: Vec<(usize, ExportError, u32)> = Vec::new();
+    let mut settled = 0usize;
+    while let Some(range) = bisection.next() {
+        let single = (range.len() == 1).then_some(range.start);
+        let sub = of(range);
+        metrics.mlflow.isolation_requests.get_or_create(&labels).inc();
+        match send(settings, exporter, &sub, target, metrics, control).await {
+            Verdict::Stored => {
+                settled += sub.spans;
+                stored(settings, &sub, metrics);
+                bisection.report(true);
+            }
+            Verdict::Failed {
+                error,
+                attempts,
+                exhausted: true,
+            } => {
+                // MLflow stopped answering in time: this range fails as a whole, like a batch would.
+                settled += sub.spans;
+                failed(settings, &sub, &error, attempts, metrics, true).await;
+                bisection.report(true);
+            }
+            Verdict::Failed { error, attempts, .. } => {
+                if let Some(i) = single {
+                    refusals.push((i, error, attempts));
+                }
+                bisection.report(false);
+            }
+            Verdict::Abandoned => {
+                shutdown_dropped(settings, metrics, part.spans - settled - sub.spans);
+                return false;
+            }
+        }
+    }
+    let poisoned = bisection.refused.len();
+    metrics.mlflow.poison_traces.get_or_create(&labels).inc_by(poisoned as u64);
+    let refused_spans: usize = bisection.refused.iter().map(|&i| of(i..i + 1).spans).sum();
+    log_isolation(settings, traces.len(), poisoned, refused_spans, &refusals, &first);
+    for &i in &bisection.refused {
+        let (error, attempts) = refusals
+            .iter()
+            .find(|(j, ..)| *j == i)
+            .map(|(_, e, a)| (clone_error(e), *a))
+            .unwrap_or_else(|| (clone_error(&first), 1));
+        let sub = of(i..i + 1);
+        count_failed(settings, &sub, metrics);
+        dead_letter(settings, &sub, &error, attempts, metrics).await;
+        release(settings, &sub);
+    }
+    for range in std::mem::take(&mut bisection.undecided) {
+        let sub = of(range);
+        tracing::error!(exporter = %settings.name, spans = sub.spans, error = %first, "poison-trace isolation ran out of its request budget; these traces fail together");
+        failed(settings, &sub, &first, 1, metrics, false).await;
+    }
+    true
+}
+
+/// A copy of a refusal for a dead-letter record (ExportError holds no clonable sources).
+fn clone_error(e: &ExportError) -> ExportError {
+    match e {
+        ExportError::Permanent { status, body } => ExportError::Permanent {
+            status: *status,
+            body: body.clone(),
+        },
+        other => ExportError::Internal(other.to_string()),
+    }
+}
+
+/// One line per isolation, at most every ISOLATION_LOG_INTERVAL per exporter, with MLflow's reason.
+fn log_isolation(
+    settings: &StageSettings,
+    traces: usize,
+    poisoned: usize,
+    refused_spans: usize,
+    refusals: &[(usize, ExportError, u32)],
+    first: &ExportError,
+) {
+    let mut last = settings.isolation_log.lock_unpoisoned();
+    let now = Instant::now();
+    last.1 += 1;
+    if last.0.is_some_and(|at| now.duration_since(at) < ISOLATION_LOG_INTERVAL) {
+        return;
+    }
+    let isolations = std::mem::take(&mut last.1);
+    last.0 = Some(now);
+    let reason = refusals.first().map(|(_, e, _)| e).unwrap_or(first).to_string();
+    let reason: String = reason.chars().take(REASON_CHARS).collect();
+    tracing::warn!(
+        exporter = %settings.name,
+        traces,
+        refused_traces = poisoned,
+        refused_spans,
+        isolations_since_last_line = isolations,
+        reason = %reason,
+        "MLflow refused part of a request: its traces were resent in halves, the refused ones fail alone, the rest are stored"
+    );
+}
+
+/// Sends `part` until it has a verdict.
+async fn send(
+    settings: &StageSettings,
+    exporter: &Exporter,
+    part: &OutBatch,
+    target: &Target,
+    metrics: &Metrics,
+    control: &StageControl,
+) -> Verdict {
+    let labels = exporter_labels(&settings.name);
+    let started = Instant::now();
+    let mut schedule = settings.retry.schedule();
+    let mut refreshed_after_401 = false;
+    let mut attempts = 0u32;
+    loop {
+        let attempt_started = Instant::now();
+        let result = tokio::select! {
+            r = exporter.export_to(part, target) => r,
+            _ = control.abort.cancelled() => {
+                shutdown_dropped(settings, metrics, part.spans);
+                return Verdict::Abandoned;
+            }
+        };
+        count_lookups(settings, exporter, metrics);
+        metrics
+            .export_duration
+            .get_or_create(&labels)
+            .observe(attempt_started.elapsed().as_secs_f64());
+        attempts += 1;
+        let error = match result {
+            Ok(()) => return Verdict::Stored,
+            Err(e) => e,
+        };
+        let reason = ExporterReasonLabels {
+            exporter: settings.name.clone(),
+            reason: error.reason().to_string(),
+        };
+        if matches!(error, ExportError::Unauthorized { .. }) {
+            metrics.exporter_unauthorized.get_or_create(&labels).inc();
+        }
+        if !error.is_retryable() {
+            return Verdict::Failed {
+                error,
+                attempts,
+                exhausted: false,
+            };
+        }
+        metrics.exporter_retries.get_or_create(&reason).inc();
+        settings.failures_since_delivery.fetch_add(1, Ordering::AcqRel);
+        // The first 401 means the token expired under us: the authenticator dropped it, so
+        // retry at once with a fresh one. Later 401s wait like any other retryable answer.
+        if matches!(error, ExportError::Unauthorized { .. }) && !refreshed_after_401 {
+            refreshed_after_401 = true;
+            tracing::warn!(exporter = %settings.name, "export answered 401; retrying with a fresh token");
+            continue;
+        }
+        let jitter: f64 = rand::random();
+        let Some(delay) = schedule.next_delay(started.elapsed(), error.retry_after(), jitter) else {
+            tracing::error!(exporter = %settings.name, spans = part.spans, error = %error, elapsed = ?started.elapsed(), "export retries exhausted");
+            return Verdict::Failed {
+                error,
+                attempts,
+                exhausted: true,
+            };
+        };
+        if let Some(asked) = error.retry_after().filter(|a| *a > settings.retry.retry_after_cap()) {
+            tracing::warn!(exporter = %settings.name, retry_after = ?asked, cap = ?settings.retry.retry_after_cap(), "Retry-After above retry_on_failure.max_interval: capped, so the senders and new data are not parked");
+        }
+        if matches!(error, ExportError::Auth(_)) {
+            // The oauth2client extension logs token failures itself, at most once a minute.
+            tracing::debug!(exporter = %settings.name, spans = part.spans, error = %error, retry_in = ?delay, "no token yet; will retry");
+        } else if let Some(hint) = error.hint() {
+            tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = part.spans, error = %error, retry_in = ?delay, hint, "export failed; will retry");
+        } else {
+            tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = part.spans, error = %error, retry_in = ?delay, "export failed; will retry");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = control.abort.cancelled() => {
+                shutdown_dropped(settings, metrics, part.spans);
+                return Verdict::Abandoned;
+            }
+        }
+    }
+}
+
+/// REST lookups the exporter made, into the stage's metric.
+fn count_lookups(settings: &StageSettings, exporter: &Exporter, metrics: &Metrics) {
+    if let Exporter::OtlpHttp(e) = exporter {
+        for (how, n) in e.take_lookups() {
+            if n > 0 {
+                metrics
+                    .mlflow
+                    .experiment_lookups
+                    .get_or_create(&ExporterReasonLabels {
+                        exporter: settings.name.clone(),
+                        reason: how.label().to_string(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+}
+
+fn stored(settings: &StageSettings, part: &OutBatch, metrics: &Metrics) {
+    metrics
+        .exporter_sent_spans
+        .get_or_create(&exporter_labels(&settings.name))
+        .inc_by(part.spans as u64);
+    let failed = settings.failures_since_delivery.swap(0, Ordering::AcqRel);
+    if failed > 0 {
+        tracing::info!(exporter = %settings.name, url = %settings.destination, failed_attempts = failed, "delivery works again");
+    }
+    release(settings, part);
+}
+
+fn count_failed(settings: &StageSettings, part: &OutBatch, metrics: &Metrics) {
+    metrics
+        .exporter_send_failed_spans
+        .get_or_create(&exporter_labels(&settings.name))
+        .inc_by(part.spans as u64);
+}
+
+/// A part refused for good or out of retries: counted, logged, dead-lettered when configured.
+async fn failed(
+    settings: &StageSettings,
+    part: &OutBatch,
+    error: &ExportError,
+    attempts: u32,
+    metrics: &Metrics,
+    exhausted: bool,
+) {
+    count_failed(settings, part, metrics);
+    if !exhausted {
+        tracing::error!(exporter = %settings.name, spans = part.spans, error = %error, "export failed permanently");
+    }
+    dead_letter(settings, part, error, attempts, metrics).await;
+    release(settings, part);
+}
