@@ -307,3 +307,83 @@ fn without_isolation_the_request_fails_whole() {
     assert!(mlflow.search_traces("0").is_empty());
     assert_eq!(relay.metric("otlp_relay_mlflow_isolation_requests_total", &[]), 0.0);
 }
+
+/// Experiment lookups go through the gate with the exporter's client-credentials token, as the
+/// spans do: a name is created once, then remembered.
+#[test]
+fn experiment_by_name_through_the_gate_with_a_token() {
+    use support::oidc::{self, OidcOptions, OidcProvider};
+    let mlflow = Mlflow::start();
+    let provider = OidcProvider::start(OidcOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(support::bin());
+    cmd.arg("gate")
+        .env("NO_COLOR", "1")
+        .env("OIDC_DISCOVERY_URL", provider.discovery_url())
+        .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
+        .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
+        .env("OIDC_GROUP_NAME", "mlflow")
+        .env("SECRET_KEY", "a routing test secret key that is long enough")
+        .env("GATE_LISTEN", "127.0.0.1:0")
+        .env("GATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
+        .env("GATE_UPSTREAM", mlflow.url());
+    let mut gate = support::Proc::spawn("gate", cmd);
+    let gate_addr = gate.wait_listen("gate", Duration::from_secs(30));
+    let admin = gate.wait_listen("gate-admin", Duration::from_secs(30));
+    support::wait_for("the gate to have the provider's keys", Duration::from_secs(30), || {
+        let (s, _, b) = support::http_exchange("GET", admin, "/gate/healthz", &[], b"");
+        (s == 200 && String::from_utf8_lossy(&b).contains("\"oidc_ready\":true")).then_some(())
+    });
+    // Without a token the gate refuses the lookup: the relay's must be what lets it through.
+    let (status, _) = support::http(
+        "GET",
+        gate_addr,
+        "/api/2.0/mlflow/experiments/get-by-name?experiment_name=gated",
+        &[],
+        b"",
+    );
+    assert!(status == 401 || status == 302, "{status}");
+    let config = RelayConfig::new()
+        .batch(json!({"send_batch_size": 1000, "timeout": "100ms"}))
+        .exporter(
+            "otlphttp/mlflow",
+            json!({
+                "endpoint": format!("http://{gate_addr}"),
+                "headers": {"x-mlflow-experiment-id": "0"},
+                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s"},
+                "auth": {"authenticator": "oauth2client/keycloak"},
+                "mlflow": {"create_experiments": true},
+            }),
+        )
+        .extension(
+            "oauth2client/keycloak",
+            json!({"client_id": oidc::CLIENT_ID, "client_secret": oidc::CLIENT_SECRET, "token_url": provider.token_url()}),
+        )
+        .yaml();
+    let relay = Relay::start(dir.path(), &config, "otlp");
+    post(&relay, &request(&[("mlflow.experiment_name", "gated")], trace(4, 0, 1, false)));
+    let id = support::wait_for("the experiment created through the gate", Duration::from_secs(60), || {
+        experiment_id(&mlflow, "gated")
+    });
+    support::wait_for("the first trace", Duration::from_secs(60), || {
+        (mlflow.search_traces(&id).len() == 1).then_some(())
+    });
+    post(&relay, &request(&[("mlflow.experiment_name", "gated")], trace(4, 1, 1, false)));
+    support::wait_for("the second trace", Duration::from_secs(60), || {
+        (mlflow.search_traces(&id).len() == 2).then_some(())
+    });
+    assert_eq!(
+        relay.metric("otlp_relay_mlflow_experiment_lookups_total", &[("reason", "created")]),
+        1.0,
+        "{}",
+        relay.proc.output_text()
+    );
+    assert_eq!(
+        relay.metric("otlp_relay_mlflow_experiment_lookups_total", &[("reason", "found")]),
+        0.0
+    );
+    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
+    let log = relay.proc.output_text();
+    assert!(!log.contains("eyJ"), "a token reached the log: {log}");
+}
