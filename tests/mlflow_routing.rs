@@ -84,18 +84,20 @@ fn request(resource: &[(&str, &str)], spans: Vec<Span>) -> Vec<u8> {
 }
 
 fn post(relay: &Relay, body: &[u8]) {
-    let (status, answer) = support::http(
-        "POST",
-        relay.http.unwrap(),
-        "/v1/traces",
-        &[("content-type", "application/x-protobuf")],
-        body,
-    );
+    post_with(relay, body, &[]);
+}
+
+/// POSTs an OTLP/protobuf request to the relay's HTTP receiver with extra headers.
+fn post_with(relay: &Relay, body: &[u8], headers: &[(&str, &str)]) {
+    let mut all = vec![("content-type", "application/x-protobuf")];
+    all.extend_from_slice(headers);
+    let (status, answer) = support::http("POST", relay.http.unwrap(), "/v1/traces", &all, body);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
 }
 
 fn relay_config(mlflow: &Mlflow, mlflow_options: serde_json::Value) -> String {
     RelayConfig::new()
+        .receiver("http", json!({"include_metadata": true}))
         .batch(json!({"send_batch_size": 1000, "timeout": "100ms"}))
         .exporter(
             "otlphttp/mlflow",
@@ -196,6 +198,23 @@ fn run_linkage_and_experiments_by_name() {
     );
     assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
 
+    // The request's x-mlflow-run-id header (include_metadata) links its traces to another run.
+    let (status, run2) = mlflow.post_json("/api/2.0/mlflow/runs/create", &json!({"experiment_id": named}));
+    assert_eq!(status, 200, "{run2}");
+    let run2 = run2["run"]["info"]["run_id"].as_str().unwrap().to_string();
+    post_with(
+        &relay,
+        &request(&[("mlflow.experiment_name", "routing by name")], trace(1, 9, 1, false)),
+        &[("x-mlflow-run-id", &run2)],
+    );
+    support::wait_for("the traces linked to the header's run", Duration::from_secs(60), || {
+        (search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run2}'")).len() == 1).then_some(())
+    });
+    assert_eq!(
+        search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'")).len(),
+        3
+    );
+
     // A second relay (a restart, or another replica) finds the experiment instead of creating it;
     // one that may not create fails a name MLflow does not know, and says why.
     let dir2 = tempfile::tempdir().unwrap();
@@ -208,8 +227,8 @@ fn run_linkage_and_experiments_by_name() {
         &relay2,
         &request(&[("mlflow.experiment_name", "no such experiment")], trace(3, 1, 1, false)),
     );
-    support::wait_for("6 traces by name", Duration::from_secs(60), || {
-        (mlflow.search_traces(&named).len() == 6).then_some(())
+    support::wait_for("7 traces by name", Duration::from_secs(60), || {
+        (mlflow.search_traces(&named).len() == 7).then_some(())
     });
     support::wait_for("the unknown name's spans failed", Duration::from_secs(60), || {
         (relay2.metric("otelcol_exporter_send_failed_spans_total", &[]) == 2.0).then_some(())

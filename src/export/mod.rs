@@ -522,6 +522,8 @@ async fn dead_letter(
         payload: batch.payload().to_vec(),
         spans: batch.spans as u32,
         experiment: batch.key.experiment.as_deref().unwrap_or("").to_string(),
+        run: batch.key.run.as_deref().unwrap_or("").to_string(),
+        workspace: batch.key.workspace.as_deref().unwrap_or("").to_string(),
         enqueue_time_unix_nano: crate::spool::now_unix_nanos(),
         attempts,
         exporter: settings.name.clone(),

@@ -186,8 +186,8 @@ pub(crate) fn target(record: &[u8], key: &Destination, named_by: &str) -> Target
     };
     Target {
         experiment,
-        run: found.run.map(Arc::from),
-        workspace: found.workspace.map(Arc::from),
+        run: found.run.map(Arc::from).or_else(|| key.run.clone()),
+        workspace: found.workspace.map(Arc::from).or_else(|| key.workspace.clone()),
     }
 }
 
@@ -292,6 +292,17 @@ mod tests {
         assert_eq!(target(&service, &header, "service.name").experiment, id("7"));
         assert_eq!(target(&service, &none, "service.name").experiment, name("svc"));
         assert_eq!(target(&service, &none, "").experiment, None);
+        // The run and workspace: the resource's, then the request's headers.
+        let from_headers = Destination {
+            run: Some(Arc::from("header-run")),
+            workspace: Some(Arc::from("header-ws")),
+            ..Default::default()
+        };
+        let t = target(&service, &from_headers, "");
+        assert_eq!((t.run.as_deref(), t.workspace.as_deref()), (Some("header-run"), Some("header-ws")));
+        let own = record(vec![s(RUN_ID_ATTRIBUTE, "r"), s(WORKSPACE_ATTRIBUTE, "w")]);
+        let t = target(&own, &from_headers, "");
+        assert_eq!((t.run.as_deref(), t.workspace.as_deref()), (Some("r"), Some("w")));
     }
 
     #[test]
