@@ -2,6 +2,7 @@
 //! each retried by the OTLP rules until stored, refused for good, out of retries or abandoned;
 //! a request of several traces that MLflow refuses for good is bisected by trace, so only the
 //! traces MLflow refuses fail.
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use super::isolate::{self, Bisection};
 use super::route::Target;
 use super::{ExportError, Exporter, OutBatch, StageControl, StageSettings, dead_letter, release, shutdown_dropped};
 use crate::pipeline::Item;
+use crate::pipeline::by_trace::{self, TraceId};
 use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{ExporterReasonLabels, Metrics, exporter_labels};
 
@@ -83,8 +85,32 @@ async fn deliver_part(
 /// The part's items cut by trace id, in order of first appearance; None when it holds fewer
 /// than two traces or a record does not cut (then it fails whole, as before isolation).
 fn split_traces(part: &OutBatch) -> Option<Vec<Vec<Item>>> {
-    let _ = part;
-    None
+    let mut traces: Vec<Vec<Item>> = Vec::new();
+    let mut index: HashMap<TraceId, usize> = HashMap::new();
+    for item in &part.items {
+        let pieces = match by_trace::split_chunk(&item.chunk) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "a refused request's record does not split by trace; it fails whole");
+                return None;
+            }
+        };
+        for (piece, chunk) in pieces {
+            let piece_item = Item {
+                chunk,
+                charge: item.charge.clone(),
+                origin: item.origin,
+            };
+            match index.get(&piece.trace_id) {
+                Some(&i) => traces[i].push(piece_item),
+                None => {
+                    index.insert(piece.trace_id, traces.len());
+                    traces.push(vec![piece_item]);
+                }
+            }
+        }
+    }
+    (traces.len() >= 2).then_some(traces)
 }
 
 /// Bisects a refused part by trace: what MLflow stores is counted sent, each trace it refuses
