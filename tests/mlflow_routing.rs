@@ -247,6 +247,23 @@ fn run_linkage_and_experiments_by_name() {
         "{log}"
     );
     assert_eq!(experiment_id(&mlflow, "no%20such%20experiment"), None);
+
+    // MLflow links at most 100 traces to a run per request (with more it links none and still
+    // answers 200): 150 traces for a run in one request are all linked.
+    let many = mlflow.create_experiment("many traces for a run");
+    let (status, run3) = mlflow.post_json("/api/2.0/mlflow/runs/create", &json!({"experiment_id": many}));
+    assert_eq!(status, 200, "{run3}");
+    let run3 = run3["run"]["info"]["run_id"].as_str().unwrap().to_string();
+    let spans: Vec<Span> = (0..150).flat_map(|n| trace(6, n, 0, false)).collect();
+    post(
+        &relay,
+        &request(&[("mlflow.experiment_id", &many), ("mlflow.run_id", &run3)], spans),
+    );
+    support::wait_for("150 traces stored", Duration::from_secs(60), || {
+        (mlflow.search_traces(&many).len() == 150).then_some(())
+    });
+    let linked = search(&mlflow, &many, &format!("metadata.`mlflow.sourceRun` = '{run3}'"));
+    assert_eq!(linked.len(), 150);
 }
 
 /// Good traces and one MLflow refuses, in one request: MLflow stores every good trace, the bad

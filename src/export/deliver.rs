@@ -45,12 +45,67 @@ pub(super) async fn deliver(
     let mut left = batch.spans;
     for (target, members) in groups {
         let part = batch.subset(&members);
-        left -= part.spans;
-        if !deliver_part(settings, exporter, part, &target, metrics, control).await {
-            shutdown_dropped(settings, metrics, left);
-            return;
+        let parts = if target.run.is_some() {
+            for_run(part)
+        } else {
+            vec![part]
+        };
+        for part in parts {
+            left -= part.spans;
+            if !deliver_part(settings, exporter, part, &target, metrics, control).await {
+                shutdown_dropped(settings, metrics, left);
+                return;
+            }
         }
     }
+}
+
+/// MLflow links at most this many traces to a run per request; with more it stores the spans,
+/// answers 200 and links none (it only logs "Failed to link").
+const MAX_LINKED_TRACES: usize = 100;
+
+/// A part for a run, cut so no request completes more than MAX_LINKED_TRACES traces (MLflow
+/// links the traces whose root span is in the request).
+fn for_run(part: OutBatch) -> Vec<OutBatch> {
+    // Fewer spans than the limit cannot hold more roots.
+    if part.spans <= MAX_LINKED_TRACES {
+        return vec![part];
+    }
+    let Some(traces) = split_traces(&part) else {
+        return vec![part];
+    };
+    if traces.iter().filter(|t| t.has_root).count() <= MAX_LINKED_TRACES {
+        return vec![part];
+    }
+    let mut parts = Vec::new();
+    let (mut items, mut roots) = (Vec::new(), 0);
+    for trace in traces {
+        if trace.has_root && roots == MAX_LINKED_TRACES {
+            parts.push(batch_of(&part, std::mem::take(&mut items)));
+            roots = 0;
+        }
+        roots += usize::from(trace.has_root);
+        items.extend(trace.items);
+    }
+    if !items.is_empty() {
+        parts.push(batch_of(&part, items));
+    }
+    parts
+}
+
+fn batch_of(like: &OutBatch, items: Vec<Item>) -> OutBatch {
+    OutBatch {
+        key: like.key.clone(),
+        spans: items.iter().map(|i| i.chunk.spans).sum(),
+        items,
+    }
+}
+
+/// One trace's pieces of a part.
+struct TraceItems {
+    items: Vec<Item>,
+    /// Its root span is among them.
+    has_root: bool,
 }
 
 /// False when the stage aborted meanwhile.
@@ -84,8 +139,8 @@ async fn deliver_part(
 
 /// The part's items cut by trace id, in order of first appearance; None when it holds fewer
 /// than two traces or a record does not cut (then it fails whole, as before isolation).
-fn split_traces(part: &OutBatch) -> Option<Vec<Vec<Item>>> {
-    let mut traces: Vec<Vec<Item>> = Vec::new();
+fn split_traces(part: &OutBatch) -> Option<Vec<TraceItems>> {
+    let mut traces: Vec<TraceItems> = Vec::new();
     let mut index: HashMap<TraceId, usize> = HashMap::new();
     for item in &part.items {
         let pieces = match by_trace::split_chunk(&item.chunk) {
@@ -102,10 +157,16 @@ fn split_traces(part: &OutBatch) -> Option<Vec<Vec<Item>>> {
                 origin: item.origin,
             };
             match index.get(&piece.trace_id) {
-                Some(&i) => traces[i].push(piece_item),
+                Some(&i) => {
+                    traces[i].items.push(piece_item);
+                    traces[i].has_root |= piece.has_root;
+                }
                 None => {
                     index.insert(piece.trace_id, traces.len());
-                    traces.push(vec![piece_item]);
+                    traces.push(TraceItems {
+                        items: vec![piece_item],
+                        has_root: piece.has_root,
+                    });
                 }
             }
         }
@@ -120,7 +181,7 @@ async fn isolate(
     settings: &StageSettings,
     exporter: &Exporter,
     part: &OutBatch,
-    traces: Vec<Vec<Item>>,
+    traces: Vec<TraceItems>,
     target: &Target,
     first: ExportError,
     metrics: &Metrics,
@@ -128,12 +189,8 @@ async fn isolate(
 ) -> bool {
     let labels = exporter_labels(&settings.name);
     let of = |range: std::ops::Range<usize>| {
-        let items: Vec<Item> = traces[range].iter().flatten().cloned().collect();
-        OutBatch {
-            key: part.key.clone(),
-            spans: items.iter().map(|i| i.chunk.spans).sum(),
-            items,
-        }
+        let items: Vec<Item> = traces[range].iter().flat_map(|t| t.items.iter().cloned()).collect();
+        batch_of(part, items)
     };
     let mut bisection = Bisection::new(traces.len());
     let mut refusals: Vec<(usize, ExportError, u32)> = Vec::new();
@@ -372,4 +429,84 @@ async fn failed(
     }
     dead_letter(settings, part, error, attempts, metrics).await;
     release(settings, part);
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    use super::*;
+    use crate::pipeline::wire::{ResourceChunk, encode_record};
+
+    /// A record of `traces` traces (ids first..first+traces), each a root and one child.
+    fn item(first: u8, traces: u8) -> Item {
+        let spans: Vec<Span> = (first..first + traces)
+            .flat_map(|t| {
+                [
+                    Span {
+                        trace_id: vec![t + 1; 16],
+                        span_id: vec![1; 8],
+                        ..Default::default()
+                    },
+                    Span {
+                        trace_id: vec![t + 1; 16],
+                        span_id: vec![2; 8],
+                        parent_span_id: vec![1; 8],
+                        ..Default::default()
+                    },
+                ]
+            })
+            .collect();
+        let rs = ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Item {
+            chunk: ResourceChunk {
+                bytes: encode_record(&rs),
+                spans: 2 * usize::from(traces),
+                experiment: None,
+            },
+            charge: None,
+            origin: None,
+        }
+    }
+
+    fn batch(items: Vec<Item>) -> OutBatch {
+        OutBatch {
+            key: Default::default(),
+            spans: items.iter().map(|i| i.chunk.spans).sum(),
+            items,
+        }
+    }
+
+    #[test]
+    fn traces_split_across_records_stay_one_unit() {
+        // Trace 3 is in both records.
+        let b = batch(vec![item(0, 4), item(3, 2)]);
+        let traces = split_traces(&b).unwrap();
+        assert_eq!(traces.len(), 5);
+        assert_eq!(traces[3].items.len(), 2);
+        assert!(traces.iter().all(|t| t.has_root));
+        let spans: usize = traces.iter().flat_map(|t| &t.items).map(|i| i.chunk.spans).sum();
+        assert_eq!(spans, b.spans);
+        assert!(split_traces(&batch(vec![item(0, 1)])).is_none(), "one trace: nothing to bisect");
+    }
+
+    #[test]
+    fn a_run_gets_at_most_100_completed_traces_per_request() {
+        let b = batch(vec![item(0, 120), item(120, 130)]);
+        let parts = for_run(b.clone());
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.iter().map(|p| p.spans).sum::<usize>(), b.spans);
+        for p in &parts {
+            let roots = split_traces(p).map_or(1, |t| t.iter().filter(|t| t.has_root).count());
+            assert!(roots <= MAX_LINKED_TRACES, "{roots}");
+        }
+        let small = batch(vec![item(0, 50)]);
+        assert_eq!(for_run(small).len(), 1);
+    }
 }
