@@ -44,6 +44,36 @@ pub struct ExporterReasonLabels {
     pub reason: String,
 }
 
+/// The otlphttp exporter's MLflow-specific counters (experiment lookups, poison traces).
+#[derive(Default)]
+pub struct MlflowMetrics {
+    pub poison_traces: CounterFamily<ExporterLabels>,
+    pub isolation_requests: CounterFamily<ExporterLabels>,
+    pub experiment_lookups: CounterFamily<ExporterReasonLabels>,
+}
+
+impl MlflowMetrics {
+    fn register(registry: &mut Registry) -> MlflowMetrics {
+        let m = MlflowMetrics::default();
+        registry.register(
+            "otlp_relay_mlflow_poison_traces",
+            "Traces MLflow refused for good, isolated from the request they came in so the others were stored",
+            m.poison_traces.clone(),
+        );
+        registry.register(
+            "otlp_relay_mlflow_isolation_requests",
+            "Requests sent to isolate refused traces (halves of refused requests)",
+            m.isolation_requests.clone(),
+        );
+        registry.register(
+            "otlp_relay_mlflow_experiment_lookups",
+            "Experiment names looked up through MLflow's REST API, by result (found, created)",
+            m.experiment_lookups.clone(),
+        );
+        m
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProcessorLabels {
     pub processor: String,
@@ -85,6 +115,7 @@ pub struct Metrics {
     pub spool_corrupt_records: CounterFamily<ExporterLabels>,
     pub dead_letter_spans: CounterFamily<ExporterLabels>,
     pub exporter_unauthorized: CounterFamily<ExporterLabels>,
+    pub mlflow: MlflowMetrics,
     pub token_requests: CounterFamily<TokenResultLabels>,
     pub token_expiry: Family<TokenLabels, Gauge>,
     pub component_restarts: CounterFamily<ComponentLabels>,
@@ -214,6 +245,7 @@ impl Metrics {
             "Export requests the destination answered 401 (the token is refreshed and the batch retried)",
             exporter_unauthorized.clone(),
         );
+        let mlflow = MlflowMetrics::register(&mut registry);
         let token_requests = CounterFamily::<TokenResultLabels>::default();
         registry.register(
             "otlp_relay_token_requests",
@@ -274,6 +306,7 @@ impl Metrics {
             groupbytrace_released_traces,
             export_duration,
             exporter_unauthorized,
+            mlflow,
             token_requests,
             token_expiry,
         }

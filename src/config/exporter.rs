@@ -22,6 +22,8 @@ pub struct OtlpHttpExporterConfig {
     pub retry_on_failure: RetryConfig,
     pub sending_queue: QueueConfig,
     pub auth: Option<AuthConfig>,
+    /// Ours: how MLflow routes and isolates (experiment by name, poison traces).
+    pub mlflow: MlflowOptions,
 }
 
 impl Default for OtlpHttpExporterConfig {
@@ -37,8 +39,77 @@ impl Default for OtlpHttpExporterConfig {
             retry_on_failure: RetryConfig::default(),
             sending_queue: QueueConfig::default(),
             auth: None,
+            mlflow: MlflowOptions::default(),
         }
     }
+}
+
+/// The exporter's MLflow-specific behaviour (ours; the collector has no such block).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MlflowOptions {
+    /// A resource attribute whose value names the experiment of spans whose resource has neither
+    /// `mlflow.experiment_id` nor `mlflow.experiment_name` and whose request named none (e.g.
+    /// `service.name`: one experiment per agent). Empty: none.
+    pub experiment_name_attribute: String,
+    /// Create an experiment named by spans when MLflow has none of that name; without it such
+    /// spans fail (counted, dead-lettered with a spool).
+    pub create_experiments: bool,
+    /// Experiment names whose ids are remembered (per workspace).
+    pub experiment_cache_size: usize,
+    /// MLflow's REST API base URL for experiment lookups; default: `endpoint`, or
+    /// `traces_endpoint` without its `/v1/traces`.
+    pub api_endpoint: String,
+    /// When MLflow refuses a request of several traces for good (4xx), resend it halved by trace
+    /// until only the traces it refuses are left, so one bad trace does not fail the others.
+    pub isolate_poison_traces: bool,
+}
+
+impl Default for MlflowOptions {
+    fn default() -> Self {
+        MlflowOptions {
+            experiment_name_attribute: String::new(),
+            create_experiments: false,
+            experiment_cache_size: 1024,
+            api_endpoint: String::new(),
+            isolate_poison_traces: true,
+        }
+    }
+}
+
+/// The most experiment names remembered: each entry is a name and an id.
+pub const MAX_EXPERIMENT_CACHE_SIZE: usize = 1_000_000;
+
+impl MlflowOptions {
+    /// Problems with their path below `path` (the exporter's `mlflow` block).
+    pub(crate) fn validate(&self, path: &str, err: &mut dyn FnMut(String, String)) {
+        if !(1..=MAX_EXPERIMENT_CACHE_SIZE).contains(&self.experiment_cache_size) {
+            err(
+                format!("{path}.experiment_cache_size"),
+                format!("must be between 1 and {MAX_EXPERIMENT_CACHE_SIZE}"),
+            );
+        }
+        let attribute = &self.experiment_name_attribute;
+        if attribute.trim() != attribute.as_str() {
+            err(
+                format!("{path}.experiment_name_attribute"),
+                "must not start or end with whitespace".into(),
+            );
+        }
+        if !self.api_endpoint.is_empty() && !is_http_url(&self.api_endpoint) {
+            err(
+                format!("{path}.api_endpoint"),
+                format!("{:?} is not an http:// or https:// URL", self.api_endpoint),
+            );
+        }
+    }
+}
+
+fn is_http_url(url: &str) -> bool {
+    url.parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.scheme_str().map(str::to_owned))
+        .is_some_and(|s| s == "http" || s == "https")
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -125,6 +196,7 @@ pub(super) fn validate(id: &str, e: &Exporter, config: &Config, err: &mut dyn Fn
         Exporter::OtlpHttp(x) => {
             validate_destination(&path, x, err);
             validate_delivery(&path, x, config, err);
+            x.mlflow.validate(&format!("{path}.mlflow"), err);
             let t = &x.tls;
             if t.cert_file.is_empty() != t.key_file.is_empty() {
                 err(format!("{path}.tls"), "cert_file and key_file go together".into());
@@ -141,13 +213,7 @@ fn validate_destination(path: &str, x: &OtlpHttpExporterConfig, err: &mut dyn Fn
         err(format!("{path}.endpoint"), "set endpoint or traces_endpoint".into());
     }
     for (key, url) in [("endpoint", &x.endpoint), ("traces_endpoint", &x.traces_endpoint)] {
-        if !url.is_empty()
-            && url
-                .parse::<http::Uri>()
-                .ok()
-                .and_then(|u| u.scheme_str().map(str::to_owned))
-                .is_none_or(|s| s != "http" && s != "https")
-        {
+        if !url.is_empty() && !is_http_url(url) {
             err(
                 format!("{path}.{key}"),
                 format!("{url:?} is not an http:// or https:// URL"),

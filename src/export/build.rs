@@ -90,6 +90,7 @@ pub(crate) fn stage_settings(id: &str, cfg: &ExporterConfig, batch: PipelineBatc
             ExporterConfig::Debug(_) => "debug log".into(),
         },
         failures_since_delivery: Default::default(),
+        isolation_log: Default::default(),
     }
 }
 

@@ -4,9 +4,13 @@
 pub(crate) mod auth;
 pub(crate) mod build;
 pub(crate) mod debug;
+mod deliver;
+pub(crate) mod experiments;
+pub(crate) mod isolate;
 pub(crate) mod oauth;
 pub(crate) mod otlphttp;
 pub(crate) mod retry;
+pub(crate) mod route;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +28,7 @@ use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 use crate::supervise::LockUnpoisoned;
 use crate::supervise::{Supervisor, fault_point};
-use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, exporter_labels};
+use crate::telemetry::{Metrics, ProcessorLabels, exporter_labels};
 use retry::RetryPolicy;
 
 pub type OutBatch = Batch<Destination, Item>;
@@ -40,6 +44,19 @@ impl OutBatch {
             buf.extend_from_slice(&item.chunk.bytes);
         }
         buf.freeze()
+    }
+
+    /// The items at `indices` (in that order), as a batch of the same key.
+    pub(crate) fn subset(&self, indices: &[usize]) -> OutBatch {
+        if indices.len() == self.items.len() {
+            return self.clone();
+        }
+        let items: Vec<Item> = indices.iter().filter_map(|&i| self.items.get(i).cloned()).collect();
+        OutBatch {
+            key: self.key.clone(),
+            spans: items.iter().map(|i| i.chunk.spans).sum(),
+            items,
+        }
     }
 }
 
@@ -62,6 +79,12 @@ pub(crate) enum ExportError {
     Permanent { status: http::StatusCode, body: String },
     #[error("no token: {0}")]
     Auth(auth::AuthError),
+    /// An experiment named by spans that MLflow does not have (or will not say).
+    #[error("MLflow experiment {name:?}: {detail}")]
+    UnknownExperiment { name: String, detail: String },
+    /// A run id or workspace from the spans that cannot be an HTTP header value.
+    #[error("{header} {value:?} is not a valid header value")]
+    BadRouting { header: &'static str, value: String },
     #[error("cannot encode the batch: {0}")]
     Encode(String),
     /// The sender panicked while holding the batch (a bug): it is not retried, so a batch that
@@ -80,7 +103,11 @@ impl ExportError {
             | ExportError::Retryable { .. }
             | ExportError::Auth(_) => true,
             ExportError::Unauthorized { with_token, .. } => *with_token,
-            ExportError::Permanent { .. } | ExportError::Encode(_) | ExportError::Internal(_) => false,
+            ExportError::Permanent { .. }
+            | ExportError::UnknownExperiment { .. }
+            | ExportError::BadRouting { .. }
+            | ExportError::Encode(_)
+            | ExportError::Internal(_) => false,
         }
     }
 
@@ -113,6 +140,8 @@ impl ExportError {
             ExportError::Unauthorized { .. } => "unauthorized",
             ExportError::Permanent { .. } => "rejected",
             ExportError::Auth(_) => "token",
+            ExportError::UnknownExperiment { .. } => "unknown_experiment",
+            ExportError::BadRouting { .. } => "bad_routing",
             ExportError::Encode(_) => "encode",
             ExportError::Internal(_) => "internal",
         }
@@ -130,6 +159,27 @@ impl Exporter {
             Exporter::OtlpHttp(e) => e.export(batch).await,
             Exporter::Debug(e) => e.export(batch),
         }
+    }
+
+    /// The batch's items by MLflow target (experiment, run, workspace), in order.
+    pub(crate) fn targets(&self, batch: &OutBatch) -> Vec<(route::Target, Vec<usize>)> {
+        match self {
+            Exporter::OtlpHttp(e) => e.targets(batch),
+            Exporter::Debug(_) => vec![(route::Target::default(), (0..batch.items.len()).collect())],
+        }
+    }
+
+    /// One attempt to send `batch` to `target`.
+    pub(crate) async fn export_to(&self, batch: &OutBatch, target: &route::Target) -> Result<(), ExportError> {
+        match self {
+            Exporter::OtlpHttp(e) => e.export_to(batch, target).await,
+            Exporter::Debug(e) => e.export(batch),
+        }
+    }
+
+    /// Whether a refused request is bisected by trace.
+    pub(crate) fn isolates_poison_traces(&self) -> bool {
+        matches!(self, Exporter::OtlpHttp(e) if e.isolate)
     }
 }
 
@@ -154,6 +204,8 @@ pub(crate) struct StageSettings {
     /// Retryable failures since the last delivery, over all senders: the first delivery after
     /// some says so, so an operator sees the outage end.
     pub failures_since_delivery: std::sync::atomic::AtomicU64,
+    /// When poison-trace isolation last logged, and isolations since: one line per interval.
+    pub isolation_log: std::sync::Mutex<(Option<Instant>, u64)>,
 }
 
 /// Stops a stage in order: `close` stops intake (buffered items still flow out); `abort` gives
@@ -473,108 +525,8 @@ async fn run_sender(
         }
         *in_hand.lock_unpoisoned() = Some(batch.clone());
         fault_point("sender");
-        deliver(&settings, &exporter, batch, &metrics, &control).await;
+        deliver::deliver(&settings, &exporter, batch, &metrics, &control).await;
         in_hand.lock_unpoisoned().take();
-    }
-}
-
-/// Sends one batch until it is delivered, refused for good, out of retries, or abandoned.
-async fn deliver(
-    settings: &StageSettings,
-    exporter: &Exporter,
-    batch: OutBatch,
-    metrics: &Metrics,
-    control: &StageControl,
-) {
-    let labels = exporter_labels(&settings.name);
-    let started = Instant::now();
-    let mut schedule = settings.retry.schedule();
-    let mut refreshed_after_401 = false;
-    let mut attempts = 0u32;
-    loop {
-        let attempt_started = Instant::now();
-        let result = tokio::select! {
-            r = exporter.export(&batch) => r,
-            _ = control.abort.cancelled() => {
-                shutdown_dropped(settings, metrics, batch.spans);
-                return;
-            }
-        };
-        metrics
-            .export_duration
-            .get_or_create(&labels)
-            .observe(attempt_started.elapsed().as_secs_f64());
-        attempts += 1;
-        let error = match result {
-            Ok(()) => {
-                metrics
-                    .exporter_sent_spans
-                    .get_or_create(&labels)
-                    .inc_by(batch.spans as u64);
-                let failed = settings.failures_since_delivery.swap(0, Ordering::AcqRel);
-                if failed > 0 {
-                    tracing::info!(exporter = %settings.name, url = %settings.destination, failed_attempts = failed, "delivery works again");
-                }
-                release(settings, &batch);
-                return;
-            }
-            Err(e) => e,
-        };
-        let reason = ExporterReasonLabels {
-            exporter: settings.name.clone(),
-            reason: error.reason().to_string(),
-        };
-        if matches!(error, ExportError::Unauthorized { .. }) {
-            metrics.exporter_unauthorized.get_or_create(&labels).inc();
-        }
-        if !error.is_retryable() {
-            metrics
-                .exporter_send_failed_spans
-                .get_or_create(&labels)
-                .inc_by(batch.spans as u64);
-            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, "export failed permanently");
-            dead_letter(settings, &batch, &error, attempts, metrics).await;
-            release(settings, &batch);
-            return;
-        }
-        metrics.exporter_retries.get_or_create(&reason).inc();
-        settings.failures_since_delivery.fetch_add(1, Ordering::AcqRel);
-        // The first 401 means the token expired under us: the authenticator dropped it, so
-        // retry at once with a fresh one. Later 401s wait like any other retryable answer.
-        if matches!(error, ExportError::Unauthorized { .. }) && !refreshed_after_401 {
-            refreshed_after_401 = true;
-            tracing::warn!(exporter = %settings.name, "export answered 401; retrying with a fresh token");
-            continue;
-        }
-        let jitter: f64 = rand::random();
-        let Some(delay) = schedule.next_delay(started.elapsed(), error.retry_after(), jitter) else {
-            metrics
-                .exporter_send_failed_spans
-                .get_or_create(&labels)
-                .inc_by(batch.spans as u64);
-            tracing::error!(exporter = %settings.name, spans = batch.spans, error = %error, elapsed = ?started.elapsed(), "export retries exhausted");
-            dead_letter(settings, &batch, &error, attempts, metrics).await;
-            release(settings, &batch);
-            return;
-        };
-        if let Some(asked) = error.retry_after().filter(|a| *a > settings.retry.retry_after_cap()) {
-            tracing::warn!(exporter = %settings.name, retry_after = ?asked, cap = ?settings.retry.retry_after_cap(), "Retry-After above retry_on_failure.max_interval: capped, so the senders and new data are not parked");
-        }
-        if matches!(error, ExportError::Auth(_)) {
-            // The oauth2client extension logs token failures itself, at most once a minute.
-            tracing::debug!(exporter = %settings.name, spans = batch.spans, error = %error, retry_in = ?delay, "no token yet; will retry");
-        } else if let Some(hint) = error.hint() {
-            tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = batch.spans, error = %error, retry_in = ?delay, hint, "export failed; will retry");
-        } else {
-            tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = batch.spans, error = %error, retry_in = ?delay, "export failed; will retry");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = control.abort.cancelled() => {
-                shutdown_dropped(settings, metrics, batch.spans);
-                return;
-            }
-        }
     }
 }
 
@@ -604,6 +556,8 @@ async fn dead_letter(
         payload: batch.payload().to_vec(),
         spans: batch.spans as u32,
         experiment: batch.key.experiment.as_deref().unwrap_or("").to_string(),
+        run: batch.key.run.as_deref().unwrap_or("").to_string(),
+        workspace: batch.key.workspace.as_deref().unwrap_or("").to_string(),
         enqueue_time_unix_nano: crate::spool::now_unix_nanos(),
         attempts,
         exporter: settings.name.clone(),

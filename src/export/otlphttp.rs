@@ -11,16 +11,21 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::auth::Authenticator;
+use super::experiments::{Experiments, Lookup, WORKSPACE_HEADER};
 use super::retry::{HttpVerdict, classify_http};
+use super::route::{self, ExperimentRef, Target};
 use super::{ExportError, OutBatch};
 use crate::config::{Compression, Encoding, OtlpHttpExporterConfig};
 use crate::otlp::EXPERIMENT_HEADER;
+
+/// MLflow's header linking the traces of a request to a run.
+pub(crate) const RUN_HEADER: &str = "x-mlflow-run-id";
 
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 /// Bytes of an answer read at most.
 const ANSWER_READ_LIMIT: usize = 1024 * 1024;
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub struct OtlpHttpExporter {
     client: HttpsClient,
@@ -30,6 +35,13 @@ pub struct OtlpHttpExporter {
     json: bool,
     timeout: Duration,
     pub auth: Option<Arc<dyn Authenticator>>,
+    /// The resource attribute naming an experiment (`mlflow.experiment_name_attribute`).
+    named_by: String,
+    experiments: Experiments,
+    /// REST lookups since the stage last read them (found, created), for its metric.
+    lookups: [std::sync::atomic::AtomicU64; 2],
+    /// Bisect refused requests by trace (`mlflow.isolate_poison_traces`).
+    pub(crate) isolate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +50,19 @@ pub enum SetupError {
     Url(String),
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+/// MLflow's REST API base: `mlflow.api_endpoint`, else `endpoint`, else `traces_endpoint`
+/// without its `/v1/traces`.
+pub fn api_url(cfg: &OtlpHttpExporterConfig) -> String {
+    if !cfg.mlflow.api_endpoint.is_empty() {
+        cfg.mlflow.api_endpoint.clone()
+    } else if !cfg.endpoint.is_empty() {
+        cfg.endpoint.clone()
+    } else {
+        let t = cfg.traces_endpoint.trim_end_matches('/');
+        t.strip_suffix("/v1/traces").unwrap_or(t).to_string()
+    }
 }
 
 /// `endpoint` + `/v1/traces`, unless `traces_endpoint` says where exactly.
@@ -70,11 +95,76 @@ impl OtlpHttpExporter {
             json: cfg.encoding == Encoding::Json,
             timeout: cfg.timeout.0,
             auth,
+            named_by: cfg.mlflow.experiment_name_attribute.clone(),
+            experiments: Experiments::new(
+                &api_url(cfg),
+                cfg.mlflow.create_experiments,
+                cfg.mlflow.experiment_cache_size,
+                cfg.timeout.0,
+            ),
+            lookups: Default::default(),
+            isolate: cfg.mlflow.isolate_poison_traces,
         })
     }
 
+    /// The batch's items grouped by where MLflow should put them (usually one group).
+    pub(crate) fn targets(&self, batch: &OutBatch) -> Vec<(Target, Vec<usize>)> {
+        route::group(
+            batch.items.iter().map(|i| i.chunk.bytes.as_ref()),
+            &batch.key,
+            &self.named_by,
+        )
+    }
+
+    /// REST lookups (found, created) since the last call.
+    pub(crate) fn take_lookups(&self) -> [(Lookup, u64); 2] {
+        use std::sync::atomic::Ordering::AcqRel;
+        [
+            (Lookup::Found, self.lookups[0].swap(0, AcqRel)),
+            (Lookup::Created, self.lookups[1].swap(0, AcqRel)),
+        ]
+    }
+
+    /// The MLflow headers of `target`, its experiment name looked up.
+    async fn mlflow_headers(&self, target: &Target) -> Result<HeaderMap, ExportError> {
+        let mut headers = HeaderMap::new();
+        let id = match &target.experiment {
+            None => None,
+            Some(ExperimentRef::Id(id)) => Some(id.clone()),
+            Some(ExperimentRef::Name(name)) => {
+                let (id, how) = self
+                    .experiments
+                    .id(&self.client, self.auth.as_ref(), target.workspace.as_ref(), name)
+                    .await?;
+                let slot = match how {
+                    Lookup::Cached => None,
+                    Lookup::Found => Some(0),
+                    Lookup::Created => Some(1),
+                };
+                if let Some(i) = slot {
+                    self.lookups[i].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                Some(id)
+            }
+        };
+        for (name, value) in [
+            (EXPERIMENT_HEADER, id.as_deref()),
+            (RUN_HEADER, target.run.as_deref()),
+            (WORKSPACE_HEADER, target.workspace.as_deref()),
+        ] {
+            if let Some(v) = value {
+                let v = HeaderValue::from_str(v).map_err(|_| ExportError::BadRouting {
+                    header: name,
+                    value: v.chars().take(64).collect(),
+                })?;
+                headers.insert(name, v);
+            }
+        }
+        Ok(headers)
+    }
+
     /// One attempt. The caller owns retries.
-    pub async fn send(&self, batch: &OutBatch, body: Bytes, content_type: &'static str) -> Result<(), ExportError> {
+    async fn send(&self, mlflow: HeaderMap, body: Bytes, content_type: &'static str) -> Result<(), ExportError> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.url.clone();
@@ -91,11 +181,7 @@ impl OtlpHttpExporter {
             }
             Compression::None => {}
         }
-        if let Some(exp) = &batch.key.experiment
-            && let Ok(v) = HeaderValue::from_str(exp)
-        {
-            headers.insert(EXPERIMENT_HEADER, v);
-        }
+        headers.extend(mlflow);
         let sent_auth = match &self.auth {
             Some(auth) => {
                 let value = auth.authorization().await.map_err(ExportError::Auth)?;
@@ -142,7 +228,18 @@ impl OtlpHttpExporter {
         }
     }
 
+    /// Sends every group of the batch (see `targets`), stopping at the first failure.
     pub async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+        for (target, members) in self.targets(batch) {
+            let part = batch.subset(&members);
+            self.export_to(&part, &target).await?;
+        }
+        Ok(())
+    }
+
+    /// One attempt to send `batch` to `target`.
+    pub(crate) async fn export_to(&self, batch: &OutBatch, target: &Target) -> Result<(), ExportError> {
+        let mlflow = self.mlflow_headers(target).await?;
         // Compressing a large batch takes milliseconds of CPU: on the blocking pool it does not
         // stall the async workers, so receivers keep answering and the batcher keeps draining
         // their intake (a stalled batcher shows up as 429s to agents).
@@ -150,7 +247,7 @@ impl OtlpHttpExporter {
         let (body, content_type) = tokio::task::spawn_blocking(move || encode_body(payload, json, compression))
             .await
             .map_err(|e| ExportError::Encode(e.to_string()))??;
-        self.send(batch, body, content_type).await
+        self.send(mlflow, body, content_type).await
     }
 }
 

@@ -10,10 +10,34 @@ use super::wire::{self, ResourceChunk};
 use crate::batch::{BatchItem, Unsplit};
 
 /// Where a batch goes beyond its exporter: the MLflow experiment, when it differs from the
-/// exporter's configured header.
+/// exporter's configured header, and the run and workspace a request's headers named. The
+/// exporter reads the resource's `mlflow.*` attributes itself (they win over these).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Destination {
     pub experiment: Option<Arc<str>>,
+    pub run: Option<Arc<str>>,
+    pub workspace: Option<Arc<str>>,
+}
+
+/// What a request's headers say about its MLflow destination (honoured with include_metadata).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestRouting {
+    /// `x-mlflow-experiment-id`, a numeric id.
+    pub experiment: Option<Arc<str>>,
+    /// `x-mlflow-run-id`.
+    pub run: Option<Arc<str>>,
+    /// `x-mlflow-workspace`.
+    pub workspace: Option<Arc<str>>,
+}
+
+impl RequestRouting {
+    /// Only an experiment (or nothing), as tests and tools submit.
+    pub fn experiment(experiment: Option<&str>) -> RequestRouting {
+        RequestRouting {
+            experiment: experiment.map(Arc::from),
+            ..Default::default()
+        }
+    }
 }
 
 /// One ResourceSpans in flight, holding its share of the memory budget until delivered.

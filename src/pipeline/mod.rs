@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::spool::Spool;
 pub(crate) use item::BodyHold;
-pub use item::{Charge, Destination, Item, MemoryBudget, Refusal, Routed};
+pub use item::{Charge, Destination, Item, MemoryBudget, Refusal, RequestRouting, Routed};
 use wire::ParsedRequest;
 
 /// Where an exporter takes its input: its in-memory intake, or its spool on disk.
@@ -75,13 +75,18 @@ impl Intake {
 
     /// Submits a request and waits until it may be acknowledged to the client (the ack contract:
     /// in every bounded in-memory queue, and durable in every spool).
-    pub async fn accept(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<(), Refusal> {
-        self.submit(parsed, request_experiment)?.durable().await
+    pub async fn accept(&self, parsed: ParsedRequest, request: &RequestRouting) -> Result<(), Refusal> {
+        self.submit_routed(parsed, request)?.durable().await
     }
 
     /// Accepts a parsed request into every exporter's intake, or refuses it whole.
     /// `request_experiment` is the request's `x-mlflow-experiment-id` (with include_metadata).
     pub fn submit(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<Ack, Refusal> {
+        self.submit_routed(parsed, &RequestRouting::experiment(request_experiment))
+    }
+
+    /// `submit` with everything the request's headers said about its MLflow destination.
+    pub fn submit_routed(&self, parsed: ParsedRequest, request: &RequestRouting) -> Result<Ack, Refusal> {
         if parsed.chunks.is_empty() {
             return Ok(Ack::default());
         }
@@ -90,7 +95,6 @@ impl Intake {
         for budget in &self.budgets {
             reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
         }
-        let request_experiment: Option<Arc<str>> = request_experiment.map(Arc::from);
         let charge = (!reservations.is_empty()).then(|| Arc::new(Charge(reservations)));
         let routed: Vec<Routed> = parsed
             .chunks
@@ -100,9 +104,13 @@ impl Intake {
                     .experiment
                     .as_deref()
                     .map(Arc::from)
-                    .or_else(|| request_experiment.clone());
+                    .or_else(|| request.experiment.clone());
                 Routed {
-                    destination: Destination { experiment },
+                    destination: Destination {
+                        experiment,
+                        run: request.run.clone(),
+                        workspace: request.workspace.clone(),
+                    },
                     item: Item {
                         chunk,
                         charge: charge.clone(),

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::body::{BodyFault, BudgetedBody, parse_off_worker};
 use super::conn::count_closed;
-use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
+use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_routing};
 use crate::otlp::GRPC_EXPORT_PATH;
 use crate::otlp::codec::RawCodec;
 use crate::pipeline::wire;
@@ -22,7 +22,7 @@ use crate::supervise::LockUnpoisoned;
 
 struct ExportService {
     ctx: Arc<ReceiverContext>,
-    experiment: Option<String>,
+    routing: crate::pipeline::RequestRouting,
 }
 
 impl UnaryService<Bytes> for ExportService {
@@ -31,7 +31,7 @@ impl UnaryService<Bytes> for ExportService {
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let ctx = self.ctx.clone();
-        let experiment = self.experiment.take();
+        let routing = std::mem::take(&mut self.routing);
         Box::pin(async move {
             let body = request.into_inner();
             // tonic has released the body's hold by now (its buffer is gone); the message it
@@ -47,7 +47,7 @@ impl UnaryService<Bytes> for ExportService {
             };
             let parsed = parse_off_worker(len, false, parse).await.map_err(|e| e.to_grpc())?;
             let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
-            if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
+            if let Err(refusal) = ctx.intake.accept(parsed, &routing).await {
                 ctx.refused(spans, refusal.reason());
                 return Err(ReceiveError::from(refusal).to_grpc());
             }
@@ -81,7 +81,7 @@ pub async fn handle(
     if !conn.allowed {
         return ReceiveError::Forbidden(client_name(&conn)).to_grpc().into_http();
     }
-    let experiment = request_experiment(&ctx, req.headers());
+    let routing = request_routing(&ctx, req.headers());
     // tonic buffers the body itself: the wrapper counts it against the memory budget as it
     // arrives and ends it at read_timeout.
     let (parts, body) = req.into_parts();
@@ -98,7 +98,7 @@ pub async fn handle(
         .unary(
             ExportService {
                 ctx: ctx.clone(),
-                experiment,
+                routing,
             },
             req,
         )

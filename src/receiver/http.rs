@@ -11,7 +11,7 @@ use prost::Message;
 
 use super::body::{parse_off_worker, read_http_body};
 use super::conn::count_closed;
-use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_experiment};
+use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_routing};
 use crate::otlp::compress::{self, DecompressError, Deflate};
 use crate::otlp::{Encoding, HTTP_TRACES_PATH};
 use crate::pipeline::BodyHold;
@@ -188,7 +188,7 @@ async fn receive(
         return Err(ReceiveError::Forbidden(client_name(conn)));
     }
     let limit = ctx.max_bytes();
-    let experiment = request_experiment(ctx, headers);
+    let routing = request_routing(ctx, headers);
     let content_encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -215,7 +215,7 @@ async fn receive(
     };
     let parsed = parse_off_worker(wire_len, compressed, parse).await?;
     let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
-    if let Err(refusal) = ctx.intake.accept(parsed, experiment.as_deref()).await {
+    if let Err(refusal) = ctx.intake.accept(parsed, &routing).await {
         ctx.refused(spans, refusal.reason());
         return Err(refusal.into());
     }

@@ -316,9 +316,24 @@ fn client_name(conn: &ConnInfo) -> String {
         .unwrap_or_else(|| "(no certificate)".into())
 }
 
-/// A numeric experiment id from a request header, when include_metadata allows it.
-fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Option<String> {
-    let header = headers.get(crate::otlp::EXPERIMENT_HEADER)?;
+/// What a request's MLflow headers say (`x-mlflow-experiment-id`, a numeric id;
+/// `x-mlflow-run-id`; `x-mlflow-workspace`), when include_metadata allows it.
+fn request_routing(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> crate::pipeline::RequestRouting {
+    const NAMES: [&str; 3] = [
+        crate::otlp::EXPERIMENT_HEADER,
+        crate::export::otlphttp::RUN_HEADER,
+        crate::export::experiments::WORKSPACE_HEADER,
+    ];
+    let [experiment, run, workspace] = NAMES.map(|name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    });
+    if experiment.is_none() && run.is_none() && workspace.is_none() {
+        return Default::default();
+    }
     if !ctx.include_metadata {
         // A silent fallback to the exporter's experiment sends traces where nobody looks for them.
         if !ctx
@@ -328,12 +343,17 @@ fn request_experiment(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> Opt
             tracing::warn!(
                 receiver = %ctx.receiver,
                 transport = ctx.transport,
-                "a request carries x-mlflow-experiment-id, which is ignored: set include_metadata: true \
-                 on this receiver's protocol to route by it (said once)"
+                "a request carries x-mlflow-experiment-id, x-mlflow-run-id or x-mlflow-workspace, which is \
+                 ignored: set include_metadata: true on this receiver's protocol to route by it (said once)"
             );
         }
-        return None;
+        return Default::default();
     }
-    let v = header.to_str().ok()?.trim();
-    crate::otlp::ExperimentId::parse(v).map(crate::otlp::ExperimentId::into_string)
+    crate::pipeline::RequestRouting {
+        experiment: experiment
+            .and_then(crate::otlp::ExperimentId::parse)
+            .map(|id| std::sync::Arc::from(id.into_string())),
+        run: run.map(std::sync::Arc::from),
+        workspace: workspace.map(std::sync::Arc::from),
+    }
 }

@@ -161,6 +161,8 @@ pub(crate) fn encode_request(routed: &[Routed]) -> (Bytes, usize) {
             payload: r.item.chunk.bytes.to_vec(),
             spans: r.item.chunk.spans as u32,
             experiment: r.destination.experiment.as_deref().unwrap_or("").to_string(),
+            run: r.destination.run.as_deref().unwrap_or("").to_string(),
+            workspace: r.destination.workspace.as_deref().unwrap_or("").to_string(),
             enqueue_time_unix_nano: now,
             ..Default::default()
         };
@@ -1333,9 +1335,13 @@ fn read_range(r: &Range) -> std::io::Result<Read> {
 
 /// A spooled record back as a pipeline item (no memory charge: the disk holds it).
 pub fn record_to_routed(record: proto::Record, segment: Option<u64>) -> Routed {
-    let experiment = (!record.experiment.is_empty()).then(|| Arc::<str>::from(record.experiment.as_str()));
+    let text = |s: &str| (!s.is_empty()).then(|| Arc::<str>::from(s));
     Routed {
-        destination: Destination { experiment },
+        destination: Destination {
+            experiment: text(&record.experiment),
+            run: text(&record.run),
+            workspace: text(&record.workspace),
+        },
         item: Item {
             chunk: ResourceChunk {
                 bytes: Bytes::from(record.payload),
@@ -1369,6 +1375,7 @@ mod tests {
             .map(|i| Routed {
                 destination: Destination {
                     experiment: Some(Arc::from(experiment)),
+                    ..Default::default()
                 },
                 item: Item {
                     chunk: ResourceChunk {
