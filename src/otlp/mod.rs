@@ -12,6 +12,8 @@ pub(crate) const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.
 pub(crate) const HTTP_TRACES_PATH: &str = "/v1/traces";
 /// The header MLflow routes an OTLP request by.
 pub(crate) const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
+/// The resource attribute that routes a ResourceSpans to another MLflow experiment.
+pub const EXPERIMENT_ATTRIBUTE: &str = "mlflow.experiment_id";
 
 /// The body encodings of OTLP/HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,10 @@
 //! The pipeline between receivers and exporters: admission (memory budget, bounded queues,
 //! fan-out to every exporter at once or not at all) and the items that flow through it.
 pub(crate) mod by_trace;
+pub mod decode;
 pub(crate) mod item;
+#[cfg(test)]
+pub(crate) mod testdata;
 mod walk;
 pub mod wire;
 
