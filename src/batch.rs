@@ -1,8 +1,9 @@
 //! The batch processor's core: collect items per destination, emit a batch at `send_batch_size`
 //! spans or when its oldest item has waited `timeout`, never above `send_batch_max_size`.
-//! A trace is never cut across batches unless it alone is above `send_batch_max_size`: an item
-//! that must be cut is cut between traces first, and a group (one trace, from groupbytrace)
-//! goes into one batch. MLflow writes a request all-or-nothing and recomputes a trace's
+//! A trace is not cut across batches unless it alone is above `send_batch_max_size`: an item
+//! that fits a batch but not the room left starts a batch of its own, one above the maximum is
+//! cut between traces (past `TRACE_CUT_FACTOR` times it, by span count), and a group (one trace,
+//! from groupbytrace) goes into one batch. MLflow writes a request all-or-nothing and recomputes a trace's
 //! aggregates each time more of its spans arrive, so a trace in two requests costs it twice.
 //! Pure: the caller supplies the clock, so it is tested without timers.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -60,6 +61,10 @@ pub struct Unsplit<T> {
     pub item: T,
     pub reason: String,
 }
+
+/// Items up to this many times `send_batch_max_size` are cut between traces; larger ones (a bulk
+/// import of many small traces) by span count, so the pieces stay few.
+const TRACE_CUT_FACTOR: usize = 16;
 
 /// Unsplittable items are logged at most once per this interval, with a count of the rest.
 const UNSPLIT_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -139,6 +144,16 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             let pending_spans = self.pending.get(&key).map_or(0, |p| p.spans);
             if max > 0 && pending_spans + spans > max && !one_trace {
                 one_trace = true;
+                if spans <= max || spans > max.saturating_mul(TRACE_CUT_FACTOR) {
+                    // It fits a batch alone: it starts one, whole, and no trace in it is cut.
+                    // Far above the maximum (a bulk import), it is cut by span count: one piece
+                    // per trace would take memory in proportion to its traces.
+                    if spans <= max && pending_spans > 0 {
+                        out.extend(self.take(&key));
+                    }
+                    item = Some(current);
+                    continue;
+                }
                 match current.split_traces() {
                     Ok(traces) if traces.len() > 1 => {
                         for trace in traces {
@@ -538,11 +553,15 @@ mod tests {
         // Filling send_batch_size with a group sends it.
         let out = b.add_group("k", vec![run(11, 5)], t);
         assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![10]);
-        // A group above the maximum alone is cut into full batches, after what was pending.
+        // A group above the maximum alone is cut, after what was pending, between its items
+        // where they fit a batch, else into full batches.
         b.add("k", run(16, 1), t);
         let mut out = b.add_group("k", vec![run(17, 7), run(24, 7)], t);
         out.extend(b.flush());
-        assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![1, 10, 4]);
+        assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![1, 7, 7]);
+        let mut out = b.add_group("k", vec![run(31, 25)], t);
+        out.extend(b.flush());
+        assert_eq!(out.iter().map(|b| b.spans).collect::<Vec<_>>(), vec![10, 10, 5]);
     }
 
     /// Real records: items of several interleaved traces through a batcher whose maximum cuts

@@ -18,6 +18,15 @@ use crate::telemetry::{ExporterReasonLabels, Metrics};
 type Piece = (Destination, Item);
 type Out = Vec<Batch<Destination, Item>>;
 
+/// Bytes a held piece costs beyond its record (the item, its index entries): counted against
+/// the byte cap, so many tiny traces cannot hold many times the cap in bookkeeping.
+const PIECE_OVERHEAD: usize = 256;
+
+/// Records of more spans than this pass on ungrouped: a bulk import, not an agent's export (SDKs
+/// send at most 512 spans a request by default), and cutting it into one piece per trace would
+/// take memory in proportion to its traces.
+const MAX_GROUPED_SPANS: usize = 8192;
+
 /// A record groupbytrace cannot cut by trace is passed on whole: logged at most this often.
 const UNCUT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -56,12 +65,19 @@ impl Grouper {
     pub(crate) fn take_in(&mut self, routed: &Routed, batcher: &mut Batcher<Destination, Item>, now: Instant) -> Out {
         let mut out = Vec::new();
         let item = &routed.item;
-        match by_trace::split_chunk(&item.chunk) {
+        let cut = if item.chunk.spans > MAX_GROUPED_SPANS {
+            Err(crate::pipeline::wire::DecodeError::Split(
+                "a bulk record (over 8192 spans)",
+            ))
+        } else {
+            by_trace::split_chunk(&item.chunk)
+        };
+        match cut {
             Ok(pieces) => {
                 for (record, chunk) in pieces {
                     let info = PieceInfo {
                         spans: chunk.spans,
-                        bytes: chunk.bytes.len(),
+                        bytes: chunk.bytes.len() + PIECE_OVERHEAD,
                         has_root: record.has_root,
                     };
                     let piece = Item {
