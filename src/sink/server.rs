@@ -20,7 +20,7 @@ fn load_tls(args: &SinkArgs) -> Result<Option<tokio_rustls::TlsAcceptor>, crate:
         &cert.to_string_lossy(),
         &key.to_string_lossy(),
         client_ca.as_deref(),
-        "",
+        crate::config::TlsVersion::default(),
     )?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
