@@ -13,7 +13,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClientTlsConfig, ServerTlsConfig};
+use crate::config::{ClientTlsConfig, ServerTlsConfig, TlsVersion};
 use crate::supervise::{LockUnpoisoned, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +37,11 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn versions(min: &str) -> &'static [&'static rustls::SupportedProtocolVersion] {
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
-    if min == "1.3" {
-        TLS13_ONLY
-    } else {
-        rustls::DEFAULT_VERSIONS
+    match min {
+        TlsVersion::V1_3 => TLS13_ONLY,
+        TlsVersion::V1_2 => rustls::DEFAULT_VERSIONS,
     }
 }
 
@@ -82,18 +81,18 @@ pub fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
         &cfg.cert_file,
         &cfg.key_file,
         (!client_ca.is_empty()).then_some(client_ca.as_str()),
-        &cfg.min_version,
+        cfg.min_version,
     )
 }
 
 /// The one TLS server loader (the receivers, the sink): certificate chain and key from PEM files,
 /// HTTP/2 and HTTP/1.1 offered by ALPN, and with `client_ca`, client certificates required and
-/// verified against it. `min_version` "1.3" allows only TLS 1.3, anything else 1.2 and up.
+/// verified against it. `min_version` 1.3 allows only TLS 1.3, 1.2 also TLS 1.2.
 pub(crate) fn server_config_from_files(
     cert_file: &str,
     key_file: &str,
     client_ca: Option<&str>,
-    min_version: &str,
+    min_version: TlsVersion,
 ) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let certs = load_certs(cert_file)?;
@@ -398,12 +397,8 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 /// (a mesh-secured MLflow): it never handshakes, so no trust roots are loaded for it.
 pub fn client_config(cfg: &ClientTlsConfig, https: bool) -> Result<ClientConfig, TlsError> {
     let provider = provider();
-    let min = if cfg.min_version.is_empty() {
-        "1.2"
-    } else {
-        &cfg.min_version
-    };
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(min))?;
+    let builder =
+        ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(cfg.min_version))?;
     let builder = if !https {
         builder.with_root_certificates(RootCertStore::empty())
     } else if cfg.insecure_skip_verify {

@@ -48,14 +48,9 @@ fn config(endpoint: &str, spool_dir: &Path, storage: Value) -> String {
     }
     RelayConfig::new()
         .batch(json!({"send_batch_size": 500, "timeout": "50ms"}))
-        .exporter(
-            "otlphttp/mlflow",
-            json!({
-                "endpoint": endpoint,
-                "headers": {"x-mlflow-experiment-id": "0"},
-                "retry_on_failure": {"initial_interval": "50ms", "max_interval": "300ms"},
-                "sending_queue": {"storage": "file_storage/spool", "num_consumers": 4},
-            }),
+        .mlflow_exporter(
+            endpoint,
+            json!({"sending_queue": {"storage": "file_storage/spool", "num_consumers": 4}}),
         )
         .extension("file_storage/spool", spool)
         .service(json!({"shutdown_timeout": "10s"}))

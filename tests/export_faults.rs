@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+use support::config::RelayConfig;
 use support::otlp::{Relay, Sink};
 use support::{http, wait_for};
 
@@ -140,38 +142,23 @@ fn forward(client: TcpStream, sink: SocketAddr) {
     let _ = up.join();
 }
 
-fn config(endpoint: &str, exporter_extra: &str, storage: Option<&std::path::Path>) -> String {
-    let (queue, ext, ext_list) = match storage {
-        Some(dir) => (
-            "sending_queue: {storage: file_storage/spool, num_consumers: 1}".to_string(),
-            format!("  file_storage/spool: {{directory: \"{}\"}}\n", dir.display()),
-            ", file_storage/spool",
-        ),
-        None => ("sending_queue: {num_consumers: 1}".to_string(), String::new(), ""),
-    };
-    format!(
-        r#"
-receivers:
-  otlp:
-    protocols:
-      http: {{endpoint: "127.0.0.1:0"}}
-processors:
-  batch: {{send_batch_size: 100, timeout: 20ms}}
-exporters:
-  otlphttp/mlflow:
-    endpoint: {endpoint}
-    headers: {{x-mlflow-experiment-id: "0"}}
-    retry_on_failure: {{initial_interval: 50ms, max_interval: 300ms}}
-    {queue}
-    {exporter_extra}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-{ext}service:
-  extensions: [health_check{ext_list}]
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp/mlflow]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-"#
-    )
+/// Plain HTTP receiver, a batch processor and the otlphttp exporter to `endpoint` with one
+/// consumer; with `storage`, its queue is spooled there. `exporter_extra` is merged into the exporter.
+fn config(endpoint: &str, exporter_extra: Value, storage: Option<&std::path::Path>) -> String {
+    let mut config = RelayConfig::new()
+        .without_transport("grpc")
+        .batch(json!({"send_batch_size": 100, "timeout": "20ms"}))
+        .mlflow_exporter(endpoint, json!({"sending_queue": {"num_consumers": 1}}))
+        .exporter_settings("otlphttp/mlflow", exporter_extra);
+    if let Some(dir) = storage {
+        config = config
+            .extension("file_storage/spool", json!({"directory": dir}))
+            .exporter_settings(
+                "otlphttp/mlflow",
+                json!({"sending_queue": {"storage": "file_storage/spool"}}),
+            );
+    }
+    config.yaml()
 }
 
 /// `n` spans with ids unique to `tag`, as one OTLP/HTTP protobuf request.
@@ -228,7 +215,11 @@ fn stalled_answers_time_out_and_are_retried() {
     let stalls = plan.len();
     let front = Front::start(sink.http, plan);
     // One sender: on the old code the first stall alone stops all delivery.
-    let relay = Relay::start(dir.path(), &config(&front.url(), "timeout: 1s", None), "otlp");
+    let relay = Relay::start(
+        dir.path(),
+        &config(&front.url(), json!({"timeout": "1s"}), None),
+        "otlp",
+    );
     let started = Instant::now();
     for tag in 1..=3u8 {
         assert_eq!(post(&relay, &spans_request(tag, 50)), 200);
@@ -262,7 +253,7 @@ fn retry_after_of_an_hour_is_capped_by_max_interval() {
     let front = Front::start(sink.http, vec![Misbehave::RetryAfterHour]);
     let relay = Relay::start(
         dir.path(),
-        &config(&front.url(), "", Some(&dir.path().join("spool"))),
+        &config(&front.url(), json!({}), Some(&dir.path().join("spool"))),
         "otlp",
     );
     assert_eq!(post(&relay, &spans_request(1, 40)), 200);

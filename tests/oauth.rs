@@ -7,6 +7,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+use support::config::RelayConfig;
 use support::oidc::{CLIENT_ID, CLIENT_SECRET, OTHER, OidcOptions, OidcProvider};
 use support::otlp::{Relay, Sink, loadgen};
 use support::{Proc, get_text, http, wait_for, write_file};
@@ -31,42 +33,25 @@ fn jwt_sink(idp: &OidcProvider) -> Sink {
 }
 
 /// A relay config: plaintext receivers, a batch processor, one otlphttp exporter using the
-/// oauth2client extension whose keys are `ext` (YAML lines indented by four spaces).
-fn relay_config(sink: &Sink, ext: &str) -> String {
-    format!(
-        r#"
-receivers:
-  otlp:
-    protocols:
-      grpc: {{endpoint: "127.0.0.1:0"}}
-      http: {{endpoint: "127.0.0.1:0"}}
-processors:
-  batch: {{send_batch_size: 200, timeout: 100ms}}
-exporters:
-  {EXPORTER}:
-    endpoint: {url}
-    headers: {{x-mlflow-experiment-id: "0"}}
-    auth: {{authenticator: {EXT}}}
-    retry_on_failure: {{initial_interval: 100ms, max_interval: 1s, max_elapsed_time: 120s}}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-  {EXT}:
-{ext}
-service:
-  extensions: [health_check, {EXT}]
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [{EXPORTER}]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}, logs: {{level: debug}}}}
-  shutdown_timeout: 10s
-"#,
-        url = sink.url()
-    )
+/// oauth2client extension whose settings are `ext`.
+fn relay_config(sink: &Sink, ext: Value) -> RelayConfig {
+    RelayConfig::new()
+        .batch(json!({"send_batch_size": 200, "timeout": "100ms"}))
+        .exporter(
+            EXPORTER,
+            json!({
+                "endpoint": sink.url(),
+                "headers": {"x-mlflow-experiment-id": "0"},
+                "auth": {"authenticator": EXT},
+                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s", "max_elapsed_time": "120s"},
+            }),
+        )
+        .extension(EXT, ext)
+        .service(json!({"telemetry": {"logs": {"level": "debug"}}, "shutdown_timeout": "10s"}))
 }
 
-fn basic_ext(idp: &OidcProvider) -> String {
-    format!(
-        "    client_id: {CLIENT_ID}\n    client_secret: {CLIENT_SECRET}\n    token_url: {}\n",
-        idp.token_url()
-    )
+fn basic_ext(idp: &OidcProvider) -> Value {
+    json!({"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "token_url": idp.token_url()})
 }
 
 /// Continuous load into the relay's gRPC receiver for `secs`, verified against the sink
@@ -139,7 +124,7 @@ fn short_lived_tokens_rotate_under_load_and_never_reach_the_log() {
     });
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &relay_config(&sink, &basic_ext(&idp)), "otlp");
+    let relay = Relay::start(dir.path(), &relay_config(&sink, basic_ext(&idp)).yaml(), "otlp");
     let report = load(&relay, &sink, 15, 1);
     let accepted = assert_nothing_lost(&relay, &sink, &report);
     let jwt = &sink.stats()["jwt"];
@@ -181,7 +166,7 @@ fn provider_restart_with_a_new_signing_key_loses_nothing() {
     let mut idp = restartable_idp(60, None);
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &relay_config(&sink, &basic_ext(&idp)), "otlp");
+    let relay = Relay::start(dir.path(), &relay_config(&sink, basic_ext(&idp)).yaml(), "otlp");
     let (report, new_kid) = std::thread::scope(|s| {
         let running = s.spawn(|| load(&relay, &sink, 12, 2));
         wait_for("spans flowing with the first key", T, || {
@@ -225,7 +210,7 @@ fn provider_down_for_10s_then_everything_arrives() {
     let mut idp = restartable_idp(3, None);
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &relay_config(&sink, &basic_ext(&idp)), "otlp");
+    let relay = Relay::start(dir.path(), &relay_config(&sink, basic_ext(&idp)).yaml(), "otlp");
     let (report, down_for) = std::thread::scope(|s| {
         let running = s.spawn(|| load(&relay, &sink, 18, 3));
         wait_for("spans flowing", T, || {
@@ -274,13 +259,11 @@ fn refused_credentials_make_the_relay_unready_and_data_waits() {
     // The secret comes from a file, re-read before every token request: fixing the file fixes
     // the relay without a restart.
     let secret = write_file(dir.path(), "client-secret", "wrong-secret\n");
-    let ext = format!(
-        "    client_id: {CLIENT_ID}\n    client_secret_file: {}\n    token_url: {}\n",
-        secret.display(),
-        idp.token_url()
-    );
+    let ext = json!({"client_id": CLIENT_ID, "client_secret_file": secret, "token_url": idp.token_url()});
     // At info level, to count what an operator sees.
-    let config = support::replace_once(&relay_config(&sink, &ext), "level: debug", "level: info");
+    let config = relay_config(&sink, ext)
+        .service(json!({"telemetry": {"logs": {"level": "info"}}}))
+        .yaml();
     let relay = Relay::start(dir.path(), &config, "otlp");
     let health = relay.health.unwrap();
     let body = wait_for("/readyz 503 with the reason", T, || {
@@ -342,7 +325,7 @@ fn a_401_drops_the_token_and_data_waits_for_a_good_one() {
     let mut idp = restartable_idp(60, Some("not-mlflow"));
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &relay_config(&sink, &basic_ext(&idp)), "otlp");
+    let relay = Relay::start(dir.path(), &relay_config(&sink, basic_ext(&idp)).yaml(), "otlp");
     let endpoint = relay.grpc.unwrap().to_string();
     let (code, report) = loadgen(&["--otlp-endpoint", &endpoint, "--otlp-insecure", "--traces", "50"]);
     assert_eq!(code, 0, "{report}");
@@ -371,12 +354,15 @@ fn discovery_url_post_auth_style_scopes_params_and_file_client_id() {
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
     let id_file = write_file(dir.path(), "client-id", CLIENT_ID);
-    let ext = format!(
-        "    client_id_file: {}\n    client_secret: {CLIENT_SECRET}\n    discovery_url: {}\n    auth_style: post\n    scopes: [openid, groups]\n    endpoint_params: {{audience: mlflow}}\n",
-        id_file.display(),
-        idp.discovery_url()
-    );
-    let relay = Relay::start(dir.path(), &relay_config(&sink, &ext), "otlp");
+    let ext = json!({
+        "client_id_file": id_file,
+        "client_secret": CLIENT_SECRET,
+        "discovery_url": idp.discovery_url(),
+        "auth_style": "post",
+        "scopes": ["openid", "groups"],
+        "endpoint_params": {"audience": "mlflow"},
+    });
+    let relay = Relay::start(dir.path(), &relay_config(&sink, ext).yaml(), "otlp");
     let endpoint = relay.http.unwrap().to_string();
     let (code, report) = loadgen(&[
         "--otlp-endpoint",
@@ -433,8 +419,12 @@ fn token_command_prints_claims_never_the_token() {
     let sink = Sink::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     // The seed's shape: credentials and URL from the environment.
-    let ext = "    client_id: ${env:OIDC_CLIENT_ID}\n    client_secret: ${env:OIDC_CLIENT_SECRET}\n    token_url: ${env:OIDC_TOKEN_URL}\n";
-    let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, ext));
+    let ext = json!({
+        "client_id": "${env:OIDC_CLIENT_ID}",
+        "client_secret": "${env:OIDC_CLIENT_SECRET}",
+        "token_url": "${env:OIDC_TOKEN_URL}",
+    });
+    let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, ext).yaml());
     let run = |client: (&str, &str)| {
         let mut cmd = std::process::Command::new(support::bin());
         cmd.args(["token", "--config", config.to_str().unwrap()])
@@ -537,11 +527,11 @@ fn token_endpoint_over_tls_with_a_root_and_intermediate_bundle() {
         front.port()
     );
     let run = |ca_file: Option<&std::path::Path>, ssl_cert_file: &std::path::Path| {
-        let tls = ca_file.map_or(String::new(), |p| format!("    tls: {{ca_file: {}}}\n", p.display()));
-        let ext = format!(
-            "    client_id: {CLIENT_ID}\n    client_secret: {CLIENT_SECRET}\n    token_url: {token_url}\n{tls}"
-        );
-        let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, &ext));
+        let mut ext = json!({"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "token_url": token_url});
+        if let Some(p) = ca_file {
+            ext["tls"] = json!({"ca_file": p});
+        }
+        let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, ext).yaml());
         let mut cmd = std::process::Command::new(support::bin());
         cmd.args(["token", "--config", config.to_str().unwrap()])
             .env("SSL_CERT_FILE", ssl_cert_file)
@@ -591,11 +581,12 @@ fn sink_checks_grpc_tokens_too() {
 fn unreadable_secret_file_is_a_config_error() {
     let sink = Sink::start(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let ext = format!(
-        "    client_id: {CLIENT_ID}\n    client_secret_file: {}/missing\n    token_url: http://127.0.0.1:1/token\n",
-        dir.path().display()
-    );
-    let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, &ext));
+    let ext = json!({
+        "client_id": CLIENT_ID,
+        "client_secret_file": dir.path().join("missing"),
+        "token_url": "http://127.0.0.1:1/token",
+    });
+    let config = write_file(dir.path(), "config.yaml", &relay_config(&sink, ext).yaml());
     let mut p = Proc::relay("check", &["check", "--config", config.to_str().unwrap()]);
     assert_eq!(p.wait_exit(T), Some(1));
     let out = p.output_text();

@@ -199,3 +199,27 @@ async fn configured_failures_are_answered() {
         .collect();
     assert_eq!(codes, vec![503, 200, 200]);
 }
+
+/// The README's exit codes: an argument the sink cannot use is 2, a port it cannot bind is 1.
+#[test]
+fn start_failures_exit_with_the_documented_codes() {
+    let run = |args: &[&str]| std::process::Command::new(support::bin()).args(args).output().unwrap();
+    let unreadable = run(&[
+        "sink",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+    ]);
+    let stderr = String::from_utf8_lossy(&unreadable.stderr);
+    assert_eq!(unreadable.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let busy = run(&["sink", "--listen", &addr]);
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(busy.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+}

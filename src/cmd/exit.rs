@@ -10,7 +10,8 @@ pub(crate) enum Exit {
     /// 1: the job failed: a port could not be bound, `check` found problems, the token request
     /// failed, replayed records were refused again, loadgen saw loss.
     Failure,
-    /// 2: `loadgen` or `replay` could not run at all (a bad argument, an unreadable directory);
+    /// 2: `loadgen`, `replay` or `sink` could not run at all (a bad argument, an unreadable
+    /// directory, a certificate that cannot be loaded);
     /// clap uses 2 for a bad command line too.
     Usage,
     /// 64 (sysexits EX_USAGE): a configuration the relay, gate or token refuses before anything

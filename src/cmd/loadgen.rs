@@ -1,8 +1,16 @@
-//! `otlp-relay loadgen`: OTLP trace load; the generator and its exit codes are in `crate::loadgen`.
+//! `otlp-relay loadgen`: OTLP trace load (`crate::loadgen`); its verdict mapped to an [`Exit`].
 use std::process::ExitCode;
 
-use crate::loadgen::LoadgenArgs;
+use super::Exit;
+use crate::loadgen::{LoadgenArgs, Verdict};
 
 pub(super) fn main(args: LoadgenArgs, rt: tokio::runtime::Runtime) -> ExitCode {
-    crate::loadgen::main(args, rt)
+    match rt.block_on(crate::loadgen::run(args)) {
+        Ok(Verdict::Passed) => Exit::Success.into(),
+        Ok(Verdict::Failed) => Exit::Failure.into(),
+        Err(e) => {
+            eprintln!("otlp-relay loadgen: {e:#}");
+            Exit::Usage.into()
+        }
+    }
 }

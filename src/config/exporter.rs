@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::duration::GoDuration;
-use super::values::{Compression, Encoding, Verbosity};
+use super::values::{Compression, Encoding, TlsVersion, Verbosity};
 use super::{Config, Exporter, Extension};
 use crate::otlp::{EXPERIMENT_HEADER, ExperimentId};
 
@@ -121,7 +121,7 @@ pub struct ClientTlsConfig {
     pub cert_file: String,
     pub key_file: String,
     pub server_name_override: String,
-    pub min_version: String,
+    pub min_version: TlsVersion,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

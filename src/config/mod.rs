@@ -20,7 +20,7 @@ pub use processor::*;
 pub use receiver::*;
 pub use service::*;
 pub use validate::parse_listen as parse_listen_addr;
-pub use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, Verbosity};
+pub use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, TlsVersion, Verbosity};
 
 use std::collections::BTreeMap;
 use std::fmt;

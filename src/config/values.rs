@@ -191,6 +191,38 @@ impl std::str::FromStr for AuthStyle {
 }
 config_word!(AuthStyle);
 
+/// The lowest TLS version a listener or client accepts (`min_version`); empty is the default, as in
+/// the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    V1_2,
+    /// TLS 1.3 only.
+    V1_3,
+}
+
+impl TlsVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
+        }
+    }
+}
+
+impl std::str::FromStr for TlsVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "1.2" | "" => Ok(TlsVersion::V1_2),
+            "1.3" => Ok(TlsVersion::V1_3),
+            other => Err(format!("{other:?} is not supported (1.2, 1.3)")),
+        }
+    }
+}
+config_word!(TlsVersion);
+
 /// A listen address, parsed once when the file is read (`HOST:PORT`, `:PORT`, `localhost:PORT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub SocketAddr);
@@ -261,5 +293,33 @@ mod tests {
         }
         assert_eq!("".parse::<Compression>(), Ok(Compression::None));
         assert!("Gzip".parse::<Compression>().is_err());
+        for t in [TlsVersion::V1_2, TlsVersion::V1_3] {
+            assert_eq!(t.as_str().parse::<TlsVersion>(), Ok(t));
+        }
+    }
+
+    #[test]
+    fn tls_min_version_is_1_2_or_1_3_wherever_it_is_set() {
+        let yaml = |tls: &str| {
+            format!(
+                "receivers: {{otlp: {{protocols: {{grpc: {{endpoint: '127.0.0.1:0', tls: {{cert_file: a, key_file: b{tls}}}}}}}}}}}\n\
+                 exporters: {{otlphttp: {{endpoint: 'https://x', tls: {{min_version: '1.1'}}}}}}\n\
+                 service: {{pipelines: {{traces: {{receivers: [otlp], exporters: [otlphttp]}}}}}}\n"
+            )
+        };
+        let errs: Vec<String> = match super::super::parse_str(&yaml(", min_version: '1.0'"), &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        };
+        for path in [
+            "receivers.otlp.protocols.grpc.tls.min_version",
+            "exporters.otlphttp.tls.min_version",
+        ] {
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with(path) && e.contains("is not supported (1.2, 1.3)")),
+                "{path} in {errs:#?}"
+            );
+        }
     }
 }

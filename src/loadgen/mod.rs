@@ -13,7 +13,6 @@ pub mod spans;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -152,16 +151,6 @@ fn too_little_accepted(sent: u64, accepted: u64, min_share: f64) -> bool {
     sent > 0 && (accepted == 0 || (accepted as f64) < min_share * sent as f64)
 }
 
-pub fn main(args: LoadgenArgs, rt: tokio::runtime::Runtime) -> ExitCode {
-    match rt.block_on(run(args)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("otlp-relay loadgen: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
-
 /// Everything a worker needs, shared read-only.
 struct Plan {
     shape: Shape,
@@ -233,10 +222,66 @@ async fn sink_unique(url: &str, tls: Option<rustls::ClientConfig>) -> anyhow::Re
         .with_context(|| format!("{url}: no unique_spans in {stats}"))
 }
 
-pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
+/// How a run ended, for the exit code: `Passed` (0), or `Failed` (1: loss, or too little accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Passed,
+    Failed,
+}
+
+/// What the run needs besides the plan: the endpoint and TLS for messages and `--verify-sink`,
+/// and the sink's count before the load.
+struct Setup {
+    plan: Arc<Plan>,
+    start: Instant,
+    total_traces: Option<u64>,
+    endpoint: String,
+    use_tls: bool,
+    tls_config: rustls::ClientConfig,
+    verify_before: Option<u64>,
+}
+
+/// Sends the load, prints the report and judges it. Err: loadgen could not run (a bad argument,
+/// the sink's counts unreadable, a worker that failed).
+pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<Verdict> {
+    let setup = prepare(&args).await?;
+    let (stats, elapsed) = run_workers(&args, &setup).await?;
+    let mut report = Report::new(&stats, elapsed, labels(&args), args.workers);
+    if let (Some(url), Some(before)) = (&args.verify_sink, setup.verify_before) {
+        let after = settled_sink_count(&args, url, &setup.tls_config, before + stats.spans_accepted).await?;
+        report.verify = Some(report::verify(url, stats.spans_accepted, before, after));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    if too_little_accepted(report.spans_sent, report.spans_accepted, args.min_accepted) {
+        eprintln!(
+            "otlp-relay loadgen: {} of {} spans accepted (--min-accepted {}): {}",
+            report.spans_accepted,
+            report.spans_sent,
+            args.min_accepted,
+            report::diagnose(
+                &report.first_errors,
+                &setup.endpoint,
+                setup.use_tls,
+                args.client_cert.is_some()
+            )
+        );
+        return Ok(Verdict::Failed);
+    }
+    Ok(match &report.verify {
+        Some(v) if !v.ok => Verdict::Failed,
+        _ => Verdict::Passed,
+    })
+}
+
+/// Checks the arguments and builds the plan (shape, template, target, TLS).
+async fn prepare(args: &LoadgenArgs) -> anyhow::Result<Setup> {
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let (base, use_tls) = endpoint_base(&args);
+    let (base, use_tls) = endpoint_base(args);
     let endpoint = base
         .split_once("://")
         .map_or(base.as_str(), |(_, rest)| rest)
@@ -254,7 +299,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     }
     let tls_config = client::client_tls(&opts)?;
     let tls = use_tls.then(|| tls_config.clone());
-    let shape = build_shape(&args)?;
+    let shape = build_shape(args)?;
     if args.trace_duration.is_some() {
         anyhow::ensure!(
             args.rate > 0.0,
@@ -279,7 +324,6 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-
     let start = Instant::now();
     let plan = Arc::new(Plan {
         shape,
@@ -305,6 +349,20 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         sent: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
     });
+    Ok(Setup {
+        plan,
+        start,
+        total_traces,
+        endpoint,
+        use_tls,
+        tls_config,
+        verify_before,
+    })
+}
+
+/// Runs the workers (with a progress line on a terminal) until they are done or Ctrl-C.
+async fn run_workers(args: &LoadgenArgs, setup: &Setup) -> anyhow::Result<(WorkerStats, Duration)> {
+    let (plan, start) = (&setup.plan, setup.start);
     let cancel = CancellationToken::new();
     {
         let cancel = cancel.clone();
@@ -336,7 +394,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     for w in 0..args.workers {
         let plan = plan.clone();
         let cancel = cancel.clone();
-        let traces = total_traces.map(|t| pace::split(t, args.workers, w));
+        let traces = setup.total_traces.map(|t| pace::split(t, args.workers, w));
         tasks.push(tokio::spawn(async move {
             if plan.trace_duration.is_some() {
                 agent_worker(w, plan, traces, cancel).await
@@ -354,7 +412,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         p.abort();
         eprintln!();
     }
-    let labels = (
+    Ok((stats, elapsed))
+}
+
+/// The report's transport, encoding and compression labels.
+fn labels(args: &LoadgenArgs) -> (&'static str, &'static str, &'static str) {
+    (
         if args.otlp_http { "http" } else { "grpc" },
         match args.encoding {
             Encoding::Proto => "proto",
@@ -364,46 +427,32 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
             Compression::None => "none",
             Compression::Gzip => "gzip",
         },
-    );
-    let mut report = Report::new(&stats, elapsed, labels, args.workers);
-    if let (Some(url), Some(before)) = (&args.verify_sink, verify_before) {
-        let want = before + stats.spans_accepted;
-        let deadline = Instant::now() + args.verify_timeout;
-        let settle = args.verify_settle;
-        let mut last = (u64::MAX, Instant::now());
-        let after = loop {
-            let now_unique = sink_unique(url, Some(tls_config.clone())).await?;
-            if now_unique >= want || Instant::now() > deadline {
-                break now_unique;
-            }
-            if now_unique != last.0 {
-                last = (now_unique, Instant::now());
-            } else if last.1.elapsed() > settle {
-                break now_unique;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        report.verify = Some(report::verify(url, stats.spans_accepted, before, after));
+    )
+}
+
+/// The sink's unique spans once they reach `want`, stop moving for --verify-settle, or
+/// --verify-timeout passes.
+async fn settled_sink_count(
+    args: &LoadgenArgs,
+    url: &str,
+    tls_config: &rustls::ClientConfig,
+    want: u64,
+) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + args.verify_timeout;
+    let settle = args.verify_settle;
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let now_unique = sink_unique(url, Some(tls_config.clone())).await?;
+        if now_unique >= want || Instant::now() > deadline {
+            return Ok(now_unique);
+        }
+        if now_unique != last.0 {
+            last = (now_unique, Instant::now());
+        } else if last.1.elapsed() > settle {
+            return Ok(now_unique);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", report.human());
-    }
-    if too_little_accepted(report.spans_sent, report.spans_accepted, args.min_accepted) {
-        eprintln!(
-            "otlp-relay loadgen: {} of {} spans accepted (--min-accepted {}): {}",
-            report.spans_accepted,
-            report.spans_sent,
-            args.min_accepted,
-            report::diagnose(&report.first_errors, &endpoint, use_tls, args.client_cert.is_some())
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(match &report.verify {
-        Some(v) if !v.ok => ExitCode::FAILURE,
-        _ => ExitCode::SUCCESS,
-    })
 }
 
 /// Exponential backoff with ±20 % jitter: 100 ms, 200 ms, ... capped at 5 s.

@@ -18,7 +18,6 @@ mod walk;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 pub use count::UniqueSpans;
 use server::start;
@@ -78,33 +77,37 @@ pub struct SinkArgs {
 /// google.rpc.Status and RetryInfo, the OTLP error payloads (not part of opentelemetry-proto).
 pub use crate::otlp::rpc;
 
-pub(crate) fn main(args: SinkArgs, rt: tokio::runtime::Runtime) -> ExitCode {
-    rt.block_on(async move {
-        let (http_addr, grpc_addr, _state, handle) = match start(&args).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "sink failed to start");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(component = %"sink-http", addr = %http_addr, "listening");
-        if let Some(a) = grpc_addr {
-            tracing::info!(component = %"sink-grpc", addr = %a, "listening");
-        }
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "signal handler");
-                return ExitCode::FAILURE;
-            }
-        };
-        tokio::select! {
-            _ = handle => {}
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        ExitCode::SUCCESS
-    })
+/// Why the sink could not start (mapped to an exit code by `cmd::sink`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    /// A bad argument: TLS files that cannot be loaded, a JWKS URL without a TLS client.
+    #[error("{0:#}")]
+    Args(anyhow::Error),
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Serves until SIGTERM or Ctrl-C.
+pub(crate) async fn run(args: SinkArgs) -> Result<(), StartError> {
+    let (http_addr, grpc_addr, _state, handle) = start(&args).await?;
+    tracing::info!(component = %"sink-http", addr = %http_addr, "listening");
+    if let Some(a) = grpc_addr {
+        tracing::info!(component = %"sink-grpc", addr = %a, "listening");
+    }
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(StartError::Signal)?;
+    tokio::select! {
+        _ = handle => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

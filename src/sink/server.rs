@@ -5,13 +5,13 @@ use std::sync::Arc;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use super::SinkArgs;
 use super::count::State;
 use super::export::route;
 use super::jwt::JwtCheck;
+use super::{SinkArgs, StartError};
 use crate::supervise::LockUnpoisoned;
 
-fn load_tls(args: &SinkArgs) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+fn load_tls(args: &SinkArgs) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
@@ -20,7 +20,7 @@ fn load_tls(args: &SinkArgs) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>
         &cert.to_string_lossy(),
         &key.to_string_lossy(),
         client_ca.as_deref(),
-        "",
+        crate::config::TlsVersion::default(),
     )?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
@@ -61,11 +61,11 @@ async fn serve(
 /// Binds the sink's listeners and returns their addresses and the serving task.
 pub(crate) async fn start(
     args: &SinkArgs,
-) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>)> {
-    let tls = load_tls(args)?;
+) -> Result<(SocketAddr, Option<SocketAddr>, Arc<State>, tokio::task::JoinHandle<()>), StartError> {
+    let tls = load_tls(args).map_err(|e| StartError::Args(e.into()))?;
     let mut state = State::new(args);
     if let (Some(url), Some(aud)) = (&args.require_jwt, &args.audience) {
-        let check = JwtCheck::new(url.clone(), aud.clone())?;
+        let check = JwtCheck::new(url.clone(), aud.clone()).map_err(StartError::Args)?;
         if let Err(e) = check.refetch().await {
             tracing::warn!(error = %e, "JWKS not available yet; fetched again on the first token");
             *check.last_fetch.lock_unpoisoned() = None;
@@ -74,24 +74,24 @@ pub(crate) async fn start(
     }
     let state = Arc::new(state);
     let listen = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr)
+        let bound = TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("{what}: cannot listen on {addr}: {e}"))
+            .and_then(|l| l.local_addr().map(|a| (l, a)));
+        bound.map_err(|source| StartError::Bind { what, addr, source })
     };
-    let http = listen(args.listen, "--listen").await?;
-    let http_addr = http.local_addr()?;
+    let (http, http_addr) = listen(args.listen, "--listen").await?;
     let grpc = match args.grpc_listen {
         Some(a) => Some(listen(a, "--grpc-listen").await?),
         None => None,
     };
-    let grpc_addr = grpc.as_ref().map(|g| g.local_addr()).transpose()?;
+    let grpc_addr = grpc.as_ref().map(|(_, a)| *a);
     let mut tasks = vec![tokio::spawn(serve("sink-http", http, state.clone(), tls.clone()))];
-    if let Some(g) = grpc {
+    if let Some((g, _)) = grpc {
         tasks.push(tokio::spawn(serve("sink-grpc", g, state.clone(), tls)));
     }
     if let Some(addr) = args.stats_listen {
-        let plain = listen(addr, "--stats-listen").await?;
-        tracing::info!(component = %"sink-stats", addr = %plain.local_addr()?, "listening");
+        let (plain, plain_addr) = listen(addr, "--stats-listen").await?;
+        tracing::info!(component = %"sink-stats", addr = %plain_addr, "listening");
         tasks.push(tokio::spawn(serve("sink-stats", plain, state.clone(), None)));
     }
     let handle = tokio::spawn(async move {

@@ -73,12 +73,35 @@ impl RelayConfig {
         self
     }
 
+    /// A processor named `name` (e.g. `memory_limiter`, which must be first), put first in the pipeline.
+    pub fn first_processor(mut self, name: &str, settings: Value) -> RelayConfig {
+        assert!(self.0["processors"].get(name).is_none(), "processor {name} added twice");
+        self.0["processors"][name] = settings;
+        self.0["service"]["pipelines"]["traces"]["processors"]
+            .as_array_mut()
+            .expect("a list")
+            .insert(0, Value::String(name.to_string()));
+        self
+    }
+
     /// An exporter named `name` (e.g. `otlphttp/mlflow`), added to the pipeline.
     pub fn exporter(mut self, name: &str, settings: Value) -> RelayConfig {
         assert!(self.0["exporters"].get(name).is_none(), "exporter {name} added twice");
         self.0["exporters"][name] = settings;
         push(&mut self.0["service"]["pipelines"]["traces"]["exporters"], name);
         self
+    }
+
+    /// The exporter `otlphttp/mlflow` to `endpoint` as the tests use it: experiment "0", retries
+    /// quick enough for a test, and `settings` merged in.
+    pub fn mlflow_exporter(self, endpoint: &str, settings: Value) -> RelayConfig {
+        let exporter = json!({
+            "endpoint": endpoint,
+            "headers": {"x-mlflow-experiment-id": "0"},
+            "retry_on_failure": {"initial_interval": "50ms", "max_interval": "300ms"},
+        });
+        self.exporter("otlphttp/mlflow", exporter)
+            .exporter_settings("otlphttp/mlflow", settings)
     }
 
     /// Settings merged into an exporter added before.
@@ -92,6 +115,17 @@ impl RelayConfig {
     pub fn extension(mut self, name: &str, settings: Value) -> RelayConfig {
         self.0["extensions"][name] = settings;
         push(&mut self.0["service"]["extensions"], name);
+        self
+    }
+
+    /// Drops an extension and its place in the service (e.g. `health_check`).
+    pub fn without_extension(mut self, name: &str) -> RelayConfig {
+        let extensions = self.0["extensions"].as_object_mut().expect("extensions");
+        assert!(extensions.remove(name).is_some(), "no extension {name} to drop");
+        self.0["service"]["extensions"]
+            .as_array_mut()
+            .expect("a list")
+            .retain(|e| e != name);
         self
     }
 
