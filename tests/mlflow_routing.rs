@@ -158,7 +158,10 @@ fn run_linkage_and_experiments_by_name() {
     post(
         &relay,
         &request(
-            &[("mlflow.experiment_name", "routing by name"), ("mlflow.run_id", &run_id)],
+            &[
+                ("mlflow.experiment_name", "routing by name"),
+                ("mlflow.run_id", &run_id),
+            ],
             linked,
         ),
     );
@@ -186,7 +189,10 @@ fn run_linkage_and_experiments_by_name() {
     // The run lists exactly the traces whose resource named it.
     let by_run = search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'"));
     assert_eq!(by_run.len(), 3, "{by_run:#?}");
-    assert!(mlflow.search_traces("0").is_empty(), "nothing fell back to the default experiment");
+    assert!(
+        mlflow.search_traces("0").is_empty(),
+        "nothing fell back to the default experiment"
+    );
     // Each name was created once, then remembered: no further lookups.
     assert_eq!(
         relay.metric("otlp_relay_mlflow_experiment_lookups_total", &[("reason", "created")]),
@@ -225,7 +231,10 @@ fn run_linkage_and_experiments_by_name() {
     );
     post(
         &relay2,
-        &request(&[("mlflow.experiment_name", "no such experiment")], trace(3, 1, 1, false)),
+        &request(
+            &[("mlflow.experiment_name", "no such experiment")],
+            trace(3, 1, 1, false),
+        ),
     );
     support::wait_for("7 traces by name", Duration::from_secs(60), || {
         (mlflow.search_traces(&named).len() == 7).then_some(())
@@ -305,7 +314,9 @@ fn a_poisoned_trace_costs_only_itself() {
     assert_eq!(stored.len(), GOOD as usize, "only the good traces are stored");
     let poisoned_id = format!("{}{:08x}", "09".repeat(12), GOOD / 3);
     assert!(
-        stored.iter().all(|t| !t["trace_id"].as_str().unwrap_or("").contains(&poisoned_id)),
+        stored
+            .iter()
+            .all(|t| !t["trace_id"].as_str().unwrap_or("").contains(&poisoned_id)),
         "{stored:#?}"
     );
     // Its three spans alone fail and are kept for replay; the rest were sent.
@@ -319,7 +330,10 @@ fn a_poisoned_trace_costs_only_itself() {
     let requests = relay.metric("otlp_relay_mlflow_isolation_requests_total", &[]);
     assert!((6.0..=13.0).contains(&requests), "{requests} isolation requests");
     let log = relay.proc.output_text();
-    assert!(log.contains("MLflow refused part of a request") && log.contains("422"), "{log}");
+    assert!(
+        log.contains("MLflow refused part of a request") && log.contains("422"),
+        "{log}"
+    );
 }
 
 /// Without isolation the same request fails whole: what the test above shows is the isolation.
@@ -398,14 +412,22 @@ fn experiment_by_name_through_the_gate_with_a_token() {
         )
         .yaml();
     let relay = Relay::start(dir.path(), &config, "otlp");
-    post(&relay, &request(&[("mlflow.experiment_name", "gated")], trace(4, 0, 1, false)));
-    let id = support::wait_for("the experiment created through the gate", Duration::from_secs(60), || {
-        experiment_id(&mlflow, "gated")
-    });
+    post(
+        &relay,
+        &request(&[("mlflow.experiment_name", "gated")], trace(4, 0, 1, false)),
+    );
+    let id = support::wait_for(
+        "the experiment created through the gate",
+        Duration::from_secs(60),
+        || experiment_id(&mlflow, "gated"),
+    );
     support::wait_for("the first trace", Duration::from_secs(60), || {
         (mlflow.search_traces(&id).len() == 1).then_some(())
     });
-    post(&relay, &request(&[("mlflow.experiment_name", "gated")], trace(4, 1, 1, false)));
+    post(
+        &relay,
+        &request(&[("mlflow.experiment_name", "gated")], trace(4, 1, 1, false)),
+    );
     support::wait_for("the second trace", Duration::from_secs(60), || {
         (mlflow.search_traces(&id).len() == 2).then_some(())
     });

@@ -378,11 +378,16 @@ mod tests {
             "exporters.otlphttp.mlflow.experiment_name_attribute:",
             "exporters.otlphttp.mlflow.api_endpoint:",
         ] {
-            assert!(errs.iter().any(|e| e.starts_with(expected)), "missing {expected:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(expected)),
+                "missing {expected:?} in {errs:#?}"
+            );
         }
         let unknown = format!("exporters: {{otlphttp: {{endpoint: 'http://m', mlflow: {{bogus: 1}}}}}}\n{PIPELINE}");
         assert!(
-            errors_of(&unknown).iter().any(|e| e.contains("exporters.otlphttp.mlflow.bogus")),
+            errors_of(&unknown)
+                .iter()
+                .any(|e| e.contains("exporters.otlphttp.mlflow.bogus")),
             "{:#?}",
             errors_of(&unknown)
         );
