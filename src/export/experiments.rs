@@ -83,6 +83,8 @@ struct Answer {
     verdict: HttpVerdict,
     retry_after: Option<Duration>,
     body: Bytes,
+    /// The call carried a token (a 401 then means it expired: retryable).
+    with_token: bool,
 }
 
 impl Experiments {
@@ -258,6 +260,7 @@ impl Experiments {
                 verdict,
                 retry_after,
                 body,
+                with_token: sent_auth.is_some(),
             })
         };
         let answer = tokio::time::timeout(self.timeout, exchange)
@@ -298,7 +301,7 @@ fn success(answer: Answer) -> Result<serde_json::Value, ExportError> {
         }),
         HttpVerdict::Unauthorized => Err(ExportError::Unauthorized {
             body: text(),
-            with_token: true,
+            with_token: answer.with_token,
         }),
         HttpVerdict::Permanent => Err(ExportError::Permanent {
             status: answer.status,
