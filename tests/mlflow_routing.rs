@@ -158,7 +158,10 @@ fn run_linkage_and_experiments_by_name() {
     post(
         &relay,
         &request(
-            &[("mlflow.experiment_name", "routing by name"), ("mlflow.run_id", &run_id)],
+            &[
+                ("mlflow.experiment_name", "routing by name"),
+                ("mlflow.run_id", &run_id),
+            ],
             linked,
         ),
     );
@@ -186,7 +189,10 @@ fn run_linkage_and_experiments_by_name() {
     // The run lists exactly the traces whose resource named it.
     let by_run = search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'"));
     assert_eq!(by_run.len(), 3, "{by_run:#?}");
-    assert!(mlflow.search_traces("0").is_empty(), "nothing fell back to the default experiment");
+    assert!(
+        mlflow.search_traces("0").is_empty(),
+        "nothing fell back to the default experiment"
+    );
     // Each name was created once, then remembered: no further lookups.
     assert_eq!(
         relay.metric("otlp_relay_mlflow_experiment_lookups_total", &[("reason", "created")]),
@@ -225,7 +231,10 @@ fn run_linkage_and_experiments_by_name() {
     );
     post(
         &relay2,
-        &request(&[("mlflow.experiment_name", "no such experiment")], trace(3, 1, 1, false)),
+        &request(
+            &[("mlflow.experiment_name", "no such experiment")],
+            trace(3, 1, 1, false),
+        ),
     );
     support::wait_for("7 traces by name", Duration::from_secs(60), || {
         (mlflow.search_traces(&named).len() == 7).then_some(())
@@ -243,7 +252,9 @@ fn run_linkage_and_experiments_by_name() {
     );
     let log = relay2.proc.output_text();
     assert!(
-        log.contains("no such experiment") && log.contains("mlflow.create_experiments is off"),
+        log.contains("no such experiment")
+            && log.contains("Could not find experiment")
+            && log.contains("mlflow.create_experiments is off"),
         "{log}"
     );
     assert_eq!(experiment_id(&mlflow, "no%20such%20experiment"), None);
@@ -305,7 +316,9 @@ fn a_poisoned_trace_costs_only_itself() {
     assert_eq!(stored.len(), GOOD as usize, "only the good traces are stored");
     let poisoned_id = format!("{}{:08x}", "09".repeat(12), GOOD / 3);
     assert!(
-        stored.iter().all(|t| !t["trace_id"].as_str().unwrap_or("").contains(&poisoned_id)),
+        stored
+            .iter()
+            .all(|t| !t["trace_id"].as_str().unwrap_or("").contains(&poisoned_id)),
         "{stored:#?}"
     );
     // Its three spans alone fail and are kept for replay; the rest were sent.
@@ -319,7 +332,10 @@ fn a_poisoned_trace_costs_only_itself() {
     let requests = relay.metric("otlp_relay_mlflow_isolation_requests_total", &[]);
     assert!((6.0..=13.0).contains(&requests), "{requests} isolation requests");
     let log = relay.proc.output_text();
-    assert!(log.contains("MLflow refused part of a request") && log.contains("422"), "{log}");
+    assert!(
+        log.contains("MLflow refused part of a request") && log.contains("422"),
+        "{log}"
+    );
 }
 
 /// Without isolation the same request fails whole: what the test above shows is the isolation.
@@ -398,14 +414,22 @@ fn experiment_by_name_through_the_gate_with_a_token() {
         )
         .yaml();
     let relay = Relay::start(dir.path(), &config, "otlp");
-    post(&relay, &request(&[("mlflow.experiment_name", "gated")], trace(4, 0, 1, false)));
-    let id = support::wait_for("the experiment created through the gate", Duration::from_secs(60), || {
-        experiment_id(&mlflow, "gated")
-    });
+    post(
+        &relay,
+        &request(&[("mlflow.experiment_name", "gated")], trace(4, 0, 1, false)),
+    );
+    let id = support::wait_for(
+        "the experiment created through the gate",
+        Duration::from_secs(60),
+        || experiment_id(&mlflow, "gated"),
+    );
     support::wait_for("the first trace", Duration::from_secs(60), || {
         (mlflow.search_traces(&id).len() == 1).then_some(())
     });
-    post(&relay, &request(&[("mlflow.experiment_name", "gated")], trace(4, 1, 1, false)));
+    post(
+        &relay,
+        &request(&[("mlflow.experiment_name", "gated")], trace(4, 1, 1, false)),
+    );
     support::wait_for("the second trace", Duration::from_secs(60), || {
         (mlflow.search_traces(&id).len() == 2).then_some(())
     });
@@ -422,4 +446,74 @@ fn experiment_by_name_through_the_gate_with_a_token() {
     assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
     let log = relay.proc.output_text();
     assert!(!log.contains("eyJ"), "a token reached the log: {log}");
+}
+
+/// With MLflow's workspaces, a name is looked up and created in the workspace the resource (or
+/// the request's header) names: the same name is two experiments in two workspaces.
+#[test]
+fn workspaces_scope_experiment_names() {
+    let mlflow = Mlflow::start_with(&["--enable-workspaces"]);
+    for ws in ["team-a", "team-b"] {
+        let (status, body) = mlflow.post_json("/api/3.0/mlflow/workspaces", &json!({"name": ws}));
+        assert_eq!(status, 201, "{body}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&mlflow, json!({"create_experiments": true})),
+        "otlp",
+    );
+    for (n, ws) in [(0, "team-a"), (1, "team-b")] {
+        post(
+            &relay,
+            &request(
+                &[("mlflow.experiment_name", "shared"), ("mlflow.workspace", ws)],
+                trace(7, n, 1, false),
+            ),
+        );
+    }
+    // The request's header names the workspace when the resource does not.
+    post_with(
+        &relay,
+        &request(&[("mlflow.experiment_name", "shared")], trace(7, 2, 1, false)),
+        &[("x-mlflow-workspace", "team-b")],
+    );
+    let in_workspace = |ws: &str| -> Option<(String, usize)> {
+        let (status, body) = support::http(
+            "GET",
+            mlflow.addr,
+            "/api/2.0/mlflow/experiments/get-by-name?experiment_name=shared",
+            &[("x-mlflow-workspace", ws)],
+            b"",
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let id = (status == 200).then(|| body["experiment"]["experiment_id"].as_str().unwrap().to_string())?;
+        let search = json!({
+            "locations": [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": id}}],
+            "max_results": 100,
+        })
+        .to_string();
+        let (status, body) = support::http(
+            "POST",
+            mlflow.addr,
+            "/api/3.0/mlflow/traces/search",
+            &[("content-type", "application/json"), ("x-mlflow-workspace", ws)],
+            search.as_bytes(),
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        Some((id, body["traces"].as_array().map_or(0, Vec::len)))
+    };
+    let (id_a, _) = support::wait_for("team-a's experiment with its trace", Duration::from_secs(60), || {
+        in_workspace("team-a").filter(|(_, n)| *n == 1)
+    });
+    let (id_b, _) = support::wait_for("team-b's experiment with its 2 traces", Duration::from_secs(60), || {
+        in_workspace("team-b").filter(|(_, n)| *n == 2)
+    });
+    assert_ne!(id_a, id_b);
+    assert_eq!(
+        relay.metric("otlp_relay_mlflow_experiment_lookups_total", &[("reason", "created")]),
+        2.0
+    );
+    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
 }

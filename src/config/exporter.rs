@@ -339,3 +339,73 @@ fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, er
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Exporter, parse_str};
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match parse_str(text, &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const PIPELINE: &str = "service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp]}}}\n\
+                            receivers: {otlp: {protocols: {http: {}}}}\n";
+
+    #[test]
+    fn mlflow_options_load_and_are_checked() {
+        let good = format!(
+            "exporters: {{otlphttp: {{endpoint: 'http://m', mlflow: {{experiment_name_attribute: service.name, \
+             create_experiments: true, experiment_cache_size: 10, isolate_poison_traces: false}}}}}}\n{PIPELINE}"
+        );
+        let config = parse_str(&good, &|_| None).unwrap();
+        let Some(Exporter::OtlpHttp(e)) = config.exporters.get("otlphttp") else {
+            panic!("no otlphttp exporter")
+        };
+        assert_eq!(e.mlflow.experiment_name_attribute, "service.name");
+        assert!(e.mlflow.create_experiments && !e.mlflow.isolate_poison_traces);
+        assert_eq!(e.mlflow.experiment_cache_size, 10);
+
+        let bad = format!(
+            "exporters: {{otlphttp: {{endpoint: 'http://m', mlflow: {{experiment_name_attribute: ' x', \
+             experiment_cache_size: 0, api_endpoint: 'ftp://x'}}}}}}\n{PIPELINE}"
+        );
+        let errs = errors_of(&bad);
+        for expected in [
+            "exporters.otlphttp.mlflow.experiment_cache_size:",
+            "exporters.otlphttp.mlflow.experiment_name_attribute:",
+            "exporters.otlphttp.mlflow.api_endpoint:",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(expected)),
+                "missing {expected:?} in {errs:#?}"
+            );
+        }
+        let unknown = format!("exporters: {{otlphttp: {{endpoint: 'http://m', mlflow: {{bogus: 1}}}}}}\n{PIPELINE}");
+        assert!(
+            errors_of(&unknown)
+                .iter()
+                .any(|e| e.contains("exporters.otlphttp.mlflow.bogus")),
+            "{:#?}",
+            errors_of(&unknown)
+        );
+    }
+
+    #[test]
+    fn the_api_base_follows_the_endpoint() {
+        use crate::config::OtlpHttpExporterConfig;
+        use crate::export::otlphttp::api_url;
+        let mut c = OtlpHttpExporterConfig {
+            endpoint: "http://m:5000".into(),
+            ..Default::default()
+        };
+        assert_eq!(api_url(&c), "http://m:5000");
+        c.endpoint.clear();
+        c.traces_endpoint = "https://gate/mlflow/v1/traces".into();
+        assert_eq!(api_url(&c), "https://gate/mlflow");
+        c.mlflow.api_endpoint = "https://api".into();
+        assert_eq!(api_url(&c), "https://api");
+    }
+}

@@ -228,7 +228,11 @@ async fn isolate(
         }
     }
     let poisoned = bisection.refused.len();
-    metrics.mlflow.poison_traces.get_or_create(&labels).inc_by(poisoned as u64);
+    metrics
+        .mlflow
+        .poison_traces
+        .get_or_create(&labels)
+        .inc_by(poisoned as u64);
     let refused_spans: usize = bisection.refused.iter().map(|&i| of(i..i + 1).spans).sum();
     log_isolation(settings, traces.len(), poisoned, refused_spans, &refusals, &first);
     for &i in &bisection.refused {
@@ -493,7 +497,10 @@ mod tests {
         assert!(traces.iter().all(|t| t.has_root));
         let spans: usize = traces.iter().flat_map(|t| &t.items).map(|i| i.chunk.spans).sum();
         assert_eq!(spans, b.spans);
-        assert!(split_traces(&batch(vec![item(0, 1)])).is_none(), "one trace: nothing to bisect");
+        assert!(
+            split_traces(&batch(vec![item(0, 1)])).is_none(),
+            "one trace: nothing to bisect"
+        );
     }
 
     #[test]

@@ -83,6 +83,8 @@ struct Answer {
     verdict: HttpVerdict,
     retry_after: Option<Duration>,
     body: Bytes,
+    /// The call carried a token (a 401 then means it expired: retryable).
+    with_token: bool,
 }
 
 impl Experiments {
@@ -113,19 +115,19 @@ impl Experiments {
         }
         let lookup = |e: ExportError| lookup_error(name, e);
         let (id, how) = match self.get_by_name(client, auth, workspace, name).await.map_err(lookup)? {
-            Some(id) => (id, Lookup::Found),
-            None if !self.create => {
+            Ok(id) => (id, Lookup::Found),
+            Err(missing) if !self.create => {
                 return Err(ExportError::UnknownExperiment {
                     name: name.to_string(),
-                    detail: "MLflow has no experiment of this name and mlflow.create_experiments is off".into(),
+                    detail: format!("{missing}; mlflow.create_experiments is off"),
                 });
             }
-            None => match self.create(client, auth, workspace, name).await.map_err(lookup)? {
+            Err(_) => match self.create(client, auth, workspace, name).await.map_err(lookup)? {
                 Some(id) => (id, Lookup::Created),
                 // Created meanwhile by another sender or relay: read the winner's id.
                 None => match self.get_by_name(client, auth, workspace, name).await.map_err(lookup)? {
-                    Some(id) => (id, Lookup::Found),
-                    None => {
+                    Ok(id) => (id, Lookup::Found),
+                    Err(_) => {
                         return Err(ExportError::UnknownExperiment {
                             name: name.to_string(),
                             detail: "MLflow says it exists but does not find it (a deleted experiment holds the name: restore or purge it)".into(),
@@ -138,21 +140,26 @@ impl Experiments {
         Ok((id, how))
     }
 
-    /// Some(id) when MLflow has an active experiment of that name, None when it has none.
+    /// Ok(id) when MLflow has an active experiment of that name, Err(MLflow's message) when it
+    /// has none (or no such workspace).
     async fn get_by_name(
         &self,
         client: &HttpsClient,
         auth: Option<&Arc<dyn Authenticator>>,
         workspace: Option<&Arc<str>>,
         name: &str,
-    ) -> Result<Option<Arc<str>>, ExportError> {
+    ) -> Result<Result<Arc<str>, String>, ExportError> {
         let query: String = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("experiment_name", name)
             .finish();
         let uri = format!("{}/api/2.0/mlflow/experiments/get-by-name?{query}", self.api);
         let answer = self.call(client, auth, workspace, Method::GET, &uri, None).await?;
         if answer.status == StatusCode::NOT_FOUND && error_code(&answer.body) == Some("RESOURCE_DOES_NOT_EXIST") {
-            return Ok(None);
+            let message = serde_json::from_slice::<serde_json::Value>(&answer.body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(|m| m.chars().take(ERROR_TEXT).collect()))
+                .unwrap_or_else(|| "MLflow has no experiment of this name".to_string());
+            return Ok(Err(message));
         }
         let json = success(answer)?;
         let experiment = &json["experiment"];
@@ -163,7 +170,7 @@ impl Experiments {
             });
         }
         match experiment["experiment_id"].as_str() {
-            Some(id) if crate::otlp::ExperimentId::is_valid(id) => Ok(Some(Arc::from(id))),
+            Some(id) if crate::otlp::ExperimentId::is_valid(id) => Ok(Ok(Arc::from(id))),
             _ => Err(ExportError::Permanent {
                 status: StatusCode::OK,
                 body: "get-by-name answered without a numeric experiment_id".into(),
@@ -253,6 +260,7 @@ impl Experiments {
                 verdict,
                 retry_after,
                 body,
+                with_token: sent_auth.is_some(),
             })
         };
         let answer = tokio::time::timeout(self.timeout, exchange)
@@ -293,7 +301,7 @@ fn success(answer: Answer) -> Result<serde_json::Value, ExportError> {
         }),
         HttpVerdict::Unauthorized => Err(ExportError::Unauthorized {
             body: text(),
-            with_token: true,
+            with_token: answer.with_token,
         }),
         HttpVerdict::Permanent => Err(ExportError::Permanent {
             status: answer.status,

@@ -193,7 +193,11 @@ pub(crate) fn target(record: &[u8], key: &Destination, named_by: &str) -> Target
 
 /// Groups a batch's records by target, each group in the order its records came; a batch with
 /// one target (the usual case) is one group holding every index.
-pub(crate) fn group<'a>(records: impl Iterator<Item = &'a [u8]>, key: &Destination, named_by: &str) -> Vec<(Target, Vec<usize>)> {
+pub(crate) fn group<'a>(
+    records: impl Iterator<Item = &'a [u8]>,
+    key: &Destination,
+    named_by: &str,
+) -> Vec<(Target, Vec<usize>)> {
     let mut groups: Vec<(Target, Vec<usize>)> = Vec::new();
     for (i, record) in records.enumerate() {
         let t = target(record, key, named_by);
@@ -299,7 +303,10 @@ mod tests {
             ..Default::default()
         };
         let t = target(&service, &from_headers, "");
-        assert_eq!((t.run.as_deref(), t.workspace.as_deref()), (Some("header-run"), Some("header-ws")));
+        assert_eq!(
+            (t.run.as_deref(), t.workspace.as_deref()),
+            (Some("header-run"), Some("header-ws"))
+        );
         let own = record(vec![s(RUN_ID_ATTRIBUTE, "r"), s(WORKSPACE_ATTRIBUTE, "w")]);
         let t = target(&own, &from_headers, "");
         assert_eq!((t.run.as_deref(), t.workspace.as_deref()), (Some("r"), Some("w")));

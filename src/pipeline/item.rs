@@ -9,12 +9,16 @@ use std::time::Duration;
 use super::wire::{self, ResourceChunk};
 use crate::batch::{BatchItem, Unsplit};
 
-/// Where a batch goes beyond its exporter: the MLflow experiment, when it differs from the
-/// exporter's configured header, and the run and workspace a request's headers named. The
-/// exporter reads the resource's `mlflow.*` attributes itself (they win over these).
+/// Where a batch goes beyond its exporter: the MLflow experiment (by id: the resource's
+/// `mlflow.experiment_id` or the request's header; by name: the resource's
+/// `mlflow.experiment_name`), the run and the workspace (the resource's `mlflow.run_id` and
+/// `mlflow.workspace`, else the request's headers). Batches are kept apart by it; the exporter
+/// decides the headers of each request from the records themselves (`export::route`), so a
+/// record read back from the spool, which keeps only the ids, still goes where it should.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Destination {
     pub experiment: Option<Arc<str>>,
+    pub experiment_name: Option<Arc<str>>,
     pub run: Option<Arc<str>>,
     pub workspace: Option<Arc<str>>,
 }

@@ -105,12 +105,17 @@ impl Intake {
                     .as_deref()
                     .map(Arc::from)
                     .or_else(|| request.experiment.clone());
+                // The resource's other MLflow attributes: read again by the exporter, here only
+                // so batches for different runs or experiments are kept apart.
+                let found = crate::export::route::resource_routing(&chunk.bytes, "");
+                let destination = Destination {
+                    experiment,
+                    experiment_name: found.experiment_name.map(Arc::from),
+                    run: found.run.map(Arc::from).or_else(|| request.run.clone()),
+                    workspace: found.workspace.map(Arc::from).or_else(|| request.workspace.clone()),
+                };
                 Routed {
-                    destination: Destination {
-                        experiment,
-                        run: request.run.clone(),
-                        workspace: request.workspace.clone(),
-                    },
+                    destination,
                     item: Item {
                         chunk,
                         charge: charge.clone(),
@@ -268,5 +273,63 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![Some("7".into()), Some("3".into()), None]);
+    }
+
+    #[test]
+    fn batches_are_kept_apart_by_run_workspace_and_experiment_name() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+        let chunk = |attrs: &[(&str, &str)]| {
+            let rs = ResourceSpans {
+                resource: Some(Resource {
+                    attributes: attrs
+                        .iter()
+                        .map(|(k, v)| KeyValue {
+                            key: (*k).into(),
+                            value: Some(AnyValue {
+                                value: Some(any_value::Value::StringValue((*v).into())),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            ResourceChunk {
+                bytes: wire::encode_record(&rs),
+                spans: 1,
+                experiment: None,
+            }
+        };
+        let (tx, mut rx) = mpsc::channel(10);
+        let intake = Intake::new(vec![tx.into()], vec![]);
+        let request = RequestRouting {
+            experiment: Some(Arc::from("3")),
+            run: Some(Arc::from("header-run")),
+            workspace: Some(Arc::from("header-ws")),
+        };
+        let parsed = ParsedRequest {
+            chunks: vec![
+                chunk(&[("mlflow.run_id", "r1"), ("mlflow.experiment_name", "agents")]),
+                chunk(&[("mlflow.workspace", "w1")]),
+            ],
+            spans: 2,
+            ..Default::default()
+        };
+        intake.submit_routed(parsed, &request).unwrap();
+        let routed = rx.try_recv().unwrap();
+        let d: Vec<_> = routed.iter().map(|r| r.destination.clone()).collect();
+        let s = |v: &str| Some(Arc::<str>::from(v));
+        assert_eq!(
+            (d[0].experiment_name.clone(), d[0].run.clone(), d[0].workspace.clone()),
+            (s("agents"), s("r1"), s("header-ws"))
+        );
+        assert_eq!(
+            (d[1].experiment_name.clone(), d[1].run.clone(), d[1].workspace.clone()),
+            (None, s("header-run"), s("w1"))
+        );
+        assert_eq!(d[1].experiment, s("3"));
     }
 }

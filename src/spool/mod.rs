@@ -493,6 +493,7 @@ pub fn record_to_routed(record: proto::Record, segment: Option<u64>) -> Routed {
     Routed {
         destination: Destination {
             experiment: text(&record.experiment),
+            experiment_name: None,
             run: text(&record.run),
             workspace: text(&record.workspace),
         },
