@@ -16,7 +16,10 @@ pub(crate) async fn run(
     prepared: Prepared,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let metrics = Arc::new(Metrics::new());
+    let instance = crate::telemetry::instance_id();
+    let metrics = Arc::new(Metrics::with_labels(
+        config.service.telemetry.resource_labels(&instance),
+    ));
     let health = Arc::new(Health::default());
     let supervisor = Supervisor::new(metrics.clone(), health.clone());
     // Disk, then ports, then tasks: a start that fails leaves nothing running or half-sent.

@@ -1,11 +1,13 @@
 //! The relay's own telemetry: Prometheus metrics with the collector's names, health and
 //! readiness, and the small plain-HTTP admin servers that expose them.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::config::HealthCheckConfig;
 use crate::supervise::LockUnpoisoned;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -105,7 +107,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
+        Self::with_labels(Vec::new())
+    }
+
+    /// Every metric carries `labels` (the relay's resource: service_name, service_instance_id,
+    /// ..., from `service.telemetry.resource`), as the collector's own metrics do.
+    pub fn with_labels(labels: Vec<(String, String)>) -> Metrics {
+        let mut registry = Registry::with_labels(labels.into_iter().map(|(k, v)| (Cow::Owned(k), Cow::Owned(v))));
         let receiver_accepted_spans = CounterFamily::<ReceiverLabels>::default();
         registry.register(
             "otelcol_receiver_accepted_spans",
@@ -304,6 +312,15 @@ impl Metrics {
     }
 }
 
+/// A random instance id (UUID v4 text), new each start, as the collector's service.instance.id.
+pub(crate) fn instance_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = const_hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
 pub fn exporter_labels(exporter: &str) -> ExporterLabels {
     ExporterLabels {
         exporter: exporter.to_string(),
@@ -315,12 +332,15 @@ pub fn exporter_labels(exporter: &str) -> ExporterLabels {
 #[derive(Default)]
 pub struct Health {
     started: AtomicBool,
+    /// When the relay became ready, for the collector's status body.
+    up_since: Mutex<Option<std::time::SystemTime>>,
     draining: AtomicBool,
     reasons: Mutex<BTreeMap<String, String>>,
 }
 
 impl Health {
     pub fn set_started(&self) {
+        *self.up_since.lock_unpoisoned() = Some(std::time::SystemTime::now());
         self.started.store(true, Ordering::SeqCst);
     }
 
@@ -370,8 +390,11 @@ pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Ful
     response
 }
 
-/// The health_check extension's routes.
-pub fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
+/// The health_check extension's routes: the collector's status on its `path`, and ours.
+pub fn health_response(health: &Health, settings: &HealthCheckConfig, path: &str) -> Response<Full<Bytes>> {
+    if path == settings.path {
+        return collector_status(health, settings);
+    }
     match path {
         "/" | "/healthz" | "/livez" => text_response(StatusCode::OK, "ok\n"),
         "/readyz" => match health.not_ready() {
@@ -379,6 +402,79 @@ pub fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
             Some(reason) => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
         },
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The collector health_check's answer: available from start until draining. Readiness reasons
+/// of components (a token endpoint refusing) do not count, as in the collector: probes on this
+/// path are often liveness probes, and a restart would not fix those.
+fn collector_status(health: &Health, settings: &HealthCheckConfig) -> Response<Full<Bytes>> {
+    let since = (!health.draining.load(Ordering::SeqCst))
+        .then(|| *health.up_since.lock_unpoisoned())
+        .flatten();
+    let (status, body) = match (since, &settings.response_body) {
+        (Some(_), Some(b)) => (StatusCode::OK, b.healthy.clone()),
+        (None, Some(b)) => (StatusCode::SERVICE_UNAVAILABLE, b.unhealthy.clone()),
+        (Some(t), None) => (
+            StatusCode::OK,
+            serde_json::json!({
+                "status": "Server available",
+                "upSince": rfc3339(t),
+                "uptime": go_duration(t.elapsed().unwrap_or_default()),
+            })
+            .to_string(),
+        ),
+        (None, None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "Server not available", "upSince": "0001-01-01T00:00:00Z", "uptime": ""})
+                .to_string(),
+        ),
+    };
+    let mut response = text_response(status, body);
+    if settings.response_body.is_none() {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+    }
+    response
+}
+
+/// UTC time as RFC 3339 with nanoseconds, as Go's time.Time marshals to JSON.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (days, secs) = ((d.as_secs() / 86_400) as i64, d.as_secs() % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// A duration as Go prints it (`1h2m3.5s`).
+fn go_duration(d: std::time::Duration) -> String {
+    let (h, m) = (d.as_secs() / 3600, d.as_secs() % 3600 / 60);
+    let s = d.as_secs_f64() - (h * 3600 + m * 60) as f64;
+    let s = format!("{s:.9}")
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_string();
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
     }
 }
 
@@ -484,8 +580,66 @@ mod tests {
         assert_eq!(h.not_ready(), None);
         h.set_draining();
         assert_eq!(h.not_ready().as_deref(), Some("draining"));
-        assert_eq!(health_response(&h, "/healthz").status(), StatusCode::OK);
-        assert_eq!(health_response(&h, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        let settings = HealthCheckConfig::default();
+        assert_eq!(health_response(&h, &settings, "/healthz").status(), StatusCode::OK);
+        assert_eq!(
+            health_response(&h, &settings, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    fn body(r: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt;
+        let bytes = futures_util::FutureExt::now_or_never(r.into_body().collect())
+            .and_then(Result::ok)
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn the_collector_status_is_served_on_its_path() {
+        let h = Health::default();
+        let settings = HealthCheckConfig {
+            path: "/health/status".into(),
+            ..Default::default()
+        };
+        let r = health_response(&h, &settings, "/health/status");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "starting");
+        assert!(body(r).contains("\"Server not available\""));
+        h.set_started();
+        // A component's reason does not make the collector's status fail.
+        h.set_unready("oauth2client/x", Some("refused".into()));
+        let r = health_response(&h, &settings, "/health/status");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body(r)).unwrap();
+        assert_eq!(v["status"], "Server available");
+        assert!(v["upSince"].as_str().unwrap().ends_with('Z'), "{v}");
+        assert!(v["uptime"].as_str().unwrap().ends_with('s'), "{v}");
+        assert_eq!(health_response(&h, &settings, "/").status(), StatusCode::OK);
+        h.set_draining();
+        assert_eq!(
+            health_response(&h, &settings, "/health/status").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let custom = HealthCheckConfig {
+            response_body: Some(crate::config::HealthResponseBody {
+                healthy: "I'm OK".into(),
+                unhealthy: "I'm not well".into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(body(health_response(&h, &custom, "/")), "I'm not well");
+    }
+
+    #[test]
+    fn go_formats() {
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_709_210_096, 5);
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56.000000005Z");
+        assert_eq!(go_duration(std::time::Duration::from_millis(49_013)), "49.013s");
+        assert_eq!(go_duration(std::time::Duration::from_secs(3723)), "1h2m3s");
     }
 
     #[test]
@@ -509,5 +663,21 @@ mod tests {
             text.contains("otelcol_exporter_queue_capacity{exporter=\"otlphttp\"} 10"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn resource_labels_are_on_every_metric() {
+        let m = Metrics::with_labels(vec![("service_name".into(), "relay-a".into())]);
+        m.exporter_queue_capacity
+            .get_or_create(&exporter_labels("otlphttp"))
+            .set(10);
+        let text = m.encode();
+        assert!(
+            text.contains("otelcol_exporter_queue_capacity{service_name=\"relay-a\",exporter=\"otlphttp\"} 10"),
+            "{text}"
+        );
+        let id = instance_id();
+        assert_eq!((id.len(), id.as_bytes()[14]), (36, b'4'), "{id}");
+        assert_ne!(id, instance_id());
     }
 }

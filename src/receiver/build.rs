@@ -65,6 +65,7 @@ impl ReceiverContext {
             ignored_metadata_warned: Default::default(),
             connections: ConnectionSettings::from_config(p),
             health,
+            cors: p.cors.clone().filter(|c| !c.allowed_origins.is_empty()),
         }
     }
 }

@@ -3,6 +3,7 @@
 mod body;
 pub(crate) mod build;
 mod conn;
+mod cors;
 mod errors;
 pub(crate) mod grpc;
 pub mod http;
@@ -46,6 +47,8 @@ pub(crate) struct ReceiverContext {
     /// Where the listener reports why it is not ready (at its connection limit, certificate
     /// out of its validity period).
     pub health: Arc<Health>,
+    /// Cross-origin settings of the HTTP listener (None: no CORS headers, as the collector).
+    pub cors: Option<crate::config::CorsConfig>,
 }
 
 impl ReceiverContext {
