@@ -69,6 +69,81 @@ pub struct ComponentLabels {
 
 type CounterFamily<L> = Family<L, Counter>;
 
+/// Why an exporter gave accepted spans up without a verdict from the destination: the label
+/// values of `otlp_relay_exporter_dropped_spans`, each series present at zero from start.
+pub(crate) mod drop_reason {
+    pub(crate) const PANIC: &str = "panic";
+    pub(crate) const SHUTDOWN: &str = "shutdown";
+    pub(crate) const CORRUPT: &str = "corrupt";
+    pub(crate) const SPOOL_FULL: &str = "spool_full";
+    pub(crate) const ALL: [&str; 4] = [PANIC, SHUTDOWN, CORRUPT, SPOOL_FULL];
+}
+
+/// Why a receiver refused spans (`otlp_relay`'s Refusal reasons and invalid spans): each series
+/// present at zero from start, so an alert on it sees 0 rather than no data.
+const RECEIVER_REFUSALS: [&str; 6] = [
+    "memory_limit",
+    "queue_full",
+    "shutting_down",
+    "spool_full",
+    "disk_full",
+    "invalid_span",
+];
+
+/// The counters of one labelled family for one component, by reason: each created once, so the
+/// hot path finds its counter by comparing a `&str`, without building label strings.
+pub(crate) struct ReasonCounters {
+    make: Box<dyn Fn(&str) -> Counter + Send + Sync>,
+    by_reason: std::sync::RwLock<Vec<(String, Counter)>>,
+}
+
+impl ReasonCounters {
+    fn new(make: Box<dyn Fn(&str) -> Counter + Send + Sync>, known: &[&str]) -> ReasonCounters {
+        let by_reason = known.iter().map(|r| (r.to_string(), make(r))).collect();
+        ReasonCounters {
+            make,
+            by_reason: std::sync::RwLock::new(by_reason),
+        }
+    }
+
+    pub(crate) fn inc_by(&self, reason: &str, n: u64) {
+        let found = {
+            let known = self.by_reason.read().unwrap_or_else(|e| e.into_inner());
+            known.iter().find(|(r, _)| r == reason).map(|(_, c)| c.inc_by(n))
+        };
+        if found.is_none() {
+            let counter = (self.make)(reason);
+            counter.inc_by(n);
+            let mut known = self.by_reason.write().unwrap_or_else(|e| e.into_inner());
+            if !known.iter().any(|(r, _)| r == reason) {
+                known.push((reason.to_string(), counter));
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, reason: &str) -> u64 {
+        let known = self.by_reason.read().unwrap_or_else(|e| e.into_inner());
+        known.iter().find(|(r, _)| r == reason).map_or(0, |(_, c)| c.get())
+    }
+}
+
+/// One receiver listener's metrics, registered once when it starts.
+pub(crate) struct ReceiverHandles {
+    pub(crate) receiver: String,
+    pub(crate) transport: &'static str,
+    pub(crate) accepted: Counter,
+    pub(crate) refused: ReasonCounters,
+}
+
+/// One exporter's metrics, registered once; the shutdown accounting reads these.
+pub(crate) struct ExporterHandles {
+    pub(crate) sent: Counter,
+    pub(crate) send_failed: Counter,
+    /// Every dropped span whatever the reason: a new reason cannot unbalance the accounting.
+    pub(crate) dropped_total: Counter,
+    pub(crate) dropped: ReasonCounters,
+}
+
 /// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
 pub struct Metrics {
     registry: Registry,
@@ -97,12 +172,46 @@ pub struct Metrics {
     pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
     pub receiver_connections_refused: CounterFamily<RefusedLabels>,
     pub receiver_connections_closed: CounterFamily<RefusedLabels>,
+    /// Handles of every receiver listener and exporter, registered once each.
+    receivers: Mutex<Vec<Arc<ReceiverHandles>>>,
+    exporters: Mutex<Vec<(String, Arc<ExporterHandles>)>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn counter<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> CounterFamily<L> {
+    let family = CounterFamily::<L>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<L, Gauge> {
+    let family = Family::<L, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn histogram<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    buckets: fn() -> Histogram,
+) -> Family<L, Histogram> {
+    let family = Family::<L, Histogram>::new_with_constructor(buckets);
+    registry.register(name, help, family.clone());
+    family
 }
 
 impl Metrics {
@@ -113,145 +222,117 @@ impl Metrics {
     /// Every metric carries `labels` (the relay's resource: service_name, service_instance_id,
     /// ..., from `service.telemetry.resource`), as the collector's own metrics do.
     pub fn with_labels(labels: Vec<(String, String)>) -> Metrics {
-        let mut registry = Registry::with_labels(labels.into_iter().map(|(k, v)| (Cow::Owned(k), Cow::Owned(v))));
-        let receiver_accepted_spans = CounterFamily::<ReceiverLabels>::default();
-        registry.register(
+        let mut r = Registry::with_labels(labels.into_iter().map(|(k, v)| (Cow::Owned(k), Cow::Owned(v))));
+        let receiver_accepted_spans = counter(
+            &mut r,
             "otelcol_receiver_accepted_spans",
             "Spans successfully pushed into the pipeline",
-            receiver_accepted_spans.clone(),
         );
-        let receiver_refused_spans = CounterFamily::<RefusedLabels>::default();
-        registry.register(
+        let receiver_refused_spans = counter(
+            &mut r,
             "otelcol_receiver_refused_spans",
             "Spans that could not be pushed into the pipeline, by reason",
-            receiver_refused_spans.clone(),
         );
-        let exporter_sent_spans = CounterFamily::<ExporterLabels>::default();
-        registry.register(
-            "otelcol_exporter_sent_spans",
-            "Spans delivered to the destination",
-            exporter_sent_spans.clone(),
-        );
-        let exporter_send_failed_spans = CounterFamily::<ExporterLabels>::default();
-        registry.register(
-            "otelcol_exporter_send_failed_spans",
-            "Spans the destination refused permanently or that ran out of retries",
-            exporter_send_failed_spans.clone(),
-        );
-        let exporter_dropped_spans = CounterFamily::<ExporterReasonLabels>::default();
-        registry.register(
-            "otlp_relay_exporter_dropped_spans",
-            "Accepted spans given up without a verdict from the destination (e.g. the shutdown deadline)",
-            exporter_dropped_spans.clone(),
-        );
-        let batch_unsplittable = CounterFamily::<ExporterLabels>::default();
-        registry.register(
-            "otlp_relay_batch_unsplittable_items",
-            "Items the batcher could not split and sent whole, above send_batch_max_size",
-            batch_unsplittable.clone(),
-        );
-        let exporter_retries = CounterFamily::<ExporterReasonLabels>::default();
-        registry.register(
-            "otlp_relay_exporter_retries",
-            "Export attempts that will be retried",
-            exporter_retries.clone(),
-        );
-        let exporter_queue_size = Family::<ExporterLabels, Gauge>::default();
-        registry.register(
-            "otelcol_exporter_queue_size",
-            "Batches in the sending queue",
-            exporter_queue_size.clone(),
-        );
-        let exporter_queue_capacity = Family::<ExporterLabels, Gauge>::default();
-        registry.register(
-            "otelcol_exporter_queue_capacity",
-            "Capacity of the sending queue, in batches",
-            exporter_queue_capacity.clone(),
-        );
-        let batch_send_size = Family::<ProcessorLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(10.0, 2.0, 14))
-        });
-        registry.register(
-            "otelcol_processor_batch_batch_send_size",
-            "Spans per batch sent by the batch processor",
-            batch_send_size.clone(),
-        );
-        let export_duration = Family::<ExporterLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 16))
-        });
-        registry.register(
-            "otlp_relay_export_duration_seconds",
-            "Time of one export request, from send to response",
-            export_duration.clone(),
-        );
-        let spool_bytes = Family::<ExporterLabels, Gauge>::default();
-        registry.register(
-            "otlp_relay_spool_bytes",
-            "Bytes of segment files in the exporter's spool",
-            spool_bytes.clone(),
-        );
-        let spool_records = Family::<ExporterLabels, Gauge>::default();
-        registry.register(
-            "otlp_relay_spool_records",
-            "Records in the exporter's spool segments not yet deleted",
-            spool_records.clone(),
-        );
-        let spool_corrupt_records = CounterFamily::<ExporterLabels>::default();
-        registry.register(
-            "otlp_relay_spool_corrupt_records",
-            "Damaged spool records found: torn tails truncated, damaged records skipped (their spans count as dropped, reason corrupt)",
-            spool_corrupt_records.clone(),
-        );
-        let dead_letter_spans = CounterFamily::<ExporterLabels>::default();
-        registry.register(
-            "otlp_relay_dead_letter_spans",
-            "Spans refused for good by the destination and kept in the dead-letter directory",
-            dead_letter_spans.clone(),
-        );
-        let exporter_unauthorized = CounterFamily::<ExporterLabels>::default();
-        registry.register(
-            "otlp_relay_exporter_unauthorized",
-            "Export requests the destination answered 401 (the token is refreshed and the batch retried)",
-            exporter_unauthorized.clone(),
-        );
-        let token_requests = CounterFamily::<TokenResultLabels>::default();
-        registry.register(
-            "otlp_relay_token_requests",
-            "Token requests by oauth2client extension and result (success, rejected, error)",
-            token_requests.clone(),
-        );
-        let token_expiry = Family::<TokenLabels, Gauge>::default();
-        registry.register(
-            "otlp_relay_token_expiry_seconds",
-            "Unix time at which the extension's current token expires",
-            token_expiry.clone(),
-        );
-        let component_restarts = CounterFamily::<ComponentLabels>::default();
-        registry.register(
-            "otlp_relay_component_restarts",
-            "Restarts of a supervised task after a panic, by component",
-            component_restarts.clone(),
-        );
-        let receiver_open_connections = Family::<ReceiverLabels, Gauge>::default();
-        registry.register(
+        let receiver_open_connections = gauge(
+            &mut r,
             "otlp_relay_receiver_open_connections",
             "Connections open on the receiver's listener",
-            receiver_open_connections.clone(),
         );
-        let receiver_connections_refused = CounterFamily::<RefusedLabels>::default();
-        registry.register(
+        let receiver_connections_refused = counter(
+            &mut r,
             "otlp_relay_receiver_connections_refused",
             "Connections closed at once on accept, by reason (max_connections)",
-            receiver_connections_refused.clone(),
         );
-        let receiver_connections_closed = CounterFamily::<RefusedLabels>::default();
-        registry.register(
+        let receiver_connections_closed = counter(
+            &mut r,
             "otlp_relay_receiver_connections_closed",
             "Connections the receiver closed on a client, by reason (idle_timeout, header_timeout, handshake_timeout, body_timeout)",
-            receiver_connections_closed.clone(),
+        );
+        let exporter_sent_spans = counter(
+            &mut r,
+            "otelcol_exporter_sent_spans",
+            "Spans delivered to the destination",
+        );
+        let exporter_send_failed_spans = counter(
+            &mut r,
+            "otelcol_exporter_send_failed_spans",
+            "Spans the destination refused permanently or that ran out of retries",
+        );
+        let exporter_dropped_spans = counter(
+            &mut r,
+            "otlp_relay_exporter_dropped_spans",
+            "Accepted spans given up without a verdict from the destination (e.g. the shutdown deadline)",
+        );
+        let batch_unsplittable = counter(
+            &mut r,
+            "otlp_relay_batch_unsplittable_items",
+            "Items the batcher could not split and sent whole, above send_batch_max_size",
+        );
+        let exporter_retries = counter(
+            &mut r,
+            "otlp_relay_exporter_retries",
+            "Export attempts that will be retried",
+        );
+        let exporter_queue_size = gauge(&mut r, "otelcol_exporter_queue_size", "Batches in the sending queue");
+        let exporter_queue_capacity = gauge(
+            &mut r,
+            "otelcol_exporter_queue_capacity",
+            "Capacity of the sending queue, in batches",
+        );
+        let batch_send_size = histogram(
+            &mut r,
+            "otelcol_processor_batch_batch_send_size",
+            "Spans per batch sent by the batch processor",
+            || Histogram::new(exponential_buckets(10.0, 2.0, 14)),
+        );
+        let export_duration = histogram(
+            &mut r,
+            "otlp_relay_export_duration_seconds",
+            "Time of one export request, from send to response",
+            || Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        );
+        let exporter_unauthorized = counter(
+            &mut r,
+            "otlp_relay_exporter_unauthorized",
+            "Export requests the destination answered 401 (the token is refreshed and the batch retried)",
+        );
+        let spool_bytes = gauge(
+            &mut r,
+            "otlp_relay_spool_bytes",
+            "Bytes of segment files in the exporter's spool",
+        );
+        let spool_records = gauge(
+            &mut r,
+            "otlp_relay_spool_records",
+            "Records in the exporter's spool segments not yet deleted",
+        );
+        let spool_corrupt_records = counter(
+            &mut r,
+            "otlp_relay_spool_corrupt_records",
+            "Damaged spool records found: torn tails truncated, damaged records skipped (their spans count as dropped, reason corrupt)",
+        );
+        let dead_letter_spans = counter(
+            &mut r,
+            "otlp_relay_dead_letter_spans",
+            "Spans refused for good by the destination and kept in the dead-letter directory",
+        );
+        let token_requests = counter(
+            &mut r,
+            "otlp_relay_token_requests",
+            "Token requests by oauth2client extension and result (success, rejected, error)",
+        );
+        let token_expiry = gauge(
+            &mut r,
+            "otlp_relay_token_expiry_seconds",
+            "Unix time at which the extension's current token expires",
+        );
+        let component_restarts = counter(
+            &mut r,
+            "otlp_relay_component_restarts",
+            "Restarts of a supervised task after a panic, by component",
         );
         Metrics {
-            registry,
+            registry: r,
             component_restarts,
             exporter_dropped_total: CounterFamily::default(),
             receiver_open_connections,
@@ -275,7 +356,84 @@ impl Metrics {
             exporter_unauthorized,
             token_requests,
             token_expiry,
+            receivers: Mutex::new(Vec::new()),
+            exporters: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The handles of receiver `id`'s `transport` listener, registered on first use; every
+    /// refusal reason's series exists from then on, at zero.
+    pub(crate) fn receiver(&self, id: &str, transport: &'static str) -> Arc<ReceiverHandles> {
+        let mut receivers = self.receivers.lock_unpoisoned();
+        if let Some(h) = receivers.iter().find(|h| h.receiver == id && h.transport == transport) {
+            return h.clone();
+        }
+        let labels = ReceiverLabels {
+            receiver: id.to_string(),
+            transport: transport.to_string(),
+        };
+        let family = self.receiver_refused_spans.clone();
+        let base = labels.clone();
+        let refused = ReasonCounters::new(
+            Box::new(move |reason| {
+                family
+                    .get_or_create(&RefusedLabels {
+                        receiver: base.receiver.clone(),
+                        transport: base.transport.clone(),
+                        reason: reason.to_string(),
+                    })
+                    .clone()
+            }),
+            &RECEIVER_REFUSALS,
+        );
+        let h = Arc::new(ReceiverHandles {
+            receiver: id.to_string(),
+            transport,
+            accepted: self.receiver_accepted_spans.get_or_create(&labels).clone(),
+            refused,
+        });
+        receivers.push(h.clone());
+        h
+    }
+
+    /// Spans accepted by receiver `id`, over all its listeners.
+    pub(crate) fn accepted_spans(&self, id: &str) -> u64 {
+        let receivers = self.receivers.lock_unpoisoned();
+        receivers
+            .iter()
+            .filter(|h| h.receiver == id)
+            .map(|h| h.accepted.get())
+            .sum()
+    }
+
+    /// The handles of exporter `id`, registered on first use.
+    pub(crate) fn exporter(&self, id: &str) -> Arc<ExporterHandles> {
+        let mut exporters = self.exporters.lock_unpoisoned();
+        if let Some((_, h)) = exporters.iter().find(|(e, _)| e == id) {
+            return h.clone();
+        }
+        let labels = exporter_labels(id);
+        let family = self.exporter_dropped_spans.clone();
+        let exporter = id.to_string();
+        let dropped = ReasonCounters::new(
+            Box::new(move |reason| {
+                family
+                    .get_or_create(&ExporterReasonLabels {
+                        exporter: exporter.clone(),
+                        reason: reason.to_string(),
+                    })
+                    .clone()
+            }),
+            &drop_reason::ALL,
+        );
+        let h = Arc::new(ExporterHandles {
+            sent: self.exporter_sent_spans.get_or_create(&labels).clone(),
+            send_failed: self.exporter_send_failed_spans.get_or_create(&labels).clone(),
+            dropped_total: self.exporter_dropped_total.get_or_create(&labels).clone(),
+            dropped,
+        });
+        exporters.push((id.to_string(), h.clone()));
+        h
     }
 
     /// Counts accepted spans an exporter gave up without a verdict from the destination.
@@ -283,22 +441,9 @@ impl Metrics {
         if spans == 0 {
             return;
         }
-        self.exporter_dropped_spans
-            .get_or_create(&ExporterReasonLabels {
-                exporter: exporter.to_string(),
-                reason: reason.to_string(),
-            })
-            .inc_by(spans as u64);
-        self.exporter_dropped_total
-            .get_or_create(&exporter_labels(exporter))
-            .inc_by(spans as u64);
-    }
-
-    /// Spans dropped by an exporter so far, over every reason.
-    pub fn dropped_spans(&self, exporter: &str) -> u64 {
-        self.exporter_dropped_total
-            .get_or_create(&exporter_labels(exporter))
-            .get()
+        let h = self.exporter(exporter);
+        h.dropped.inc_by(reason, spans as u64);
+        h.dropped_total.inc_by(spans as u64);
     }
 
     pub fn encode(&self) -> String {
@@ -663,6 +808,37 @@ mod tests {
             text.contains("otelcol_exporter_queue_capacity{exporter=\"otlphttp\"} 10"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn handles_are_registered_once_and_series_start_at_zero() {
+        let m = Metrics::new();
+        let h = m.receiver("otlp", "http");
+        assert!(Arc::ptr_eq(&h, &m.receiver("otlp", "http")));
+        h.accepted.inc_by(2);
+        m.receiver("otlp", "grpc").accepted.inc_by(3);
+        m.receiver("otlp/other", "grpc").accepted.inc_by(100);
+        assert_eq!(m.accepted_spans("otlp"), 5);
+        h.refused.inc_by("queue_full", 4);
+        // A reason nobody listed still counts, and is found again.
+        h.refused.inc_by("brand_new", 1);
+        h.refused.inc_by("brand_new", 1);
+        assert_eq!(h.refused.get("brand_new"), 2);
+        let e = m.exporter("otlphttp");
+        m.count_dropped("otlphttp", "a_new_reason", 7);
+        m.count_dropped("otlphttp", drop_reason::CORRUPT, 1);
+        assert_eq!(e.dropped_total.get(), 8, "a new reason counts in the total");
+        assert_eq!(e.dropped.get(drop_reason::CORRUPT), 1);
+        let text = m.encode();
+        for series in [
+            "otelcol_receiver_refused_spans_total{receiver=\"otlp\",transport=\"http\",reason=\"memory_limit\"} 0",
+            "otelcol_receiver_refused_spans_total{receiver=\"otlp\",transport=\"http\",reason=\"queue_full\"} 4",
+            "otlp_relay_exporter_dropped_spans_total{exporter=\"otlphttp\",reason=\"shutdown\"} 0",
+            "otlp_relay_exporter_dropped_spans_total{exporter=\"otlphttp\",reason=\"a_new_reason\"} 7",
+            "otelcol_exporter_sent_spans_total{exporter=\"otlphttp\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
     }
 
     #[test]

@@ -301,6 +301,8 @@ fn start_stages(
             if inputs.contains_key(id) {
                 continue;
             }
+            // Registered now: every series of the exporter is served at zero from start.
+            metrics.exporter(id);
             let cfg = &config.exporters[id];
             let mut settings = crate::export::build::stage_settings(id, cfg, pipeline_batch(config, pipeline));
             let mut stage_control = running.control.clone();

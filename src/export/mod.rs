@@ -23,7 +23,7 @@ use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 use crate::supervise::LockUnpoisoned;
 use crate::supervise::{Supervisor, fault_point};
-use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, exporter_labels};
+use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, drop_reason, exporter_labels};
 use retry::RetryPolicy;
 
 pub type OutBatch = Batch<Destination, Item>;
@@ -217,7 +217,7 @@ pub(crate) fn start_stage(
                 // With a spool these spans stay on disk unreleased and go out after a restart.
                 let spans = salvage_held.swap(0, Ordering::AcqRel);
                 if salvage_settings.spool.is_none() {
-                    count_dropped(&salvage_metrics, &salvage_settings.name, "panic", spans);
+                    count_dropped(&salvage_metrics, &salvage_settings.name, drop_reason::PANIC, spans);
                 }
                 Box::pin(async {})
             }),
@@ -265,14 +265,14 @@ async fn give_up_after_panic(settings: &StageSettings, metrics: &Metrics, batch:
         dead_letter(settings, &batch, &ExportError::Internal(message), 1, metrics).await;
         release(settings, &batch);
     } else {
-        count_dropped(metrics, &settings.name, "panic", batch.spans);
+        count_dropped(metrics, &settings.name, drop_reason::PANIC, batch.spans);
     }
 }
 
 /// Spans abandoned at shutdown: dropped without a spool; with one they are still on disk.
 fn shutdown_dropped(settings: &StageSettings, metrics: &Metrics, spans: usize) {
     if settings.spool.is_none() {
-        count_dropped(metrics, &settings.name, "shutdown", spans);
+        count_dropped(metrics, &settings.name, drop_reason::SHUTDOWN, spans);
     }
 }
 

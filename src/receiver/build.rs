@@ -56,6 +56,7 @@ impl ReceiverContext {
         health: Arc<Health>,
     ) -> ReceiverContext {
         ReceiverContext {
+            handles: metrics.receiver(id, transport),
             receiver: id.to_string(),
             transport,
             intake,
