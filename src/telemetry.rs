@@ -172,9 +172,71 @@ pub struct Metrics {
     pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
     pub receiver_connections_refused: CounterFamily<RefusedLabels>,
     pub receiver_connections_closed: CounterFamily<RefusedLabels>,
+    process: ProcessGauges,
     /// Handles of every receiver listener and exporter, registered once each.
     receivers: Mutex<Vec<Arc<ReceiverHandles>>>,
     exporters: Mutex<Vec<(String, Arc<ExporterHandles>)>>,
+}
+
+/// The process metrics of the collector (its dashboards' variables come from uptime), read from
+/// /proc when scraped.
+struct ProcessGauges {
+    started: std::time::Instant,
+    uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
+    memory_rss: Gauge,
+    cpu_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessGauges {
+    fn register(r: &mut Registry) -> ProcessGauges {
+        let g = ProcessGauges {
+            started: std::time::Instant::now(),
+            uptime: Gauge::default(),
+            memory_rss: Gauge::default(),
+            cpu_seconds: Gauge::default(),
+        };
+        r.register(
+            "otelcol_process_uptime",
+            "Seconds since the process started",
+            g.uptime.clone(),
+        );
+        r.register(
+            "otelcol_process_memory_rss",
+            "Resident memory of the process, in bytes",
+            g.memory_rss.clone(),
+        );
+        r.register(
+            "otelcol_process_cpu_seconds",
+            "CPU time of the process (user and system), in seconds",
+            g.cpu_seconds.clone(),
+        );
+        g
+    }
+
+    fn refresh(&self) {
+        self.uptime.set(self.started.elapsed().as_secs_f64());
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<i64>().ok())
+        {
+            self.memory_rss.set(kb * 1024);
+        }
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        if let Some(ticks) = cpu_ticks(&stat) {
+            // USER_HZ is 100 on every Linux ABI the relay is built for.
+            self.cpu_seconds.set(ticks as f64 / 100.0);
+        }
+    }
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line; the command name in field 2 may
+/// hold spaces and parentheses, so fields are counted after its last `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 impl Default for Metrics {
@@ -331,7 +393,9 @@ impl Metrics {
             "otlp_relay_component_restarts",
             "Restarts of a supervised task after a panic, by component",
         );
+        let process = ProcessGauges::register(&mut r);
         Metrics {
+            process,
             registry: r,
             component_restarts,
             exporter_dropped_total: CounterFamily::default(),
@@ -447,6 +511,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        self.process.refresh();
         let mut out = String::new();
         // Writing to a String cannot fail; an encoder error would leave a partial page, which
         // Prometheus reports as a scrape error.
@@ -839,6 +904,23 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} in {text}");
         }
+    }
+
+    #[test]
+    fn process_metrics_are_served() {
+        let m = Metrics::new();
+        let text = m.encode();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        assert!(value("otelcol_process_memory_rss") > 1e6);
+        assert!(value("otelcol_process_uptime") >= 0.0);
+        assert!(value("otelcol_process_cpu_seconds") >= 0.0);
+        assert_eq!(cpu_ticks("1 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0"), Some(300));
+        assert_eq!(cpu_ticks("garbage"), None);
     }
 
     #[test]

@@ -139,6 +139,24 @@ fn a_collector_config_runs_unchanged() {
     ] {
         assert!(accepted.contains(label), "{label} in {accepted}");
     }
+    // What a collector dashboard's variables and alerts need: process metrics, and refusal
+    // series present at zero before the first refusal.
+    for prefix in [
+        "otelcol_process_uptime{",
+        "otelcol_process_memory_rss{",
+        "otelcol_process_cpu_seconds{",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} in {text}"));
+        assert!(line.contains("service_instance_id=\""), "{line}");
+    }
+    let refused_at_zero = text
+        .lines()
+        .find(|l| l.starts_with("otelcol_receiver_refused_spans_total{") && l.contains("reason=\"memory_limit\""))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(refused_at_zero.ends_with(" 0"), "{refused_at_zero}");
 
     // The collector's health status on the configured path; ours besides.
     let health = relay.health.unwrap();
