@@ -40,6 +40,13 @@ pub struct ExporterLabels {
     pub exporter: String,
 }
 
+/// The queue metrics' labels: the collector adds the signal (`data_type`) there.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub exporter: String,
+    pub data_type: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExporterReasonLabels {
     pub exporter: String,
@@ -153,8 +160,8 @@ pub struct Metrics {
     pub exporter_send_failed_spans: CounterFamily<ExporterLabels>,
     pub exporter_dropped_spans: CounterFamily<ExporterReasonLabels>,
     pub exporter_retries: CounterFamily<ExporterReasonLabels>,
-    pub exporter_queue_size: Family<ExporterLabels, Gauge>,
-    pub exporter_queue_capacity: Family<ExporterLabels, Gauge>,
+    pub exporter_queue_size: Family<QueueLabels, Gauge>,
+    pub exporter_queue_capacity: Family<QueueLabels, Gauge>,
     pub batch_send_size: Family<ProcessorLabels, Histogram>,
     pub export_duration: Family<ExporterLabels, Histogram>,
     pub spool_bytes: Family<ExporterLabels, Gauge>,
@@ -531,6 +538,13 @@ pub(crate) fn instance_id() -> String {
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
+pub fn queue_labels(exporter: &str) -> QueueLabels {
+    QueueLabels {
+        exporter: exporter.to_string(),
+        data_type: "traces",
+    }
+}
+
 pub fn exporter_labels(exporter: &str) -> ExporterLabels {
     ExporterLabels {
         exporter: exporter.to_string(),
@@ -862,7 +876,7 @@ mod tests {
             })
             .inc_by(3);
         m.exporter_queue_capacity
-            .get_or_create(&exporter_labels("otlphttp"))
+            .get_or_create(&queue_labels("otlphttp"))
             .set(10);
         let text = m.encode();
         assert!(
@@ -870,7 +884,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("otelcol_exporter_queue_capacity{exporter=\"otlphttp\"} 10"),
+            text.contains("otelcol_exporter_queue_capacity{exporter=\"otlphttp\",data_type=\"traces\"} 10"),
             "{text}"
         );
     }
@@ -927,11 +941,11 @@ mod tests {
     fn resource_labels_are_on_every_metric() {
         let m = Metrics::with_labels(vec![("service_name".into(), "relay-a".into())]);
         m.exporter_queue_capacity
-            .get_or_create(&exporter_labels("otlphttp"))
+            .get_or_create(&queue_labels("otlphttp"))
             .set(10);
         let text = m.encode();
         assert!(
-            text.contains("otelcol_exporter_queue_capacity{service_name=\"relay-a\",exporter=\"otlphttp\"} 10"),
+            text.contains("otelcol_exporter_queue_capacity{service_name=\"relay-a\",exporter=\"otlphttp\",data_type=\"traces\"} 10"),
             "{text}"
         );
         let id = instance_id();

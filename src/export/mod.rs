@@ -23,7 +23,7 @@ use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 use crate::supervise::LockUnpoisoned;
 use crate::supervise::{Supervisor, fault_point};
-use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, drop_reason, exporter_labels};
+use crate::telemetry::{ExporterReasonLabels, Metrics, ProcessorLabels, drop_reason, exporter_labels, queue_labels};
 use retry::RetryPolicy;
 
 pub type OutBatch = Batch<Destination, Item>;
@@ -185,10 +185,9 @@ pub(crate) fn start_stage(
 ) -> mpsc::Sender<Arc<Vec<Routed>>> {
     let (intake_tx, intake_rx) = mpsc::channel(intake_capacity(settings.queue_size));
     let (queue_tx, queue_rx) = mpsc::channel::<OutBatch>(settings.queue_size);
-    let labels = exporter_labels(&settings.name);
     metrics
         .exporter_queue_capacity
-        .get_or_create(&labels)
+        .get_or_create(&queue_labels(&settings.name))
         .set(settings.queue_size as i64);
     let settings = Arc::new(settings);
     let intake_rx = Arc::new(Mutex::new(intake_rx));
@@ -295,7 +294,7 @@ async fn run_batcher(
         queue: &queue,
         queue_size: metrics
             .exporter_queue_size
-            .get_or_create(&exporter_labels(&settings.name))
+            .get_or_create(&queue_labels(&settings.name))
             .clone(),
         batch_size: metrics
             .batch_send_size
@@ -424,12 +423,15 @@ async fn run_sender(
     control: StageControl,
     in_hand: Arc<std::sync::Mutex<Option<OutBatch>>>,
 ) {
-    let labels = exporter_labels(&settings.name);
+    let queue_size = metrics
+        .exporter_queue_size
+        .get_or_create(&queue_labels(&settings.name))
+        .clone();
     loop {
         let batch = {
             let mut rx = queue.lock().await;
             let next = rx.recv().await;
-            metrics.exporter_queue_size.get_or_create(&labels).set(rx.len() as i64);
+            queue_size.set(rx.len() as i64);
             next
         };
         let Some(batch) = batch else { return };
