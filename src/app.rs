@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::{Config, Exporter as ExporterConfig};
 use crate::spool::Spool;
 use crate::supervise::Supervisor;
-use crate::telemetry::{ExporterReasonLabels, Health, Metrics, ReceiverLabels, exporter_labels};
+use crate::telemetry::{Health, Metrics};
 use crate::topology::{self, Prepared, Running, StartError};
 
 pub(crate) async fn run(
@@ -16,7 +16,10 @@ pub(crate) async fn run(
     prepared: Prepared,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let metrics = Arc::new(Metrics::new());
+    let instance = crate::telemetry::instance_id();
+    let metrics = Arc::new(Metrics::with_labels(
+        config.service.telemetry.resource_labels(&instance),
+    ));
     let health = Arc::new(Health::default());
     let supervisor = Supervisor::new(metrics.clone(), health.clone());
     // Disk, then ports, then tasks: a start that fails leaves nothing running or half-sent.
@@ -126,22 +129,15 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
         if receivers.is_empty() {
             continue;
         }
-        let mut accepted = 0;
-        for r in receivers.iter().collect::<std::collections::BTreeSet<_>>() {
-            for transport in ["grpc", "http"] {
-                accepted += metrics
-                    .receiver_accepted_spans
-                    .get_or_create(&ReceiverLabels {
-                        receiver: r.to_string(),
-                        transport: transport.into(),
-                    })
-                    .get();
-            }
-        }
-        let labels = exporter_labels(exporter);
-        let sent = metrics.exporter_sent_spans.get_or_create(&labels).get();
-        let failed = metrics.exporter_send_failed_spans.get_or_create(&labels).get();
-        let dropped = metrics.dropped_spans(exporter);
+        // Typed counters, each receiver once (a receiver in two pipelines to this exporter).
+        let accepted: u64 = receivers
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|r| metrics.accepted_spans(r))
+            .sum();
+        let counts = metrics.exporter(exporter);
+        let (sent, failed, dropped) = (counts.sent.get(), counts.send_failed.get(), counts.dropped_total.get());
         match spools.get(exporter) {
             None => {
                 tracing::info!(exporter = %exporter, accepted, sent, failed, dropped, balanced = accepted == sent + failed + dropped, "final span accounting");
@@ -149,13 +145,7 @@ fn log_accounting(config: &Config, metrics: &Metrics, spools: &BTreeMap<String, 
             Some(spool) => {
                 let (recovered, in_spool) = (spool.recovered_spans(), spool.pending_spans());
                 // Spans lost to damaged spool records are in `dropped`, and named here.
-                let corrupt = metrics
-                    .exporter_dropped_spans
-                    .get_or_create(&ExporterReasonLabels {
-                        exporter: exporter.clone(),
-                        reason: "corrupt".into(),
-                    })
-                    .get();
+                let corrupt = counts.dropped.get(crate::telemetry::drop_reason::CORRUPT);
                 // A damaged segment whose loss could not be counted leaves the sums short.
                 let uncounted = spool.segments_with_uncounted_loss();
                 tracing::info!(exporter = %exporter, accepted, recovered, sent, failed, dropped, corrupt, in_spool, segments_with_uncounted_loss = uncounted, balanced = uncounted == 0 && accepted + recovered == sent + failed + dropped + in_spool, "final span accounting");

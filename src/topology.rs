@@ -144,7 +144,8 @@ pub(crate) fn open_spools(
 
 /// Every port the relay listens on, bound before anything runs so a clash fails the start.
 pub(crate) struct Listeners<'a> {
-    metrics: TcpListener,
+    /// None with `service.telemetry.metrics.level: none`.
+    metrics: Option<TcpListener>,
     health: Option<TcpListener>,
     /// (receiver id, endpoint, listener), in config order.
     receivers: Vec<(String, Endpoint<'a>, TcpListener)>,
@@ -155,7 +156,10 @@ async fn bind_one(component: &str, addr: std::net::SocketAddr) -> Result<TcpList
 }
 
 pub(crate) async fn bind(config: &Config) -> Result<Listeners<'_>, StartError> {
-    let metrics = bind_one("metrics", config.service.telemetry.metrics.address.0).await?;
+    let metrics = match config.service.telemetry.metrics.listen() {
+        Some(addr) => Some(bind_one("metrics", addr.0).await?),
+        None => None,
+    };
     let health = match config.health_check() {
         Some(h) => Some(bind_one("health", h.endpoint.0).await?),
         None => None,
@@ -246,7 +250,9 @@ pub(crate) fn start(
         &mut running,
         supervisor,
         listeners.metrics,
-        listeners.health,
+        listeners
+            .health
+            .map(|l| (l, config.health_check().cloned().unwrap_or_default())),
         metrics,
         health,
     );
@@ -336,6 +342,8 @@ fn start_stages(
             if inputs.contains_key(id) {
                 continue;
             }
+            // Registered now: every series of the exporter is served at zero from start.
+            metrics.exporter(id);
             let cfg = &config.exporters[id];
             let mut settings = crate::export::build::stage_settings(id, cfg, pipeline_batch(config, pipeline));
             settings.group = pipeline_group(config, pipeline, budgets);
@@ -375,9 +383,10 @@ fn memory_budgets(config: &Config) -> BTreeMap<String, Arc<MemoryBudget>> {
     for pipeline in config.service.pipelines.values() {
         for id in &pipeline.processors {
             if let Some(Processor::MemoryLimiter(m)) = config.processors.get(id) {
-                budgets
-                    .entry(id.clone())
-                    .or_insert_with(|| MemoryBudget::new(id, m.limit_mib, m.spike_limit_mib));
+                budgets.entry(id.clone()).or_insert_with(|| {
+                    let (limit, spike) = m.effective_mib();
+                    MemoryBudget::new(id, limit, spike)
+                });
             }
         }
     }
@@ -446,13 +455,13 @@ fn spawn_receiver(
 fn spawn_admin(
     running: &mut Running,
     supervisor: &Supervisor,
-    metrics_listener: TcpListener,
-    health_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    health_listener: Option<(TcpListener, crate::config::HealthCheckConfig)>,
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
 ) {
     let mut admin_handlers: Vec<(TcpListener, &'static str, telemetry::AdminHandler)> = Vec::new();
-    {
+    if let Some(metrics_listener) = metrics_listener {
         let m = metrics.clone();
         admin_handlers.push((
             metrics_listener,
@@ -460,12 +469,12 @@ fn spawn_admin(
             Arc::new(move |req| telemetry::metrics_response(&m, req.uri().path())),
         ));
     }
-    if let Some(listener) = health_listener {
+    if let Some((listener, settings)) = health_listener {
         let h = health.clone();
         admin_handlers.push((
             listener,
             "health",
-            Arc::new(move |req| telemetry::health_response(&h, req.uri().path())),
+            Arc::new(move |req| telemetry::health_response(&h, &settings, req.uri().path())),
         ));
     }
     for (listener, name, handler) in admin_handlers {

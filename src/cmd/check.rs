@@ -23,6 +23,14 @@ pub(super) fn main(args: CheckArgs) -> ExitCode {
                 c.exporters.len(),
                 pipelines
             );
+            // Warnings do not fail the check: the config runs, but does less than it says.
+            let warnings = config::warnings(&c);
+            if !warnings.is_empty() {
+                println!("{} warning(s):", warnings.len());
+                for w in &warnings {
+                    println!("  warning: {w}");
+                }
+            }
             Exit::Success.into()
         }
         Err(errors) => {

@@ -32,6 +32,9 @@ pub(super) fn main(args: RunArgs, rt: tokio::runtime::Runtime) -> ExitCode {
         }
     };
     logging::init(args.log_format, config.service.telemetry.logs.level.as_deref());
+    for w in config::warnings(&config) {
+        tracing::warn!(path = %w.path, "{}", w.message);
+    }
     crate::supervise::install_panic_hook();
     match rt.block_on(crate::app::run(config, prepared, super::signal::wait_for_signal())) {
         Ok(()) => Exit::Success.into(),

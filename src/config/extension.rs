@@ -15,15 +15,29 @@ pub const DEFAULT_HEALTH_ENDPOINT: &str = "0.0.0.0:13133";
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
     pub endpoint: ListenAddr,
-    /// Accepted for collector compatibility; `/`, `/healthz` and `/readyz` are always served.
-    pub path: Option<String>,
+    /// Where the collector's status is served (JSON, 503 while starting or draining); default
+    /// `/`. `/healthz`, `/livez` and `/readyz` are served besides.
+    pub path: String,
+    /// Bodies that replace the JSON status, as the collector's.
+    pub response_body: Option<HealthResponseBody>,
+    /// Accepted for collector compatibility (deprecated there): pipelines are not probed.
+    pub check_collector_pipeline: Option<serde_norway::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthResponseBody {
+    pub healthy: String,
+    pub unhealthy: String,
 }
 
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
             endpoint: ListenAddr::constant(DEFAULT_HEALTH_ENDPOINT),
-            path: None,
+            path: "/".into(),
+            response_body: None,
+            check_collector_pipeline: None,
         }
     }
 }
@@ -135,7 +149,11 @@ impl Default for FileStorageConfig {
 pub(super) fn validate(id: &str, x: &Extension, err: &mut dyn FnMut(String, String)) {
     let path = format!("extensions.{id}");
     match x {
-        Extension::HealthCheck(_) => {}
+        Extension::HealthCheck(h) => {
+            if !h.path.starts_with('/') {
+                err(format!("{path}.path"), format!("{:?} must start with /", h.path));
+            }
+        }
         Extension::FileStorage(f) => {
             if f.directory.is_empty() {
                 err(format!("{path}.directory"), "must be set".into());

@@ -44,16 +44,39 @@ pub fn parse_str(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<
     // and a check that compared another value with it (a port clash naming it) compared with
     // the default that stood in for it.
     let failed: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
-    errors.extend(super::validate::validate(&config).into_iter().filter(|e| {
-        !failed
-            .iter()
-            .any(|f| *f == e.path || (!f.is_empty() && e.message.ends_with(&format!(" {f}"))))
-    }));
+    errors.extend(
+        super::validate::validate(&config)
+            .into_iter()
+            .filter(|e| {
+                !failed
+                    .iter()
+                    .any(|f| *f == e.path || (!f.is_empty() && e.message.ends_with(&format!(" {f}"))))
+            })
+            .map(|e| defined_but_failed(e, &failed)),
+    );
     if errors.is_empty() {
         Ok(config)
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// A reference to a component that is in the file but failed to load (an unsupported type, a
+/// value that could not be read) is not "not defined": it points at the component's own error.
+fn defined_but_failed(mut e: ConfigError, failed: &[String]) -> ConfigError {
+    for section in ["receivers", "processors", "exporters", "extensions"] {
+        let Some(quoted) = e.message.strip_suffix(&format!(" is not defined under {section}")) else {
+            continue;
+        };
+        let Some(id) = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')) else {
+            continue;
+        };
+        let at = format!("{section}.{id}");
+        if failed.contains(&at) {
+            e.message = format!("{quoted} is defined under {section} but cannot be used: see {at}");
+        }
+    }
+    e
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -87,6 +110,14 @@ fn substitute_tree(
                 *value = match serde_norway::from_str::<Value>(&new) {
                     Ok(v @ (Value::Bool(_) | Value::Number(_))) => v,
                     _ => Value::String(new),
+                };
+            }
+            Ok(Substituted::File(text)) => {
+                // YAML of any shape, as the collector's file provider reads it; text that is not
+                // YAML stays the file's text.
+                *value = match serde_norway::from_str::<Value>(&text) {
+                    Ok(Value::Null) | Err(_) => Value::String(text.strip_suffix('\n').unwrap_or(&text).to_string()),
+                    Ok(v) => v,
                 };
             }
             Err(e) => errors.push(ConfigError::new(path, e.to_string())),
@@ -213,16 +244,12 @@ fn section(root: &mut BTreeMap<String, Value>, name: &str, errors: &mut Vec<Conf
     }
 }
 
-fn unsupported(path: &str, kind: &str, ty: &str, supported: &str, hint: &str, errors: &mut Vec<ConfigError>) {
-    let hint = if hint.is_empty() {
-        String::new()
-    } else {
-        format!("; {hint}")
+fn unsupported(path: &str, kind: &str, ty: &str, supported: &str, errors: &mut Vec<ConfigError>) {
+    let message = match super::known::advice(kind, ty) {
+        Some(advice) => format!("the {ty:?} {kind} is not supported by this relay; {advice} (supported: {supported})"),
+        None => format!("unknown {kind} type {ty:?} (supported: {supported})"),
     };
-    errors.push(ConfigError::new(
-        path,
-        format!("unknown {kind} type {ty:?} (supported: {supported}){hint}"),
-    ));
+    errors.push(ConfigError::new(path, message));
 }
 
 /// `grpc:` with no settings enables the protocol with defaults, as in the collector.
@@ -255,7 +282,7 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.receivers.insert(id, Receiver::Otlp(c));
                 }
             }
-            other => unsupported(&path, "receiver", other, "otlp", "", errors),
+            other => unsupported(&path, "receiver", other, "otlp", errors),
         }
     }
     for (id, v) in section(&mut top, "processors", errors) {
@@ -281,7 +308,6 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                 "processor",
                 other,
                 "batch, groupbytrace, memory_limiter",
-                "",
                 errors,
             ),
         }
@@ -289,7 +315,8 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
     for (id, v) in section(&mut top, "exporters", errors) {
         let path = join("exporters", &id);
         match component_type(&id) {
-            "otlphttp" => {
+            // otlp_http: the collector's canonical name since v0.144.
+            "otlphttp" | "otlp_http" => {
                 if let Some(c) = typed(v, &path, errors) {
                     config.exporters.insert(id, Exporter::OtlpHttp(Box::new(c)));
                 }
@@ -299,15 +326,7 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.exporters.insert(id, Exporter::Debug(c));
                 }
             }
-            "otlp" => unsupported(
-                &path,
-                "exporter",
-                "otlp",
-                "otlphttp, debug",
-                "MLflow accepts only OTLP/HTTP, use an otlphttp exporter",
-                errors,
-            ),
-            other => unsupported(&path, "exporter", other, "otlphttp, debug", "", errors),
+            other => unsupported(&path, "exporter", other, "otlphttp (otlp_http), debug", errors),
         }
     }
     for (id, v) in section(&mut top, "extensions", errors) {
@@ -333,7 +352,6 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                 "extension",
                 other,
                 "health_check, oauth2client, file_storage",
-                "",
                 errors,
             ),
         }
@@ -350,7 +368,7 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
     }
     for key in top.keys() {
         let msg = match key.as_str() {
-            "connectors" => "connectors are not supported".to_string(),
+            "connectors" => "connectors are not supported: keep an OpenTelemetry Collector for them".to_string(),
             _ => "unknown top-level key (expected receivers, processors, exporters, extensions, service)".to_string(),
         };
         errors.push(ConfigError::new(key.clone(), msg));
@@ -423,21 +441,21 @@ service:
     #[test]
     fn unknown_component_types_are_named() {
         let text = "
-receivers: {otlp: {protocols: {grpc: {}}}, kafka: {}}
+receivers: {otlp: {protocols: {grpc: {}}}, kafka: {}, madeup: {}}
 processors: {tail_sampling: {}}
-exporters: {debug: {}, otlp/mlflow: {endpoint: x}}
+exporters: {debug: {}, otlp/mlflow: {endpoint: x}, otlp_grpc/tempo: {endpoint: x}}
 extensions: {zpages: {}}
-service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [debug, otlp/mlflow, otlp_grpc/tempo]}}}
 ";
         let errs = errors_of(text);
         assert!(
             errs.iter()
-                .any(|e| e.starts_with("receivers.kafka: unknown receiver type \"kafka\"")),
+                .any(|e| e.starts_with("receivers.kafka: the \"kafka\" receiver is not supported by this relay")),
             "{errs:#?}"
         );
         assert!(
             errs.iter()
-                .any(|e| e.starts_with("processors.tail_sampling: unknown processor type"))
+                .any(|e| e.starts_with("processors.tail_sampling: the \"tail_sampling\" processor is not supported"))
         );
         assert!(
             errs.iter()
@@ -445,7 +463,85 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [debug]}}}
         );
         assert!(
             errs.iter()
-                .any(|e| e.starts_with("extensions.zpages: unknown extension type"))
+                .any(|e| e.starts_with("extensions.zpages: the \"zpages\" extension is not supported"))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("receivers.madeup: unknown receiver type \"madeup\"")),
+            "{errs:#?}"
+        );
+        for id in ["otlp/mlflow", "otlp_grpc/tempo"] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(&format!("exporters.{id}: the "))
+                    && e.contains("not supported")
+                    && e.contains("Tempo")),
+                "{errs:#?}"
+            );
+        }
+        // The pipeline's references point at those errors instead of saying "not defined".
+        assert!(!errs.iter().any(|e| e.contains("not defined")), "{errs:#?}");
+        assert!(
+            errs.iter().any(|e| e
+                == "service.pipelines.traces.exporters[2]: \"otlp_grpc/tempo\" is defined under exporters but cannot be used: see exporters.otlp_grpc/tempo"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn otlp_http_is_the_otlphttp_exporter() {
+        let text = "
+receivers: {otlp: {protocols: {http: {}}}}
+exporters: {otlp_http/m: {endpoint: 'http://127.0.0.1:5000'}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [otlp_http/m]}}}
+";
+        let config = parse_str(text, &no_env).unwrap();
+        assert!(matches!(config.exporters["otlp_http/m"], Exporter::OtlpHttp(_)));
+    }
+
+    #[test]
+    fn bare_and_file_references_keep_yaml_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let headers = dir.path().join("headers.yaml");
+        std::fs::write(&headers, "x-mlflow-experiment-id: '7'\nx-other: b\n").unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "abc\n").unwrap();
+        let env = |name: &str| match name {
+            "INSECURE" => Some("true".to_string()),
+            "PORT" => Some("4318".to_string()),
+            _ => None,
+        };
+        let text = format!(
+            "
+receivers: {{otlp: {{protocols: {{http: {{endpoint: '127.0.0.1:${{PORT}}'}}}}}}}}
+exporters:
+  otlphttp/m:
+    endpoint: 'http://127.0.0.1:5000'
+    tls: {{insecure: '${{INSECURE}}'}}
+    headers: '${{file:{}}}'
+  otlphttp/n:
+    endpoint: 'http://127.0.0.1:5000'
+    headers: {{authorization: 'Bearer ${{file:{}}}'}}
+service: {{pipelines: {{traces: {{receivers: [otlp], exporters: [otlphttp/m, otlphttp/n]}}}}}}
+",
+            headers.display(),
+            token.display()
+        );
+        let config = parse_str(&text, &env).unwrap();
+        let Exporter::OtlpHttp(m) = &config.exporters["otlphttp/m"] else {
+            panic!()
+        };
+        assert!(m.tls.insecure, "a boolean from ${{INSECURE}}");
+        assert_eq!(m.headers["x-mlflow-experiment-id"], "7");
+        assert_eq!(m.headers["x-other"], "b");
+        let Exporter::OtlpHttp(n) = &config.exporters["otlphttp/n"] else {
+            panic!()
+        };
+        assert_eq!(n.headers["authorization"], "Bearer abc");
+        let errs = errors_of(&text.replace("token", "missing-token"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("exporters.otlphttp/n.headers.authorization: cannot read")),
+            "{errs:#?}"
         );
     }
 

@@ -4,12 +4,15 @@ mod duration;
 mod env;
 mod exporter;
 mod extension;
+mod known;
 mod load;
+mod memory;
 mod processor;
 mod receiver;
 mod service;
 mod validate;
 mod values;
+mod warnings;
 
 pub use duration::{GoDuration, parse_duration};
 pub use env::{EnvError, Substituted, substitute};
@@ -21,6 +24,7 @@ pub use receiver::*;
 pub use service::*;
 pub use validate::parse_listen as parse_listen_addr;
 pub use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, TlsVersion, Verbosity};
+pub use warnings::warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;

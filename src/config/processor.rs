@@ -34,6 +34,7 @@ pub struct MemoryLimiterConfig {
     pub check_interval: GoDuration,
     pub limit_mib: u64,
     pub spike_limit_mib: u64,
+    /// Of the cgroup's memory limit, else of total memory; limit_mib wins when both are set.
     pub limit_percentage: u64,
     pub spike_limit_percentage: u64,
 }
@@ -87,22 +88,7 @@ pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, Stri
                 );
             }
         }
-        Processor::MemoryLimiter(m) => {
-            if m.limit_percentage != 0 || m.spike_limit_percentage != 0 {
-                err(
-                    format!("{path}.limit_percentage"),
-                    "percentages of total memory are not supported; set limit_mib".into(),
-                );
-            } else if m.limit_mib == 0 {
-                err(
-                    format!("{path}.limit_mib"),
-                    "must be set (MiB of span data held in the relay)".into(),
-                );
-            }
-            if m.spike_limit_mib >= m.limit_mib && m.limit_mib != 0 {
-                err(format!("{path}.spike_limit_mib"), "must be below limit_mib".into());
-            }
-        }
+        Processor::MemoryLimiter(m) => validate_memory_limiter(&path, m, err),
         Processor::GroupByTrace(g) => {
             for (key, d) in [("wait_duration", g.wait_duration), ("max_hold", g.max_hold)] {
                 if d.is_zero() {
@@ -116,5 +102,54 @@ pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, Stri
                 err(format!("{path}.num_traces"), "must be at least 1".into());
             }
         }
+    }
+}
+
+impl MemoryLimiterConfig {
+    /// (limit, spike limit) in MiB: limit_mib when set, else the percentages of the memory
+    /// available to the process (cgroup limit, else total), as the collector.
+    pub fn effective_mib(&self) -> (u64, u64) {
+        if self.limit_mib != 0 {
+            return (self.limit_mib, self.spike_limit_mib);
+        }
+        let total_mib = super::memory::available_bytes().unwrap_or(0) >> 20;
+        (
+            total_mib * self.limit_percentage / 100,
+            total_mib * self.spike_limit_percentage / 100,
+        )
+    }
+}
+
+fn validate_memory_limiter(path: &str, m: &MemoryLimiterConfig, err: &mut dyn FnMut(String, String)) {
+    if m.limit_mib == 0 && m.limit_percentage == 0 {
+        err(
+            format!("{path}.limit_mib"),
+            "set limit_mib (MiB of span data held in the relay) or limit_percentage".into(),
+        );
+    }
+    for (key, pct) in [
+        ("limit_percentage", m.limit_percentage),
+        ("spike_limit_percentage", m.spike_limit_percentage),
+    ] {
+        if pct > 100 {
+            err(format!("{path}.{key}"), "must be between 0 and 100".into());
+        }
+    }
+    if m.limit_mib == 0 && m.limit_percentage != 0 {
+        if m.spike_limit_percentage >= m.limit_percentage {
+            err(
+                format!("{path}.spike_limit_percentage"),
+                "must be below limit_percentage".into(),
+            );
+        }
+        if super::memory::available_bytes().is_none() {
+            err(
+                format!("{path}.limit_percentage"),
+                "cannot read this machine's memory (cgroup or /proc/meminfo): set limit_mib".into(),
+            );
+        }
+    }
+    if m.spike_limit_mib >= m.limit_mib && m.limit_mib != 0 {
+        err(format!("{path}.spike_limit_mib"), "must be below limit_mib".into());
     }
 }

@@ -31,8 +31,8 @@ pub struct ProtocolConfig {
     pub max_recv_msg_size_mib: u64,
     pub include_metadata: bool,
     pub tls: Option<ServerTlsConfig>,
-    /// Accepted for collector compatibility (HTTP receiver); CORS is not served.
-    pub cors: Option<serde_norway::Value>,
+    /// Cross-origin requests from browsers (HTTP receiver), as the collector's confighttp.
+    pub cors: Option<CorsConfig>,
     /// Concurrent HTTP/2 streams (requests) per connection; default 100.
     pub max_concurrent_streams: Option<u32>,
     /// Ours: concurrent connections on this listener. Default: 1024, or less when the process's
@@ -47,6 +47,19 @@ pub struct ProtocolConfig {
     pub idle_timeout: GoDuration,
     /// The gRPC receiver's HTTP/2 keepalive (collector layout).
     pub keepalive: Option<KeepaliveConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to send spans from a browser; `*` matches any run of characters
+    /// (`https://*.example.com`), `*` alone any origin. Empty: CORS is off.
+    pub allowed_origins: Vec<String>,
+    /// Request headers allowed besides Accept, Content-Type, Content-Encoding, X-Requested-With
+    /// and Origin; `*` allows any.
+    pub allowed_headers: Vec<String>,
+    /// Seconds a browser may cache a preflight answer; 0 leaves it to the browser.
+    pub max_age: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -153,6 +166,19 @@ pub(super) fn validate(id: &str, otlp: &OtlpReceiverConfig, err: &mut dyn FnMut(
         ] {
             if d.is_some_and(|d| d.0.is_zero()) {
                 err(format!("{path}.{key}"), "must be more than 0".into());
+            }
+        }
+        if name == "grpc" && p.cors.is_some() {
+            err(
+                format!("{path}.cors"),
+                "cors applies to the http protocol (browsers do not speak gRPC)".into(),
+            );
+        }
+        if let Some(cors) = &p.cors {
+            for (i, o) in cors.allowed_origins.iter().enumerate() {
+                if o.is_empty() {
+                    err(format!("{path}.cors.allowed_origins[{i}]"), "empty origin".into());
+                }
             }
         }
         if p.max_connections == Some(0) {

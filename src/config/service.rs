@@ -45,14 +45,21 @@ pub struct PipelineConfig {
 pub struct TelemetryConfig {
     pub metrics: MetricsConfig,
     pub logs: LogsConfig,
+    /// Resource attributes of the relay itself: constant labels on every metric (dots become
+    /// underscores: `service.name` → `service_name`). A null value removes a default label.
+    pub resource: BTreeMap<String, Option<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    /// The listen address before readers existed (the collector's `address`); a pull reader
+    /// overrides it.
     pub address: ListenAddr,
-    /// Accepted for collector compatibility (none | basic | normal | detailed).
+    /// none: no metrics listener. basic, normal, detailed: every metric is served.
     pub level: Option<String>,
+    /// The collector's metric readers: a pull Prometheus reader sets where metrics are served.
+    pub readers: Vec<MetricReader>,
 }
 
 impl Default for MetricsConfig {
@@ -60,8 +67,115 @@ impl Default for MetricsConfig {
         MetricsConfig {
             address: ListenAddr::constant(DEFAULT_METRICS_ADDRESS),
             level: None,
+            readers: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricReader {
+    pub pull: Option<PullReader>,
+    /// Accepted for collector compatibility: the relay's metrics are only served for scraping.
+    pub periodic: Option<serde_norway::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullReader {
+    pub exporter: PullExporter,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullExporter {
+    pub prometheus: Option<PrometheusReader>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusReader {
+    pub host: String,
+    pub port: u16,
+    /// Accepted for collector compatibility; names always carry their type suffix.
+    pub without_type_suffix: Option<bool>,
+    /// Accepted for collector compatibility.
+    pub without_units: Option<bool>,
+    /// Accepted for collector compatibility.
+    pub without_scope_info: Option<bool>,
+    /// Accepted for collector compatibility; `telemetry.resource` always becomes labels.
+    pub with_resource_constant_labels: Option<serde_norway::Value>,
+}
+
+impl Default for PrometheusReader {
+    fn default() -> Self {
+        PrometheusReader {
+            host: "0.0.0.0".into(),
+            port: 8888,
+            without_type_suffix: None,
+            without_units: None,
+            without_scope_info: None,
+            with_resource_constant_labels: None,
+        }
+    }
+}
+
+impl PrometheusReader {
+    fn listen(&self) -> Result<ListenAddr, String> {
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{host}:{}", self.port).parse()
+    }
+}
+
+impl MetricsConfig {
+    /// Where the metrics listener binds; None with `level: none`.
+    pub fn listen(&self) -> Option<ListenAddr> {
+        if self.level.as_deref().is_some_and(|l| l.eq_ignore_ascii_case("none")) {
+            return None;
+        }
+        let pull = self
+            .readers
+            .iter()
+            .find_map(|r| r.pull.as_ref()?.exporter.prometheus.as_ref());
+        // A reader that does not parse is a config error (validate), so never reached by run.
+        Some(pull.and_then(|p| p.listen().ok()).unwrap_or(self.address))
+    }
+}
+
+impl TelemetryConfig {
+    /// Constant labels for every metric: the collector's defaults (service.name, version,
+    /// instance id) overridden or removed by `resource`, names made Prometheus-safe.
+    pub fn resource_labels(&self, instance_id: &str) -> Vec<(String, String)> {
+        let mut attrs: BTreeMap<String, String> = BTreeMap::from([
+            ("service.name".to_string(), "otlp-relay".to_string()),
+            ("service.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("service.instance.id".to_string(), instance_id.to_string()),
+        ]);
+        for (k, v) in &self.resource {
+            match v {
+                Some(v) => attrs.insert(k.clone(), v.clone()),
+                None => attrs.remove(k),
+            };
+        }
+        attrs.into_iter().map(|(k, v)| (label_name(&k), v)).collect()
+    }
+}
+
+/// A Prometheus label name for an attribute key: every character outside [A-Za-z0-9_] becomes
+/// `_`, and a leading digit gets a `_` prefix (the collector's Prometheus translation).
+fn label_name(key: &str) -> String {
+    let mut name: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        name.insert(0, '_');
+    }
+    name
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -93,6 +207,7 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
             format!("unknown level {level:?} (debug, info, warn, error)"),
         );
     }
+    validate_telemetry(&s.telemetry, err);
     if s.pipelines.is_empty() {
         err("service.pipelines".into(), "define a traces pipeline".into());
     }
@@ -147,14 +262,8 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
                     }
                     batch = Some(id.as_str());
                 }
-                Some(Processor::MemoryLimiter(_)) => {
-                    if i != 0 {
-                        err(
-                            format!("{path}.processors[{i}]"),
-                            "memory_limiter must be the first processor".into(),
-                        );
-                    }
-                }
+                // Anywhere in the list: the collector only advises first (a warning, see warnings.rs).
+                Some(Processor::MemoryLimiter(_)) => {}
             }
         }
         for (i, e) in p.exporters.iter().enumerate() {
@@ -178,6 +287,51 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
         }
     }
     validate_ports(config, err);
+}
+
+fn validate_telemetry(t: &TelemetryConfig, err: &mut dyn FnMut(String, String)) {
+    let path = "service.telemetry.metrics";
+    if let Some(level) = &t.metrics.level
+        && !matches!(
+            level.to_ascii_lowercase().as_str(),
+            "none" | "basic" | "normal" | "detailed"
+        )
+    {
+        err(
+            format!("{path}.level"),
+            format!("unknown level {level:?} (none, basic, normal, detailed)"),
+        );
+    }
+    let mut pulls = 0;
+    for (i, r) in t.metrics.readers.iter().enumerate() {
+        let at = format!("{path}.readers[{i}]");
+        match (&r.pull, &r.periodic) {
+            (Some(_), Some(_)) => err(at.clone(), "set pull or periodic, not both".into()),
+            (None, None) => err(at.clone(), "set pull (a prometheus exporter)".into()),
+            _ => {}
+        }
+        let Some(pull) = &r.pull else { continue };
+        let Some(p) = &pull.exporter.prometheus else {
+            err(
+                format!("{at}.pull.exporter"),
+                "only a prometheus pull exporter is supported".into(),
+            );
+            continue;
+        };
+        pulls += 1;
+        if pulls > 1 {
+            err(
+                at.clone(),
+                "only one pull reader: the relay serves one metrics listener".into(),
+            );
+        }
+        if let Err(e) = p.listen() {
+            err(format!("{at}.pull.exporter.prometheus.host"), e);
+        }
+    }
+    if t.resource.keys().any(String::is_empty) {
+        err("service.telemetry.resource".into(), "empty attribute name".into());
+    }
 }
 
 /// Two used receivers' protocols must not listen on the same fixed port.

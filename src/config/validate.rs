@@ -168,13 +168,113 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [batch, memory_lim
             "exporters.otlphttp.endpoint: \"ftp://x\"",
             "exporters.otlphttp.compression: \"zstd\" is rejected by MLflow",
             "exporters.otlphttp.headers.x-mlflow-experiment-id:",
-            "service.pipelines.traces.processors[1]: memory_limiter must be the first processor",
         ] {
             assert!(
                 errs.iter().any(|e| e.starts_with(expected)),
                 "missing {expected:?} in {errs:#?}"
             );
         }
+        // Not first is the collector's advice, a warning (config::warnings), not an error.
+        assert!(!errs.iter().any(|e| e.contains("first processor")), "{errs:#?}");
+    }
+
+    #[test]
+    fn memory_limiter_percentages() {
+        let base = "
+receivers: {otlp: {protocols: {grpc: {}}}}
+processors: {memory_limiter: LIMITS}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp], processors: [memory_limiter], exporters: [debug]}}}
+";
+        let of = |limits: &str| errors_of(&base.replace("LIMITS", limits));
+        assert_eq!(
+            of("{limit_percentage: 80, spike_limit_percentage: 20}"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            of("{}"),
+            vec![
+                "processors.memory_limiter.limit_mib: set limit_mib (MiB of span data held in the relay) or limit_percentage"
+            ]
+        );
+        assert_eq!(
+            of("{limit_percentage: 101}"),
+            vec!["processors.memory_limiter.limit_percentage: must be between 0 and 100"]
+        );
+        assert_eq!(
+            of("{limit_percentage: 50, spike_limit_percentage: 50}"),
+            vec!["processors.memory_limiter.spike_limit_percentage: must be below limit_percentage"]
+        );
+        let config = super::super::parse_str(
+            &base.replace("LIMITS", "{limit_percentage: 50, spike_limit_percentage: 10}"),
+            &|_| None,
+        )
+        .unwrap();
+        let Some(super::super::Processor::MemoryLimiter(m)) = config.processors.get("memory_limiter") else {
+            panic!()
+        };
+        let (limit, spike) = m.effective_mib();
+        assert!(limit > 0 && spike > 0 && spike < limit, "{limit} {spike}");
+        let fixed = super::super::MemoryLimiterConfig {
+            limit_mib: 100,
+            spike_limit_mib: 20,
+            limit_percentage: 50,
+            ..Default::default()
+        };
+        assert_eq!(fixed.effective_mib(), (100, 20), "limit_mib wins");
+    }
+
+    #[test]
+    fn telemetry_readers_level_and_resource() {
+        let base = "
+receivers: {otlp: {protocols: {grpc: {}}}}
+exporters: {debug: {}}
+service:
+  telemetry: TELEMETRY
+  pipelines: {traces: {receivers: [otlp], exporters: [debug]}}
+";
+        let load = |t: &str| super::super::parse_str(&base.replace("TELEMETRY", t), &|_| None);
+        let c = load("{metrics: {readers: [{pull: {exporter: {prometheus: {host: '127.0.0.1', port: 9999}}}}]}, resource: {service.name: relay-a, deployment.environment: prod, service.version: null}}").unwrap();
+        let m = &c.service.telemetry.metrics;
+        assert_eq!(m.listen().map(|a| a.as_str()).as_deref(), Some("127.0.0.1:9999"));
+        let labels = c.service.telemetry.resource_labels("id-1");
+        assert_eq!(
+            labels,
+            vec![
+                ("deployment_environment".to_string(), "prod".to_string()),
+                ("service_instance_id".to_string(), "id-1".to_string()),
+                ("service_name".to_string(), "relay-a".to_string()),
+            ]
+        );
+        let ipv6 = load("{metrics: {readers: [{pull: {exporter: {prometheus: {host: '::1', port: 9}}}}]}}").unwrap();
+        assert_eq!(
+            ipv6.service.telemetry.metrics.listen().map(|a| a.as_str()).as_deref(),
+            Some("[::1]:9")
+        );
+        let none = load("{metrics: {level: none}}").unwrap();
+        assert_eq!(none.service.telemetry.metrics.listen(), None);
+        let default = load("{}").unwrap();
+        assert_eq!(
+            default
+                .service
+                .telemetry
+                .metrics
+                .listen()
+                .map(|a| a.as_str())
+                .as_deref(),
+            Some("0.0.0.0:8888")
+        );
+        let errs = |t: &str| load(t).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(errs("{metrics: {level: verbose}}").contains("unknown level \"verbose\""));
+        assert!(
+            errs("{metrics: {readers: [{pull: {exporter: {prometheus: {host: 'no host', port: 1}}}}]}}")
+                .contains("readers[0].pull.exporter.prometheus.host")
+        );
+        assert!(
+            errs("{metrics: {readers: [{pull: {exporter: {prometheus: {}}}}, {pull: {exporter: {prometheus: {port: 2}}}}]}}")
+                .contains("only one pull reader")
+        );
+        assert!(errs("{metrics: {readers: [{}]}}").contains("set pull"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 use crate::supervise::LockUnpoisoned;
 use crate::supervise::{Supervisor, fault_point};
-use crate::telemetry::{Metrics, ProcessorLabels, exporter_labels};
+use crate::telemetry::{Metrics, ProcessorLabels, drop_reason, exporter_labels, queue_labels};
 use retry::RetryPolicy;
 
 pub type OutBatch = Batch<Destination, Item>;
@@ -240,10 +240,9 @@ pub(crate) fn start_stage(
 ) -> mpsc::Sender<Arc<Vec<Routed>>> {
     let (intake_tx, intake_rx) = mpsc::channel(intake_capacity(settings.queue_size));
     let (queue_tx, queue_rx) = mpsc::channel::<OutBatch>(settings.queue_size);
-    let labels = exporter_labels(&settings.name);
     metrics
         .exporter_queue_capacity
-        .get_or_create(&labels)
+        .get_or_create(&queue_labels(&settings.name))
         .set(settings.queue_size as i64);
     let settings = Arc::new(settings);
     let intake_rx = Arc::new(Mutex::new(intake_rx));
@@ -272,7 +271,7 @@ pub(crate) fn start_stage(
                 // With a spool these spans stay on disk unreleased and go out after a restart.
                 let spans = salvage_held.swap(0, Ordering::AcqRel);
                 if salvage_settings.spool.is_none() {
-                    count_dropped(&salvage_metrics, &salvage_settings.name, "panic", spans);
+                    count_dropped(&salvage_metrics, &salvage_settings.name, drop_reason::PANIC, spans);
                 }
                 Box::pin(async {})
             }),
@@ -320,14 +319,14 @@ async fn give_up_after_panic(settings: &StageSettings, metrics: &Metrics, batch:
         dead_letter(settings, &batch, &ExportError::Internal(message), 1, metrics).await;
         release(settings, &batch);
     } else {
-        count_dropped(metrics, &settings.name, "panic", batch.spans);
+        count_dropped(metrics, &settings.name, drop_reason::PANIC, batch.spans);
     }
 }
 
 /// Spans abandoned at shutdown: dropped without a spool; with one they are still on disk.
 fn shutdown_dropped(settings: &StageSettings, metrics: &Metrics, spans: usize) {
     if settings.spool.is_none() {
-        count_dropped(metrics, &settings.name, "shutdown", spans);
+        count_dropped(metrics, &settings.name, drop_reason::SHUTDOWN, spans);
     }
 }
 
@@ -351,7 +350,7 @@ async fn run_batcher(
         queue: &queue,
         queue_size: metrics
             .exporter_queue_size
-            .get_or_create(&exporter_labels(&settings.name))
+            .get_or_create(&queue_labels(&settings.name))
             .clone(),
         batch_size: metrics
             .batch_send_size
@@ -510,12 +509,15 @@ async fn run_sender(
     control: StageControl,
     in_hand: Arc<std::sync::Mutex<Option<OutBatch>>>,
 ) {
-    let labels = exporter_labels(&settings.name);
+    let queue_size = metrics
+        .exporter_queue_size
+        .get_or_create(&queue_labels(&settings.name))
+        .clone();
     loop {
         let batch = {
             let mut rx = queue.lock().await;
             let next = rx.recv().await;
-            metrics.exporter_queue_size.get_or_create(&labels).set(rx.len() as i64);
+            queue_size.set(rx.len() as i64);
             next
         };
         let Some(batch) = batch else { return };

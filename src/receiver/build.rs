@@ -56,6 +56,7 @@ impl ReceiverContext {
         health: Arc<Health>,
     ) -> ReceiverContext {
         ReceiverContext {
+            handles: metrics.receiver(id, transport),
             receiver: id.to_string(),
             transport,
             intake,
@@ -65,6 +66,7 @@ impl ReceiverContext {
             ignored_metadata_warned: Default::default(),
             connections: ConnectionSettings::from_config(p),
             health,
+            cors: p.cors.clone().filter(|c| !c.allowed_origins.is_empty()),
         }
     }
 }

@@ -105,6 +105,11 @@ pub(crate) async fn handle(
     req: hyper::Request<Incoming>,
 ) -> Response<ResponseBody> {
     let (parts, mut body) = req.into_parts();
+    if let Some(cors) = &ctx.cors
+        && super::cors::is_preflight(&parts.method, &parts.headers)
+    {
+        return super::cors::preflight(cors, &parts.headers);
+    }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -121,6 +126,9 @@ pub(crate) async fn handle(
         count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");
     } else if !response.status().is_success() {
         discard_refused(&mut body, declared).await;
+    }
+    if let Some(cors) = &ctx.cors {
+        super::cors::decorate(cors, &parts.headers, &mut response);
     }
     response
 }

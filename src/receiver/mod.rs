@@ -3,6 +3,7 @@
 mod body;
 pub(crate) mod build;
 mod conn;
+mod cors;
 mod errors;
 pub(crate) mod grpc;
 pub mod http;
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::net::{Acceptor, RateLimitedWarn, WARN_INTERVAL};
 use crate::pipeline::Intake;
 use crate::supervise::LockUnpoisoned;
-use crate::telemetry::{Health, Metrics, ReceiverLabels, RefusedLabels};
+use crate::telemetry::{Health, Metrics, ReceiverLabels};
 use crate::tls::{PeerIdentity, ServerTls};
 use conn::{Activity, Slot, Slots, count_closed, count_refused, is_header_timeout};
 
@@ -46,6 +47,10 @@ pub(crate) struct ReceiverContext {
     /// Where the listener reports why it is not ready (at its connection limit, certificate
     /// out of its validity period).
     pub health: Arc<Health>,
+    /// This listener's counters, registered once: no label strings are built per request.
+    pub handles: Arc<crate::telemetry::ReceiverHandles>,
+    /// Cross-origin settings of the HTTP listener (None: no CORS headers, as the collector).
+    pub cors: Option<crate::config::CorsConfig>,
 }
 
 impl ReceiverContext {
@@ -61,25 +66,14 @@ impl ReceiverContext {
     }
 
     fn accepted(&self, spans: usize) {
-        self.metrics
-            .receiver_accepted_spans
-            .get_or_create(&self.labels())
-            .inc_by(spans as u64);
+        self.handles.accepted.inc_by(spans as u64);
     }
 
     fn refused(&self, spans: usize, reason: &str) {
         if spans == 0 {
             return;
         }
-        let labels = RefusedLabels {
-            receiver: self.receiver.clone(),
-            transport: self.transport.to_string(),
-            reason: reason.to_string(),
-        };
-        self.metrics
-            .receiver_refused_spans
-            .get_or_create(&labels)
-            .inc_by(spans as u64);
+        self.handles.refused.inc_by(reason, spans as u64);
     }
 }
 

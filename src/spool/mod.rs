@@ -252,8 +252,11 @@ impl Shared {
         if spans == 0 {
             return;
         }
-        self.metrics
-            .count_dropped(&self.settings.exporter, "corrupt", spans as usize);
+        self.metrics.count_dropped(
+            &self.settings.exporter,
+            crate::telemetry::drop_reason::CORRUPT,
+            spans as usize,
+        );
     }
 
     /// The reader has passed a sealed segment's end: spans neither read nor counted lost yet
@@ -310,8 +313,11 @@ impl Shared {
             }
             let _ = std::fs::remove_file(segment_path(&self.settings.dir, id));
             self.used.fetch_sub(seg.bytes, Ordering::AcqRel);
-            self.metrics
-                .count_dropped(&self.settings.exporter, "spool_full", lost as usize);
+            self.metrics.count_dropped(
+                &self.settings.exporter,
+                crate::telemetry::drop_reason::SPOOL_FULL,
+                lost as usize,
+            );
             tracing::warn!(exporter = %self.settings.exporter, segment = id, spans = lost, "spool full: dropped the oldest segment (on_full: drop_oldest)");
             self.update_gauges(&st);
         }

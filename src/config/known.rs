@@ -1,0 +1,112 @@
+//! Collector component types this relay knows of but does not implement, each with what to use
+//! instead: a real collector config that names one gets that advice, not "unknown type".
+
+/// What to say about a collector component type we do not implement, if we know it.
+pub(super) fn advice(kind: &str, ty: &str) -> Option<&'static str> {
+    let table: &[(&str, &[&str], &str)] = &[
+        (
+            "exporter",
+            &["otlp", "otlp_grpc"],
+            "the OTLP/gRPC exporter is not implemented yet: for MLflow use otlphttp (MLflow accepts only OTLP/HTTP); for Tempo, Phoenix, Jaeger or an LGTM stack use otlphttp against their OTLP/HTTP endpoint (usually port 4318), or keep an OpenTelemetry Collector for them",
+        ),
+        (
+            "exporter",
+            &[
+                "zipkin",
+                "jaeger",
+                "kafka",
+                "file",
+                "prometheus",
+                "prometheusremotewrite",
+                "loki",
+                "elasticsearch",
+                "awsxray",
+                "googlecloud",
+                "azuremonitor",
+                "datadog",
+                "splunk_hec",
+                "clickhouse",
+            ],
+            "this relay delivers traces over OTLP/HTTP only: use otlphttp, or keep an OpenTelemetry Collector for this destination",
+        ),
+        (
+            "receiver",
+            &[
+                "jaeger",
+                "zipkin",
+                "kafka",
+                "opencensus",
+                "prometheus",
+                "hostmetrics",
+                "filelog",
+                "k8s_cluster",
+                "kubeletstats",
+                "statsd",
+                "journald",
+                "syslog",
+                "fluentforward",
+                "docker_stats",
+            ],
+            "this relay receives OTLP traces only: use the otlp receiver (gRPC and HTTP), or keep an OpenTelemetry Collector in front for this source",
+        ),
+        (
+            "processor",
+            &[
+                "tail_sampling",
+                "probabilistic_sampler",
+                "k8sattributes",
+                "resourcedetection",
+                "span",
+                "redaction",
+                "groupbytrace",
+                "routing",
+                "cumulativetodelta",
+                "metricstransform",
+                "filter",
+                "transform",
+                "resource",
+                "attributes",
+            ],
+            "not implemented by this relay: run it in an OpenTelemetry Collector in front of the relay, or remove it from the pipeline",
+        ),
+        (
+            "extension",
+            &[
+                "zpages",
+                "pprof",
+                "bearertokenauth",
+                "basicauth",
+                "oidc",
+                "headers_setter",
+                "sigv4auth",
+                "k8s_observer",
+                "memory_ballast",
+                "healthcheckv2",
+            ],
+            "not implemented by this relay: remove it from extensions and service.extensions (oauth2client, health_check and file_storage are)",
+        ),
+        (
+            "connector",
+            &["spanmetrics", "servicegraph", "forward", "routing", "count"],
+            "connectors are not supported: keep an OpenTelemetry Collector for them",
+        ),
+    ];
+    table
+        .iter()
+        .find(|(k, types, _)| *k == kind && types.contains(&ty))
+        .map(|(_, _, advice)| *advice)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_types_have_advice() {
+        assert!(advice("exporter", "otlp_grpc").is_some_and(|a| a.contains("otlphttp")));
+        assert!(advice("processor", "tail_sampling").is_some());
+        assert!(advice("extension", "zpages").is_some());
+        assert_eq!(advice("exporter", "made_up"), None);
+        assert_eq!(advice("receiver", "otlp_grpc"), None);
+    }
+}
