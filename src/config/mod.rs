@@ -15,6 +15,7 @@ pub use duration::{GoDuration, parse_duration};
 pub use env::{EnvError, Substituted, substitute};
 pub use exporter::*;
 pub use extension::*;
+pub(crate) use load::typed;
 pub use load::{load_file, parse_str};
 pub use processor::*;
 pub use receiver::*;
@@ -76,6 +77,8 @@ pub enum Receiver {
 pub enum Processor {
     Batch(BatchConfig),
     MemoryLimiter(MemoryLimiterConfig),
+    /// A processor of `crate::processor::REGISTRY` (transform, filter, ...).
+    Registered(crate::processor::Registered),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -72,5 +72,6 @@ pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, Stri
                 err(format!("{path}.spike_limit_mib"), "must be below limit_mib".into());
             }
         }
+        Processor::Registered(r) => r.config.validate(&path, err),
     }
 }

@@ -147,6 +147,7 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
                         );
                     }
                 }
+                Some(Processor::Registered(_)) => {}
             }
         }
         for (i, e) in p.exporters.iter().enumerate() {

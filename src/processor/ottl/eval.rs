@@ -5,6 +5,7 @@ use opentelemetry_proto::tonic::common::v1::{
     AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::span::Event;
 use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 
 use super::{Arg, Call, CompareOp, Condition, Expr, Key, MathOp, Path, Statement};
@@ -36,11 +37,14 @@ pub(crate) enum EvalError {
 #[error("{0}")]
 pub(crate) struct CompileError(pub String);
 
-/// What a statement runs on: the collector's `span` context (its resource and scope reachable).
+/// What a statement runs on: a span with its resource and scope, and in the `spanevent`
+/// context one of its events. The `resource` and `scope` contexts run on a placeholder span
+/// their statements cannot name (see `context`).
 pub(crate) struct SpanTarget<'a> {
     pub resource: &'a mut Resource,
     pub scope: &'a mut InstrumentationScope,
     pub span: &'a mut Span,
+    pub event: Option<&'a mut Event>,
 }
 
 /// A statement checked against the functions and paths this build knows.
@@ -233,6 +237,7 @@ enum Place {
     Status(&'static str),
     Resource(&'static str),
     Scope(&'static str),
+    Event(&'static str),
 }
 
 /// The place and the keys after it (only maps take keys).
@@ -256,6 +261,12 @@ fn resolve(path: &Path) -> Result<(Place, &[Key]), CompileError> {
         [field] => Place::Span(SPAN_FIELDS.iter().find(|f| *f == field).copied().ok_or_else(unknown)?),
         ["resource", "attributes"] => Place::Resource("attributes"),
         ["resource", "dropped_attributes_count"] => Place::Resource("dropped_attributes_count"),
+        ["spanevent", field] => Place::Event(
+            ["name", "time_unix_nano", "attributes", "dropped_attributes_count"]
+                .into_iter()
+                .find(|f| f == field)
+                .ok_or_else(unknown)?,
+        ),
         ["instrumentation_scope" | "scope", field] => Place::Scope(
             ["name", "version", "attributes"]
                 .into_iter()
@@ -266,7 +277,10 @@ fn resolve(path: &Path) -> Result<(Place, &[Key]), CompileError> {
     };
     let takes_keys = matches!(
         place,
-        Place::Span("attributes") | Place::Resource("attributes") | Place::Scope("attributes")
+        Place::Span("attributes")
+            | Place::Resource("attributes")
+            | Place::Scope("attributes")
+            | Place::Event("attributes")
     );
     if !last.is_empty() && !takes_keys {
         return Err(CompileError(format!("{:?} cannot be indexed", names.join("."))));
@@ -501,6 +515,7 @@ fn attributes_mut<'t>(place: Place, target: &'t mut SpanTarget<'_>) -> Option<&'
         Place::Span("attributes") => Some(&mut target.span.attributes),
         Place::Resource("attributes") => Some(&mut target.resource.attributes),
         Place::Scope("attributes") => Some(&mut target.scope.attributes),
+        Place::Event("attributes") => target.event.as_deref_mut().map(|e| &mut e.attributes),
         _ => None,
     }
 }
@@ -510,6 +525,7 @@ fn attributes<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t Vec<Ke
         Place::Span("attributes") => Some(&target.span.attributes),
         Place::Resource("attributes") => Some(&target.resource.attributes),
         Place::Scope("attributes") => Some(&target.scope.attributes),
+        Place::Event("attributes") => target.event.as_deref().map(|e| &e.attributes),
         _ => None,
     }
 }
@@ -517,6 +533,17 @@ fn attributes<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t Vec<Ke
 fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
     let (place, keys) = resolve(path).map_err(|e| EvalError::Type(e.0))?;
     if let Some(map) = attributes(place, target) {
+        // `attributes["k"]` looks the key up rather than copying the whole map first.
+        if let Some((Key::Str(first), rest)) = keys.split_first() {
+            let mut value = map
+                .iter()
+                .find(|kv| &kv.key == first)
+                .map_or(Value::Nil, |kv| from_any(kv.value.as_ref()));
+            for key in rest {
+                value = index(value, key);
+            }
+            return Ok(value);
+        }
         let mut value = Value::Map(
             map.iter()
                 .map(|kv| (kv.key.clone(), from_any(kv.value.as_ref())))
@@ -544,6 +571,18 @@ fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
         Place::Resource("dropped_attributes_count") => Value::Int(i64::from(target.resource.dropped_attributes_count)),
         Place::Scope("name") => Value::Str(target.scope.name.clone()),
         Place::Scope("version") => Value::Str(target.scope.version.clone()),
+        Place::Event("name") => target
+            .event
+            .as_deref()
+            .map_or(Value::Nil, |e| Value::Str(e.name.clone())),
+        Place::Event("time_unix_nano") => target
+            .event
+            .as_deref()
+            .map_or(Value::Nil, |e| Value::Int(e.time_unix_nano as i64)),
+        Place::Event("dropped_attributes_count") => target
+            .event
+            .as_deref()
+            .map_or(Value::Nil, |e| Value::Int(i64::from(e.dropped_attributes_count))),
         _ => Value::Nil,
     })
 }
@@ -582,6 +621,11 @@ fn set(path: &Path, target: &mut SpanTarget<'_>, value: Value) -> Result<(), Eva
         (Place::Status("message"), Value::Str(s)) => span.status.get_or_insert_with(Status::default).message = s,
         (Place::Scope("name"), Value::Str(s)) => target.scope.name = s,
         (Place::Scope("version"), Value::Str(s)) => target.scope.version = s,
+        (Place::Event("name"), Value::Str(s)) => {
+            if let Some(e) = target.event.as_deref_mut() {
+                e.name = s;
+            }
+        }
         (Place::Span("trace_id" | "span_id" | "parent_span_id" | "start_time_unix_nano" | "end_time_unix_nano"), _) => {
             // Ids and times identify the span in MLflow; rewriting them would orphan or merge traces.
             return Err(EvalError::ReadOnly(name()));
@@ -957,6 +1001,7 @@ mod tests {
                 resource: &mut self.resource,
                 scope: &mut self.scope,
                 span: &mut self.span,
+                event: None,
             }
         }
 
