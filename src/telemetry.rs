@@ -95,6 +95,7 @@ pub struct Metrics {
     pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
     pub receiver_connections_refused: CounterFamily<RefusedLabels>,
     pub receiver_connections_closed: CounterFamily<RefusedLabels>,
+    pub processor_dropped_spans: CounterFamily<ProcessorLabels>,
 }
 
 impl Default for Metrics {
@@ -242,7 +243,14 @@ impl Metrics {
             "Connections the receiver closed on a client, by reason (idle_timeout, header_timeout, handshake_timeout, body_timeout)",
             receiver_connections_closed.clone(),
         );
+        let processor_dropped_spans = CounterFamily::<ProcessorLabels>::default();
+        registry.register(
+            "otelcol_processor_dropped_spans",
+            "Spans a processor removed on purpose (filter conditions), by processor",
+            processor_dropped_spans.clone(),
+        );
         Metrics {
+            processor_dropped_spans,
             registry,
             component_restarts,
             exporter_dropped_total: CounterFamily::default(),

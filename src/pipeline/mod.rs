@@ -1,6 +1,7 @@
 //! The pipeline between receivers and exporters: admission (memory budget, bounded queues,
 //! fan-out to every exporter at once or not at all) and the items that flow through it.
 pub(crate) mod item;
+mod process;
 mod walk;
 pub mod wire;
 
@@ -12,7 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::spool::Spool;
 pub(crate) use item::BodyHold;
 pub use item::{Charge, Destination, Item, MemoryBudget, Refusal, Routed};
-use wire::ParsedRequest;
+pub use process::Admitted;
+pub(crate) use process::ProcessedRoute;
+use wire::ResourceChunk;
 
 /// Where an exporter takes its input: its in-memory intake, or its spool on disk.
 #[derive(Clone)]
@@ -45,7 +48,10 @@ impl Ack {
 /// A receiver's way into its pipelines: every exporter input it feeds and every memory budget
 /// on the way. A request is accepted by all of them or refused by all.
 pub struct Intake {
+    /// Exporters of pipelines without span-editing processors: they get the records as parsed.
     targets: Vec<Target>,
+    /// Exporters of pipelines with such processors, grouped by their chain (`process`).
+    processed: Vec<ProcessedRoute>,
     budgets: Vec<Arc<MemoryBudget>>,
 }
 
@@ -56,7 +62,11 @@ const ITEM_OVERHEAD: usize = std::mem::size_of::<Routed>() + 64;
 
 impl Intake {
     pub fn new(targets: Vec<Target>, budgets: Vec<Arc<MemoryBudget>>) -> Intake {
-        Intake { targets, budgets }
+        Intake {
+            targets,
+            processed: Vec::new(),
+            budgets,
+        }
     }
 
     /// Holds `bytes` of every memory budget for a request body about to be read, or refuses
@@ -71,25 +81,65 @@ impl Intake {
 
     /// Submits a request and waits until it may be acknowledged to the client (the ack contract:
     /// in every bounded in-memory queue, and durable in every spool).
-    pub async fn accept(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<(), Refusal> {
-        self.submit(parsed, request_experiment)?.durable().await
+    pub async fn accept(&self, request: impl Into<Admitted>, request_experiment: Option<&str>) -> Result<(), Refusal> {
+        self.submit(request, request_experiment)?.durable().await
     }
 
-    /// Accepts a parsed request into every exporter's intake, or refuses it whole.
+    /// Accepts a request into every exporter's intake, or refuses it whole: the parsed records
+    /// to pipelines without span-editing processors, each processed copy to its pipelines.
     /// `request_experiment` is the request's `x-mlflow-experiment-id` (with include_metadata).
-    pub fn submit(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<Ack, Refusal> {
+    pub fn submit(&self, request: impl Into<Admitted>, request_experiment: Option<&str>) -> Result<Ack, Refusal> {
+        let Admitted { parsed, processed } = request.into();
         if parsed.chunks.is_empty() {
             return Ok(Ack::default());
         }
-        let bytes: usize = parsed.chunks.iter().map(|c| c.bytes.len() + ITEM_OVERHEAD).sum();
+        let processed = match processed {
+            Some(copies) => copies,
+            None => self.process_late(&parsed.chunks),
+        };
+        let mut groups: Vec<(Vec<ResourceChunk>, &[Target])> = Vec::with_capacity(1 + processed.len());
+        if !self.targets.is_empty() {
+            groups.push((parsed.chunks, &self.targets));
+        }
+        for (route, chunks) in self.processed.iter().zip(processed) {
+            groups.push((chunks, &route.targets));
+        }
+        groups.retain(|(chunks, _)| !chunks.is_empty());
+        if groups.is_empty() {
+            return Ok(Ack::default());
+        }
+        let bytes: usize = groups
+            .iter()
+            .flat_map(|(chunks, _)| chunks)
+            .map(|c| c.bytes.len() + ITEM_OVERHEAD)
+            .sum();
         let mut reservations = Vec::with_capacity(self.budgets.len());
         for budget in &self.budgets {
             reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
         }
         let request_experiment: Option<Arc<str>> = request_experiment.map(Arc::from);
         let charge = (!reservations.is_empty()).then(|| Arc::new(Charge(reservations)));
-        let routed: Vec<Routed> = parsed
-            .chunks
+        // Every target's room is taken before anything is sent, so all get the request or none.
+        let mut ready = Vec::with_capacity(groups.len());
+        for (chunks, targets) in groups {
+            ready.push(Self::reserve(chunks, targets, &charge, &request_experiment)?);
+        }
+        let mut acks = Vec::new();
+        for group in ready {
+            group.send(&charge, &mut acks);
+        }
+        Ok(Ack(acks))
+    }
+
+    /// Routes one copy of a request and takes room for it in each of `targets`.
+    fn reserve<'t>(
+        chunks: Vec<ResourceChunk>,
+        targets: &'t [Target],
+        charge: &Option<Arc<Charge>>,
+        request_experiment: &Option<Arc<str>>,
+    ) -> Result<Reserved<'t>, Refusal> {
+        let spans = chunks.iter().map(|c| c.spans).sum();
+        let routed: Vec<Routed> = chunks
             .into_iter()
             .map(|chunk| {
                 let experiment = chunk
@@ -107,15 +157,14 @@ impl Intake {
                 }
             })
             .collect();
-        // Framed once, shared by every spool the request goes to.
-        let frames = self
-            .targets
+        // Framed once, shared by every spool the copy goes to.
+        let frames = targets
             .iter()
             .any(|t| matches!(t, Target::Spool(_)))
             .then(|| crate::spool::encode_request(&routed));
-        let mut permits = Vec::with_capacity(self.targets.len());
+        let mut permits = Vec::with_capacity(targets.len());
         let mut spool_permits = Vec::new();
-        for target in &self.targets {
+        for target in targets {
             match target {
                 Target::Memory(tx) => match tx.try_reserve() {
                     Ok(p) => permits.push(p),
@@ -128,25 +177,44 @@ impl Intake {
                 }
             }
         }
-        let mut acks = Vec::with_capacity(spool_permits.len());
-        if let Some((f, records)) = frames {
-            for permit in spool_permits {
-                acks.push(permit.send(f.clone(), records, parsed.spans, charge.clone()));
+        Ok(Reserved {
+            routed,
+            spans,
+            frames,
+            permits,
+            spool_permits,
+        })
+    }
+}
+
+/// One copy of a request with room taken in every target it goes to.
+struct Reserved<'t> {
+    routed: Vec<Routed>,
+    spans: usize,
+    frames: Option<(bytes::Bytes, usize)>,
+    permits: Vec<mpsc::Permit<'t, Arc<Vec<Routed>>>>,
+    spool_permits: Vec<crate::spool::SpoolPermit<'t>>,
+}
+
+impl Reserved<'_> {
+    fn send(self, charge: &Option<Arc<Charge>>, acks: &mut Vec<oneshot::Receiver<Result<(), Refusal>>>) {
+        if let Some((f, records)) = self.frames {
+            for permit in self.spool_permits {
+                acks.push(permit.send(f.clone(), records, self.spans, charge.clone()));
             }
         }
-        if !permits.is_empty() {
-            let routed = Arc::new(routed);
-            for permit in permits {
+        if !self.permits.is_empty() {
+            let routed = Arc::new(self.routed);
+            for permit in self.permits {
                 permit.send(routed.clone());
             }
         }
-        Ok(Ack(acks))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::wire::ResourceChunk;
+    use super::wire::{ParsedRequest, ResourceChunk};
     use super::*;
     use bytes::Bytes;
 
