@@ -104,3 +104,97 @@ impl Intake {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::wire::{self, testdata};
+    use crate::pipeline::{MemoryBudget, Refusal};
+    use crate::processor::ProcessorConfig;
+    use crate::receiver::ReceiveError;
+    use bytes::Bytes;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    use tokio::sync::mpsc;
+
+    fn transform(statement: &str) -> Arc<Chain> {
+        let c: crate::processor::transform::TransformConfig =
+            serde_norway::from_str(&format!("trace_statements: ['{statement}']")).unwrap();
+        let p = c.span_processor("transform").unwrap();
+        Arc::new(Chain::new(vec![("transform".into(), p)], None).unwrap())
+    }
+
+    fn body(spans: usize) -> Bytes {
+        let rs = testdata::resource_spans("svc", 1, 1, spans);
+        Bytes::from(
+            ExportTraceServiceRequest {
+                resource_spans: vec![rs],
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    /// Decoding for processors is charged before it happens: a body of many small spans that
+    /// fits the budget as bytes, but not decoded, is refused for a processed pipeline only.
+    #[test]
+    fn processing_is_charged_before_decoding() {
+        let budget = MemoryBudget::new("memory_limiter", 8, 1);
+        let (tx, _rx) = mpsc::channel(4);
+        let plain = Intake::new(vec![tx.clone().into()], vec![budget.clone()]);
+        let processed = Intake::new(vec![], vec![budget.clone()]).with_processed(vec![ProcessedRoute {
+            chain: transform(r#"set(attributes["k"], "v")"#),
+            targets: vec![tx.into()],
+        }]);
+        let request = body(60_000);
+        assert!(request.len() < 4 << 20, "{} bytes", request.len());
+        let parse = |intake: &Intake| {
+            let mut hold = intake.hold(request.len())?;
+            let parsed = wire::parse_protobuf_within(request.clone(), &mut hold)?;
+            intake.process(parsed, &mut hold).map(|a| a.parsed.spans)
+        };
+        assert_eq!(parse(&plain).unwrap(), 60_000);
+        assert!(matches!(parse(&processed), Err(ReceiveError::DecodeTooLarge { .. })));
+        assert_eq!(budget.used(), 0, "every hold was released");
+    }
+
+    /// Plain and processed pipelines of one receiver each get their own copy, and a request
+    /// submitted without `process` is processed on the way in.
+    #[test]
+    fn each_route_gets_its_copy() {
+        let (plain_tx, mut plain_rx) = mpsc::channel(4);
+        let (edited_tx, mut edited_rx) = mpsc::channel(4);
+        let intake = Intake::new(vec![plain_tx.into()], vec![]).with_processed(vec![ProcessedRoute {
+            chain: transform(r#"set(resource.attributes["mlflow.experiment_id"], "42")"#),
+            targets: vec![edited_tx.into()],
+        }]);
+        for processed_first in [true, false] {
+            let parsed = wire::parse_protobuf(body(3)).unwrap();
+            let admitted = if processed_first {
+                intake.process(parsed, &mut Unheld).unwrap()
+            } else {
+                parsed.into()
+            };
+            intake.submit(admitted, None).unwrap();
+            let plain = plain_rx.try_recv().unwrap();
+            let edited = edited_rx.try_recv().unwrap();
+            assert_eq!(plain[0].destination.experiment, None);
+            assert_eq!(edited[0].destination.experiment.as_deref(), Some("42"));
+            assert_eq!((plain[0].item.chunk.spans, edited[0].item.chunk.spans), (3, 3));
+        }
+        // A full processed route refuses the request for every route.
+        let (full_tx, _full_rx) = mpsc::channel(1);
+        let (tx, mut rx) = mpsc::channel(4);
+        let intake = Intake::new(vec![tx.into()], vec![]).with_processed(vec![ProcessedRoute {
+            chain: transform(r#"set(name, "x")"#),
+            targets: vec![full_tx.into()],
+        }]);
+        intake.submit(wire::parse_protobuf(body(1)).unwrap(), None).unwrap();
+        let refused = intake.submit(wire::parse_protobuf(body(1)).unwrap(), None);
+        assert_eq!(refused.err(), Some(Refusal::QueueFull));
+        assert!(rx.try_recv().is_ok());
+        assert!(
+            rx.try_recv().is_err(),
+            "the plain route did not get the refused request"
+        );
+    }
+}

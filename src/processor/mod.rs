@@ -164,3 +164,79 @@ impl PartialEq for Registered {
         self.type_name == other.type_name && format!("{:?}", self.config) == format!("{:?}", other.config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Processor, parse_str};
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match parse_str(text, &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn registered_processors_load_and_unknown_ones_are_named() {
+        let text = r#"
+receivers: {otlp: {protocols: {http: {}}}}
+processors:
+  transform/a: {trace_statements: ['set(attributes["k"], "v")']}
+  filter: {traces: {span: ['name == "x"']}}
+  resource: {attributes: [{key: a, action: delete}]}
+  attributes: {actions: [{key: a, action: delete}]}
+exporters: {debug: {}}
+service: {pipelines: {traces: {receivers: [otlp], processors: [transform/a, filter, resource, attributes], exporters: [debug]}}}
+"#;
+        let config = parse_str(text, &|_| None).unwrap();
+        for id in ["transform/a", "filter", "resource", "attributes"] {
+            assert!(matches!(config.processors[id], Processor::Registered(_)), "{id}");
+        }
+        let errs = errors_of(&text.replace("filter:", "filter: {bogus: 1}\n  x_filter:"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("processors.filter.bogus: unknown field")),
+            "{errs:#?}"
+        );
+        let errs = errors_of(&text.replace("filter:", "tail_sampling: {}\n  filter:"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("processors.tail_sampling: unknown processor type")
+                    && e.contains("transform, filter, resource, attributes")),
+            "{errs:#?}"
+        );
+    }
+
+    /// One receiver, two pipelines sharing an exporter: the exporter gets one copy of each
+    /// request, so the pipelines must agree on what edits it.
+    #[test]
+    fn a_shared_exporter_needs_the_same_editing_processors() {
+        let text = |second: &str, receivers: &str| {
+            format!(
+                r#"
+receivers: {{otlp: {{protocols: {{http: {{}}}}}}, otlp/b: {{protocols: {{grpc: {{}}}}}}}}
+processors: {{filter: {{traces: {{span: ['name == "x"']}}}}}}
+exporters: {{debug: {{}}, debug/2: {{}}}}
+service:
+  pipelines:
+    traces/a: {{receivers: [otlp], processors: [filter], exporters: [debug]}}
+    traces/b: {{receivers: [{receivers}], processors: [{second}], exporters: [debug/2, debug]}}
+"#
+            )
+        };
+        let errs = errors_of(&text("", "otlp"));
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(
+                "service.pipelines.traces/b.exporters[1]: \"debug\" is also used by pipeline \"traces/a\""
+            ),
+            "{errs:#?}"
+        );
+        assert_eq!(errors_of(&text("filter", "otlp")), Vec::<String>::new());
+        assert_eq!(
+            errors_of(&text("", "otlp/b")),
+            Vec::<String>::new(),
+            "no shared receiver"
+        );
+    }
+}
