@@ -19,6 +19,7 @@ pub(crate) mod filter;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod groupbytrace;
 pub(crate) mod ottl;
+pub(crate) mod redaction;
 pub(crate) mod resource;
 pub(crate) mod transform;
 
@@ -36,6 +37,7 @@ pub(crate) const REGISTRY: &[Registration] = &[
     Registration::of::<filter::FilterConfig>("filter"),
     Registration::of::<resource::ResourceConfig>("resource"),
     Registration::of::<attributes::AttributesConfig>("attributes"),
+    Registration::of::<redaction::RedactionConfig>("redaction"),
 ];
 
 /// A processor type: its name in configs and how its settings are read.
