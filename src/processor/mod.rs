@@ -19,6 +19,7 @@ pub(crate) mod filter;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod groupbytrace;
 pub(crate) mod ottl;
+pub(crate) mod probabilistic_sampler;
 pub(crate) mod redaction;
 pub(crate) mod resource;
 pub(crate) mod transform;
@@ -38,6 +39,7 @@ pub(crate) const REGISTRY: &[Registration] = &[
     Registration::of::<resource::ResourceConfig>("resource"),
     Registration::of::<attributes::AttributesConfig>("attributes"),
     Registration::of::<redaction::RedactionConfig>("redaction"),
+    Registration::of::<probabilistic_sampler::ProbabilisticSamplerConfig>("probabilistic_sampler"),
 ];
 
 /// A processor type: its name in configs and how its settings are read.
