@@ -212,6 +212,7 @@ pub struct Metrics {
     pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
     pub receiver_connections_refused: CounterFamily<RefusedLabels>,
     pub receiver_connections_closed: CounterFamily<RefusedLabels>,
+    pub processor_dropped_spans: CounterFamily<ProcessorLabels>,
     process: ProcessGauges,
     /// Handles of every receiver listener and exporter, registered once each.
     receivers: Mutex<Vec<Arc<ReceiverHandles>>>,
@@ -439,8 +440,14 @@ impl Metrics {
             "otlp_relay_component_restarts",
             "Restarts of a supervised task after a panic, by component",
         );
+        let processor_dropped_spans = counter(
+            &mut r,
+            "otelcol_processor_dropped_spans",
+            "Spans a processor removed on purpose (filter conditions), by processor",
+        );
         let process = ProcessGauges::register(&mut r);
         Metrics {
+            processor_dropped_spans,
             process,
             registry: r,
             component_restarts,

@@ -17,7 +17,7 @@ use crate::config::{self, Config, ConfigError, Extension, PipelineConfig, Proces
 use crate::export::build::PipelineBatch;
 use crate::export::oauth::OAuth2Client;
 use crate::export::{Exporter, StageControl, start_stage};
-use crate::pipeline::{Intake, MemoryBudget, Target};
+use crate::pipeline::{Intake, MemoryBudget, ProcessedRoute, Target};
 use crate::receiver::build::{Endpoint, endpoints};
 use crate::receiver::{Protocol, ReceiverContext};
 use crate::spool::{Spool, SpoolError, SpoolSettings};
@@ -227,7 +227,7 @@ pub(crate) fn start(
     for (id, e, listener) in listeners.receivers {
         let intake = intakes
             .entry(id.clone())
-            .or_insert_with(|| Arc::new(receiver_intake(config, &id, &inputs, &budgets)))
+            .or_insert_with(|| Arc::new(receiver_intake(config, &id, &inputs, &budgets, metrics)))
             .clone();
         let transport = e.transport;
         let ctx = Arc::new(ReceiverContext::new(
@@ -394,21 +394,35 @@ fn memory_budgets(config: &Config) -> BTreeMap<String, Arc<MemoryBudget>> {
 }
 
 /// What receiver `id` feeds: every exporter of every pipeline it is in, each once, under the
-/// memory budgets of those pipelines.
+/// memory budgets of those pipelines. Pipelines with span-editing processors get a processed
+/// copy per distinct processor list (`processor::apply`).
 fn receiver_intake(
     config: &Config,
     id: &String,
     inputs: &BTreeMap<String, Target>,
     budgets: &BTreeMap<String, Arc<MemoryBudget>>,
+    metrics: &Arc<Metrics>,
 ) -> Intake {
     let mut targets = Vec::new();
+    let mut routes: Vec<ProcessedRoute> = Vec::new();
     let mut seen = Vec::new();
     let mut receiver_budgets: Vec<Arc<MemoryBudget>> = Vec::new();
     for p in config.service.pipelines.values().filter(|p| p.receivers.contains(id)) {
+        let chain = crate::processor::apply::chain(config, &p.processors, metrics);
         for e in &p.exporters {
-            if !seen.contains(e) {
-                seen.push(e.clone());
-                targets.push(inputs[e].clone());
+            if seen.contains(e) {
+                continue;
+            }
+            seen.push(e.clone());
+            match &chain {
+                None => targets.push(inputs[e].clone()),
+                Some(chain) => match routes.iter_mut().find(|r| r.chain.ids() == chain.ids()) {
+                    Some(route) => route.targets.push(inputs[e].clone()),
+                    None => routes.push(ProcessedRoute {
+                        chain: chain.clone(),
+                        targets: vec![inputs[e].clone()],
+                    }),
+                },
             }
         }
         for proc_id in &p.processors {
@@ -419,7 +433,7 @@ fn receiver_intake(
             }
         }
     }
-    Intake::new(targets, receiver_budgets)
+    Intake::new(targets, receiver_budgets).with_processed(routes)
 }
 
 /// A receiver's accept loop, supervised like the stages: the listener is shared, so a

@@ -140,7 +140,7 @@ fn substitute_tree(
 
 /// Deserializes `value` into `T`. On an error, records it with its full path, removes the
 /// offending node and tries again, so one pass reports every bad key of a component.
-fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
+pub(crate) fn typed<T: DeserializeOwned>(mut value: Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
     if value.is_null() {
         value = Value::Mapping(Default::default());
     }
@@ -303,13 +303,22 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.processors.insert(id, Processor::GroupByTrace(c));
                 }
             }
-            other => unsupported(
-                &path,
-                "processor",
-                other,
-                "batch, groupbytrace, memory_limiter",
-                errors,
-            ),
+            other => match crate::processor::registration(other) {
+                Some(r) => {
+                    if let Some(c) = (r.load)(v, &path, errors) {
+                        let registered = crate::processor::Registered {
+                            type_name: r.type_name,
+                            config: c,
+                        };
+                        config.processors.insert(id, Processor::Registered(registered));
+                    }
+                }
+                None => {
+                    let names: Vec<&str> = crate::processor::REGISTRY.iter().map(|r| r.type_name).collect();
+                    let supported = format!("batch, groupbytrace, memory_limiter, {}", names.join(", "));
+                    unsupported(&path, "processor", other, &supported, errors)
+                }
+            },
         }
     }
     for (id, v) in section(&mut top, "exporters", errors) {

@@ -18,6 +18,7 @@ pub use duration::{GoDuration, parse_duration};
 pub use env::{EnvError, Substituted, substitute};
 pub use exporter::*;
 pub use extension::*;
+pub(crate) use load::typed;
 pub use load::{load_file, parse_str};
 pub use processor::*;
 pub use receiver::*;
@@ -81,6 +82,8 @@ pub enum Processor {
     Batch(BatchConfig),
     MemoryLimiter(MemoryLimiterConfig),
     GroupByTrace(GroupByTraceConfig),
+    /// A processor of `crate::processor::REGISTRY` (transform, filter, ...).
+    Registered(crate::processor::Registered),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -102,6 +102,7 @@ pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, Stri
                 err(format!("{path}.num_traces"), "must be at least 1".into());
             }
         }
+        Processor::Registered(r) => r.config.validate(&path, err),
     }
 }
 

@@ -264,6 +264,7 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
                 }
                 // Anywhere in the list: the collector only advises first (a warning, see warnings.rs).
                 Some(Processor::MemoryLimiter(_)) => {}
+                Some(Processor::Registered(_)) => {}
             }
         }
         for (i, e) in p.exporters.iter().enumerate() {
@@ -287,6 +288,38 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
         }
     }
     validate_ports(config, err);
+    validate_processed_copies(config, err);
+}
+
+/// A receiver hands each of its exporters one copy of a request, so an exporter that two
+/// pipelines of one receiver share must see the same span-editing processors in both.
+fn validate_processed_copies(config: &Config, err: &mut dyn FnMut(String, String)) {
+    let editing = |p: &PipelineConfig| -> Vec<String> {
+        p.processors
+            .iter()
+            .filter(|id| matches!(config.processors.get(*id), Some(Processor::Registered(_))))
+            .cloned()
+            .collect()
+    };
+    let pipelines: Vec<(&String, &PipelineConfig)> = config.service.pipelines.iter().collect();
+    for (n, (name, p)) in pipelines.iter().enumerate() {
+        for (other, q) in &pipelines[..n] {
+            if !p.receivers.iter().any(|r| q.receivers.contains(r)) || editing(p) == editing(q) {
+                continue;
+            }
+            for (i, e) in p.exporters.iter().enumerate() {
+                if q.exporters.contains(e) {
+                    err(
+                        format!("service.pipelines.{name}.exporters[{i}]"),
+                        format!(
+                            "{e:?} is also used by pipeline {other:?}, which shares a receiver with this one but \
+                             has other span-editing processors; use one exporter per pipeline"
+                        ),
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn validate_telemetry(t: &TelemetryConfig, err: &mut dyn FnMut(String, String)) {

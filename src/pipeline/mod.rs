@@ -3,6 +3,7 @@
 pub(crate) mod by_trace;
 pub mod decode;
 pub(crate) mod item;
+mod process;
 #[cfg(test)]
 pub(crate) mod testdata;
 mod walk;
@@ -16,7 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::spool::Spool;
 pub(crate) use item::BodyHold;
 pub use item::{Charge, Destination, Item, MemoryBudget, Refusal, RequestRouting, Routed};
-use wire::ParsedRequest;
+pub use process::Admitted;
+pub(crate) use process::ProcessedRoute;
+use wire::ResourceChunk;
 
 /// Where an exporter takes its input: its in-memory intake, or its spool on disk.
 #[derive(Clone)]
@@ -49,7 +52,10 @@ impl Ack {
 /// A receiver's way into its pipelines: every exporter input it feeds and every memory budget
 /// on the way. A request is accepted by all of them or refused by all.
 pub struct Intake {
+    /// Exporters of pipelines without span-editing processors: they get the records as parsed.
     targets: Vec<Target>,
+    /// Exporters of pipelines with such processors, grouped by their chain (`process`).
+    processed: Vec<ProcessedRoute>,
     budgets: Vec<Arc<MemoryBudget>>,
 }
 
@@ -60,7 +66,11 @@ const ITEM_OVERHEAD: usize = std::mem::size_of::<Routed>() + 64;
 
 impl Intake {
     pub fn new(targets: Vec<Target>, budgets: Vec<Arc<MemoryBudget>>) -> Intake {
-        Intake { targets, budgets }
+        Intake {
+            targets,
+            processed: Vec::new(),
+            budgets,
+        }
     }
 
     /// Holds `bytes` of every memory budget for a request body about to be read, or refuses
@@ -75,44 +85,84 @@ impl Intake {
 
     /// Submits a request and waits until it may be acknowledged to the client (the ack contract:
     /// in every bounded in-memory queue, and durable in every spool).
-    pub async fn accept(&self, parsed: ParsedRequest, request: &RequestRouting) -> Result<(), Refusal> {
-        self.submit_routed(parsed, request)?.durable().await
+    pub async fn accept(&self, request: impl Into<Admitted>, routing: &RequestRouting) -> Result<(), Refusal> {
+        self.submit_routed(request, routing)?.durable().await
     }
 
-    /// Accepts a parsed request into every exporter's intake, or refuses it whole.
+    /// Accepts a request into every exporter's intake, or refuses it whole: the parsed records
+    /// to pipelines without span-editing processors, each processed copy to its pipelines.
     /// `request_experiment` is the request's `x-mlflow-experiment-id` (with include_metadata).
-    pub fn submit(&self, parsed: ParsedRequest, request_experiment: Option<&str>) -> Result<Ack, Refusal> {
-        self.submit_routed(parsed, &RequestRouting::experiment(request_experiment))
+    pub fn submit(&self, request: impl Into<Admitted>, request_experiment: Option<&str>) -> Result<Ack, Refusal> {
+        self.submit_routed(request, &RequestRouting::experiment(request_experiment))
     }
 
     /// `submit` with everything the request's headers said about its MLflow destination.
-    pub fn submit_routed(&self, parsed: ParsedRequest, request: &RequestRouting) -> Result<Ack, Refusal> {
+    pub fn submit_routed(&self, request: impl Into<Admitted>, routing: &RequestRouting) -> Result<Ack, Refusal> {
+        let Admitted { parsed, processed } = request.into();
         if parsed.chunks.is_empty() {
             return Ok(Ack::default());
         }
-        let bytes: usize = parsed.chunks.iter().map(|c| c.bytes.len() + ITEM_OVERHEAD).sum();
+        let processed = match processed {
+            Some(copies) => copies,
+            None => self.process_late(&parsed.chunks),
+        };
+        let mut groups: Vec<(Vec<ResourceChunk>, &[Target])> = Vec::with_capacity(1 + processed.len());
+        if !self.targets.is_empty() {
+            groups.push((parsed.chunks, &self.targets));
+        }
+        for (route, chunks) in self.processed.iter().zip(processed) {
+            groups.push((chunks, &route.targets));
+        }
+        groups.retain(|(chunks, _)| !chunks.is_empty());
+        if groups.is_empty() {
+            return Ok(Ack::default());
+        }
+        let bytes: usize = groups
+            .iter()
+            .flat_map(|(chunks, _)| chunks)
+            .map(|c| c.bytes.len() + ITEM_OVERHEAD)
+            .sum();
         let mut reservations = Vec::with_capacity(self.budgets.len());
         for budget in &self.budgets {
             reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
         }
         let charge = (!reservations.is_empty()).then(|| Arc::new(Charge(reservations)));
-        let routed: Vec<Routed> = parsed
-            .chunks
+        // Every target's room is taken before anything is sent, so all get the request or none.
+        let mut ready = Vec::with_capacity(groups.len());
+        for (chunks, targets) in groups {
+            ready.push(Self::reserve(chunks, targets, &charge, routing)?);
+        }
+        let mut acks = Vec::new();
+        for group in ready {
+            group.send(&charge, &mut acks);
+        }
+        Ok(Ack(acks))
+    }
+
+    /// Routes one copy of a request and takes room for it in each of `targets`.
+    fn reserve<'t>(
+        chunks: Vec<ResourceChunk>,
+        targets: &'t [Target],
+        charge: &Option<Arc<Charge>>,
+        routing: &RequestRouting,
+    ) -> Result<Reserved<'t>, Refusal> {
+        let spans = chunks.iter().map(|c| c.spans).sum();
+        let routed: Vec<Routed> = chunks
             .into_iter()
             .map(|chunk| {
                 let experiment = chunk
                     .experiment
                     .as_deref()
                     .map(Arc::from)
-                    .or_else(|| request.experiment.clone());
+                    .or_else(|| routing.experiment.clone());
                 // The resource's other MLflow attributes: read again by the exporter, here only
                 // so batches for different runs or experiments are kept apart.
                 let found = crate::export::route::resource_routing(&chunk.bytes, "");
                 let destination = Destination {
                     experiment,
                     experiment_name: found.experiment_name.map(Arc::from),
-                    run: found.run.map(Arc::from).or_else(|| request.run.clone()),
-                    workspace: found.workspace.map(Arc::from).or_else(|| request.workspace.clone()),
+                    run: found.run.map(Arc::from).or_else(|| routing.run.clone()),
+                    workspace: found.workspace.map(Arc::from).or_else(|| routing.workspace.clone()),
                 };
                 Routed {
                     destination,
@@ -124,15 +174,14 @@ impl Intake {
                 }
             })
             .collect();
-        // Framed once, shared by every spool the request goes to.
-        let frames = self
-            .targets
+        // Framed once, shared by every spool the copy goes to.
+        let frames = targets
             .iter()
             .any(|t| matches!(t, Target::Spool(_)))
             .then(|| crate::spool::encode_request(&routed));
-        let mut permits = Vec::with_capacity(self.targets.len());
+        let mut permits = Vec::with_capacity(targets.len());
         let mut spool_permits = Vec::new();
-        for target in &self.targets {
+        for target in targets {
             match target {
                 Target::Memory(tx) => match tx.try_reserve() {
                     Ok(p) => permits.push(p),
@@ -145,25 +194,44 @@ impl Intake {
                 }
             }
         }
-        let mut acks = Vec::with_capacity(spool_permits.len());
-        if let Some((f, records)) = frames {
-            for permit in spool_permits {
-                acks.push(permit.send(f.clone(), records, parsed.spans, charge.clone()));
+        Ok(Reserved {
+            routed,
+            spans,
+            frames,
+            permits,
+            spool_permits,
+        })
+    }
+}
+
+/// One copy of a request with room taken in every target it goes to.
+struct Reserved<'t> {
+    routed: Vec<Routed>,
+    spans: usize,
+    frames: Option<(bytes::Bytes, usize)>,
+    permits: Vec<mpsc::Permit<'t, Arc<Vec<Routed>>>>,
+    spool_permits: Vec<crate::spool::SpoolPermit<'t>>,
+}
+
+impl Reserved<'_> {
+    fn send(self, charge: &Option<Arc<Charge>>, acks: &mut Vec<oneshot::Receiver<Result<(), Refusal>>>) {
+        if let Some((f, records)) = self.frames {
+            for permit in self.spool_permits {
+                acks.push(permit.send(f.clone(), records, self.spans, charge.clone()));
             }
         }
-        if !permits.is_empty() {
-            let routed = Arc::new(routed);
-            for permit in permits {
+        if !self.permits.is_empty() {
+            let routed = Arc::new(self.routed);
+            for permit in self.permits {
                 permit.send(routed.clone());
             }
         }
-        Ok(Ack(acks))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::wire::ResourceChunk;
+    use super::wire::{ParsedRequest, ResourceChunk};
     use super::*;
     use bytes::Bytes;
 

@@ -33,14 +33,27 @@ pub enum ReceiveError {
     Forbidden(String),
     #[error("{0}")]
     Refused(#[from] Refusal),
+    /// A processor's statement failed on the request with `error_mode: propagate`.
+    #[error("{0}")]
+    Processing(String),
+}
+
+impl From<crate::processor::apply::ApplyError> for ReceiveError {
+    fn from(e: crate::processor::apply::ApplyError) -> Self {
+        match e {
+            crate::processor::apply::ApplyError::Decode(d) => ReceiveError::Malformed(d),
+            crate::processor::apply::ApplyError::Process(p) => ReceiveError::Processing(p.to_string()),
+        }
+    }
 }
 
 impl ReceiveError {
     pub fn http_status(&self) -> StatusCode {
         match self {
-            ReceiveError::Malformed(_) | ReceiveError::BadCompression(_) | ReceiveError::Body(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ReceiveError::Malformed(_)
+            | ReceiveError::BadCompression(_)
+            | ReceiveError::Body(_)
+            | ReceiveError::Processing(_) => StatusCode::BAD_REQUEST,
             ReceiveError::TooLarge { .. } | ReceiveError::DecodeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ReceiveError::UnsupportedMediaType(_) | ReceiveError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
@@ -58,7 +71,8 @@ impl ReceiveError {
             | ReceiveError::BadCompression(_)
             | ReceiveError::UnsupportedMediaType(_)
             | ReceiveError::UnsupportedEncoding(_)
-            | ReceiveError::Body(_) => tonic::Code::InvalidArgument,
+            | ReceiveError::Body(_)
+            | ReceiveError::Processing(_) => tonic::Code::InvalidArgument,
             ReceiveError::TooLarge { .. } | ReceiveError::DecodeTooLarge { .. } => tonic::Code::ResourceExhausted,
             ReceiveError::Forbidden(_) => tonic::Code::PermissionDenied,
             ReceiveError::BodyTimeout(_) => tonic::Code::DeadlineExceeded,

@@ -41,9 +41,11 @@ impl UnaryService<Bytes> for ExportService {
                 .hold(body.len())
                 .map_err(|r| ReceiveError::from(r).to_grpc())?;
             let len = body.len();
+            let intake = ctx.intake.clone();
             let parse = move || {
                 let mut hold = hold;
-                wire::parse_protobuf_within(body, &mut hold)
+                let parsed = wire::parse_protobuf_within(body, &mut hold)?;
+                intake.process(parsed, &mut hold)
             };
             let parsed = parse_off_worker(len, false, parse).await.map_err(|e| e.to_grpc())?;
             let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());

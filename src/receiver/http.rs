@@ -14,8 +14,8 @@ use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_routing};
 use crate::otlp::compress::{self, DecompressError, Deflate};
 use crate::otlp::{Encoding, HTTP_TRACES_PATH};
-use crate::pipeline::BodyHold;
 use crate::pipeline::wire::{self, ParsedRequest};
+use crate::pipeline::{Admitted, BodyHold};
 
 /// The media type of a Content-Type header, parameters (charset) ignored.
 pub(crate) fn parse_content_type(value: Option<&HeaderValue>) -> Result<Encoding, ReceiveError> {
@@ -204,7 +204,8 @@ async fn receive(
     let (body, hold) = read_http_body(ctx, body, declared, limit, hold).await?;
     let limit_mib = ctx.max_recv_msg_size_mib;
     let (wire_len, compressed) = (body.len(), content_encoding.is_some());
-    let parse = move || -> Result<ParsedRequest, ReceiveError> {
+    let intake = ctx.intake.clone();
+    let parse = move || -> Result<Admitted, ReceiveError> {
         let mut hold = hold;
         let body = decompress(body, content_encoding.as_deref(), limit, limit_mib)?;
         if body.len() != wire_len {
@@ -212,14 +213,15 @@ async fn receive(
             hold.grow(body.len())?;
         }
         if body.is_empty() {
-            return Ok(ParsedRequest::default());
+            return Ok(ParsedRequest::default().into());
         }
         // What parsing keeps or decodes is held with the body; all of it is released when
         // this returns: what is accepted is charged to the budget by the submit itself.
-        match encoding {
+        let parsed = match encoding {
             Encoding::Protobuf => wire::parse_protobuf_within(body, &mut hold),
             Encoding::Json => wire::parse_json_within(&body, &mut hold),
-        }
+        }?;
+        intake.process(parsed, &mut hold)
     };
     let parsed = parse_off_worker(wire_len, compressed, parse).await?;
     let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());

@@ -155,7 +155,7 @@ pub(super) fn span_ids_valid(span: &Span) -> bool {
         && span.span_id.iter().any(|&b| b != 0)
 }
 
-fn experiment_of(rs: &ResourceSpans) -> Option<String> {
+pub(crate) fn experiment_of(rs: &ResourceSpans) -> Option<String> {
     let attrs = &rs.resource.as_ref()?.attributes;
     let value = attrs
         .iter()

@@ -1,13 +1,15 @@
 //! OTTL evaluation on one span with its resource and scope: paths, comparisons, arithmetic, and
-//! the editors and converters MLflow users reach for. Statements are checked when compiled (names,
-//! argument counts, enums, paths of the context), so a typo is a config error, not a runtime one.
+//! the editors and converters MLflow users reach for, on statements `compile` checked.
 use opentelemetry_proto::tonic::common::v1::{
     AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::span::Event;
 use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 
-use super::{Arg, Call, CompareOp, Condition, Expr, Key, MathOp, Path, Statement};
+pub(crate) use super::compile::{CompileError, Compiled, Patterns, compile, compile_condition};
+use super::compile::{Place, enum_value, resolve};
+use super::{Arg, Call, CompareOp, Condition, Expr, Key, MathOp, Path};
 
 /// A value while evaluating: OTLP's AnyValue, plus nil.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,249 +34,14 @@ pub(crate) enum EvalError {
     ReadOnly(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct CompileError(pub String);
-
-/// What a statement runs on: the collector's `span` context (its resource and scope reachable).
+/// What a statement runs on: a span with its resource and scope, and in the `spanevent`
+/// context one of its events. The `resource` and `scope` contexts run on a placeholder span
+/// their statements cannot name (see `context`).
 pub(crate) struct SpanTarget<'a> {
     pub resource: &'a mut Resource,
     pub scope: &'a mut InstrumentationScope,
     pub span: &'a mut Span,
-}
-
-/// A statement checked against the functions and paths this build knows.
-#[derive(Debug, Clone)]
-pub(crate) struct Compiled {
-    statement: Statement,
-    /// The editor's own pattern argument, when it has one.
-    regexes: Vec<regex::Regex>,
-    patterns: Patterns,
-}
-
-/// Literal patterns of `IsMatch`, compiled once when the statement is.
-pub(crate) type Patterns = std::collections::HashMap<String, regex::Regex>;
-
-const EDITORS: &[(&str, usize, usize)] = &[
-    ("set", 2, 2),
-    ("delete_key", 2, 2),
-    ("delete_matching_keys", 2, 2),
-    ("keep_keys", 2, 2),
-    ("replace_pattern", 3, 3),
-    ("replace_all_patterns", 4, 4),
-    ("truncate_all", 2, 2),
-    ("limit", 3, 3),
-    ("merge_maps", 3, 3),
-];
-
-const CONVERTERS: &[(&str, usize, usize)] = &[
-    ("Concat", 2, 2),
-    ("IsMatch", 2, 2),
-    ("IsRootSpan", 0, 0),
-    ("Int", 1, 1),
-    ("Double", 1, 1),
-    ("String", 1, 1),
-    ("Len", 1, 1),
-    ("SHA256", 1, 1),
-];
-
-const ENUMS: &[(&str, i64)] = &[
-    ("SPAN_KIND_UNSPECIFIED", 0),
-    ("SPAN_KIND_INTERNAL", 1),
-    ("SPAN_KIND_SERVER", 2),
-    ("SPAN_KIND_CLIENT", 3),
-    ("SPAN_KIND_PRODUCER", 4),
-    ("SPAN_KIND_CONSUMER", 5),
-    ("STATUS_CODE_UNSET", 0),
-    ("STATUS_CODE_OK", 1),
-    ("STATUS_CODE_ERROR", 2),
-];
-
-/// Paths of the span context, after an optional `span.` prefix; `attributes` takes keys.
-const SPAN_FIELDS: &[&str] = &[
-    "name",
-    "kind",
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-    "trace_state",
-    "start_time_unix_nano",
-    "end_time_unix_nano",
-    "attributes",
-    "dropped_attributes_count",
-    "status",
-];
-
-pub(crate) fn compile(statement: Statement) -> Result<Compiled, CompileError> {
-    let call = &statement.editor;
-    check_arity(call, EDITORS, "editor")?;
-    let mut patterns = Patterns::new();
-    for arg in &call.args {
-        check_expr(&arg.value, &mut patterns)?;
-    }
-    if let Some(condition) = &statement.condition {
-        check_condition(condition, &mut patterns)?;
-    }
-    let mut regexes = Vec::new();
-    let pattern_arg = match call.name.as_str() {
-        "delete_matching_keys" | "replace_pattern" => Some(1),
-        "replace_all_patterns" => Some(2),
-        _ => None,
-    };
-    if let Some(index) = pattern_arg {
-        regexes.push(literal_regex(call, index)?);
-    }
-    if call.name == "replace_all_patterns"
-        && !matches!(&call.args[1].value, Expr::Str(mode) if mode == "key" || mode == "value")
-    {
-        return Err(CompileError(
-            "replace_all_patterns: mode must be \"key\" or \"value\"".into(),
-        ));
-    }
-    if call.name == "merge_maps"
-        && !matches!(&call.args[2].value, Expr::Str(s) if ["insert", "update", "upsert"].contains(&s.as_str()))
-    {
-        return Err(CompileError(
-            "merge_maps: strategy must be \"insert\", \"update\" or \"upsert\"".into(),
-        ));
-    }
-    Ok(Compiled {
-        statement,
-        regexes,
-        patterns,
-    })
-}
-
-/// A condition alone (the `filter` processor), checked like a statement's `where`.
-pub(crate) fn compile_condition(condition: Condition) -> Result<(Condition, Patterns), CompileError> {
-    let mut patterns = Patterns::new();
-    check_condition(&condition, &mut patterns)?;
-    Ok((condition, patterns))
-}
-
-fn literal_regex(call: &Call, index: usize) -> Result<regex::Regex, CompileError> {
-    match &call.args[index].value {
-        Expr::Str(pattern) => regex::Regex::new(pattern)
-            .map_err(|e| CompileError(format!("{}: invalid pattern {pattern:?}: {e}", call.name))),
-        _ => Err(CompileError(format!(
-            "{}: the pattern must be a string literal",
-            call.name
-        ))),
-    }
-}
-
-fn check_arity(call: &Call, table: &[(&str, usize, usize)], what: &str) -> Result<(), CompileError> {
-    let Some(&(_, min, max)) = table.iter().find(|(name, _, _)| *name == call.name) else {
-        let known: Vec<&str> = table.iter().map(|(n, _, _)| *n).collect();
-        return Err(CompileError(format!(
-            "unknown {what} {:?} (supported: {})",
-            call.name,
-            known.join(", ")
-        )));
-    };
-    let n = call.args.len();
-    if n < min || n > max {
-        return Err(CompileError(format!("{} takes {min} arguments, got {n}", call.name)));
-    }
-    Ok(())
-}
-
-fn check_condition(condition: &Condition, patterns: &mut Patterns) -> Result<(), CompileError> {
-    match condition {
-        Condition::Or(terms) | Condition::And(terms) => terms.iter().try_for_each(|t| check_condition(t, patterns)),
-        Condition::Not(inner) => check_condition(inner, patterns),
-        Condition::Const(_) => Ok(()),
-        Condition::Converter(call) => check_call(call, patterns),
-        Condition::Compare(left, _, right) => {
-            check_expr(left, patterns)?;
-            check_expr(right, patterns)
-        }
-    }
-}
-
-fn check_expr(expr: &Expr, patterns: &mut Patterns) -> Result<(), CompileError> {
-    match expr {
-        Expr::Enum(name) => enum_value(name).map(|_| ()),
-        Expr::Path(path) => resolve(path).map(|_| ()),
-        Expr::List(items) => items.iter().try_for_each(|e| check_expr(e, patterns)),
-        Expr::Map(entries) => entries.iter().try_for_each(|(_, v)| check_expr(v, patterns)),
-        Expr::Converter(call) => check_call(call, patterns),
-        Expr::Math(left, _, right) => {
-            check_expr(left, patterns)?;
-            check_expr(right, patterns)
-        }
-        _ => Ok(()),
-    }
-}
-
-fn check_call(call: &Call, patterns: &mut Patterns) -> Result<(), CompileError> {
-    check_arity(call, CONVERTERS, "converter")?;
-    if call.name == "IsMatch"
-        && let Expr::Str(pattern) = &call.args[1].value
-        && !patterns.contains_key(pattern)
-    {
-        patterns.insert(pattern.clone(), literal_regex(call, 1)?);
-    }
-    call.args.iter().try_for_each(|a| check_expr(&a.value, patterns))
-}
-
-fn enum_value(name: &str) -> Result<i64, CompileError> {
-    ENUMS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| CompileError(format!("unknown enum {name}")))
-}
-
-/// Where a path points, independent of any span.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    Span(&'static str),
-    Status(&'static str),
-    Resource(&'static str),
-    Scope(&'static str),
-}
-
-/// The place and the keys after it (only maps take keys).
-fn resolve(path: &Path) -> Result<(Place, &[Key]), CompileError> {
-    let names: Vec<&str> = path.fields.iter().map(|f| f.name.as_str()).collect();
-    let last = path.fields.last().map_or(&[][..], |f| f.keys.as_slice());
-    let keyed_early = path.fields[..path.fields.len().saturating_sub(1)]
-        .iter()
-        .any(|f| !f.keys.is_empty());
-    let unknown = || CompileError(format!("unknown path {:?} in the span context", names.join(".")));
-    if keyed_early {
-        return Err(unknown());
-    }
-    let fields = match names.first() {
-        Some(&"span") => &names[1..],
-        _ => &names[..],
-    };
-    let place = match fields {
-        ["status", "code"] => Place::Status("code"),
-        ["status", "message"] => Place::Status("message"),
-        [field] => Place::Span(SPAN_FIELDS.iter().find(|f| *f == field).copied().ok_or_else(unknown)?),
-        ["resource", "attributes"] => Place::Resource("attributes"),
-        ["resource", "dropped_attributes_count"] => Place::Resource("dropped_attributes_count"),
-        ["instrumentation_scope" | "scope", field] => Place::Scope(
-            ["name", "version", "attributes"]
-                .into_iter()
-                .find(|f| f == field)
-                .ok_or_else(unknown)?,
-        ),
-        _ => return Err(unknown()),
-    };
-    let takes_keys = matches!(
-        place,
-        Place::Span("attributes") | Place::Resource("attributes") | Place::Scope("attributes")
-    );
-    if !last.is_empty() && !takes_keys {
-        return Err(CompileError(format!("{:?} cannot be indexed", names.join("."))));
-    }
-    if place == Place::Span("status") {
-        return Err(CompileError("use status.code or status.message".into()));
-    }
-    Ok((place, last))
+    pub event: Option<&'a mut Event>,
 }
 
 impl Compiled {
@@ -501,6 +268,7 @@ fn attributes_mut<'t>(place: Place, target: &'t mut SpanTarget<'_>) -> Option<&'
         Place::Span("attributes") => Some(&mut target.span.attributes),
         Place::Resource("attributes") => Some(&mut target.resource.attributes),
         Place::Scope("attributes") => Some(&mut target.scope.attributes),
+        Place::Event("attributes") => target.event.as_deref_mut().map(|e| &mut e.attributes),
         _ => None,
     }
 }
@@ -510,6 +278,7 @@ fn attributes<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t Vec<Ke
         Place::Span("attributes") => Some(&target.span.attributes),
         Place::Resource("attributes") => Some(&target.resource.attributes),
         Place::Scope("attributes") => Some(&target.scope.attributes),
+        Place::Event("attributes") => target.event.as_deref().map(|e| &e.attributes),
         _ => None,
     }
 }
@@ -517,6 +286,17 @@ fn attributes<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t Vec<Ke
 fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
     let (place, keys) = resolve(path).map_err(|e| EvalError::Type(e.0))?;
     if let Some(map) = attributes(place, target) {
+        // `attributes["k"]` looks the key up rather than copying the whole map first.
+        if let Some((Key::Str(first), rest)) = keys.split_first() {
+            let mut value = map
+                .iter()
+                .find(|kv| &kv.key == first)
+                .map_or(Value::Nil, |kv| from_any(kv.value.as_ref()));
+            for key in rest {
+                value = index(value, key);
+            }
+            return Ok(value);
+        }
         let mut value = Value::Map(
             map.iter()
                 .map(|kv| (kv.key.clone(), from_any(kv.value.as_ref())))
@@ -544,6 +324,18 @@ fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
         Place::Resource("dropped_attributes_count") => Value::Int(i64::from(target.resource.dropped_attributes_count)),
         Place::Scope("name") => Value::Str(target.scope.name.clone()),
         Place::Scope("version") => Value::Str(target.scope.version.clone()),
+        Place::Event("name") => target
+            .event
+            .as_deref()
+            .map_or(Value::Nil, |e| Value::Str(e.name.clone())),
+        Place::Event("time_unix_nano") => target
+            .event
+            .as_deref()
+            .map_or(Value::Nil, |e| Value::Int(e.time_unix_nano as i64)),
+        Place::Event("dropped_attributes_count") => target
+            .event
+            .as_deref()
+            .map_or(Value::Nil, |e| Value::Int(i64::from(e.dropped_attributes_count))),
         _ => Value::Nil,
     })
 }
@@ -582,6 +374,11 @@ fn set(path: &Path, target: &mut SpanTarget<'_>, value: Value) -> Result<(), Eva
         (Place::Status("message"), Value::Str(s)) => span.status.get_or_insert_with(Status::default).message = s,
         (Place::Scope("name"), Value::Str(s)) => target.scope.name = s,
         (Place::Scope("version"), Value::Str(s)) => target.scope.version = s,
+        (Place::Event("name"), Value::Str(s)) => {
+            if let Some(e) = target.event.as_deref_mut() {
+                e.name = s;
+            }
+        }
         (Place::Span("trace_id" | "span_id" | "parent_span_id" | "start_time_unix_nano" | "end_time_unix_nano"), _) => {
             // Ids and times identify the span in MLflow; rewriting them would orphan or merge traces.
             return Err(EvalError::ReadOnly(name()));
@@ -900,294 +697,5 @@ fn convert(call: &Call, target: &SpanTarget<'_>, pats: &Patterns) -> Result<Valu
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::parse::{parse_condition, parse_statement};
-    use super::*;
-
-    fn kv(key: &str, value: Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(to_any(value)),
-            ..Default::default()
-        }
-    }
-
-    fn s(text: &str) -> Value {
-        Value::Str(text.into())
-    }
-
-    struct Fixture {
-        resource: Resource,
-        scope: InstrumentationScope,
-        span: Span,
-    }
-
-    impl Fixture {
-        fn new() -> Fixture {
-            Fixture {
-                resource: Resource {
-                    attributes: vec![kv("service.name", s("unknown_service"))],
-                    ..Default::default()
-                },
-                scope: InstrumentationScope {
-                    name: "openinference".into(),
-                    ..Default::default()
-                },
-                span: Span {
-                    name: "ChatOpenAI".into(),
-                    kind: 3,
-                    trace_id: vec![1; 16],
-                    span_id: vec![2; 8],
-                    parent_span_id: vec![3; 8],
-                    start_time_unix_nano: 1_000,
-                    end_time_unix_nano: 5_000,
-                    attributes: vec![
-                        kv("gen_ai.operation.name", s("chat")),
-                        kv("gen_ai.usage.input_tokens", Value::Int(12)),
-                        kv("gen_ai.usage.output_tokens", Value::Int(30)),
-                        kv("user.email", s("a@example.com")),
-                    ],
-                    ..Default::default()
-                },
-            }
-        }
-
-        fn target(&mut self) -> SpanTarget<'_> {
-            SpanTarget {
-                resource: &mut self.resource,
-                scope: &mut self.scope,
-                span: &mut self.span,
-            }
-        }
-
-        fn run(&mut self, statement: &str) -> Result<bool, EvalError> {
-            let compiled = compile(parse_statement(statement).unwrap()).unwrap();
-            compiled.execute(&mut self.target())
-        }
-
-        fn holds(&mut self, condition: &str) -> bool {
-            let (condition, patterns) = compile_condition(parse_condition(condition).unwrap()).unwrap();
-            eval_condition(&condition, &self.target(), &patterns).unwrap()
-        }
-
-        fn attr(&self, key: &str) -> Value {
-            from_any(
-                self.span
-                    .attributes
-                    .iter()
-                    .find(|kv| kv.key == key)
-                    .and_then(|kv| kv.value.as_ref()),
-            )
-        }
-    }
-
-    /// The edits the issue's MLflow users make, each on a real-shaped span.
-    #[test]
-    fn mlflow_users_statements_do_what_they_say() {
-        let mut f = Fixture::new();
-        assert!(f.run(r#"set(attributes["mlflow.spanType"], "CHAT_MODEL") where attributes["gen_ai.operation.name"] == "chat""#).unwrap());
-        assert_eq!(f.attr("mlflow.spanType"), s("CHAT_MODEL"));
-        assert!(!f.run(r#"set(attributes["mlflow.spanType"], "TOOL") where attributes["gen_ai.operation.name"] == "execute_tool""#).unwrap());
-        assert_eq!(f.attr("mlflow.spanType"), s("CHAT_MODEL"));
-
-        f.run(r#"set(attributes["llm.token_count.total"], attributes["gen_ai.usage.input_tokens"] + attributes["gen_ai.usage.output_tokens"]) where attributes["gen_ai.usage.input_tokens"] != nil"#).unwrap();
-        assert_eq!(f.attr("llm.token_count.total"), Value::Int(42));
-
-        f.run(r#"set(attributes["llm.model"], attributes["gen_ai.request.model"]) where attributes["gen_ai.request.model"] != nil"#).unwrap();
-        assert_eq!(f.attr("llm.model"), Value::Nil, "a missing source is not copied");
-
-        f.run(r#"set(resource.attributes["service.name"], "support-agent") where resource.attributes["service.name"] == "unknown_service""#).unwrap();
-        assert_eq!(from_any(f.resource.attributes[0].value.as_ref()), s("support-agent"));
-
-        f.run(r#"set(attributes["user.email"], SHA256(attributes["user.email"]))"#)
-            .unwrap();
-        assert_eq!(
-            f.attr("user.email"),
-            s("08168cd80dfd534ab0f10af10f1303fe00af2d43ab5c1432360d137f8197e17a")
-        );
-
-        assert!(f.holds(
-            r#"not IsRootSpan() and kind == SPAN_KIND_CLIENT and end_time_unix_nano - start_time_unix_nano >= 4000"#
-        ));
-        f.span.parent_span_id.clear();
-        assert!(f.holds("IsRootSpan()"));
-        f.span.name = "GET /v1/models".into();
-        assert!(f.holds(r#"name == "GET /v1/models" or IsMatch(name, "^GET /health")"#));
-    }
-
-    #[test]
-    fn map_editors() {
-        let mut f = Fixture::new();
-        f.run(r#"delete_key(attributes, "user.email")"#).unwrap();
-        assert_eq!(f.attr("user.email"), Value::Nil);
-        f.run(r#"delete_matching_keys(attributes, "^gen_ai\\.usage\\.")"#)
-            .unwrap();
-        let keys: Vec<&str> = f.span.attributes.iter().map(|kv| kv.key.as_str()).collect();
-        assert_eq!(keys, ["gen_ai.operation.name"]);
-
-        let mut f = Fixture::new();
-        f.run(r#"keep_keys(attributes, ["user.email", "absent"])"#).unwrap();
-        assert_eq!(f.span.attributes.len(), 1);
-
-        let mut f = Fixture::new();
-        f.run(r#"limit(attributes, 2, ["user.email"])"#).unwrap();
-        let keys: Vec<&str> = f.span.attributes.iter().map(|kv| kv.key.as_str()).collect();
-        assert_eq!(keys, ["gen_ai.operation.name", "user.email"]);
-
-        let mut f = Fixture::new();
-        f.run(r#"truncate_all(attributes, 2)"#).unwrap();
-        assert_eq!(f.attr("user.email"), s("a@"));
-        assert_eq!(
-            f.attr("gen_ai.usage.input_tokens"),
-            Value::Int(12),
-            "only strings are cut"
-        );
-        f.span.attributes.push(kv("multi", s("héllo")));
-        f.run(r#"truncate_all(attributes, 2)"#).unwrap();
-        assert_eq!(f.attr("multi"), s("h"), "never inside a character");
-
-        let mut f = Fixture::new();
-        f.run(r#"replace_all_patterns(attributes, "value", "@.*$", "@redacted")"#)
-            .unwrap();
-        assert_eq!(f.attr("user.email"), s("a@redacted"));
-        f.run(r#"replace_all_patterns(attributes, "key", "^gen_ai\\.", "genai.")"#)
-            .unwrap();
-        assert_eq!(f.attr("genai.operation.name"), s("chat"));
-        f.run(r#"replace_pattern(name, "^Chat(.*)$", "llm.$1")"#).unwrap();
-        assert_eq!(f.span.name, "llm.OpenAI");
-
-        let mut f = Fixture::new();
-        f.run(r#"merge_maps(attributes, {"user.email": "x", "new": 1}, "insert")"#)
-            .unwrap();
-        assert_eq!(
-            (f.attr("user.email"), f.attr("new")),
-            (s("a@example.com"), Value::Int(1))
-        );
-        f.run(r#"merge_maps(attributes, {"user.email": "x", "other": 1}, "update")"#)
-            .unwrap();
-        assert_eq!((f.attr("user.email"), f.attr("other")), (s("x"), Value::Nil));
-
-        // Nested keys reach into kvlists, creating them when setting.
-        f.run(r#"set(attributes["a"]["b"], 7)"#).unwrap();
-        assert!(f.holds(r#"attributes["a"]["b"] == 7"#));
-        f.run(r#"delete_key(attributes["a"], "b")"#).unwrap();
-        assert!(f.holds(r#"attributes["a"]["b"] == nil"#));
-    }
-
-    #[test]
-    fn fields_and_converters() {
-        let mut f = Fixture::new();
-        f.run(r#"set(status.code, STATUS_CODE_ERROR) where kind == 3"#).unwrap();
-        f.run(r#"set(status.message, Concat(["failed", name, 3, true], ": "))"#)
-            .unwrap();
-        let status = f.span.status.clone().unwrap();
-        assert_eq!(
-            (status.code, status.message.as_str()),
-            (2, "failed: ChatOpenAI: 3: true")
-        );
-        f.run(r#"set(name, String(Len(name)))"#).unwrap();
-        assert_eq!(f.span.name, "10");
-        f.run(r#"set(attributes["i"], Int("42"))"#).unwrap();
-        f.run(r#"set(attributes["d"], Double(attributes["i"]) / 8.0)"#).unwrap();
-        assert_eq!((f.attr("i"), f.attr("d")), (Value::Int(42), Value::Double(5.25)));
-        f.run(r#"set(attributes["bad"], Int("x"))"#).unwrap();
-        assert_eq!(
-            f.attr("bad"),
-            Value::Nil,
-            "a failed conversion is nil, and set ignores nil"
-        );
-        f.run(r#"set(scope.name, "mlflow")"#).unwrap();
-        assert_eq!(f.scope.name, "mlflow");
-        assert!(f.holds(r#"span_id == 0x0202020202020202 and trace_id != nil"#));
-    }
-
-    #[test]
-    fn comparisons_follow_the_collector_table() {
-        let mut f = Fixture::new();
-        for (condition, expected) in [
-            ("1 == 1.0", true),
-            ("2 > 1.5", true),
-            (r#""a" < "b""#, true),
-            (r#"1 == "1""#, false),
-            (r#"1 != "1""#, true),
-            (r#"1 < "2""#, false),
-            ("nil == nil", true),
-            ("true > false", true),
-            (r#"attributes["absent"] == nil"#, true),
-            (r#"attributes["absent"] != "x""#, true),
-            ("[1, 2] == [1, 2]", true),
-            ("[1, 2] < [1, 3]", false),
-        ] {
-            assert_eq!(f.holds(condition), expected, "{condition}");
-        }
-    }
-
-    #[test]
-    fn runtime_errors_are_errors_not_panics() {
-        let mut f = Fixture::new();
-        assert_eq!(f.run("set(attributes[\"x\"], 1 / 0)"), Err(EvalError::DivisionByZero));
-        assert!(matches!(
-            f.run(r#"set(attributes["x"], 1 + 1.5)"#),
-            Err(EvalError::Type(_))
-        ));
-        assert!(matches!(
-            f.run("set(attributes[\"x\"], 9223372036854775807 + 1)"),
-            Err(EvalError::Type(_))
-        ));
-        assert!(matches!(f.run(r#"set(trace_id, 0x01)"#), Err(EvalError::ReadOnly(_))));
-        assert!(matches!(f.run(r#"set(name, 1)"#), Err(EvalError::Type(_))));
-        assert!(matches!(
-            f.run(r#"truncate_all(attributes, -1)"#),
-            Err(EvalError::Type(_))
-        ));
-        assert_eq!(f.span.name, "ChatOpenAI");
-    }
-
-    #[test]
-    fn compile_errors_name_the_problem() {
-        for (statement, words) in [
-            (r#"sett(name, "x")"#, "unknown editor \"sett\""),
-            (r#"set(name)"#, "takes 2 arguments"),
-            (r#"set(attributes["x"], Concat2(["a"], ""))"#, "unknown converter"),
-            (r#"set(nmae, "x")"#, "unknown path \"nmae\""),
-            (r#"set(name["k"], "x")"#, "cannot be indexed"),
-            (r#"set(kind, SPAN_KIND_SERVRE)"#, "unknown enum"),
-            (r#"delete_matching_keys(attributes, "(")"#, "invalid pattern"),
-            (r#"set(name, "x") where IsMatch(name, "[")"#, "invalid pattern"),
-            (r#"merge_maps(attributes, {}, "replace")"#, "strategy"),
-        ] {
-            let e = compile(parse_statement(statement).unwrap()).unwrap_err();
-            assert!(e.0.contains(words), "{statement}: {e}");
-        }
-    }
-
-    proptest::proptest! {
-        /// Statements assembled from the grammar's pieces, valid or not: parsing, compiling and
-        /// running them either works or returns an error; nothing panics or overflows.
-        #[test]
-        fn generated_statements_never_panic(
-            editor in proptest::sample::select(vec!["set", "delete_key", "keep_keys", "truncate_all", "limit", "merge_maps", "replace_pattern", "delete_matching_keys", "replace_all_patterns"]),
-            args in proptest::collection::vec(proptest::sample::select(vec![
-                "name", "attributes", r#"attributes["user.email"]"#, r#"attributes["a"]["b"]"#, "resource.attributes",
-                r#""x""#, r#""^.*$""#, r#""key""#, r#""upsert""#, "0", "-1", "9223372036854775807", "1.5", "nil", "true",
-                r#"["a", 1]"#, r#"{"k": [1]}"#, "kind", "status.code", "trace_id", "0xff", "SPAN_KIND_SERVER",
-                r#"Concat([name, 1], "-")"#, "Int(name)", "Len(attributes)", "1 / 0", "name + 1", r#"Split(name, "/")"#,
-            ]), 0..5),
-            condition in proptest::option::of(proptest::sample::select(vec![
-                "IsRootSpan()", r#"name == "ChatOpenAI""#, "kind > 1.5", r#"attributes["x"] != nil and not true"#,
-                "end_time_unix_nano - start_time_unix_nano > 0", r#"IsMatch(attributes["user.email"], "@")"#, "String(1) < 2",
-            ])),
-        ) {
-            let text = match condition {
-                Some(c) => format!("{editor}({}) where {c}", args.join(", ")),
-                None => format!("{editor}({})", args.join(", ")),
-            };
-            if let Ok(statement) = parse_statement(&text)
-                && let Ok(compiled) = compile(statement)
-            {
-                let mut f = Fixture::new();
-                let _ = compiled.execute(&mut f.target());
-            }
-        }
-    }
-}
+#[path = "eval_tests.rs"]
+mod tests;

@@ -1,6 +1,8 @@
 //! OTTL, the collector's transformation language, as the `filter` and `transform` processors
 //! use it: the syntax tree here, the parser in `parse`. Paths and functions are given meaning by
 //! the evaluator (`eval`), not by the grammar (the collector splits it the same way).
+mod compile;
+pub(crate) mod context;
 pub(crate) mod eval;
 pub(crate) mod parse;
 
@@ -92,3 +94,6 @@ pub(crate) enum Condition {
     Converter(Call),
     Compare(Expr, CompareOp, Expr),
 }
+
+#[cfg(test)]
+mod fuzz_tests;
