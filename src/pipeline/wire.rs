@@ -21,8 +21,8 @@ pub use super::decode::{DecodeBudget, DecodeError, Unbudgeted};
 #[cfg(test)]
 pub(crate) use super::testdata;
 pub use crate::otlp::EXPERIMENT_ATTRIBUTE;
-pub use json::{json_decoded_estimate, parse_json, parse_json_within};
 pub(crate) use json::experiment_of;
+pub use json::{json_decoded_estimate, parse_json, parse_json_within};
 pub use split::{split_chunk, split_chunk_pieces};
 
 /// One ResourceSpans, encoded as a complete field-1 record of ExportTraceServiceRequest.
