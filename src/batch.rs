@@ -58,8 +58,8 @@ pub trait BatchItem: Sized {
 /// An item that could not be split, and why.
 #[derive(Debug)]
 pub struct Unsplit<T> {
-    pub item: T,
-    pub reason: String,
+    pub(crate) item: T,
+    pub(crate) reason: String,
 }
 
 /// Items up to this many times `send_batch_max_size` are cut between traces; larger ones (a bulk
@@ -71,8 +71,8 @@ const UNSPLIT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch<K, T> {
-    pub key: K,
-    pub items: Vec<T>,
+    pub(crate) key: K,
+    pub(crate) items: Vec<T>,
     pub spans: usize,
 }
 
@@ -128,7 +128,8 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
         self.unsplit_quiet = 0;
     }
 
-    pub fn pending_spans(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending_spans(&self) -> usize {
         self.pending.values().map(|p| p.spans).sum()
     }
 
@@ -236,7 +237,7 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
     /// Adds items that must travel in one batch (one trace's pieces): what is pending goes first
     /// when they do not fit its room; they are cut only when together above
     /// `send_batch_max_size`.
-    pub fn add_group(&mut self, key: K, items: Vec<T>, now: Instant) -> Vec<Batch<K, T>> {
+    pub(crate) fn add_group(&mut self, key: K, items: Vec<T>, now: Instant) -> Vec<Batch<K, T>> {
         let total: usize = items.iter().map(BatchItem::spans).sum();
         let max = self.settings.send_batch_max_size;
         let mut out = Vec::new();
@@ -274,7 +275,7 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
     }
 
     /// When the oldest pending item's timeout runs out, if anything is pending.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.pending
             .values()
             .filter(|p| !p.items.is_empty())
@@ -283,7 +284,7 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
     }
 
     /// Batches whose timeout has run out at `now`.
-    pub fn expired(&mut self, now: Instant) -> Vec<Batch<K, T>> {
+    pub(crate) fn expired(&mut self, now: Instant) -> Vec<Batch<K, T>> {
         let due: Vec<K> = self
             .pending
             .iter()

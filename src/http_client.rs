@@ -2,7 +2,7 @@
 //! gate's upstream and provider calls, and a bounded, buffered client for token endpoints,
 //! discovery documents, JWKS and the gate's look-ups. That client implements oauth2's
 //! `AsyncHttpClient` (openidconnect re-exports it), so neither crate needs reqwest.
-pub use crate::telemetry::error_chain;
+pub(crate) use crate::telemetry::error_chain;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -22,14 +22,14 @@ use crate::supervise::LockUnpoisoned;
 const MAX_RESPONSE: usize = 1 << 20;
 
 /// True when any of `urls` needs TLS (only then are trust roots loaded).
-pub fn any_https<'a>(urls: impl IntoIterator<Item = &'a str>) -> bool {
+pub(crate) fn any_https<'a>(urls: impl IntoIterator<Item = &'a str>) -> bool {
     urls.into_iter()
         .any(|u| u.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")))
 }
 
 /// A pooled hyper client over http or https with `tls`; TCP_NODELAY because every request is
 /// written whole and waits for its answer.
-pub fn pooled<B>(
+pub(crate) fn pooled<B>(
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     idle: Duration,
@@ -53,7 +53,7 @@ where
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum HttpError {
+pub(crate) enum HttpError {
     #[error("{0}")]
     Transport(String),
     #[error("no answer within {0:?}")]
@@ -65,7 +65,7 @@ pub enum HttpError {
 }
 
 #[derive(Clone)]
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
 }
@@ -74,14 +74,18 @@ impl HttpClient {
     /// `tls` decides the trust roots (ca_file, else the system's and SSL_CERT_FILE) and an
     /// optional client certificate; `https` says whether any URL it will be given is https;
     /// `timeout` bounds each whole exchange.
-    pub fn new(tls: &ClientTlsConfig, https: bool, timeout: Duration) -> Result<HttpClient, crate::tls::TlsError> {
+    pub(crate) fn new(
+        tls: &ClientTlsConfig,
+        https: bool,
+        timeout: Duration,
+    ) -> Result<HttpClient, crate::tls::TlsError> {
         let tls = crate::tls::client_config(tls, https)?;
         let inner = pooled(tls, timeout, Duration::from_secs(30));
         Ok(HttpClient { inner, timeout })
     }
 
     /// One buffered request/response exchange (no redirects).
-    pub async fn exchange(&self, req: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, HttpError> {
+    pub(crate) async fn exchange(&self, req: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, HttpError> {
         let timeout = self.timeout;
         let work = async {
             let (parts, body) = req.into_parts();
@@ -104,7 +108,7 @@ impl HttpClient {
     }
 
     /// GET a URL; any status but 200 is an error.
-    pub async fn get(&self, url: &str) -> Result<Vec<u8>, HttpError> {
+    pub(crate) async fn get(&self, url: &str) -> Result<Vec<u8>, HttpError> {
         let req = http::Request::get(url)
             .header(http::header::ACCEPT, "application/json")
             .body(Vec::new())
@@ -117,7 +121,7 @@ impl HttpClient {
     }
 
     /// GET a JSON document; any status but 200 is an error.
-    pub async fn get_json(&self, url: &str) -> Result<serde_json::Value, HttpError> {
+    pub(crate) async fn get_json(&self, url: &str) -> Result<serde_json::Value, HttpError> {
         let body = self.get(url).await?;
         serde_json::from_slice(&body).map_err(|e| HttpError::Body(format!("GET {url}: {e}")))
     }
@@ -125,20 +129,20 @@ impl HttpClient {
 
 /// Lends the client to oauth2 for one token request and remembers the answer's status, which
 /// oauth2's error type does not carry: a 400/401 means "fix the credentials", a 5xx "wait".
-pub struct Recording<'a> {
+pub(crate) struct Recording<'a> {
     client: &'a HttpClient,
     status: Mutex<Option<StatusCode>>,
 }
 
 impl<'a> Recording<'a> {
-    pub fn new(client: &'a HttpClient) -> Self {
+    pub(crate) fn new(client: &'a HttpClient) -> Self {
         Recording {
             client,
             status: Mutex::new(None),
         }
     }
 
-    pub fn status(&self) -> Option<StatusCode> {
+    pub(crate) fn status(&self) -> Option<StatusCode> {
         *self.status.lock_unpoisoned()
     }
 }

@@ -23,42 +23,42 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReceiverLabels {
-    pub receiver: String,
-    pub transport: String,
+pub(crate) struct ReceiverLabels {
+    pub(crate) receiver: String,
+    pub(crate) transport: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusedLabels {
-    pub receiver: String,
-    pub transport: String,
-    pub reason: String,
+pub(crate) struct RefusedLabels {
+    pub(crate) receiver: String,
+    pub(crate) transport: String,
+    pub(crate) reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ExporterLabels {
-    pub exporter: String,
+pub(crate) struct ExporterLabels {
+    pub(crate) exporter: String,
 }
 
 /// The queue metrics' labels: the collector adds the signal (`data_type`) there.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QueueLabels {
-    pub exporter: String,
-    pub data_type: &'static str,
+pub(crate) struct QueueLabels {
+    pub(crate) exporter: String,
+    pub(crate) data_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ExporterReasonLabels {
-    pub exporter: String,
-    pub reason: String,
+pub(crate) struct ExporterReasonLabels {
+    pub(crate) exporter: String,
+    pub(crate) reason: String,
 }
 
 /// The otlphttp exporter's MLflow-specific counters (experiment lookups, poison traces).
 #[derive(Default)]
-pub struct MlflowMetrics {
-    pub poison_traces: CounterFamily<ExporterLabels>,
-    pub isolation_requests: CounterFamily<ExporterLabels>,
-    pub experiment_lookups: CounterFamily<ExporterReasonLabels>,
+pub(crate) struct MlflowMetrics {
+    pub(crate) poison_traces: CounterFamily<ExporterLabels>,
+    pub(crate) isolation_requests: CounterFamily<ExporterLabels>,
+    pub(crate) experiment_lookups: CounterFamily<ExporterReasonLabels>,
 }
 
 impl MlflowMetrics {
@@ -84,24 +84,24 @@ impl MlflowMetrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProcessorLabels {
-    pub processor: String,
+pub(crate) struct ProcessorLabels {
+    pub(crate) processor: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TokenLabels {
-    pub extension: String,
+pub(crate) struct TokenLabels {
+    pub(crate) extension: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TokenResultLabels {
-    pub extension: String,
-    pub result: String,
+pub(crate) struct TokenResultLabels {
+    pub(crate) extension: String,
+    pub(crate) result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ComponentLabels {
-    pub component: String,
+pub(crate) struct ComponentLabels {
+    pub(crate) component: String,
 }
 
 type CounterFamily<L> = Family<L, Counter>;
@@ -182,37 +182,37 @@ pub(crate) struct ExporterHandles {
 }
 
 /// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    pub receiver_accepted_spans: CounterFamily<ReceiverLabels>,
-    pub receiver_refused_spans: CounterFamily<RefusedLabels>,
-    pub exporter_sent_spans: CounterFamily<ExporterLabels>,
-    pub exporter_send_failed_spans: CounterFamily<ExporterLabels>,
-    pub exporter_dropped_spans: CounterFamily<ExporterReasonLabels>,
-    pub exporter_retries: CounterFamily<ExporterReasonLabels>,
-    pub exporter_queue_size: Family<QueueLabels, Gauge>,
-    pub exporter_queue_capacity: Family<QueueLabels, Gauge>,
-    pub batch_send_size: Family<ProcessorLabels, Histogram>,
-    pub export_duration: Family<ExporterLabels, Histogram>,
-    pub spool_bytes: Family<ExporterLabels, Gauge>,
-    pub spool_records: Family<ExporterLabels, Gauge>,
-    pub spool_corrupt_records: CounterFamily<ExporterLabels>,
-    pub dead_letter_spans: CounterFamily<ExporterLabels>,
-    pub exporter_unauthorized: CounterFamily<ExporterLabels>,
-    pub mlflow: MlflowMetrics,
-    pub token_requests: CounterFamily<TokenResultLabels>,
-    pub token_expiry: Family<TokenLabels, Gauge>,
-    pub component_restarts: CounterFamily<ComponentLabels>,
+    pub(crate) receiver_accepted_spans: CounterFamily<ReceiverLabels>,
+    pub(crate) receiver_refused_spans: CounterFamily<RefusedLabels>,
+    pub(crate) exporter_sent_spans: CounterFamily<ExporterLabels>,
+    pub(crate) exporter_send_failed_spans: CounterFamily<ExporterLabels>,
+    pub(crate) exporter_dropped_spans: CounterFamily<ExporterReasonLabels>,
+    pub(crate) exporter_retries: CounterFamily<ExporterReasonLabels>,
+    pub(crate) exporter_queue_size: Family<QueueLabels, Gauge>,
+    pub(crate) exporter_queue_capacity: Family<QueueLabels, Gauge>,
+    pub(crate) batch_send_size: Family<ProcessorLabels, Histogram>,
+    pub(crate) export_duration: Family<ExporterLabels, Histogram>,
+    pub(crate) spool_bytes: Family<ExporterLabels, Gauge>,
+    pub(crate) spool_records: Family<ExporterLabels, Gauge>,
+    pub(crate) spool_corrupt_records: CounterFamily<ExporterLabels>,
+    pub(crate) dead_letter_spans: CounterFamily<ExporterLabels>,
+    pub(crate) exporter_unauthorized: CounterFamily<ExporterLabels>,
+    pub(crate) mlflow: MlflowMetrics,
+    pub(crate) token_requests: CounterFamily<TokenResultLabels>,
+    pub(crate) token_expiry: Family<TokenLabels, Gauge>,
+    pub(crate) component_restarts: CounterFamily<ComponentLabels>,
     /// Every dropped span per exporter, whatever the reason: the shutdown accounting reads it, so
     /// a new drop reason cannot unbalance it. Not exported (the labelled family above is).
     exporter_dropped_total: CounterFamily<ExporterLabels>,
-    pub batch_unsplittable: CounterFamily<ExporterLabels>,
+    pub(crate) batch_unsplittable: CounterFamily<ExporterLabels>,
     /// Traces groupbytrace let go, per exporter stage and reason (root, idle, ...).
-    pub groupbytrace_released_traces: CounterFamily<ExporterReasonLabels>,
-    pub receiver_open_connections: Family<ReceiverLabels, Gauge>,
-    pub receiver_connections_refused: CounterFamily<RefusedLabels>,
-    pub receiver_connections_closed: CounterFamily<RefusedLabels>,
-    pub processor_dropped_spans: CounterFamily<ProcessorLabels>,
+    pub(crate) groupbytrace_released_traces: CounterFamily<ExporterReasonLabels>,
+    pub(crate) receiver_open_connections: Family<ReceiverLabels, Gauge>,
+    pub(crate) receiver_connections_refused: CounterFamily<RefusedLabels>,
+    pub(crate) receiver_connections_closed: CounterFamily<RefusedLabels>,
+    pub(crate) processor_dropped_spans: CounterFamily<ProcessorLabels>,
     process: ProcessGauges,
     /// Handles of every receiver listener and exporter, registered once each.
     receivers: Mutex<Vec<Arc<ReceiverHandles>>>,
@@ -318,13 +318,13 @@ fn histogram<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug 
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         Self::with_labels(Vec::new())
     }
 
     /// Every metric carries `labels` (the relay's resource: service_name, service_instance_id,
     /// ..., from `service.telemetry.resource`), as the collector's own metrics do.
-    pub fn with_labels(labels: Vec<(String, String)>) -> Metrics {
+    pub(crate) fn with_labels(labels: Vec<(String, String)>) -> Metrics {
         let mut r = Registry::with_labels(labels.into_iter().map(|(k, v)| (Cow::Owned(k), Cow::Owned(v))));
         let receiver_accepted_spans = counter(
             &mut r,
@@ -556,7 +556,7 @@ impl Metrics {
     }
 
     /// Counts accepted spans an exporter gave up without a verdict from the destination.
-    pub fn count_dropped(&self, exporter: &str, reason: &str, spans: usize) {
+    pub(crate) fn count_dropped(&self, exporter: &str, reason: &str, spans: usize) {
         if spans == 0 {
             return;
         }
@@ -565,7 +565,7 @@ impl Metrics {
         h.dropped_total.inc_by(spans as u64);
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         self.process.refresh();
         let mut out = String::new();
         // Writing to a String cannot fail; an encoder error would leave a partial page, which
@@ -586,14 +586,14 @@ pub(crate) fn instance_id() -> String {
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
-pub fn queue_labels(exporter: &str) -> QueueLabels {
+pub(crate) fn queue_labels(exporter: &str) -> QueueLabels {
     QueueLabels {
         exporter: exporter.to_string(),
         data_type: "traces",
     }
 }
 
-pub fn exporter_labels(exporter: &str) -> ExporterLabels {
+pub(crate) fn exporter_labels(exporter: &str) -> ExporterLabels {
     ExporterLabels {
         exporter: exporter.to_string(),
     }
@@ -602,7 +602,7 @@ pub fn exporter_labels(exporter: &str) -> ExporterLabels {
 /// Liveness and readiness. Not ready until receivers are bound, while draining, and while any
 /// component reports a reason (e.g. the token endpoint refusing our credentials).
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     started: AtomicBool,
     /// When the relay became ready, for the collector's status body.
     up_since: Mutex<Option<std::time::SystemTime>>,
@@ -611,17 +611,17 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn set_started(&self) {
+    pub(crate) fn set_started(&self) {
         *self.up_since.lock_unpoisoned() = Some(std::time::SystemTime::now());
         self.started.store(true, Ordering::SeqCst);
     }
 
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Sets (Some) or clears (None) a component's reason for not being ready.
-    pub fn set_unready(&self, component: &str, reason: Option<String>) {
+    pub(crate) fn set_unready(&self, component: &str, reason: Option<String>) {
         let mut reasons = self.reasons.lock_unpoisoned();
         match reason {
             Some(r) => reasons.insert(component.to_string(), r),
@@ -630,7 +630,7 @@ impl Health {
     }
 
     /// None when ready, else why not.
-    pub fn not_ready(&self) -> Option<String> {
+    pub(crate) fn not_ready(&self) -> Option<String> {
         if self.draining.load(Ordering::SeqCst) {
             return Some("draining".into());
         }
@@ -652,7 +652,7 @@ impl Health {
     }
 }
 
-pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -663,7 +663,7 @@ pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Ful
 }
 
 /// The health_check extension's routes: the collector's status on its `path`, and ours.
-pub fn health_response(health: &Health, settings: &HealthCheckConfig, path: &str) -> Response<Full<Bytes>> {
+pub(crate) fn health_response(health: &Health, settings: &HealthCheckConfig, path: &str) -> Response<Full<Bytes>> {
     if path == settings.path {
         return collector_status(health, settings);
     }
@@ -750,7 +750,7 @@ fn go_duration(d: std::time::Duration) -> String {
     }
 }
 
-pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+pub(crate) fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
@@ -765,7 +765,7 @@ pub fn metrics_response(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> 
 }
 
 /// Answers one admin request (health or metrics); cheap and synchronous.
-pub type AdminHandler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+pub(crate) type AdminHandler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
 const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -809,7 +809,7 @@ pub(crate) async fn serve_admin(
 
 /// An error with its sources, each said once, for logs and error bodies (callers pass transport
 /// and I/O errors: URLs, never request bodies or credentials).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -825,7 +825,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Binds a listen address and logs `listening component=.. addr=..` (tests and operators read
 /// the bound port from it), or names the component in the error.
-pub async fn bind(component: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) async fn bind(component: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("{component}: cannot listen on {addr}: {e}")))?;

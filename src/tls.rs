@@ -17,7 +17,7 @@ use crate::config::{ClientTlsConfig, ServerTlsConfig, TlsVersion};
 use crate::supervise::{LockUnpoisoned, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("TLS setup: {0}")]
@@ -33,7 +33,7 @@ fn file_err(path: &str, message: impl ToString) -> TlsError {
     }
 }
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -46,7 +46,7 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
 }
 
 /// Every certificate in a PEM file (a bundle with a root and intermediates is fine).
-pub fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_err(path, e))?
         .collect::<Result<_, _>>()
@@ -57,7 +57,7 @@ pub fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> 
     Ok(certs)
 }
 
-pub fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("no usable private key: {e}")))
 }
 
@@ -71,7 +71,7 @@ fn root_store(path: &str) -> Result<RootCertStore, TlsError> {
 
 /// Builds a receiver's rustls config from files: client certificates are required and verified
 /// when a client CA is set.
-pub fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
+pub(crate) fn server_config(cfg: &ServerTlsConfig) -> Result<ServerConfig, TlsError> {
     let client_ca = if cfg.client_ca_file.is_empty() {
         &cfg.ca_file
     } else {
@@ -115,9 +115,9 @@ pub(crate) fn server_config_from_files(
 
 /// The validity period of a certificate, in Unix seconds, with its text for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Validity {
-    pub not_before: i64,
-    pub not_after: i64,
+pub(crate) struct Validity {
+    pub(crate) not_before: i64,
+    pub(crate) not_after: i64,
     not_before_text: String,
     not_after_text: String,
 }
@@ -125,7 +125,7 @@ pub struct Validity {
 impl Validity {
     /// The leaf (first) certificate's period; None when it does not parse (rustls refuses such
     /// a file anyway).
-    pub fn of_leaf(certs: &[CertificateDer<'_>]) -> Option<Validity> {
+    pub(crate) fn of_leaf(certs: &[CertificateDer<'_>]) -> Option<Validity> {
         let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
         let v = cert.validity();
         Some(Validity {
@@ -137,7 +137,7 @@ impl Validity {
     }
 
     /// Why a certificate cannot be served at `now` (Unix seconds), if it cannot.
-    pub fn problem(&self, path: &str, now: i64) -> Option<String> {
+    pub(crate) fn problem(&self, path: &str, now: i64) -> Option<String> {
         if now > self.not_after {
             Some(format!(
                 "server certificate {path} expired (notAfter {}); TLS handshakes fail",
@@ -164,7 +164,7 @@ fn unix_now() -> i64 {
 const VALIDITY_CHECK: Duration = Duration::from_secs(60);
 
 /// A receiver's TLS state: the current config (swapped on reload) and the allowed client patterns.
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     settings: ServerTlsConfig,
     current: RwLock<Arc<ServerConfig>>,
     /// The current certificate's validity period.
@@ -176,7 +176,7 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    pub fn load(settings: &ServerTlsConfig) -> Result<Arc<ServerTls>, TlsError> {
+    pub(crate) fn load(settings: &ServerTlsConfig) -> Result<Arc<ServerTls>, TlsError> {
         let config = server_config(settings)?;
         let validity = load_certs(&settings.cert_file).ok().and_then(|c| Validity::of_leaf(&c));
         let tls = Arc::new(ServerTls {
@@ -255,7 +255,7 @@ impl ServerTls {
         }
     }
 
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(
             self.current
                 .read()
@@ -324,7 +324,7 @@ impl ServerTls {
     }
 
     /// Whether a verified client may send: always when no patterns are configured.
-    pub fn client_allowed(&self, identity: Option<&PeerIdentity>) -> bool {
+    pub(crate) fn client_allowed(&self, identity: Option<&PeerIdentity>) -> bool {
         let patterns = &self.settings.allowed_clients;
         if patterns.is_empty() {
             return true;
@@ -336,13 +336,13 @@ impl ServerTls {
 
 /// The names a client certificate presents: SAN URIs (e.g. SPIFFE ids) and DNS names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerIdentity {
-    pub uris: Vec<String>,
-    pub dns: Vec<String>,
+pub(crate) struct PeerIdentity {
+    pub(crate) uris: Vec<String>,
+    pub(crate) dns: Vec<String>,
 }
 
 impl PeerIdentity {
-    pub fn from_certificate(der: &[u8]) -> Option<PeerIdentity> {
+    pub(crate) fn from_certificate(der: &[u8]) -> Option<PeerIdentity> {
         use x509_parser::extensions::GeneralName;
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let mut id = PeerIdentity::default();
@@ -358,18 +358,18 @@ impl PeerIdentity {
         Some(id)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.uris.iter().chain(&self.dns).map(String::as_str)
     }
 
     /// For logs: the first URI, else the first DNS name.
-    pub fn display_name(&self) -> &str {
+    pub(crate) fn display_name(&self) -> &str {
         self.names().next().unwrap_or("(no SAN)")
     }
 }
 
 /// Glob match where `*` stands for any run of characters (including `/`) and `?` for one.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, text: &str) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -395,7 +395,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 /// trusted, so a root + intermediate bundle works), else the system roots, which honour
 /// SSL_CERT_FILE and SSL_CERT_DIR. `https` is false for a client whose URLs are all plain http
 /// (a mesh-secured MLflow): it never handshakes, so no trust roots are loaded for it.
-pub fn client_config(cfg: &ClientTlsConfig, https: bool) -> Result<ClientConfig, TlsError> {
+pub(crate) fn client_config(cfg: &ClientTlsConfig, https: bool) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let builder =
         ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions(cfg.min_version))?;
@@ -421,7 +421,7 @@ pub fn client_config(cfg: &ClientTlsConfig, https: bool) -> Result<ClientConfig,
 /// The system's trust roots, parsed once per process and shared by every client that needs them:
 /// a distribution bundle plus SSL_CERT_DIR is a few hundred certificates, a few MiB of parsing
 /// and memory that were paid again for each exporter and token client.
-pub fn system_roots() -> Arc<RootCertStore> {
+pub(crate) fn system_roots() -> Arc<RootCertStore> {
     static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
     ROOTS
         .get_or_init(|| {

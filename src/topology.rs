@@ -385,7 +385,7 @@ fn memory_budgets(config: &Config) -> BTreeMap<String, Arc<MemoryBudget>> {
             if let Some(Processor::MemoryLimiter(m)) = config.processors.get(id) {
                 budgets.entry(id.clone()).or_insert_with(|| {
                     let (limit, spike) = m.effective_mib();
-                    MemoryBudget::new(id, limit, spike)
+                    MemoryBudget::new(limit, spike)
                 });
             }
         }

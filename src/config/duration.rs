@@ -6,25 +6,25 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A duration written the way Go's time.ParseDuration reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct GoDuration(pub Duration);
+pub(crate) struct GoDuration(pub(crate) Duration);
 
 impl GoDuration {
-    pub const fn secs(s: u64) -> Self {
+    pub(crate) const fn secs(s: u64) -> Self {
         GoDuration(Duration::from_secs(s))
     }
-    pub const fn millis(ms: u64) -> Self {
+    pub(crate) const fn millis(ms: u64) -> Self {
         GoDuration(Duration::from_millis(ms))
     }
-    pub fn is_zero(&self) -> bool {
+    pub(crate) fn is_zero(&self) -> bool {
         self.0.is_zero()
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid duration {0:?}: expected a number with a unit, e.g. 200ms, 5s, 1m30s")]
-pub struct DurationError(pub String);
+pub(crate) struct DurationError(pub(crate) String);
 
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let err = || DurationError(text.to_string());
     let s = text.trim();
     if s == "0" {

@@ -3,7 +3,7 @@
 
 /// Why a value could not be substituted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EnvError {
+pub(crate) enum EnvError {
     #[error("environment variable {0} is not set (use ${{env:{0}:-default}} for a default)")]
     Unset(String),
     #[error("malformed reference {0:?}: expected ${{env:NAME}}, ${{NAME}}, ${{env:NAME:-default}} or ${{file:PATH}}")]
@@ -17,7 +17,7 @@ pub enum EnvError {
 
 /// The result of substituting one scalar.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Substituted {
+pub(crate) enum Substituted {
     /// The scalar had no reference.
     Unchanged,
     /// The whole scalar was one reference: its value should be re-read as a YAML scalar, so
@@ -52,7 +52,7 @@ fn read_file(path: &str) -> Result<String, EnvError> {
 
 /// Substitutes every reference in `input`, looking variables up with `lookup`.
 /// `$$` escapes a literal `$`.
-pub fn substitute(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Substituted, EnvError> {
+pub(crate) fn substitute(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Substituted, EnvError> {
     if !input.contains('$') {
         return Ok(Substituted::Unchanged);
     }

@@ -10,20 +10,20 @@ use crate::otlp::{EXPERIMENT_HEADER, ExperimentId};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OtlpHttpExporterConfig {
+pub(crate) struct OtlpHttpExporterConfig {
     /// Base URL: traces go to `endpoint + /v1/traces` unless traces_endpoint is set.
-    pub endpoint: String,
-    pub traces_endpoint: String,
-    pub headers: BTreeMap<String, String>,
-    pub compression: Compression,
-    pub timeout: GoDuration,
-    pub encoding: Encoding,
-    pub tls: ClientTlsConfig,
-    pub retry_on_failure: RetryConfig,
-    pub sending_queue: QueueConfig,
-    pub auth: Option<AuthConfig>,
+    pub(crate) endpoint: String,
+    pub(crate) traces_endpoint: String,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) compression: Compression,
+    pub(crate) timeout: GoDuration,
+    pub(crate) encoding: Encoding,
+    pub(crate) tls: ClientTlsConfig,
+    pub(crate) retry_on_failure: RetryConfig,
+    pub(crate) sending_queue: QueueConfig,
+    pub(crate) auth: Option<AuthConfig>,
     /// Ours: how MLflow routes and isolates (experiment by name, poison traces).
-    pub mlflow: MlflowOptions,
+    pub(crate) mlflow: MlflowOptions,
 }
 
 impl Default for OtlpHttpExporterConfig {
@@ -47,22 +47,22 @@ impl Default for OtlpHttpExporterConfig {
 /// The exporter's MLflow-specific behaviour (ours; the collector has no such block).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MlflowOptions {
+pub(crate) struct MlflowOptions {
     /// A resource attribute whose value names the experiment of spans whose resource has neither
     /// `mlflow.experiment_id` nor `mlflow.experiment_name` and whose request named none (e.g.
     /// `service.name`: one experiment per agent). Empty: none.
-    pub experiment_name_attribute: String,
+    pub(crate) experiment_name_attribute: String,
     /// Create an experiment named by spans when MLflow has none of that name; without it such
     /// spans fail (counted, dead-lettered with a spool).
-    pub create_experiments: bool,
+    pub(crate) create_experiments: bool,
     /// Experiment names whose ids are remembered (per workspace).
-    pub experiment_cache_size: usize,
+    pub(crate) experiment_cache_size: usize,
     /// MLflow's REST API base URL for experiment lookups; default: `endpoint`, or
     /// `traces_endpoint` without its `/v1/traces`.
-    pub api_endpoint: String,
+    pub(crate) api_endpoint: String,
     /// When MLflow refuses a request of several traces for good (4xx), resend it halved by trace
     /// until only the traces it refuses are left, so one bad trace does not fail the others.
-    pub isolate_poison_traces: bool,
+    pub(crate) isolate_poison_traces: bool,
 }
 
 impl Default for MlflowOptions {
@@ -78,7 +78,7 @@ impl Default for MlflowOptions {
 }
 
 /// The most experiment names remembered: each entry is a name and an id.
-pub const MAX_EXPERIMENT_CACHE_SIZE: usize = 1_000_000;
+pub(crate) const MAX_EXPERIMENT_CACHE_SIZE: usize = 1_000_000;
 
 impl MlflowOptions {
     /// Problems with their path below `path` (the exporter's `mlflow` block).
@@ -114,26 +114,26 @@ fn is_http_url(url: &str) -> bool {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ClientTlsConfig {
-    pub insecure: bool,
-    pub insecure_skip_verify: bool,
-    pub ca_file: String,
-    pub cert_file: String,
-    pub key_file: String,
-    pub server_name_override: String,
-    pub min_version: TlsVersion,
+pub(crate) struct ClientTlsConfig {
+    pub(crate) insecure: bool,
+    pub(crate) insecure_skip_verify: bool,
+    pub(crate) ca_file: String,
+    pub(crate) cert_file: String,
+    pub(crate) key_file: String,
+    pub(crate) server_name_override: String,
+    pub(crate) min_version: TlsVersion,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    pub enabled: bool,
-    pub initial_interval: GoDuration,
-    pub max_interval: GoDuration,
+pub(crate) struct RetryConfig {
+    pub(crate) enabled: bool,
+    pub(crate) initial_interval: GoDuration,
+    pub(crate) max_interval: GoDuration,
     /// 0 means retry without a time limit.
-    pub max_elapsed_time: GoDuration,
-    pub multiplier: f64,
-    pub randomization_factor: f64,
+    pub(crate) max_elapsed_time: GoDuration,
+    pub(crate) multiplier: f64,
+    pub(crate) randomization_factor: f64,
 }
 
 impl Default for RetryConfig {
@@ -151,14 +151,14 @@ impl Default for RetryConfig {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct QueueConfig {
-    pub enabled: bool,
-    pub num_consumers: usize,
+pub(crate) struct QueueConfig {
+    pub(crate) enabled: bool,
+    pub(crate) num_consumers: usize,
     /// Batches waiting to be sent.
-    pub queue_size: usize,
+    pub(crate) queue_size: usize,
     /// A file_storage extension id: queue on disk (the spool) instead of in memory.
-    pub storage: Option<String>,
-    pub blocking: Option<bool>,
+    pub(crate) storage: Option<String>,
+    pub(crate) blocking: Option<bool>,
 }
 
 impl Default for QueueConfig {
@@ -175,17 +175,17 @@ impl Default for QueueConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    pub authenticator: String,
+pub(crate) struct AuthConfig {
+    pub(crate) authenticator: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DebugExporterConfig {
+pub(crate) struct DebugExporterConfig {
     /// Default basic (see `Verbosity`).
-    pub verbosity: Verbosity,
-    pub sampling_initial: Option<u64>,
-    pub sampling_thereafter: Option<u64>,
+    pub(crate) verbosity: Verbosity,
+    pub(crate) sampling_initial: Option<u64>,
+    pub(crate) sampling_thereafter: Option<u64>,
 }
 
 /// Checks exporter `id` and what it refers to in `config`; problems go to `err` with their

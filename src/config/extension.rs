@@ -9,26 +9,26 @@ use super::exporter::ClientTlsConfig;
 use super::values::{AuthStyle, ListenAddr, OnFull};
 
 /// Default health_check listen address, as the collector's.
-pub const DEFAULT_HEALTH_ENDPOINT: &str = "0.0.0.0:13133";
+pub(crate) const DEFAULT_HEALTH_ENDPOINT: &str = "0.0.0.0:13133";
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HealthCheckConfig {
-    pub endpoint: ListenAddr,
+pub(crate) struct HealthCheckConfig {
+    pub(crate) endpoint: ListenAddr,
     /// Where the collector's status is served (JSON, 503 while starting or draining); default
     /// `/`. `/healthz`, `/livez` and `/readyz` are served besides.
-    pub path: String,
+    pub(crate) path: String,
     /// Bodies that replace the JSON status, as the collector's.
-    pub response_body: Option<HealthResponseBody>,
+    pub(crate) response_body: Option<HealthResponseBody>,
     /// Accepted for collector compatibility (deprecated there): pipelines are not probed.
-    pub check_collector_pipeline: Option<serde_norway::Value>,
+    pub(crate) check_collector_pipeline: Option<serde_norway::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HealthResponseBody {
-    pub healthy: String,
-    pub unhealthy: String,
+pub(crate) struct HealthResponseBody {
+    pub(crate) healthy: String,
+    pub(crate) unhealthy: String,
 }
 
 impl Default for HealthCheckConfig {
@@ -44,20 +44,20 @@ impl Default for HealthCheckConfig {
 
 #[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OAuth2ClientConfig {
-    pub client_id: String,
-    pub client_id_file: String,
-    pub client_secret: String,
-    pub client_secret_file: String,
-    pub token_url: String,
+pub(crate) struct OAuth2ClientConfig {
+    pub(crate) client_id: String,
+    pub(crate) client_id_file: String,
+    pub(crate) client_secret: String,
+    pub(crate) client_secret_file: String,
+    pub(crate) token_url: String,
     /// Ours: an OIDC discovery document whose token_endpoint is used when token_url is empty.
-    pub discovery_url: String,
-    pub scopes: Vec<String>,
-    pub endpoint_params: BTreeMap<String, String>,
-    pub timeout: GoDuration,
-    pub expiry_buffer: GoDuration,
-    pub auth_style: AuthStyle,
-    pub tls: ClientTlsConfig,
+    pub(crate) discovery_url: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) endpoint_params: BTreeMap<String, String>,
+    pub(crate) timeout: GoDuration,
+    pub(crate) expiry_buffer: GoDuration,
+    pub(crate) auth_style: AuthStyle,
+    pub(crate) tls: ClientTlsConfig,
 }
 
 /// Written by hand so the client secret can never reach a log through `{:?}`.
@@ -110,23 +110,23 @@ impl Default for OAuth2ClientConfig {
 /// in `sending_queue.storage` gets its own subdirectory.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct FileStorageConfig {
-    pub directory: String,
+pub(crate) struct FileStorageConfig {
+    pub(crate) directory: String,
     /// Create `directory` when missing (the collector's create_directory).
-    pub create_directory: bool,
+    pub(crate) create_directory: bool,
     /// fsync each group commit before acknowledging; off trades crash safety for throughput.
-    pub fsync: bool,
+    pub(crate) fsync: bool,
     /// Disk budget per exporter spool; beyond it, requests are refused (or the oldest dropped).
-    pub max_size_mib: u64,
+    pub(crate) max_size_mib: u64,
     /// Size at which a segment file is closed and a new one started.
-    pub segment_size_mib: u64,
-    pub on_full: OnFull,
+    pub(crate) segment_size_mib: u64,
+    pub(crate) on_full: OnFull,
     /// Where batches the destination refuses for good are kept; default `directory/dead_letter`.
-    pub dead_letter_directory: String,
+    pub(crate) dead_letter_directory: String,
     /// Accepted for collector compatibility: segments are deleted whole, nothing to compact.
-    pub compaction: Option<serde_norway::Value>,
+    pub(crate) compaction: Option<serde_norway::Value>,
     /// Accepted for collector compatibility.
-    pub timeout: Option<GoDuration>,
+    pub(crate) timeout: Option<GoDuration>,
 }
 
 impl Default for FileStorageConfig {

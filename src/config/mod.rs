@@ -14,18 +14,17 @@ mod validate;
 mod values;
 mod warnings;
 
-pub use duration::{GoDuration, parse_duration};
-pub use env::{EnvError, Substituted, substitute};
-pub use exporter::*;
-pub use extension::*;
+pub(crate) use duration::{GoDuration, parse_duration};
+pub(crate) use exporter::*;
+pub(crate) use extension::*;
 pub(crate) use load::typed;
 pub use load::{load_file, parse_str};
-pub use processor::*;
-pub use receiver::*;
-pub use service::*;
-pub use validate::parse_listen as parse_listen_addr;
-pub use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, TlsVersion, Verbosity};
-pub use warnings::warnings;
+pub(crate) use processor::*;
+pub(crate) use receiver::*;
+pub(crate) use service::*;
+pub(crate) use validate::parse_listen as parse_listen_addr;
+pub(crate) use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, TlsVersion, Verbosity};
+pub(crate) use warnings::warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,12 +32,12 @@ use std::fmt;
 /// One problem in a configuration, located by its YAML path (e.g. `exporters.otlphttp/mlflow.timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub path: String,
+    pub(crate) path: String,
     pub message: String,
 }
 
 impl ConfigError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -73,12 +72,12 @@ impl fmt::Display for ConfigErrors {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Receiver {
+pub(crate) enum Receiver {
     Otlp(OtlpReceiverConfig),
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Processor {
+pub(crate) enum Processor {
     Batch(BatchConfig),
     MemoryLimiter(MemoryLimiterConfig),
     GroupByTrace(GroupByTraceConfig),
@@ -87,13 +86,13 @@ pub enum Processor {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Exporter {
+pub(crate) enum Exporter {
     OtlpHttp(Box<OtlpHttpExporterConfig>),
     Debug(DebugExporterConfig),
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Extension {
+pub(crate) enum Extension {
     HealthCheck(HealthCheckConfig),
     OAuth2Client(Box<OAuth2ClientConfig>),
     FileStorage(FileStorageConfig),
@@ -102,21 +101,21 @@ pub enum Extension {
 /// A loaded configuration. Component maps are keyed by component id (`type` or `type/name`).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
-    pub receivers: BTreeMap<String, Receiver>,
-    pub processors: BTreeMap<String, Processor>,
-    pub exporters: BTreeMap<String, Exporter>,
-    pub extensions: BTreeMap<String, Extension>,
-    pub service: ServiceConfig,
+    pub(crate) receivers: BTreeMap<String, Receiver>,
+    pub(crate) processors: BTreeMap<String, Processor>,
+    pub(crate) exporters: BTreeMap<String, Exporter>,
+    pub(crate) extensions: BTreeMap<String, Extension>,
+    pub(crate) service: ServiceConfig,
 }
 
 /// The type part of a component id: `otlphttp/mlflow` → `otlphttp`.
-pub fn component_type(id: &str) -> &str {
+pub(crate) fn component_type(id: &str) -> &str {
     id.split_once('/').map_or(id, |(t, _)| t)
 }
 
 impl Config {
     /// The health_check extension, when it is enabled in `service.extensions`.
-    pub fn health_check(&self) -> Option<&HealthCheckConfig> {
+    pub(crate) fn health_check(&self) -> Option<&HealthCheckConfig> {
         self.service
             .extensions
             .iter()
@@ -127,7 +126,7 @@ impl Config {
     }
 
     /// The file_storage extension an exporter spools to, if any.
-    pub fn exporter_storage(&self, exporter: &str) -> Option<(&str, &FileStorageConfig)> {
+    pub(crate) fn exporter_storage(&self, exporter: &str) -> Option<(&str, &FileStorageConfig)> {
         let Some(Exporter::OtlpHttp(e)) = self.exporters.get(exporter) else {
             return None;
         };

@@ -6,14 +6,14 @@ use super::duration::GoDuration;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BatchConfig {
-    pub send_batch_size: usize,
+pub(crate) struct BatchConfig {
+    pub(crate) send_batch_size: usize,
     /// 0 means no upper bound.
-    pub send_batch_max_size: usize,
-    pub timeout: GoDuration,
+    pub(crate) send_batch_max_size: usize,
+    pub(crate) timeout: GoDuration,
     /// Accepted for collector compatibility; batches are always partitioned by destination.
-    pub metadata_keys: Vec<String>,
-    pub metadata_cardinality_limit: Option<u32>,
+    pub(crate) metadata_keys: Vec<String>,
+    pub(crate) metadata_cardinality_limit: Option<u32>,
 }
 
 impl Default for BatchConfig {
@@ -30,31 +30,31 @@ impl Default for BatchConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MemoryLimiterConfig {
-    pub check_interval: GoDuration,
-    pub limit_mib: u64,
-    pub spike_limit_mib: u64,
+pub(crate) struct MemoryLimiterConfig {
+    pub(crate) check_interval: GoDuration,
+    pub(crate) limit_mib: u64,
+    pub(crate) spike_limit_mib: u64,
     /// Of the cgroup's memory limit, else of total memory; limit_mib wins when both are set.
-    pub limit_percentage: u64,
-    pub spike_limit_percentage: u64,
+    pub(crate) limit_percentage: u64,
+    pub(crate) spike_limit_percentage: u64,
 }
 
 /// groupbytrace: holds spans by trace id and lets a trace go as one unit (see
 /// `processor::groupbytrace`). The collector's keys, plus ours from `release_on_root` on.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct GroupByTraceConfig {
+pub(crate) struct GroupByTraceConfig {
     /// A trace leaves this long after its last span arrived.
-    pub wait_duration: GoDuration,
+    pub(crate) wait_duration: GoDuration,
     /// At most this many traces held; the oldest leaves (whole, never dropped) past it.
-    pub num_traces: usize,
+    pub(crate) num_traces: usize,
     /// Accepted for collector compatibility: one task per exporter does the work.
-    pub num_workers: Option<u32>,
-    pub release_on_root: bool,
+    pub(crate) num_workers: Option<u32>,
+    pub(crate) release_on_root: bool,
     /// How long after its root a trace still waits for stragglers.
-    pub root_grace: GoDuration,
+    pub(crate) root_grace: GoDuration,
     /// No trace is held longer than this in all.
-    pub max_hold: GoDuration,
+    pub(crate) max_hold: GoDuration,
 }
 
 impl Default for GroupByTraceConfig {
@@ -109,7 +109,7 @@ pub(super) fn validate(id: &str, p: &Processor, err: &mut dyn FnMut(String, Stri
 impl MemoryLimiterConfig {
     /// (limit, spike limit) in MiB: limit_mib when set, else the percentages of the memory
     /// available to the process (cgroup limit, else total), as the collector.
-    pub fn effective_mib(&self) -> (u64, u64) {
+    pub(crate) fn effective_mib(&self) -> (u64, u64) {
         if self.limit_mib != 0 {
             return (self.limit_mib, self.spike_limit_mib);
         }

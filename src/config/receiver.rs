@@ -6,77 +6,77 @@ use super::duration::GoDuration;
 use super::values::{ListenAddr, TlsVersion, empty_is_none};
 
 /// Default gRPC and HTTP receiver endpoints, as the collector's (but loopback for newcomers).
-pub const DEFAULT_GRPC_ENDPOINT: &str = "127.0.0.1:4317";
-pub const DEFAULT_HTTP_ENDPOINT: &str = "127.0.0.1:4318";
+pub(crate) const DEFAULT_GRPC_ENDPOINT: &str = "127.0.0.1:4317";
+pub(crate) const DEFAULT_HTTP_ENDPOINT: &str = "127.0.0.1:4318";
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OtlpReceiverConfig {
-    pub protocols: OtlpProtocols,
+pub(crate) struct OtlpReceiverConfig {
+    pub(crate) protocols: OtlpProtocols,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OtlpProtocols {
-    pub grpc: Option<ProtocolConfig>,
-    pub http: Option<ProtocolConfig>,
+pub(crate) struct OtlpProtocols {
+    pub(crate) grpc: Option<ProtocolConfig>,
+    pub(crate) http: Option<ProtocolConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ProtocolConfig {
+pub(crate) struct ProtocolConfig {
     /// None (missing or empty) means the protocol's default endpoint.
     #[serde(deserialize_with = "empty_is_none")]
-    pub endpoint: Option<ListenAddr>,
-    pub max_recv_msg_size_mib: u64,
-    pub include_metadata: bool,
-    pub tls: Option<ServerTlsConfig>,
+    pub(crate) endpoint: Option<ListenAddr>,
+    pub(crate) max_recv_msg_size_mib: u64,
+    pub(crate) include_metadata: bool,
+    pub(crate) tls: Option<ServerTlsConfig>,
     /// Cross-origin requests from browsers (HTTP receiver), as the collector's confighttp.
-    pub cors: Option<CorsConfig>,
+    pub(crate) cors: Option<CorsConfig>,
     /// Concurrent HTTP/2 streams (requests) per connection; default 100.
-    pub max_concurrent_streams: Option<u32>,
+    pub(crate) max_concurrent_streams: Option<u32>,
     /// Ours: concurrent connections on this listener. Default: 1024, or less when the process's
     /// open-file limit is low (see `default_max_connections`).
-    pub max_connections: Option<usize>,
+    pub(crate) max_connections: Option<usize>,
     /// The time a client has to send a request's headers (HTTP/1), counted from the connection's
     /// start or the end of the previous response.
-    pub read_header_timeout: GoDuration,
+    pub(crate) read_header_timeout: GoDuration,
     /// The time a client has to send a request's body; a stalled body is answered 408.
-    pub read_timeout: GoDuration,
+    pub(crate) read_timeout: GoDuration,
     /// A connection with no request in flight for this long is closed.
-    pub idle_timeout: GoDuration,
+    pub(crate) idle_timeout: GoDuration,
     /// The gRPC receiver's HTTP/2 keepalive (collector layout).
-    pub keepalive: Option<KeepaliveConfig>,
+    pub(crate) keepalive: Option<KeepaliveConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct CorsConfig {
+pub(crate) struct CorsConfig {
     /// Origins allowed to send spans from a browser; `*` matches any run of characters
     /// (`https://*.example.com`), `*` alone any origin. Empty: CORS is off.
-    pub allowed_origins: Vec<String>,
+    pub(crate) allowed_origins: Vec<String>,
     /// Request headers allowed besides Accept, Content-Type, Content-Encoding, X-Requested-With
     /// and Origin; `*` allows any.
-    pub allowed_headers: Vec<String>,
+    pub(crate) allowed_headers: Vec<String>,
     /// Seconds a browser may cache a preflight answer; 0 leaves it to the browser.
-    pub max_age: u64,
+    pub(crate) max_age: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KeepaliveConfig {
-    pub server_parameters: KeepaliveServerConfig,
+pub(crate) struct KeepaliveConfig {
+    pub(crate) server_parameters: KeepaliveServerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KeepaliveServerConfig {
+pub(crate) struct KeepaliveServerConfig {
     /// HTTP/2 PING after this long without frames from the client.
-    pub time: GoDuration,
+    pub(crate) time: GoDuration,
     /// The wait for the PING's answer before the connection is closed.
-    pub timeout: GoDuration,
+    pub(crate) timeout: GoDuration,
     /// Overrides idle_timeout when set (non-zero).
-    pub max_connection_idle: GoDuration,
+    pub(crate) max_connection_idle: GoDuration,
 }
 
 impl Default for KeepaliveServerConfig {
@@ -109,18 +109,18 @@ impl Default for ProtocolConfig {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ServerTlsConfig {
-    pub cert_file: String,
-    pub key_file: String,
+pub(crate) struct ServerTlsConfig {
+    pub(crate) cert_file: String,
+    pub(crate) key_file: String,
     /// Makes client certificates required and verified against this CA bundle.
-    pub client_ca_file: String,
+    pub(crate) client_ca_file: String,
     /// The collector's name for client_ca_file on some versions.
-    pub ca_file: String,
-    pub min_version: TlsVersion,
+    pub(crate) ca_file: String,
+    pub(crate) min_version: TlsVersion,
     /// Re-read cert, key and CA this often; 0 never.
-    pub reload_interval: GoDuration,
+    pub(crate) reload_interval: GoDuration,
     /// Ours: glob patterns matched against the client certificate's SAN URIs and DNS names.
-    pub allowed_clients: Vec<String>,
+    pub(crate) allowed_clients: Vec<String>,
 }
 
 impl Default for ServerTlsConfig {

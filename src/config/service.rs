@@ -9,16 +9,16 @@ use super::values::ListenAddr;
 use super::{Config, Processor, Receiver, component_type};
 
 /// Default metrics listen address, as the collector's.
-pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:8888";
+pub(crate) const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:8888";
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ServiceConfig {
-    pub extensions: Vec<String>,
-    pub pipelines: BTreeMap<String, PipelineConfig>,
-    pub telemetry: TelemetryConfig,
+pub(crate) struct ServiceConfig {
+    pub(crate) extensions: Vec<String>,
+    pub(crate) pipelines: BTreeMap<String, PipelineConfig>,
+    pub(crate) telemetry: TelemetryConfig,
     /// Ours: how long SIGTERM may take to drain queued batches before the rest is counted dropped.
-    pub shutdown_timeout: GoDuration,
+    pub(crate) shutdown_timeout: GoDuration,
 }
 
 impl Default for ServiceConfig {
@@ -34,32 +34,32 @@ impl Default for ServiceConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PipelineConfig {
-    pub receivers: Vec<String>,
-    pub processors: Vec<String>,
-    pub exporters: Vec<String>,
+pub(crate) struct PipelineConfig {
+    pub(crate) receivers: Vec<String>,
+    pub(crate) processors: Vec<String>,
+    pub(crate) exporters: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    pub metrics: MetricsConfig,
-    pub logs: LogsConfig,
+pub(crate) struct TelemetryConfig {
+    pub(crate) metrics: MetricsConfig,
+    pub(crate) logs: LogsConfig,
     /// Resource attributes of the relay itself: constant labels on every metric (dots become
     /// underscores: `service.name` → `service_name`). A null value removes a default label.
-    pub resource: BTreeMap<String, Option<String>>,
+    pub(crate) resource: BTreeMap<String, Option<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
+pub(crate) struct MetricsConfig {
     /// The listen address before readers existed (the collector's `address`); a pull reader
     /// overrides it.
-    pub address: ListenAddr,
+    pub(crate) address: ListenAddr,
     /// none: no metrics listener. basic, normal, detailed: every metric is served.
-    pub level: Option<String>,
+    pub(crate) level: Option<String>,
     /// The collector's metric readers: a pull Prometheus reader sets where metrics are served.
-    pub readers: Vec<MetricReader>,
+    pub(crate) readers: Vec<MetricReader>,
 }
 
 impl Default for MetricsConfig {
@@ -74,37 +74,37 @@ impl Default for MetricsConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricReader {
-    pub pull: Option<PullReader>,
+pub(crate) struct MetricReader {
+    pub(crate) pull: Option<PullReader>,
     /// Accepted for collector compatibility: the relay's metrics are only served for scraping.
-    pub periodic: Option<serde_norway::Value>,
+    pub(crate) periodic: Option<serde_norway::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PullReader {
-    pub exporter: PullExporter,
+pub(crate) struct PullReader {
+    pub(crate) exporter: PullExporter,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PullExporter {
-    pub prometheus: Option<PrometheusReader>,
+pub(crate) struct PullExporter {
+    pub(crate) prometheus: Option<PrometheusReader>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PrometheusReader {
-    pub host: String,
-    pub port: u16,
+pub(crate) struct PrometheusReader {
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// Accepted for collector compatibility; names always carry their type suffix.
-    pub without_type_suffix: Option<bool>,
+    pub(crate) without_type_suffix: Option<bool>,
     /// Accepted for collector compatibility.
-    pub without_units: Option<bool>,
+    pub(crate) without_units: Option<bool>,
     /// Accepted for collector compatibility.
-    pub without_scope_info: Option<bool>,
+    pub(crate) without_scope_info: Option<bool>,
     /// Accepted for collector compatibility; `telemetry.resource` always becomes labels.
-    pub with_resource_constant_labels: Option<serde_norway::Value>,
+    pub(crate) with_resource_constant_labels: Option<serde_norway::Value>,
 }
 
 impl Default for PrometheusReader {
@@ -133,7 +133,7 @@ impl PrometheusReader {
 
 impl MetricsConfig {
     /// Where the metrics listener binds; None with `level: none`.
-    pub fn listen(&self) -> Option<ListenAddr> {
+    pub(crate) fn listen(&self) -> Option<ListenAddr> {
         if self.level.as_deref().is_some_and(|l| l.eq_ignore_ascii_case("none")) {
             return None;
         }
@@ -149,7 +149,7 @@ impl MetricsConfig {
 impl TelemetryConfig {
     /// Constant labels for every metric: the collector's defaults (service.name, version,
     /// instance id) overridden or removed by `resource`, names made Prometheus-safe.
-    pub fn resource_labels(&self, instance_id: &str) -> Vec<(String, String)> {
+    pub(crate) fn resource_labels(&self, instance_id: &str) -> Vec<(String, String)> {
         let mut attrs: BTreeMap<String, String> = BTreeMap::from([
             ("service.name".to_string(), "otlp-relay".to_string()),
             ("service.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
@@ -180,11 +180,11 @@ fn label_name(key: &str) -> String {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogsConfig {
+pub(crate) struct LogsConfig {
     /// debug | info | warn | error; OTLP_RELAY_LOG overrides it.
-    pub level: Option<String>,
+    pub(crate) level: Option<String>,
     /// Accepted for collector compatibility; use --log-format.
-    pub encoding: Option<String>,
+    pub(crate) encoding: Option<String>,
 }
 
 /// Checks the service section and the references between components; problems go to `err`

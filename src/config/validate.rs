@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use super::{Config, ConfigError, Receiver};
 
-pub fn validate(config: &Config) -> Vec<ConfigError> {
+pub(crate) fn validate(config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     let mut err = |path: String, msg: String| errors.push(ConfigError::new(path, msg));
     for (id, r) in &config.receivers {
@@ -27,7 +27,7 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
 }
 
 /// Parses a listen endpoint (`HOST:PORT`, `:PORT`, `localhost:PORT`).
-pub fn parse_listen(endpoint: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_listen(endpoint: &str) -> Option<SocketAddr> {
     let e = endpoint.trim();
     let e = if let Some(port) = e.strip_prefix(':') {
         format!("0.0.0.0:{port}")

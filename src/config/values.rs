@@ -31,7 +31,7 @@ macro_rules! config_word {
 
 /// An otlphttp exporter's request compression (`compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compression {
+pub(crate) enum Compression {
     #[default]
     Gzip,
     Deflate,
@@ -40,7 +40,7 @@ pub enum Compression {
 }
 
 impl Compression {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Compression::Gzip => "gzip",
             Compression::Deflate => "deflate",
@@ -67,14 +67,14 @@ config_word!(Compression);
 
 /// An otlphttp exporter's body encoding (`encoding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     #[default]
     Proto,
     Json,
 }
 
 impl Encoding {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Encoding::Proto => "proto",
             Encoding::Json => "json",
@@ -96,7 +96,7 @@ config_word!(Encoding);
 
 /// What the debug exporter logs (`verbosity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Verbosity {
+pub(crate) enum Verbosity {
     /// Span counts per batch.
     #[default]
     Basic,
@@ -107,7 +107,7 @@ pub enum Verbosity {
 }
 
 impl Verbosity {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verbosity::Basic => "basic",
             Verbosity::Normal => "normal",
@@ -131,7 +131,7 @@ config_word!(Verbosity);
 
 /// What a full spool does (`on_full`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnFull {
+pub(crate) enum OnFull {
     /// Refuse new requests (429 / UNAVAILABLE to clients).
     #[default]
     Refuse,
@@ -140,7 +140,7 @@ pub enum OnFull {
 }
 
 impl OnFull {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OnFull::Refuse => "refuse",
             OnFull::DropOldest => "drop_oldest",
@@ -162,7 +162,7 @@ config_word!(OnFull);
 
 /// How an oauth2client authenticates to the token endpoint (`auth_style`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AuthStyle {
+pub(crate) enum AuthStyle {
     /// HTTP Basic client authentication.
     #[default]
     Basic,
@@ -171,7 +171,7 @@ pub enum AuthStyle {
 }
 
 impl AuthStyle {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AuthStyle::Basic => "basic",
             AuthStyle::Post => "post",
@@ -194,7 +194,7 @@ config_word!(AuthStyle);
 /// The lowest TLS version a listener or client accepts (`min_version`); empty is the default, as in
 /// the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TlsVersion {
+pub(crate) enum TlsVersion {
     /// TLS 1.2 and 1.3.
     #[default]
     V1_2,
@@ -203,7 +203,7 @@ pub enum TlsVersion {
 }
 
 impl TlsVersion {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TlsVersion::V1_2 => "1.2",
             TlsVersion::V1_3 => "1.3",
@@ -225,7 +225,7 @@ config_word!(TlsVersion);
 
 /// A listen address, parsed once when the file is read (`HOST:PORT`, `:PORT`, `localhost:PORT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenAddr(pub SocketAddr);
+pub(crate) struct ListenAddr(pub(crate) SocketAddr);
 
 impl ListenAddr {
     /// For defaults written as text; panics only on a typo in a constant (a unit test reads each).
@@ -234,7 +234,7 @@ impl ListenAddr {
         text.parse().expect("a default listen address")
     }
 
-    pub fn as_str(&self) -> String {
+    pub(crate) fn as_str(&self) -> String {
         self.0.to_string()
     }
 }

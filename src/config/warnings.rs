@@ -4,7 +4,7 @@
 use super::{Config, ConfigError, Exporter, Extension, Processor};
 
 /// Every warning for `config`, with its YAML path, in a stable order.
-pub fn warnings(config: &Config) -> Vec<ConfigError> {
+pub(crate) fn warnings(config: &Config) -> Vec<ConfigError> {
     let mut out = Vec::new();
     let mut warn = |path: String, message: &str| out.push(ConfigError::new(path, message));
     const IGNORED: &str = "accepted for collector compatibility but not acted on";

@@ -8,13 +8,13 @@ use http::HeaderValue;
 /// down or refusing us makes batches wait, never vanish.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
-pub struct AuthError {
-    pub message: String,
+pub(crate) struct AuthError {
+    pub(crate) message: String,
 }
 
-pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<HeaderValue, AuthError>> + Send + 'a>>;
+pub(crate) type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<HeaderValue, AuthError>> + Send + 'a>>;
 
-pub trait Authenticator: Send + Sync {
+pub(crate) trait Authenticator: Send + Sync {
     /// The Authorization header value for the next request.
     fn authorization(&self) -> AuthFuture<'_>;
     /// The destination answered 401 to `rejected`: forget it so the next call fetches a new one.

@@ -5,13 +5,13 @@ use prost::Message;
 use super::{ExportError, OutBatch};
 use crate::config::Verbosity;
 
-pub struct DebugExporter {
-    pub name: String,
-    pub verbosity: Verbosity,
+pub(crate) struct DebugExporter {
+    pub(crate) name: String,
+    pub(crate) verbosity: Verbosity,
 }
 
 impl DebugExporter {
-    pub fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+    pub(crate) fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
         let experiment = batch.key.experiment.as_deref().unwrap_or("(default)");
         tracing::info!(exporter = %self.name, spans = batch.spans, experiment, "traces");
         if self.verbosity == Verbosity::Basic {

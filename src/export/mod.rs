@@ -185,35 +185,35 @@ impl Exporter {
 
 /// Stage settings from the exporter's and its pipeline's config.
 pub(crate) struct StageSettings {
-    pub name: String,
-    pub batch: BatchSettings,
+    pub(crate) name: String,
+    pub(crate) batch: BatchSettings,
     /// The batch processor's id for its metric label ("" when the pipeline has none).
-    pub batch_processor: String,
-    pub queue_size: usize,
-    pub num_consumers: usize,
-    pub retry: RetryPolicy,
+    pub(crate) batch_processor: String,
+    pub(crate) queue_size: usize,
+    pub(crate) num_consumers: usize,
+    pub(crate) retry: RetryPolicy,
     /// The exporter's spool: items come from it and are released to it once delivered; what is
     /// in memory at shutdown stays on disk for the next start instead of counting as dropped.
-    pub spool: Option<Arc<Spool>>,
+    pub(crate) spool: Option<Arc<Spool>>,
     /// Where batches refused for good are kept (with a spool).
-    pub dead_letter: Option<Arc<DeadLetter>>,
+    pub(crate) dead_letter: Option<Arc<DeadLetter>>,
     /// Where batches go (the URL), for log lines.
-    pub destination: String,
+    pub(crate) destination: String,
     /// The pipeline's groupbytrace, between the intake and the batcher.
-    pub group: Option<crate::processor::grouping::GroupSettings>,
+    pub(crate) group: Option<crate::processor::grouping::GroupSettings>,
     /// Retryable failures since the last delivery, over all senders: the first delivery after
     /// some says so, so an operator sees the outage end.
-    pub failures_since_delivery: std::sync::atomic::AtomicU64,
+    pub(crate) failures_since_delivery: std::sync::atomic::AtomicU64,
     /// When poison-trace isolation last logged, and isolations since: one line per interval.
-    pub isolation_log: std::sync::Mutex<(Option<Instant>, u64)>,
+    pub(crate) isolation_log: std::sync::Mutex<(Option<Instant>, u64)>,
 }
 
 /// Stops a stage in order: `close` stops intake (buffered items still flow out); `abort` gives
 /// up on what is still queued or retrying, counting it dropped.
 #[derive(Clone, Default)]
 pub(crate) struct StageControl {
-    pub close: CancellationToken,
-    pub abort: CancellationToken,
+    pub(crate) close: CancellationToken,
+    pub(crate) abort: CancellationToken,
 }
 
 /// Least capacity of an exporter's intake, in accepted requests. The batcher drains it

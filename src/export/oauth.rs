@@ -3,8 +3,8 @@
 //! request in flight, drops a token the destination answered 401 to, backs off while the token
 //! endpoint fails and reports refused credentials on /readyz. Tokens never reach logs, errors or
 //! metrics: at debug level only their iss, aud, azp and exp are logged.
-pub mod cache;
-pub mod inspect;
+pub(crate) mod cache;
+pub(crate) mod inspect;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,7 +21,7 @@ use crate::telemetry::{Health, Metrics, TokenLabels, TokenResultLabels};
 use cache::{Check, Failure, FailureKind, TokenState};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
+pub(crate) enum SetupError {
     #[error("{key}: cannot read {path}: {error}")]
     File {
         key: &'static str,
@@ -35,12 +35,12 @@ pub enum SetupError {
 }
 
 /// A fetched token. Debug is hand-written so the token can never be printed by accident.
-pub struct Fetched {
-    pub access_token: String,
-    pub token_type: String,
-    pub expires_in: Option<Duration>,
-    pub scopes: Option<Vec<String>>,
-    pub token_url: String,
+pub(crate) struct Fetched {
+    pub(crate) access_token: String,
+    pub(crate) token_type: String,
+    pub(crate) expires_in: Option<Duration>,
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) token_url: String,
 }
 
 impl std::fmt::Debug for Fetched {
@@ -117,7 +117,7 @@ struct Observers {
 }
 
 /// One oauth2client extension: its settings, HTTP client and token cache.
-pub struct OAuth2Client {
+pub(crate) struct OAuth2Client {
     id: String,
     cfg: OAuth2ClientConfig,
     http: HttpClient,
@@ -133,7 +133,7 @@ pub struct OAuth2Client {
 
 impl OAuth2Client {
     /// Reads secret files and TLS material: failures here are configuration errors.
-    pub fn new(id: &str, cfg: &OAuth2ClientConfig) -> Result<OAuth2Client, SetupError> {
+    pub(crate) fn new(id: &str, cfg: &OAuth2ClientConfig) -> Result<OAuth2Client, SetupError> {
         Ok(OAuth2Client {
             id: id.to_string(),
             http: HttpClient::new(
@@ -152,12 +152,12 @@ impl OAuth2Client {
     }
 
     /// Connects the cache to the relay's metrics and readiness (once, before serving).
-    pub fn attach(&self, metrics: Arc<Metrics>, health: Arc<Health>) {
+    pub(crate) fn attach(&self, metrics: Arc<Metrics>, health: Arc<Health>) {
         let _ = self.observers.set(Observers { metrics, health });
     }
 
     /// Fetches the first token in the background, so bad credentials show on /readyz at once.
-    pub fn spawn_warmup(self: &Arc<Self>) {
+    pub(crate) fn spawn_warmup(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
             let _ = me.bearer().await;
@@ -186,7 +186,7 @@ impl OAuth2Client {
     }
 
     /// One client-credentials request, no cache, no retries (also used by `otlp-relay token`).
-    pub async fn fetch(&self) -> Result<Fetched, Failure> {
+    pub(crate) async fn fetch(&self) -> Result<Fetched, Failure> {
         let token_url = self.token_endpoint().await?;
         let client = BasicClient::new(ClientId::new(self.client_id.current(&self.id)))
             .set_client_secret(ClientSecret::new(self.client_secret.current(&self.id)))
@@ -362,7 +362,7 @@ pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How long a token may be used: expires_in, corrected by the JWT's own exp when that is a bit
 /// earlier (exp is whole seconds, so a 3 s token may have 2.1 s left); a far-off exp means the
 /// clocks disagree and expires_in wins. Never above MAX_TOKEN_LIFETIME.
-pub fn lifetime(expires_in: Option<Duration>, exp: Option<u64>, now: SystemTime) -> Option<Duration> {
+pub(crate) fn lifetime(expires_in: Option<Duration>, exp: Option<u64>, now: SystemTime) -> Option<Duration> {
     let by_exp = exp.map(|e| {
         UNIX_EPOCH
             .checked_add(Duration::from_secs(e))

@@ -27,14 +27,14 @@ const ANSWER_READ_LIMIT: usize = 1024 * 1024;
 
 pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-pub struct OtlpHttpExporter {
+pub(crate) struct OtlpHttpExporter {
     client: HttpsClient,
     url: Uri,
     headers: HeaderMap,
     compression: Compression,
     json: bool,
     timeout: Duration,
-    pub auth: Option<Arc<dyn Authenticator>>,
+    pub(crate) auth: Option<Arc<dyn Authenticator>>,
     /// The resource attribute naming an experiment (`mlflow.experiment_name_attribute`).
     named_by: String,
     experiments: Experiments,
@@ -45,7 +45,7 @@ pub struct OtlpHttpExporter {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
+pub(crate) enum SetupError {
     #[error("endpoint {0:?} is not a valid URL")]
     Url(String),
     #[error("tls: {0}")]
@@ -54,7 +54,7 @@ pub enum SetupError {
 
 /// MLflow's REST API base: `mlflow.api_endpoint`, else `endpoint`, else `traces_endpoint`
 /// without its `/v1/traces`.
-pub fn api_url(cfg: &OtlpHttpExporterConfig) -> String {
+pub(crate) fn api_url(cfg: &OtlpHttpExporterConfig) -> String {
     if !cfg.mlflow.api_endpoint.is_empty() {
         cfg.mlflow.api_endpoint.clone()
     } else if !cfg.endpoint.is_empty() {
@@ -66,7 +66,7 @@ pub fn api_url(cfg: &OtlpHttpExporterConfig) -> String {
 }
 
 /// `endpoint` + `/v1/traces`, unless `traces_endpoint` says where exactly.
-pub fn traces_url(cfg: &OtlpHttpExporterConfig) -> String {
+pub(crate) fn traces_url(cfg: &OtlpHttpExporterConfig) -> String {
     if !cfg.traces_endpoint.is_empty() {
         cfg.traces_endpoint.clone()
     } else {
@@ -75,7 +75,7 @@ pub fn traces_url(cfg: &OtlpHttpExporterConfig) -> String {
 }
 
 impl OtlpHttpExporter {
-    pub fn new(cfg: &OtlpHttpExporterConfig, auth: Option<Arc<dyn Authenticator>>) -> Result<Self, SetupError> {
+    pub(crate) fn new(cfg: &OtlpHttpExporterConfig, auth: Option<Arc<dyn Authenticator>>) -> Result<Self, SetupError> {
         let url_text = traces_url(cfg);
         let url: Uri = url_text.parse().map_err(|_| SetupError::Url(url_text.clone()))?;
         let tls = crate::tls::client_config(&cfg.tls, url.scheme() == Some(&http::uri::Scheme::HTTPS))?;
@@ -229,7 +229,7 @@ impl OtlpHttpExporter {
     }
 
     /// Sends every group of the batch (see `targets`), stopping at the first failure.
-    pub async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
+    pub(crate) async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
         for (target, members) in self.targets(batch) {
             let part = batch.subset(&members);
             self.export_to(&part, &target).await?;

@@ -10,7 +10,7 @@ use crate::config::RetryConfig;
 
 /// What to do after an HTTP answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HttpVerdict {
+pub(crate) enum HttpVerdict {
     Delivered,
     /// 429/502/503/504: try again, not before `retry_after` when the server said so.
     Retry {
@@ -22,7 +22,7 @@ pub enum HttpVerdict {
     Permanent,
 }
 
-pub fn classify_http(status: StatusCode, retry_after: Option<&HeaderValue>, now: SystemTime) -> HttpVerdict {
+pub(crate) fn classify_http(status: StatusCode, retry_after: Option<&HeaderValue>, now: SystemTime) -> HttpVerdict {
     match status.as_u16() {
         200..=299 => HttpVerdict::Delivered,
         401 => HttpVerdict::Unauthorized,
@@ -34,7 +34,7 @@ pub fn classify_http(status: StatusCode, retry_after: Option<&HeaderValue>, now:
 }
 
 /// Retry-After as delay-seconds or an HTTP-date.
-pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
     if let Ok(secs) = text.parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -44,8 +44,8 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 }
 
 #[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub enabled: bool,
+pub(crate) struct RetryPolicy {
+    pub(crate) enabled: bool,
     builder: ExponentialBuilder,
     randomization_factor: f64,
     /// Zero: no limit.
@@ -56,7 +56,7 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub fn new(cfg: &RetryConfig) -> RetryPolicy {
+    pub(crate) fn new(cfg: &RetryConfig) -> RetryPolicy {
         let builder = ExponentialBuilder::default()
             .with_min_delay(cfg.initial_interval.0)
             .with_max_delay(cfg.max_interval.0)
@@ -76,7 +76,7 @@ impl RetryPolicy {
         self.retry_after_cap
     }
 
-    pub fn schedule(&self) -> RetrySchedule {
+    pub(crate) fn schedule(&self) -> RetrySchedule {
         RetrySchedule {
             backoff: self.builder.build(),
             policy: self.clone(),
@@ -85,7 +85,7 @@ impl RetryPolicy {
 }
 
 /// The waits of one request's retries.
-pub struct RetrySchedule {
+pub(crate) struct RetrySchedule {
     backoff: ExponentialBackoff,
     policy: RetryPolicy,
 }
@@ -93,7 +93,12 @@ pub struct RetrySchedule {
 impl RetrySchedule {
     /// The wait before the next attempt, or None to give up. `elapsed` is the time since the
     /// first attempt; `jitter` is a uniform sample in [0, 1).
-    pub fn next_delay(&mut self, elapsed: Duration, retry_after: Option<Duration>, jitter: f64) -> Option<Duration> {
+    pub(crate) fn next_delay(
+        &mut self,
+        elapsed: Duration,
+        retry_after: Option<Duration>,
+        jitter: f64,
+    ) -> Option<Duration> {
         if !self.policy.enabled {
             return None;
         }

@@ -29,20 +29,20 @@ pub(crate) enum ExperimentRef {
 /// configured headers alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub(crate) struct Target {
-    pub experiment: Option<ExperimentRef>,
-    pub run: Option<Arc<str>>,
-    pub workspace: Option<Arc<str>>,
+    pub(crate) experiment: Option<ExperimentRef>,
+    pub(crate) run: Option<Arc<str>>,
+    pub(crate) workspace: Option<Arc<str>>,
 }
 
 /// The routing attributes of one resource (last one wins when a key repeats, as in the pipeline).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ResourceRouting<'a> {
-    pub experiment_id: Option<String>,
-    pub experiment_name: Option<&'a str>,
-    pub run: Option<&'a str>,
-    pub workspace: Option<&'a str>,
+    pub(crate) experiment_id: Option<String>,
+    pub(crate) experiment_name: Option<&'a str>,
+    pub(crate) run: Option<&'a str>,
+    pub(crate) workspace: Option<&'a str>,
     /// The value of the exporter's `experiment_name_attribute`.
-    pub named_by: Option<&'a str>,
+    pub(crate) named_by: Option<&'a str>,
 }
 
 /// Reads the routing attributes of a record (a request's field 1: tag, length, ResourceSpans).

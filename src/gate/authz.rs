@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum Level {
+pub(crate) enum Level {
     Read,
     Edit,
     Manage,
@@ -24,7 +24,7 @@ impl fmt::Display for Level {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
+pub(crate) enum Pattern {
     Any,
     /// An experiment id (all digits).
     Id(String),
@@ -53,7 +53,7 @@ impl Pattern {
 }
 
 /// `*` matches any run of characters, `?` one character; everything else literally.
-pub fn glob(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
     while ti < t.len() {
@@ -86,7 +86,7 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Permissions {
-    pub groups: BTreeMap<String, Vec<(Pattern, Level)>>,
+    pub(crate) groups: BTreeMap<String, Vec<(Pattern, Level)>>,
 }
 
 #[derive(Deserialize)]
@@ -96,7 +96,7 @@ struct PermissionsFile {
 }
 
 impl Permissions {
-    pub fn parse(yaml: &str) -> Result<Permissions, Vec<String>> {
+    pub(crate) fn parse(yaml: &str) -> Result<Permissions, Vec<String>> {
         let file: PermissionsFile = serde_norway::from_str(yaml).map_err(|e| vec![e.to_string()])?;
         let mut problems = Vec::new();
         let mut groups = BTreeMap::new();
@@ -126,7 +126,7 @@ impl Permissions {
     }
 
     /// Some rule matches experiments by name, so names must be looked up.
-    pub fn needs_names(&self) -> bool {
+    pub(crate) fn needs_names(&self) -> bool {
         self.groups
             .values()
             .flatten()
@@ -136,13 +136,13 @@ impl Permissions {
 
 /// An experiment a request touches; the name is known only when it was looked up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Experiment {
-    pub id: String,
-    pub name: Option<String>,
+pub(crate) struct Experiment {
+    pub(crate) id: String,
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Allow,
     /// In neither OIDC_GROUP_NAME nor the admin group.
     NotMember,
@@ -156,7 +156,7 @@ pub enum Decision {
 
 impl Decision {
     /// The 403 body's explanation.
-    pub fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         match self {
             Decision::Allow => String::new(),
             Decision::NotMember => "Permission denied: not a member of an allowed group".into(),
@@ -173,25 +173,25 @@ impl Decision {
 }
 
 #[derive(Debug, Clone)]
-pub struct Policy {
-    pub member_groups: Vec<String>,
-    pub admin_group: String,
-    pub permissions: Option<Permissions>,
+pub(crate) struct Policy {
+    pub(crate) member_groups: Vec<String>,
+    pub(crate) admin_group: String,
+    pub(crate) permissions: Option<Permissions>,
 }
 
 impl Policy {
-    pub fn needs_names(&self) -> bool {
+    pub(crate) fn needs_names(&self) -> bool {
         self.permissions.as_ref().is_some_and(Permissions::needs_names)
     }
 
     /// Whether the request's experiments matter (only with a permissions file and for non-admins).
-    pub fn needs_experiments(&self, groups: &[String]) -> bool {
+    pub(crate) fn needs_experiments(&self, groups: &[String]) -> bool {
         self.permissions.is_some() && !groups.contains(&self.admin_group)
     }
 
     /// Decides whether a caller in `groups` may do something needing `need` on `experiments`
     /// (empty: the request names no experiment we could find).
-    pub fn decide(&self, groups: &[String], need: Level, experiments: &[Experiment]) -> Decision {
+    pub(crate) fn decide(&self, groups: &[String], need: Level, experiments: &[Experiment]) -> Decision {
         if groups.contains(&self.admin_group) {
             return Decision::Allow;
         }
@@ -235,19 +235,25 @@ impl Policy {
 }
 
 impl Policy {
-    pub fn is_admin(&self, groups: &[String]) -> bool {
+    pub(crate) fn is_admin(&self, groups: &[String]) -> bool {
         groups.contains(&self.admin_group)
     }
 
     /// In OIDC_GROUP_NAME (or the admin group).
-    pub fn is_member(&self, groups: &[String]) -> bool {
+    pub(crate) fn is_member(&self, groups: &[String]) -> bool {
         self.is_admin(groups) || groups.iter().any(|g| self.member_groups.contains(g))
     }
 
     /// Like [`Policy::decide`] for a request whose targets are all known: `need` on every one of
     /// `experiments`, and with `everywhere` (a write that names no experiment, the model registry, an
     /// artifact path outside any experiment) on every experiment: a `"*"` rule.
-    pub fn decide_all(&self, groups: &[String], need: Level, experiments: &[Experiment], everywhere: bool) -> Decision {
+    pub(crate) fn decide_all(
+        &self,
+        groups: &[String],
+        need: Level,
+        experiments: &[Experiment],
+        everywhere: bool,
+    ) -> Decision {
         if let Some(perms) = &self.permissions
             && everywhere
             && !self.is_admin(groups)
@@ -283,7 +289,7 @@ impl Policy {
 
 /// What a read that named no experiment may see of MLflow's answer.
 #[derive(Debug, PartialEq)]
-pub enum Visible {
+pub(crate) enum Visible {
     /// Nothing in it belongs to an experiment the caller may not read.
     All,
     /// `experiments` (a search or list) with the entries the caller may not read removed.
@@ -294,7 +300,7 @@ pub enum Visible {
 
 /// Applies READ per experiment to an MLflow answer: `experiments: [...]` is filtered and a single
 /// `experiment: {...}` refused, using `allowed` on each entry's id and name.
-pub fn visible(mut answer: serde_json::Value, allowed: impl Fn(&Experiment) -> bool) -> Visible {
+pub(crate) fn visible(mut answer: serde_json::Value, allowed: impl Fn(&Experiment) -> bool) -> Visible {
     let entry = |v: &serde_json::Value| Experiment {
         id: v
             .get("experiment_id")

@@ -7,8 +7,6 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::otlp::ExperimentId;
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CanonError {
     #[error("invalid request path: {0}")]
@@ -31,14 +29,14 @@ pub struct CanonPath {
 
 impl CanonPath {
     /// The decoded path, `/` joined (for matching and logs).
-    pub fn decoded(&self) -> String {
+    pub(crate) fn decoded(&self) -> String {
         let slash = if self.trailing_slash { "/" } else { "" };
         format!("/{}{slash}", self.segments.join("/"))
     }
 
     /// The path sent upstream: every segment percent-encoded except unreserved characters, so
     /// MLflow's single decoding yields exactly `segments`.
-    pub fn encoded(&self) -> String {
+    pub(crate) fn encoded(&self) -> String {
         let mut out = String::with_capacity(16 * self.segments.len() + 1);
         for s in &self.segments {
             out.push('/');
@@ -52,7 +50,7 @@ impl CanonPath {
 }
 
 /// One path segment percent-encoded for a URL the gate builds itself.
-pub fn encode_segment(s: &str) -> String {
+pub(crate) fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     encode_into(s, &mut out, b"-._~");
     out
@@ -139,18 +137,19 @@ const REPEATABLE: &[&str] = &[
 
 /// A decoded query string, in order; re-serialised for upstream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Query(pub Vec<(String, String)>);
+pub(crate) struct Query(pub(crate) Vec<(String, String)>);
 
 impl Query {
-    pub fn get(&self, key: &str) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pub(crate) fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    pub fn encoded(&self) -> String {
+    pub(crate) fn encoded(&self) -> String {
         let mut out = String::new();
         for (k, v) in &self.0 {
             if !out.is_empty() {
@@ -166,7 +165,7 @@ impl Query {
 
 /// Decodes a query string (`&` separated, `+` is a space, UTF-8 only). A parameter outside
 /// [`REPEATABLE`] given twice is refused.
-pub fn query(raw: Option<&str>) -> Result<Query, CanonError> {
+pub(crate) fn query(raw: Option<&str>) -> Result<Query, CanonError> {
     let mut out = Vec::new();
     let mut seen = BTreeMap::new();
     for part in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -238,7 +237,7 @@ fn camel(snake: &str) -> String {
 /// Parses an MLflow API body: strict UTF-8 JSON (no BOM), an object at the top (a JSON string,
 /// which MLflow would decode a second time, is refused), no duplicate keys at any depth, and the
 /// camelCase aliases of [`AUTHZ_FIELDS`] renamed. Empty (or all-whitespace) is None: MLflow reads `{}`.
-pub fn json_body(bytes: &[u8]) -> Result<Option<Map<String, Value>>, CanonError> {
+pub(crate) fn json_body(bytes: &[u8]) -> Result<Option<Map<String, Value>>, CanonError> {
     if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
         return Err(CanonError::Body("byte order mark".into()));
     }
@@ -351,24 +350,8 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
-/// An experiment id as MLflow's stores read it: ASCII digits without leading zeros (Python's `int()`
-/// would also take " 5", "+5" or other scripts' digits, which a string comparison would not).
-pub fn experiment_id(v: &Value) -> Result<Option<String>, CanonError> {
-    let s = match v {
-        Value::Null => return Ok(None),
-        Value::String(s) => s.clone(),
-        Value::Number(n) if n.is_u64() => n.to_string(),
-        _ => return Err(CanonError::Body("an experiment id must be a string of digits".into())),
-    };
-    if ExperimentId::is_canonical(&s) {
-        Ok(Some(s))
-    } else {
-        Err(CanonError::Body(format!("invalid experiment id {:?}", truncate(&s))))
-    }
-}
-
 /// An artifact path given as a parameter: relative, no empty, `.` or `..` segments, no `\`.
-pub fn artifact_path(s: &str) -> Result<Vec<&str>, CanonError> {
+pub(crate) fn artifact_path(s: &str) -> Result<Vec<&str>, CanonError> {
     if s.is_empty() {
         return Ok(Vec::new());
     }
@@ -453,18 +436,6 @@ mod tests {
             );
         }
         assert_eq!(json_body(b"  ").unwrap(), None);
-    }
-
-    #[test]
-    fn experiment_ids() {
-        assert_eq!(experiment_id(&Value::from("12")).unwrap().as_deref(), Some("12"));
-        assert_eq!(experiment_id(&Value::from(12)).unwrap().as_deref(), Some("12"));
-        assert_eq!(experiment_id(&Value::Null).unwrap(), None);
-        for bad in ["", " 1", "+1", "01", "1a", "\u{0665}"] {
-            assert!(experiment_id(&Value::from(bad)).is_err(), "{bad:?}");
-        }
-        assert!(experiment_id(&Value::from(-1)).is_err());
-        assert!(experiment_id(&serde_json::json!(["1"])).is_err());
     }
 
     /// Random inputs: no panic, and canonical forms are fixed points.

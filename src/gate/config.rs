@@ -50,54 +50,53 @@ impl fmt::Debug for Secret {
 
 #[derive(Debug, Clone)]
 pub struct GateConfig {
-    pub discovery_url: String,
+    pub(crate) discovery_url: String,
     /// The issuer: the discovery URL without `/.well-known/openid-configuration`.
-    pub issuer: String,
-    pub client_id: String,
-    pub client_secret: Secret,
+    pub(crate) issuer: String,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: Secret,
     /// Fixed redirect URI; None derives `<scheme>://<host>/callback` from a request whose host is
     /// vouched for (trusted proxy, allowed host), and refuses browser login otherwise.
-    pub redirect_uri: Option<String>,
+    pub(crate) redirect_uri: Option<String>,
     /// Path the provider redirects back to (the redirect URI's path, default /callback).
-    pub callback_path: String,
-    pub scopes: Vec<String>,
-    pub groups_attribute: String,
-    pub groups: Vec<String>,
-    pub admin_group: String,
-    pub audience: String,
+    pub(crate) callback_path: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) groups_attribute: String,
+    pub(crate) groups: Vec<String>,
+    pub(crate) admin_group: String,
+    pub(crate) audience: String,
     /// Key material for the session cookie; None: random per process (sessions die with it).
     pub secret_key: Option<Secret>,
     pub listen: SocketAddr,
     pub upstream: http::Uri,
-    pub exclude_paths: Vec<String>,
-    pub permissions_file: Option<PathBuf>,
+    pub(crate) exclude_paths: Vec<String>,
     pub permissions: Option<Permissions>,
     /// Clock leeway for exp/nbf in seconds.
-    pub leeway_secs: u64,
+    pub(crate) leeway_secs: u64,
     /// Upper bound of a browser session in seconds.
-    pub session_ttl_secs: u64,
+    pub(crate) session_ttl_secs: u64,
     /// A browser session is re-validated with the provider when its last check is this old.
-    pub session_refresh: Duration,
+    pub(crate) session_refresh: Duration,
     /// Clients (`azp`) whose tokens are accepted; empty: any client with our audience.
-    pub allowed_clients: Vec<String>,
+    pub(crate) allowed_clients: Vec<String>,
     /// None: no admin listener.
-    pub admin_listen: Option<SocketAddr>,
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub trusted_proxies: TrustedProxies,
+    pub(crate) admin_listen: Option<SocketAddr>,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) trusted_proxies: TrustedProxies,
     /// Host header values (lower case, `host` or `host:port`) a redirect URI may be built from.
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
 }
 
 /// Peers whose X-Forwarded-* headers are believed: IPs and CIDR blocks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+pub(crate) struct TrustedProxies(Vec<(IpAddr, u8)>);
 
 impl TrustedProxies {
     /// Parses `10.0.0.0/8, 192.168.1.7, fd00::/8`. IPv4-mapped IPv6 peers match their IPv4 entries.
-    pub fn parse(text: &str) -> Result<TrustedProxies, String> {
+    pub(crate) fn parse(text: &str) -> Result<TrustedProxies, String> {
         let mut out = Vec::new();
         for item in list(text) {
             let (ip, bits) = match item.split_once('/') {
@@ -120,11 +119,11 @@ impl TrustedProxies {
         Ok(TrustedProxies(out))
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn contains(&self, peer: IpAddr) -> bool {
+    pub(crate) fn contains(&self, peer: IpAddr) -> bool {
         let peer = match peer {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
             v4 => v4,
@@ -146,7 +145,7 @@ fn prefix_eq(a: u128, b: u128, bits: u8, width: u8) -> bool {
 }
 
 /// `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => t.split_at(i),
@@ -163,7 +162,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 /// Whether a Host header value is one of `allowed` (`host` entries match any port, `host:port` only that).
-pub fn host_allowed(allowed: &[String], host: &str) -> bool {
+pub(crate) fn host_allowed(allowed: &[String], host: &str) -> bool {
     let host = host.to_ascii_lowercase();
     let Ok(auth) = host.parse::<http::uri::Authority>() else {
         return false;
@@ -177,7 +176,7 @@ pub fn host_allowed(allowed: &[String], host: &str) -> bool {
 }
 
 impl GateConfig {
-    pub fn policy(&self) -> Policy {
+    pub(crate) fn policy(&self) -> Policy {
         Policy {
             member_groups: self.groups.clone(),
             admin_group: self.admin_group.clone(),
@@ -187,12 +186,12 @@ impl GateConfig {
 
     /// True when `path` is served without authentication: OIDC_EXCLUDE_PATHS prefixes on a segment
     /// boundary, so `/v1/traces` covers `/v1/traces` and `/v1/traces/x` but not `/v1/tracesX`.
-    pub fn is_excluded(&self, path: &str) -> bool {
+    pub(crate) fn is_excluded(&self, path: &str) -> bool {
         is_excluded(&self.exclude_paths, path)
     }
 }
 
-pub fn is_excluded(prefixes: &[String], path: &str) -> bool {
+pub(crate) fn is_excluded(prefixes: &[String], path: &str) -> bool {
     // A path with dot segments or encoded slashes could be normalised differently upstream: never exclude it.
     if path.contains("/../")
         || path.ends_with("/..")
@@ -238,7 +237,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
     let listen = env.listen();
     let upstream = env.upstream();
     let exclude_paths = env.exclude_paths();
-    let (permissions_file, permissions) = env.permissions();
+    let permissions = env.permissions();
     let leeway_secs = env.seconds("GATE_CLOCK_LEEWAY_SECONDS", 30, 300);
     let session_ttl_secs = env.seconds("GATE_SESSION_TTL_SECONDS", 8 * 3600, 7 * 24 * 3600);
     let [session_refresh, header_read_timeout, idle_timeout, body_read_timeout] = DURATIONS.map(|d| env.duration(d));
@@ -266,7 +265,6 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
         listen,
         upstream,
         exclude_paths,
-        permissions_file,
         permissions,
         leeway_secs,
         session_ttl_secs,
@@ -441,7 +439,7 @@ impl Env<'_> {
     }
 
     /// GATE_PERMISSIONS_FILE and what it holds.
-    fn permissions(&mut self) -> (Option<PathBuf>, Option<Permissions>) {
+    fn permissions(&mut self) -> Option<Permissions> {
         let permissions_file = self.get("GATE_PERMISSIONS_FILE").map(PathBuf::from);
         let mut permissions = None;
         if let Some(f) = &permissions_file {
@@ -458,7 +456,7 @@ impl Env<'_> {
                     .push(format!("GATE_PERMISSIONS_FILE: cannot read {}: {e}", f.display())),
             }
         }
-        (permissions_file, permissions)
+        permissions
     }
 
     /// A whole number of seconds up to `max`.

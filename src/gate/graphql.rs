@@ -11,20 +11,20 @@ use super::targets::{Found, MAX_IDS};
 
 /// What a GraphQL request needs (all of MLflow's GraphQL fields are reads).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Needs {
+pub(crate) struct Needs {
     /// READ on these.
-    pub found: Found,
+    pub(crate) found: Found,
     /// A field reads the model registry: READ everywhere.
-    pub registry: bool,
+    pub(crate) registry: bool,
     /// A field the gate does not know: admin only.
-    pub admin: Vec<String>,
+    pub(crate) admin: Vec<String>,
 }
 
 /// Deepest fragment nesting followed (MLflow's own safety check limits depth too).
 const MAX_DEPTH: usize = 20;
 
 /// Reads `{query, variables, operationName}` and returns what executing any of its operations needs.
-pub fn needs(body: &Map<String, Value>) -> Result<Needs, CanonError> {
+pub(crate) fn needs(body: &Map<String, Value>) -> Result<Needs, CanonError> {
     let query = match body.get("query") {
         Some(Value::String(s)) => s.as_str(),
         _ => return Err(CanonError::Body("GraphQL request without a query string".into())),

@@ -22,7 +22,7 @@ const ASYMMETRIC: &[Algorithm] = &[
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JwtError {
+pub(crate) enum JwtError {
     #[error("malformed token")]
     Malformed,
     #[error("algorithm not allowed")]
@@ -53,7 +53,7 @@ pub enum JwtError {
 
 impl JwtError {
     /// Label for the auth-failure metric.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             JwtError::Malformed => "malformed",
             JwtError::Algorithm => "algorithm",
@@ -71,14 +71,14 @@ impl JwtError {
     }
 }
 
-pub struct KeySet {
+pub(crate) struct KeySet {
     by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
     /// Keys without a kid (tried when the token has no kid).
     anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
 }
 
 impl KeySet {
-    pub fn empty() -> KeySet {
+    pub(crate) fn empty() -> KeySet {
         KeySet {
             by_kid: HashMap::new(),
             anonymous: Vec::new(),
@@ -86,7 +86,7 @@ impl KeySet {
     }
 
     /// Builds the set from a JWKS document, skipping keys we cannot use (symmetric, encryption keys).
-    pub fn from_jwks_json(json: &[u8]) -> Result<KeySet, serde_json::Error> {
+    pub(crate) fn from_jwks_json(json: &[u8]) -> Result<KeySet, serde_json::Error> {
         let set: JwkSet = serde_json::from_slice(json)?;
         let mut ks = KeySet::empty();
         for jwk in &set.keys {
@@ -114,26 +114,26 @@ impl KeySet {
         Ok(ks)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_kid.len() + self.anonymous.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn has_kid(&self, kid: &str) -> bool {
+    pub(crate) fn has_kid(&self, kid: &str) -> bool {
         self.by_kid.contains_key(kid)
     }
 }
 
-pub struct JwtRules {
-    pub issuer: String,
-    pub audience: String,
-    pub leeway_secs: u64,
-    pub groups_attribute: String,
+pub(crate) struct JwtRules {
+    pub(crate) issuer: String,
+    pub(crate) audience: String,
+    pub(crate) leeway_secs: u64,
+    pub(crate) groups_attribute: String,
     /// Empty: any client; else `azp` / `client_id` must be one of these.
-    pub allowed_clients: Vec<String>,
+    pub(crate) allowed_clients: Vec<String>,
 }
 
 /// Claims that only ID tokens (nonce, at_hash, c_hash, s_hash) or logout tokens (events) carry.
@@ -146,7 +146,7 @@ fn is_at_jwt(header_typ: Option<&str>) -> bool {
 /// Whether verified claims belong to an access token. Keycloak says so in the `typ` claim (`Bearer`;
 /// `ID`, `Refresh`, `Logout`, `Offline` are other kinds); RFC 9068 in the header (`at+jwt`). With
 /// neither, a token carrying an ID- or logout-token claim is refused: its `aud` is our client id too.
-pub fn check_access_token(
+pub(crate) fn check_access_token(
     header_typ: Option<&str>,
     claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), JwtError> {
@@ -166,7 +166,10 @@ pub fn check_access_token(
 
 /// With a non-empty `allowed`, the token's authorized party (`azp`, Keycloak and OIDC; `client_id`,
 /// RFC 9068) must be listed; a token naming none is refused.
-pub fn check_client(allowed: &[String], claims: &serde_json::Map<String, serde_json::Value>) -> Result<(), JwtError> {
+pub(crate) fn check_client(
+    allowed: &[String],
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), JwtError> {
     if allowed.is_empty() {
         return Ok(());
     }
@@ -181,12 +184,12 @@ pub fn check_client(allowed: &[String], claims: &serde_json::Map<String, serde_j
 }
 
 /// The token's kid, if it parses at all (to decide on a JWKS refetch before validating).
-pub fn kid_of(token: &str) -> Option<String> {
+pub(crate) fn kid_of(token: &str) -> Option<String> {
     decode_header(token).ok()?.kid
 }
 
 /// Validates `token` with `keys` and returns who it speaks for.
-pub fn validate(keys: &KeySet, rules: &JwtRules, token: &str) -> Result<Identity, JwtError> {
+pub(crate) fn validate(keys: &KeySet, rules: &JwtRules, token: &str) -> Result<Identity, JwtError> {
     let header = decode_header(token).map_err(|_| JwtError::Malformed)?;
     if !ASYMMETRIC.contains(&header.alg) {
         return Err(JwtError::Algorithm);
@@ -251,7 +254,7 @@ pub fn validate(keys: &KeySet, rules: &JwtRules, token: &str) -> Result<Identity
 
 /// Identity from verified claims: user = preferred_username (Keycloak), else email, else sub; groups
 /// from the configured attribute (a list, or a single string).
-pub fn identity(
+pub(crate) fn identity(
     claims: &serde_json::Map<String, serde_json::Value>,
     groups_attribute: &str,
 ) -> Result<Identity, JwtError> {

@@ -8,45 +8,45 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
-    pub status: u16,
+pub(crate) struct StatusLabel {
+    pub(crate) status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: String,
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: String,
 }
 
 /// Which listener (`public`, `admin`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerLabel {
-    pub listener: &'static str,
+pub(crate) struct ListenerLabel {
+    pub(crate) listener: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
-    pub result: &'static str,
+pub(crate) struct ResultLabel {
+    pub(crate) result: &'static str,
 }
 
-pub struct GateMetrics {
+pub(crate) struct GateMetrics {
     registry: Registry,
-    pub requests: Family<StatusLabel, Counter>,
-    pub auth_failures: Family<ReasonLabel, Counter>,
-    pub upstream_seconds: Histogram,
-    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub(crate) requests: Family<StatusLabel, Counter>,
+    pub(crate) auth_failures: Family<ReasonLabel, Counter>,
+    pub(crate) upstream_seconds: Histogram,
+    pub(crate) connections_open: Family<ListenerLabel, Gauge>,
     /// Accepted then closed at once: GATE_MAX_CONNECTIONS reached.
-    pub connections_refused: Family<ListenerLabel, Counter>,
+    pub(crate) connections_refused: Family<ListenerLabel, Counter>,
     /// Closed by the header-read or idle timeout.
-    pub connections_timed_out: Family<ListenerLabel, Counter>,
-    pub accept_errors: Family<ListenerLabel, Counter>,
+    pub(crate) connections_timed_out: Family<ListenerLabel, Counter>,
+    pub(crate) accept_errors: Family<ListenerLabel, Counter>,
     /// Answered 503 at once: as many requests in flight as GATE_MAX_CONNECTIONS.
-    pub requests_refused: Family<ListenerLabel, Counter>,
+    pub(crate) requests_refused: Family<ListenerLabel, Counter>,
     /// Browser sessions checked with the provider: active, ended, error.
-    pub session_checks: Family<ResultLabel, Counter>,
+    pub(crate) session_checks: Family<ResultLabel, Counter>,
 }
 
 impl GateMetrics {
-    pub fn new() -> GateMetrics {
+    pub(crate) fn new() -> GateMetrics {
         let mut registry = Registry::default();
         let requests = Family::<StatusLabel, Counter>::default();
         let auth_failures = Family::<ReasonLabel, Counter>::default();
@@ -108,13 +108,13 @@ impl GateMetrics {
         }
     }
 
-    pub fn auth_failure(&self, reason: &str) {
+    pub(crate) fn auth_failure(&self, reason: &str) {
         self.auth_failures
             .get_or_create(&ReasonLabel { reason: reason.into() })
             .inc();
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail; should the encoder, Prometheus reports a scrape error.
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -7,19 +7,19 @@
 //! the admin listener only.
 mod authenticate;
 mod authorize;
-pub mod authz;
+pub(crate) mod authz;
 pub mod canonical;
 pub mod config;
-pub mod graphql;
-pub mod jwt;
+pub(crate) mod graphql;
+pub(crate) mod jwt;
 mod login;
-pub mod metrics;
-pub mod oidc;
-pub mod proxy;
+pub(crate) mod metrics;
+pub(crate) mod oidc;
+pub(crate) mod proxy;
 pub mod routes;
 mod server;
-pub mod session;
-pub mod targets;
+pub(crate) mod session;
+pub(crate) mod targets;
 mod upstream;
 
 #[cfg(test)]
@@ -61,7 +61,7 @@ const MAX_ENDED_SESSIONS: usize = 100_000;
 
 /// Binds, logs `listening component=gate addr=...` (and `component=gate-admin` for the admin listener),
 /// and serves until `cancel`.
-pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let admin = match cfg.admin_listen {
@@ -154,7 +154,7 @@ pub async fn run(cfg: GateConfig, cancel: CancellationToken) -> anyhow::Result<(
 /// provider has just confirmed.
 #[derive(Clone, Copy)]
 struct SessionConfirmed;
-pub struct Gate {
+pub(crate) struct Gate {
     cfg: Arc<GateConfig>,
     policy: Policy,
     sealer: Sealer,
@@ -247,7 +247,7 @@ fn is_browser_navigation(req: &Request<Body>) -> bool {
 }
 
 impl Gate {
-    pub fn new(cfg: GateConfig) -> Result<Gate, crate::tls::TlsError> {
+    pub(crate) fn new(cfg: GateConfig) -> Result<Gate, crate::tls::TlsError> {
         let cfg = Arc::new(cfg);
         // Trust roots only when something is reached over https (none found is an error).
         let https = crate::http_client::any_https([cfg.discovery_url.as_str(), &cfg.upstream.to_string()]);

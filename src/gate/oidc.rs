@@ -25,7 +25,7 @@ type Client =
 const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
-pub enum OidcError {
+pub(crate) enum OidcError {
     #[error("identity provider not reachable yet: {0}")]
     NotReady(String),
     #[error("login failed: {0}")]
@@ -46,15 +46,15 @@ struct Discovered {
 }
 
 /// What a completed browser login yields.
-pub struct Login {
-    pub identity: Identity,
-    pub id_token: String,
-    pub refresh_token: Option<String>,
+pub(crate) struct Login {
+    pub(crate) identity: Identity,
+    pub(crate) id_token: String,
+    pub(crate) refresh_token: Option<String>,
 }
 
 /// The provider's answer on whether a browser login still stands.
 #[derive(Debug, PartialEq, Eq)]
-pub enum SessionCheck {
+pub(crate) enum SessionCheck {
     /// Still valid; a refresh grant may have rotated the refresh token.
     Active { refresh_token: Option<String> },
     /// Logged out, revoked, expired or the user disabled.
@@ -63,7 +63,7 @@ pub enum SessionCheck {
 
 /// An introspection answer (RFC 7662): only `"active": true` keeps a session. A token issued to another
 /// client is not ours to keep a session with.
-pub fn introspection_verdict(body: &[u8], client_id: &str) -> Option<SessionCheck> {
+pub(crate) fn introspection_verdict(body: &[u8], client_id: &str) -> Option<SessionCheck> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let active = v.get("active")?.as_bool()?;
     let client_ok = v
@@ -77,7 +77,7 @@ pub fn introspection_verdict(body: &[u8], client_id: &str) -> Option<SessionChec
     })
 }
 
-pub struct Oidc {
+pub(crate) struct Oidc {
     cfg: Arc<GateConfig>,
     http: HttpClient,
     discovered: RwLock<Option<Arc<Discovered>>>,
@@ -89,7 +89,7 @@ pub struct Oidc {
 }
 
 impl Oidc {
-    pub fn new(cfg: Arc<GateConfig>, http: HttpClient) -> Oidc {
+    pub(crate) fn new(cfg: Arc<GateConfig>, http: HttpClient) -> Oidc {
         let rules = JwtRules {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
@@ -109,13 +109,13 @@ impl Oidc {
         }
     }
 
-    pub async fn is_ready(&self) -> bool {
+    pub(crate) async fn is_ready(&self) -> bool {
         self.discovered.read().await.is_some()
     }
 
     /// Fetches the discovery document and the JWKS. Called at start (retried until it works) and again
     /// when the provider's keys changed under a login.
-    pub async fn discover(&self) -> Result<(), OidcError> {
+    pub(crate) async fn discover(&self) -> Result<(), OidcError> {
         let issuer = IssuerUrl::new(self.cfg.issuer.clone()).map_err(|e| OidcError::NotReady(e.to_string()))?;
         let meta = ProviderMetadataWithLogout::discover_async(issuer, &self.http)
             .await
@@ -200,7 +200,7 @@ impl Oidc {
     }
 
     /// Validates a Bearer JWT; an unknown kid triggers one (rate-limited) JWKS refetch.
-    pub async fn validate_bearer(&self, token: &str) -> Result<Identity, JwtError> {
+    pub(crate) async fn validate_bearer(&self, token: &str) -> Result<Identity, JwtError> {
         let keys = self.keys.read().await.clone();
         match jwt::validate(&keys, &self.rules, token) {
             Err(JwtError::UnknownKey) => {
@@ -220,7 +220,7 @@ impl Oidc {
     }
 
     /// The provider URL to send a browser to, and the state to keep in the login cookie.
-    pub async fn login_url(
+    pub(crate) async fn login_url(
         &self,
         redirect_uri: &str,
         return_to: String,
@@ -256,7 +256,7 @@ impl Oidc {
 
     /// Completes a login: exchanges the code (with the PKCE verifier), verifies the ID token (signature,
     /// issuer, audience, expiry, nonce) and returns who logged in, the raw ID token and the refresh token.
-    pub async fn complete_login(&self, code: &str, login: &LoginState) -> Result<Login, OidcError> {
+    pub(crate) async fn complete_login(&self, code: &str, login: &LoginState) -> Result<Login, OidcError> {
         let d = self.discovered().await?;
         let client = d.client.clone().set_redirect_uri(
             RedirectUrl::new(login.redirect_uri.clone()).map_err(|e| OidcError::Login(e.to_string()))?,
@@ -325,7 +325,7 @@ impl Oidc {
 
     /// Asks the provider whether the login behind `refresh_token` still stands: introspection when the
     /// provider offers it (no side effects), else a refresh grant (which may rotate the token).
-    pub async fn check_session(&self, refresh_token: &str) -> Result<SessionCheck, OidcError> {
+    pub(crate) async fn check_session(&self, refresh_token: &str) -> Result<SessionCheck, OidcError> {
         let d = self.discovered().await?;
         if let Some(url) = &d.introspection {
             let resp = self
@@ -364,7 +364,7 @@ impl Oidc {
 
     /// Revokes a session's refresh token (RFC 7009), which ends the login's grant at the provider.
     /// Returns whether the provider confirmed it.
-    pub async fn revoke(&self, refresh_token: &str) -> bool {
+    pub(crate) async fn revoke(&self, refresh_token: &str) -> bool {
         let Ok(d) = self.discovered().await else { return false };
         let Some(url) = &d.revocation else { return false };
         match self
@@ -384,7 +384,7 @@ impl Oidc {
     }
 
     /// Where to send a browser on logout (the provider's end_session endpoint), if it has one.
-    pub async fn logout_url(&self, id_token: Option<&str>, post_logout: &str) -> Option<String> {
+    pub(crate) async fn logout_url(&self, id_token: Option<&str>, post_logout: &str) -> Option<String> {
         let d = self.discovered().await.ok()?;
         let end = d.end_session.clone()?;
         let mut req = LogoutRequest::from(openidconnect::EndSessionUrl::new(end).ok()?)
@@ -400,7 +400,7 @@ impl Oidc {
 
     /// A client-credentials access token for the gate's own client (what Basic auth is exchanged for),
     /// cached until shortly before it expires.
-    pub async fn client_credentials_token(&self) -> Result<String, OidcError> {
+    pub(crate) async fn client_credentials_token(&self) -> Result<String, OidcError> {
         let mut cached = self.cc_token.lock().await;
         if let Some((t, until)) = cached.as_ref()
             && Instant::now() < *until
@@ -423,7 +423,7 @@ impl Oidc {
     }
 
     /// Forget the cached client-credentials token (it was refused).
-    pub async fn drop_client_credentials_token(&self) {
+    pub(crate) async fn drop_client_credentials_token(&self) {
         *self.cc_token.lock().await = None;
     }
 }

@@ -8,21 +8,21 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
 use super::session::{Identity, LOGIN_COOKIE, SESSION_COOKIE};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Request and response bodies on both sides of the gate.
-pub type Body = BoxBody<Bytes, BoxError>;
-pub type UpstreamClient = hyper_util::client::legacy::Client<
+pub(crate) type Body = BoxBody<Bytes, BoxError>;
+pub(crate) type UpstreamClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Body,
 >;
 
-pub fn full(b: impl Into<Bytes>) -> Body {
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-pub const X_FORWARDED_USER: &str = "x-forwarded-user";
-pub const X_FORWARDED_EMAIL: &str = "x-forwarded-email";
-pub const X_FORWARDED_GROUPS: &str = "x-forwarded-groups";
+pub(crate) const X_FORWARDED_USER: &str = "x-forwarded-user";
+pub(crate) const X_FORWARDED_EMAIL: &str = "x-forwarded-email";
+pub(crate) const X_FORWARDED_GROUPS: &str = "x-forwarded-groups";
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -37,7 +37,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Removes hop-by-hop headers, including those the Connection header names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -55,7 +55,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Rewrites request headers for MLflow. `identity` None (an excluded path) still strips the identity
 /// headers, so a client can never speak for someone through the gate.
-pub fn upstream_request_headers(
+pub(crate) fn upstream_request_headers(
     h: &mut HeaderMap,
     identity: Option<&Identity>,
     peer: SocketAddr,
@@ -127,7 +127,7 @@ fn strip_gate_cookies(h: &mut HeaderMap) {
 }
 
 /// The scheme the client used: X-Forwarded-Proto from a front proxy, else the gate's own (plain http).
-pub fn client_proto(h: &HeaderMap) -> String {
+pub(crate) fn client_proto(h: &HeaderMap) -> String {
     h.get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())

@@ -8,7 +8,7 @@ use super::authz::Level;
 
 /// What a target id names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Experiment,
     /// An experiment id that MLflow defaults to "0" (the Default experiment) when absent.
     ExperimentOrDefault,
@@ -26,7 +26,7 @@ pub enum Kind {
 
 /// Where a target id is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Find {
+pub(crate) enum Find {
     /// A request field: the JSON body for methods with one, else the query. A `/` separated path
     /// walks nested objects (`*` walks every element of an array); only plain names in queries.
     Field(Kind, &'static str),
@@ -42,7 +42,7 @@ pub enum Find {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rule {
+pub(crate) enum Rule {
     /// Any member: the UI shell, static files, health, versions.
     Member,
     /// Admin group only.
@@ -61,17 +61,17 @@ pub enum Rule {
 
 /// The body of these routes is not an MLflow JSON message (uploads, OTLP): it is streamed as is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyKind {
+pub(crate) enum BodyKind {
     Json,
     Opaque,
 }
 
 #[derive(Debug)]
 pub struct Route {
-    pub methods: &'static str,
-    pub pattern: &'static str,
-    pub rule: Rule,
-    pub body: BodyKind,
+    pub(crate) methods: &'static str,
+    pub(crate) pattern: &'static str,
+    pub(crate) rule: Rule,
+    pub(crate) body: BodyKind,
 }
 
 use BodyKind::{Json, Opaque};
@@ -108,7 +108,7 @@ const MPU_TAIL: &[Find] = &[Tail(ArtifactPath, 5)];
 
 /// Patterns use the `/api/` form (`/ajax-api/` is looked up as `/api/`); `<x>` is one segment,
 /// `<*x>` one or more. Methods are `|` separated.
-pub static ROUTES: &[Route] = &[
+pub(crate) static ROUTES: &[Route] = &[
     // UI, static files, health, versions.
     r("GET", "/", Member),
     r("GET", "/static-files/<*p>", Member),

@@ -35,10 +35,10 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub body_read_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
 }
 
 /// Request activity on one connection, for its idle deadline.

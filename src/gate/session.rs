@@ -7,39 +7,39 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-pub const SESSION_COOKIE: &str = "gate_session";
-pub const LOGIN_COOKIE: &str = "gate_login";
+pub(crate) const SESSION_COOKIE: &str = "gate_session";
+pub(crate) const LOGIN_COOKIE: &str = "gate_login";
 
 /// Who is logged in, carried in the session cookie.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub user: String,
-    pub email: Option<String>,
-    pub groups: Vec<String>,
+pub(crate) struct Identity {
+    pub(crate) user: String,
+    pub(crate) email: Option<String>,
+    pub(crate) groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Session {
-    pub identity: Identity,
+pub(crate) struct Session {
+    pub(crate) identity: Identity,
     /// Unix seconds after which the cookie is refused.
-    pub exp: u64,
+    pub(crate) exp: u64,
     /// For the provider's end_session (id_token_hint).
-    pub id_token: Option<String>,
+    pub(crate) id_token: Option<String>,
     /// Random id, to end this session on this replica at once on /logout.
     #[serde(default)]
-    pub sid: String,
+    pub(crate) sid: String,
     /// What the gate asks the provider about (introspection, or a refresh grant) to learn whether the
     /// login still stands; also revoked on /logout.
     #[serde(default)]
-    pub refresh_token: Option<String>,
+    pub(crate) refresh_token: Option<String>,
     /// Unix seconds of the last check with the provider (the login itself is one).
     #[serde(default)]
-    pub checked: u64,
+    pub(crate) checked: u64,
 }
 
 /// Where a session stands at `now` (unix seconds), given the re-check interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionState {
+pub(crate) enum SessionState {
     Expired,
     /// Checked with the provider less than `refresh` ago: usable as is.
     Fresh,
@@ -47,7 +47,7 @@ pub enum SessionState {
     Due,
 }
 
-pub fn session_state(s: &Session, now: u64, refresh_secs: u64) -> SessionState {
+pub(crate) fn session_state(s: &Session, now: u64, refresh_secs: u64) -> SessionState {
     if s.exp <= now {
         return SessionState::Expired;
     }
@@ -63,7 +63,7 @@ pub fn session_state(s: &Session, now: u64, refresh_secs: u64) -> SessionState {
 
 /// A new random session id.
 #[expect(clippy::expect_used, reason = "without system randomness no session can be safe")]
-pub fn new_sid() -> String {
+pub(crate) fn new_sid() -> String {
     let mut b = [0u8; 16];
     aws_lc_rs::rand::fill(&mut b).expect("system randomness");
     URL_SAFE_NO_PAD.encode(b)
@@ -71,24 +71,24 @@ pub fn new_sid() -> String {
 
 /// What the gate must remember between sending the browser to the provider and its return.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LoginState {
-    pub state: String,
-    pub nonce: String,
-    pub pkce_verifier: String,
-    pub return_to: String,
-    pub redirect_uri: String,
-    pub exp: u64,
+pub(crate) struct LoginState {
+    pub(crate) state: String,
+    pub(crate) nonce: String,
+    pub(crate) pkce_verifier: String,
+    pub(crate) return_to: String,
+    pub(crate) redirect_uri: String,
+    pub(crate) exp: u64,
 }
 
 /// Seals and opens cookie values. The cookie name is bound in as associated data, so a value cannot be
 /// moved from one cookie to another.
-pub struct Sealer {
+pub(crate) struct Sealer {
     key: LessSafeKey,
 }
 
 impl Sealer {
     #[expect(clippy::expect_used, reason = "32 bytes is a valid HKDF-SHA256 output length")]
-    pub fn new(secret: &[u8]) -> Sealer {
+    pub(crate) fn new(secret: &[u8]) -> Sealer {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"otlp-relay gate").extract(secret);
         let okm = prk
             .expand(&[b"session cookie v1"], &AES_256_GCM)
@@ -100,7 +100,7 @@ impl Sealer {
 
     /// A sealer with a random key (sessions do not survive a restart).
     #[expect(clippy::expect_used, reason = "without system randomness no session can be safe")]
-    pub fn random() -> Sealer {
+    pub(crate) fn random() -> Sealer {
         let mut k = [0u8; 32];
         aws_lc_rs::rand::fill(&mut k).expect("system randomness");
         Sealer::new(&k)
@@ -110,7 +110,7 @@ impl Sealer {
         clippy::expect_used,
         reason = "randomness, serializing our own structs and AES-GCM sealing in place do not fail"
     )]
-    pub fn seal<T: Serialize>(&self, name: &str, value: &T) -> String {
+    pub(crate) fn seal<T: Serialize>(&self, name: &str, value: &T) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).expect("system randomness");
         let mut data = serde_json::to_vec(value).expect("serializable");
@@ -126,7 +126,7 @@ impl Sealer {
         URL_SAFE_NO_PAD.encode(out)
     }
 
-    pub fn open<T: DeserializeOwned>(&self, name: &str, text: &str) -> Option<T> {
+    pub(crate) fn open<T: DeserializeOwned>(&self, name: &str, text: &str) -> Option<T> {
         let raw = URL_SAFE_NO_PAD.decode(text).ok()?;
         if raw.len() < NONCE_LEN + 16 {
             return None;
@@ -143,7 +143,7 @@ impl Sealer {
 }
 
 /// The value of cookie `name` in a Cookie header.
-pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     header
         .split(';')
         .filter_map(|kv| kv.trim().split_once('='))
@@ -152,7 +152,7 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// Removes cookie `name` from a request's Cookie headers, keeping the others.
-pub fn remove_cookie(h: &mut http::HeaderMap, name: &str) {
+pub(crate) fn remove_cookie(h: &mut http::HeaderMap, name: &str) {
     let kept: Vec<String> = h
         .get_all(http::header::COOKIE)
         .iter()
@@ -171,7 +171,7 @@ pub fn remove_cookie(h: &mut http::HeaderMap, name: &str) {
 }
 
 /// Sets cookie `name` to `value` in a request's Cookie header (one header, the other cookies kept).
-pub fn replace_cookie(h: &mut http::HeaderMap, name: &str, value: &str) {
+pub(crate) fn replace_cookie(h: &mut http::HeaderMap, name: &str, value: &str) {
     remove_cookie(h, name);
     let merged = match h.get(http::header::COOKIE).and_then(|v| v.to_str().ok()) {
         Some(rest) if !rest.is_empty() => format!("{rest}; {name}={value}"),
@@ -184,14 +184,14 @@ pub fn replace_cookie(h: &mut http::HeaderMap, name: &str, value: &str) {
 
 /// A Set-Cookie value: HttpOnly, SameSite=Lax, Path=/, Secure on https; no Max-Age so it dies with the
 /// browser session (the sealed payload has its own expiry).
-pub fn set_cookie(name: &str, value: &str, secure: bool) -> String {
+pub(crate) fn set_cookie(name: &str, value: &str, secure: bool) -> String {
     format!(
         "{name}={value}; Path=/; HttpOnly; SameSite=Lax{}",
         if secure { "; Secure" } else { "" }
     )
 }
 
-pub fn clear_cookie(name: &str, secure: bool) -> String {
+pub(crate) fn clear_cookie(name: &str, secure: bool) -> String {
     format!(
         "{name}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
         if secure { "; Secure" } else { "" }
@@ -200,7 +200,7 @@ pub fn clear_cookie(name: &str, secure: bool) -> String {
 
 /// A safe post-login target: a same-origin absolute path. Anything else (`//evil`, `/\evil`, a scheme,
 /// control characters) becomes `/`, so the callback cannot be turned into an open redirect.
-pub fn safe_return_path(target: &str) -> String {
+pub(crate) fn safe_return_path(target: &str) -> String {
     let ok = target.starts_with('/')
         && !target.starts_with("//")
         && !target.starts_with("/\\")

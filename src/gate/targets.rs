@@ -7,25 +7,25 @@ use super::routes::{Find, Kind};
 use crate::otlp::ExperimentId;
 
 /// Most ids one request may name (each may cost an MLflow look-up): more is refused with 400.
-pub const MAX_IDS: usize = 100;
+pub(crate) const MAX_IDS: usize = 100;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Found {
-    pub experiments: Vec<String>,
+pub(crate) struct Found {
+    pub(crate) experiments: Vec<String>,
     /// Names experiments will get (create, rename).
-    pub new_names: Vec<String>,
-    pub runs: Vec<String>,
-    pub traces: Vec<String>,
+    pub(crate) new_names: Vec<String>,
+    pub(crate) runs: Vec<String>,
+    pub(crate) traces: Vec<String>,
     /// Traces a write creates or, when they exist, overwrites.
-    pub traces_if_exist: Vec<String>,
-    pub models: Vec<String>,
+    pub(crate) traces_if_exist: Vec<String>,
+    pub(crate) models: Vec<String>,
     /// Something was named that belongs to no single experiment (an artifact path outside the
     /// `<experiment id>/` tree): the level is needed everywhere.
-    pub everywhere: bool,
+    pub(crate) everywhere: bool,
 }
 
 impl Found {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.experiments.is_empty()
             && self.new_names.is_empty()
             && self.runs.is_empty()
@@ -34,7 +34,7 @@ impl Found {
             && self.models.is_empty()
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.experiments.len()
             + self.new_names.len()
             + self.runs.len()
@@ -57,7 +57,7 @@ impl Found {
         }
     }
 
-    pub fn push(&mut self, kind: Kind, v: String) -> Result<(), CanonError> {
+    pub(crate) fn push(&mut self, kind: Kind, v: String) -> Result<(), CanonError> {
         match kind {
             Kind::Experiment | Kind::ExperimentOrDefault => {
                 if !ExperimentId::is_canonical(&v) {
@@ -105,7 +105,7 @@ fn v_is_empty_id(kind: Kind, f: &Found) -> bool {
 const TRACE_ARTIFACT_TAG: &str = "mlflow.artifactLocation";
 
 /// The request sets a trace tag that redirects where MLflow reads the trace's artifacts.
-pub fn sets_reserved_trace_tag(segments: &[String], body: Option<&Map<String, Value>>) -> bool {
+pub(crate) fn sets_reserved_trace_tag(segments: &[String], body: Option<&Map<String, Value>>) -> bool {
     let Some(b) = body else { return false };
     let is_traces = segments.get(3).is_some_and(|s| s == "traces");
     let tag_route = is_traces && segments.last().is_some_and(|s| s == "tags");
@@ -124,7 +124,7 @@ pub fn sets_reserved_trace_tag(segments: &[String], body: Option<&Map<String, Va
 }
 
 /// Most distinct traces in one OTLP request from a non-admin (each is looked up).
-pub const MAX_OTLP_TRACES: usize = 10_000;
+pub(crate) const MAX_OTLP_TRACES: usize = 10_000;
 
 /// Span attributes MLflow turns into trace tags that say where a trace's data is read from
 /// (`mlflow.traceTag.<tag>`): setting them would point a trace of A at B's data.
@@ -135,9 +135,9 @@ const RESERVED_OTLP_TAG_ATTRIBUTES: [&str; 2] = [
 
 /// What the gate read from an OTLP export: the MLflow trace ids (`tr-<hex>`) it touches, and
 /// the body decompressed (None when it came uncompressed), which is what gets forwarded.
-pub struct OtlpBody {
-    pub trace_ids: Vec<String>,
-    pub decompressed: Option<Vec<u8>>,
+pub(crate) struct OtlpBody {
+    pub(crate) trace_ids: Vec<String>,
+    pub(crate) decompressed: Option<Vec<u8>>,
 }
 
 /// Reads an OTLP/HTTP protobuf body as MLflow will: decompressed as its Content-Encoding says
@@ -145,7 +145,7 @@ pub struct OtlpBody {
 /// translates its ids in ways the gate would have to mirror exactly), trace ids that are not 16
 /// bytes (MLflow reads them as a number, so 17 bytes with a leading zero name another trace),
 /// and the span attributes in RESERVED_OTLP_TAG_ATTRIBUTES.
-pub fn otlp_trace_ids(
+pub(crate) fn otlp_trace_ids(
     content_type: Option<&str>,
     content_encoding: Option<&str>,
     body: &[u8],
@@ -229,17 +229,17 @@ pub fn otlp_trace_ids(
 }
 
 /// The request's inputs as MLflow reads them: the JSON body for methods that have one, else the query.
-pub struct Inputs<'a> {
-    pub segments: &'a [String],
-    pub query: &'a Query,
-    pub body: Option<&'a Map<String, Value>>,
-    pub body_method: bool,
-    pub experiment_header: Option<&'a str>,
+pub(crate) struct Inputs<'a> {
+    pub(crate) segments: &'a [String],
+    pub(crate) query: &'a Query,
+    pub(crate) body: Option<&'a Map<String, Value>>,
+    pub(crate) body_method: bool,
+    pub(crate) experiment_header: Option<&'a str>,
 }
 
 /// Collects every id `finds` point at. Ids of a wrong JSON type are refused (400), as are more than
 /// [`MAX_IDS`] of them.
-pub fn find(finds: &[Find], inp: &Inputs) -> Result<Found, CanonError> {
+pub(crate) fn find(finds: &[Find], inp: &Inputs) -> Result<Found, CanonError> {
     let mut out = Found::default();
     for f in finds {
         match *f {

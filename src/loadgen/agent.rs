@@ -18,15 +18,15 @@ use super::spans::{Encoding, FastRng, Shape};
 #[derive(Debug, Clone)]
 pub(crate) struct AgentPlan {
     /// New traces per second (for this worker).
-    pub traces_per_sec: f64,
+    pub(crate) traces_per_sec: f64,
     /// Wall time from a trace's first span start to its root's end.
-    pub trace_duration: Duration,
+    pub(crate) trace_duration: Duration,
     /// The SDK's export schedule (BatchSpanProcessor `schedule_delay`).
-    pub export_interval: Duration,
+    pub(crate) export_interval: Duration,
     /// The SDK's `max_export_batch_size`: a full batch goes out at once.
-    pub max_batch: usize,
+    pub(crate) max_batch: usize,
     /// Traces to start; None: until `stop_starting`.
-    pub traces: Option<u64>,
+    pub(crate) traces: Option<u64>,
 }
 
 /// What the worker does next.

@@ -19,7 +19,7 @@ use crate::otlp::codec::RawCodec;
 use crate::otlp::{GRPC_EXPORT_PATH, grpc_retryable, rpc};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("bad endpoint {0:?}: {1}")]
@@ -30,15 +30,15 @@ pub enum ClientError {
 
 /// TLS settings from telemetrygen's flags.
 #[derive(Debug, Clone, Default)]
-pub struct TlsOptions {
-    pub ca_cert: Option<std::path::PathBuf>,
-    pub client_cert: Option<std::path::PathBuf>,
-    pub client_key: Option<std::path::PathBuf>,
+pub(crate) struct TlsOptions {
+    pub(crate) ca_cert: Option<std::path::PathBuf>,
+    pub(crate) client_cert: Option<std::path::PathBuf>,
+    pub(crate) client_key: Option<std::path::PathBuf>,
 }
 
 /// A rustls client config: the CA file (or the system roots) and an optional client certificate,
 /// loaded by the relay's own client loader (`tls::client_config`).
-pub fn client_tls(opts: &TlsOptions) -> Result<rustls::ClientConfig, ClientError> {
+pub(crate) fn client_tls(opts: &TlsOptions) -> Result<rustls::ClientConfig, ClientError> {
     let path =
         |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     let settings = crate::config::ClientTlsConfig {
@@ -51,7 +51,7 @@ pub fn client_tls(opts: &TlsOptions) -> Result<rustls::ClientConfig, ClientError
 }
 
 /// A connector for plain and TLS connections; `h2` makes it negotiate HTTP/2 (gRPC).
-pub fn connector(tls: Option<rustls::ClientConfig>, h2: bool) -> HttpsConnector<HttpConnector> {
+pub(crate) fn connector(tls: Option<rustls::ClientConfig>, h2: bool) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -70,7 +70,7 @@ pub fn connector(tls: Option<rustls::ClientConfig>, h2: bool) -> HttpsConnector<
 }
 
 /// Parses repeated `key="value"` / `key=value` header flags.
-pub fn parse_headers(items: &[String]) -> Result<HeaderMap, ClientError> {
+pub(crate) fn parse_headers(items: &[String]) -> Result<HeaderMap, ClientError> {
     let mut map = HeaderMap::new();
     for item in items {
         let (k, v) = item.split_once('=').ok_or_else(|| ClientError::Header(item.clone()))?;
@@ -86,19 +86,19 @@ pub fn parse_headers(items: &[String]) -> Result<HeaderMap, ClientError> {
 
 /// How a failed attempt is treated (OTLP's retry rules).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// e.g. `http_503`, `grpc_UNAVAILABLE`, `transport`, `timeout`.
-    pub label: String,
-    pub retryable: bool,
-    pub retry_after: Option<Duration>,
+    pub(crate) label: String,
+    pub(crate) retryable: bool,
+    pub(crate) retry_after: Option<Duration>,
     /// What went wrong, for the report's first error per label (transport errors with their
     /// causes, e.g. a TLS alert).
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// The result of one attempt.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Accepted, with the spans the receiver reported rejected in partial_success.
     Accepted {
         rejected: u64,
@@ -107,7 +107,7 @@ pub enum Outcome {
 }
 
 /// OTLP/HTTP: retry only 429, 502, 503, 504.
-pub fn classify_http(status: StatusCode, retry_after: Option<&str>, now: SystemTime) -> Failure {
+pub(crate) fn classify_http(status: StatusCode, retry_after: Option<&str>, now: SystemTime) -> Failure {
     let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
     Failure {
         label: format!("http_{}", status.as_u16()),
@@ -118,7 +118,7 @@ pub fn classify_http(status: StatusCode, retry_after: Option<&str>, now: SystemT
 }
 
 /// Retry-After as delay-seconds or an HTTP-date.
-pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -128,7 +128,7 @@ pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
 }
 
 /// OTLP/gRPC: the transient codes, and RESOURCE_EXHAUSTED only with RetryInfo.
-pub fn classify_grpc(status: &tonic::Status) -> Failure {
+pub(crate) fn classify_grpc(status: &tonic::Status) -> Failure {
     let retry_after = rpc::retry_delay(status.details());
     let retryable = grpc_retryable(status.code(), retry_after.is_some());
     Failure {
@@ -153,19 +153,19 @@ fn screaming_snake(camel: &str) -> String {
 
 /// Where and how to send.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     /// scheme://host:port
-    pub base: String,
-    pub path: String,
-    pub headers: HeaderMap,
-    pub encoding: Encoding,
-    pub gzip: bool,
-    pub timeout: Duration,
+    pub(crate) base: String,
+    pub(crate) path: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) encoding: Encoding,
+    pub(crate) gzip: bool,
+    pub(crate) timeout: Duration,
 }
 
 /// One worker's connection (one per worker, so the size difference of the variants is moot).
 #[allow(clippy::large_enum_variant)]
-pub enum Transport {
+pub(crate) enum Transport {
     Grpc {
         client: tonic::client::Grpc<Channel>,
         target: Target,
@@ -178,7 +178,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn grpc(target: Target, tls: Option<rustls::ClientConfig>) -> Result<Transport, ClientError> {
+    pub(crate) fn grpc(target: Target, tls: Option<rustls::ClientConfig>) -> Result<Transport, ClientError> {
         let endpoint = tonic::transport::Endpoint::from_shared(target.base.clone())
             .map_err(|e| ClientError::Endpoint(target.base.clone(), e.to_string()))?
             .tcp_nodelay(true);
@@ -192,7 +192,7 @@ impl Transport {
         Ok(Transport::Grpc { client, target })
     }
 
-    pub fn http(target: Target, tls: Option<rustls::ClientConfig>) -> Result<Transport, ClientError> {
+    pub(crate) fn http(target: Target, tls: Option<rustls::ClientConfig>) -> Result<Transport, ClientError> {
         let uri: Uri = format!("{}{}", target.base, target.path)
             .parse()
             .map_err(|e: http::uri::InvalidUri| ClientError::Endpoint(target.base.clone(), e.to_string()))?;
@@ -204,7 +204,7 @@ impl Transport {
 
     /// Sends one request body (already encoded; compressed here for HTTP, by tonic for gRPC).
     /// Returns the outcome and the bytes handed to the transport.
-    pub async fn send(&mut self, body: Bytes) -> (Outcome, u64) {
+    pub(crate) async fn send(&mut self, body: Bytes) -> (Outcome, u64) {
         match self {
             Transport::Grpc { client, target } => {
                 let len = body.len() as u64;
@@ -330,7 +330,7 @@ fn gzip(data: &[u8]) -> Bytes {
 }
 
 /// GET a JSON document (the sink's /stats) over plain HTTP or TLS.
-pub async fn get_json(url: &str, tls: Option<rustls::ClientConfig>) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn get_json(url: &str, tls: Option<rustls::ClientConfig>) -> anyhow::Result<serde_json::Value> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector(tls, false));
     let resp = tokio::time::timeout(Duration::from_secs(10), client.get(url.parse()?)).await??;
     anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());

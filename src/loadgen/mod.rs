@@ -6,10 +6,10 @@
     reason = "the load generator handles only data it generated; its expects are invariants (static histogram bounds, in-memory writes)"
 )]
 pub(crate) mod agent;
-pub mod client;
-pub mod pace;
-pub mod report;
-pub mod spans;
+pub(crate) mod client;
+pub(crate) mod pace;
+pub(crate) mod report;
+pub(crate) mod spans;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -27,116 +27,116 @@ use self::report::{Report, WorkerStats};
 use self::spans::{Encoding, FastRng, Shape, Template};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Compression {
+pub(crate) enum Compression {
     None,
     Gzip,
 }
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct LoadgenArgs {
+pub(crate) struct LoadgenArgs {
     /// Target `host:port` (default localhost:4317, or localhost:4318 with --otlp-http). A
     /// `http://` or `https://` prefix chooses plaintext or TLS explicitly.
     #[arg(long)]
-    pub otlp_endpoint: Option<String>,
+    pub(crate) otlp_endpoint: Option<String>,
     /// Send OTLP/HTTP instead of gRPC.
     #[arg(long)]
-    pub otlp_http: bool,
+    pub(crate) otlp_http: bool,
     /// URL path for OTLP/HTTP.
     #[arg(long, default_value = "/v1/traces")]
-    pub otlp_http_url_path: String,
+    pub(crate) otlp_http_url_path: String,
     /// Plaintext (no TLS), as telemetrygen.
     #[arg(long)]
-    pub otlp_insecure: bool,
+    pub(crate) otlp_insecure: bool,
     /// CA certificate (PEM) to verify the server (default: the system roots).
     #[arg(long)]
-    pub ca_cert: Option<PathBuf>,
+    pub(crate) ca_cert: Option<PathBuf>,
     /// Present a client certificate (--client-cert, --client-key).
     #[arg(long)]
-    pub mtls: bool,
+    pub(crate) mtls: bool,
     /// Client certificate (PEM, the chain after it) for a relay that requires mTLS.
     #[arg(long, requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
+    pub(crate) client_cert: Option<PathBuf>,
     /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --client-cert.
     #[arg(long, requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
     /// Header `key="value"` on every request (repeatable).
     #[arg(long = "otlp-header")]
-    pub otlp_headers: Vec<String>,
+    pub(crate) otlp_headers: Vec<String>,
     /// Resource attribute `key="value"` (repeatable).
     #[arg(long = "otlp-attributes")]
-    pub otlp_attributes: Vec<String>,
+    pub(crate) otlp_attributes: Vec<String>,
     /// Span attribute `key="value"` (repeatable).
     #[arg(long = "telemetry-attributes")]
-    pub telemetry_attributes: Vec<String>,
+    pub(crate) telemetry_attributes: Vec<String>,
     /// Concurrent senders, each with its own connection and one request in flight.
     #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Spans per second in total over all workers (0: as fast as possible). Unlike telemetrygen's
     /// per-worker traces/s, so a benchmark's load does not change with --workers.
     #[arg(long, default_value_t = 0.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Run for this long (e.g. 30s); otherwise until --traces are sent.
     #[arg(long, value_parser = pace::parse_duration)]
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
     /// Traces to send in total over all workers (telemetrygen: per worker); default 1 when
     /// --duration is not given.
     #[arg(long)]
-    pub traces: Option<u64>,
+    pub(crate) traces: Option<u64>,
     /// Child spans per trace (the root span comes on top).
     #[arg(long, default_value_t = 1)]
-    pub child_spans: usize,
+    pub(crate) child_spans: usize,
     /// Spans per request (rounded down to whole traces, at least one trace).
     #[arg(long, default_value_t = 100)]
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// service.name of the generated resource.
     #[arg(long, default_value = "telemetrygen")]
-    pub service: String,
+    pub(crate) service: String,
     #[arg(long, value_enum, default_value_t = Encoding::Proto)]
-    pub encoding: Encoding,
+    pub(crate) encoding: Encoding,
     #[arg(long, value_enum, default_value_t = Compression::None)]
-    pub compression: Compression,
+    pub(crate) compression: Compression,
     /// Size in bytes of each padding attribute (0: none).
     #[arg(long, default_value_t = 0)]
-    pub attr_bytes: usize,
+    pub(crate) attr_bytes: usize,
     /// Number of padding attributes per span when --attr-bytes is set.
     #[arg(long, default_value_t = 1)]
-    pub attr_count: usize,
+    pub(crate) attr_count: usize,
     /// Realistic LLM-agent traces (agent, chat, tool and retriever spans with gen_ai.* attributes).
     #[arg(long)]
-    pub genai: bool,
+    pub(crate) genai: bool,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Seed for ids (default: from the clock).
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// The sink's base URL (e.g. http://127.0.0.1:4319): compare its unique spans with ours; exit 1 on loss.
     #[arg(long)]
-    pub verify_sink: Option<String>,
+    pub(crate) verify_sink: Option<String>,
     /// How long --verify-sink waits for the counts to settle.
     #[arg(long, value_parser = pace::parse_duration, default_value = "120s")]
-    pub verify_timeout: Duration,
+    pub(crate) verify_timeout: Duration,
     /// --verify-sink stops waiting once the sink's count has not moved for this long.
     #[arg(long, value_parser = pace::parse_duration, default_value = "5s")]
-    pub verify_settle: Duration,
+    pub(crate) verify_settle: Duration,
     /// Per-request timeout.
     #[arg(long, value_parser = pace::parse_duration, default_value = "10s")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Retries of a retryable failure before its spans count as refused.
     #[arg(long, default_value_t = 5)]
-    pub max_retries: u32,
+    pub(crate) max_retries: u32,
     /// Exit 1, naming the likely cause, when less than this share of the spans sent was
     /// accepted (0 to 1). Whatever its value, a run with nothing accepted fails.
     #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
-    pub min_accepted: f64,
+    pub(crate) min_accepted: f64,
     /// Agent-shaped load: each trace's spans are spread over this time and sent as they end
     /// (children first, root last), many traces in flight, flushed every --export-interval or
     /// when --batch-size spans have ended, like an SDK's BatchSpanProcessor. Needs --rate.
     #[arg(long, value_parser = pace::parse_duration)]
-    pub trace_duration: Option<Duration>,
+    pub(crate) trace_duration: Option<Duration>,
     /// With --trace-duration: the SDK's export schedule (OTEL_BSP_SCHEDULE_DELAY, default 5 s).
     #[arg(long, value_parser = pace::parse_duration, default_value = "5s", requires = "trace_duration")]
-    pub export_interval: Duration,
+    pub(crate) export_interval: Duration,
 }
 
 fn parse_share(text: &str) -> Result<f64, String> {

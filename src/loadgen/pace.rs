@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 /// (a slow receiver), at most `max_lag` of backlog is caught up, so a stall is not followed by an
 /// unbounded burst.
 #[derive(Debug, Clone)]
-pub struct Pacer {
+pub(crate) struct Pacer {
     rate: f64,
     next: Option<Instant>,
     max_lag: Duration,
@@ -13,7 +13,7 @@ pub struct Pacer {
 
 impl Pacer {
     /// `rate` spans/s; 0 (or less) means unpaced.
-    pub fn new(rate: f64) -> Pacer {
+    pub(crate) fn new(rate: f64) -> Pacer {
         Pacer {
             rate,
             next: None,
@@ -22,7 +22,7 @@ impl Pacer {
     }
 
     /// When the next request of `spans` spans is due (None: send now, unpaced).
-    pub fn due(&mut self, spans: usize, now: Instant) -> Option<Instant> {
+    pub(crate) fn due(&mut self, spans: usize, now: Instant) -> Option<Instant> {
         if self.rate <= 0.0 {
             return None;
         }
@@ -37,7 +37,7 @@ impl Pacer {
 
 /// Parses a duration for the command line: Go-style like the config (`30s`, `500ms`, `1m30s`),
 /// or a bare number of seconds as telemetrygen allows.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
         return Ok(Duration::from_secs_f64(secs.max(0.0)));
@@ -46,7 +46,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Splits `total` into `parts` shares that differ by at most one.
-pub fn split(total: u64, parts: usize, index: usize) -> u64 {
+pub(crate) fn split(total: u64, parts: usize, index: usize) -> u64 {
     let parts = parts.max(1) as u64;
     total / parts + u64::from((index as u64) < total % parts)
 }

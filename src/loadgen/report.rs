@@ -7,23 +7,23 @@ use hdrhistogram::Histogram;
 
 /// What one worker saw. Merged at the end, so workers never share a lock while sending.
 #[derive(Debug, Clone)]
-pub struct WorkerStats {
-    pub requests: u64,
-    pub requests_failed: u64,
-    pub spans_sent: u64,
-    pub spans_accepted: u64,
-    pub spans_refused: u64,
-    pub spans_retried: u64,
-    pub retries: u64,
-    pub bytes: u64,
+pub(crate) struct WorkerStats {
+    pub(crate) requests: u64,
+    pub(crate) requests_failed: u64,
+    pub(crate) spans_sent: u64,
+    pub(crate) spans_accepted: u64,
+    pub(crate) spans_refused: u64,
+    pub(crate) spans_retried: u64,
+    pub(crate) retries: u64,
+    pub(crate) bytes: u64,
     /// Refused spans per final reason (e.g. `http_400`, `grpc_UNAVAILABLE`).
-    pub refused_by: BTreeMap<String, u64>,
+    pub(crate) refused_by: BTreeMap<String, u64>,
     /// Failed attempts per reason, retried or not.
-    pub failures_by: BTreeMap<String, u64>,
+    pub(crate) failures_by: BTreeMap<String, u64>,
     /// The first error seen per reason, with its cause (what `--min-accepted` reports).
-    pub first_errors: BTreeMap<String, String>,
+    pub(crate) first_errors: BTreeMap<String, String>,
     /// Request latency in microseconds.
-    pub latency_us: Histogram<u64>,
+    pub(crate) latency_us: Histogram<u64>,
 }
 
 impl Default for WorkerStats {
@@ -46,12 +46,12 @@ impl Default for WorkerStats {
 }
 
 impl WorkerStats {
-    pub fn record_latency(&mut self, d: Duration) {
+    pub(crate) fn record_latency(&mut self, d: Duration) {
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
         self.latency_us.saturating_record(us);
     }
 
-    pub fn merge(&mut self, o: &WorkerStats) {
+    pub(crate) fn merge(&mut self, o: &WorkerStats) {
         self.requests += o.requests;
         self.requests_failed += o.requests_failed;
         self.spans_sent += o.spans_sent;
@@ -74,49 +74,49 @@ impl WorkerStats {
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Latency {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-    pub mean: f64,
+pub(crate) struct Latency {
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+    pub(crate) mean: f64,
 }
 
 /// The sink's view after the run (`--verify-sink`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Verification {
-    pub sink: String,
-    pub received_unique_spans: u64,
-    pub lost_spans: u64,
-    pub ok: bool,
+pub(crate) struct Verification {
+    pub(crate) sink: String,
+    pub(crate) received_unique_spans: u64,
+    pub(crate) lost_spans: u64,
+    pub(crate) ok: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Report {
-    pub transport: String,
-    pub encoding: String,
-    pub compression: String,
-    pub workers: usize,
-    pub duration_s: f64,
-    pub requests: u64,
-    pub requests_failed: u64,
-    pub spans_sent: u64,
-    pub spans_accepted: u64,
-    pub spans_refused: u64,
-    pub spans_retried: u64,
-    pub retries: u64,
-    pub refused_by: BTreeMap<String, u64>,
-    pub failures_by: BTreeMap<String, u64>,
+pub(crate) struct Report {
+    pub(crate) transport: String,
+    pub(crate) encoding: String,
+    pub(crate) compression: String,
+    pub(crate) workers: usize,
+    pub(crate) duration_s: f64,
+    pub(crate) requests: u64,
+    pub(crate) requests_failed: u64,
+    pub(crate) spans_sent: u64,
+    pub(crate) spans_accepted: u64,
+    pub(crate) spans_refused: u64,
+    pub(crate) spans_retried: u64,
+    pub(crate) retries: u64,
+    pub(crate) refused_by: BTreeMap<String, u64>,
+    pub(crate) failures_by: BTreeMap<String, u64>,
     /// The first error per failure reason, with its cause.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub first_errors: BTreeMap<String, String>,
-    pub spans_per_sec: f64,
-    pub requests_per_sec: f64,
-    pub bytes: u64,
-    pub bytes_per_sec: f64,
-    pub latency_ms: Latency,
+    pub(crate) first_errors: BTreeMap<String, String>,
+    pub(crate) spans_per_sec: f64,
+    pub(crate) requests_per_sec: f64,
+    pub(crate) bytes: u64,
+    pub(crate) bytes_per_sec: f64,
+    pub(crate) latency_ms: Latency,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub verify: Option<Verification>,
+    pub(crate) verify: Option<Verification>,
 }
 
 fn round3(v: f64) -> f64 {
@@ -124,7 +124,7 @@ fn round3(v: f64) -> f64 {
 }
 
 impl Report {
-    pub fn new(stats: &WorkerStats, elapsed: Duration, labels: (&str, &str, &str), workers: usize) -> Report {
+    pub(crate) fn new(stats: &WorkerStats, elapsed: Duration, labels: (&str, &str, &str), workers: usize) -> Report {
         let secs = elapsed.as_secs_f64().max(1e-9);
         let h = &stats.latency_us;
         let ms = |us: u64| round3(us as f64 / 1000.0);
@@ -171,7 +171,7 @@ impl Report {
     }
 
     /// The human report (stdout without --json).
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!(
             "otlp-relay loadgen: {} {} {} with {} worker(s) for {:.2} s\n\
              spans   sent {}  accepted {}  refused {}  retried {}\n\
@@ -225,7 +225,12 @@ impl Report {
 /// Why a run got (almost) nothing accepted, from its first errors: the likely cause and what to
 /// change, for the message `--min-accepted` prints. `tls` says whether the run spoke TLS,
 /// `client_cert` whether it presented a client certificate.
-pub fn diagnose(first_errors: &BTreeMap<String, String>, endpoint: &str, tls: bool, client_cert: bool) -> String {
+pub(crate) fn diagnose(
+    first_errors: &BTreeMap<String, String>,
+    endpoint: &str,
+    tls: bool,
+    client_cert: bool,
+) -> String {
     let all: Vec<String> = first_errors.values().map(|e| e.to_ascii_lowercase()).collect();
     let any = |needles: &[&str]| all.iter().any(|e| needles.iter().any(|n| e.contains(n)));
     let hint = if any(&[
@@ -280,7 +285,7 @@ pub fn diagnose(first_errors: &BTreeMap<String, String>, endpoint: &str, tls: bo
 }
 
 /// Compares what the generator had accepted with what the sink received.
-pub fn verify(sink: &str, accepted: u64, before: u64, after: u64) -> Verification {
+pub(crate) fn verify(sink: &str, accepted: u64, before: u64, after: u64) -> Verification {
     let received = after.saturating_sub(before);
     let lost = accepted.saturating_sub(received);
     Verification {

@@ -8,13 +8,13 @@ use prost::Message;
 
 /// wyrand: a tiny, fast, seedable generator; ids only need to be unique, not secret.
 #[derive(Debug, Clone)]
-pub struct FastRng(u64);
+pub(crate) struct FastRng(u64);
 
 impl FastRng {
-    pub fn new(seed: u64) -> FastRng {
+    pub(crate) fn new(seed: u64) -> FastRng {
         FastRng(seed ^ 0x9e37_79b9_7f4a_7c15)
     }
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
         let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
         ((t >> 64) as u64) ^ (t as u64)
@@ -33,28 +33,28 @@ impl FastRng {
 /// The wire encoding of a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Encoding {
+pub(crate) enum Encoding {
     Proto,
     Json,
 }
 
 /// One span of a trace shape.
 #[derive(Debug, Clone)]
-pub struct SpanShape {
-    pub name: String,
-    pub kind: SpanKind,
-    pub parent: Option<usize>,
+pub(crate) struct SpanShape {
+    pub(crate) name: String,
+    pub(crate) kind: SpanKind,
+    pub(crate) parent: Option<usize>,
     /// Start offset from the trace start, and duration, in nanoseconds.
-    pub start_ns: u64,
-    pub dur_ns: u64,
-    pub attributes: Vec<KeyValue>,
+    pub(crate) start_ns: u64,
+    pub(crate) dur_ns: u64,
+    pub(crate) attributes: Vec<KeyValue>,
 }
 
 /// What every trace looks like, and what is around it in a request.
 #[derive(Debug, Clone)]
-pub struct Shape {
-    pub resource: Vec<KeyValue>,
-    pub spans: Vec<SpanShape>,
+pub(crate) struct Shape {
+    pub(crate) resource: Vec<KeyValue>,
+    pub(crate) spans: Vec<SpanShape>,
 }
 
 impl Shape {
@@ -81,7 +81,7 @@ impl Shape {
     }
 }
 
-pub fn kv(key: &str, value: Value) -> KeyValue {
+pub(crate) fn kv(key: &str, value: Value) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue { value: Some(value) }),
@@ -89,12 +89,12 @@ pub fn kv(key: &str, value: Value) -> KeyValue {
     }
 }
 
-pub fn kv_str(key: &str, v: &str) -> KeyValue {
+pub(crate) fn kv_str(key: &str, v: &str) -> KeyValue {
     kv(key, Value::StringValue(v.to_string()))
 }
 
 /// Parses telemetrygen's `key="value"` (a string), `key=true|false`, `key=123`, or `key=text`.
-pub fn parse_attribute(s: &str) -> Option<KeyValue> {
+pub(crate) fn parse_attribute(s: &str) -> Option<KeyValue> {
     let (k, v) = s.split_once('=')?;
     let k = k.trim();
     if k.is_empty() {
@@ -124,7 +124,12 @@ fn padding(count: usize, bytes: usize) -> Vec<KeyValue> {
 }
 
 /// telemetrygen's shape: a root span and `children` child spans.
-pub fn plain_shape(resource: Vec<KeyValue>, span_attrs: &[KeyValue], children: usize, pad: (usize, usize)) -> Shape {
+pub(crate) fn plain_shape(
+    resource: Vec<KeyValue>,
+    span_attrs: &[KeyValue],
+    children: usize,
+    pad: (usize, usize),
+) -> Shape {
     let mut attrs = span_attrs.to_vec();
     attrs.extend(padding(pad.0, pad.1));
     let mut spans = vec![SpanShape {
@@ -150,7 +155,7 @@ pub fn plain_shape(resource: Vec<KeyValue>, span_attrs: &[KeyValue], children: u
 
 /// A realistic LLM-agent trace: an agent invocation with chat-model calls, tool calls and a
 /// retrieval, carrying the gen_ai.* semantic-convention attributes and MLflow's span types.
-pub fn genai_shape(resource: Vec<KeyValue>, span_attrs: &[KeyValue], pad: (usize, usize)) -> Shape {
+pub(crate) fn genai_shape(resource: Vec<KeyValue>, span_attrs: &[KeyValue], pad: (usize, usize)) -> Shape {
     let extra = |mut v: Vec<KeyValue>| {
         v.extend(span_attrs.iter().cloned());
         v.extend(padding(pad.0, pad.1));
@@ -281,18 +286,18 @@ enum Slot {
 
 /// An encoded request with the byte ranges to overwrite per request.
 #[derive(Debug, Clone)]
-pub struct Template {
-    pub encoding: Encoding,
+pub(crate) struct Template {
+    pub(crate) encoding: Encoding,
     bytes: Vec<u8>,
     patches: Vec<(usize, Slot)>,
-    pub traces: usize,
-    pub spans: usize,
+    pub(crate) traces: usize,
+    pub(crate) spans: usize,
     /// Longest trace duration, so timestamps end at "now".
     trace_dur_ns: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
+pub(crate) enum TemplateError {
     #[error("placeholder {0} found {1} times, expected {2}")]
     Placeholder(String, usize, usize),
     #[error("encoding: {0}")]
@@ -306,7 +311,12 @@ fn occurrences(hay: &[u8], needle: &[u8]) -> Vec<usize> {
 impl Template {
     /// Builds the template for `traces` traces of `shape`. Placeholders are random, so they are
     /// found exactly where they were put (checked).
-    pub fn build(shape: &Shape, traces: usize, encoding: Encoding, seed: u64) -> Result<Template, TemplateError> {
+    pub(crate) fn build(
+        shape: &Shape,
+        traces: usize,
+        encoding: Encoding,
+        seed: u64,
+    ) -> Result<Template, TemplateError> {
         let mut rng = FastRng::new(seed ^ 0x7e4a);
         let n = shape.spans.len();
         let trace_ids: Vec<[u8; 16]> = (0..traces)
@@ -405,12 +415,12 @@ impl Template {
         })
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.bytes.len()
     }
 
     /// A fresh request: new trace and span ids, timestamps ending at `now_ns`.
-    pub fn render(&self, rng: &mut FastRng, now_ns: u64, out: &mut Vec<u8>) {
+    pub(crate) fn render(&self, rng: &mut FastRng, now_ns: u64, out: &mut Vec<u8>) {
         out.clear();
         out.extend_from_slice(&self.bytes);
         let traces: Vec<(u64, u64)> = (0..self.traces).map(|_| (rng.nonzero(), rng.nonzero())).collect();

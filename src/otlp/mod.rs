@@ -13,7 +13,7 @@ pub(crate) const HTTP_TRACES_PATH: &str = "/v1/traces";
 /// The header MLflow routes an OTLP request by.
 pub(crate) const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 /// The resource attribute that routes a ResourceSpans to another MLflow experiment.
-pub const EXPERIMENT_ATTRIBUTE: &str = "mlflow.experiment_id";
+pub(crate) const EXPERIMENT_ATTRIBUTE: &str = "mlflow.experiment_id";
 
 /// The body encodings of OTLP/HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,33 +5,33 @@ pub struct Status {
     #[prost(int32, tag = "1")]
     pub code: i32,
     #[prost(string, tag = "2")]
-    pub message: String,
+    pub(crate) message: String,
     #[prost(message, repeated, tag = "3")]
-    pub details: Vec<Any>,
+    pub(crate) details: Vec<Any>,
 }
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct Any {
+pub(crate) struct Any {
     #[prost(string, tag = "1")]
-    pub type_url: String,
+    pub(crate) type_url: String,
     #[prost(bytes = "vec", tag = "2")]
-    pub value: Vec<u8>,
+    pub(crate) value: Vec<u8>,
 }
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct RetryInfo {
+pub(crate) struct RetryInfo {
     #[prost(message, optional, tag = "1")]
-    pub retry_delay: Option<Duration>,
+    pub(crate) retry_delay: Option<Duration>,
 }
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct Duration {
+pub(crate) struct Duration {
     #[prost(int64, tag = "1")]
-    pub seconds: i64,
+    pub(crate) seconds: i64,
     #[prost(int32, tag = "2")]
-    pub nanos: i32,
+    pub(crate) nanos: i32,
 }
-pub const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+pub(crate) const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
 
 /// A Status carrying a RetryInfo detail when `retry_after` is set.
-pub fn status(code: i32, message: &str, retry_after: Option<std::time::Duration>) -> Status {
+pub(crate) fn status(code: i32, message: &str, retry_after: Option<std::time::Duration>) -> Status {
     use prost::Message;
     let details = retry_after
         .map(|d| Any {

@@ -22,12 +22,12 @@ pub(crate) type TraceId = [u8; 16];
 /// One trace's part of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TraceRecord {
-    pub trace_id: TraceId,
+    pub(crate) trace_id: TraceId,
     /// A request field (key, length, ResourceSpans message), like the record it came from.
-    pub bytes: Bytes,
-    pub spans: usize,
+    pub(crate) bytes: Bytes,
+    pub(crate) spans: usize,
     /// It holds a root span (one without a parent span id).
-    pub has_root: bool,
+    pub(crate) has_root: bool,
 }
 
 /// The bytes the pieces may copy (resource, scopes, framing) beyond twice the record's size in

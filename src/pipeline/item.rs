@@ -17,26 +17,26 @@ use crate::batch::{BatchItem, Unsplit};
 /// record read back from the spool, which keeps only the ids, still goes where it should.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Destination {
-    pub experiment: Option<Arc<str>>,
-    pub experiment_name: Option<Arc<str>>,
-    pub run: Option<Arc<str>>,
-    pub workspace: Option<Arc<str>>,
+    pub(crate) experiment: Option<Arc<str>>,
+    pub(crate) experiment_name: Option<Arc<str>>,
+    pub(crate) run: Option<Arc<str>>,
+    pub(crate) workspace: Option<Arc<str>>,
 }
 
 /// What a request's headers say about its MLflow destination (honoured with include_metadata).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestRouting {
     /// `x-mlflow-experiment-id`, a numeric id.
-    pub experiment: Option<Arc<str>>,
+    pub(crate) experiment: Option<Arc<str>>,
     /// `x-mlflow-run-id`.
-    pub run: Option<Arc<str>>,
+    pub(crate) run: Option<Arc<str>>,
     /// `x-mlflow-workspace`.
-    pub workspace: Option<Arc<str>>,
+    pub(crate) workspace: Option<Arc<str>>,
 }
 
 impl RequestRouting {
     /// Only an experiment (or nothing), as tests and tools submit.
-    pub fn experiment(experiment: Option<&str>) -> RequestRouting {
+    pub(crate) fn experiment(experiment: Option<&str>) -> RequestRouting {
         RequestRouting {
             experiment: experiment.map(Arc::from),
             ..Default::default()
@@ -48,9 +48,9 @@ impl RequestRouting {
 #[derive(Debug, Clone)]
 pub struct Item {
     pub chunk: ResourceChunk,
-    pub charge: Option<Arc<Charge>>,
+    pub(crate) charge: Option<Arc<Charge>>,
     /// The spool segment this item was read from, released once it is delivered.
-    pub origin: Option<u64>,
+    pub(crate) origin: Option<u64>,
 }
 
 impl BatchItem for Item {
@@ -123,22 +123,20 @@ pub struct Routed {
 /// Requests are refused once `limit_mib - spike_limit_mib` is in use.
 #[derive(Debug)]
 pub struct MemoryBudget {
-    pub name: String,
     soft_limit: usize,
     used: AtomicUsize,
 }
 
 impl MemoryBudget {
-    pub fn new(name: &str, limit_mib: u64, spike_limit_mib: u64) -> Arc<MemoryBudget> {
+    pub(crate) fn new(limit_mib: u64, spike_limit_mib: u64) -> Arc<MemoryBudget> {
         let soft = limit_mib.saturating_sub(spike_limit_mib).max(1) * 1024 * 1024;
         Arc::new(MemoryBudget {
-            name: name.to_string(),
             soft_limit: soft as usize,
             used: AtomicUsize::new(0),
         })
     }
 
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
 
@@ -264,7 +262,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refusal::MemoryLimit => "memory_limit",
             Refusal::QueueFull => "queue_full",
@@ -274,7 +272,7 @@ impl Refusal {
         }
     }
 
-    pub fn retry_after(&self) -> Duration {
+    pub(crate) fn retry_after(&self) -> Duration {
         match self {
             Refusal::MemoryLimit | Refusal::QueueFull => Duration::from_secs(1),
             Refusal::SpoolFull => Duration::from_secs(2),

@@ -1,7 +1,7 @@
 //! The pipeline between receivers and exporters: admission (memory budget, bounded queues,
 //! fan-out to every exporter at once or not at all) and the items that flow through it.
 pub(crate) mod by_trace;
-pub mod decode;
+pub(crate) mod decode;
 pub(crate) mod item;
 mod process;
 #[cfg(test)]
@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::spool::Spool;
 pub(crate) use item::BodyHold;
 pub use item::{Charge, Destination, Item, MemoryBudget, Refusal, RequestRouting, Routed};
-pub use process::Admitted;
+pub(crate) use process::Admitted;
 pub(crate) use process::ProcessedRoute;
 use wire::ResourceChunk;
 
@@ -40,7 +40,7 @@ impl From<mpsc::Sender<Arc<Vec<Routed>>>> for Target {
 pub struct Ack(Vec<oneshot::Receiver<Result<(), Refusal>>>);
 
 impl Ack {
-    pub async fn durable(self) -> Result<(), Refusal> {
+    pub(crate) async fn durable(self) -> Result<(), Refusal> {
         for rx in self.0 {
             // A writer gone before answering means the relay is stopping.
             rx.await.unwrap_or(Err(Refusal::ShuttingDown))?;
@@ -85,7 +85,7 @@ impl Intake {
 
     /// Submits a request and waits until it may be acknowledged to the client (the ack contract:
     /// in every bounded in-memory queue, and durable in every spool).
-    pub async fn accept(&self, request: impl Into<Admitted>, routing: &RequestRouting) -> Result<(), Refusal> {
+    pub(crate) async fn accept(&self, request: impl Into<Admitted>, routing: &RequestRouting) -> Result<(), Refusal> {
         self.submit_routed(request, routing)?.durable().await
     }
 
@@ -97,7 +97,7 @@ impl Intake {
     }
 
     /// `submit` with everything the request's headers said about its MLflow destination.
-    pub fn submit_routed(&self, request: impl Into<Admitted>, routing: &RequestRouting) -> Result<Ack, Refusal> {
+    pub(crate) fn submit_routed(&self, request: impl Into<Admitted>, routing: &RequestRouting) -> Result<Ack, Refusal> {
         let Admitted { parsed, processed } = request.into();
         if parsed.chunks.is_empty() {
             return Ok(Ack::default());
@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn memory_budget_refuses_and_releases() {
-        let budget = MemoryBudget::new("memory_limiter", 2, 1);
+        let budget = MemoryBudget::new(2, 1);
         let (tx, mut rx) = mpsc::channel(10);
         let intake = Intake::new(vec![tx.into()], vec![budget.clone()]);
         intake.submit(parsed(1, 700 * 1024, None), None).unwrap();
@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn tiny_records_are_charged_what_they_hold_in_memory() {
-        let budget = MemoryBudget::new("memory_limiter", 64, 1);
+        let budget = MemoryBudget::new(64, 1);
         let (tx, mut rx) = mpsc::channel(10);
         let intake = Intake::new(vec![tx.into()], vec![budget.clone()]);
         let chunk = |_| ResourceChunk {
@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn body_holds_count_against_the_budget() {
-        let budget = MemoryBudget::new("memory_limiter", 2, 1);
+        let budget = MemoryBudget::new(2, 1);
         let intake = Intake::new(vec![], vec![budget.clone()]);
         let mut a = intake.hold(600 * 1024).unwrap();
         assert_eq!(budget.used(), 600 * 1024);

@@ -138,7 +138,7 @@ mod tests {
     /// fits the budget as bytes, but not decoded, is refused for a processed pipeline only.
     #[test]
     fn processing_is_charged_before_decoding() {
-        let budget = MemoryBudget::new("memory_limiter", 8, 1);
+        let budget = MemoryBudget::new(8, 1);
         let (tx, _rx) = mpsc::channel(4);
         let plain = Intake::new(vec![tx.clone().into()], vec![budget.clone()]);
         let processed = Intake::new(vec![], vec![budget.clone()]).with_processed(vec![ProcessedRoute {

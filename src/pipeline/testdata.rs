@@ -3,7 +3,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, Key
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
-pub fn kv(key: &str, value: &str) -> KeyValue {
+pub(crate) fn kv(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue {
@@ -13,7 +13,7 @@ pub fn kv(key: &str, value: &str) -> KeyValue {
     }
 }
 
-pub fn span(seed: u64) -> Span {
+pub(crate) fn span(seed: u64) -> Span {
     let mut trace_id = [0u8; 16];
     trace_id[..8].copy_from_slice(&(seed + 1).to_be_bytes());
     Span {
@@ -27,7 +27,7 @@ pub fn span(seed: u64) -> Span {
 }
 
 /// A ResourceSpans with `scopes` scopes of `per_scope` spans, ids starting at `first`.
-pub fn resource_spans(service: &str, first: u64, scopes: usize, per_scope: usize) -> ResourceSpans {
+pub(crate) fn resource_spans(service: &str, first: u64, scopes: usize, per_scope: usize) -> ResourceSpans {
     let mut next = first;
     ResourceSpans {
         resource: Some(Resource {

@@ -18,19 +18,19 @@ use crate::otlp::{EXPERIMENT_ATTRIBUTE, ExperimentId, varint};
 /// KeyValue and AnyValue). Both prost and upb (MLflow's Python protobuf) stop at 100 levels
 /// below the root message; 64 leaves a margin for a proxy or parser that counts differently
 /// or wraps the request once more.
-pub const MAX_DEPTH: u32 = 64;
+pub(crate) const MAX_DEPTH: u32 = 64;
 
 /// One `resource_spans` record of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+pub(crate) struct Record {
     /// The whole field (tag, length, message): concatenations of these are valid requests.
-    pub field: std::ops::Range<usize>,
+    pub(crate) field: std::ops::Range<usize>,
     /// The ResourceSpans message inside it.
-    pub message: std::ops::Range<usize>,
-    pub spans: usize,
+    pub(crate) message: std::ops::Range<usize>,
+    pub(crate) spans: usize,
     /// Spans whose trace_id is not 16 bytes or span_id not 8, or either all zero.
-    pub invalid_spans: usize,
-    pub experiment: Option<String>,
+    pub(crate) invalid_spans: usize,
+    pub(crate) experiment: Option<String>,
 }
 
 pub(super) enum Wire<'a> {
@@ -136,7 +136,7 @@ fn fixed32(w: Wire<'_>) -> Result<(), DecodeError> {
 }
 
 /// Walks an ExportTraceServiceRequest. Unknown fields are skipped, as prost does.
-pub fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
+pub(crate) fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
     let mut records = Vec::new();
     request_each::<DecodeError>(body, |record| {
         records.push(record);
@@ -197,9 +197,9 @@ pub(super) const RESOURCE_SPANS_KEY: u8 = 0x0a;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Kept {
     /// The rebuilt ResourceSpans message's length (without key and length prefix).
-    pub message_len: usize,
-    pub spans: usize,
-    pub dropped: usize,
+    pub(crate) message_len: usize,
+    pub(crate) spans: usize,
+    pub(crate) dropped: usize,
 }
 
 impl Kept {

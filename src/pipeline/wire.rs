@@ -20,29 +20,29 @@ mod tests;
 pub use super::decode::{DecodeBudget, DecodeError, Unbudgeted};
 #[cfg(test)]
 pub(crate) use super::testdata;
-pub use crate::otlp::EXPERIMENT_ATTRIBUTE;
+pub(crate) use crate::otlp::EXPERIMENT_ATTRIBUTE;
 pub(crate) use json::experiment_of;
 pub use json::{json_decoded_estimate, parse_json, parse_json_within};
-pub use split::{split_chunk, split_chunk_pieces};
+pub(crate) use split::{split_chunk, split_chunk_pieces};
 
 /// One ResourceSpans, encoded as a complete field-1 record of ExportTraceServiceRequest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceChunk {
-    pub bytes: Bytes,
+    pub(crate) bytes: Bytes,
     pub spans: usize,
     /// The `mlflow.experiment_id` resource attribute, if any.
-    pub experiment: Option<String>,
+    pub(crate) experiment: Option<String>,
 }
 
 /// A validated request, ready for the pipeline.
 #[derive(Debug, Default, PartialEq)]
 pub struct ParsedRequest {
-    pub chunks: Vec<ResourceChunk>,
+    pub(crate) chunks: Vec<ResourceChunk>,
     /// Spans accepted (in `chunks`).
     pub spans: usize,
     /// Spans refused as invalid (reported as partial_success).
-    pub rejected: usize,
-    pub rejection: Option<String>,
+    pub(crate) rejected: usize,
+    pub(crate) rejection: Option<String>,
 }
 
 /// Validates an `ExportTraceServiceRequest` in protobuf and slices its ResourceSpans records.
@@ -69,7 +69,7 @@ enum Keep {
 /// are rebuilt, or the records kept are less than half the body, everything kept is copied into
 /// one buffer of its exact size, charged to `budget` first: the chunks then hold what the
 /// memory budget charges for them (their bytes), not the whole body behind a slice.
-pub fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B) -> Result<ParsedRequest, B::Error> {
+pub(crate) fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B) -> Result<ParsedRequest, B::Error> {
     let mut parsed = ParsedRequest::default();
     let mut kept = Vec::new();
     let (mut kept_bytes, mut rebuilt) = (0usize, false);

@@ -30,14 +30,14 @@ pub(crate) enum ConvertedType {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ActionConfig {
     #[serde(default)]
-    pub key: String,
-    pub action: ActionKind,
+    pub(crate) key: String,
+    pub(crate) action: ActionKind,
     /// A literal value (any YAML scalar).
-    pub value: Option<serde_norway::Value>,
-    pub from_attribute: Option<String>,
+    pub(crate) value: Option<serde_norway::Value>,
+    pub(crate) from_attribute: Option<String>,
     /// Keys matching this regexp (delete, hash), or named groups to extract (extract).
-    pub pattern: Option<String>,
-    pub converted_type: Option<ConvertedType>,
+    pub(crate) pattern: Option<String>,
+    pub(crate) converted_type: Option<ConvertedType>,
 }
 
 /// Actions checked and their patterns compiled.

@@ -14,9 +14,9 @@ use super::{ProcessError, ProcessorConfig, SpanProcessor};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct AttributesConfig {
-    pub actions: Vec<ActionConfig>,
-    pub include: Option<MatchConfig>,
-    pub exclude: Option<MatchConfig>,
+    pub(crate) actions: Vec<ActionConfig>,
+    pub(crate) include: Option<MatchConfig>,
+    pub(crate) exclude: Option<MatchConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -29,33 +29,33 @@ pub(crate) enum MatchType {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MatchConfig {
-    pub match_type: MatchType,
+    pub(crate) match_type: MatchType,
     #[serde(default)]
-    pub services: Vec<String>,
+    pub(crate) services: Vec<String>,
     #[serde(default)]
-    pub span_names: Vec<String>,
+    pub(crate) span_names: Vec<String>,
     #[serde(default)]
-    pub span_kinds: Vec<String>,
+    pub(crate) span_kinds: Vec<String>,
     #[serde(default)]
-    pub attributes: Vec<AttributeMatch>,
+    pub(crate) attributes: Vec<AttributeMatch>,
     #[serde(default)]
-    pub resources: Vec<AttributeMatch>,
+    pub(crate) resources: Vec<AttributeMatch>,
     #[serde(default)]
-    pub libraries: Vec<LibraryMatch>,
+    pub(crate) libraries: Vec<LibraryMatch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AttributeMatch {
-    pub key: String,
-    pub value: Option<serde_norway::Value>,
+    pub(crate) key: String,
+    pub(crate) value: Option<serde_norway::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LibraryMatch {
-    pub name: String,
-    pub version: Option<String>,
+    pub(crate) name: String,
+    pub(crate) version: Option<String>,
 }
 
 /// A string pattern: equality, or a regexp found anywhere in the text (as the collector's).

@@ -13,15 +13,15 @@ use super::{ErrorMode, ProcessError, ProcessorConfig, SpanProcessor};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct FilterConfig {
-    pub error_mode: ErrorMode,
-    pub traces: TracesConditions,
+    pub(crate) error_mode: ErrorMode,
+    pub(crate) traces: TracesConditions,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct TracesConditions {
-    pub span: Vec<String>,
-    pub spanevent: Vec<String>,
+    pub(crate) span: Vec<String>,
+    pub(crate) spanevent: Vec<String>,
 }
 
 type Compiled = Vec<(Condition, Patterns)>;

@@ -17,18 +17,18 @@ pub(crate) type TraceId = [u8; 16];
 pub(crate) struct HoldRules {
     /// A trace leaves once this long has passed since its last span arrived (collector key
     /// `wait_duration`; the collector counts from the first span, which cuts long agent runs).
-    pub wait_duration: Duration,
+    pub(crate) wait_duration: Duration,
     /// Release a trace shortly after its root span arrived instead of waiting out `wait_duration`.
-    pub release_on_root: bool,
+    pub(crate) release_on_root: bool,
     /// How long after the root the trace still waits for stragglers (spans that ended before the
     /// root but were exported in a later request, e.g. from another process).
-    pub root_grace: Duration,
+    pub(crate) root_grace: Duration,
     /// No trace is held longer than this in total, so one that never goes quiet still leaves.
-    pub max_hold: Duration,
+    pub(crate) max_hold: Duration,
     /// At most this many traces are held (collector key `num_traces`); the oldest leaves first.
-    pub num_traces: usize,
+    pub(crate) num_traces: usize,
     /// At most this many bytes are held; the oldest traces leave first.
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
 }
 
 impl Default for HoldRules {
@@ -75,20 +75,20 @@ impl ReleaseReason {
 /// One trace leaving, with every piece that was held for it, in arrival order.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Released<P> {
-    pub trace_id: TraceId,
-    pub pieces: Vec<P>,
-    pub spans: usize,
-    pub bytes: usize,
-    pub reason: ReleaseReason,
+    pub(crate) trace_id: TraceId,
+    pub(crate) pieces: Vec<P>,
+    pub(crate) spans: usize,
+    pub(crate) bytes: usize,
+    pub(crate) reason: ReleaseReason,
 }
 
 /// What the caller knows of one piece (a group of spans of a single trace) when adding it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PieceInfo {
-    pub spans: usize,
-    pub bytes: usize,
+    pub(crate) spans: usize,
+    pub(crate) bytes: usize,
     /// The piece holds the trace's root span (no parent span id).
-    pub has_root: bool,
+    pub(crate) has_root: bool,
 }
 
 #[derive(Debug)]

@@ -32,10 +32,10 @@ const UNCUT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub(crate) struct GroupSettings {
-    pub processor: String,
-    pub rules: HoldRules,
+    pub(crate) processor: String,
+    pub(crate) rules: HoldRules,
     /// The pipeline's memory budgets, each with the use above which the oldest traces leave.
-    pub budgets: Vec<(Arc<MemoryBudget>, usize)>,
+    pub(crate) budgets: Vec<(Arc<MemoryBudget>, usize)>,
 }
 
 pub(crate) struct Grouper {

@@ -93,8 +93,8 @@ pub(crate) trait SpanProcessor: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("processor {processor}: {message}")]
 pub(crate) struct ProcessError {
-    pub processor: String,
-    pub message: String,
+    pub(crate) processor: String,
+    pub(crate) message: String,
 }
 
 /// The collector's `error_mode`: what a statement or condition that fails on the data does.
@@ -152,7 +152,7 @@ fn log_statement_error(id: &str, error: &dyn fmt::Display) {
 
 /// A processor's settings in the config tree: the registered type's name and its typed settings.
 #[derive(Clone)]
-pub struct Registered {
+pub(crate) struct Registered {
     pub(crate) type_name: &'static str,
     pub(crate) config: Arc<dyn ProcessorConfig>,
 }

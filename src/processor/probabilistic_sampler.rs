@@ -11,14 +11,14 @@ use super::{ProcessError, ProcessorConfig, SpanProcessor};
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct ProbabilisticSamplerConfig {
-    pub sampling_percentage: f64,
-    pub hash_seed: u32,
-    pub mode: Option<Mode>,
+    pub(crate) sampling_percentage: f64,
+    pub(crate) hash_seed: u32,
+    pub(crate) mode: Option<Mode>,
     /// Accepted for compatibility: every trace id reaching a processor is valid (receipt checks).
-    pub fail_closed: bool,
+    pub(crate) fail_closed: bool,
     /// Accepted for compatibility (the precision of the threshold the collector writes in
     /// tracestate, which this relay does not write).
-    pub sampling_precision: u8,
+    pub(crate) sampling_precision: u8,
 }
 
 impl Default for ProbabilisticSamplerConfig {

@@ -11,15 +11,15 @@ use super::{ProcessError, ProcessorConfig, SpanProcessor};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RedactionConfig {
-    pub allow_all_keys: bool,
-    pub allowed_keys: Vec<String>,
-    pub ignored_keys: Vec<String>,
-    pub blocked_values: Vec<String>,
-    pub blocked_key_patterns: Vec<String>,
-    pub allowed_values: Vec<String>,
-    pub hash_function: Option<HashFunction>,
-    pub hmac_key: Option<String>,
-    pub summary: Summary,
+    pub(crate) allow_all_keys: bool,
+    pub(crate) allowed_keys: Vec<String>,
+    pub(crate) ignored_keys: Vec<String>,
+    pub(crate) blocked_values: Vec<String>,
+    pub(crate) blocked_key_patterns: Vec<String>,
+    pub(crate) allowed_values: Vec<String>,
+    pub(crate) hash_function: Option<HashFunction>,
+    pub(crate) hmac_key: Option<String>,
+    pub(crate) summary: Summary,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

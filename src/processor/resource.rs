@@ -9,7 +9,7 @@ use super::{ProcessError, ProcessorConfig, SpanProcessor};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct ResourceConfig {
-    pub attributes: Vec<ActionConfig>,
+    pub(crate) attributes: Vec<ActionConfig>,
 }
 
 impl ProcessorConfig for ResourceConfig {

@@ -13,8 +13,8 @@ use super::{ErrorMode, ProcessError, ProcessorConfig, SpanProcessor};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct TransformConfig {
-    pub error_mode: ErrorMode,
-    pub trace_statements: Vec<StatementEntry>,
+    pub(crate) error_mode: ErrorMode,
+    pub(crate) trace_statements: Vec<StatementEntry>,
 }
 
 /// One entry of `trace_statements`: a statement (its context inferred from its paths), or a
@@ -29,12 +29,12 @@ pub(crate) enum StatementEntry {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StatementGroup {
-    pub context: Option<Context>,
+    pub(crate) context: Option<Context>,
     #[serde(default)]
-    pub statements: Vec<String>,
+    pub(crate) statements: Vec<String>,
     #[serde(default)]
-    pub conditions: Vec<String>,
-    pub error_mode: Option<ErrorMode>,
+    pub(crate) conditions: Vec<String>,
+    pub(crate) error_mode: Option<ErrorMode>,
 }
 
 /// Statements of one context, compiled, run in order.

@@ -50,18 +50,18 @@ pub(crate) fn default_max_connections() -> usize {
 
 /// A listener's connection bounds, from its configuration.
 #[derive(Debug, Clone)]
-pub struct ConnectionSettings {
-    pub max_connections: usize,
-    pub read_header_timeout: Duration,
-    pub read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub keepalive_time: Duration,
-    pub keepalive_timeout: Duration,
-    pub max_concurrent_streams: u32,
+pub(crate) struct ConnectionSettings {
+    pub(crate) max_connections: usize,
+    pub(crate) read_header_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) keepalive_time: Duration,
+    pub(crate) keepalive_timeout: Duration,
+    pub(crate) max_concurrent_streams: u32,
 }
 
 impl ConnectionSettings {
-    pub fn from_config(p: &ProtocolConfig) -> ConnectionSettings {
+    pub(crate) fn from_config(p: &ProtocolConfig) -> ConnectionSettings {
         let keepalive = p.keepalive.clone().unwrap_or_default().server_parameters;
         let idle = if keepalive.max_connection_idle.0.is_zero() {
             p.idle_timeout.0

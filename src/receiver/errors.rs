@@ -65,7 +65,7 @@ impl ReceiveError {
         }
     }
 
-    pub fn grpc_code(&self) -> tonic::Code {
+    pub(crate) fn grpc_code(&self) -> tonic::Code {
         match self {
             ReceiveError::Malformed(_)
             | ReceiveError::BadCompression(_)
@@ -81,14 +81,14 @@ impl ReceiveError {
     }
 
     /// The wait to advertise (Retry-After / RetryInfo) when the client should come back.
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             ReceiveError::Refused(r) => Some(r.retry_after()),
             _ => None,
         }
     }
 
-    pub fn to_grpc(&self) -> tonic::Status {
+    pub(crate) fn to_grpc(&self) -> tonic::Status {
         use tonic_types::{ErrorDetails, StatusExt};
         match self.retry_after() {
             Some(delay) => tonic::Status::with_error_details(

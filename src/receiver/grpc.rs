@@ -72,7 +72,7 @@ fn encodings() -> EnabledCompressionEncodings {
     e
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     ctx: Arc<ReceiverContext>,
     conn: Arc<ConnInfo>,
     req: hyper::Request<Incoming>,

@@ -8,7 +8,7 @@ mod errors;
 pub(crate) mod grpc;
 pub mod http;
 
-pub use conn::ConnectionSettings;
+pub(crate) use conn::ConnectionSettings;
 pub use errors::ReceiveError;
 
 use std::convert::Infallible;
@@ -34,23 +34,23 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything a request handler needs, shared by a receiver's connections.
 pub(crate) struct ReceiverContext {
     /// The receiver's component id, e.g. `otlp`.
-    pub receiver: String,
-    pub transport: &'static str,
-    pub intake: Arc<Intake>,
-    pub metrics: Arc<Metrics>,
-    pub max_recv_msg_size_mib: u64,
-    pub include_metadata: bool,
+    pub(crate) receiver: String,
+    pub(crate) transport: &'static str,
+    pub(crate) intake: Arc<Intake>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) max_recv_msg_size_mib: u64,
+    pub(crate) include_metadata: bool,
     /// Set once a request's experiment header was ignored (include_metadata off): said once.
-    pub ignored_metadata_warned: std::sync::atomic::AtomicBool,
+    pub(crate) ignored_metadata_warned: std::sync::atomic::AtomicBool,
     /// Connection limits and timeouts of this listener.
-    pub connections: ConnectionSettings,
+    pub(crate) connections: ConnectionSettings,
     /// Where the listener reports why it is not ready (at its connection limit, certificate
     /// out of its validity period).
-    pub health: Arc<Health>,
+    pub(crate) health: Arc<Health>,
     /// This listener's counters, registered once: no label strings are built per request.
-    pub handles: Arc<crate::telemetry::ReceiverHandles>,
+    pub(crate) handles: Arc<crate::telemetry::ReceiverHandles>,
     /// Cross-origin settings of the HTTP listener (None: no CORS headers, as the collector).
-    pub cors: Option<crate::config::CorsConfig>,
+    pub(crate) cors: Option<crate::config::CorsConfig>,
 }
 
 impl ReceiverContext {
@@ -80,9 +80,9 @@ impl ReceiverContext {
 /// What the TLS handshake established about the client, per connection.
 #[derive(Debug, Default)]
 pub(crate) struct ConnInfo {
-    pub peer: Option<PeerIdentity>,
+    pub(crate) peer: Option<PeerIdentity>,
     /// False when allowed_clients is set and the certificate matches none of it.
-    pub allowed: bool,
+    pub(crate) allowed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

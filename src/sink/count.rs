@@ -92,13 +92,13 @@ impl UniqueSpans {
 /// The headers of the last request that matter to the relay's tests.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub(crate) struct LastRequest {
-    pub transport: String,
-    pub path: String,
-    pub content_type: Option<String>,
-    pub content_encoding: Option<String>,
-    pub experiment_id: Option<String>,
-    pub authorization: bool,
-    pub host: Option<String>,
+    pub(crate) transport: String,
+    pub(crate) path: String,
+    pub(crate) content_type: Option<String>,
+    pub(crate) content_encoding: Option<String>,
+    pub(crate) experiment_id: Option<String>,
+    pub(crate) authorization: bool,
+    pub(crate) host: Option<String>,
 }
 
 #[derive(Default)]

@@ -7,9 +7,9 @@ use crate::supervise::LockUnpoisoned;
 /// Which requests fail, and with what status.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FailurePlan {
-    pub status: Option<u16>,
-    pub fail_every: Option<u64>,
-    pub fail_first: Option<u64>,
+    pub(crate) status: Option<u16>,
+    pub(crate) fail_every: Option<u64>,
+    pub(crate) fail_first: Option<u64>,
 }
 
 impl FailurePlan {

@@ -26,52 +26,52 @@ use server::start;
 const MAX_BODY: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct SinkArgs {
+pub(crate) struct SinkArgs {
     /// Address for OTLP/HTTP (and gRPC, which is served on the same port too), e.g. 127.0.0.1:4318.
     #[arg(long)]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Extra address serving gRPC (and HTTP) e.g. 127.0.0.1:4317.
     #[arg(long)]
-    pub grpc_listen: Option<SocketAddr>,
+    pub(crate) grpc_listen: Option<SocketAddr>,
     /// Answer every request with this HTTP status (gRPC: the matching code); with --fail-every,
     /// the status of the failing requests.
     #[arg(long)]
-    pub status: Option<u16>,
+    pub(crate) status: Option<u16>,
     /// Fail every Nth request (with --status, default 503).
     #[arg(long)]
-    pub fail_every: Option<u64>,
+    pub(crate) fail_every: Option<u64>,
     /// Fail the first N requests (with --status, default 503), then accept: "503, then 200".
     #[arg(long)]
-    pub fail_first: Option<u64>,
+    pub(crate) fail_first: Option<u64>,
     /// Delay every request by this many milliseconds before answering (a slow MLflow).
     #[arg(long, default_value_t = 0)]
-    pub delay_ms: u64,
+    pub(crate) delay_ms: u64,
     /// Ingest at most this many spans per second overall (requests queue up behind each other).
     #[arg(long)]
-    pub max_spans_per_sec: Option<f64>,
+    pub(crate) max_spans_per_sec: Option<f64>,
     /// Retry-After seconds on failures (gRPC: RetryInfo).
     #[arg(long)]
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
     /// Extra plain-HTTP address (no TLS) serving everything, /stats included: lets tests and
     /// loadgen --verify-sink read the counts of a TLS-only sink.
     #[arg(long)]
-    pub stats_listen: Option<SocketAddr>,
+    pub(crate) stats_listen: Option<SocketAddr>,
     /// Serve TLS with this certificate chain (PEM).
     #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// Private key (PEM) for --tls-cert.
     #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (PEM) (mTLS).
     #[arg(long, requires = "tls_cert")]
-    pub tls_client_ca: Option<PathBuf>,
+    pub(crate) tls_client_ca: Option<PathBuf>,
     /// Require a Bearer JWT on every export, verified against this JWKS URL (signature, exp with
     /// no leeway, aud); 401 otherwise. /stats counts the distinct tokens seen.
     #[arg(long, requires = "audience")]
-    pub require_jwt: Option<String>,
+    pub(crate) require_jwt: Option<String>,
     /// The audience a token must carry (with --require-jwt).
     #[arg(long, requires = "require_jwt")]
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
 }
 
 /// google.rpc.Status and RetryInfo, the OTLP error payloads (not part of opentelemetry-proto).

@@ -17,7 +17,7 @@ use crate::supervise::LockUnpoisoned;
 /// Dead-letter files are closed at this size and a new one started.
 const FILE_BYTES: u64 = 16 * 1024 * 1024;
 
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     dir: PathBuf,
     fsync: bool,
     file: Mutex<Option<OpenFile>>,
@@ -59,7 +59,7 @@ fn next_id(dir: &Path) -> std::io::Result<u64> {
 }
 
 impl DeadLetter {
-    pub fn new(dir: PathBuf, fsync: bool) -> DeadLetter {
+    pub(crate) fn new(dir: PathBuf, fsync: bool) -> DeadLetter {
         DeadLetter {
             dir,
             fsync,
@@ -67,7 +67,7 @@ impl DeadLetter {
         }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -113,7 +113,7 @@ impl DeadLetter {
     }
 
     /// Appends one record durably. Blocking I/O: call from a blocking context.
-    pub fn write(&self, record: &proto::Record) -> std::io::Result<()> {
+    pub(crate) fn write(&self, record: &proto::Record) -> std::io::Result<()> {
         let mut guard = self.file.lock_unpoisoned();
         // A few rounds at most: the current file (unless replay has it, or it is full), then a
         // fresh one (which a replay could take before the first append, however unlikely).

@@ -33,7 +33,7 @@ pub const HEADER: usize = 28;
 /// A format 1 frame header.
 const V1_HEADER: usize = 8;
 /// No record is this big (receivers cap requests far below); a larger length is corruption.
-pub const MAX_RECORD: usize = 1 << 30;
+pub(crate) const MAX_RECORD: usize = 1 << 30;
 
 /// How a file's frames are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +87,7 @@ pub fn file_header(seed: u32) -> [u8; FILE_HEADER] {
 /// that segment's frames hold: a finished segment that came up short is corruption (counted
 /// exactly), not a torn tail. Kept in the header's reserved field as spans + 1 (0: unknown, as
 /// in files from before it was written, or past `u32`), so every format 2 reader still reads it.
-pub fn segment_header(seed: u32, previous: Option<u64>) -> [u8; FILE_HEADER] {
+pub(crate) fn segment_header(seed: u32, previous: Option<u64>) -> [u8; FILE_HEADER] {
     let previous = previous
         .and_then(|n| n.checked_add(1))
         .and_then(|n| u32::try_from(n).ok())
@@ -299,7 +299,7 @@ pub struct Parsed {
     pub entries: Vec<Entry>,
     /// Bytes of the window the entries cover. Less than the window when the rest needs more
     /// bytes to decide (never when `at_end`): read on from there with a larger window.
-    pub consumed: usize,
+    pub(crate) consumed: usize,
 }
 
 /// Parses frames from `buf`, bytes of a file from a frame boundary on. `at_end`: nothing follows
@@ -446,24 +446,24 @@ fn parse_v1(buf: &[u8], at_end: bool) -> Parsed {
 #[derive(Debug, PartialEq)]
 pub struct Scan {
     /// None: an empty file or one whose header is damaged beyond repair (`unreadable`).
-    pub format: Option<Format>,
-    pub unreadable: bool,
+    pub(crate) format: Option<Format>,
+    pub(crate) unreadable: bool,
     pub records: Vec<Record>,
     /// Damaged regions before the tail (their records are lost; the rest of the file is not).
-    pub lost: Vec<Lost>,
+    pub(crate) lost: Vec<Lost>,
     /// Bytes up to a torn or corrupt tail (the whole file when there is none).
     pub valid_len: usize,
-    pub tail_error: Option<FrameError>,
+    pub(crate) tail_error: Option<FrameError>,
     /// The spans of the record cut off at the tail, when its header survived.
-    pub tail_spans: Option<u64>,
+    pub(crate) tail_spans: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Lost {
-    pub offset: usize,
-    pub len: usize,
-    pub spans: Option<u64>,
-    pub error: FrameError,
+pub(crate) struct Lost {
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+    pub(crate) spans: Option<u64>,
+    pub(crate) error: FrameError,
 }
 
 /// Reads every readable record of a whole file.

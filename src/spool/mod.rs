@@ -66,12 +66,12 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub(crate) struct SpoolSettings {
-    pub exporter: String,
-    pub dir: PathBuf,
-    pub fsync: bool,
-    pub max_bytes: u64,
-    pub segment_bytes: u64,
-    pub drop_oldest: bool,
+    pub(crate) exporter: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) fsync: bool,
+    pub(crate) max_bytes: u64,
+    pub(crate) segment_bytes: u64,
+    pub(crate) drop_oldest: bool,
 }
 
 impl SpoolSettings {

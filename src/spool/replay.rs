@@ -20,14 +20,14 @@ use crate::batch::Batch;
 use crate::pipeline::item::{Destination, Item};
 
 #[derive(Debug, Default, PartialEq)]
-pub struct Totals {
-    pub records: u64,
-    pub spans: u64,
-    pub failed_records: u64,
-    pub failed_spans: u64,
+pub(crate) struct Totals {
+    pub(crate) records: u64,
+    pub(crate) spans: u64,
+    pub(crate) failed_records: u64,
+    pub(crate) failed_spans: u64,
     /// Files another process held (a relay appending for longer than LOCK_WAIT, or another
     /// replay): left for the next run.
-    pub skipped_files: u64,
+    pub(crate) skipped_files: u64,
 }
 
 /// How long to wait for a file's lock: the relay holds it only while it appends one record.

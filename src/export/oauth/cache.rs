@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 
 /// First wait after a failed fetch; doubles per failure up to BACKOFF_MAX.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The same failure is logged at most this often.
-pub const LOG_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// The provider refused our credentials (400/401/403): an operator must act; not ready.
     Rejected,
     /// Down, slow, 5xx or garbled: wait and try again.
@@ -20,21 +20,21 @@ pub enum FailureKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub kind: FailureKind,
+pub(crate) struct Failure {
+    pub(crate) kind: FailureKind,
     /// Safe to log: the provider's error and error_description, or a transport error.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Failure {
-    pub fn rejected(message: impl Into<String>) -> Failure {
+    pub(crate) fn rejected(message: impl Into<String>) -> Failure {
         Failure {
             kind: FailureKind::Rejected,
             message: message.into(),
         }
     }
 
-    pub fn unavailable(message: impl Into<String>) -> Failure {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Failure {
         Failure {
             kind: FailureKind::Unavailable,
             message: message.into(),
@@ -43,7 +43,7 @@ impl Failure {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
+pub(crate) enum Check {
     /// Use this token.
     Fresh(HeaderValue),
     /// Still valid but due for refresh: one caller refreshes, the others keep using it.
@@ -62,7 +62,7 @@ struct Current {
 }
 
 #[derive(Debug)]
-pub struct TokenState {
+pub(crate) struct TokenState {
     expiry_buffer: Duration,
     current: Option<Current>,
     failures: u32,
@@ -73,13 +73,13 @@ pub struct TokenState {
 
 /// What `fail` decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailOutcome {
-    pub log: bool,
-    pub retry_in: Duration,
+pub(crate) struct FailOutcome {
+    pub(crate) log: bool,
+    pub(crate) retry_in: Duration,
 }
 
 impl TokenState {
-    pub fn new(expiry_buffer: Duration) -> TokenState {
+    pub(crate) fn new(expiry_buffer: Duration) -> TokenState {
         TokenState {
             expiry_buffer,
             current: None,
@@ -92,11 +92,11 @@ impl TokenState {
 
     /// When a token of `lifetime` should be replaced: `expiry_buffer` before it expires, but
     /// for short-lived tokens (lifetime under twice the buffer) at half its lifetime.
-    pub fn refresh_after(&self, lifetime: Duration) -> Duration {
+    pub(crate) fn refresh_after(&self, lifetime: Duration) -> Duration {
         lifetime - self.expiry_buffer.min(lifetime / 2)
     }
 
-    pub fn check(&self, now: Instant) -> Check {
+    pub(crate) fn check(&self, now: Instant) -> Check {
         let backing_off = self.retry_at.is_some_and(|t| now < t);
         match &self.current {
             Some(c) if c.expires_at.is_none_or(|e| now < e) => {
@@ -117,7 +117,7 @@ impl TokenState {
 
     /// A token arrived, valid for `lifetime` from `now` (None: unknown, used until a 401).
     /// Returns whether it ends a run of failures (worth saying so).
-    pub fn store(&mut self, value: HeaderValue, lifetime: Option<Duration>, now: Instant) -> bool {
+    pub(crate) fn store(&mut self, value: HeaderValue, lifetime: Option<Duration>, now: Instant) -> bool {
         let recovered = self.failures > 0;
         self.current = Some(Current {
             value,
@@ -133,7 +133,7 @@ impl TokenState {
     }
 
     /// A fetch failed: back off exponentially; log a failure when it is new or a minute passed.
-    pub fn fail(&mut self, failure: Failure, now: Instant) -> FailOutcome {
+    pub(crate) fn fail(&mut self, failure: Failure, now: Instant) -> FailOutcome {
         self.failures = self.failures.saturating_add(1);
         let exp = self.failures.saturating_sub(1).min(16);
         let retry_in = BACKOFF_MIN.saturating_mul(1 << exp).min(BACKOFF_MAX);
@@ -151,7 +151,7 @@ impl TokenState {
 
     /// The destination answered 401 to `rejected`: forget it if it is still the current token
     /// (a 401 for an older token must not throw away a newer one).
-    pub fn invalidate(&mut self, rejected: &HeaderValue) -> bool {
+    pub(crate) fn invalidate(&mut self, rejected: &HeaderValue) -> bool {
         if self.current.as_ref().is_some_and(|c| c.value == *rejected) {
             self.current = None;
             true

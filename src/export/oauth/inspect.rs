@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine;
 
 /// The decoded JSON header and claims of a JWT, without verifying it; None for opaque tokens.
-pub fn jwt_parts(token: &str) -> Option<(serde_json::Value, serde_json::Value)> {
+pub(crate) fn jwt_parts(token: &str) -> Option<(serde_json::Value, serde_json::Value)> {
     let mut it = token.split('.');
     let (h, c, _sig) = (it.next()?, it.next()?, it.next()?);
     let dec = |s: &str| -> Option<serde_json::Value> {
@@ -16,7 +16,7 @@ pub fn jwt_parts(token: &str) -> Option<(serde_json::Value, serde_json::Value)> 
 }
 
 /// The printed report: header and selected claims, one per line.
-pub fn describe(token: &str, now: SystemTime) -> String {
+pub(crate) fn describe(token: &str, now: SystemTime) -> String {
     let Some((header, claims)) = jwt_parts(token) else {
         return "the access token is not a JWT (opaque token); no claims to show\n".into();
     };

@@ -11,7 +11,7 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
 /// Splits a record so the first part holds `first` spans (0 < first < chunk.spans). Records
 /// passed the walk on receipt, so this does not fail for them; a record that does not decode
 /// (or whose span count differs) is an error for the caller to handle, never a panic.
-pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> Result<(ResourceChunk, ResourceChunk), DecodeError> {
+pub(crate) fn split_chunk(chunk: &ResourceChunk, first: usize) -> Result<(ResourceChunk, ResourceChunk), DecodeError> {
     if first == 0 || first >= chunk.spans {
         return Err(DecodeError::Split("split point outside the record"));
     }
@@ -26,7 +26,11 @@ pub fn split_chunk(chunk: &ResourceChunk, first: usize) -> Result<(ResourceChunk
 /// is left, in one pass over its bytes: nothing is decoded (cutting a large record one batch at a
 /// time decoded the rest again for every cut, which made a 400,000-span request take minutes;
 /// decoding it once still took about 13 times its size in memory, outside the budget).
-pub fn split_chunk_pieces(chunk: &ResourceChunk, first: usize, size: usize) -> Result<Vec<ResourceChunk>, DecodeError> {
+pub(crate) fn split_chunk_pieces(
+    chunk: &ResourceChunk,
+    first: usize,
+    size: usize,
+) -> Result<Vec<ResourceChunk>, DecodeError> {
     if first == 0 || first >= chunk.spans || size == 0 {
         return Err(DecodeError::Split("split point outside the record"));
     }

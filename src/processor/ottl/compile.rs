@@ -5,7 +5,7 @@ use super::{Call, Condition, Expr, Key, Path, Statement};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub(crate) struct CompileError(pub String);
+pub(crate) struct CompileError(pub(crate) String);
 
 /// A statement checked against the functions and paths this build knows.
 #[derive(Debug, Clone)]

@@ -38,10 +38,10 @@ pub(crate) enum EvalError {
 /// context one of its events. The `resource` and `scope` contexts run on a placeholder span
 /// their statements cannot name (see `context`).
 pub(crate) struct SpanTarget<'a> {
-    pub resource: &'a mut Resource,
-    pub scope: &'a mut InstrumentationScope,
-    pub span: &'a mut Span,
-    pub event: Option<&'a mut Event>,
+    pub(crate) resource: &'a mut Resource,
+    pub(crate) scope: &'a mut InstrumentationScope,
+    pub(crate) span: &'a mut Span,
+    pub(crate) event: Option<&'a mut Event>,
 }
 
 impl Compiled {

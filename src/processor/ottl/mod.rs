@@ -9,24 +9,24 @@ pub(crate) mod parse;
 /// `editor(args) where condition`: one statement of a `transform` processor.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Statement {
-    pub editor: Call,
-    pub condition: Option<Condition>,
+    pub(crate) editor: Call,
+    pub(crate) condition: Option<Condition>,
 }
 
 /// An editor (lowercase name) or converter (uppercase name) invocation. Converters may index
 /// their result: `Split(name, "/")[0]`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Call {
-    pub name: String,
-    pub args: Vec<Arg>,
-    pub keys: Vec<Key>,
+    pub(crate) name: String,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) keys: Vec<Key>,
 }
 
 /// A positional or named (`pattern = "x"`) argument.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Arg {
-    pub name: Option<String>,
-    pub value: Expr,
+    pub(crate) name: Option<String>,
+    pub(crate) value: Expr,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -38,13 +38,13 @@ pub(crate) enum Key {
 /// `resource.attributes["k"]`: dotted lowercase fields, each with optional keys.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Path {
-    pub fields: Vec<Field>,
+    pub(crate) fields: Vec<Field>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Field {
-    pub name: String,
-    pub keys: Vec<Key>,
+    pub(crate) name: String,
+    pub(crate) keys: Vec<Key>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,8 +20,8 @@ const KEYWORDS: &[&str] = &["where", "and", "or", "not", "true", "false", "nil"]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("column {column}: {message}")]
 pub(crate) struct ParseError {
-    pub column: usize,
-    pub message: String,
+    pub(crate) column: usize,
+    pub(crate) message: String,
 }
 
 pub(crate) fn parse_statement(text: &str) -> Result<Statement, ParseError> {
