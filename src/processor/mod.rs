@@ -203,11 +203,19 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [transform/a, filt
                 .any(|e| e.starts_with("processors.filter.bogus: unknown field")),
             "{errs:#?}"
         );
-        let errs = errors_of(&text.replace("filter:", "tail_sampling: {}\n  filter:"));
+        let errs = errors_of(&text.replace("filter:", "frobnicate: {}\n  filter:"));
         assert!(
             errs.iter()
-                .any(|e| e.starts_with("processors.tail_sampling: unknown processor type")
+                .any(|e| e.starts_with("processors.frobnicate: unknown processor type")
                     && e.contains("transform, filter, resource, attributes")),
+            "{errs:#?}"
+        );
+        // A collector processor we know of but do not build is named as such, with advice.
+        let errs = errors_of(&text.replace("filter:", "tail_sampling: {}\n  filter:"));
+        assert!(
+            errs.iter().any(|e| e.starts_with("processors.tail_sampling:")
+                && e.contains("not supported by this relay")
+                && e.contains("groupbytrace, memory_limiter, transform")),
             "{errs:#?}"
         );
     }
