@@ -56,7 +56,7 @@ service:
         .proc
         .output()
         .into_iter()
-        .filter(|l| l.contains("x-mlflow-experiment-id, which is ignored"))
+        .filter(|l| l.contains("x-mlflow-workspace, which is ignored"))
         .collect();
     assert_eq!(ignored.len(), 1, "{ignored:?}");
     assert!(ignored[0].contains("include_metadata: true"), "{ignored:?}");
