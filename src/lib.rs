@@ -3,6 +3,7 @@
 // Data from outside never meets an unwrap or expect; the few invariants that remain say why.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+pub(crate) mod admin;
 pub(crate) mod app;
 pub mod batch;
 pub mod cmd;
@@ -11,6 +12,7 @@ pub mod export;
 pub mod gate;
 pub(crate) mod http_client;
 pub(crate) mod loadgen;
+pub(crate) mod lock;
 pub(crate) mod net;
 pub(crate) mod otlp;
 pub mod pipeline;

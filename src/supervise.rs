@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use tokio::task::JoinSet;
 
+pub(crate) use crate::lock::LockUnpoisoned;
 use crate::telemetry::{ComponentLabels, Health, Metrics};
 
 /// What a panicked task leaves to its supervisor: salvage what it held.
@@ -171,20 +172,6 @@ impl Drop for ListenerLease {
         if !self.done {
             *self.slot.0.lock_unpoisoned() = self.listener.take();
         }
-    }
-}
-
-/// A mutex lock that survives a panicked holder. The relay's mutexes guard small self-contained
-/// state (caches, counters, readiness reasons) that stays consistent between statements, and the
-/// supervisor has already reported the panic: refusing the lock forever would turn one bug into
-/// a dead pipeline.
-pub(crate) trait LockUnpoisoned<T> {
-    fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T>;
-}
-
-impl<T> LockUnpoisoned<T> for std::sync::Mutex<T> {
-    fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T> {
-        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -474,13 +474,13 @@ fn spawn_admin(
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
 ) {
-    let mut admin_handlers: Vec<(TcpListener, &'static str, telemetry::AdminHandler)> = Vec::new();
+    let mut admin_handlers: Vec<(TcpListener, &'static str, crate::admin::AdminHandler)> = Vec::new();
     if let Some(metrics_listener) = metrics_listener {
         let m = metrics.clone();
         admin_handlers.push((
             metrics_listener,
             "metrics",
-            Arc::new(move |req| telemetry::metrics_response(&m, req.uri().path())),
+            Arc::new(move |req| crate::admin::metrics_response(&m, req.uri().path())),
         ));
     }
     if let Some((listener, settings)) = health_listener {
@@ -501,7 +501,7 @@ fn spawn_admin(
                 let (lease, handler, stop) = (slot.lease(), handler.clone(), stop.clone());
                 async move {
                     if let Some(lease) = lease {
-                        telemetry::serve_admin(lease, name, handler, stop).await;
+                        crate::admin::serve_admin(lease, name, handler, stop).await;
                     }
                 }
             },

@@ -12,7 +12,7 @@ use super::{ExportError, Exporter, OutBatch, StageControl, StageSettings, dead_l
 use crate::pipeline::Item;
 use crate::pipeline::by_trace::{self, TraceId};
 use crate::supervise::LockUnpoisoned;
-use crate::telemetry::{ExporterReasonLabels, Metrics, exporter_labels};
+use crate::telemetry::Metrics;
 
 /// Bytes of MLflow's reason kept in the isolation log line.
 const REASON_CHARS: usize = 300;
@@ -187,7 +187,7 @@ async fn isolate(
     metrics: &Metrics,
     control: &StageControl,
 ) -> bool {
-    let labels = exporter_labels(&settings.name);
+    let handles = metrics.exporter(&settings.name);
     let of = |range: std::ops::Range<usize>| {
         let items: Vec<Item> = traces[range].iter().flat_map(|t| t.items.iter().cloned()).collect();
         batch_of(part, items)
@@ -198,7 +198,7 @@ async fn isolate(
     while let Some(range) = bisection.next() {
         let single = (range.len() == 1).then_some(range.start);
         let sub = of(range);
-        metrics.mlflow.isolation_requests.get_or_create(&labels).inc();
+        handles.isolation_requests.inc();
         match send(settings, exporter, &sub, target, metrics, control).await {
             Verdict::Stored => {
                 settled += sub.spans;
@@ -228,11 +228,7 @@ async fn isolate(
         }
     }
     let poisoned = bisection.refused.len();
-    metrics
-        .mlflow
-        .poison_traces
-        .get_or_create(&labels)
-        .inc_by(poisoned as u64);
+    handles.poison_traces.inc_by(poisoned as u64);
     let refused_spans: usize = bisection.refused.iter().map(|&i| of(i..i + 1).spans).sum();
     log_isolation(settings, traces.len(), poisoned, refused_spans, &refusals, &first);
     for &i in &bisection.refused {
@@ -304,7 +300,7 @@ async fn send(
     metrics: &Metrics,
     control: &StageControl,
 ) -> Verdict {
-    let labels = exporter_labels(&settings.name);
+    let handles = metrics.exporter(&settings.name);
     let started = Instant::now();
     let mut schedule = settings.retry.schedule();
     let mut refreshed_after_401 = false;
@@ -319,21 +315,14 @@ async fn send(
             }
         };
         count_lookups(settings, exporter, metrics);
-        metrics
-            .export_duration
-            .get_or_create(&labels)
-            .observe(attempt_started.elapsed().as_secs_f64());
+        handles.export_duration.observe(attempt_started.elapsed().as_secs_f64());
         attempts += 1;
         let error = match result {
             Ok(()) => return Verdict::Stored,
             Err(e) => e,
         };
-        let reason = ExporterReasonLabels {
-            exporter: settings.name.clone(),
-            reason: error.reason().to_string(),
-        };
         if matches!(error, ExportError::Unauthorized { .. }) {
-            metrics.exporter_unauthorized.get_or_create(&labels).inc();
+            handles.unauthorized.inc();
         }
         if !error.is_retryable() {
             return Verdict::Failed {
@@ -342,7 +331,7 @@ async fn send(
                 exhausted: false,
             };
         }
-        metrics.exporter_retries.get_or_create(&reason).inc();
+        handles.retries.inc_by(error.reason(), 1);
         settings.failures_since_delivery.fetch_add(1, Ordering::AcqRel);
         // The first 401 means the token expired under us: the authenticator dropped it, so
         // retry at once with a fresh one. Later 401s wait like any other retryable answer.
@@ -387,23 +376,16 @@ fn count_lookups(settings: &StageSettings, exporter: &Exporter, metrics: &Metric
         for (how, n) in e.take_lookups() {
             if n > 0 {
                 metrics
-                    .mlflow
+                    .exporter(&settings.name)
                     .experiment_lookups
-                    .get_or_create(&ExporterReasonLabels {
-                        exporter: settings.name.clone(),
-                        reason: how.label().to_string(),
-                    })
-                    .inc_by(n);
+                    .inc_by(how.label(), n);
             }
         }
     }
 }
 
 fn stored(settings: &StageSettings, part: &OutBatch, metrics: &Metrics) {
-    metrics
-        .exporter_sent_spans
-        .get_or_create(&exporter_labels(&settings.name))
-        .inc_by(part.spans as u64);
+    metrics.exporter(&settings.name).sent.inc_by(part.spans as u64);
     let failed = settings.failures_since_delivery.swap(0, Ordering::AcqRel);
     if failed > 0 {
         tracing::info!(exporter = %settings.name, url = %settings.destination, failed_attempts = failed, "delivery works again");
@@ -412,10 +394,7 @@ fn stored(settings: &StageSettings, part: &OutBatch, metrics: &Metrics) {
 }
 
 fn count_failed(settings: &StageSettings, part: &OutBatch, metrics: &Metrics) {
-    metrics
-        .exporter_send_failed_spans
-        .get_or_create(&exporter_labels(&settings.name))
-        .inc_by(part.spans as u64);
+    metrics.exporter(&settings.name).send_failed.inc_by(part.spans as u64);
 }
 
 /// A part refused for good or out of retries: counted, logged, dead-lettered when configured.

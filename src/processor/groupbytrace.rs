@@ -60,6 +60,14 @@ pub(crate) enum ReleaseReason {
 }
 
 impl ReleaseReason {
+    pub(crate) const ALL: [ReleaseReason; 5] = [
+        ReleaseReason::Root,
+        ReleaseReason::Idle,
+        ReleaseReason::MaxHold,
+        ReleaseReason::Evicted,
+        ReleaseReason::Shutdown,
+    ];
+
     /// The metric label.
     pub(crate) fn label(self) -> &'static str {
         match self {

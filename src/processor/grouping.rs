@@ -14,6 +14,7 @@ use crate::batch::{Batch, Batcher};
 use crate::pipeline::by_trace;
 use crate::pipeline::{Destination, Item, MemoryBudget, Routed};
 use crate::telemetry::{ExporterReasonLabels, Metrics};
+use prometheus_client::metrics::counter::Counter;
 
 type Piece = (Destination, Item);
 type Out = Vec<Batch<Destination, Item>>;
@@ -42,7 +43,9 @@ pub(crate) struct Grouper {
     settings: GroupSettings,
     groups: TraceGroups<Piece>,
     exporter: String,
-    metrics: Arc<Metrics>,
+    /// Released traces by reason, in the order of `ReleaseReason::ALL`: registered once, every
+    /// series present at zero from the start.
+    released: [Counter; 5],
     uncut_logged: Option<Instant>,
 }
 
@@ -52,7 +55,15 @@ impl Grouper {
             groups: TraceGroups::new(settings.rules.clone()),
             settings,
             exporter: exporter.to_string(),
-            metrics,
+            released: ReleaseReason::ALL.map(|reason| {
+                metrics
+                    .groupbytrace_released_traces
+                    .get_or_create(&ExporterReasonLabels {
+                        exporter: exporter.to_string(),
+                        reason: reason.label().to_string(),
+                    })
+                    .clone()
+            }),
             uncut_logged: None,
         }
     }
@@ -166,12 +177,7 @@ impl Grouper {
     }
 
     fn count(&self, reason: ReleaseReason) {
-        self.metrics
-            .groupbytrace_released_traces
-            .get_or_create(&ExporterReasonLabels {
-                exporter: self.exporter.clone(),
-                reason: reason.label().to_string(),
-            })
-            .inc();
+        let at = ReleaseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.released[at].inc();
     }
 }

@@ -36,12 +36,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::pipeline::item::{Charge, Destination, Item, Refusal, Routed};
 use crate::pipeline::wire::ResourceChunk;
 use crate::supervise::LockUnpoisoned;
-use crate::telemetry::{Health, Metrics, exporter_labels};
+use crate::telemetry::{Health, Metrics};
 pub(crate) use files::list_segments;
 use files::segment_path;
 use frame::Format;
@@ -217,15 +218,17 @@ struct Shared {
     /// Segments found damaged at start whose lost spans could not all be counted (no record of
     /// how many they held): the accounting cannot balance, and says so.
     uncounted_loss: AtomicU64,
+    /// `otlp_relay_spool_bytes` and `_records` of this exporter, registered once at open.
+    bytes_gauge: Gauge,
+    records_gauge: Gauge,
 }
 
 impl Shared {
     fn update_gauges(&self, st: &State) {
-        let labels = exporter_labels(&self.settings.exporter);
         let bytes: u64 = st.segments.values().map(|s| s.bytes).sum();
         let records: u64 = st.segments.values().map(|s| s.records).sum();
-        self.metrics.spool_bytes.get_or_create(&labels).set(bytes as i64);
-        self.metrics.spool_records.get_or_create(&labels).set(records as i64);
+        self.bytes_gauge.set(bytes as i64);
+        self.records_gauge.set(records as i64);
     }
 
     fn component(&self) -> String {

@@ -33,7 +33,12 @@ impl Spool {
             uncounted_loss,
             ..
         } = Recovery::run(&settings, &metrics)?;
+        let gauge_labels = crate::telemetry::exporter_labels(&settings.exporter);
+        let bytes_gauge = metrics.spool_bytes.get_or_create(&gauge_labels).clone();
+        let records_gauge = metrics.spool_records.get_or_create(&gauge_labels).clone();
         let shared = Arc::new(Shared {
+            bytes_gauge,
+            records_gauge,
             lock: Mutex::new(lock),
             settings,
             metrics,

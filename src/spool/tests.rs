@@ -1,7 +1,7 @@
 //! Unit tests of the spool: durability, damage, a deleted directory, the lock, full spools.
 use super::files::segment_path;
 use super::*;
-use crate::telemetry::ExporterReasonLabels;
+use crate::telemetry::{ExporterReasonLabels, exporter_labels};
 use std::os::unix::fs::FileExt;
 
 fn settings(dir: &Path, max_bytes: u64) -> SpoolSettings {
