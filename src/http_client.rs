@@ -21,6 +21,9 @@ use crate::supervise::LockUnpoisoned;
 /// Largest answer read from a provider (token responses, discovery and JWKS are a few KiB).
 const MAX_RESPONSE: usize = 1 << 20;
 
+/// The pooled client exporters send request bodies with (see [`pooled`]).
+pub(crate) type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// True when any of `urls` needs TLS (only then are trust roots loaded).
 pub(crate) fn any_https<'a>(urls: impl IntoIterator<Item = &'a str>) -> bool {
     urls.into_iter()

@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::ExportError;
 use super::auth::Authenticator;
-use super::otlphttp::HttpsClient;
 use super::retry::{HttpVerdict, classify_http};
+use crate::http_client::HttpsClient;
 use crate::supervise::LockUnpoisoned;
 
 /// MLflow's workspace header (its REST API scopes experiment names by it).

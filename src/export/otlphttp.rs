@@ -7,8 +7,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::auth::Authenticator;
 use super::experiments::{Experiments, Lookup, WORKSPACE_HEADER};
@@ -16,6 +14,7 @@ use super::retry::{HttpVerdict, classify_http};
 use super::route::{self, ExperimentRef, Target};
 use super::{ExportError, OutBatch};
 use crate::config::{Compression, Encoding, OtlpHttpExporterConfig};
+use crate::http_client::HttpsClient;
 use crate::otlp::EXPERIMENT_HEADER;
 
 /// MLflow's header linking the traces of a request to a run.
@@ -24,8 +23,6 @@ pub(crate) const RUN_HEADER: &str = "x-mlflow-run-id";
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 /// Bytes of an answer read at most.
 const ANSWER_READ_LIMIT: usize = 1024 * 1024;
-
-pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub(crate) struct OtlpHttpExporter {
     client: HttpsClient,

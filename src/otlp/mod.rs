@@ -3,6 +3,7 @@
 //! reader and google.rpc.Status. One copy each, so the relay and its test tools cannot drift.
 pub(crate) mod codec;
 pub(crate) mod compress;
+pub(crate) mod routing;
 pub mod rpc;
 pub(crate) mod varint;
 

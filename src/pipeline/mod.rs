@@ -157,7 +157,7 @@ impl Intake {
                     .or_else(|| routing.experiment.clone());
                 // The resource's other MLflow attributes: read again by the exporter, here only
                 // so batches for different runs or experiments are kept apart.
-                let found = crate::export::route::resource_routing(&chunk.bytes, "");
+                let found = crate::otlp::routing::resource_routing(&chunk.bytes, "");
                 let destination = Destination {
                     experiment,
                     experiment_name: found.experiment_name.map(Arc::from),
