@@ -2,6 +2,7 @@
 //! before anything binds a port. Every problem is reported with its YAML path.
 mod duration;
 mod env;
+pub(crate) mod error;
 mod exporter;
 mod extension;
 mod known;
@@ -10,14 +11,15 @@ mod memory;
 mod processor;
 mod receiver;
 mod service;
+pub(crate) mod typed;
 mod validate;
 mod values;
 mod warnings;
 
 pub(crate) use duration::{GoDuration, parse_duration};
+pub use error::{ConfigError, ConfigErrors};
 pub(crate) use exporter::*;
 pub(crate) use extension::*;
-pub(crate) use load::typed;
 pub use load::{load_file, parse_str};
 pub(crate) use processor::*;
 pub(crate) use receiver::*;
@@ -27,49 +29,6 @@ pub(crate) use values::{AuthStyle, Compression, Encoding, ListenAddr, OnFull, Tl
 pub(crate) use warnings::warnings;
 
 use std::collections::BTreeMap;
-use std::fmt;
-
-/// One problem in a configuration, located by its YAML path (e.g. `exporters.otlphttp/mlflow.timeout`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub(crate) path: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-/// Every problem found in a configuration.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Receiver {

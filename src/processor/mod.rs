@@ -31,7 +31,7 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde::de::DeserializeOwned;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// Every processor type built on this model. One line per processor.
 pub(crate) const REGISTRY: &[Registration] = &[
@@ -67,7 +67,7 @@ fn load_as<T: ProcessorConfig + DeserializeOwned + 'static>(
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<dyn ProcessorConfig>> {
-    crate::config::typed::<T>(value, path, errors).map(|t| Arc::new(t) as Arc<dyn ProcessorConfig>)
+    crate::config::typed::typed::<T>(value, path, errors).map(|t| Arc::new(t) as Arc<dyn ProcessorConfig>)
 }
 
 /// The registration of processor type `type_name`, if this build has it.
