@@ -2,7 +2,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use http::HeaderValue;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, header};
 
 /// Why no credential could be had. Always retryable for the data: a token endpoint that is
 /// down or refusing us makes batches wait, never vanish.
@@ -19,4 +21,18 @@ pub(crate) trait Authenticator: Send + Sync {
     fn authorization(&self) -> AuthFuture<'_>;
     /// The destination answered 401 to `rejected`: forget it so the next call fetches a new one.
     fn invalidate(&self, rejected: &HeaderValue);
+}
+
+/// Sets the Authorization header from `auth`, if any; returns the value sent, so that a 401
+/// can invalidate exactly that credential.
+pub(crate) async fn authorize(
+    auth: Option<&Arc<dyn Authenticator>>,
+    headers: &mut HeaderMap,
+) -> Result<Option<HeaderValue>, AuthError> {
+    let Some(auth) = auth else {
+        return Ok(None);
+    };
+    let value = auth.authorization().await?;
+    headers.insert(header::AUTHORIZATION, value.clone());
+    Ok(Some(value))
 }

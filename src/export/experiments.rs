@@ -230,14 +230,7 @@ impl Experiments {
         {
             headers.insert(WORKSPACE_HEADER, v);
         }
-        let sent_auth = match auth {
-            Some(a) => {
-                let value = a.authorization().await.map_err(ExportError::Auth)?;
-                headers.insert(header::AUTHORIZATION, value.clone());
-                Some(value)
-            }
-            None => None,
-        };
+        let sent_auth = super::auth::authorize(auth, headers).await.map_err(ExportError::Auth)?;
         let exchange = async {
             let response = client
                 .request(req)

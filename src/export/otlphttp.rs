@@ -179,14 +179,9 @@ impl OtlpHttpExporter {
             Compression::None => {}
         }
         headers.extend(mlflow);
-        let sent_auth = match &self.auth {
-            Some(auth) => {
-                let value = auth.authorization().await.map_err(ExportError::Auth)?;
-                headers.insert(header::AUTHORIZATION, value.clone());
-                Some(value)
-            }
-            None => None,
-        };
+        let sent_auth = super::auth::authorize(self.auth.as_ref(), headers)
+            .await
+            .map_err(ExportError::Auth)?;
         // `timeout` bounds the whole exchange (connect, send, headers and body): a destination
         // or proxy that answers headers and then stalls the body would otherwise hold this
         // sender forever, with no log and no retry.
