@@ -344,12 +344,7 @@ fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, er
 mod tests {
     use crate::config::{Exporter, parse_str};
 
-    fn errors_of(text: &str) -> Vec<String> {
-        match parse_str(text, &|_| None) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
-        }
-    }
+    use super::super::errors_of;
 
     const PIPELINE: &str = "service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp]}}}\n\
                             receivers: {otlp: {protocols: {http: {}}}}\n";

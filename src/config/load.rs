@@ -290,12 +290,7 @@ mod tests {
         None
     }
 
-    fn errors_of(text: &str) -> Vec<String> {
-        match parse_str(text, &no_env) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
-        }
-    }
+    use super::super::errors_of;
 
     const MINIMAL: &str = "
 receivers: {otlp: {protocols: {grpc: {}}}}

@@ -67,6 +67,15 @@ pub struct Config {
     pub(crate) service: ServiceConfig,
 }
 
+/// Every problem `text` has, as `path: message` lines (none when it loads); for tests.
+#[cfg(test)]
+pub(crate) fn errors_of(text: &str) -> Vec<String> {
+    match parse_str(text, &|_| None) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
 /// The type part of a component id: `otlphttp/mlflow` → `otlphttp`.
 pub(crate) fn component_type(id: &str) -> &str {
     id.split_once('/').map_or(id, |(t, _)| t)

@@ -39,14 +39,8 @@ pub(crate) fn parse_listen(endpoint: &str) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::parse_str;
 
-    fn errors_of(text: &str) -> Vec<String> {
-        match parse_str(text, &|_| None) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
-        }
-    }
+    use super::super::errors_of;
 
     #[test]
     fn connection_bounds_are_positive() {

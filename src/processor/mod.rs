@@ -174,12 +174,7 @@ impl PartialEq for Registered {
 mod tests {
     use crate::config::{Processor, parse_str};
 
-    fn errors_of(text: &str) -> Vec<String> {
-        match parse_str(text, &|_| None) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
-        }
-    }
+    use crate::config::errors_of;
 
     #[test]
     fn registered_processors_load_and_unknown_ones_are_named() {
