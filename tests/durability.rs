@@ -21,7 +21,7 @@ use prost::Message;
 use serde_json::{Value, json};
 use support::config::RelayConfig;
 use support::otlp::{Relay, Sink, loadgen};
-use support::{Proc, get_text, wait_for};
+use support::{Proc, get_text, vm_hwm_kib, wait_for};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -57,6 +57,101 @@ fn config(endpoint: &str, spool_dir: &Path, storage: Value) -> String {
         .yaml()
 }
 
+/// An endpoint where nothing listens yet (the destination is down), and its port for `sink_on`.
+fn down_destination() -> (u16, String) {
+    let port = support::free_port();
+    (port, format!("http://127.0.0.1:{port}"))
+}
+
+/// A relay spooling to `dir/spool` and exporting to `endpoint`; returns it with its config, to
+/// restart it on the same spool.
+fn spooled_relay(dir: &Path, endpoint: &str, storage: Value) -> (Relay, String) {
+    let cfg = config(endpoint, &dir.join("spool"), storage);
+    (Relay::start(dir, &cfg, "otlp"), cfg)
+}
+
+/// Loadgen over OTLP/HTTP to `receiver` with `args` (its exit code and report).
+fn loadgen_http(receiver: SocketAddr, args: &[&str]) -> (i32, Value) {
+    let endpoint = format!("http://{receiver}");
+    let mut all = vec!["--otlp-endpoint", &endpoint, "--otlp-http"];
+    all.extend_from_slice(args);
+    loadgen(&all)
+}
+
+/// `traces` traces of `child_spans` + 1 spans in batches of `batch_size` over OTLP/HTTP, every
+/// one accepted; returns the spans sent.
+fn load_accepted(relay: &Relay, traces: u64, child_spans: u64, batch_size: u64) -> u64 {
+    let (traces_arg, child_arg, batch_arg) = (traces.to_string(), child_spans.to_string(), batch_size.to_string());
+    let (code, report) = loadgen_http(
+        relay.http.unwrap(),
+        &["--traces", &traces_arg, "--child-spans", &child_arg, "--batch-size", &batch_arg],
+    );
+    assert_eq!(code, 0, "{report}");
+    let spans = traces * (child_spans + 1);
+    assert_eq!(report["spans_accepted"], spans, "{report}");
+    spans
+}
+
+/// `requests` requests of `spans` spans each (ids unique to `tag`), every one acknowledged;
+/// returns their span keys.
+fn post_acknowledged(relay: &Relay, tag: u32, requests: u64, spans: usize) -> Vec<String> {
+    let mut acked = Vec::new();
+    for seq in 0..requests {
+        let (body, keys) = request(tag, seq, spans);
+        assert_eq!(post(relay.http.unwrap(), &body).unwrap().0, 200);
+        acked.extend(keys);
+    }
+    acked
+}
+
+fn kill(relay: &mut Relay) {
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit(T);
+}
+
+/// SIGTERM: the relay exits 0.
+fn terminate(relay: &mut Relay) {
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(T), Some(0));
+}
+
+/// The `final span accounting` line of a relay that has exited (the exit can beat the line's
+/// capture: polled).
+fn accounting(relay: &Relay) -> String {
+    wait_for("the accounting line", T, || {
+        relay
+            .proc
+            .output()
+            .into_iter()
+            .find(|l| l.contains("final span accounting"))
+    })
+}
+
+fn lines_with(relay: &Relay, needle: &str) -> Vec<String> {
+    relay.proc.output().into_iter().filter(|l| l.contains(needle)).collect()
+}
+
+/// `otlp-relay replay` of the dead letter `dead_letter` through the config at `config`, run to
+/// its exit.
+fn replay(dead_letter: &Path, config: &Path) -> (Option<i32>, Proc) {
+    let args = ["replay", "--from", dead_letter.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let mut p = Proc::relay("replay", &args);
+    (p.wait_exit(T), p)
+}
+
+/// A config for `replay` of the spool in `dir`, to the (fixed) destination `good`.
+fn fixed_config(dir: &Path, good: &Sink) -> PathBuf {
+    support::write_file(dir, "fixed.yaml", &config(&good.url(), &dir.join("spool"), json!({})))
+}
+
+/// Waits until every key of `acked` is at the sink serving `sink`.
+fn wait_all_delivered<'a>(what: &str, sink: SocketAddr, acked: impl Iterator<Item = &'a String> + Clone) {
+    wait_for(what, T, || {
+        let have = sink_keys(sink);
+        acked.clone().all(|k| have.contains(k)).then_some(())
+    });
+}
+
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -68,6 +163,13 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 
 fn spool_dir(root: &Path) -> PathBuf {
     root.join("spool").join("otlphttp_mlflow")
+}
+
+/// Waits until delivered segments are deleted: at most `n` left in the spool under `root`.
+fn wait_segments_at_most(root: &Path, n: usize) {
+    wait_for("delivered segments deleted", T, || {
+        (segments(&spool_dir(root)).len() <= n).then_some(())
+    });
 }
 
 /// Sink keys of spans the relay delivered, as `/spans` lists them.
@@ -178,42 +280,19 @@ impl Clients {
     }
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// (a) The destination is down for a while under steady load, then comes up: every span the
 /// client had acknowledged arrives, and delivered segments are deleted.
 #[test]
 fn destination_outage_loses_no_acknowledged_span() {
     let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let cfg = config(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("spool"),
-        json!({"max_size_mib": 4, "segment_size_mib": 1}),
-    );
-    let relay = Relay::start(dir.path(), &cfg, "otlp");
-    let endpoint = format!("http://{}", relay.http.unwrap());
+    let (port, endpoint) = down_destination();
+    let (relay, _) = spooled_relay(dir.path(), &endpoint, json!({"max_size_mib": 4, "segment_size_mib": 1}));
+    let receiver = relay.http.unwrap();
     let load = std::thread::spawn(move || {
-        loadgen(&[
-            "--otlp-endpoint",
-            &endpoint,
-            "--otlp-http",
-            "--rate",
-            "5000",
-            "--duration",
-            "6s",
-            "--workers",
-            "4",
-            "--seed",
-            "11",
-        ])
+        loadgen_http(
+            receiver,
+            &["--rate", "5000", "--duration", "6s", "--workers", "4", "--seed", "11"],
+        )
     });
     // Down for ~4 s of load: the spool takes it all, over more than one segment.
     wait_for("spans accepted while the destination is down", T, || {
@@ -233,9 +312,7 @@ fn destination_outage_loses_no_acknowledged_span() {
         stats["spans"].as_u64().unwrap()
     );
     // Delivered segments go; at most the one being written stays.
-    wait_for("delivered segments deleted", T, || {
-        (segments(&spool_dir(dir.path())).len() <= 1).then_some(())
-    });
+    wait_segments_at_most(dir.path(), 1);
 }
 
 /// (b) SIGKILL mid-load with the spool on: after a restart every span any client saw
@@ -245,12 +322,10 @@ fn sigkill_mid_load_keeps_every_acknowledged_span() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination, so a backlog sits only on disk when the relay dies.
     let sink = Sink::start(&["--max-spans-per-sec", "2000"]);
-    let cfg = config(&sink.url(), &dir.path().join("spool"), json!({}));
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
+    let (mut relay, cfg) = spooled_relay(dir.path(), &sink.url(), json!({}));
     let clients = Clients::start(relay.http.unwrap(), 3, 50);
     wait_for("acknowledged spans", T, || (clients.acked() >= 15_000).then_some(()));
-    relay.proc.signal("KILL");
-    relay.proc.wait_exit(T);
+    kill(&mut relay);
     let acked = clients.stop();
     let at_kill = sink.stats()["unique_spans"].as_u64().unwrap() as usize;
     assert!(
@@ -260,12 +335,7 @@ fn sigkill_mid_load_keeps_every_acknowledged_span() {
     );
     let mut relay = Relay::start(dir.path(), &cfg, "otlp");
     relay.proc.wait_line("spool: recovered undelivered spans", T);
-    let missing = wait_for("every acknowledged span at the sink", T, || {
-        let keys = sink_keys(sink.http);
-        let missing = acked.iter().filter(|k| !keys.contains(*k)).count();
-        (missing == 0).then_some(missing)
-    });
-    assert_eq!(missing, 0);
+    wait_all_delivered("every acknowledged span at the sink", sink.http, acked.iter());
 }
 
 /// (c) A destination taking ~1k spans/s under a 20k spans/s burst: clients are pushed back with
@@ -275,8 +345,7 @@ fn sigkill_mid_load_keeps_every_acknowledged_span() {
 fn slow_destination_pushes_back_with_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--max-spans-per-sec", "1000"]);
-    let cfg = config(&sink.url(), &dir.path().join("spool"), json!({"max_size_mib": 1}));
-    let relay = Relay::start(dir.path(), &cfg, "otlp");
+    let (relay, _) = spooled_relay(dir.path(), &sink.url(), json!({"max_size_mib": 1}));
     let run = |endpoint: String, http: bool, seed: &'static str| {
         std::thread::spawn(move || {
             let mut args = vec![
@@ -333,28 +402,10 @@ fn slow_destination_pushes_back_with_bounded_memory() {
 #[test]
 fn torn_tail_is_truncated_and_intact_records_recovered() {
     let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let cfg = config(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("spool"),
-        json!({}),
-    );
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let (code, report) = loadgen(&[
-        "--otlp-endpoint",
-        &format!("http://{}", relay.http.unwrap()),
-        "--otlp-http",
-        "--traces",
-        "200",
-        "--child-spans",
-        "4",
-        "--batch-size",
-        "50",
-    ]);
-    assert_eq!(code, 0, "{report}");
-    assert_eq!(report["spans_accepted"], 1000);
-    relay.proc.signal("KILL");
-    relay.proc.wait_exit(T);
+    let (port, endpoint) = down_destination();
+    let (mut relay, cfg) = spooled_relay(dir.path(), &endpoint, json!({}));
+    assert_eq!(load_accepted(&relay, 200, 4, 50), 1000);
+    kill(&mut relay);
     let segs = segments(&spool_dir(dir.path()));
     let last = segs.last().expect("a segment");
     let data = std::fs::read(last).unwrap();
@@ -377,12 +428,7 @@ fn torn_tail_is_truncated_and_intact_records_recovered() {
     let sink = sink_on(port);
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     sink.wait_unique(u64::from(1000 - lost), T);
-    let torn: Vec<String> = relay
-        .proc
-        .output()
-        .into_iter()
-        .filter(|l| l.contains("torn or corrupt tail truncated"))
-        .collect();
+    let torn = lines_with(&relay, "torn or corrupt tail truncated");
     assert_eq!(torn.len(), 1, "{torn:?}");
     assert_eq!(relay.metric("otlp_relay_spool_corrupt_records_total", &[]), 1.0);
 }
@@ -393,14 +439,13 @@ fn torn_tail_is_truncated_and_intact_records_recovered() {
 fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
     for drop_oldest in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let port = support::free_port();
+        let (port, endpoint) = down_destination();
         let extra = if drop_oldest {
             json!({"max_size_mib": 1, "on_full": "drop_oldest"})
         } else {
             json!({"max_size_mib": 1})
         };
-        let cfg = config(&format!("http://127.0.0.1:{port}"), &dir.path().join("spool"), extra);
-        let mut relay = Relay::start(dir.path(), &cfg, "otlp");
+        let (mut relay, _) = spooled_relay(dir.path(), &endpoint, extra);
         let mut statuses = std::collections::BTreeMap::new();
         let mut refusal = String::new();
         // ~2.3 MiB of spans into a 1 MiB spool.
@@ -428,8 +473,7 @@ fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
             let sink = sink_on(port);
             sink.wait_unique(acked, T);
         }
-        relay.proc.signal("TERM");
-        assert_eq!(relay.proc.wait_exit(T), Some(0));
+        terminate(&mut relay);
     }
 }
 
@@ -439,20 +483,8 @@ fn tiny_spool_refuses_without_crashing_or_drops_oldest_when_asked() {
 fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     let dir = tempfile::tempdir().unwrap();
     let bad = Sink::start(&["--status", "422"]);
-    let cfg = config(&bad.url(), &dir.path().join("spool"), json!({}));
-    let relay = Relay::start(dir.path(), &cfg, "otlp");
-    let (code, report) = loadgen(&[
-        "--otlp-endpoint",
-        &format!("http://{}", relay.http.unwrap()),
-        "--otlp-http",
-        "--traces",
-        "100",
-        "--child-spans",
-        "2",
-        "--batch-size",
-        "30",
-    ]);
-    assert_eq!(code, 0, "{report}");
+    let (relay, _) = spooled_relay(dir.path(), &bad.url(), json!({}));
+    load_accepted(&relay, 100, 2, 30);
     wait_for("dead-lettered spans", T, || {
         (relay.metric("otlp_relay_dead_letter_spans_total", &[]) == 300.0).then_some(())
     });
@@ -464,25 +496,12 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     drop(relay);
 
     let good = Sink::start(&[]);
-    let fixed = support::write_file(
-        dir.path(),
-        "fixed.yaml",
-        &config(&good.url(), &dir.path().join("spool"), json!({})),
-    );
-    let mut replay = Proc::relay(
-        "replay",
-        &[
-            "replay",
-            "--from",
-            dl.to_str().unwrap(),
-            "--config",
-            fixed.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(replay.wait_exit(T), Some(0), "{}", replay.output_text());
+    let fixed = fixed_config(dir.path(), &good);
+    let (code, replay_proc) = replay(&dl, &fixed);
+    assert_eq!(code, Some(0), "{}", replay_proc.output_text());
     // The exit can beat the last captured line: poll the output.
     wait_for("the replay summary", T, || {
-        replay.output_text().contains("300 span(s) delivered").then_some(())
+        replay_proc.output_text().contains("300 span(s) delivered").then_some(())
     });
     good.wait_unique(300, T);
     assert!(
@@ -490,17 +509,7 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
         "replayed files are renamed"
     );
     // A second replay finds nothing to send.
-    let mut again = Proc::relay(
-        "replay",
-        &[
-            "replay",
-            "--from",
-            dl.to_str().unwrap(),
-            "--config",
-            fixed.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(again.wait_exit(T), Some(2));
+    assert_eq!(replay(&dl, &fixed).0, Some(2));
     assert_eq!(good.stats()["spans"], 300);
 }
 
@@ -509,36 +518,15 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
 #[test]
 fn sigterm_with_a_spool_exits_quickly_and_resumes_on_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let cfg = config(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("spool"),
-        json!({}),
-    );
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let (code, report) = loadgen(&[
-        "--otlp-endpoint",
-        &format!("http://{}", relay.http.unwrap()),
-        "--otlp-http",
-        "--traces",
-        "300",
-        "--batch-size",
-        "40",
-    ]);
-    assert_eq!(code, 0, "{report}");
-    assert_eq!(report["spans_accepted"], 600);
+    let (port, endpoint) = down_destination();
+    let (mut relay, cfg) = spooled_relay(dir.path(), &endpoint, json!({}));
+    // loadgen's default: one child span per trace.
+    assert_eq!(load_accepted(&relay, 300, 1, 40), 600);
     let asked = std::time::Instant::now();
-    relay.proc.signal("TERM");
-    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    terminate(&mut relay);
     // shutdown_timeout is 10 s: a spooled exporter does not wait for it.
     assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
-    let accounting = wait_for("the accounting line", T, || {
-        relay
-            .proc
-            .output()
-            .into_iter()
-            .find(|l| l.contains("final span accounting"))
-    });
+    let accounting = accounting(&relay);
     assert!(accounting.contains("accepted=600"), "{accounting}");
     assert!(accounting.contains("in_spool=600"), "{accounting}");
     assert!(accounting.contains("balanced=true"), "{accounting}");
@@ -575,13 +563,9 @@ fn full_disk_refuses_and_recovers() {
         return;
     }
     let _mount = Mount(disk.clone());
-    let port = support::free_port();
+    let (port, endpoint) = down_destination();
     // The budget (64 MiB) is far above the disk (1 MiB): the disk fills first.
-    let cfg = config(
-        &format!("http://127.0.0.1:{port}"),
-        &disk,
-        json!({"max_size_mib": 64, "segment_size_mib": 1}),
-    );
+    let cfg = config(&endpoint, &disk, json!({"max_size_mib": 64, "segment_size_mib": 1}));
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let mut acked = 0;
     let mut refusal = None;
@@ -647,21 +631,10 @@ fn frames_of(data: &[u8]) -> Vec<(usize, usize, otlp_relay::spool::proto::Record
 #[test]
 fn damaged_records_cost_only_themselves_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let cfg = config(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("spool"),
-        json!({"max_size_mib": 8, "segment_size_mib": 1}),
-    );
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let mut acked = Vec::new();
-    for seq in 0..400 {
-        let (body, keys) = request(3, seq, 100);
-        assert_eq!(post(relay.http.unwrap(), &body).unwrap().0, 200);
-        acked.extend(keys);
-    }
-    relay.proc.signal("KILL");
-    relay.proc.wait_exit(T);
+    let (port, endpoint) = down_destination();
+    let (mut relay, cfg) = spooled_relay(dir.path(), &endpoint, json!({"max_size_mib": 8, "segment_size_mib": 1}));
+    let acked = post_acknowledged(&relay, 3, 400, 100);
+    kill(&mut relay);
     let segs = segments(&spool_dir(dir.path()));
     assert!(segs.len() >= 2, "{segs:?}");
     let mut lost_keys: std::collections::HashSet<String> = Default::default();
@@ -705,18 +678,9 @@ fn damaged_records_cost_only_themselves_and_are_counted() {
     );
     assert_eq!(relay.metric("otlp_relay_spool_corrupt_records_total", &[]), 2.0);
     // Segments with readable records were kept until delivered, then deleted.
-    wait_for("delivered segments deleted", T, || {
-        segments(&spool_dir(dir.path())).is_empty().then_some(())
-    });
-    relay.proc.signal("TERM");
-    assert_eq!(relay.proc.wait_exit(T), Some(0));
-    let accounting = wait_for("the accounting line", T, || {
-        relay
-            .proc
-            .output()
-            .into_iter()
-            .find(|l| l.contains("final span accounting"))
-    });
+    wait_segments_at_most(dir.path(), 0);
+    terminate(&mut relay);
+    let accounting = accounting(&relay);
     assert!(accounting.contains(&format!("corrupt={lost}")), "{accounting}");
     assert!(accounting.contains(&format!("dropped={lost}")), "{accounting}");
     assert!(
@@ -736,13 +700,7 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination: the backlog is on disk when the directory goes.
     let sink = Sink::start(&["--max-spans-per-sec", "3000"]);
-    let cfg = config(
-        &sink.url(),
-        &dir.path().join("spool"),
-        json!({"max_size_mib": 64, "segment_size_mib": 1}),
-    );
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let health = relay.health.unwrap();
+    let (mut relay, cfg) = spooled_relay(dir.path(), &sink.url(), json!({"max_size_mib": 64, "segment_size_mib": 1}));
     let clients = Clients::start(relay.http.unwrap(), 3, 50);
     wait_for("acknowledged spans", T, || (clients.acked() >= 10_000).then_some(()));
     std::fs::remove_dir_all(dir.path().join("spool")).unwrap();
@@ -753,8 +711,7 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     });
     assert!(spool_dir(dir.path()).join("lock").exists());
     // Not delivered yet: the rest must be on linked files.
-    relay.proc.signal("KILL");
-    relay.proc.wait_exit(T);
+    kill(&mut relay);
     let acked = clients.stop();
     let at_kill = sink.stats()["unique_spans"].as_u64().unwrap() as usize;
     assert!(
@@ -769,7 +726,7 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     std::fs::remove_dir_all(dir.path().join("spool")).unwrap();
     std::fs::write(dir.path().join("spool"), b"in the way").unwrap();
     let reason = wait_for("/readyz 503", T, || {
-        let (status, body) = get_text(health_of(&relay), "/readyz");
+        let (status, body) = get_text(relay.health.unwrap(), "/readyz");
         (status == 503).then_some(body)
     });
     assert!(reason.contains("spool otlphttp/mlflow"), "{reason}");
@@ -777,23 +734,13 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     assert_eq!(post(relay.http.unwrap(), &body).unwrap().0, 503);
     std::fs::remove_file(dir.path().join("spool")).unwrap();
     wait_for("/readyz 200 again", T, || {
-        (get_text(health_of(&relay), "/readyz").0 == 200).then_some(())
+        (get_text(relay.health.unwrap(), "/readyz").0 == 200).then_some(())
     });
     let (body, keys) = request(8, 2, 10);
     wait_for("accepted again", T, || {
         (post(relay.http.unwrap(), &body).unwrap().0 == 200).then_some(())
     });
-    let missing = wait_for("every acknowledged span at the sink", T, || {
-        let have = sink_keys(sink.http);
-        let missing = acked.iter().chain(&keys).filter(|k| !have.contains(*k)).count();
-        (missing == 0).then_some(missing)
-    });
-    assert_eq!(missing, 0);
-    let _ = health;
-}
-
-fn health_of(relay: &Relay) -> SocketAddr {
-    relay.health.unwrap()
+    wait_all_delivered("every acknowledged span at the sink", sink.http, acked.iter().chain(&keys));
 }
 
 /// Fault: `replay` while the relay runs lost dead-lettered spans (the relay kept appending to
@@ -804,27 +751,9 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let bad = Sink::start(&["--status", "422"]);
     let good = Sink::start(&[]);
-    let cfg = config(&bad.url(), &dir.path().join("spool"), json!({}));
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let fixed = support::write_file(
-        dir.path(),
-        "fixed.yaml",
-        &config(&good.url(), &dir.path().join("spool"), json!({})),
-    );
+    let (mut relay, _) = spooled_relay(dir.path(), &bad.url(), json!({}));
+    let fixed = fixed_config(dir.path(), &good);
     let dl = dir.path().join("spool").join("dead_letter");
-    let replay = || {
-        let mut p = Proc::relay(
-            "replay",
-            &[
-                "replay",
-                "--from",
-                dl.to_str().unwrap(),
-                "--config",
-                fixed.to_str().unwrap(),
-            ],
-        );
-        p.wait_exit(T)
-    };
     let clients = Clients::start(relay.http.unwrap(), 2, 20);
     wait_for("dead-lettered spans", T, || {
         (relay.metric("otlp_relay_dead_letter_spans_total", &[]) > 0.0).then_some(())
@@ -832,7 +761,7 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     // Replays back to back while the relay keeps dead-lettering, for a while.
     let mut runs = 0;
     while runs < 10 || relay.metric("otlp_relay_dead_letter_spans_total", &[]) < 10_000.0 {
-        replay();
+        replay(&dl, &fixed);
         runs += 1;
     }
     let acked = clients.stop();
@@ -844,17 +773,11 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     wait_for("every acknowledged span dead-lettered", T, || {
         (relay.metric("otlp_relay_dead_letter_spans_total", &[]) as usize == acked.len()).then_some(())
     });
-    relay.proc.signal("TERM");
-    assert_eq!(relay.proc.wait_exit(T), Some(0));
+    terminate(&mut relay);
     // 2: the replays under load already took every file (possible, if rare).
-    let last = replay();
+    let (last, _) = replay(&dl, &fixed);
     assert!(matches!(last, Some(0) | Some(2)), "{last:?}");
-    let missing = wait_for("every acknowledged span at the good destination", T, || {
-        let have = sink_keys(good.http);
-        let missing = acked.iter().filter(|k| !have.contains(*k)).count();
-        (missing == 0).then_some(missing)
-    });
-    assert_eq!(missing, 0);
+    wait_all_delivered("every acknowledged span at the good destination", good.http, acked.iter());
 }
 
 /// Fault F4: a finished (non-last) segment cut short lost its acknowledged spans silently: the
@@ -868,21 +791,10 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
 #[test]
 fn a_short_finished_segment_is_corruption_counted_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let cfg = config(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("spool"),
-        json!({"max_size_mib": 32, "segment_size_mib": 1}),
-    );
-    let mut relay = Relay::start(dir.path(), &cfg, "otlp");
-    let mut acked = Vec::new();
-    for seq in 0..360 {
-        let (body, keys) = request(4, seq, 300);
-        assert_eq!(post(relay.http.unwrap(), &body).unwrap().0, 200);
-        acked.extend(keys);
-    }
-    relay.proc.signal("KILL");
-    relay.proc.wait_exit(T);
+    let (port, endpoint) = down_destination();
+    let (mut relay, cfg) = spooled_relay(dir.path(), &endpoint, json!({"max_size_mib": 32, "segment_size_mib": 1}));
+    let acked = post_acknowledged(&relay, 4, 360, 300);
+    kill(&mut relay);
     let segs = segments(&spool_dir(dir.path()));
     assert!(segs.len() >= 5, "{segs:?}");
     let mut lost_keys: std::collections::HashSet<String> = Default::default();
@@ -938,12 +850,7 @@ fn a_short_finished_segment_is_corruption_counted_not_a_torn_tail() {
         counted as f64
     );
     assert_eq!(relay.metric("otlp_relay_spool_corrupt_records_total", &[]), 3.0);
-    let errors: Vec<String> = relay
-        .proc
-        .output()
-        .into_iter()
-        .filter(|l| l.contains("finished segment holds fewer spans"))
-        .collect();
+    let errors = lines_with(&relay, "finished segment holds fewer spans");
     assert_eq!(errors.len(), 3, "{errors:?}");
     for (line, seg, is_exact) in [
         (&errors[0], &segs[1], true),
@@ -958,18 +865,9 @@ fn a_short_finished_segment_is_corruption_counted_not_a_torn_tail() {
         !relay.proc.output_text().contains("torn or corrupt tail truncated"),
         "a finished segment was taken for a torn tail"
     );
-    wait_for("delivered segments deleted", T, || {
-        segments(&spool_dir(dir.path())).is_empty().then_some(())
-    });
-    relay.proc.signal("TERM");
-    assert_eq!(relay.proc.wait_exit(T), Some(0));
-    let accounting = wait_for("the accounting line", T, || {
-        relay
-            .proc
-            .output()
-            .into_iter()
-            .find(|l| l.contains("final span accounting"))
-    });
+    wait_segments_at_most(dir.path(), 0);
+    terminate(&mut relay);
+    let accounting = accounting(&relay);
     assert!(accounting.contains(&format!("corrupt={counted}")), "{accounting}");
     assert!(accounting.contains("segments_with_uncounted_loss=1"), "{accounting}");
     assert!(accounting.contains("balanced=false"), "{accounting}");

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod browser;
 pub mod config;
+pub mod gate;
 pub mod mlflow;
 pub mod npm;
 pub mod oidc;
@@ -391,4 +392,14 @@ pub fn reap_with_us(target: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
