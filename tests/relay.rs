@@ -28,6 +28,28 @@ fn plain_config(sink: &Sink) -> RelayConfig {
         .service(json!({"shutdown_timeout": "10s"}))
 }
 
+/// Loadgen over plaintext OTLP/gRPC (or OTLP/HTTP with `http`) to `relay`: `traces` traces of
+/// `child_spans` + 1 spans in requests of `batch_size` spans; its exit code and report.
+fn load(relay: &Relay, http: bool, traces: u32, child_spans: u32, batch_size: u32) -> (i32, serde_json::Value) {
+    let endpoint = if http { relay.http } else { relay.grpc }.unwrap().to_string();
+    let (traces, child_spans, batch_size) = (traces.to_string(), child_spans.to_string(), batch_size.to_string());
+    let mut args = vec![
+        "--otlp-insecure",
+        "--otlp-endpoint",
+        &endpoint,
+        "--traces",
+        &traces,
+        "--child-spans",
+        &child_spans,
+        "--batch-size",
+        &batch_size,
+    ];
+    if http {
+        args.push("--otlp-http");
+    }
+    loadgen(&args)
+}
+
 /// Receiver settings for mTLS that admit the agents namespace's SPIFFE ids only.
 fn mtls_receiver(server: &support::pki::LeafFiles, ca: &std::path::Path) -> serde_json::Value {
     json!({"tls": {
@@ -313,18 +335,7 @@ fn retryable_answers_are_retried_and_delivered_once() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&["--fail-first", "3", "--status", "503", "--retry-after", "0"]);
     let relay = Relay::start(dir.path(), &plain_config(&sink).yaml(), "otlp");
-    let grpc = relay.grpc.unwrap().to_string();
-    let (code, r) = loadgen(&[
-        "--otlp-insecure",
-        "--otlp-endpoint",
-        &grpc,
-        "--traces",
-        "25",
-        "--child-spans",
-        "3",
-        "--batch-size",
-        "100",
-    ]);
+    let (code, r) = load(&relay, false, 25, 3, 100);
     assert_eq!(code, 0, "{r}");
     let stats = sink.wait_unique(100, T);
     assert_eq!(stats["spans"], 100, "delivered once, not duplicated: {stats}");
@@ -344,19 +355,7 @@ fn permanent_failures_are_counted_not_retried() {
     let config =
         plain_config(&sink).exporter_settings("otlphttp/mlflow", json!({"mlflow": {"isolate_poison_traces": false}}));
     let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
-    let http_ep = relay.http.unwrap().to_string();
-    let (code, r) = loadgen(&[
-        "--otlp-insecure",
-        "--otlp-http",
-        "--otlp-endpoint",
-        &http_ep,
-        "--traces",
-        "10",
-        "--child-spans",
-        "1",
-        "--batch-size",
-        "20",
-    ]);
+    let (code, r) = load(&relay, true, 10, 1, 20);
     assert_eq!(code, 0, "the relay accepted the spans: {r}");
     wait_for("failed metric", T, || {
         (relay.metric("otelcol_exporter_send_failed_spans_total", &[]) == 20.0).then_some(())
@@ -431,18 +430,7 @@ fn fan_out_isolates_a_failing_exporter() {
         )
         .yaml();
     let relay = Relay::start(dir.path(), &config, "otlp");
-    let grpc = relay.grpc.unwrap().to_string();
-    let (code, r) = loadgen(&[
-        "--otlp-insecure",
-        "--otlp-endpoint",
-        &grpc,
-        "--traces",
-        "100",
-        "--child-spans",
-        "4",
-        "--batch-size",
-        "50",
-    ]);
+    let (code, r) = load(&relay, false, 100, 4, 50);
     assert_eq!(code, 0, "{r}");
     healthy.wait_unique(500, T);
     assert!(broken.stats()["requests"].as_u64().unwrap() >= 1);
@@ -478,18 +466,7 @@ fn sigterm_drains_everything_accepted() {
         .batch(json!({"send_batch_size": 50}))
         .yaml();
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
-    let grpc = relay.grpc.unwrap().to_string();
-    let (code, r) = loadgen(&[
-        "--otlp-insecure",
-        "--otlp-endpoint",
-        &grpc,
-        "--traces",
-        "100",
-        "--child-spans",
-        "4",
-        "--batch-size",
-        "50",
-    ]);
+    let (code, r) = load(&relay, false, 100, 4, 50);
     assert_eq!(code, 0, "{r}");
     assert!(
         sink.stats()["unique_spans"].as_u64().unwrap() < 500,
@@ -524,16 +501,8 @@ fn drain_deadline_counts_the_rest_as_dropped() {
     let sink = Sink::start(&["--status", "503"]);
     let relay_cfg = plain_config(&sink).service(json!({"shutdown_timeout": "1s"})).yaml();
     let mut relay = Relay::start(dir.path(), &relay_cfg, "otlp");
-    let grpc = relay.grpc.unwrap().to_string();
-    let (code, _) = loadgen(&[
-        "--otlp-insecure",
-        "--otlp-endpoint",
-        &grpc,
-        "--traces",
-        "10",
-        "--child-spans",
-        "1",
-    ]);
+    // loadgen's default batch size.
+    let (code, _) = load(&relay, false, 10, 1, 100);
     assert_eq!(code, 0);
     wait_for("a first attempt", T, || {
         (sink.stats()["requests"].as_u64() >= Some(1)).then_some(())
