@@ -38,15 +38,53 @@ service:
     )
 }
 
+/// A relay under the memory budget exporting to a fresh sink, and the relay's peak memory
+/// before any test request.
+struct Budgeted {
+    _dir: tempfile::TempDir,
+    sink: Sink,
+    relay: Relay,
+    baseline: u64,
+}
+
+impl Budgeted {
+    fn start() -> Budgeted {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Sink::start(&[]);
+        let relay = Relay::start(dir.path(), &config(&sink), "otlp");
+        let baseline = peak_rss(relay.proc.child.id());
+        Budgeted {
+            _dir: dir,
+            sink,
+            relay,
+            baseline,
+        }
+    }
+
+    /// Asserts that the relay's peak memory grew by at most the budget plus a fixed allowance:
+    /// the budget bounds what bodies and parsing hold (limit_mib); the rest is the relay's own
+    /// working memory (connections, buffers, allocator slack), independent of the bodies' content.
+    fn assert_peak_within_budget(&self, note: &str) {
+        let peak = peak_rss(self.relay.proc.child.id());
+        let grown = peak.saturating_sub(self.baseline);
+        eprintln!(
+            "peak RSS {} MiB (baseline {} MiB){note}",
+            peak >> 20,
+            self.baseline >> 20
+        );
+        let bound = (LIMIT_MIB + 48) << 20;
+        assert!(
+            grown <= bound,
+            "peak grew {} MiB, over {} MiB",
+            grown >> 20,
+            bound >> 20
+        );
+    }
+}
+
 /// The most memory the process has held (VmHWM), in bytes, as the kernel counts it.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
+    support::vm_hwm_kib(pid) * 1024
 }
 
 fn field(key: u8, payload: &[u8], out: &mut Vec<u8>) {
@@ -198,12 +236,9 @@ fn watch_readyz(health: SocketAddr, done: Arc<AtomicBool>) -> std::thread::JoinH
 /// bounds what bodies and their parsing hold); every valid span arrives; /readyz stays prompt.
 #[test]
 fn hostile_protobuf_bodies_are_parsed_within_the_memory_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start(&[]);
-    let relay = Relay::start(dir.path(), &config(&sink), "otlp");
+    let budgeted = Budgeted::start();
+    let (relay, sink) = (&budgeted.relay, &budgeted.sink);
     let (http, grpc, health) = (relay.http.unwrap(), relay.grpc.unwrap(), relay.health.unwrap());
-    let pid = relay.proc.child.id();
-    let baseline = peak_rss(pid);
 
     let done = Arc::new(AtomicBool::new(false));
     let readyz = watch_readyz(health, done.clone());
@@ -256,23 +291,7 @@ fn hostile_protobuf_bodies_are_parsed_within_the_memory_budget() {
     assert_eq!(grpc_sender.join().unwrap(), "0", "gRPC status");
     done.store(true, Ordering::Relaxed);
     let (slowest, probes) = readyz.join().unwrap();
-
-    let peak = peak_rss(pid);
-    let grown = peak.saturating_sub(baseline);
-    eprintln!(
-        "peak RSS {} MiB (baseline {} MiB); slowest /readyz {slowest:?} of {probes}",
-        peak >> 20,
-        baseline >> 20
-    );
-    // The budget bounds what bodies and parsing hold (limit_mib); the rest is the relay's own
-    // working memory (connections, buffers, allocator slack), independent of the bodies' content.
-    let bound = (LIMIT_MIB + 48) << 20;
-    assert!(
-        grown <= bound,
-        "peak grew {} MiB, over {} MiB",
-        grown >> 20,
-        bound >> 20
-    );
+    budgeted.assert_peak_within_budget(&format!("; slowest /readyz {slowest:?} of {probes}"));
     assert!(slowest < Duration::from_secs(1), "/readyz took {slowest:?}");
     assert!(probes > 3, "{probes} probes");
 
@@ -298,12 +317,8 @@ fn hostile_protobuf_bodies_are_parsed_within_the_memory_budget() {
 /// rest counted as rejected; nested values and huge strings fit by the same estimate.
 #[test]
 fn hostile_json_bodies_are_refused_or_decoded_within_the_memory_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start(&[]);
-    let relay = Relay::start(dir.path(), &config(&sink), "otlp");
-    let (http, health) = (relay.http.unwrap(), relay.health.unwrap());
-    let pid = relay.proc.child.id();
-    let baseline = peak_rss(pid);
+    let budgeted = Budgeted::start();
+    let (http, health) = (budgeted.relay.http.unwrap(), budgeted.relay.health.unwrap());
     let json = [("content-type", "application/json")];
     let good = |id: u32| {
         format!(r#"{{"traceId":"{id:08x}070707070707070707070707","spanId":"{id:08x}09090909","name":"ok"}}"#)
@@ -374,21 +389,8 @@ fn hostile_json_bodies_are_refused_or_decoded_within_the_memory_budget() {
     }
     done.store(true, Ordering::Relaxed);
     let (slowest, _) = readyz.join().unwrap();
-    sink.wait_unique(expected, T);
-    let peak = peak_rss(pid);
-    let grown = peak.saturating_sub(baseline);
-    eprintln!(
-        "peak RSS {} MiB (baseline {} MiB); slowest /readyz {slowest:?}",
-        peak >> 20,
-        baseline >> 20
-    );
-    let bound = (LIMIT_MIB + 48) << 20;
-    assert!(
-        grown <= bound,
-        "peak grew {} MiB, over {} MiB",
-        grown >> 20,
-        bound >> 20
-    );
+    budgeted.sink.wait_unique(expected, T);
+    budgeted.assert_peak_within_budget(&format!("; slowest /readyz {slowest:?}"));
     assert!(slowest < Duration::from_secs(1), "/readyz took {slowest:?}");
 }
 
@@ -397,11 +399,7 @@ fn hostile_json_bodies_are_refused_or_decoded_within_the_memory_budget() {
 /// and every span arrives.
 #[test]
 fn a_large_valid_record_is_split_within_the_memory_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start(&[]);
-    let relay = Relay::start(dir.path(), &config(&sink), "otlp");
-    let pid = relay.proc.child.id();
-    let baseline = peak_rss(pid);
+    let budgeted = Budgeted::start();
     let spans = 520_000u32;
     let mut scope = Vec::new();
     for id in 0..spans {
@@ -413,20 +411,12 @@ fn a_large_valid_record_is_split_within_the_memory_budget() {
     field(0x0a, &rs, &mut body);
     let (status, _, response) = http_exchange(
         "POST",
-        relay.http.unwrap(),
+        budgeted.relay.http.unwrap(),
         "/v1/traces",
         &[("content-type", "application/x-protobuf")],
         &body,
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&response));
-    sink.wait_unique(u64::from(spans), T);
-    let grown = peak_rss(pid).saturating_sub(baseline);
-    eprintln!("peak RSS grew {} MiB", grown >> 20);
-    let bound = (LIMIT_MIB + 48) << 20;
-    assert!(
-        grown <= bound,
-        "peak grew {} MiB, over {} MiB",
-        grown >> 20,
-        bound >> 20
-    );
+    budgeted.sink.wait_unique(u64::from(spans), T);
+    budgeted.assert_peak_within_budget("");
 }
