@@ -12,31 +12,31 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use support::gate::{Gate, start as gate};
 use support::mlflow::Mlflow;
 use support::oidc::{self, OidcOptions, OidcProvider, basic_auth, jwt_parts};
-use support::{Proc, wait_for};
+use support::wait_for;
 
-const SECRET_KEY: &str = "a test secret key that is long enough";
-
-struct Gate {
-    proc: Proc,
-    addr: SocketAddr,
-    admin: SocketAddr,
+/// What these tests read of a running gate.
+trait GateExt {
+    fn pid(&self) -> u32;
+    /// Open file descriptors of the gate process.
+    fn fds(&self) -> usize;
+    /// Sum of the admin listener's samples of `name` whose labels contain `label`.
+    fn metric(&self, name: &str, label: &str) -> f64;
 }
 
-impl Gate {
+impl GateExt for Gate {
     fn pid(&self) -> u32 {
         self.proc.child.id()
     }
 
-    /// Open file descriptors of the gate process.
     fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
     }
 
-    /// Sum of the admin listener's samples of `name` whose labels contain `label`.
     fn metric(&self, name: &str, label: &str) -> f64 {
         let (s, _, text) = exchange(self.admin, "GET", "/gate/metrics", &[], b"");
         assert_eq!(s, 200, "{text}");
@@ -52,30 +52,22 @@ impl Gate {
     }
 }
 
-/// `otlp-relay gate` for `provider` in front of `upstream`: admin listener on a free port, Host
-/// 127.0.0.1 allowed for login redirects, plus `env`.
-fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
-    let mut cmd = Command::new(support::bin());
-    cmd.arg("gate")
-        .env("NO_COLOR", "1")
-        .env("OIDC_DISCOVERY_URL", provider.discovery_url())
-        .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
-        .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
-        .env("SECRET_KEY", SECRET_KEY)
-        .env("GATE_LISTEN", "127.0.0.1:0")
-        .env("GATE_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
-        .env("GATE_UPSTREAM", upstream)
-        .env("OTLP_RELAY_LOG", "info,otlp_relay=debug")
-        .envs(env.iter().copied());
-    let mut proc = Proc::spawn("gate", cmd);
-    let addr = proc.wait_listen("gate", Duration::from_secs(20));
-    let admin = proc.wait_listen("gate-admin", Duration::from_secs(20));
-    wait_for("gate discovery", Duration::from_secs(20), || {
-        let (s, _, b) = exchange(admin, "GET", "/gate/healthz", &[], b"");
-        (s == 200 && b.contains("\"oidc_ready\":true")).then_some(())
-    });
-    Gate { proc, addr, admin }
+/// The default provider, a stand-in upstream and a gate in front of it with `env`.
+fn gate_on_upstream(env: &[(&str, &str)]) -> (OidcProvider, Upstream, Gate) {
+    let provider = OidcProvider::start(OidcOptions::default());
+    let up = upstream();
+    let g = gate(&provider, &up.url(), env);
+    (provider, up, g)
+}
+
+/// A client-credentials access token of the gate's own client.
+fn client_token(provider: &OidcProvider) -> String {
+    provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET)
+}
+
+/// A GET of `path` carrying the session cookie `session` and nothing else.
+fn get_with_session(g: &Gate, path: &str, session: &str) -> (u16, Vec<(String, String)>, String) {
+    exchange(g.addr, "GET", path, &[("cookie", &format!("gate_session={session}"))], b"")
 }
 
 /// One HTTP/1.1 exchange with exactly the given headers (a `host` is added unless given):
@@ -433,13 +425,7 @@ impl SlowClient {
 
 #[test]
 fn slowloris_connections_are_closed_and_health_keeps_answering() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(
-        &provider,
-        &up.url(),
-        &[("GATE_HEADER_READ_TIMEOUT", "1s"), ("GATE_IDLE_TIMEOUT", "2s")],
-    );
+    let (_provider, _up, g) = gate_on_upstream(&[("GATE_HEADER_READ_TIMEOUT", "1s"), ("GATE_IDLE_TIMEOUT", "2s")]);
     let baseline = g.fds();
     let t0 = Instant::now();
     // Five kinds: silent; a request line never finished; header lines dripped forever; one
@@ -529,13 +515,7 @@ fn slowloris_connections_are_closed_and_health_keeps_answering() {
 
 #[test]
 fn connections_beyond_the_cap_are_closed_at_once() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(
-        &provider,
-        &up.url(),
-        &[("GATE_MAX_CONNECTIONS", "20"), ("GATE_HEADER_READ_TIMEOUT", "60s")],
-    );
+    let (_provider, _up, g) = gate_on_upstream(&[("GATE_MAX_CONNECTIONS", "20"), ("GATE_HEADER_READ_TIMEOUT", "60s")]);
     let baseline = g.fds();
     let held: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(g.addr).unwrap()).collect();
     wait_for("20 open connections", Duration::from_secs(10), || {
@@ -662,7 +642,7 @@ fn tokens_of_clients_not_allowed_are_refused() {
     );
     assert_eq!(call(&strict, &bearer(&reader)), 401);
 
-    let ours = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let ours = client_token(&provider);
     assert_eq!(
         call(&strict, &bearer(&ours)),
         200,
@@ -712,6 +692,15 @@ fn poll_session(g: &Gate, cookie: &mut String, want: u16, within: Duration) -> D
     })
 }
 
+/// Keeps the session `cookie` in use (each call answered 200) until the gate has re-checked live
+/// sessions with the provider `checks` times.
+fn wait_live_rechecks(g: &Gate, cookie: &mut String, checks: f64, within: Duration) {
+    wait_for("re-checks of a live session", within, || {
+        poll_session(g, cookie, 200, Duration::from_secs(5));
+        (g.metric("gate_session_checks_total", "result=\"active\"") >= checks).then_some(())
+    });
+}
+
 #[test]
 fn logout_in_the_browser_ends_the_session_on_every_replica() {
     let provider = OidcProvider::start(OidcOptions {
@@ -725,10 +714,7 @@ fn logout_in_the_browser_ends_the_session_on_every_replica() {
 
     // Control: a session on B survives its re-checks with the provider.
     let mut other = gate_login(&b, "alice");
-    wait_for("two re-checks of a live session", Duration::from_secs(15), || {
-        poll_session(&b, &mut other, 200, Duration::from_secs(5));
-        (b.metric("gate_session_checks_total", "result=\"active\"") >= 2.0).then_some(())
-    });
+    wait_live_rechecks(&b, &mut other, 2.0, Duration::from_secs(15));
 
     let shots = support::cache_dir().parent().unwrap().join("gate-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
@@ -754,13 +740,7 @@ fn logout_in_the_browser_ends_the_session_on_every_replica() {
         .unwrap_or_else(|| panic!("no session cookie: {r:#}"))
         .to_string();
     // The replayed cookie: refused at once where the logout happened...
-    let (s, hs, body) = exchange(
-        a.addr,
-        "GET",
-        "/api/2.0/mlflow/experiments/search?max_results=1",
-        &[("cookie", &format!("gate_session={old}"))],
-        b"",
-    );
+    let (s, hs, body) = get_with_session(&a, "/api/2.0/mlflow/experiments/search?max_results=1", &old);
     assert_eq!(s, 401, "{body}");
     assert_eq!(
         cookie_value(&hs, "gate_session").as_deref(),
@@ -825,10 +805,7 @@ fn disabled_user_loses_access(introspection: bool) {
     let g = gate(&provider, &up.url(), &[("GATE_SESSION_REFRESH", "2s")]);
     let mut cookie = gate_login(&g, "alice");
     poll_session(&g, &mut cookie, 200, Duration::from_secs(5));
-    wait_for("a re-check of the live session", Duration::from_secs(10), || {
-        poll_session(&g, &mut cookie, 200, Duration::from_secs(5));
-        (g.metric("gate_session_checks_total", "result=\"active\"") >= 1.0).then_some(())
-    });
+    wait_live_rechecks(&g, &mut cookie, 1.0, Duration::from_secs(10));
     let (s, _, b) = exchange(
         provider.addr(),
         "PUT",
@@ -841,25 +818,13 @@ fn disabled_user_loses_access(introspection: bool) {
     eprintln!("disabled user refused {took:?} after being disabled");
     assert!(took <= Duration::from_secs(4), "{took:?}");
     // Replayed again: refused again (the provider keeps saying no).
-    assert_eq!(
-        exchange(
-            g.addr,
-            "GET",
-            "/api/2.0/mlflow/experiments/search",
-            &[("cookie", &format!("gate_session={cookie}"))],
-            b""
-        )
-        .0,
-        401
-    );
+    assert_eq!(get_with_session(&g, "/api/2.0/mlflow/experiments/search", &cookie).0, 401);
 }
 
 #[test]
 fn metrics_are_served_on_the_admin_listener_only() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(&provider, &up.url(), &[]);
-    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let (provider, up, g) = gate_on_upstream(&[]);
+    let token = client_token(&provider);
     for auth in [None, Some(bearer(&token))] {
         let hs: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
         for path in ["/gate/metrics", "/gate/metrics?x=1"] {
@@ -906,7 +871,7 @@ fn metrics_are_served_on_the_admin_listener_only() {
 #[test]
 fn bad_gateway_answers_carry_no_internal_detail() {
     let provider = OidcProvider::start(OidcOptions::default());
-    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let token = client_token(&provider);
     // An upstream that accepts and hangs up at once.
     let rude = TcpListener::bind("127.0.0.1:0").unwrap();
     let rude_addr = rude.local_addr().unwrap();
@@ -944,9 +909,7 @@ fn bad_gateway_answers_carry_no_internal_detail() {
 
 #[test]
 fn forwarded_headers_from_untrusted_peers_are_ignored() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(&provider, &up.url(), &[]);
+    let (provider, up, g) = gate_on_upstream(&[]);
     let own_callback = format!("http%3A%2F%2F{}%2Fcallback", g.addr).replace(':', "%3A");
     let login = |g: &Gate, hs: &[(&str, &str)]| {
         let mut all = vec![("accept", "text/html")];
@@ -981,7 +944,7 @@ fn forwarded_headers_from_untrusted_peers_are_ignored() {
         assert!(b.contains("OIDC_REDIRECT_URI"), "{b}");
     }
     // What MLflow hears: the gate's view, not the client's story.
-    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let token = client_token(&provider);
     let auth = bearer(&token);
     let forged = [
         ("authorization", auth.as_str()),
@@ -1060,10 +1023,8 @@ fn dripped_body(g: &Gate, token: &str, len: usize, first: usize, every: Duration
 
 #[test]
 fn slow_request_bodies_are_cut_off() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(&provider, &up.url(), &[("GATE_BODY_READ_TIMEOUT", "1s")]);
-    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let (provider, _up, g) = gate_on_upstream(&[("GATE_BODY_READ_TIMEOUT", "1s")]);
+    let token = client_token(&provider);
     // Control: a body with pauses shorter than the limit goes through.
     let (s, took) = dripped_body(&g, &token, 4, 0, Duration::from_millis(300));
     assert_eq!(s, 200, "{took:?}");
@@ -1078,9 +1039,7 @@ fn slow_request_bodies_are_cut_off() {
 
 #[test]
 fn sessions_are_not_passed_while_the_provider_cannot_confirm_them() {
-    let mut provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(&provider, &up.url(), &[("GATE_SESSION_REFRESH", "1s")]);
+    let (mut provider, _up, g) = gate_on_upstream(&[("GATE_SESSION_REFRESH", "1s")]);
     let mut cookie = gate_login(&g, "alice");
     poll_session(&g, &mut cookie, 200, Duration::from_secs(5));
     provider.stop();
@@ -1090,13 +1049,7 @@ fn sessions_are_not_passed_while_the_provider_cannot_confirm_them() {
     assert!(g.metric("gate_session_checks_total", "result=\"error\"") >= 1.0);
     // The gate's own paths do not depend on it: probes answer and logout clears the cookie.
     assert_eq!(exchange(g.addr, "GET", "/gate/healthz", &[], b"").0, 200);
-    let (s, hs, _) = exchange(
-        g.addr,
-        "GET",
-        "/logout",
-        &[("cookie", &format!("gate_session={cookie}"))],
-        b"",
-    );
+    let (s, hs, _) = get_with_session(&g, "/logout", &cookie);
     assert_eq!(s, 302);
     assert_eq!(cookie_value(&hs, "gate_session").as_deref(), Some(""), "{hs:?}");
     // The provider back (a restart forgets its grants): a new login works again.
@@ -1104,25 +1057,13 @@ fn sessions_are_not_passed_while_the_provider_cannot_confirm_them() {
     let mut fresh = gate_login(&g, "alice");
     poll_session(&g, &mut fresh, 200, Duration::from_secs(20));
     // The logged-out one stays refused on this replica.
-    assert_eq!(
-        exchange(
-            g.addr,
-            "GET",
-            "/api/2.0/mlflow/experiments/search",
-            &[("cookie", &format!("gate_session={cookie}"))],
-            b""
-        )
-        .0,
-        401
-    );
+    assert_eq!(get_with_session(&g, "/api/2.0/mlflow/experiments/search", &cookie).0, 401);
 }
 
 #[test]
 fn answers_nobody_reads_do_not_hold_connections() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(&provider, &up.url(), &[("GATE_IDLE_TIMEOUT", "2s")]);
-    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let (provider, _up, g) = gate_on_upstream(&[("GATE_IDLE_TIMEOUT", "2s")]);
+    let token = client_token(&provider);
     let mut s = TcpStream::connect(g.addr).unwrap();
     s.write_all(format!("GET /big HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\r\n").as_bytes())
         .unwrap();
@@ -1150,10 +1091,8 @@ fn answers_nobody_reads_do_not_hold_connections() {
 
 #[test]
 fn http2_multiplexing_cannot_exceed_the_request_cap() {
-    let provider = OidcProvider::start(OidcOptions::default());
-    let up = upstream();
-    let g = gate(&provider, &up.url(), &[("GATE_MAX_CONNECTIONS", "5")]);
-    let token = provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let (provider, up, g) = gate_on_upstream(&[("GATE_MAX_CONNECTIONS", "5")]);
+    let token = client_token(&provider);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let statuses: Vec<u16> = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(g.addr).await.unwrap();
