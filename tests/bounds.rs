@@ -9,8 +9,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+use support::config::RelayConfig;
 use support::otlp::{Relay, one_span_request};
-use support::{Proc, wait_for};
+use support::{Proc, vm_hwm_kib, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -23,20 +25,24 @@ fn memory_test_lock() -> std::sync::MutexGuard<'static, ()> {
     MEMORY_TESTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn config(http: &str, processors: &str, extra: &str) -> String {
-    format!(
-        r#"
-receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"{http}}}}}}}}}
-processors: {{batch: {{timeout: 20ms}}{extra}}}
-exporters: {{debug: {{}}}}
-extensions:
-  health_check: {{endpoint: "127.0.0.1:0"}}
-service:
-  extensions: [health_check]
-  pipelines: {{traces: {{receivers: [otlp], processors: [{processors}], exporters: [debug]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-"#
-    )
+/// A relay receiving OTLP on `transports` only (`settings` merged into each), a batch processor
+/// with a 20 ms timeout and the debug exporter.
+fn debug_relay(transports: &[&str], settings: Value) -> RelayConfig {
+    let mut config = RelayConfig::new();
+    for transport in ["grpc", "http"] {
+        if !transports.contains(&transport) {
+            config = config.without_transport(transport);
+        }
+    }
+    config
+        .receivers(settings)
+        .batch(json!({"timeout": "20ms"}))
+        .exporter("debug", json!({}))
+}
+
+/// memory_limiter settings: the budget refuses at `limit_mib` - `spike_limit_mib`.
+fn memory_limiter(limit_mib: u64, spike_limit_mib: u64) -> Value {
+    json!({"check_interval": "1s", "limit_mib": limit_mib, "spike_limit_mib": spike_limit_mib})
 }
 
 /// A GET that reports a failed connection or a timeout as None instead of panicking.
@@ -118,8 +124,8 @@ fn count_lines(relay: &Proc, needle: &str) -> usize {
 #[test]
 fn connections_over_the_limit_are_refused_while_the_clients_held_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let http = ", max_connections: 20, idle_timeout: 3s, read_header_timeout: 1m";
-    let relay = Relay::start(dir.path(), &config(http, "batch", ""), "otlp");
+    let http = json!({"max_connections": 20, "idle_timeout": "3s", "read_header_timeout": "1m"});
+    let relay = Relay::start(dir.path(), &debug_relay(&["http"], http).yaml(), "otlp");
     let addr = relay.http.unwrap();
     let health = relay.health.unwrap();
 
@@ -175,8 +181,8 @@ fn connections_over_the_limit_are_refused_while_the_clients_held_are_served() {
 #[test]
 fn slowloris_headers_are_cut_at_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let http = ", read_header_timeout: 1s, idle_timeout: 1m";
-    let relay = Relay::start(dir.path(), &config(http, "batch", ""), "otlp");
+    let http = json!({"read_header_timeout": "1s", "idle_timeout": "1m"});
+    let relay = Relay::start(dir.path(), &debug_relay(&["http"], http).yaml(), "otlp");
     let addr = relay.http.unwrap();
     let mut conns: Vec<TcpStream> = (0..10)
         .map(|_| {
@@ -240,10 +246,10 @@ fn expect_408_and_close(s: &mut TcpStream) {
 fn stalled_bodies_hold_the_memory_budget_and_release_it_at_the_read_timeout() {
     let _serial = memory_test_lock();
     let dir = tempfile::tempdir().unwrap();
-    let http = ", max_recv_msg_size_mib: 8, read_timeout: 3s";
+    let http = json!({"max_recv_msg_size_mib": 8, "read_timeout": "3s"});
     // Refuses at limit - spike = 3 MiB.
-    let limiter = ", memory_limiter: {check_interval: 1s, limit_mib: 4, spike_limit_mib: 1}";
-    let relay = Relay::start(dir.path(), &config(http, "memory_limiter, batch", limiter), "otlp");
+    let config = debug_relay(&["http"], http).first_processor("memory_limiter", memory_limiter(4, 1));
+    let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
     let addr = relay.http.unwrap();
     // Accepted spans hold budget until exported: wait for that, so the bodies below are alone.
     let exported = |n: usize| {
@@ -329,7 +335,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn descriptor_exhaustion_backs_off_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let path = support::write_file(dir.path(), "config.yaml", &config("", "batch", ""));
+    let config = debug_relay(&["http"], json!({})).yaml();
+    let path = support::write_file(dir.path(), "config.yaml", &config);
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("ulimit -n 64 && exec \"$0\" run --config \"$1\"")
@@ -384,13 +391,13 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
     drop(flood);
 }
 
-fn tls_relay(dir: &Path, cert: &support::pki::LeafFiles, reload: &str) -> Relay {
-    let http = format!(
-        r#", tls: {{cert_file: "{}", key_file: "{}"{reload}}}"#,
-        cert.cert.display(),
-        cert.key.display()
-    );
-    Relay::start(dir, &config(&http, "batch", ""), "otlp")
+/// A relay serving OTLP/HTTP over TLS with `cert`; `tls` is merged into the TLS settings.
+fn tls_relay(dir: &Path, cert: &support::pki::LeafFiles, tls: Value) -> Relay {
+    let mut settings = json!({"cert_file": cert.cert, "key_file": cert.key});
+    if let (Value::Object(settings), Value::Object(tls)) = (&mut settings, tls) {
+        settings.extend(tls);
+    }
+    Relay::start(dir, &debug_relay(&["http"], json!({"tls": settings})).yaml(), "otlp")
 }
 
 #[test]
@@ -410,7 +417,7 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let files = leaf.write(dir.path(), name);
-        let relay = tls_relay(dir.path(), &files, "");
+        let relay = tls_relay(dir.path(), &files, json!({}));
         let file = files.cert.display().to_string();
         let warning = relay.proc.clone_wait_line(problem, T);
         assert!(warning.contains("WARN"), "{warning}");
@@ -423,7 +430,7 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     // A valid certificate: ready, no warning.
     let dir = tempfile::tempdir().unwrap();
     let files = ca.server().write(dir.path(), "valid");
-    let relay = tls_relay(dir.path(), &files, "");
+    let relay = tls_relay(dir.path(), &files, json!({}));
     assert_eq!(try_get(relay.health.unwrap(), "/readyz").map(|r| r.0), Some(200));
     assert_eq!(count_lines(&relay.proc, "server certificate"), 0);
 
@@ -432,7 +439,7 @@ fn a_certificate_out_of_its_validity_period_is_a_warning_and_not_ready() {
     let files = ca
         .server_valid_between((2020, 1, 1), (2021, 1, 1))
         .write(dir.path(), "renewed");
-    let relay = tls_relay(dir.path(), &files, ", reload_interval: 100ms");
+    let relay = tls_relay(dir.path(), &files, json!({"reload_interval": "100ms"}));
     wait_for("/readyz 503", T, || {
         try_get(relay.health.unwrap(), "/readyz").filter(|(s, _)| *s == 503)
     });
@@ -467,15 +474,21 @@ mod grpc {
         client
     }
 
-    /// Starts an Export call whose body is sent through the returned sender; the task answers
-    /// the call's grpc-status.
-    async fn start(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    /// A request body of the chunks sent through the returned sender (up to `capacity` may wait
+    /// in it); it ends when the sender is dropped.
+    fn channel_body(capacity: usize) -> (Sender<Bytes>, BoxBody<Bytes, std::convert::Infallible>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(capacity);
         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
             let data = rx.recv().await?;
             Some((Ok(http_body::Frame::data(data)), rx))
         });
-        let body = StreamBody::new(frames).boxed();
+        (tx, StreamBody::new(frames).boxed())
+    }
+
+    /// Starts an Export call whose body is sent through the returned sender; the task answers
+    /// the call's grpc-status.
+    async fn start(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
+        let (tx, body) = channel_body(16);
         let req = http::Request::post(format!("http://relay{EXPORT}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
@@ -501,11 +514,7 @@ mod grpc {
     /// Starts a request on its own stream whose body is sent through the returned sender,
     /// without a content-length; the task answers as `call`'s does.
     pub(super) async fn open(client: &mut Client, grpc: bool) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-            let data = rx.recv().await?;
-            Some((Ok(http_body::Frame::data(data)), rx))
-        });
+        let (tx, body) = channel_body(4);
         let (path, content_type) = if grpc {
             (EXPORT, "application/grpc")
         } else {
@@ -514,7 +523,7 @@ mod grpc {
         let req = http::Request::post(format!("http://relay{path}"))
             .header("content-type", content_type)
             .header("te", "trailers")
-            .body(StreamBody::new(frames).boxed())
+            .body(body)
             .unwrap();
         client.ready().await.unwrap();
         let response = client.send_request(req);
@@ -568,16 +577,12 @@ mod grpc {
     /// Starts an Export call with `grpc-encoding: gzip` whose body is sent through the
     /// returned sender; the task answers "grpc-status N" (or "reset").
     async fn open_gzip(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-            let data = rx.recv().await?;
-            Some((Ok(http_body::Frame::data(data)), rx))
-        });
+        let (tx, body) = channel_body(4);
         let req = http::Request::post(format!("http://relay{EXPORT}"))
             .header("content-type", "application/grpc")
             .header("grpc-encoding", "gzip")
             .header("te", "trailers")
-            .body(StreamBody::new(frames).boxed())
+            .body(body)
             .unwrap();
         client.ready().await.unwrap();
         let response = client.send_request(req);
@@ -608,15 +613,10 @@ mod grpc {
     fn compressed_grpc_messages_are_charged_what_they_decompress_to() {
         let _serial = memory_test_lock();
         let dir = tempfile::tempdir().unwrap();
-        let config = r#"
-receivers: {otlp: {protocols: {grpc: {endpoint: "127.0.0.1:0", max_recv_msg_size_mib: 16, read_timeout: 60s}}}}
-processors: {batch: {timeout: 20ms}, memory_limiter: {check_interval: 1s, limit_mib: 96, spike_limit_mib: 16}}
-exporters: {debug: {}}
-service:
-  pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, batch], exporters: [debug]}}
-  telemetry: {metrics: {address: "127.0.0.1:0"}}
-"#;
-        let relay = Relay::start(dir.path(), config, "otlp");
+        let config = debug_relay(&["grpc"], json!({"max_recv_msg_size_mib": 16, "read_timeout": "60s"}))
+            .first_processor("memory_limiter", memory_limiter(96, 16))
+            .without_extension("health_check");
+        let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
         let pid = relay.proc.child.id();
         let baseline = vm_hwm_kib(pid);
         let addr = relay.grpc.unwrap();
@@ -691,7 +691,10 @@ service:
         let (tx, task) = start(client).await;
         let mut msg = prefix(64).to_vec();
         msg.extend_from_slice(&[0xff; 64]);
-        tx.send(Bytes::from(msg)).await.unwrap();
+        // A call the budget refuses is answered at once, without its body being read: the
+        // answer can arrive before the message is sent, and then the body is gone. The task
+        // has the answer either way.
+        let _ = tx.send(Bytes::from(msg)).await;
         drop(tx);
         task.await.unwrap()
     }
@@ -700,15 +703,11 @@ service:
     fn stalled_grpc_streams_hold_the_budget_until_read_timeout_and_idle_connections_close() {
         let _serial = memory_test_lock();
         let dir = tempfile::tempdir().unwrap();
-        let config = r#"
-receivers: {otlp: {protocols: {grpc: {endpoint: "127.0.0.1:0", max_recv_msg_size_mib: 8, read_timeout: 3s, idle_timeout: 2s}}}}
-processors: {batch: {timeout: 20ms}, memory_limiter: {check_interval: 1s, limit_mib: 4, spike_limit_mib: 1}}
-exporters: {debug: {}}
-service:
-  pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, batch], exporters: [debug]}}
-  telemetry: {metrics: {address: "127.0.0.1:0"}}
-"#;
-        let relay = Relay::start(dir.path(), config, "otlp");
+        let grpc = json!({"max_recv_msg_size_mib": 8, "read_timeout": "3s", "idle_timeout": "2s"});
+        let config = debug_relay(&["grpc"], grpc)
+            .first_processor("memory_limiter", memory_limiter(4, 1))
+            .without_extension("health_check");
+        let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
         let addr = relay.grpc.unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -769,12 +768,12 @@ fn slow_tls_handshakes_are_cut_at_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let ca = support::pki::Ca::new("ca");
     let files = ca.server().write(dir.path(), "server");
-    let http = format!(
-        r#", read_header_timeout: 1s, idle_timeout: 1m, tls: {{cert_file: "{}", key_file: "{}"}}"#,
-        files.cert.display(),
-        files.key.display()
-    );
-    let relay = Relay::start(dir.path(), &config(&http, "batch", ""), "otlp");
+    let http = json!({
+        "read_header_timeout": "1s",
+        "idle_timeout": "1m",
+        "tls": {"cert_file": files.cert, "key_file": files.key},
+    });
+    let relay = Relay::start(dir.path(), &debug_relay(&["http"], http).yaml(), "otlp");
     let addr = relay.http.unwrap();
     // The first bytes of a ClientHello, then nothing: the handshake never completes.
     let conns: Vec<TcpStream> = (0..10)
@@ -835,21 +834,14 @@ fn span_request(id: u64) -> Vec<u8> {
 fn a_burst_of_small_requests_is_accepted_while_the_sending_queue_has_room() {
     let sink = support::otlp::Sink::start(&["--delay-ms", "200"]);
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"}}, grpc: {{endpoint: "127.0.0.1:0"}}}}}}}}
-processors: {{batch: {{send_batch_size: 100, timeout: 50ms}}}}
-exporters:
-  otlphttp:
-    endpoint: {}
-    sending_queue: {{queue_size: 1000, num_consumers: 2}}
-service:
-  pipelines: {{traces: {{receivers: [otlp], processors: [batch], exporters: [otlphttp]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-"#,
-        sink.url()
-    );
-    let relay = Relay::start(dir.path(), &config, "otlp");
+    let config = RelayConfig::new()
+        .batch(json!({"send_batch_size": 100, "timeout": "50ms"}))
+        .exporter(
+            "otlphttp",
+            json!({"endpoint": sink.url(), "sending_queue": {"queue_size": 1000, "num_consumers": 2}}),
+        )
+        .without_extension("health_check");
+    let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
     const CONNECTIONS: u64 = 3;
     // The relay's default max_concurrent_streams.
     const STREAMS: u64 = 100;
@@ -885,16 +877,6 @@ service:
         );
     }
     sink.wait_unique(next_id, Duration::from_secs(60));
-}
-
-/// Peak resident memory (VmHWM) of a process, in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// 60 HTTP/1.1 connections each send 15.9 MiB of a chunked body and stall (until the function
@@ -956,18 +938,10 @@ fn stalled_http2_streams_stay_within_the_memory_budget() {
     let _serial = memory_test_lock();
     for (transport, grpc_transport) in [("http1-chunked", false), ("http2", false), ("grpc", true)] {
         let dir = tempfile::tempdir().unwrap();
-        let proto = ", max_recv_msg_size_mib: 16, read_timeout: 60s";
-        let config = format!(
-            r#"
-receivers: {{otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:0"{proto}}}, grpc: {{endpoint: "127.0.0.1:0"{proto}}}}}}}}}
-processors: {{batch: {{timeout: 20ms}}, memory_limiter: {{check_interval: 1s, limit_mib: 480, spike_limit_mib: 96}}}}
-exporters: {{debug: {{}}}}
-service:
-  pipelines: {{traces: {{receivers: [otlp], processors: [memory_limiter, batch], exporters: [debug]}}}}
-  telemetry: {{metrics: {{address: "127.0.0.1:0"}}}}
-"#
-        );
-        let relay = Relay::start(dir.path(), &config, "otlp");
+        let config = debug_relay(&["http", "grpc"], json!({"max_recv_msg_size_mib": 16, "read_timeout": "60s"}))
+            .first_processor("memory_limiter", memory_limiter(480, 96))
+            .without_extension("health_check");
+        let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
         let pid = relay.proc.child.id();
         let baseline = vm_hwm_kib(pid);
         let addr = if grpc_transport {
