@@ -485,15 +485,27 @@ mod grpc {
         (tx, StreamBody::new(frames).boxed())
     }
 
+    /// A POST of `body` to `path` with its content type, `te: trailers` and `headers`.
+    fn post_request(
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: BoxBody<Bytes, std::convert::Infallible>,
+    ) -> http::Request<BoxBody<Bytes, std::convert::Infallible>> {
+        let mut req = http::Request::post(format!("http://relay{path}"))
+            .header("content-type", content_type)
+            .header("te", "trailers");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(body).unwrap()
+    }
+
     /// Starts an Export call whose body is sent through the returned sender; the task answers
     /// the call's grpc-status.
     async fn start(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
         let (tx, body) = channel_body(16);
-        let req = http::Request::post(format!("http://relay{EXPORT}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(body)
-            .unwrap();
+        let req = post_request(EXPORT, "application/grpc", &[], body);
         client.ready().await.unwrap();
         let response = client.send_request(req);
         let task = tokio::spawn(async move {
@@ -520,11 +532,7 @@ mod grpc {
         } else {
             ("/v1/traces", "application/x-protobuf")
         };
-        let req = http::Request::post(format!("http://relay{path}"))
-            .header("content-type", content_type)
-            .header("te", "trailers")
-            .body(body)
-            .unwrap();
+        let req = post_request(path, content_type, &[], body);
         client.ready().await.unwrap();
         let response = client.send_request(req);
         let task = tokio::spawn(async move {
@@ -550,15 +558,10 @@ mod grpc {
         } else {
             ("/v1/traces", "application/x-protobuf", message)
         };
-        let req = http::Request::post(format!("http://relay{path}"))
-            .header("content-type", content_type)
-            .header("te", "trailers")
-            .body(
-                http_body_util::Full::new(Bytes::from(body))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let body = http_body_util::Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed();
+        let req = post_request(path, content_type, &[], body);
         client.ready().await.unwrap();
         let response = client.send_request(req);
         tokio::spawn(async move {
@@ -578,12 +581,7 @@ mod grpc {
     /// returned sender; the task answers "grpc-status N" (or "reset").
     async fn open_gzip(client: &mut Client) -> (Sender<Bytes>, tokio::task::JoinHandle<String>) {
         let (tx, body) = channel_body(4);
-        let req = http::Request::post(format!("http://relay{EXPORT}"))
-            .header("content-type", "application/grpc")
-            .header("grpc-encoding", "gzip")
-            .header("te", "trailers")
-            .body(body)
-            .unwrap();
+        let req = post_request(EXPORT, "application/grpc", &[("grpc-encoding", "gzip")], body);
         client.ready().await.unwrap();
         let response = client.send_request(req);
         let task = tokio::spawn(async move {
@@ -938,9 +936,12 @@ fn stalled_http2_streams_stay_within_the_memory_budget() {
     let _serial = memory_test_lock();
     for (transport, grpc_transport) in [("http1-chunked", false), ("http2", false), ("grpc", true)] {
         let dir = tempfile::tempdir().unwrap();
-        let config = debug_relay(&["http", "grpc"], json!({"max_recv_msg_size_mib": 16, "read_timeout": "60s"}))
-            .first_processor("memory_limiter", memory_limiter(480, 96))
-            .without_extension("health_check");
+        let config = debug_relay(
+            &["http", "grpc"],
+            json!({"max_recv_msg_size_mib": 16, "read_timeout": "60s"}),
+        )
+        .first_processor("memory_limiter", memory_limiter(480, 96))
+        .without_extension("health_check");
         let relay = Relay::start(dir.path(), &config.yaml(), "otlp");
         let pid = relay.proc.child.id();
         let baseline = vm_hwm_kib(pid);
