@@ -84,7 +84,14 @@ fn load_accepted(relay: &Relay, traces: u64, child_spans: u64, batch_size: u64) 
     let (traces_arg, child_arg, batch_arg) = (traces.to_string(), child_spans.to_string(), batch_size.to_string());
     let (code, report) = loadgen_http(
         relay.http.unwrap(),
-        &["--traces", &traces_arg, "--child-spans", &child_arg, "--batch-size", &batch_arg],
+        &[
+            "--traces",
+            &traces_arg,
+            "--child-spans",
+            &child_arg,
+            "--batch-size",
+            &batch_arg,
+        ],
     );
     assert_eq!(code, 0, "{report}");
     let spans = traces * (child_spans + 1);
@@ -134,7 +141,13 @@ fn lines_with(relay: &Relay, needle: &str) -> Vec<String> {
 /// `otlp-relay replay` of the dead letter `dead_letter` through the config at `config`, run to
 /// its exit.
 fn replay(dead_letter: &Path, config: &Path) -> (Option<i32>, Proc) {
-    let args = ["replay", "--from", dead_letter.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let args = [
+        "replay",
+        "--from",
+        dead_letter.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
     let mut p = Proc::relay("replay", &args);
     (p.wait_exit(T), p)
 }
@@ -501,7 +514,10 @@ fn poison_batch_goes_to_dead_letter_and_replay_delivers_it() {
     assert_eq!(code, Some(0), "{}", replay_proc.output_text());
     // The exit can beat the last captured line: poll the output.
     wait_for("the replay summary", T, || {
-        replay_proc.output_text().contains("300 span(s) delivered").then_some(())
+        replay_proc
+            .output_text()
+            .contains("300 span(s) delivered")
+            .then_some(())
     });
     good.wait_unique(300, T);
     assert!(
@@ -700,7 +716,11 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // A slow destination: the backlog is on disk when the directory goes.
     let sink = Sink::start(&["--max-spans-per-sec", "3000"]);
-    let (mut relay, cfg) = spooled_relay(dir.path(), &sink.url(), json!({"max_size_mib": 64, "segment_size_mib": 1}));
+    let (mut relay, cfg) = spooled_relay(
+        dir.path(),
+        &sink.url(),
+        json!({"max_size_mib": 64, "segment_size_mib": 1}),
+    );
     let clients = Clients::start(relay.http.unwrap(), 3, 50);
     wait_for("acknowledged spans", T, || (clients.acked() >= 10_000).then_some(()));
     std::fs::remove_dir_all(dir.path().join("spool")).unwrap();
@@ -740,7 +760,11 @@ fn spool_directory_deleted_under_load_loses_nothing() {
     wait_for("accepted again", T, || {
         (post(relay.http.unwrap(), &body).unwrap().0 == 200).then_some(())
     });
-    wait_all_delivered("every acknowledged span at the sink", sink.http, acked.iter().chain(&keys));
+    wait_all_delivered(
+        "every acknowledged span at the sink",
+        sink.http,
+        acked.iter().chain(&keys),
+    );
 }
 
 /// Fault: `replay` while the relay runs lost dead-lettered spans (the relay kept appending to
@@ -777,7 +801,11 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
     // 2: the replays under load already took every file (possible, if rare).
     let (last, _) = replay(&dl, &fixed);
     assert!(matches!(last, Some(0) | Some(2)), "{last:?}");
-    wait_all_delivered("every acknowledged span at the good destination", good.http, acked.iter());
+    wait_all_delivered(
+        "every acknowledged span at the good destination",
+        good.http,
+        acked.iter(),
+    );
 }
 
 /// Fault F4: a finished (non-last) segment cut short lost its acknowledged spans silently: the
@@ -792,7 +820,11 @@ fn replay_while_the_relay_dead_letters_loses_nothing() {
 fn a_short_finished_segment_is_corruption_counted_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (port, endpoint) = down_destination();
-    let (mut relay, cfg) = spooled_relay(dir.path(), &endpoint, json!({"max_size_mib": 32, "segment_size_mib": 1}));
+    let (mut relay, cfg) = spooled_relay(
+        dir.path(),
+        &endpoint,
+        json!({"max_size_mib": 32, "segment_size_mib": 1}),
+    );
     let acked = post_acknowledged(&relay, 4, 360, 300);
     kill(&mut relay);
     let segs = segments(&spool_dir(dir.path()));

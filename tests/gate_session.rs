@@ -67,7 +67,13 @@ fn client_token(provider: &OidcProvider) -> String {
 
 /// A GET of `path` carrying the session cookie `session` and nothing else.
 fn get_with_session(g: &Gate, path: &str, session: &str) -> (u16, Vec<(String, String)>, String) {
-    exchange(g.addr, "GET", path, &[("cookie", &format!("gate_session={session}"))], b"")
+    exchange(
+        g.addr,
+        "GET",
+        path,
+        &[("cookie", &format!("gate_session={session}"))],
+        b"",
+    )
 }
 
 /// One HTTP/1.1 exchange with exactly the given headers (a `host` is added unless given):
@@ -818,7 +824,10 @@ fn disabled_user_loses_access(introspection: bool) {
     eprintln!("disabled user refused {took:?} after being disabled");
     assert!(took <= Duration::from_secs(4), "{took:?}");
     // Replayed again: refused again (the provider keeps saying no).
-    assert_eq!(get_with_session(&g, "/api/2.0/mlflow/experiments/search", &cookie).0, 401);
+    assert_eq!(
+        get_with_session(&g, "/api/2.0/mlflow/experiments/search", &cookie).0,
+        401
+    );
 }
 
 #[test]
@@ -1057,7 +1066,10 @@ fn sessions_are_not_passed_while_the_provider_cannot_confirm_them() {
     let mut fresh = gate_login(&g, "alice");
     poll_session(&g, &mut fresh, 200, Duration::from_secs(20));
     // The logged-out one stays refused on this replica.
-    assert_eq!(get_with_session(&g, "/api/2.0/mlflow/experiments/search", &cookie).0, 401);
+    assert_eq!(
+        get_with_session(&g, "/api/2.0/mlflow/experiments/search", &cookie).0,
+        401
+    );
 }
 
 #[test]
