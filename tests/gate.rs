@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use support::gate::{Gate, start as gate};
 use support::mlflow::Mlflow;
 use support::oidc::{self, OidcOptions, OidcProvider, basic_auth, jwt_parts};
 use support::{Proc, wait_for};
@@ -27,46 +28,6 @@ fn request(
 ) -> (u16, HashMap<String, String>, String) {
     let (status, hs, body) = support::http_exchange(method, addr, path, headers, body);
     (status, hs, String::from_utf8_lossy(&body).to_string())
-}
-
-struct Gate {
-    proc: Proc,
-    addr: SocketAddr,
-    /// The admin listener (/gate/metrics).
-    admin: SocketAddr,
-    started: Duration,
-}
-
-/// Starts `otlp-relay gate` for `provider` in front of `upstream`, with extra environment.
-fn gate(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
-    let mut cmd = Command::new(support::bin());
-    cmd.arg("gate")
-        .env("NO_COLOR", "1")
-        .env("OIDC_DISCOVERY_URL", provider.discovery_url())
-        .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
-        .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
-        .env("SECRET_KEY", "a test secret key that is long enough")
-        .env("GATE_LISTEN", "127.0.0.1:0")
-        .env("GATE_UPSTREAM", upstream)
-        .env("GATE_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
-        .env("OTLP_RELAY_LOG", "info,otlp_relay=debug")
-        .envs(env.iter().copied());
-    let t0 = Instant::now();
-    let mut proc = Proc::spawn("gate", cmd);
-    let addr = proc.wait_listen("gate", Duration::from_secs(20));
-    let admin = proc.wait_listen("gate-admin", Duration::from_secs(20));
-    // Healthy = serving and the provider discovered (tokens can be checked).
-    wait_for("gate discovery", Duration::from_secs(20), || {
-        let (s, _, b) = request("GET", addr, "/gate/healthz", &[], b"");
-        (s == 200 && b.contains("\"oidc_ready\":true")).then_some(())
-    });
-    Gate {
-        proc,
-        addr,
-        admin,
-        started: t0.elapsed(),
-    }
 }
 
 /// POSTs an OTLP/protobuf body to the gate's /v1/traces for `experiment`, with an
@@ -875,27 +836,24 @@ fn readiness_follows_the_provider_and_sigterm_exits_0() {
         ..Default::default()
     });
     provider.stop();
-    let mut cmd = Command::new(support::bin());
-    cmd.arg("gate")
-        .env("NO_COLOR", "1")
-        .env("OIDC_DISCOVERY_URL", provider.discovery_url())
-        .env("OIDC_CLIENT_ID", oidc::CLIENT_ID)
-        .env("OIDC_CLIENT_SECRET", oidc::CLIENT_SECRET)
-        .env("GATE_LISTEN", "127.0.0.1:0")
-        .env("GATE_ADMIN_LISTEN", "off")
-        .env("GATE_UPSTREAM", w.mlflow.url());
+    // Started by hand: `gate()` waits for the provider's discovery, which cannot happen yet.
+    let cmd = support::gate::command(&provider, &w.mlflow.url(), &[("GATE_ADMIN_LISTEN", "off")]);
     let mut p = Proc::spawn("gate-early", cmd);
     let addr = p.wait_listen("gate", Duration::from_secs(20));
     assert_eq!(request("GET", addr, "/gate/healthz", &[], b"").0, 200);
     assert_eq!(request("GET", addr, "/gate/readyz", &[], b"").0, 503);
     let basic = basic_auth(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
-    let (s, _, b) = request(
-        "GET",
-        addr,
-        "/api/2.0/mlflow/experiments/search?max_results=5",
-        &[("authorization", &basic)],
-        b"",
-    );
+    let search = || {
+        let (s, _, b) = request(
+            "GET",
+            addr,
+            "/api/2.0/mlflow/experiments/search?max_results=5",
+            &[("authorization", &basic)],
+            b"",
+        );
+        (s, b)
+    };
+    let (s, b) = search();
     assert_eq!(s, 503, "{b}");
     let t = Instant::now();
     provider.start_again();
@@ -903,13 +861,7 @@ fn readiness_follows_the_provider_and_sigterm_exits_0() {
     wait_for("the gate to discover the provider", Duration::from_secs(20), || {
         (request("GET", addr, "/gate/readyz", &[], b"").0 == 200).then_some(())
     });
-    let (s, _, b) = request(
-        "GET",
-        addr,
-        "/api/2.0/mlflow/experiments/search?max_results=5",
-        &[("authorization", &basic)],
-        b"",
-    );
+    let (s, b) = search();
     assert_eq!(s, 200, "{b}");
     eprintln!("gate ready {:?} after the provider restart began", t.elapsed());
     // SIGTERM: a clean exit.
