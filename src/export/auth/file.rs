@@ -57,7 +57,8 @@ struct State {
     checked: Option<Instant>,
     stamp: Option<Stamp>,
     value: Result<Arc<str>, FileProblem>,
-    /// Whether the value's state reached metrics and readiness (they are attached after `open`).
+    /// Whether the value's state reached metrics and readiness (they are attached after `open`,
+    /// and a state is reported once, not at every look).
     reported: bool,
     refused_log: RateLimitedWarn,
 }
@@ -133,6 +134,9 @@ impl WatchedFile {
                 self.reload(&mut st);
             }
         }
+        if !st.reported {
+            self.report(&mut st);
+        }
         let State { value, refused_log, .. } = &mut *st;
         if let Err(problem) = value
             && let Some(suppressed) = refused_log.due()
@@ -150,36 +154,37 @@ impl WatchedFile {
 
     fn reload(&self, st: &mut State) {
         let value = read(&self.path);
-        let obs = self.observers.get();
-        match (&st.value, &value) {
-            (Ok(old), Ok(new)) if old == new => return,
-            (_, Ok(_)) => {
+        let changed = match (&st.value, &value) {
+            (Ok(old), Ok(new)) => old != new,
+            (Err(old), Err(new)) => old != new,
+            _ => true,
+        };
+        if changed {
+            if value.is_ok() {
                 tracing::info!(extension = %self.extension, key = self.key, file = %self.path.display(), "credential file changed: re-read");
-                if let Some(o) = obs {
-                    o.health.set_unready(&self.extension, None);
-                }
             }
-            // Still missing: counted once, not at every look.
-            (Err(old), Err(new)) if old == new && st.reported => return,
-            // Logged (rate-limited) by `current`, which refuses the export.
-            (_, Err(problem)) => {
-                if let Some(o) = obs {
-                    o.health.set_unready(&self.extension, Some(problem.to_string()));
-                }
-            }
+            st.value = value;
+            st.reported = false;
         }
-        if let Some(o) = obs {
-            let result = if value.is_ok() { "success" } else { "error" };
-            o.metrics
-                .token_requests
-                .get_or_create(&TokenResultLabels {
-                    extension: self.extension.clone(),
-                    result: result.into(),
-                })
-                .inc();
-            st.reported = true;
-        }
-        st.value = value;
+    }
+
+    /// Each new state once to metrics and readiness (a failure is logged by `current`, which
+    /// refuses the export, rate-limited).
+    fn report(&self, st: &mut State) {
+        let Some(o) = self.observers.get() else {
+            return;
+        };
+        let reason = st.value.as_ref().err().map(FileProblem::to_string);
+        let result = if reason.is_some() { "error" } else { "success" };
+        o.health.set_unready(&self.extension, reason);
+        o.metrics
+            .token_requests
+            .get_or_create(&TokenResultLabels {
+                extension: self.extension.clone(),
+                result: result.into(),
+            })
+            .inc();
+        st.reported = true;
     }
 }
 
