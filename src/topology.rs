@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchSettings;
 use crate::config::{self, Config, ConfigError, Extension, PipelineConfig, Processor, Receiver};
-use crate::export::build::PipelineBatch;
 use crate::export::auth::Authenticator;
+use crate::export::build::PipelineBatch;
 use crate::export::oauth::OAuth2Client;
 use crate::export::{Exporter, StageControl, start_stage};
 use crate::pipeline::{Intake, MemoryBudget, ProcessedRoute, Target};

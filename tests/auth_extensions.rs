@@ -159,7 +159,10 @@ fn assert_no_secrets(relay: &Relay, check_output: &str, secrets: &[&str]) {
     for s in secrets {
         assert!(!log.contains(s), "secret {s:?} in the relay's log:\n{log}");
         assert!(!metrics.contains(s), "secret {s:?} in /metrics:\n{metrics}");
-        assert!(!check_output.contains(s), "secret {s:?} in check's output:\n{check_output}");
+        assert!(
+            !check_output.contains(s),
+            "secret {s:?} in check's output:\n{check_output}"
+        );
     }
 }
 
@@ -180,7 +183,11 @@ fn bearer_token_in_authorization_with_the_default_scheme() {
     assert!(ok, "{check_output}");
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let h = deliver(&relay, &recorder, 1);
-    assert_eq!(header(&h, "authorization"), Some(format!("Bearer {token}").as_str()), "{h:?}");
+    assert_eq!(
+        header(&h, "authorization"),
+        Some(format!("Bearer {token}").as_str()),
+        "{h:?}"
+    );
     assert_no_secrets(&relay, &check_output, &[token]);
 }
 
@@ -196,7 +203,11 @@ fn bearer_token_with_a_custom_scheme_header_and_no_scheme() {
     );
     let relay = Relay::start(dir.path(), &cfg, "otlp");
     let h = deliver(&relay, &recorder, 1);
-    assert_eq!(header(&h, "x-api-key"), Some(format!("Token {token}").as_str()), "{h:?}");
+    assert_eq!(
+        header(&h, "x-api-key"),
+        Some(format!("Token {token}").as_str()),
+        "{h:?}"
+    );
     assert_eq!(header(&h, "authorization"), None, "{h:?}");
     drop(relay);
 
@@ -260,7 +271,11 @@ fn bearer_token_file_rotation_is_picked_up_and_a_removed_file_fails_closed() {
         send_span(&relay, "still no token");
         (retries_for_token(&relay) >= refused + 3.0).then_some(())
     });
-    assert_eq!(recorder.requests().len(), held, "a request went out without the token file");
+    assert_eq!(
+        recorder.requests().len(),
+        held,
+        "a request went out without the token file"
+    );
     assert!(
         relay.metric(
             "otlp_relay_token_requests_total",

@@ -136,11 +136,17 @@ pub(super) fn validate_bearer(path: &str, b: &BearerTokenAuthConfig, err: &mut d
     if b.scheme.bytes().any(|c| !c.is_ascii_graphic()) {
         err(
             format!("{path}.scheme"),
-            format!("{:?} must be one word of visible ASCII (e.g. Bearer), or empty", b.scheme),
+            format!(
+                "{:?} must be one word of visible ASCII (e.g. Bearer), or empty",
+                b.scheme
+            ),
         );
     }
     if http::HeaderName::from_bytes(b.header.as_bytes()).is_err() {
-        err(format!("{path}.header"), format!("{:?} is not a valid HTTP header name", b.header));
+        err(
+            format!("{path}.header"),
+            format!("{:?} is not a valid HTTP header name", b.header),
+        );
     } else if RESERVED_HEADERS.contains(&b.header.to_ascii_lowercase().as_str()) {
         err(
             format!("{path}.header"),
@@ -238,7 +244,10 @@ service:
             Vec::<String>::new()
         );
         assert_eq!(
-            with_ext("bearertokenauth", "{filename: /x, file_retry: {enabled: true, max_retries: 3, retry_interval: 1s}}"),
+            with_ext(
+                "bearertokenauth",
+                "{filename: /x, file_retry: {enabled: true, max_retries: 3, retry_interval: 1s}}"
+            ),
             Vec::<String>::new()
         );
         assert_eq!(
@@ -253,7 +262,12 @@ service:
 
     #[test]
     fn bearer_needs_exactly_one_source() {
-        one_error("bearertokenauth", "{}", "extensions.bearertokenauth/x.token", "set token or filename");
+        one_error(
+            "bearertokenauth",
+            "{}",
+            "extensions.bearertokenauth/x.token",
+            "set token or filename",
+        );
         let text = one_error(
             "bearertokenauth",
             "{token: s3cr3t-t0k3n, filename: /x}",
@@ -279,9 +293,24 @@ service:
             "server-side",
         );
         assert!(!text.contains("s3cr3t"), "{text}");
-        one_error("bearertokenauth", "{token: a, scheme: 'Two words'}", "extensions.bearertokenauth/x.scheme", "one word");
-        one_error("bearertokenauth", "{token: a, header: 'bad header'}", "extensions.bearertokenauth/x.header", "not a valid");
-        one_error("bearertokenauth", "{token: a, header: ''}", "extensions.bearertokenauth/x.header", "not a valid");
+        one_error(
+            "bearertokenauth",
+            "{token: a, scheme: 'Two words'}",
+            "extensions.bearertokenauth/x.scheme",
+            "one word",
+        );
+        one_error(
+            "bearertokenauth",
+            "{token: a, header: 'bad header'}",
+            "extensions.bearertokenauth/x.header",
+            "not a valid",
+        );
+        one_error(
+            "bearertokenauth",
+            "{token: a, header: ''}",
+            "extensions.bearertokenauth/x.header",
+            "not a valid",
+        );
         for reserved in ["Content-Type", "host", "X-MLflow-Experiment-Id"] {
             one_error(
                 "bearertokenauth",
@@ -296,7 +325,12 @@ service:
             "extensions.bearertokenauth/x.file_retry.enabled",
             "needs filename",
         );
-        one_error("bearertokenauth", "{token: a, tokn: b}", "extensions.bearertokenauth/x", "unknown field");
+        one_error(
+            "bearertokenauth",
+            "{token: a, tokn: b}",
+            "extensions.bearertokenauth/x",
+            "unknown field",
+        );
     }
 
     #[test]
@@ -352,14 +386,19 @@ service:
         // htpasswd only: no client side for the exporter to use.
         let errors = with_ext("basicauth", "{htpasswd: {file: /x}}");
         assert!(
-            errors.iter().any(|e| e.starts_with("exporters.otlphttp.auth.authenticator") && e.contains("client_auth")),
+            errors
+                .iter()
+                .any(|e| e.starts_with("exporters.otlphttp.auth.authenticator") && e.contains("client_auth")),
             "{errors:#?}"
         );
     }
 
     #[test]
     fn file_retry_counts_are_warned_as_not_acted_on() {
-        let text = config_text("bearertokenauth", "{filename: /x, file_retry: {enabled: true, max_retries: 3}}");
+        let text = config_text(
+            "bearertokenauth",
+            "{filename: /x, file_retry: {enabled: true, max_retries: 3}}",
+        );
         let config = crate::config::parse_str(&text, &|_| None).unwrap();
         let warnings: Vec<String> = crate::config::warnings(&config).iter().map(|w| w.to_string()).collect();
         assert!(

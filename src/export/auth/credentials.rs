@@ -14,7 +14,7 @@ use crate::telemetry::{Health, Metrics};
 /// A secret given inline or in a watched file.
 enum Source {
     Inline(Arc<str>),
-    File(WatchedFile),
+    File(Box<WatchedFile>),
 }
 
 impl Source {
@@ -29,7 +29,7 @@ impl Source {
         if path.is_empty() {
             return Ok(Source::Inline(Arc::from(inline.trim())));
         }
-        WatchedFile::open(extension, key, path, required, observers.clone()).map(Source::File)
+        WatchedFile::open(extension, key, path, required, observers.clone()).map(|f| Source::File(Box::new(f)))
     }
 
     fn current(&self) -> Result<Arc<str>, AuthError> {
@@ -78,8 +78,15 @@ impl BearerTokenAuth {
         let observers = Arc::new(OnceLock::new());
         let header = HeaderName::from_bytes(cfg.header.as_bytes())
             .map_err(|_| format!("header {:?} is not a valid HTTP header name", cfg.header))?;
-        let token = Source::new(id, "filename", &cfg.token, &cfg.filename, !cfg.file_retry.enabled, &observers)
-            .map_err(|e| format!("filename: {e}"))?;
+        let token = Source::new(
+            id,
+            "filename",
+            &cfg.token,
+            &cfg.filename,
+            !cfg.file_retry.enabled,
+            &observers,
+        )
+        .map_err(|e| format!("filename: {e}"))?;
         Ok(BearerTokenAuth {
             header,
             scheme: cfg.scheme.clone(),

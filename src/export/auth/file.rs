@@ -219,7 +219,13 @@ mod tests {
 
     fn watched(dir: &std::path::Path, required: bool) -> Result<WatchedFile, FileProblem> {
         let path = dir.join("token");
-        WatchedFile::open("bearertokenauth/t", "filename", path.to_str().unwrap_or_default(), required, Default::default())
+        WatchedFile::open(
+            "bearertokenauth/t",
+            "filename",
+            path.to_str().unwrap_or_default(),
+            required,
+            Default::default(),
+        )
     }
 
     #[test]
