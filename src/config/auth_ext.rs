@@ -216,15 +216,15 @@ mod tests {
     }
 
     fn config_text(ty: &str, settings: &str) -> String {
-        format!(
-            "receivers: {{otlp: {{protocols: {{grpc: {{endpoint: '127.0.0.1:0'}}}}}}}}
-exporters: {{otlphttp: {{endpoint: 'http://127.0.0.1:1', auth: {{authenticator: {ty}/x}}}}}}
-extensions: {{{ty}/x: {settings}}}
+        "receivers: {otlp: {protocols: {grpc: {endpoint: '127.0.0.1:0'}}}}
+exporters: {otlphttp: {endpoint: 'http://127.0.0.1:1', auth: {authenticator: TYPE/x}}}
+extensions: {TYPE/x: SETTINGS}
 service:
-  extensions: [{ty}/x]
-  pipelines: {{traces: {{receivers: [otlp], exporters: [otlphttp]}}}}
+  extensions: [TYPE/x]
+  pipelines: {traces: {receivers: [otlp], exporters: [otlphttp]}}
 "
-        )
+        .replace("TYPE", ty)
+        .replace("SETTINGS", settings)
     }
 
     fn one_error(ty: &str, settings: &str, path: &str, needle: &str) -> String {
