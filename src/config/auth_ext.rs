@@ -394,6 +394,27 @@ service:
     }
 
     #[test]
+    fn exporters_need_the_extension_enabled_and_an_authenticator() {
+        let not_enabled =
+            config_text("bearertokenauth", "{token: a}").replace("extensions: [bearertokenauth/x]", "extensions: []");
+        let errors = errors_of(&not_enabled);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("exporters.otlphttp.auth.authenticator") && e.contains("service.extensions")),
+            "{errors:#?}"
+        );
+        let not_auth = config_text("file_storage", "{directory: /tmp}");
+        let errors = errors_of(&not_auth);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("is not an authenticator (oauth2client, bearertokenauth or basicauth)")),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
     fn file_retry_counts_are_warned_as_not_acted_on() {
         let text = config_text(
             "bearertokenauth",
