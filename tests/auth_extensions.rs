@@ -388,3 +388,34 @@ fn basicauth_sends_rfc7617_credentials() {
         &[password, "cmVsYXktdXNlcjpiNHNpYy1wYTU1LTNjOWU="],
     );
 }
+
+/// basicauth's password_file (a mounted Secret) is re-read when it is replaced.
+#[test]
+fn basicauth_password_file_rotation_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start();
+    let password_path = dir.path().join("password");
+    std::fs::write(&password_path, "first-pa55\n").unwrap();
+    let cfg = config(
+        &recorder,
+        "basicauth",
+        json!({"client_auth": {"username": "u", "password_file": password_path.to_str().unwrap()}}),
+    );
+    let relay = Relay::start(dir.path(), &cfg, "otlp");
+    let h = deliver(&relay, &recorder, 1);
+    // base64("u:first-pa55")
+    assert_eq!(header(&h, "authorization"), Some("Basic dTpmaXJzdC1wYTU1"), "{h:?}");
+    let tmp = dir.path().join("password.tmp");
+    std::fs::write(&tmp, "second-pa55").unwrap();
+    std::fs::rename(&tmp, &password_path).unwrap();
+    // base64("u:second-pa55")
+    wait_for("a request with the new password", T, || {
+        send_span(&relay, "after rotation");
+        recorder
+            .values("authorization")
+            .iter()
+            .any(|v| v.as_deref() == Some("Basic dTpzZWNvbmQtcGE1NQ=="))
+            .then_some(())
+    });
+    assert_no_secrets(&relay, "", &["first-pa55", "second-pa55", "dTpmaXJzdC1wYTU1"]);
+}
