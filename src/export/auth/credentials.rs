@@ -11,7 +11,8 @@ use super::{AuthError, AuthFuture, Authenticator};
 use crate::config::{BasicAuthConfig, BearerTokenAuthConfig};
 use crate::telemetry::{Health, Metrics};
 
-/// A secret given inline or in a watched file.
+/// A secret given inline (as is: a password may begin or end with a space) or in a watched file
+/// (trimmed: files usually end with a newline).
 enum Source {
     Inline(Arc<str>),
     File(Box<WatchedFile>),
@@ -27,7 +28,7 @@ impl Source {
         observers: &Arc<OnceLock<Observers>>,
     ) -> Result<Source, FileProblem> {
         if path.is_empty() {
-            return Ok(Source::Inline(Arc::from(inline.trim())));
+            return Ok(Source::Inline(Arc::from(inline)));
         }
         WatchedFile::open(extension, key, path, required, observers.clone()).map(|f| Source::File(Box::new(f)))
     }
@@ -81,7 +82,7 @@ impl BearerTokenAuth {
         let token = Source::new(
             id,
             "filename",
-            &cfg.token,
+            cfg.token.trim(),
             &cfg.filename,
             !cfg.file_retry.enabled,
             &observers,
@@ -230,6 +231,13 @@ mod tests {
         client.password = "open sesame".into();
         let a = BasicAuth::new("basicauth", &cfg).unwrap().unwrap();
         assert_eq!(header_of(&a), "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        let mut spaced = cfg.clone();
+        if let Some(c) = spaced.client_auth.as_mut() {
+            c.password = " open sesame ".into();
+        }
+        let a2 = BasicAuth::new("basicauth", &spaced).unwrap().unwrap();
+        // base64("Aladdin: open sesame ")
+        assert_eq!(header_of(&a2), "Basic QWxhZGRpbjogb3BlbiBzZXNhbWUg");
         assert!(!format!("{a:?}").contains("sesame"));
         assert!(basic_value("a:b", "c").is_err());
     }
