@@ -194,6 +194,13 @@ fn read(path: &PathBuf) -> Result<Arc<str>, FileProblem> {
         path: shown.clone(),
         error: e.to_string(),
     };
+    // Opening a FIFO would block until a writer comes (with the lock held): regular files only.
+    if !std::fs::metadata(path).map_err(unreadable)?.is_file() {
+        return Err(FileProblem::Unreadable {
+            path: shown,
+            error: "not a regular file".into(),
+        });
+    }
     let file = std::fs::File::open(path).map_err(unreadable)?;
     let mut bytes = Vec::new();
     file.take(MAX_SECRET_BYTES + 1)
@@ -232,6 +239,10 @@ mod tests {
     fn missing_or_empty_fails_at_open_when_required() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(watched(dir.path(), true), Err(FileProblem::Unreadable { .. })));
+        std::fs::create_dir(dir.path().join("token")).unwrap();
+        let e = watched(dir.path(), true).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_dir(dir.path().join("token")).unwrap();
         std::fs::write(dir.path().join("token"), " \n").unwrap();
         assert!(matches!(watched(dir.path(), true), Err(FileProblem::Empty { .. })));
         std::fs::write(dir.path().join("token"), "a\u{1}b").unwrap();
