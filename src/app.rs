@@ -94,7 +94,7 @@ fn log_destinations(config: &Config) {
                         |(_, v)| v.as_str(),
                     );
                 let auth = c.auth.as_ref().map_or("none (direct)".to_string(), |a| {
-                    format!("bearer token from {}", a.authenticator)
+                    format!("credentials from {}", a.authenticator)
                 });
                 let spool = config
                     .exporter_storage(id)

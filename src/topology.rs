@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchSettings;
 use crate::config::{self, Config, ConfigError, Extension, PipelineConfig, Processor, Receiver};
+use crate::export::auth::Authenticator;
 use crate::export::build::PipelineBatch;
 use crate::export::oauth::OAuth2Client;
 use crate::export::{Exporter, StageControl, start_stage};
@@ -45,6 +46,8 @@ pub(crate) struct Prepared {
     server_tls: BTreeMap<(String, &'static str), Arc<ServerTls>>,
     exporters: BTreeMap<String, Arc<Exporter>>,
     oauth: BTreeMap<String, Arc<OAuth2Client>>,
+    /// Every enabled auth extension, oauth2client included.
+    auth: BTreeMap<String, Arc<dyn Authenticator>>,
 }
 
 impl Prepared {
@@ -87,9 +90,26 @@ pub(crate) fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors>
             }
         }
     }
+    // Every enabled authenticator by extension id: oauth2client and the static-credential ones.
+    let mut auth: BTreeMap<String, Arc<dyn Authenticator>> = oauth
+        .iter()
+        .map(|(id, c)| (id.clone(), c.clone() as Arc<dyn Authenticator>))
+        .collect();
+    for (id, ext) in &config.extensions {
+        if !config.service.extensions.contains(id) {
+            continue;
+        }
+        match crate::export::auth::from_extension(id, ext) {
+            Ok(Some(a)) => {
+                auth.insert(id.clone(), a);
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(ConfigError::new(format!("extensions.{id}"), e)),
+        }
+    }
     let mut exporters = BTreeMap::new();
     for (id, e) in &config.exporters {
-        match crate::export::build::exporter(id, e, &oauth) {
+        match crate::export::build::exporter(id, e, &auth) {
             Ok(Some(exporter)) => {
                 exporters.insert(id.clone(), Arc::new(exporter));
             }
@@ -102,6 +122,7 @@ pub(crate) fn prepare(config: &Config) -> Result<Prepared, config::ConfigErrors>
             server_tls,
             exporters,
             oauth,
+            auth,
         })
     } else {
         Err(config::ConfigErrors(errors))
@@ -219,6 +240,9 @@ pub(crate) fn start(
     for client in prepared.oauth.values() {
         client.attach(metrics.clone(), health.clone());
         client.spawn_warmup();
+    }
+    for a in prepared.auth.values() {
+        a.attach(metrics, health);
     }
     let budgets = memory_budgets(config);
     let inputs = start_stages(config, &prepared, &mut running, metrics, supervisor, &budgets)?;

@@ -320,7 +320,11 @@ fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, er
     if let Some(auth) = &x.auth {
         let a = &auth.authenticator;
         match config.extensions.get(a) {
-            Some(Extension::OAuth2Client(_)) => {
+            Some(Extension::BasicAuth(b)) if b.client_auth.is_none() => err(
+                format!("{path}.auth.authenticator"),
+                format!("{a:?} has no client_auth for exporters to send"),
+            ),
+            Some(Extension::OAuth2Client(_) | Extension::BearerTokenAuth(_) | Extension::BasicAuth(_)) => {
                 if !config.service.extensions.contains(a) {
                     err(
                         format!("{path}.auth.authenticator"),
@@ -330,7 +334,7 @@ fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, er
             }
             Some(_) => err(
                 format!("{path}.auth.authenticator"),
-                format!("{a:?} is not an oauth2client extension"),
+                format!("{a:?} is not an authenticator (oauth2client, bearertokenauth or basicauth)"),
             ),
             None => err(
                 format!("{path}.auth.authenticator"),

@@ -1,4 +1,5 @@
-//! Extension configs (`health_check`, `oauth2client`, `file_storage`) and their checks.
+//! Extension configs (`health_check`, `oauth2client`, `file_storage`) and their checks; the
+//! client auth extensions `bearertokenauth` and `basicauth` are in `auth_ext`.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -149,6 +150,8 @@ impl Default for FileStorageConfig {
 pub(super) fn validate(id: &str, x: &Extension, err: &mut dyn FnMut(String, String)) {
     let path = format!("extensions.{id}");
     match x {
+        Extension::BearerTokenAuth(b) => super::auth_ext::validate_bearer(&path, b, err),
+        Extension::BasicAuth(b) => super::auth_ext::validate_basic(&path, b, err),
         Extension::HealthCheck(h) => {
             if !h.path.starts_with('/') {
                 err(format!("{path}.path"), format!("{:?} must start with /", h.path));

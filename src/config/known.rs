@@ -67,8 +67,6 @@ pub(super) fn advice(kind: &str, ty: &str) -> Option<&'static str> {
             &[
                 "zpages",
                 "pprof",
-                "bearertokenauth",
-                "basicauth",
                 "oidc",
                 "headers_setter",
                 "sigv4auth",
@@ -76,7 +74,7 @@ pub(super) fn advice(kind: &str, ty: &str) -> Option<&'static str> {
                 "memory_ballast",
                 "healthcheckv2",
             ],
-            "not implemented by this relay: remove it from extensions and service.extensions (oauth2client, health_check and file_storage are)",
+            "not implemented by this relay: remove it from extensions and service.extensions (oauth2client, bearertokenauth, basicauth, health_check and file_storage are)",
         ),
         (
             "connector",

@@ -253,11 +253,21 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.extensions.insert(id, Extension::FileStorage(c));
                 }
             }
+            "bearertokenauth" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.extensions.insert(id, Extension::BearerTokenAuth(c));
+                }
+            }
+            "basicauth" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.extensions.insert(id, Extension::BasicAuth(c));
+                }
+            }
             other => unsupported(
                 &path,
                 "extension",
                 other,
-                "health_check, oauth2client, file_storage",
+                "health_check, oauth2client, bearertokenauth, basicauth, file_storage",
                 errors,
             ),
         }

@@ -1,5 +1,6 @@
 //! Configuration: the otel-collector layout read from YAML, env-substituted, typed and validated
 //! before anything binds a port. Every problem is reported with its YAML path.
+mod auth_ext;
 mod duration;
 mod env;
 pub(crate) mod error;
@@ -16,6 +17,7 @@ mod validate;
 mod values;
 mod warnings;
 
+pub(crate) use auth_ext::{BasicAuthConfig, BearerTokenAuthConfig, header_safe};
 pub(crate) use duration::{GoDuration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 pub(crate) use exporter::*;
@@ -55,6 +57,8 @@ pub(crate) enum Extension {
     HealthCheck(HealthCheckConfig),
     OAuth2Client(Box<OAuth2ClientConfig>),
     FileStorage(FileStorageConfig),
+    BearerTokenAuth(BearerTokenAuthConfig),
+    BasicAuth(BasicAuthConfig),
 }
 
 /// A loaded configuration. Component maps are keyed by component id (`type` or `type/name`).

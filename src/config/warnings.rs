@@ -37,6 +37,16 @@ pub(crate) fn warnings(config: &Config) -> Vec<ConfigError> {
             Extension::HealthCheck(h) if h.check_collector_pipeline.is_some() => {
                 warn(format!("{path}.check_collector_pipeline"), IGNORED);
             }
+            Extension::BearerTokenAuth(b)
+                if b.file_retry.max_retries.is_some() || b.file_retry.retry_interval.is_some() =>
+            {
+                warn(
+                    format!("{path}.file_retry"),
+                    &format!(
+                        "max_retries and retry_interval are {IGNORED}: with enabled, exports wait for the file as long as it takes, looking again at most once a second"
+                    ),
+                );
+            }
             Extension::FileStorage(f) => {
                 if f.compaction.is_some() {
                     warn(

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::auth::Authenticator;
 use super::debug::DebugExporter;
-use super::oauth::OAuth2Client;
 use super::otlphttp::{OtlpHttpExporter, traces_url};
 use super::retry::RetryPolicy;
 use super::{Exporter, StageSettings};
@@ -20,18 +19,18 @@ use crate::spool::deadletter::DeadLetter;
 const DEBUG_QUEUE_SIZE: usize = 100;
 
 /// The exporter `id` as configured. Ok(None) when its authenticator failed to build (that
-/// failure is reported at the extension); `oauth` holds the enabled oauth2client extensions.
+/// failure is reported at the extension); `auth` holds the enabled auth extensions.
 pub(crate) fn exporter(
     id: &str,
     cfg: &ExporterConfig,
-    oauth: &BTreeMap<String, Arc<OAuth2Client>>,
+    auth: &BTreeMap<String, Arc<dyn Authenticator>>,
 ) -> Result<Option<Exporter>, ConfigError> {
     match cfg {
         ExporterConfig::OtlpHttp(cfg) => {
             let auth = match &cfg.auth {
-                // Validation made sure it names an enabled oauth2client; a missing one failed there.
-                Some(a) => match oauth.get(&a.authenticator) {
-                    Some(c) => Some(c.clone() as Arc<dyn Authenticator>),
+                // Validation made sure it names an enabled authenticator; a missing one failed there.
+                Some(a) => match auth.get(&a.authenticator) {
+                    Some(c) => Some(c.clone()),
                     None => return Ok(None),
                 },
                 None => None,

@@ -314,7 +314,7 @@ impl Metrics {
         let token_requests = counter(
             &mut r,
             "otlp_relay_token_requests",
-            "Token requests by oauth2client extension and result (success, rejected, error)",
+            "Token requests (oauth2client) and token file reads (bearertokenauth, basicauth) by extension and result (success, rejected, error)",
         );
         let token_expiry = gauge(
             &mut r,
