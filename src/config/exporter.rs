@@ -195,13 +195,14 @@ pub(super) fn validate(id: &str, e: &Exporter, config: &Config, err: &mut dyn Fn
     match e {
         Exporter::OtlpHttp(x) => {
             validate_destination(&path, x, err);
-            validate_delivery(&path, x, config, err);
+            validate_delivery(&path, &x.retry_on_failure, &x.sending_queue, x.auth.as_ref(), config, err);
             x.mlflow.validate(&format!("{path}.mlflow"), err);
             let t = &x.tls;
             if t.cert_file.is_empty() != t.key_file.is_empty() {
                 err(format!("{path}.tls"), "cert_file and key_file go together".into());
             }
         }
+        Exporter::OtlpGrpc(x) => x.validate(&path, config, err),
         // Its words (verbosity) are typed; nothing else to check.
         Exporter::Debug(_) => {}
     }
@@ -251,10 +252,16 @@ fn validate_destination(path: &str, x: &OtlpHttpExporterConfig, err: &mut dyn Fn
     }
 }
 
-/// How an otlphttp exporter retries and queues, and the extensions it names for its spool and
-/// its token.
-fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, err: &mut dyn FnMut(String, String)) {
-    let r = &x.retry_on_failure;
+/// How an exporter (otlphttp, otlp) retries and queues, and the extensions it names for its
+/// spool and its token.
+pub(super) fn validate_delivery(
+    path: &str,
+    r: &RetryConfig,
+    q: &QueueConfig,
+    auth: Option<&AuthConfig>,
+    config: &Config,
+    err: &mut dyn FnMut(String, String),
+) {
     if r.enabled {
         if r.initial_interval.is_zero() {
             err(
@@ -281,7 +288,6 @@ fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, er
             );
         }
     }
-    let q = &x.sending_queue;
     if q.num_consumers == 0 {
         err(
             format!("{path}.sending_queue.num_consumers"),
@@ -317,7 +323,7 @@ fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, er
             ),
         }
     }
-    if let Some(auth) = &x.auth {
+    if let Some(auth) = auth {
         let a = &auth.authenticator;
         match config.extensions.get(a) {
             Some(Extension::OAuth2Client(_)) => {

@@ -62,6 +62,7 @@ pub(crate) fn warnings(config: &Config) -> Vec<ConfigError> {
             }
         }
     }
+    super::otlp_grpc::warnings(config, &mut out);
     out
 }
 
