@@ -155,8 +155,11 @@ struct Script {
     seen: Mutex<Vec<Seen>>,
 }
 
+/// The service tonic serves: the shared script.
+struct Scripted(Arc<Script>);
+
 #[tonic::async_trait]
-impl TraceService for Arc<Script> {
+impl TraceService for Scripted {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
@@ -175,8 +178,8 @@ impl TraceService for Arc<Script> {
             .flat_map(|r| &r.scope_spans)
             .map(|s| s.spans.len())
             .sum();
-        self.seen.lock().unwrap().push(Seen { metadata, spans });
-        let partial_success = match self.answers.lock().unwrap().pop_front() {
+        self.0.seen.lock().unwrap().push(Seen { metadata, spans });
+        let partial_success = match self.0.answers.lock().unwrap().pop_front() {
             Some(Answer::PartialSuccess(n)) => Some(ExportTracePartialSuccess {
                 rejected_spans: n,
                 error_message: "spans too old".into(),
@@ -203,7 +206,7 @@ impl ScriptedServer {
         });
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(script.clone())
+        let service = TraceServiceServer::new(Scripted(script.clone()))
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
         rt.spawn(async move {

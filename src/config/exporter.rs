@@ -195,7 +195,12 @@ pub(super) fn validate(id: &str, e: &Exporter, config: &Config, err: &mut dyn Fn
     match e {
         Exporter::OtlpHttp(x) => {
             validate_destination(&path, x, err);
-            validate_delivery(&path, &x.retry_on_failure, &x.sending_queue, x.auth.as_ref(), config, err);
+            let delivery = Delivery {
+                retry_on_failure: &x.retry_on_failure,
+                sending_queue: &x.sending_queue,
+                auth: &x.auth,
+            };
+            validate_delivery(&path, delivery, config, err);
             x.mlflow.validate(&format!("{path}.mlflow"), err);
             let t = &x.tls;
             if t.cert_file.is_empty() != t.key_file.is_empty() {
@@ -252,16 +257,16 @@ fn validate_destination(path: &str, x: &OtlpHttpExporterConfig, err: &mut dyn Fn
     }
 }
 
-/// How an exporter (otlphttp, otlp) retries and queues, and the extensions it names for its
-/// spool and its token.
-pub(super) fn validate_delivery(
-    path: &str,
-    r: &RetryConfig,
-    q: &QueueConfig,
-    auth: Option<&AuthConfig>,
-    config: &Config,
-    err: &mut dyn FnMut(String, String),
-) {
+/// What [`validate_delivery`] checks of an exporter (otlphttp, otlp).
+pub(super) struct Delivery<'a> {
+    pub(super) retry_on_failure: &'a RetryConfig,
+    pub(super) sending_queue: &'a QueueConfig,
+    pub(super) auth: &'a Option<AuthConfig>,
+}
+
+/// How an exporter retries and queues, and the extensions it names for its spool and its token.
+pub(super) fn validate_delivery(path: &str, x: Delivery<'_>, config: &Config, err: &mut dyn FnMut(String, String)) {
+    let r = &x.retry_on_failure;
     if r.enabled {
         if r.initial_interval.is_zero() {
             err(
@@ -288,6 +293,7 @@ pub(super) fn validate_delivery(
             );
         }
     }
+    let q = &x.sending_queue;
     if q.num_consumers == 0 {
         err(
             format!("{path}.sending_queue.num_consumers"),
@@ -323,7 +329,7 @@ pub(super) fn validate_delivery(
             ),
         }
     }
-    if let Some(auth) = auth {
+    if let Some(auth) = &x.auth {
         let a = &auth.authenticator;
         match config.extensions.get(a) {
             Some(Extension::OAuth2Client(_)) => {

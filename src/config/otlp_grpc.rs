@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::duration::GoDuration;
-use super::exporter::{AuthConfig, ClientTlsConfig, QueueConfig, RetryConfig, validate_delivery};
+use super::exporter::{AuthConfig, ClientTlsConfig, Delivery, QueueConfig, RetryConfig, validate_delivery};
 use super::{Config, ConfigError};
 use crate::otlp::EXPERIMENT_HEADER;
 
@@ -202,14 +202,12 @@ impl OtlpGrpcExporterConfig {
                 format!("{:?} is not a DNS name or IP address", t.server_name_override),
             );
         }
-        validate_delivery(
-            path,
-            &self.retry_on_failure,
-            &self.sending_queue,
-            self.auth.as_ref(),
-            config,
-            err,
-        );
+        let delivery = Delivery {
+            retry_on_failure: &self.retry_on_failure,
+            sending_queue: &self.sending_queue,
+            auth: &self.auth,
+        };
+        validate_delivery(path, delivery, config, err);
     }
 
     /// What this config says that is accepted but not acted on, or probably not meant.
