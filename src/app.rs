@@ -109,9 +109,10 @@ fn log_destinations(config: &Config) {
                 );
             }
             ExporterConfig::OtlpGrpc(c) => {
-                let auth = c.auth.as_ref().map_or("none".to_string(), |a| {
-                    format!("bearer token from {}", a.authenticator)
-                });
+                let auth = c
+                    .auth
+                    .as_ref()
+                    .map_or("none".to_string(), |a| format!("bearer token from {}", a.authenticator));
                 let spool = config
                     .exporter_storage(id)
                     .map_or("none (memory queue)".to_string(), |(_, s)| s.directory.clone());

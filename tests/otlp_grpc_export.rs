@@ -132,14 +132,10 @@ fn fans_out_to_otlphttp_and_grpc_with_each_compression() {
         }
         // Not sent to MLflow's experiment: nothing MLflow-shaped rides on the gRPC calls.
         assert_eq!(s["last"]["experiment_id"], Value::Null, "{id}: {s}");
-        wait_for(&format!("{id} counted sent"), T, || (sent(&relay, id) == 150.0).then_some(()));
+        wait_for(&format!("{id} counted sent"), T, || {
+            (sent(&relay, id) == 150.0).then_some(())
+        });
     }
-}
-
-/// What the scripted TraceService answers, call by call (then OK).
-#[derive(Clone)]
-enum Answer {
-    PartialSuccess(i64),
 }
 
 /// One call as the scripted server saw it.
@@ -151,7 +147,8 @@ struct Seen {
 
 #[derive(Default)]
 struct Script {
-    answers: Mutex<VecDeque<Answer>>,
+    /// The partial success of each call in turn: this many spans rejected (then plain OK).
+    rejections: Mutex<VecDeque<i64>>,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -179,18 +176,21 @@ impl TraceService for Scripted {
             .map(|s| s.spans.len())
             .sum();
         self.0.seen.lock().unwrap().push(Seen { metadata, spans });
-        let partial_success = match self.0.answers.lock().unwrap().pop_front() {
-            Some(Answer::PartialSuccess(n)) => Some(ExportTracePartialSuccess {
+        let partial_success = self
+            .0
+            .rejections
+            .lock()
+            .unwrap()
+            .pop_front()
+            .map(|n| ExportTracePartialSuccess {
                 rejected_spans: n,
                 error_message: "spans too old".into(),
-            }),
-            None => None,
-        };
+            });
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success }))
     }
 }
 
-/// A TraceService on 127.0.0.1:0 (h2c), on its own runtime, answering as `script` says.
+/// A TraceService on 127.0.0.1:0 (h2c), on its own runtime, answering as its script says.
 struct ScriptedServer {
     addr: SocketAddr,
     script: Arc<Script>,
@@ -198,10 +198,10 @@ struct ScriptedServer {
 }
 
 impl ScriptedServer {
-    fn start(answers: Vec<Answer>) -> ScriptedServer {
+    fn start(rejections: Vec<i64>) -> ScriptedServer {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let script = Arc::new(Script {
-            answers: Mutex::new(answers.into()),
+            rejections: Mutex::new(rejections.into()),
             ..Default::default()
         });
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -211,7 +211,9 @@ impl ScriptedServer {
             .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
         rt.spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let service = hyper_util::service::TowerToHyperService::new(service.clone());
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -239,7 +241,7 @@ impl ScriptedServer {
 #[test]
 fn headers_arrive_and_partial_success_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ScriptedServer::start(vec![Answer::PartialSuccess(7)]);
+    let server = ScriptedServer::start(vec![7]);
     let id = "otlp_grpc/store";
     let exporter = grpc_exporter(
         server.addr,
@@ -265,7 +267,9 @@ fn headers_arrive_and_partial_success_is_counted() {
     assert!(line.contains("rejected=7") && line.contains("spans too old"), "{line}");
     // A second request is a plain success (the script ran out): counted sent in full.
     post(&relay, &spans_request(2, 10));
-    wait_for("the second request sent", T, || (sent(&relay, id) == 43.0).then_some(()));
+    wait_for("the second request sent", T, || {
+        (sent(&relay, id) == 43.0).then_some(())
+    });
     assert_eq!(failed(&relay, id), 7.0);
 }
 
@@ -279,7 +283,10 @@ fn unavailable_is_retried_after_the_retry_info_delay() {
     let relay = Relay::start(
         dir.path(),
         &relay_config()
-            .exporter(id, grpc_exporter(sink.grpc, json!({"retry_on_failure": {"max_interval": "5s"}})))
+            .exporter(
+                id,
+                grpc_exporter(sink.grpc, json!({"retry_on_failure": {"max_interval": "5s"}})),
+            )
             .yaml(),
         "otlp",
     );
@@ -353,8 +360,14 @@ fn mutual_tls_and_server_name_override() {
     let config = relay_config()
         .exporter("otlp/mtls", tls(json!({})))
         // The certificate names 127.0.0.1 and localhost: checked as localhost here.
-        .exporter("otlp/override", tls(json!({"tls": {"server_name_override": "localhost"}})))
-        .exporter("otlp/wrong_name", tls(json!({"tls": {"server_name_override": "other.example"}})))
+        .exporter(
+            "otlp/override",
+            tls(json!({"tls": {"server_name_override": "localhost"}})),
+        )
+        .exporter(
+            "otlp/wrong_name",
+            tls(json!({"tls": {"server_name_override": "other.example"}})),
+        )
         .exporter(
             "otlp/no_client_cert",
             tls(json!({"tls": {"cert_file": "", "key_file": ""}})),
@@ -366,7 +379,9 @@ fn mutual_tls_and_server_name_override() {
         wait_for(&format!("{id} sent"), T, || (sent(&relay, id) == 20.0).then_some(()));
     }
     for id in ["otlp/wrong_name", "otlp/no_client_cert"] {
-        wait_for(&format!("{id} retrying"), T, || (retries(&relay, id) >= 2.0).then_some(()));
+        wait_for(&format!("{id} retrying"), T, || {
+            (retries(&relay, id) >= 2.0).then_some(())
+        });
         assert_eq!(sent(&relay, id), 0.0, "{id}");
     }
     let s = stats(sink.stats_addr);

@@ -371,9 +371,10 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [debug, zipkin/old,
                 .any(|e| e.starts_with("processors.tail_sampling: the \"tail_sampling\" processor is not supported"))
         );
         assert!(
-            errs.iter()
-                .any(|e| e.starts_with("exporters.zipkin/old: the \"zipkin\" exporter is not supported")
-                    && e.contains("otlp (OTLP/gRPC)")),
+            errs.iter().any(
+                |e| e.starts_with("exporters.zipkin/old: the \"zipkin\" exporter is not supported")
+                    && e.contains("otlp (OTLP/gRPC)")
+            ),
             "{errs:#?}"
         );
         assert!(

@@ -148,14 +148,14 @@ impl GrpcTarget {
         if rest.contains('/') {
             return Err(format!("{endpoint:?}: a gRPC endpoint has no path (use host:port)"));
         }
-        let authority: http::uri::Authority = rest
-            .parse()
-            .map_err(|_| format!("{endpoint:?} is not host:port"))?;
+        let authority: http::uri::Authority = rest.parse().map_err(|_| format!("{endpoint:?} is not host:port"))?;
         if authority.port_u16().is_none() {
             return Err(format!("{endpoint:?} has no port (OTLP/gRPC usually listens on 4317)"));
         }
         if authority.as_str().contains('@') {
-            return Err(format!("{endpoint:?}: credentials in the endpoint are not supported; use auth or headers"));
+            return Err(format!(
+                "{endpoint:?}: credentials in the endpoint are not supported; use auth or headers"
+            ));
         }
         Ok(GrpcTarget { authority, https, http })
     }
@@ -183,7 +183,10 @@ impl OtlpGrpcExporterConfig {
             err(format!("{path}.timeout"), "must be above 0".into());
         }
         if !self.authority.is_empty() && self.authority.parse::<http::uri::Authority>().is_err() {
-            err(format!("{path}.authority"), format!("{:?} is not host[:port]", self.authority));
+            err(
+                format!("{path}.authority"),
+                format!("{:?} is not host[:port]", self.authority),
+            );
         }
         if let Some(k) = &self.keepalive
             && (k.time.is_zero() || k.timeout.is_zero())
@@ -226,9 +229,8 @@ impl OtlpGrpcExporterConfig {
                     "http:// does not turn TLS off for a gRPC exporter (as in the collector): set tls.insecure: true for plaintext",
                 );
             }
-            if !self.uses_tls(&target)
-                && !(self.tls.ca_file.is_empty() && self.tls.cert_file.is_empty())
-            {
+            let tls_files = !self.tls.ca_file.is_empty() || !self.tls.cert_file.is_empty();
+            if !self.uses_tls(&target) && tls_files {
                 warn(
                     format!("{path}.tls.insecure"),
                     "plaintext: ca_file, cert_file and key_file are not used",
@@ -236,7 +238,10 @@ impl OtlpGrpcExporterConfig {
             }
         }
         if !self.balancer_name.is_empty() {
-            warn(format!("{path}.balancer_name"), &format!("{IGNORED}: one endpoint, one connection"));
+            warn(
+                format!("{path}.balancer_name"),
+                &format!("{IGNORED}: one endpoint, one connection"),
+            );
         }
         for (key, set) in [
             ("wait_for_ready", self.wait_for_ready.is_some()),
@@ -300,7 +305,15 @@ mod tests {
             "tempo:4317"
         );
         assert!(GrpcTarget::parse("[::1]:4317").is_ok());
-        for bad in ["tempo", "http://tempo", "tempo:4317/v1/traces", "unix:///s", "ftp://x:1", "u:p@x:1", ""] {
+        for bad in [
+            "tempo",
+            "http://tempo",
+            "tempo:4317/v1/traces",
+            "unix:///s",
+            "ftp://x:1",
+            "u:p@x:1",
+            "",
+        ] {
             assert!(GrpcTarget::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -330,7 +343,10 @@ mod tests {
             "exporters.otlp_grpc/t.compression: unsupported gRPC compression \"snappy\"",
             "exporters.otlp_grpc/t.bogus: unknown field",
         ] {
-            assert!(errs.iter().any(|e| e.starts_with(expected)), "{expected:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(expected)),
+                "{expected:?} in {errs:#?}"
+            );
         }
         // Without the fields serde refused, the rest is checked in the same pass.
         let bad = bad.replace("compression: snappy, ", "").replace("bogus: 1, ", "");
@@ -344,7 +360,10 @@ mod tests {
             "exporters.otlp_grpc/t.sending_queue.num_consumers: must be at least 1",
             "exporters.otlp_grpc/t.auth.authenticator: \"oauth2client/none\" is not defined",
         ] {
-            assert!(errs.iter().any(|e| e.starts_with(expected)), "{expected:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(expected)),
+                "{expected:?} in {errs:#?}"
+            );
         }
         assert_eq!(errs.len(), 7, "{errs:#?}");
     }
@@ -362,9 +381,13 @@ mod tests {
             "exporters.otlp_grpc/t.endpoint: http:// does not turn TLS off",
             "exporters.otlp_grpc/t.balancer_name: accepted",
         ] {
-            assert!(found.iter().any(|w| w.starts_with(expected)), "{expected:?} in {found:#?}");
+            assert!(
+                found.iter().any(|w| w.starts_with(expected)),
+                "{expected:?} in {found:#?}"
+            );
         }
-        let plain = format!("exporters: {{otlp_grpc/t: {{endpoint: 'tempo:4317', tls: {{insecure: true}}}}}}\n{PIPELINE}");
+        let plain =
+            format!("exporters: {{otlp_grpc/t: {{endpoint: 'tempo:4317', tls: {{insecure: true}}}}}}\n{PIPELINE}");
         assert!(warnings(&parse_str(&plain, &|_| None).unwrap()).is_empty());
     }
 }

@@ -207,7 +207,11 @@ impl OtlpGrpcExporter {
 /// The connector of the exporter's channel: TCP with TCP_NODELAY and a connect timeout, and
 /// with `tls` rustls offering only h2 (gRPC), verified as `tls` says (CA, client certificate,
 /// server name override, minimum version).
-fn connector(cfg: &OtlpGrpcExporterConfig, tls: bool, connect_timeout: Duration) -> Result<HttpsConnector<HttpConnector>, SetupError> {
+fn connector(
+    cfg: &OtlpGrpcExporterConfig,
+    tls: bool,
+    connect_timeout: Duration,
+) -> Result<HttpsConnector<HttpConnector>, SetupError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
