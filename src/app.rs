@@ -108,6 +108,16 @@ fn log_destinations(config: &Config) {
                     "spans go here"
                 );
             }
+            ExporterConfig::OtlpGrpc(c) => {
+                let auth = c
+                    .auth
+                    .as_ref()
+                    .map_or("none".to_string(), |a| format!("bearer token from {}", a.authenticator));
+                let spool = config
+                    .exporter_storage(id)
+                    .map_or("none (memory queue)".to_string(), |(_, s)| s.directory.clone());
+                tracing::info!(exporter = %id, endpoint = %c.endpoint, protocol = "OTLP/gRPC", auth = %auth, spool = %spool, "spans go here");
+            }
             ExporterConfig::Debug(c) => {
                 tracing::info!(exporter = %id, verbosity = ?c.verbosity.as_str(), "spans are logged (debug exporter)");
             }

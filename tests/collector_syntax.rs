@@ -263,19 +263,19 @@ service:
 receivers: {otlp: {protocols: {http: {}}}}
 exporters:
   otlp_http/mlflow: {endpoint: "http://127.0.0.1:5000"}
-  otlp_grpc/tempo: {endpoint: "tempo:4317"}
+  zipkin/legacy: {endpoint: "http://zipkin:9411/api/v2/spans"}
 extensions: {zpages: {}}
 service:
   extensions: [zpages]
-  pipelines: {traces: {receivers: [otlp], exporters: [otlp_http/mlflow, otlp_grpc/tempo]}}
+  pipelines: {traces: {receivers: [otlp], exporters: [otlp_http/mlflow, zipkin/legacy]}}
 "#,
     );
     let mut check = Proc::relay("check", &["check", "--config", fanout.to_str().unwrap()]);
     assert_eq!(check.wait_exit(T), Some(1));
     let out = check.output_text();
     assert!(
-        out.contains("exporters.otlp_grpc/tempo: the \"otlp_grpc\" exporter is not supported by this relay")
-            && out.contains("Tempo"),
+        out.contains("exporters.zipkin/legacy: the \"zipkin\" exporter is not supported by this relay")
+            && out.contains("otlp (OTLP/gRPC)"),
         "{out}"
     );
     assert!(
@@ -285,7 +285,7 @@ service:
     assert!(!out.contains("not defined"), "{out}");
     assert!(
         out.contains(
-            "service.pipelines.traces.exporters[1]: \"otlp_grpc/tempo\" is defined under exporters but cannot be used"
+            "service.pipelines.traces.exporters[1]: \"zipkin/legacy\" is defined under exporters but cannot be used"
         ),
         "{out}"
     );

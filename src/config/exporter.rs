@@ -195,13 +195,19 @@ pub(super) fn validate(id: &str, e: &Exporter, config: &Config, err: &mut dyn Fn
     match e {
         Exporter::OtlpHttp(x) => {
             validate_destination(&path, x, err);
-            validate_delivery(&path, x, config, err);
+            let delivery = Delivery {
+                retry_on_failure: &x.retry_on_failure,
+                sending_queue: &x.sending_queue,
+                auth: &x.auth,
+            };
+            validate_delivery(&path, delivery, config, err);
             x.mlflow.validate(&format!("{path}.mlflow"), err);
             let t = &x.tls;
             if t.cert_file.is_empty() != t.key_file.is_empty() {
                 err(format!("{path}.tls"), "cert_file and key_file go together".into());
             }
         }
+        Exporter::OtlpGrpc(x) => x.validate(&path, config, err),
         // Its words (verbosity) are typed; nothing else to check.
         Exporter::Debug(_) => {}
     }
@@ -251,9 +257,15 @@ fn validate_destination(path: &str, x: &OtlpHttpExporterConfig, err: &mut dyn Fn
     }
 }
 
-/// How an otlphttp exporter retries and queues, and the extensions it names for its spool and
-/// its token.
-fn validate_delivery(path: &str, x: &OtlpHttpExporterConfig, config: &Config, err: &mut dyn FnMut(String, String)) {
+/// What [`validate_delivery`] checks of an exporter (otlphttp, otlp).
+pub(super) struct Delivery<'a> {
+    pub(super) retry_on_failure: &'a RetryConfig,
+    pub(super) sending_queue: &'a QueueConfig,
+    pub(super) auth: &'a Option<AuthConfig>,
+}
+
+/// How an exporter retries and queues, and the extensions it names for its spool and its token.
+pub(super) fn validate_delivery(path: &str, x: Delivery<'_>, config: &Config, err: &mut dyn FnMut(String, String)) {
     let r = &x.retry_on_failure;
     if r.enabled {
         if r.initial_interval.is_zero() {

@@ -6,11 +6,6 @@ pub(super) fn advice(kind: &str, ty: &str) -> Option<&'static str> {
     let table: &[(&str, &[&str], &str)] = &[
         (
             "exporter",
-            &["otlp", "otlp_grpc"],
-            "the OTLP/gRPC exporter is not implemented yet: for MLflow use otlphttp (MLflow accepts only OTLP/HTTP); for Tempo, Phoenix, Jaeger or an LGTM stack use otlphttp against their OTLP/HTTP endpoint (usually port 4318), or keep an OpenTelemetry Collector for them",
-        ),
-        (
-            "exporter",
             &[
                 "zipkin",
                 "jaeger",
@@ -27,7 +22,7 @@ pub(super) fn advice(kind: &str, ty: &str) -> Option<&'static str> {
                 "splunk_hec",
                 "clickhouse",
             ],
-            "this relay delivers traces over OTLP/HTTP only: use otlphttp, or keep an OpenTelemetry Collector for this destination",
+            "this relay delivers traces over OTLP only: use otlphttp (OTLP/HTTP) or otlp (OTLP/gRPC) if the destination speaks OTLP, or keep an OpenTelemetry Collector for it",
         ),
         (
             "receiver",
@@ -94,7 +89,10 @@ mod tests {
 
     #[test]
     fn known_types_have_advice() {
-        assert!(advice("exporter", "otlp_grpc").is_some_and(|a| a.contains("otlphttp")));
+        assert!(advice("exporter", "zipkin").is_some_and(|a| a.contains("otlp (OTLP/gRPC)")));
+        // Implemented now: no advice, they load.
+        assert_eq!(advice("exporter", "otlp_grpc"), None);
+        assert_eq!(advice("exporter", "otlp"), None);
         assert!(advice("processor", "tail_sampling").is_some());
         assert!(advice("extension", "zpages").is_some());
         assert_eq!(advice("exporter", "made_up"), None);

@@ -227,12 +227,24 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
                     config.exporters.insert(id, Exporter::OtlpHttp(Box::new(c)));
                 }
             }
+            // otlp_grpc: the collector's canonical name since v0.144.
+            "otlp" | "otlp_grpc" => {
+                if let Some(c) = typed(v, &path, errors) {
+                    config.exporters.insert(id, Exporter::OtlpGrpc(Box::new(c)));
+                }
+            }
             "debug" | "logging" => {
                 if let Some(c) = typed(v, &path, errors) {
                     config.exporters.insert(id, Exporter::Debug(c));
                 }
             }
-            other => unsupported(&path, "exporter", other, "otlphttp (otlp_http), debug", errors),
+            other => unsupported(
+                &path,
+                "exporter",
+                other,
+                "otlphttp (otlp_http), otlp (otlp_grpc), debug",
+                errors,
+            ),
         }
     }
     for (id, v) in section(&mut top, "extensions", errors) {
@@ -354,9 +366,9 @@ service:
         let text = "
 receivers: {otlp: {protocols: {grpc: {}}}, kafka: {}, madeup: {}}
 processors: {tail_sampling: {}}
-exporters: {debug: {}, otlp/mlflow: {endpoint: x}, otlp_grpc/tempo: {endpoint: x}}
+exporters: {debug: {}, zipkin/old: {endpoint: x}, otlp_grpc/tempo: {endpoint: 'tempo:4317'}}
 extensions: {zpages: {}}
-service: {pipelines: {traces: {receivers: [otlp], exporters: [debug, otlp/mlflow, otlp_grpc/tempo]}}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [debug, zipkin/old, otlp_grpc/tempo]}}}
 ";
         let errs = errors_of(text);
         assert!(
@@ -369,8 +381,11 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [debug, otlp/mlflow
                 .any(|e| e.starts_with("processors.tail_sampling: the \"tail_sampling\" processor is not supported"))
         );
         assert!(
-            errs.iter()
-                .any(|e| e.contains("exporters.otlp/mlflow") && e.contains("OTLP/HTTP"))
+            errs.iter().any(
+                |e| e.starts_with("exporters.zipkin/old: the \"zipkin\" exporter is not supported")
+                    && e.contains("otlp (OTLP/gRPC)")
+            ),
+            "{errs:#?}"
         );
         assert!(
             errs.iter()
@@ -381,21 +396,27 @@ service: {pipelines: {traces: {receivers: [otlp], exporters: [debug, otlp/mlflow
                 .any(|e| e.starts_with("receivers.madeup: unknown receiver type \"madeup\"")),
             "{errs:#?}"
         );
-        for id in ["otlp/mlflow", "otlp_grpc/tempo"] {
-            assert!(
-                errs.iter().any(|e| e.starts_with(&format!("exporters.{id}: the "))
-                    && e.contains("not supported")
-                    && e.contains("Tempo")),
-                "{errs:#?}"
-            );
-        }
+        // The gRPC exporter is supported now: nothing is said about it.
+        assert!(!errs.iter().any(|e| e.contains("otlp_grpc/tempo")), "{errs:#?}");
         // The pipeline's references point at those errors instead of saying "not defined".
         assert!(!errs.iter().any(|e| e.contains("not defined")), "{errs:#?}");
         assert!(
             errs.iter().any(|e| e
-                == "service.pipelines.traces.exporters[2]: \"otlp_grpc/tempo\" is defined under exporters but cannot be used: see exporters.otlp_grpc/tempo"),
+                == "service.pipelines.traces.exporters[1]: \"zipkin/old\" is defined under exporters but cannot be used: see exporters.zipkin/old"),
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn otlp_and_otlp_grpc_are_the_grpc_exporter() {
+        let text = "
+receivers: {otlp: {protocols: {http: {}}}}
+exporters: {otlp/tempo: {endpoint: 'tempo:4317'}, otlp_grpc/phoenix: {endpoint: 'https://phoenix:4317'}}
+service: {pipelines: {traces: {receivers: [otlp], exporters: [otlp/tempo, otlp_grpc/phoenix]}}}
+";
+        let config = parse_str(text, &no_env).unwrap();
+        assert!(matches!(config.exporters["otlp/tempo"], Exporter::OtlpGrpc(_)));
+        assert!(matches!(config.exporters["otlp_grpc/phoenix"], Exporter::OtlpGrpc(_)));
     }
 
     #[test]

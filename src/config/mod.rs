@@ -9,6 +9,7 @@ mod extension;
 mod known;
 mod load;
 mod memory;
+mod otlp_grpc;
 mod processor;
 mod receiver;
 mod service;
@@ -23,6 +24,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub(crate) use exporter::*;
 pub(crate) use extension::*;
 pub use load::{load_file, parse_str};
+pub(crate) use otlp_grpc::{GrpcCompression, GrpcTarget, OtlpGrpcExporterConfig};
 pub(crate) use processor::*;
 pub(crate) use receiver::*;
 pub(crate) use service::*;
@@ -49,7 +51,29 @@ pub(crate) enum Processor {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Exporter {
     OtlpHttp(Box<OtlpHttpExporterConfig>),
+    /// `otlp` / `otlp_grpc`: OTLP/gRPC.
+    OtlpGrpc(Box<OtlpGrpcExporterConfig>),
     Debug(DebugExporterConfig),
+}
+
+impl Exporter {
+    /// Its sending queue (the debug exporter has none).
+    pub(crate) fn sending_queue(&self) -> Option<&QueueConfig> {
+        match self {
+            Exporter::OtlpHttp(c) => Some(&c.sending_queue),
+            Exporter::OtlpGrpc(c) => Some(&c.sending_queue),
+            Exporter::Debug(_) => None,
+        }
+    }
+
+    /// How it retries (the debug exporter never fails transiently).
+    pub(crate) fn retry_on_failure(&self) -> Option<&RetryConfig> {
+        match self {
+            Exporter::OtlpHttp(c) => Some(&c.retry_on_failure),
+            Exporter::OtlpGrpc(c) => Some(&c.retry_on_failure),
+            Exporter::Debug(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,10 +123,7 @@ impl Config {
 
     /// The file_storage extension an exporter spools to, if any.
     pub(crate) fn exporter_storage(&self, exporter: &str) -> Option<(&str, &FileStorageConfig)> {
-        let Some(Exporter::OtlpHttp(e)) = self.exporters.get(exporter) else {
-            return None;
-        };
-        let id = e.sending_queue.storage.as_deref()?;
+        let id = self.exporters.get(exporter)?.sending_queue()?.storage.as_deref()?;
         match self.extensions.get(id) {
             Some(Extension::FileStorage(f)) => Some((id, f)),
             _ => None,

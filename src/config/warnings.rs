@@ -72,6 +72,7 @@ pub(crate) fn warnings(config: &Config) -> Vec<ConfigError> {
             }
         }
     }
+    super::otlp_grpc::warnings(config, &mut out);
     out
 }
 

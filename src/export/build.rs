@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use super::auth::Authenticator;
 use super::debug::DebugExporter;
+use super::otlp_grpc::OtlpGrpcExporter;
 use super::otlphttp::{OtlpHttpExporter, traces_url};
 use super::retry::RetryPolicy;
 use super::{Exporter, StageSettings};
 use crate::batch::BatchSettings;
-use crate::config::{self, ConfigError, Exporter as ExporterConfig, FileStorageConfig};
+use crate::config::{self, AuthConfig, ConfigError, Exporter as ExporterConfig, FileStorageConfig};
 use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 
@@ -27,16 +28,20 @@ pub(crate) fn exporter(
 ) -> Result<Option<Exporter>, ConfigError> {
     match cfg {
         ExporterConfig::OtlpHttp(cfg) => {
-            let auth = match &cfg.auth {
-                // Validation made sure it names an enabled authenticator; a missing one failed there.
-                Some(a) => match auth.get(&a.authenticator) {
-                    Some(c) => Some(c.clone()),
-                    None => return Ok(None),
-                },
-                None => None,
+            let Ok(auth) = authenticator(cfg.auth.as_ref(), auth) else {
+                return Ok(None);
             };
             match OtlpHttpExporter::new(cfg, auth) {
                 Ok(x) => Ok(Some(Exporter::OtlpHttp(Box::new(x)))),
+                Err(err) => Err(ConfigError::new(format!("exporters.{id}"), err.to_string())),
+            }
+        }
+        ExporterConfig::OtlpGrpc(cfg) => {
+            let Ok(auth) = authenticator(cfg.auth.as_ref(), auth) else {
+                return Ok(None);
+            };
+            match OtlpGrpcExporter::new(id, cfg, auth) {
+                Ok(x) => Ok(Some(Exporter::OtlpGrpc(Box::new(x)))),
                 Err(err) => Err(ConfigError::new(format!("exporters.{id}"), err.to_string())),
             }
         }
@@ -47,11 +52,26 @@ pub(crate) fn exporter(
     }
 }
 
+/// The authenticator `auth` names: none without `auth`; Err when the extension failed to build
+/// (that failure is reported at the extension). Validation made sure it names an enabled one.
+fn authenticator(
+    auth: Option<&AuthConfig>,
+    enabled: &BTreeMap<String, Arc<dyn Authenticator>>,
+) -> Result<Option<Arc<dyn Authenticator>>, ()> {
+    match auth {
+        Some(a) => match enabled.get(&a.authenticator) {
+            Some(c) => Ok(Some(c.clone())),
+            None => Err(()),
+        },
+        None => Ok(None),
+    }
+}
+
 /// How an exporter retries: its `retry_on_failure`; the debug exporter never fails transiently.
 pub(crate) fn retry_policy(cfg: &ExporterConfig) -> RetryPolicy {
-    match cfg {
-        ExporterConfig::OtlpHttp(c) => RetryPolicy::new(&c.retry_on_failure),
-        ExporterConfig::Debug(_) => RetryPolicy::new(&config::RetryConfig {
+    match cfg.retry_on_failure() {
+        Some(r) => RetryPolicy::new(r),
+        None => RetryPolicy::new(&config::RetryConfig {
             enabled: false,
             ..Default::default()
         }),
@@ -67,12 +87,10 @@ pub(crate) struct PipelineBatch {
 
 /// The settings of exporter `id`'s stage, in memory (see [`with_spool`]).
 pub(crate) fn stage_settings(id: &str, cfg: &ExporterConfig, batch: PipelineBatch) -> StageSettings {
-    let (queue_size, num_consumers) = match cfg {
-        ExporterConfig::OtlpHttp(c) if c.sending_queue.enabled => {
-            (c.sending_queue.queue_size, c.sending_queue.num_consumers)
-        }
-        ExporterConfig::OtlpHttp(_) => (1, 1),
-        ExporterConfig::Debug(_) => (DEBUG_QUEUE_SIZE, 1),
+    let (queue_size, num_consumers) = match cfg.sending_queue() {
+        Some(q) if q.enabled => (q.queue_size, q.num_consumers),
+        Some(_) => (1, 1),
+        None => (DEBUG_QUEUE_SIZE, 1),
     };
     StageSettings {
         name: id.to_string(),
@@ -86,6 +104,7 @@ pub(crate) fn stage_settings(id: &str, cfg: &ExporterConfig, batch: PipelineBatc
         group: None,
         destination: match cfg {
             ExporterConfig::OtlpHttp(c) => traces_url(c),
+            ExporterConfig::OtlpGrpc(c) => c.endpoint.clone(),
             ExporterConfig::Debug(_) => "debug log".into(),
         },
         failures_since_delivery: Default::default(),
@@ -112,8 +131,8 @@ pub(crate) fn with_spool(
         storage.fsync,
     )));
     settings.queue_size = settings.queue_size.min(settings.num_consumers * 2);
-    if let ExporterConfig::OtlpHttp(c) = cfg {
-        let mut retry = c.retry_on_failure.clone();
+    if let Some(r) = cfg.retry_on_failure() {
+        let mut retry = r.clone();
         retry.max_elapsed_time = config::GoDuration::default();
         settings.retry = RetryPolicy::new(&retry);
     }

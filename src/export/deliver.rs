@@ -21,7 +21,8 @@ const ISOLATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How a request ended.
 enum Verdict {
-    Stored,
+    /// Stored but for `rejected` spans the destination refused (OTLP partial success).
+    Stored { rejected: usize },
     /// Refused for good (`exhausted`: a retryable error outlived the retry policy).
     Failed {
         error: ExportError,
@@ -118,7 +119,7 @@ async fn deliver_part(
     control: &StageControl,
 ) -> bool {
     match send(settings, exporter, &part, target, metrics, control).await {
-        Verdict::Stored => stored(settings, &part, metrics),
+        Verdict::Stored { rejected } => stored(settings, &part, rejected, metrics),
         Verdict::Abandoned => return false,
         Verdict::Failed {
             error,
@@ -200,9 +201,9 @@ async fn isolate(
         let sub = of(range);
         handles.isolation_requests.inc();
         match send(settings, exporter, &sub, target, metrics, control).await {
-            Verdict::Stored => {
+            Verdict::Stored { rejected } => {
                 settled += sub.spans;
-                stored(settings, &sub, metrics);
+                stored(settings, &sub, rejected, metrics);
                 bisection.report(true);
             }
             Verdict::Failed {
@@ -318,7 +319,7 @@ async fn send(
         handles.export_duration.observe(attempt_started.elapsed().as_secs_f64());
         attempts += 1;
         let error = match result {
-            Ok(()) => return Verdict::Stored,
+            Ok(rejected) => return Verdict::Stored { rejected },
             Err(e) => e,
         };
         if matches!(error, ExportError::Unauthorized { .. }) {
@@ -384,8 +385,15 @@ fn count_lookups(settings: &StageSettings, exporter: &Exporter, metrics: &Metric
     }
 }
 
-fn stored(settings: &StageSettings, part: &OutBatch, metrics: &Metrics) {
-    metrics.exporter(&settings.name).sent.inc_by(part.spans as u64);
+/// `rejected` spans the destination refused while storing the rest are counted failed: they
+/// cannot be told apart from the others, so they are neither retried nor dead-lettered.
+fn stored(settings: &StageSettings, part: &OutBatch, rejected: usize, metrics: &Metrics) {
+    let rejected = rejected.min(part.spans);
+    let handles = metrics.exporter(&settings.name);
+    handles.sent.inc_by((part.spans - rejected) as u64);
+    if rejected > 0 {
+        handles.send_failed.inc_by(rejected as u64);
+    }
     let failed = settings.failures_since_delivery.swap(0, Ordering::AcqRel);
     if failed > 0 {
         tracing::info!(exporter = %settings.name, url = %settings.destination, failed_attempts = failed, "delivery works again");

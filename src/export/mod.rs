@@ -8,6 +8,7 @@ mod deliver;
 pub(crate) mod experiments;
 pub(crate) mod isolate;
 pub(crate) mod oauth;
+pub(crate) mod otlp_grpc;
 pub(crate) mod otlphttp;
 pub(crate) mod retry;
 pub(crate) mod route;
@@ -79,6 +80,14 @@ pub(crate) enum ExportError {
     Permanent { status: http::StatusCode, body: String },
     #[error("no token: {0}")]
     Auth(auth::AuthError),
+    /// A gRPC status from the destination, classified by the OTLP rules.
+    #[error("gRPC {code}: {message}")]
+    Grpc {
+        code: &'static str,
+        message: String,
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
     /// An experiment named by spans that MLflow does not have (or will not say).
     #[error("MLflow experiment {name:?}: {detail}")]
     UnknownExperiment { name: String, detail: String },
@@ -103,6 +112,7 @@ impl ExportError {
             | ExportError::Retryable { .. }
             | ExportError::Auth(_) => true,
             ExportError::Unauthorized { with_token, .. } => *with_token,
+            ExportError::Grpc { retryable, .. } => *retryable,
             ExportError::Permanent { .. }
             | ExportError::UnknownExperiment { .. }
             | ExportError::BadRouting { .. }
@@ -114,6 +124,7 @@ impl ExportError {
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             ExportError::Retryable { retry_after, .. } => *retry_after,
+            ExportError::Grpc { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -140,6 +151,8 @@ impl ExportError {
             ExportError::Unauthorized { .. } => "unauthorized",
             ExportError::Permanent { .. } => "rejected",
             ExportError::Auth(_) => "token",
+            ExportError::Grpc { retryable: true, .. } => "server_busy",
+            ExportError::Grpc { retryable: false, .. } => "rejected",
             ExportError::UnknownExperiment { .. } => "unknown_experiment",
             ExportError::BadRouting { .. } => "bad_routing",
             ExportError::Encode(_) => "encode",
@@ -150,6 +163,7 @@ impl ExportError {
 
 pub(crate) enum Exporter {
     OtlpHttp(Box<otlphttp::OtlpHttpExporter>),
+    OtlpGrpc(Box<otlp_grpc::OtlpGrpcExporter>),
     Debug(debug::DebugExporter),
 }
 
@@ -157,6 +171,7 @@ impl Exporter {
     pub(crate) async fn export(&self, batch: &OutBatch) -> Result<(), ExportError> {
         match self {
             Exporter::OtlpHttp(e) => e.export(batch).await,
+            Exporter::OtlpGrpc(e) => e.export(batch).await.map(|_| ()),
             Exporter::Debug(e) => e.export(batch),
         }
     }
@@ -165,15 +180,19 @@ impl Exporter {
     pub(crate) fn targets(&self, batch: &OutBatch) -> Vec<(route::Target, Vec<usize>)> {
         match self {
             Exporter::OtlpHttp(e) => e.targets(batch),
-            Exporter::Debug(_) => vec![(route::Target::default(), (0..batch.items.len()).collect())],
+            Exporter::OtlpGrpc(_) | Exporter::Debug(_) => {
+                vec![(route::Target::default(), (0..batch.items.len()).collect())]
+            }
         }
     }
 
-    /// One attempt to send `batch` to `target`.
-    pub(crate) async fn export_to(&self, batch: &OutBatch, target: &route::Target) -> Result<(), ExportError> {
+    /// One attempt to send `batch` to `target`; Ok holds the spans the destination said it
+    /// rejected while accepting the rest (OTLP partial success).
+    pub(crate) async fn export_to(&self, batch: &OutBatch, target: &route::Target) -> Result<usize, ExportError> {
         match self {
-            Exporter::OtlpHttp(e) => e.export_to(batch, target).await,
-            Exporter::Debug(e) => e.export(batch),
+            Exporter::OtlpHttp(e) => e.export_to(batch, target).await.map(|()| 0),
+            Exporter::OtlpGrpc(e) => e.export(batch).await,
+            Exporter::Debug(e) => e.export(batch).map(|()| 0),
         }
     }
 
