@@ -441,3 +441,79 @@ fn last_scrape(prometheus: SocketAddr) -> f64 {
         .and_then(|v| v["result"][0]["value"][1].as_str()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// An OTLP/protobuf request of one span whose trace id is 3 bytes long (invalid).
+fn invalid_span_request() -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![1, 2, 3],
+                    span_id: vec![9; 8],
+                    name: "bad".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn the_collector_counters_count_what_flows() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!("http://127.0.0.1:{}", free_port());
+    // 13 traces of 5 spans in one request: a batch of 50 goes out on size, the other 15 on timeout.
+    let cfg = config(&sink.url(), &format!("{down}/token"), false)
+        .batch(json!({"send_batch_size": 50, "send_batch_max_size": 50, "timeout": "200ms"}));
+    let relay = Relay::start(dir.path(), &cfg.yaml(), "otlp");
+    let grpc = relay.grpc.unwrap().to_string();
+    let (code, report) = support::otlp::loadgen(&[
+        "--otlp-insecure",
+        "--otlp-endpoint",
+        &grpc,
+        "--traces",
+        "13",
+        "--child-spans",
+        "4",
+        "--batch-size",
+        "65",
+    ]);
+    assert_eq!(code, 0, "{report}");
+    sink.wait_unique(65, T);
+    let m = |name: &str, labels: &[(&str, &str)]| relay.metric(name, labels);
+    wait_for("the batches counted", T, || {
+        (m("otelcol_exporter_sent_spans_total", &[]) == 65.0).then_some(())
+    });
+    assert_eq!(m("otelcol_receiver_accepted_spans_total", &[("transport", "grpc")]), 65.0);
+    for processor in ["batch", EDITOR] {
+        let items = [("processor", processor), ("otel_signal", "traces")];
+        assert_eq!(m("otelcol_processor_incoming_items_total", &items), 65.0, "{processor} in");
+        assert_eq!(m("otelcol_processor_outgoing_items_total", &items), 65.0, "{processor} out");
+    }
+    let by = [("processor", "batch")];
+    let size = m("otelcol_processor_batch_batch_size_trigger_send_total", &by);
+    let timeout = m("otelcol_processor_batch_timeout_trigger_send_total", &by);
+    assert_eq!((size, timeout), (1.0, 1.0), "batches by trigger");
+    assert_eq!(m("otelcol_processor_batch_batch_send_size_count", &by), 2.0);
+    assert_eq!(m("otelcol_processor_batch_batch_send_size_sum", &by), 65.0);
+
+    // An invalid span is the receiver's own failure, not a refusal from downstream.
+    let (status, body) = support::http(
+        "POST",
+        relay.http.unwrap(),
+        "/v1/traces",
+        &[("content-type", "application/x-protobuf")],
+        &invalid_span_request(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(m("otelcol_receiver_failed_spans_total", &[("transport", "http")]), 1.0);
+    assert_eq!(m("otelcol_receiver_refused_spans_total", &[]), 0.0);
+    assert_eq!(m("otelcol_exporter_enqueue_failed_spans_total", &[]), 0.0);
+}

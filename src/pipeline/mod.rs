@@ -280,6 +280,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_exporter_counts_its_enqueue_failure_alone() {
+        let (a_tx, _a_rx) = mpsc::channel(1);
+        let (b_tx, _b_rx) = mpsc::channel(4);
+        let (a_failed, b_failed) = (Counter::default(), Counter::default());
+        let intake = Intake::new(
+            vec![
+                Target::Memory(a_tx, a_failed.clone()),
+                Target::Memory(b_tx, b_failed.clone()),
+            ],
+            vec![],
+        );
+        intake.submit(parsed(3, 10, None), None).unwrap();
+        assert_eq!(intake.submit(parsed(5, 10, None), None).err(), Some(Refusal::QueueFull));
+        // The spans count against the exporter whose queue had no room, not the other one.
+        assert_eq!((a_failed.get(), b_failed.get()), (5, 0));
+    }
+
+    #[test]
     fn memory_budget_refuses_and_releases() {
         let budget = MemoryBudget::new(2, 1);
         let (tx, mut rx) = mpsc::channel(10);

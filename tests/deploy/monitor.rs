@@ -103,7 +103,7 @@ fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
 fn service_monitor_mistakes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let text = enabled("migrate", "token", false).text();
-    let broken = text.replacen("      honorLabels: true", "      honorLabels: true\n      scrapez: 1", 1);
+    let broken = text.replacen("      scheme: http", "      scheme: http\n      scrapez: 1", 1);
     assert_ne!(broken, text, "the mutation did not apply");
     let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
     let (ok, out) = run_validator(Check::Schema, &file);
