@@ -69,14 +69,28 @@ fn samples(text: &str) -> Vec<Sample> {
     out
 }
 
-/// The series every configured component of `config` must serve from start, with the value
-/// each must have then (None: present, any value).
-fn expected_series() -> Vec<(String, Vec<(&'static str, String)>, Option<f64>)> {
-    let mut want: Vec<(String, Vec<(&'static str, String)>, Option<f64>)> = Vec::new();
-    let mut zero = |name: &str, labels: Vec<(&'static str, &str)>| {
-        let labels = labels.into_iter().map(|(k, v)| (k, v.to_string())).collect();
-        want.push((name.to_string(), labels, Some(0.0)));
-    };
+/// A series the relay must serve: name, labels, and the value it must have (None: any).
+struct Want {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: Option<f64>,
+}
+
+fn want(name: &str, labels: Vec<(&str, &str)>, value: Option<f64>) -> Want {
+    Want {
+        name: name.to_string(),
+        labels: labels
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        value,
+    }
+}
+
+/// The series every configured component of `config` must serve from start.
+fn expected_series() -> Vec<Want> {
+    let mut all = Vec::new();
+    let mut zero = |name: &str, labels: Vec<(&str, &str)>| all.push(want(name, labels, Some(0.0)));
     for transport in ["grpc", "http"] {
         let base = vec![("receiver", "otlp"), ("transport", transport)];
         for name in [
@@ -87,7 +101,10 @@ fn expected_series() -> Vec<(String, Vec<(&'static str, String)>, Option<f64>)> 
             zero(name, base.clone());
         }
         for reason in ["memory_limit", "queue_full", "shutting_down", "spool_full", "disk_full"] {
-            zero("otelcol_receiver_refused_spans_total", [&base[..], &[("reason", reason)]].concat());
+            zero(
+                "otelcol_receiver_refused_spans_total",
+                [&base[..], &[("reason", reason)]].concat(),
+            );
         }
         for reason in [
             "idle_timeout",
@@ -128,10 +145,16 @@ fn expected_series() -> Vec<(String, Vec<(&'static str, String)>, Option<f64>)> 
         vec![("exporter", EXPORTER), ("data_type", "traces")],
     );
     for reason in ["connection", "timeout", "server_busy", "unauthorized", "token"] {
-        zero("otlp_relay_exporter_retries_total", vec![("exporter", EXPORTER), ("reason", reason)]);
+        zero(
+            "otlp_relay_exporter_retries_total",
+            vec![("exporter", EXPORTER), ("reason", reason)],
+        );
     }
     for reason in ["panic", "shutdown", "corrupt", "spool_full"] {
-        zero("otlp_relay_exporter_dropped_spans_total", vec![("exporter", EXPORTER), ("reason", reason)]);
+        zero(
+            "otlp_relay_exporter_dropped_spans_total",
+            vec![("exporter", EXPORTER), ("reason", reason)],
+        );
     }
     for reason in ["found", "created"] {
         zero(
@@ -140,7 +163,10 @@ fn expected_series() -> Vec<(String, Vec<(&'static str, String)>, Option<f64>)> 
         );
     }
     for processor in ["batch", EDITOR] {
-        for name in ["otelcol_processor_incoming_items_total", "otelcol_processor_outgoing_items_total"] {
+        for name in [
+            "otelcol_processor_incoming_items_total",
+            "otelcol_processor_outgoing_items_total",
+        ] {
             zero(name, vec![("processor", processor), ("otel_signal", "traces")]);
         }
         zero("otelcol_processor_dropped_spans_total", vec![("processor", processor)]);
@@ -159,12 +185,12 @@ fn expected_series() -> Vec<(String, Vec<(&'static str, String)>, Option<f64>)> 
         );
     }
     // The token endpoint is down: the warm-up fetch may have failed already.
-    want.push((
-        "otlp_relay_token_requests_total".into(),
-        vec![("extension", EXTENSION.into()), ("result", "error".into())],
+    all.push(want(
+        "otlp_relay_token_requests_total",
+        vec![("extension", EXTENSION), ("result", "error")],
         None,
     ));
-    want
+    all
 }
 
 #[test]
@@ -178,8 +204,7 @@ fn every_series_of_a_configured_component_is_served_at_zero_before_any_traffic()
     assert_eq!(status, 200);
     let have = samples(&text);
     let mut missing = Vec::new();
-    for (name, labels, value) in expected_series() {
-        let labels: BTreeMap<String, String> = labels.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    for Want { name, labels, value } in expected_series() {
         match have.iter().find(|(n, l, _)| *n == name && *l == labels) {
             None => missing.push(format!("{name}{labels:?} (absent)")),
             Some((_, _, v)) if value.is_some_and(|want| *v != want) => {
@@ -198,7 +223,11 @@ fn every_series_of_a_configured_component_is_served_at_zero_before_any_traffic()
         .lines()
         .find(|l| l.starts_with("otelcol_process_uptime{"))
         .expect("otelcol_process_uptime");
-    for label in ["service_name=\"otlp-relay\"", "service_instance_id=", "service_version="] {
+    for label in [
+        "service_name=\"otlp-relay\"",
+        "service_instance_id=",
+        "service_version=",
+    ] {
         assert!(uptime.contains(label), "{uptime} lacks {label}");
     }
 }
@@ -239,8 +268,18 @@ fn prometheus_bin() -> Result<PathBuf, NoPackage> {
         .expect("apt-get download succeeded but left no .deb");
     let staging = cache_dir().join("prometheus-deb.partial");
     let _ = std::fs::remove_dir_all(&staging);
-    let out = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&staging).output().unwrap();
-    assert!(out.status.success(), "dpkg-deb -x {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&staging)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg-deb -x {}: {}",
+        deb.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Renamed into place whole: a run killed while unpacking leaves no half-made cache.
     let _ = std::fs::remove_dir_all(&root);
     std::fs::rename(&staging, &root).unwrap();
@@ -323,7 +362,12 @@ fn resolve_variables(prometheus: SocketAddr, dashboard: &Value) -> Vec<(String, 
         let (selector, label) = inner.rsplit_once(',').unwrap();
         let selector = substitute(selector.trim(), &values);
         let found = wait_for(&format!("a value of variable {name}"), T, || {
-            let data = api(prometheus, &format!("/api/v1/label/{}/values", label.trim()), &[("match[]", &selector)]).ok()?;
+            let data = api(
+                prometheus,
+                &format!("/api/v1/label/{}/values", label.trim()),
+                &[("match[]", &selector)],
+            )
+            .ok()?;
             data.as_array()?.first()?.as_str().map(str::to_string)
         });
         values.push((name.to_string(), found));
@@ -342,7 +386,9 @@ fn substitute(expr: &str, values: &[(String, String)]) -> String {
     all.sort_by_key(|(n, _)| std::cmp::Reverse(n.len()));
     let mut out = expr.to_string();
     for (name, value) in &all {
-        out = out.replace(&format!("${{{name}}}"), value).replace(&format!("${name}"), value);
+        out = out
+            .replace(&format!("${{{name}}}"), value)
+            .replace(&format!("${name}"), value);
     }
     out
 }
@@ -388,8 +434,16 @@ fn every_query_of_the_dashboard_returns_data_from_a_real_prometheus() {
     let http = relay.http.unwrap().to_string();
     let load = |endpoint: &str, http: bool| {
         let mut args = vec![
-            "loadgen", "--otlp-insecure", "--otlp-endpoint", endpoint, "--rate", "200", "--duration", "90s",
-            "--batch-size", "20",
+            "loadgen",
+            "--otlp-insecure",
+            "--otlp-endpoint",
+            endpoint,
+            "--rate",
+            "200",
+            "--duration",
+            "90s",
+            "--batch-size",
+            "20",
         ];
         if http {
             args.push("--otlp-http");
@@ -399,21 +453,24 @@ fn every_query_of_the_dashboard_returns_data_from_a_real_prometheus() {
     let _loads = [load(&grpc, false), load(&http, true)];
 
     let variables = resolve_variables(prom, &dashboard);
-    let mut pending: BTreeMap<String, String> = queries.iter().map(|q| (q.clone(), substitute(q, &variables))).collect();
+    let mut pending: BTreeMap<String, String> =
+        queries.iter().map(|q| (q.clone(), substitute(q, &variables))).collect();
     let mut last_error: BTreeMap<String, String> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(80);
     while !pending.is_empty() && Instant::now() < deadline {
-        pending.retain(|original, query| match api(prom, "/api/v1/query", &[("query", query)]) {
-            Ok(data) if data["result"].as_array().is_some_and(|r| !r.is_empty()) => false,
-            Ok(data) => {
-                last_error.insert(original.clone(), format!("empty result: {data}"));
-                true
-            }
-            Err(e) => {
-                last_error.insert(original.clone(), e);
-                true
-            }
-        });
+        pending.retain(
+            |original, query| match api(prom, "/api/v1/query", &[("query", query)]) {
+                Ok(data) if data["result"].as_array().is_some_and(|r| !r.is_empty()) => false,
+                Ok(data) => {
+                    last_error.insert(original.clone(), format!("empty result: {data}"));
+                    true
+                }
+                Err(e) => {
+                    last_error.insert(original.clone(), e);
+                    true
+                }
+            },
+        );
         if !pending.is_empty() {
             // Ask again once Prometheus has scraped the relay again (once a second).
             let before = last_scrape(prom);
@@ -424,7 +481,12 @@ fn every_query_of_the_dashboard_returns_data_from_a_real_prometheus() {
     }
     let failed: Vec<String> = pending
         .iter()
-        .map(|(q, sent)| format!("{q}\n  sent: {sent}\n  last: {}", last_error.get(q).map_or("", String::as_str)))
+        .map(|(q, sent)| {
+            format!(
+                "{q}\n  sent: {sent}\n  last: {}",
+                last_error.get(q).map_or("", String::as_str)
+            )
+        })
         .collect();
     assert!(
         failed.is_empty(),
@@ -491,11 +553,22 @@ fn the_collector_counters_count_what_flows() {
     wait_for("the batches counted", T, || {
         (m("otelcol_exporter_sent_spans_total", &[]) == 65.0).then_some(())
     });
-    assert_eq!(m("otelcol_receiver_accepted_spans_total", &[("transport", "grpc")]), 65.0);
+    assert_eq!(
+        m("otelcol_receiver_accepted_spans_total", &[("transport", "grpc")]),
+        65.0
+    );
     for processor in ["batch", EDITOR] {
         let items = [("processor", processor), ("otel_signal", "traces")];
-        assert_eq!(m("otelcol_processor_incoming_items_total", &items), 65.0, "{processor} in");
-        assert_eq!(m("otelcol_processor_outgoing_items_total", &items), 65.0, "{processor} out");
+        assert_eq!(
+            m("otelcol_processor_incoming_items_total", &items),
+            65.0,
+            "{processor} in"
+        );
+        assert_eq!(
+            m("otelcol_processor_outgoing_items_total", &items),
+            65.0,
+            "{processor} out"
+        );
     }
     let by = [("processor", "batch")];
     let size = m("otelcol_processor_batch_batch_size_trigger_send_total", &by);

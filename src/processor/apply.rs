@@ -113,7 +113,6 @@ impl Chain {
             experiment: wire::experiment_of(&rs),
         }))
     }
-
 }
 
 /// The span-editing processors of a pipeline's `processors` list, in order; `None` when it has

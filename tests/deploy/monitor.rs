@@ -38,7 +38,10 @@ fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
                 let found = monitors(&docs);
                 assert_eq!(found.len(), 1, "{label}");
                 let sm = found[0];
-                assert_eq!(at(sm, "metadata.labels.release").as_str(), Some("kube-prometheus-stack"));
+                assert_eq!(
+                    at(sm, "metadata.labels.release").as_str(),
+                    Some("kube-prometheus-stack")
+                );
                 let selector = at(sm, "spec.selector.matchLabels");
                 // The relay's Services (the spool's headless one too), nothing else.
                 let services: Vec<&Value> = docs
@@ -61,7 +64,12 @@ fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
                             .any(|p| at(p, "name").as_str() == Some(port))
                     })
                     .collect();
-                assert_eq!(with_port.len(), 1, "{label}: port {port} on {} Services", with_port.len());
+                assert_eq!(
+                    with_port.len(),
+                    1,
+                    "{label}: port {port} on {} Services",
+                    with_port.len()
+                );
                 let target = at(with_port[0], "spec.ports")
                     .as_sequence()
                     .unwrap()
@@ -92,7 +100,11 @@ fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
                 let (ok, out) = run_validator(Check::Schema, &file);
                 assert!(ok, "{label}: schema check:\n{out}");
                 let lint = enabled(set, mode, istio).lint();
-                assert!(lint.status.success(), "{label}: helm lint:\n{}", String::from_utf8_lossy(&lint.stdout));
+                assert!(
+                    lint.status.success(),
+                    "{label}: helm lint:\n{}",
+                    String::from_utf8_lossy(&lint.stdout)
+                );
             }
         }
     }
@@ -107,7 +119,10 @@ fn service_monitor_mistakes_are_refused() {
     assert_ne!(broken, text, "the mutation did not apply");
     let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
     let (ok, out) = run_validator(Check::Schema, &file);
-    assert!(!ok, "an unknown ServiceMonitor endpoint field passed the schema check:\n{out}");
+    assert!(
+        !ok,
+        "an unknown ServiceMonitor endpoint field passed the schema check:\n{out}"
+    );
 
     let err = Render::new("migrate", "token", false)
         .set("metrics.serviceMonitor.interval", "soon")
