@@ -84,6 +84,62 @@ impl MlflowMetrics {
     }
 }
 
+/// The collector's series of what flows through the components besides accepted and sent:
+/// receiver failures, enqueue failures, processor items and the batch processor's triggers.
+struct FlowCounters {
+    /// Spans the receiver itself could not take (invalid spans), as against refusals from
+    /// downstream (memory, queues, spool): the collector's split of the two.
+    receiver_failed_spans: CounterFamily<ReceiverLabels>,
+    exporter_enqueue_failed_spans: CounterFamily<ExporterLabels>,
+    processor_incoming_items: CounterFamily<ProcessorSignalLabels>,
+    processor_outgoing_items: CounterFamily<ProcessorSignalLabels>,
+    batch_size_trigger_send: CounterFamily<ProcessorLabels>,
+    batch_timeout_trigger_send: CounterFamily<ProcessorLabels>,
+}
+
+impl FlowCounters {
+    fn register(r: &mut Registry) -> FlowCounters {
+        let receiver_failed_spans = counter(
+            r,
+            "otelcol_receiver_failed_spans",
+            "Spans the receiver could not take itself (invalid trace or span ids), as against refusals from downstream",
+        );
+        let exporter_enqueue_failed_spans = counter(
+            r,
+            "otelcol_exporter_enqueue_failed_spans",
+            "Spans refused because the exporter's sending queue or spool had no room",
+        );
+        let processor_incoming_items = counter(
+            r,
+            "otelcol_processor_incoming_items",
+            "Items a processor took in (the batch processor: per exporter stage)",
+        );
+        let processor_outgoing_items = counter(
+            r,
+            "otelcol_processor_outgoing_items",
+            "Items a processor passed on (the batch processor: per exporter stage)",
+        );
+        let batch_size_trigger_send = counter(
+            r,
+            "otelcol_processor_batch_batch_size_trigger_send",
+            "Batches the batch processor sent because they reached send_batch_size",
+        );
+        let batch_timeout_trigger_send = counter(
+            r,
+            "otelcol_processor_batch_timeout_trigger_send",
+            "Batches the batch processor sent because their timeout ran out",
+        );
+        FlowCounters {
+            receiver_failed_spans,
+            exporter_enqueue_failed_spans,
+            processor_incoming_items,
+            processor_outgoing_items,
+            batch_size_trigger_send,
+            batch_timeout_trigger_send,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ProcessorLabels {
     pub(crate) processor: String,
@@ -155,14 +211,7 @@ pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) receiver_accepted_spans: CounterFamily<ReceiverLabels>,
     pub(crate) receiver_refused_spans: CounterFamily<RefusedLabels>,
-    /// Spans the receiver itself could not take (invalid spans), as against refusals from
-    /// downstream (memory, queues, spool): the collector's split of the two.
-    pub(crate) receiver_failed_spans: CounterFamily<ReceiverLabels>,
-    pub(crate) exporter_enqueue_failed_spans: CounterFamily<ExporterLabels>,
-    pub(crate) processor_incoming_items: CounterFamily<ProcessorSignalLabels>,
-    pub(crate) processor_outgoing_items: CounterFamily<ProcessorSignalLabels>,
-    pub(crate) batch_size_trigger_send: CounterFamily<ProcessorLabels>,
-    pub(crate) batch_timeout_trigger_send: CounterFamily<ProcessorLabels>,
+    flow: FlowCounters,
     pub(crate) exporter_sent_spans: CounterFamily<ExporterLabels>,
     pub(crate) exporter_send_failed_spans: CounterFamily<ExporterLabels>,
     pub(crate) exporter_dropped_spans: CounterFamily<ExporterReasonLabels>,
@@ -253,36 +302,7 @@ impl Metrics {
             "otelcol_receiver_refused_spans",
             "Spans that could not be pushed into the pipeline, by reason",
         );
-        let receiver_failed_spans = counter(
-            &mut r,
-            "otelcol_receiver_failed_spans",
-            "Spans the receiver could not take itself (invalid trace or span ids), as against refusals from downstream",
-        );
-        let exporter_enqueue_failed_spans = counter(
-            &mut r,
-            "otelcol_exporter_enqueue_failed_spans",
-            "Spans refused because the exporter's sending queue or spool had no room",
-        );
-        let processor_incoming_items = counter(
-            &mut r,
-            "otelcol_processor_incoming_items",
-            "Items a processor took in (the batch processor: per exporter stage)",
-        );
-        let processor_outgoing_items = counter(
-            &mut r,
-            "otelcol_processor_outgoing_items",
-            "Items a processor passed on (the batch processor: per exporter stage)",
-        );
-        let batch_size_trigger_send = counter(
-            &mut r,
-            "otelcol_processor_batch_batch_size_trigger_send",
-            "Batches the batch processor sent because they reached send_batch_size",
-        );
-        let batch_timeout_trigger_send = counter(
-            &mut r,
-            "otelcol_processor_batch_timeout_trigger_send",
-            "Batches the batch processor sent because their timeout ran out",
-        );
+        let flow = FlowCounters::register(&mut r);
         let receiver_open_connections = gauge(
             &mut r,
             "otlp_relay_receiver_open_connections",
@@ -394,12 +414,7 @@ impl Metrics {
         );
         let process = ProcessGauges::register(&mut r);
         Metrics {
-            receiver_failed_spans,
-            exporter_enqueue_failed_spans,
-            processor_incoming_items,
-            processor_outgoing_items,
-            batch_size_trigger_send,
-            batch_timeout_trigger_send,
+            flow,
             processor_dropped_spans,
             process,
             registry: r,
@@ -477,7 +492,7 @@ impl Metrics {
             transport,
             accepted: self.receiver_accepted_spans.get_or_create(&labels).clone(),
             refused,
-            failed: self.receiver_failed_spans.get_or_create(&labels).clone(),
+            failed: self.flow.receiver_failed_spans.get_or_create(&labels).clone(),
         });
         receivers.push(h.clone());
         h
@@ -524,7 +539,7 @@ impl Metrics {
         drop(self.spool_corrupt_records.get_or_create(&labels));
         drop(self.batch_unsplittable.get_or_create(&labels));
         let h = Arc::new(ExporterHandles {
-            enqueue_failed: self.exporter_enqueue_failed_spans.get_or_create(&labels).clone(),
+            enqueue_failed: self.flow.exporter_enqueue_failed_spans.get_or_create(&labels).clone(),
             dead_letter: self.dead_letter_spans.get_or_create(&labels).clone(),
             sent: self.exporter_sent_spans.get_or_create(&labels).clone(),
             send_failed: self.exporter_send_failed_spans.get_or_create(&labels).clone(),
@@ -556,8 +571,8 @@ impl Metrics {
             processor: id.to_string(),
         };
         let h = Arc::new(ProcessorHandles {
-            incoming: self.processor_incoming_items.get_or_create(&items).clone(),
-            outgoing: self.processor_outgoing_items.get_or_create(&items).clone(),
+            incoming: self.flow.processor_incoming_items.get_or_create(&items).clone(),
+            outgoing: self.flow.processor_outgoing_items.get_or_create(&items).clone(),
             dropped: self.processor_dropped_spans.get_or_create(&labels).clone(),
         });
         processors.push((id.to_string(), h.clone()));
@@ -571,8 +586,8 @@ impl Metrics {
         };
         BatchHandles {
             items: self.processor(id),
-            size_trigger: self.batch_size_trigger_send.get_or_create(&labels).clone(),
-            timeout_trigger: self.batch_timeout_trigger_send.get_or_create(&labels).clone(),
+            size_trigger: self.flow.batch_size_trigger_send.get_or_create(&labels).clone(),
+            timeout_trigger: self.flow.batch_timeout_trigger_send.get_or_create(&labels).clone(),
             send_size: self.batch_send_size.get_or_create(&labels).clone(),
         }
     }
