@@ -237,7 +237,8 @@ pub(crate) fn start(
         control: StageControl::default(),
         spool_control: StageControl::default(),
     };
-    for client in prepared.oauth.values() {
+    for (id, client) in &prepared.oauth {
+        metrics.token_extension(id);
         client.attach(metrics.clone(), health.clone());
         client.spawn_warmup();
     }
@@ -367,7 +368,7 @@ fn start_stages(
                 continue;
             }
             // Registered now: every series of the exporter is served at zero from start.
-            metrics.exporter(id);
+            let enqueue_failed = metrics.exporter(id).enqueue_failed.clone();
             let cfg = &config.exporters[id];
             let mut settings = crate::export::build::stage_settings(id, cfg, pipeline_batch(config, pipeline));
             settings.group = pipeline_group(config, pipeline, budgets);
@@ -391,9 +392,9 @@ fn start_stages(
                         path: format!("exporters.{id}.sending_queue.storage"),
                         error,
                     })?;
-                    Target::Spool(spool)
+                    Target::Spool(spool, enqueue_failed)
                 }
-                None => Target::Memory(input),
+                None => Target::Memory(input, enqueue_failed),
             };
             inputs.insert(id.clone(), target);
         }

@@ -7,6 +7,8 @@ mod support;
 
 #[path = "deploy/istio_model.rs"]
 mod istio_model;
+#[path = "deploy/monitor.rs"]
+mod monitor;
 #[path = "deploy/tools.rs"]
 mod tools;
 

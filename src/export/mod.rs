@@ -29,7 +29,7 @@ use crate::spool::Spool;
 use crate::spool::deadletter::DeadLetter;
 use crate::supervise::LockUnpoisoned;
 use crate::supervise::{Supervisor, fault_point};
-use crate::telemetry::{Metrics, ProcessorLabels, drop_reason, exporter_labels, queue_labels};
+use crate::telemetry::{BatchHandles, Metrics, drop_reason, exporter_labels, queue_labels};
 use retry::RetryPolicy;
 
 pub type OutBatch = Batch<Destination, Item>;
@@ -259,6 +259,8 @@ pub(crate) fn start_stage(
 ) -> mpsc::Sender<Arc<Vec<Routed>>> {
     let (intake_tx, intake_rx) = mpsc::channel(intake_capacity(settings.queue_size));
     let (queue_tx, queue_rx) = mpsc::channel::<OutBatch>(settings.queue_size);
+    // Registered now rather than when the batcher task first runs: present at zero from start.
+    drop(batch_handles(&settings, &metrics));
     metrics
         .exporter_queue_capacity
         .get_or_create(&queue_labels(&settings.name))
@@ -371,12 +373,7 @@ async fn run_batcher(
             .exporter_queue_size
             .get_or_create(&queue_labels(&settings.name))
             .clone(),
-        batch_size: metrics
-            .batch_send_size
-            .get_or_create(&ProcessorLabels {
-                processor: settings.batch_processor.clone(),
-            })
-            .clone(),
+        batch: batch_handles(&settings, &metrics),
         unsplittable: metrics
             .batch_unsplittable
             .get_or_create(&exporter_labels(&settings.name))
@@ -386,7 +383,8 @@ async fn run_batcher(
     let mut closing = false;
     loop {
         let deadline = earliest(batcher.next_deadline(), grouper.as_ref().and_then(Grouper::next_due));
-        let ready: Vec<OutBatch> = tokio::select! {
+        // Which trigger sent the batches: the collector counts size and timeout sends apart.
+        let (ready, timed_out): (Vec<OutBatch>, bool) = tokio::select! {
             biased;
             _ = control.close.cancelled(), if !closing => {
                 // Refuse new submissions; what is already buffered still arrives below.
@@ -396,7 +394,11 @@ async fn run_batcher(
             }
             msg = intake.recv() => match msg {
                 Some(routed) => {
-                    held.fetch_add(routed.iter().map(|r| r.item.chunk.spans).sum(), Ordering::AcqRel);
+                    let spans: usize = routed.iter().map(|r| r.item.chunk.spans).sum();
+                    held.fetch_add(spans, Ordering::AcqRel);
+                    if let Some(b) = &outlet.batch {
+                        b.items.incoming.inc_by(spans as u64);
+                    }
                     fault_point("batcher");
                     let now = Instant::now();
                     let mut out = Vec::new();
@@ -410,7 +412,7 @@ async fn run_batcher(
                         0 => {}
                         n => drop(outlet.unsplittable.inc_by(n)),
                     }
-                    out
+                    (out, false)
                 }
                 None => break,
             },
@@ -421,9 +423,13 @@ async fn run_batcher(
                     None => Vec::new(),
                 };
                 out.extend(batcher.expired(now));
-                out
+                (out, true)
             }
         };
+        if let Some(b) = &outlet.batch {
+            let trigger = if timed_out { &b.timeout_trigger } else { &b.size_trigger };
+            trigger.inc_by(ready.len() as u64);
+        }
         for batch in ready {
             if !enqueue(&settings, &outlet, batch, &metrics, &control).await {
                 abandon(&settings, &mut batcher, &mut grouper, intake, &metrics, &held).await;
@@ -475,11 +481,17 @@ async fn abandon(
     shutdown_dropped(settings, metrics, spans);
 }
 
+/// The series of the stage's batch processor, registered once (None without one).
+fn batch_handles(settings: &StageSettings, metrics: &Metrics) -> Option<BatchHandles> {
+    (!settings.batch_processor.is_empty()).then(|| metrics.batch(&settings.batch_processor))
+}
+
 /// Where the batcher's output goes, with its metric handles looked up once per run.
 struct Outlet<'a> {
     queue: &'a mpsc::Sender<OutBatch>,
     queue_size: prometheus_client::metrics::gauge::Gauge,
-    batch_size: prometheus_client::metrics::histogram::Histogram,
+    /// The batch processor's series; None in a pipeline without one.
+    batch: Option<BatchHandles>,
     unsplittable: prometheus_client::metrics::counter::Counter,
     /// Spans taken in and not yet queued (what a panic would cost).
     held: &'a AtomicUsize,
@@ -495,7 +507,10 @@ async fn enqueue(
     let spans = batch.spans;
     // Queued or counted dropped below: either way no longer the batcher's to lose.
     outlet.held.fetch_sub(spans, Ordering::AcqRel);
-    outlet.batch_size.observe(spans as f64);
+    if let Some(b) = &outlet.batch {
+        b.send_size.observe(spans as f64);
+        b.items.outgoing.inc_by(spans as u64);
+    }
     let queue = outlet.queue;
     tokio::select! {
         sent = queue.send(batch) => {
@@ -590,10 +605,7 @@ async fn dead_letter(
             tracing::error!(exporter = %settings.name, spans = batch.spans, error = %e, "dead-letter write failed; spans dropped");
         }
         Ok(Ok(dl)) => {
-            metrics
-                .dead_letter_spans
-                .get_or_create(&exporter_labels(&settings.name))
-                .inc_by(batch.spans as u64);
+            metrics.exporter(&settings.name).dead_letter.inc_by(batch.spans as u64);
             tracing::warn!(exporter = %settings.name, spans = batch.spans, dir = %dl.dir().display(), "batch kept in the dead-letter directory; `otlp-relay replay` sends it again");
         }
         Ok(Err(e)) => {

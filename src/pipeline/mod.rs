@@ -11,6 +11,7 @@ pub mod wire;
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,16 +22,18 @@ pub(crate) use process::Admitted;
 pub(crate) use process::ProcessedRoute;
 use wire::ResourceChunk;
 
-/// Where an exporter takes its input: its in-memory intake, or its spool on disk.
+/// Where an exporter takes its input: its in-memory intake, or its spool on disk; each with the
+/// exporter's `otelcol_exporter_enqueue_failed_spans` counter, counted when it has no room.
 #[derive(Clone)]
 pub enum Target {
-    Memory(mpsc::Sender<Arc<Vec<Routed>>>),
-    Spool(Arc<Spool>),
+    Memory(mpsc::Sender<Arc<Vec<Routed>>>, Counter),
+    Spool(Arc<Spool>, Counter),
 }
 
 impl From<mpsc::Sender<Arc<Vec<Routed>>>> for Target {
+    /// A target whose enqueue failures are counted nowhere (tests).
     fn from(tx: mpsc::Sender<Arc<Vec<Routed>>>) -> Target {
-        Target::Memory(tx)
+        Target::Memory(tx, Counter::default())
     }
 }
 
@@ -177,20 +180,31 @@ impl Intake {
         // Framed once, shared by every spool the copy goes to.
         let frames = targets
             .iter()
-            .any(|t| matches!(t, Target::Spool(_)))
+            .any(|t| matches!(t, Target::Spool(..)))
             .then(|| crate::spool::encode_request(&routed));
         let mut permits = Vec::with_capacity(targets.len());
         let mut spool_permits = Vec::new();
         for target in targets {
             match target {
-                Target::Memory(tx) => match tx.try_reserve() {
+                Target::Memory(tx, failed) => match tx.try_reserve() {
                     Ok(p) => permits.push(p),
-                    Err(TrySendError::Full(())) => return Err(Refusal::QueueFull),
+                    Err(TrySendError::Full(())) => {
+                        failed.inc_by(spans as u64);
+                        return Err(Refusal::QueueFull);
+                    }
                     Err(TrySendError::Closed(())) => return Err(Refusal::ShuttingDown),
                 },
-                Target::Spool(spool) => {
+                Target::Spool(spool, failed) => {
                     let framed = frames.as_ref().map_or(0, |(f, _)| f.len());
-                    spool_permits.push(spool.reserve(framed as u64)?);
+                    match spool.reserve(framed as u64) {
+                        Ok(p) => spool_permits.push(p),
+                        Err(refusal) => {
+                            if refusal != Refusal::ShuttingDown {
+                                failed.inc_by(spans as u64);
+                            }
+                            return Err(refusal);
+                        }
+                    }
                 }
             }
         }
@@ -263,6 +277,24 @@ mod tests {
             intake.submit(parsed(1, 10, None), None).err(),
             Some(Refusal::ShuttingDown)
         );
+    }
+
+    #[test]
+    fn a_full_exporter_counts_its_enqueue_failure_alone() {
+        let (a_tx, _a_rx) = mpsc::channel(1);
+        let (b_tx, _b_rx) = mpsc::channel(4);
+        let (a_failed, b_failed) = (Counter::default(), Counter::default());
+        let intake = Intake::new(
+            vec![
+                Target::Memory(a_tx, a_failed.clone()),
+                Target::Memory(b_tx, b_failed.clone()),
+            ],
+            vec![],
+        );
+        intake.submit(parsed(3, 10, None), None).unwrap();
+        assert_eq!(intake.submit(parsed(5, 10, None), None).err(), Some(Refusal::QueueFull));
+        // The spans count against the exporter whose queue had no room, not the other one.
+        assert_eq!((a_failed.get(), b_failed.get()), (5, 0));
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub(crate) struct ProcessedRoute {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Target::Memory(_) => "Target::Memory",
-            Target::Spool(_) => "Target::Spool",
+            Target::Memory(..) => "Target::Memory",
+            Target::Spool(..) => "Target::Spool",
         })
     }
 }

@@ -15,12 +15,14 @@ use prost::Message;
 use super::{ProcessError, SpanProcessor};
 use crate::otlp::varint;
 use crate::pipeline::wire::{self, DecodeBudget, DecodeError, ResourceChunk};
-use crate::telemetry::{Metrics, ProcessorLabels};
+use crate::telemetry::{Metrics, ProcessorHandles};
 
 /// The processors of one pipeline that edit spans, in pipeline order.
 pub(crate) struct Chain {
     processors: Vec<(String, Box<dyn SpanProcessor>)>,
-    metrics: Option<Arc<Metrics>>,
+    /// Each processor's item counters, in the same order (empty without metrics): registered
+    /// once, so no label strings are built per request.
+    counts: Vec<Arc<ProcessorHandles>>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -45,7 +47,11 @@ impl Chain {
         processors: Vec<(String, Box<dyn SpanProcessor>)>,
         metrics: Option<Arc<Metrics>>,
     ) -> Option<Chain> {
-        (!processors.is_empty()).then_some(Chain { processors, metrics })
+        let counts = match &metrics {
+            Some(m) => processors.iter().map(|(id, _)| m.processor(id)).collect(),
+            None => Vec::new(),
+        };
+        (!processors.is_empty()).then_some(Chain { processors, counts })
     }
 
     /// The processors' ids, in order: pipelines with the same ones share one processed copy.
@@ -86,11 +92,15 @@ impl Chain {
             return Ok(None);
         };
         let mut spans = chunk.spans;
-        for (id, processor) in &self.processors {
+        for (i, (_, processor)) in self.processors.iter().enumerate() {
             processor.process(&mut rs)?;
             let left = span_count(&rs);
-            if left < spans {
-                self.count_dropped(id, spans - left);
+            if let Some(counts) = self.counts.get(i) {
+                counts.incoming.inc_by(spans as u64);
+                counts.outgoing.inc_by(left as u64);
+                if left < spans {
+                    counts.dropped.inc_by((spans - left) as u64);
+                }
             }
             spans = left;
         }
@@ -102,16 +112,6 @@ impl Chain {
             spans,
             experiment: wire::experiment_of(&rs),
         }))
-    }
-
-    fn count_dropped(&self, id: &str, spans: usize) {
-        if let Some(m) = &self.metrics {
-            m.processor_dropped_spans
-                .get_or_create(&ProcessorLabels {
-                    processor: id.to_string(),
-                })
-                .inc_by(spans as u64);
-        }
     }
 }
 

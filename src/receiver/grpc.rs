@@ -54,7 +54,7 @@ impl UnaryService<Bytes> for ExportService {
                 return Err(ReceiveError::from(refusal).to_grpc());
             }
             ctx.accepted(spans);
-            ctx.refused(rejected, "invalid_span");
+            ctx.failed(rejected);
             let partial_success = rejection.map(|error_message| ExportTracePartialSuccess {
                 rejected_spans: rejected as i64,
                 error_message,

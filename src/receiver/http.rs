@@ -230,7 +230,7 @@ async fn receive(
         return Err(refusal.into());
     }
     ctx.accepted(spans);
-    ctx.refused(rejected, "invalid_span");
+    ctx.failed(rejected);
     Ok((rejected, rejection))
 }
 

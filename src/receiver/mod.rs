@@ -75,6 +75,11 @@ impl ReceiverContext {
         }
         self.handles.refused.inc_by(reason, spans as u64);
     }
+
+    /// Spans the receiver could not take itself (invalid ids): the collector's failed spans.
+    fn failed(&self, spans: usize) {
+        self.handles.failed.inc_by(spans as u64);
+    }
 }
 
 /// What the TLS handshake established about the client, per connection.

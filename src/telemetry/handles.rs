@@ -46,10 +46,14 @@ pub(crate) struct ReceiverHandles {
     pub(crate) transport: &'static str,
     pub(crate) accepted: Counter,
     pub(crate) refused: ReasonCounters,
+    pub(crate) failed: Counter,
 }
 
 /// One exporter's metrics, registered once; the shutdown accounting reads these.
 pub(crate) struct ExporterHandles {
+    /// Spans refused because this exporter's queue or spool had no room.
+    pub(crate) enqueue_failed: Counter,
+    pub(crate) dead_letter: Counter,
     pub(crate) sent: Counter,
     pub(crate) send_failed: Counter,
     /// Every dropped span whatever the reason: a new reason cannot unbalance the accounting.
@@ -62,4 +66,19 @@ pub(crate) struct ExporterHandles {
     pub(crate) poison_traces: Counter,
     pub(crate) isolation_requests: Counter,
     pub(crate) experiment_lookups: ReasonCounters,
+}
+
+/// One processor's item counters (the collector's processorhelper series), registered once.
+pub(crate) struct ProcessorHandles {
+    pub(crate) incoming: Counter,
+    pub(crate) outgoing: Counter,
+    pub(crate) dropped: Counter,
+}
+
+/// A batch processor's series, looked up once per exporter stage that runs it.
+pub(crate) struct BatchHandles {
+    pub(crate) items: std::sync::Arc<ProcessorHandles>,
+    pub(crate) size_trigger: Counter,
+    pub(crate) timeout_trigger: Counter,
+    pub(crate) send_size: Histogram,
 }

@@ -7,7 +7,7 @@ mod process;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use handles::{ExporterHandles, ReasonCounters, ReceiverHandles};
+pub(crate) use handles::{BatchHandles, ExporterHandles, ProcessorHandles, ReasonCounters, ReceiverHandles};
 pub(crate) use health::{Health, health_response, text_response};
 use process::ProcessGauges;
 use std::borrow::Cow;
@@ -84,9 +84,72 @@ impl MlflowMetrics {
     }
 }
 
+/// The collector's series of what flows through the components besides accepted and sent:
+/// receiver failures, enqueue failures, processor items and the batch processor's triggers.
+struct FlowCounters {
+    /// Spans the receiver itself could not take (invalid spans), as against refusals from
+    /// downstream (memory, queues, spool): the collector's split of the two.
+    receiver_failed_spans: CounterFamily<ReceiverLabels>,
+    exporter_enqueue_failed_spans: CounterFamily<ExporterLabels>,
+    processor_incoming_items: CounterFamily<ProcessorSignalLabels>,
+    processor_outgoing_items: CounterFamily<ProcessorSignalLabels>,
+    batch_size_trigger_send: CounterFamily<ProcessorLabels>,
+    batch_timeout_trigger_send: CounterFamily<ProcessorLabels>,
+}
+
+impl FlowCounters {
+    fn register(r: &mut Registry) -> FlowCounters {
+        let receiver_failed_spans = counter(
+            r,
+            "otelcol_receiver_failed_spans",
+            "Spans the receiver could not take itself (invalid trace or span ids), as against refusals from downstream",
+        );
+        let exporter_enqueue_failed_spans = counter(
+            r,
+            "otelcol_exporter_enqueue_failed_spans",
+            "Spans refused because the exporter's sending queue or spool had no room",
+        );
+        let processor_incoming_items = counter(
+            r,
+            "otelcol_processor_incoming_items",
+            "Items a processor took in (the batch processor: per exporter stage)",
+        );
+        let processor_outgoing_items = counter(
+            r,
+            "otelcol_processor_outgoing_items",
+            "Items a processor passed on (the batch processor: per exporter stage)",
+        );
+        let batch_size_trigger_send = counter(
+            r,
+            "otelcol_processor_batch_batch_size_trigger_send",
+            "Batches the batch processor sent because they reached send_batch_size",
+        );
+        let batch_timeout_trigger_send = counter(
+            r,
+            "otelcol_processor_batch_timeout_trigger_send",
+            "Batches the batch processor sent because their timeout ran out",
+        );
+        FlowCounters {
+            receiver_failed_spans,
+            exporter_enqueue_failed_spans,
+            processor_incoming_items,
+            processor_outgoing_items,
+            batch_size_trigger_send,
+            batch_timeout_trigger_send,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ProcessorLabels {
     pub(crate) processor: String,
+}
+
+/// The collector's processor item counters' labels: the processor and the signal.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ProcessorSignalLabels {
+    pub(crate) processor: String,
+    pub(crate) otel_signal: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,22 +180,38 @@ pub(crate) mod drop_reason {
     pub(crate) const ALL: [&str; 4] = [PANIC, SHUTDOWN, CORRUPT, SPOOL_FULL];
 }
 
-/// Why a receiver refused spans (`otlp_relay`'s Refusal reasons and invalid spans): each series
-/// present at zero from start, so an alert on it sees 0 rather than no data.
-const RECEIVER_REFUSALS: [&str; 6] = [
-    "memory_limit",
-    "queue_full",
-    "shutting_down",
-    "spool_full",
-    "disk_full",
-    "invalid_span",
+/// Why a receiver refused spans (`otlp_relay`'s Refusal reasons; invalid spans count in
+/// `otelcol_receiver_failed_spans`): each series present at zero from start, so an alert on it
+/// sees 0 rather than no data.
+const RECEIVER_REFUSALS: [&str; 5] = ["memory_limit", "queue_full", "shutting_down", "spool_full", "disk_full"];
+
+/// Why a receiver closed a connection (`otlp_relay_receiver_connections_closed`) or refused one
+/// at accept (`otlp_relay_receiver_connections_refused`): each series present at zero from start.
+const CONNECTIONS_CLOSED: [&str; 5] = [
+    "idle_timeout",
+    "header_timeout",
+    "handshake_timeout",
+    "handshake_failed",
+    "body_timeout",
 ];
+const CONNECTIONS_REFUSED: [&str; 1] = ["max_connections"];
+
+/// The reasons of retried export attempts (`ExportError::reason` of the retryable errors):
+/// each series present at zero from start.
+const RETRY_REASONS: [&str; 5] = ["connection", "timeout", "server_busy", "unauthorized", "token"];
+
+/// An oauth2client's token request results, each present at zero from start.
+const TOKEN_RESULTS: [&str; 3] = ["success", "rejected", "error"];
+
+/// The experiment lookup results of the MLflow exporter, each present at zero from start.
+const LOOKUP_RESULTS: [&str; 2] = ["found", "created"];
 
 /// Every metric the relay exports. Counters get Prometheus' `_total` suffix, as the collector's do.
 pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) receiver_accepted_spans: CounterFamily<ReceiverLabels>,
     pub(crate) receiver_refused_spans: CounterFamily<RefusedLabels>,
+    flow: FlowCounters,
     pub(crate) exporter_sent_spans: CounterFamily<ExporterLabels>,
     pub(crate) exporter_send_failed_spans: CounterFamily<ExporterLabels>,
     pub(crate) exporter_dropped_spans: CounterFamily<ExporterReasonLabels>,
@@ -164,6 +243,7 @@ pub(crate) struct Metrics {
     /// Handles of every receiver listener and exporter, registered once each.
     receivers: Mutex<Vec<Arc<ReceiverHandles>>>,
     exporters: Mutex<Vec<(String, Arc<ExporterHandles>)>>,
+    processors: Mutex<Vec<(String, Arc<ProcessorHandles>)>>,
 }
 
 impl Default for Metrics {
@@ -222,6 +302,7 @@ impl Metrics {
             "otelcol_receiver_refused_spans",
             "Spans that could not be pushed into the pipeline, by reason",
         );
+        let flow = FlowCounters::register(&mut r);
         let receiver_open_connections = gauge(
             &mut r,
             "otlp_relay_receiver_open_connections",
@@ -333,6 +414,7 @@ impl Metrics {
         );
         let process = ProcessGauges::register(&mut r);
         Metrics {
+            flow,
             processor_dropped_spans,
             process,
             registry: r,
@@ -363,6 +445,7 @@ impl Metrics {
             token_expiry,
             receivers: Mutex::new(Vec::new()),
             exporters: Mutex::new(Vec::new()),
+            processors: Mutex::new(Vec::new()),
         }
     }
 
@@ -391,11 +474,25 @@ impl Metrics {
             }),
             &RECEIVER_REFUSALS,
         );
+        drop(self.receiver_open_connections.get_or_create(&labels));
+        for (family, reasons) in [
+            (&self.receiver_connections_closed, &CONNECTIONS_CLOSED[..]),
+            (&self.receiver_connections_refused, &CONNECTIONS_REFUSED[..]),
+        ] {
+            for reason in reasons {
+                drop(family.get_or_create(&RefusedLabels {
+                    receiver: labels.receiver.clone(),
+                    transport: labels.transport.clone(),
+                    reason: reason.to_string(),
+                }));
+            }
+        }
         let h = Arc::new(ReceiverHandles {
             receiver: id.to_string(),
             transport,
             accepted: self.receiver_accepted_spans.get_or_create(&labels).clone(),
             refused,
+            failed: self.flow.receiver_failed_spans.get_or_create(&labels).clone(),
         });
         receivers.push(h.clone());
         h
@@ -433,20 +530,77 @@ impl Metrics {
                 known,
             )
         };
+        // Present at zero from start, though these are set or counted elsewhere.
+        let queue = queue_labels(id);
+        drop(self.exporter_queue_size.get_or_create(&queue));
+        drop(self.exporter_queue_capacity.get_or_create(&queue));
+        drop(self.spool_bytes.get_or_create(&labels));
+        drop(self.spool_records.get_or_create(&labels));
+        drop(self.spool_corrupt_records.get_or_create(&labels));
+        drop(self.batch_unsplittable.get_or_create(&labels));
         let h = Arc::new(ExporterHandles {
+            enqueue_failed: self.flow.exporter_enqueue_failed_spans.get_or_create(&labels).clone(),
+            dead_letter: self.dead_letter_spans.get_or_create(&labels).clone(),
             sent: self.exporter_sent_spans.get_or_create(&labels).clone(),
             send_failed: self.exporter_send_failed_spans.get_or_create(&labels).clone(),
             dropped_total: self.exporter_dropped_total.get_or_create(&labels).clone(),
             dropped: by_reason(&self.exporter_dropped_spans, &drop_reason::ALL),
-            retries: by_reason(&self.exporter_retries, &[]),
+            retries: by_reason(&self.exporter_retries, &RETRY_REASONS),
             unauthorized: self.exporter_unauthorized.get_or_create(&labels).clone(),
             export_duration: self.export_duration.get_or_create(&labels).clone(),
             poison_traces: self.mlflow.poison_traces.get_or_create(&labels).clone(),
             isolation_requests: self.mlflow.isolation_requests.get_or_create(&labels).clone(),
-            experiment_lookups: by_reason(&self.mlflow.experiment_lookups, &[]),
+            experiment_lookups: by_reason(&self.mlflow.experiment_lookups, &LOOKUP_RESULTS),
         });
         exporters.push((id.to_string(), h.clone()));
         h
+    }
+
+    /// The handles of processor `id`, registered on first use: its items in and out and its
+    /// dropped spans, each present at zero from then on.
+    pub(crate) fn processor(&self, id: &str) -> Arc<ProcessorHandles> {
+        let mut processors = self.processors.lock_unpoisoned();
+        if let Some((_, h)) = processors.iter().find(|(p, _)| p == id) {
+            return h.clone();
+        }
+        let items = ProcessorSignalLabels {
+            processor: id.to_string(),
+            otel_signal: "traces",
+        };
+        let labels = ProcessorLabels {
+            processor: id.to_string(),
+        };
+        let h = Arc::new(ProcessorHandles {
+            incoming: self.flow.processor_incoming_items.get_or_create(&items).clone(),
+            outgoing: self.flow.processor_outgoing_items.get_or_create(&items).clone(),
+            dropped: self.processor_dropped_spans.get_or_create(&labels).clone(),
+        });
+        processors.push((id.to_string(), h.clone()));
+        h
+    }
+
+    /// The handles of batch processor `id` (one set per exporter stage that runs it).
+    pub(crate) fn batch(&self, id: &str) -> BatchHandles {
+        let labels = ProcessorLabels {
+            processor: id.to_string(),
+        };
+        BatchHandles {
+            items: self.processor(id),
+            size_trigger: self.flow.batch_size_trigger_send.get_or_create(&labels).clone(),
+            timeout_trigger: self.flow.batch_timeout_trigger_send.get_or_create(&labels).clone(),
+            send_size: self.batch_send_size.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Registers oauth2client `id`'s token request series at zero. The expiry gauge is left
+    /// until a token is fetched: a zero there would read as a token expired in 1970.
+    pub(crate) fn token_extension(&self, id: &str) {
+        for result in TOKEN_RESULTS {
+            drop(self.token_requests.get_or_create(&TokenResultLabels {
+                extension: id.to_string(),
+                result: result.to_string(),
+            }));
+        }
     }
 
     /// Counts accepted spans an exporter gave up without a verdict from the destination.

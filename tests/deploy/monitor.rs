@@ -1,0 +1,132 @@
+//! The chart's ServiceMonitor (`metrics.serviceMonitor`): off by default; when on it validates
+//! against the Prometheus Operator's CRD schema and scrapes the relay Service's metrics port.
+use serde_norway::Value;
+
+use super::tools::{Check, MODES, Render, VALUE_SETS, at, component, kind, parse_docs, run_validator};
+
+fn monitors(docs: &[Value]) -> Vec<&Value> {
+    docs.iter().filter(|d| kind(d) == "ServiceMonitor").collect()
+}
+
+/// Whether every label of `selector` is on `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let (Some(selector), Some(labels)) = (selector.as_mapping(), labels.as_mapping()) else {
+        return false;
+    };
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn enabled(set: &str, mode: &str, istio: bool) -> Render {
+    Render::new(set, mode, istio)
+        .set("metrics.serviceMonitor.enabled", "true")
+        .set("metrics.serviceMonitor.labels.release", "kube-prometheus-stack")
+        .set("metrics.serviceMonitor.scrapeTimeout", "10s")
+}
+
+#[test]
+fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
+    let dir = tempfile::tempdir().unwrap();
+    for set in VALUE_SETS {
+        for mode in MODES {
+            for istio in [true, false] {
+                let label = format!("{set}-{mode}-istio_{istio}");
+                let off = Render::new(set, mode, istio).docs();
+                assert!(monitors(&off).is_empty(), "{label}: a ServiceMonitor by default");
+
+                let text = enabled(set, mode, istio).text();
+                let docs = parse_docs(&text);
+                let found = monitors(&docs);
+                assert_eq!(found.len(), 1, "{label}");
+                let sm = found[0];
+                assert_eq!(
+                    at(sm, "metadata.labels.release").as_str(),
+                    Some("kube-prometheus-stack")
+                );
+                let selector = at(sm, "spec.selector.matchLabels");
+                // The relay's Services (the spool's headless one too), nothing else.
+                let services: Vec<&Value> = docs
+                    .iter()
+                    .filter(|d| kind(d) == "Service" && selects(selector, at(d, "metadata.labels")))
+                    .collect();
+                assert!(!services.is_empty(), "{label}: the selector matches no Service");
+                let endpoint = at(sm, "spec.endpoints.0");
+                let port = at(endpoint, "port").as_str().unwrap();
+                assert_eq!(at(endpoint, "path").as_str(), Some("/metrics"));
+                // Exactly one matched Service has the port: no target is scraped twice.
+                let with_port: Vec<&Value> = services
+                    .iter()
+                    .copied()
+                    .filter(|s| {
+                        at(s, "spec.ports")
+                            .as_sequence()
+                            .unwrap()
+                            .iter()
+                            .any(|p| at(p, "name").as_str() == Some(port))
+                    })
+                    .collect();
+                assert_eq!(
+                    with_port.len(),
+                    1,
+                    "{label}: port {port} on {} Services",
+                    with_port.len()
+                );
+                let target = at(with_port[0], "spec.ports")
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|p| at(p, "name").as_str() == Some(port))
+                    .map(|p| at(p, "targetPort").as_str().unwrap().to_string())
+                    .unwrap();
+                assert_eq!(target, "metrics", "{label}");
+                // The pods behind the Service serve that container port: 8888, the relay's metrics.
+                let pods = docs
+                    .iter()
+                    .find(|d| ["Deployment", "StatefulSet"].contains(&kind(d)) && component(d) == "relay")
+                    .expect("relay workload");
+                let container_port = at(pods, "spec.template.spec.containers.0.ports")
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|p| at(p, "name").as_str() == Some("metrics"))
+                    .map(|p| at(p, "containerPort").as_u64())
+                    .expect("a metrics container port");
+                assert_eq!(container_port, Some(8888));
+                assert!(
+                    selects(selector, at(pods, "spec.template.metadata.labels")),
+                    "{label}: the Service's pods"
+                );
+
+                let file = crate::support::write_file(dir.path(), &format!("{label}.yaml"), &text);
+                let (ok, out) = run_validator(Check::Schema, &file);
+                assert!(ok, "{label}: schema check:\n{out}");
+                let lint = enabled(set, mode, istio).lint();
+                assert!(
+                    lint.status.success(),
+                    "{label}: helm lint:\n{}",
+                    String::from_utf8_lossy(&lint.stdout)
+                );
+            }
+        }
+    }
+}
+
+/// The CRD schema check is not vacuous for the ServiceMonitor, and values are checked.
+#[test]
+fn service_monitor_mistakes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = enabled("migrate", "token", false).text();
+    let broken = text.replacen("      scheme: http", "      scheme: http\n      scrapez: 1", 1);
+    assert_ne!(broken, text, "the mutation did not apply");
+    let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
+    let (ok, out) = run_validator(Check::Schema, &file);
+    assert!(
+        !ok,
+        "an unknown ServiceMonitor endpoint field passed the schema check:\n{out}"
+    );
+
+    let err = Render::new("migrate", "token", false)
+        .set("metrics.serviceMonitor.interval", "soon")
+        .try_text()
+        .expect_err("an interval that is no duration");
+    assert!(err.contains("interval"), "{err}");
+}
