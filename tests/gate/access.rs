@@ -26,14 +26,32 @@ fn bad_configuration_exits_64_listing_every_problem() {
     }
 }
 
+/// The search API call every step of `refusals_401_403_and_a_read_group` makes.
+const SEARCH: &str = "/api/2.0/mlflow/experiments/search";
+const SEARCH_BODY: &[u8] = br#"{"max_results": 10}"#;
+const JSON: (&str, &str) = ("content-type", "application/json");
+
 #[test]
 fn refusals_401_403_and_a_read_group() {
     let w = world();
     let g = w.main_gate();
-    let search = "/api/2.0/mlflow/experiments/search";
-    let q = br#"{"max_results": 10}"#;
-    let json = ("content-type", "application/json");
+    let (search, q, json) = (SEARCH, SEARCH_BODY, JSON);
 
+    no_credentials_and_forged_sessions(w, &g);
+
+    let good = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
+    let (s, _, b) = request("POST", g.addr, search, &[json, ("authorization", &bearer(&good))], q);
+    assert_eq!(s, 200, "a good token passes: {b}");
+    assert!(b.contains("gate-e2e"), "{b}");
+
+    bad_tokens_are_refused_with_their_reason(w, &g, good);
+    no_group_and_the_read_group(w, &g);
+}
+
+/// No credentials: API → 401 JSON; a page → 302 to the provider; bad callbacks and forged
+/// session cookies.
+fn no_credentials_and_forged_sessions(w: &World, g: &Gate) {
+    let (search, q, json) = (SEARCH, SEARCH_BODY, JSON);
     // No credentials: API → 401 JSON; a page → 302 to the provider.
     let (s, h, b) = request("POST", g.addr, search, &[json], q);
     assert_eq!(s, 401, "{b}");
@@ -80,12 +98,12 @@ fn refusals_401_403_and_a_read_group() {
     assert_eq!(s, 302);
     let (s, _, _) = request("POST", g.addr, search, &[json, ("cookie", "gate_session=AAAA")], q);
     assert_eq!(s, 401);
+}
 
-    let good = w.provider.access_token(oidc::CLIENT_ID, oidc::CLIENT_SECRET);
-    let (s, _, b) = request("POST", g.addr, search, &[json, ("authorization", &bearer(&good))], q);
-    assert_eq!(s, 200, "a good token passes: {b}");
-    assert!(b.contains("gate-e2e"), "{b}");
-
+/// Wrong audience, wrong issuer, bad signature, alg none, HS256 key confusion: 401, each counted
+/// under its reason.
+fn bad_tokens_are_refused_with_their_reason(w: &World, g: &Gate, good: String) {
+    let (search, q, json) = (SEARCH, SEARCH_BODY, JSON);
     let refused = |token: &str, reason: &str| {
         let before = gate_metric(g.admin, "gate_auth_failures_total", &format!("reason=\"{reason}\""));
         let (s, _, b) = request("POST", g.addr, search, &[json, ("authorization", &bearer(token))], q);
@@ -136,7 +154,11 @@ fn refusals_401_403_and_a_read_group() {
     )
     .unwrap();
     refused(&hs, "algorithm");
+}
 
+/// A service account in no group gets 403; the READ group may search but not write.
+fn no_group_and_the_read_group(w: &World, g: &Gate) {
+    let (search, q, json) = (SEARCH, SEARCH_BODY, JSON);
     // A service account in no group: 403.
     let noaccess = w.provider.access_token(oidc::NOACCESS.0, oidc::NOACCESS.1);
     let (s, _, b) = request(
