@@ -153,41 +153,47 @@ fn run_linkage_and_experiments_by_name() {
         "otlp",
     );
 
+    let named = routing_by_name_and_by_service_name(&mlflow, &relay, &run_id);
+    header_links_traces_to_another_run(&mlflow, &relay, &named, &run_id);
+    a_second_relay_finds_names_or_says_why_not(&mlflow, &named);
+    many_traces_for_one_run_are_all_linked(&mlflow, &relay);
+}
+
+/// Traces for a run in an experiment created by name, more by name, and one experiment per
+/// agent by service.name; each name created once. Returns the id of the experiment named.
+fn routing_by_name_and_by_service_name(mlflow: &Mlflow, relay: &Relay, run_id: &str) -> String {
     // Three traces for a run in an experiment that does not exist yet; then two more by name.
     let linked: Vec<Span> = (0..3).flat_map(|n| trace(1, n, 2, false)).collect();
     post(
-        &relay,
+        relay,
         &request(
-            &[
-                ("mlflow.experiment_name", "routing by name"),
-                ("mlflow.run_id", &run_id),
-            ],
+            &[("mlflow.experiment_name", "routing by name"), ("mlflow.run_id", run_id)],
             linked,
         ),
     );
     let named = support::wait_for("the experiment created by name", Duration::from_secs(60), || {
-        experiment_id(&mlflow, "routing%20by%20name")
+        experiment_id(mlflow, "routing%20by%20name")
     });
     support::wait_for("3 traces in it", Duration::from_secs(60), || {
         (mlflow.search_traces(&named).len() == 3).then_some(())
     });
     let more: Vec<Span> = (3..5).flat_map(|n| trace(1, n, 1, false)).collect();
-    post(&relay, &request(&[("mlflow.experiment_name", "routing by name")], more));
+    post(relay, &request(&[("mlflow.experiment_name", "routing by name")], more));
     // One experiment per agent: service.name names it when nothing else does.
     let agent: Vec<Span> = (0..2).flat_map(|n| trace(2, n, 1, false)).collect();
-    post(&relay, &request(&[("service.name", "agent-7")], agent));
+    post(relay, &request(&[("service.name", "agent-7")], agent));
 
     support::wait_for("5 traces by name", Duration::from_secs(60), || {
         (mlflow.search_traces(&named).len() == 5).then_some(())
     });
     let per_agent = support::wait_for("the agent's experiment", Duration::from_secs(60), || {
-        experiment_id(&mlflow, "agent-7")
+        experiment_id(mlflow, "agent-7")
     });
     support::wait_for("2 traces of the agent", Duration::from_secs(60), || {
         (mlflow.search_traces(&per_agent).len() == 2).then_some(())
     });
     // The run lists exactly the traces whose resource named it.
-    let by_run = search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'"));
+    let by_run = search(mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'"));
     assert_eq!(by_run.len(), 3, "{by_run:#?}");
     assert!(
         mlflow.search_traces("0").is_empty(),
@@ -203,28 +209,36 @@ fn run_linkage_and_experiments_by_name() {
         0.0
     );
     assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
+    named
+}
 
+/// The request's x-mlflow-run-id header links its traces to another run.
+fn header_links_traces_to_another_run(mlflow: &Mlflow, relay: &Relay, named: &str, run_id: &str) {
     // The request's x-mlflow-run-id header (include_metadata) links its traces to another run.
     let (status, run2) = mlflow.post_json("/api/2.0/mlflow/runs/create", &json!({"experiment_id": named}));
     assert_eq!(status, 200, "{run2}");
     let run2 = run2["run"]["info"]["run_id"].as_str().unwrap().to_string();
     post_with(
-        &relay,
+        relay,
         &request(&[("mlflow.experiment_name", "routing by name")], trace(1, 9, 1, false)),
         &[("x-mlflow-run-id", &run2)],
     );
     support::wait_for("the traces linked to the header's run", Duration::from_secs(60), || {
-        (search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run2}'")).len() == 1).then_some(())
+        (search(mlflow, named, &format!("metadata.`mlflow.sourceRun` = '{run2}'")).len() == 1).then_some(())
     });
     assert_eq!(
-        search(&mlflow, &named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'")).len(),
+        search(mlflow, named, &format!("metadata.`mlflow.sourceRun` = '{run_id}'")).len(),
         3
     );
+}
 
+/// A second relay finds the experiment instead of creating it; one that may not create fails
+/// an unknown name and says why.
+fn a_second_relay_finds_names_or_says_why_not(mlflow: &Mlflow, named: &str) {
     // A second relay (a restart, or another replica) finds the experiment instead of creating it;
     // one that may not create fails a name MLflow does not know, and says why.
     let dir2 = tempfile::tempdir().unwrap();
-    let relay2 = Relay::start(dir2.path(), &relay_config(&mlflow, json!({})), "otlp");
+    let relay2 = Relay::start(dir2.path(), &relay_config(mlflow, json!({})), "otlp");
     post(
         &relay2,
         &request(&[("mlflow.experiment_name", "routing by name")], trace(3, 0, 1, false)),
@@ -237,7 +251,7 @@ fn run_linkage_and_experiments_by_name() {
         ),
     );
     support::wait_for("7 traces by name", Duration::from_secs(60), || {
-        (mlflow.search_traces(&named).len() == 7).then_some(())
+        (mlflow.search_traces(named).len() == 7).then_some(())
     });
     support::wait_for("the unknown name's spans failed", Duration::from_secs(60), || {
         (relay2.metric("otelcol_exporter_send_failed_spans_total", &[]) == 2.0).then_some(())
@@ -257,8 +271,11 @@ fn run_linkage_and_experiments_by_name() {
             && log.contains("mlflow.create_experiments is off"),
         "{log}"
     );
-    assert_eq!(experiment_id(&mlflow, "no%20such%20experiment"), None);
+    assert_eq!(experiment_id(mlflow, "no%20such%20experiment"), None);
+}
 
+/// 150 traces for a run in one request are all linked (MLflow links at most 100 per request).
+fn many_traces_for_one_run_are_all_linked(mlflow: &Mlflow, relay: &Relay) {
     // MLflow links at most 100 traces to a run per request (with more it links none and still
     // answers 200): 150 traces for a run in one request are all linked.
     let many = mlflow.create_experiment("many traces for a run");
@@ -267,13 +284,13 @@ fn run_linkage_and_experiments_by_name() {
     let run3 = run3["run"]["info"]["run_id"].as_str().unwrap().to_string();
     let spans: Vec<Span> = (0..150).flat_map(|n| trace(6, n, 0, false)).collect();
     post(
-        &relay,
+        relay,
         &request(&[("mlflow.experiment_id", &many), ("mlflow.run_id", &run3)], spans),
     );
     support::wait_for("150 traces stored", Duration::from_secs(60), || {
         (mlflow.search_traces(&many).len() == 150).then_some(())
     });
-    let linked = search(&mlflow, &many, &format!("metadata.`mlflow.sourceRun` = '{run3}'"));
+    let linked = search(mlflow, &many, &format!("metadata.`mlflow.sourceRun` = '{run3}'"));
     assert_eq!(linked.len(), 150);
 }
 

@@ -1,4 +1,4 @@
-//! The offline manifest toolchain for tests/deploy.rs: tests/deploy/setup_tools.sh installed
+//! The offline manifest toolchain for the deploy tests: tests/deploy/setup_tools.sh installed
 //! once into target/test-cache (file lock, stamp keyed on the script's content), and thin
 //! wrappers around helm and tests/deploy/validate.py (schemas and CEL rules of the CRDs carried
 //! in tests/deploy/schemas/).

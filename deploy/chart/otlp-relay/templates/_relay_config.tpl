@@ -1,6 +1,6 @@
 {{/*
 The relay's collector-shaped configuration, built from values. Rendered into the ConfigMap after
-relay.configOverrides is deep-merged over it. tests/deploy.rs runs `otlp-relay check` on it.
+relay.configOverrides is deep-merged over it. tests/deploy/rendered.rs runs `otlp-relay check` on it.
 */}}
 {{- define "otlp-relay.relay.tls" -}}
 {{- $t := .Values.relay.receivers.tls -}}
