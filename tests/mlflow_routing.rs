@@ -380,7 +380,8 @@ fn a_purged_experiment_is_looked_up_again() {
     let (status, body) = mlflow.post_json("/api/2.0/mlflow/experiments/delete", &json!({"experiment_id": first}));
     assert_eq!(status, 200, "{body}");
     let gc = std::process::Command::new(mlflow.venv.join("bin/mlflow"))
-        .args(["gc", "--backend-store-uri", &db, "--experiment-ids", &first])
+        .args(["gc", "--backend-store-uri", &db, "--tracking-uri", &mlflow.url()])
+        .args(["--experiment-ids", &first])
         .env("MLFLOW_TRACKING_URI", "")
         .output()
         .unwrap();

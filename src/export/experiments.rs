@@ -154,7 +154,10 @@ impl Experiments {
     /// of that id (deleted and purged, or a new database), so the next lookup asks again and
     /// creates the experiment anew when allowed. True when it was remembered.
     pub(crate) fn forget(&self, workspace: Option<&Arc<str>>, name: &Arc<str>, id: &str) -> bool {
-        let forgotten = self.cache.lock_unpoisoned().forget(&(workspace.cloned(), name.clone()), id);
+        let forgotten = self
+            .cache
+            .lock_unpoisoned()
+            .forget(&(workspace.cloned(), name.clone()), id);
         if forgotten {
             tracing::warn!(experiment = %name, id, "MLflow no longer has the experiment remembered for this name; looking it up again");
         }

@@ -245,7 +245,10 @@ mod tests {
     fn the_first_two_traces_poisoned_are_not_taken_for_a_general_refusal() {
         let b = run(100, &BTreeSet::from([0, 1]));
         check_partition(100, &b);
-        assert_eq!((b.refused, b.stored, b.not_trace_specific), (vec![0, 1], vec![2..100], false));
+        assert_eq!(
+            (b.refused, b.stored, b.not_trace_specific),
+            (vec![0, 1], vec![2..100], false)
+        );
         assert!(b.sent <= ceil_log2(100) + 2, "{}", b.sent);
     }
 

@@ -146,8 +146,10 @@ impl Grouper {
     }
 
     fn show_held(&self) {
-        self.held_spans.set(i64::try_from(self.groups.held_spans()).unwrap_or(i64::MAX));
-        self.held_traces.set(i64::try_from(self.groups.held_traces()).unwrap_or(i64::MAX));
+        self.held_spans
+            .set(i64::try_from(self.groups.held_spans()).unwrap_or(i64::MAX));
+        self.held_traces
+            .set(i64::try_from(self.groups.held_traces()).unwrap_or(i64::MAX));
     }
 
     /// While a memory budget is above its mark, the oldest traces leave, as many bytes as the

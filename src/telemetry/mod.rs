@@ -270,7 +270,11 @@ impl Metrics {
             "otlp_relay_groupbytrace_held_spans",
             "Spans groupbytrace holds, waiting for their traces to complete",
         );
-        let groupbytrace_held_traces = gauge(&mut r, "otlp_relay_groupbytrace_held_traces", "Traces groupbytrace holds");
+        let groupbytrace_held_traces = gauge(
+            &mut r,
+            "otlp_relay_groupbytrace_held_traces",
+            "Traces groupbytrace holds",
+        );
         let exporter_retries = counter(
             &mut r,
             "otlp_relay_exporter_retries",
