@@ -115,6 +115,15 @@ fn a_trace_sent_over_time_reaches_the_sink_as_one_request_when_its_root_arrives(
         std::thread::sleep(Duration::from_millis(300));
     }
     assert_eq!(stat(&sink, "spans"), 0, "children are held until their root");
+    let held = |what: &str| {
+        relay.metric(
+            &format!("otlp_relay_groupbytrace_held_{what}"),
+            &[("exporter", "otlphttp/sink")],
+        )
+    };
+    wait_for("the held spans shown", T, || {
+        ((held("spans"), held("traces")) == (7.0, 1.0)).then_some(())
+    });
     assert_eq!(post(http, &request(1, 1..2)), 200);
     sink.wait_unique(8, Duration::from_secs(10));
     assert_eq!(stat(&sink, "requests"), 1, "{}", sink.stats());
@@ -122,6 +131,20 @@ fn a_trace_sent_over_time_reaches_the_sink_as_one_request_when_its_root_arrives(
         relay.metric("otlp_relay_groupbytrace_released_traces_total", &[("reason", "root")]),
         1.0
     );
+    wait_for("nothing held", T, || {
+        ((held("spans"), held("traces")) == (0.0, 0.0)).then_some(())
+    });
+    // Served once each, at zero when nothing is held.
+    let (_, text) = support::get_text(relay.metrics, "/metrics");
+    for what in ["spans", "traces"] {
+        let name = format!("otlp_relay_groupbytrace_held_{what}{{");
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with(&name)).collect();
+        assert_eq!(series.len(), 1, "{text}");
+        assert!(
+            series[0].contains("exporter=\"otlphttp/sink\"") && series[0].ends_with(" 0"),
+            "{text}"
+        );
+    }
 }
 
 /// A trace whose root never comes leaves whole once no span of it arrived for wait_duration.

@@ -1,6 +1,7 @@
 //! MLflow-native delivery against a real `mlflow server`: traces linked to the run their
-//! resource names, experiments named by spans (looked up once, created once), and a trace MLflow
-//! refuses isolated from the good traces it came with.
+//! resource names, experiments named by spans (looked up once, created once, looked up again once
+//! MLflow no longer has them), a trace MLflow refuses isolated from the good traces it came
+//! with, and a refusal of every trace failing the request whole after a few requests.
 mod support;
 
 use std::time::Duration;
@@ -353,6 +354,76 @@ fn a_poisoned_trace_costs_only_itself() {
         log.contains("MLflow refused part of a request") && log.contains("422"),
         "{log}"
     );
+
+    // MLflow refusing every trace is a refusal not about a trace: down the left edge to two
+    // traces refused alone, the rest refused once, and the request fails whole, as one.
+    let isolation_requests = relay.metric("otlp_relay_mlflow_isolation_requests_total", &[]);
+    let spans: Vec<Span> = (0..32).flat_map(|n| trace(10, n, 1, true)).collect();
+    post(&relay, &request(&[("service.name", "poison-test")], spans));
+    support::wait_for("the request failed whole", Duration::from_secs(90), || {
+        (relay.metric("otelcol_exporter_send_failed_spans_total", &[]) == 3.0 + 64.0).then_some(())
+    });
+    // ⌈log2 32⌉ requests down to trace 0, trace 1 alone, then the rest: 7 (the budget is 44).
+    let requests = relay.metric("otlp_relay_mlflow_isolation_requests_total", &[]) - isolation_requests;
+    assert!((5.0..=7.0).contains(&requests), "{requests} isolation requests");
+    assert_eq!(relay.metric("otlp_relay_mlflow_poison_traces_total", &[]), 1.0);
+    assert_eq!(relay.metric("otlp_relay_dead_letter_spans_total", &[]), 3.0 + 64.0);
+    assert_eq!(mlflow.search_traces("0").len(), GOOD as usize);
+    let log = relay.proc.output_text();
+    assert!(log.contains("its refusal is not about a trace"), "{log}");
+}
+
+/// An experiment the relay remembers by name that MLflow then no longer has (deleted and purged
+/// with `mlflow gc`): MLflow answers 404 for its id, the relay forgets it, creates the name anew
+/// and stores the spans there, and nothing fails.
+#[test]
+fn a_purged_experiment_is_looked_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:///{}", dir.path().join("mlflow.db").display());
+    let mlflow = Mlflow::start_on(support::mlflow::mlflow_venv(), Some(&db), &[]);
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&mlflow, json!({"create_experiments": true})),
+        "otlp",
+    );
+    let named = |n: u32| request(&[("mlflow.experiment_name", "purged")], trace(11, n, 1, false));
+    post(&relay, &named(0));
+    let first = support::wait_for("the experiment created", Duration::from_secs(60), || {
+        experiment_id(&mlflow, "purged")
+    });
+    support::wait_for("its trace stored", Duration::from_secs(60), || {
+        (mlflow.search_traces(&first).len() == 1).then_some(())
+    });
+    let (status, body) = mlflow.post_json("/api/2.0/mlflow/experiments/delete", &json!({"experiment_id": first}));
+    assert_eq!(status, 200, "{body}");
+    let gc = std::process::Command::new(mlflow.venv.join("bin/mlflow"))
+        .args(["gc", "--backend-store-uri", &db, "--tracking-uri", &mlflow.url()])
+        .args(["--experiment-ids", &first])
+        .env("MLFLOW_TRACKING_URI", "")
+        .output()
+        .unwrap();
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    assert_eq!(experiment_id(&mlflow, "purged"), None);
+
+    post(&relay, &named(1));
+    let second = support::wait_for("the experiment created again", Duration::from_secs(60), || {
+        experiment_id(&mlflow, "purged")
+    });
+    let new_trace = format!("{}{:08x}", "0b".repeat(12), 1);
+    support::wait_for("the new trace stored there", Duration::from_secs(60), || {
+        let traces = mlflow.search_traces(&second);
+        traces
+            .iter()
+            .any(|t| t["trace_id"].as_str().unwrap_or("").contains(&new_trace))
+            .then_some(())
+    });
+    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
+    assert_eq!(
+        relay.metric("otlp_relay_mlflow_experiment_lookups_total", &[("reason", "created")]),
+        2.0
+    );
+    let log = relay.proc.output_text();
+    assert!(log.contains("no longer has the experiment"), "{log}");
 }
 
 /// Without isolation the same request fails whole: what the test above shows is the isolation.

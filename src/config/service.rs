@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::GoDuration;
 use super::values::ListenAddr;
-use super::{Config, Processor, Receiver, component_type};
+use super::{Config, GroupByTraceConfig, Processor, Receiver, component_type};
 
 /// Default metrics listen address, as the collector's.
 pub(crate) const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:8888";
@@ -212,6 +212,7 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
         err("service.pipelines".into(), "define a traces pipeline".into());
     }
     let mut exporter_batch: BTreeMap<&str, (&str, Option<&str>)> = BTreeMap::new();
+    let mut exporter_group: BTreeMap<&str, (&str, Option<&GroupByTraceConfig>)> = BTreeMap::new();
     for (name, p) in &s.pipelines {
         let path = format!("service.pipelines.{name}");
         if component_type(name) != "traces" {
@@ -239,13 +240,15 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
             }
         }
         let mut batch = None;
+        let mut group = None;
         for (i, id) in p.processors.iter().enumerate() {
             match config.processors.get(id) {
                 None => err(
                     format!("{path}.processors[{i}]"),
                     format!("{id:?} is not defined under processors"),
                 ),
-                Some(Processor::GroupByTrace(_)) => {
+                Some(Processor::GroupByTrace(g)) => {
+                    group.get_or_insert(g);
                     if batch.is_some() {
                         err(
                             format!("{path}.processors[{i}]"),
@@ -283,6 +286,18 @@ pub(super) fn validate(config: &Config, err: &mut dyn FnMut(String, String)) {
                 err(
                     format!("{path}.exporters[{i}]"),
                     format!("{e:?} is also used by pipeline {other:?} with a different batch processor"),
+                );
+            }
+            // groupbytrace holds traces in front of each exporter too: one setting per exporter.
+            if let Some((other, other_group)) = exporter_group.insert(e, (name, group))
+                && other_group != group
+            {
+                err(
+                    format!("{path}.exporters[{i}]"),
+                    format!(
+                        "{e:?} is also used by pipeline {other:?} with different groupbytrace settings (or none); \
+                         use one exporter per pipeline"
+                    ),
                 );
             }
         }
@@ -390,5 +405,42 @@ fn validate_ports(config: &Config, err: &mut dyn FnMut(String, String)) {
                 err(path, format!("{addr} is already used by {other}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::errors_of;
+
+    /// Two pipelines sharing exporter `otlphttp`, with the given processor lists.
+    fn shared(first: &str, second: &str) -> Vec<String> {
+        errors_of(&format!(
+            "
+receivers: {{otlp: {{protocols: {{http: {{}}}}}}, otlp/2: {{protocols: {{grpc: {{}}}}}}}}
+processors:
+  groupbytrace: {{}}
+  groupbytrace/same: {{}}
+  groupbytrace/slow: {{wait_duration: 30s, max_hold: 60s}}
+exporters: {{otlphttp: {{endpoint: 'http://x'}}}}
+service:
+  pipelines:
+    traces: {{receivers: [otlp], processors: [{first}], exporters: [otlphttp]}}
+    traces/2: {{receivers: [otlp/2], processors: [{second}], exporters: [otlphttp]}}
+"
+        ))
+    }
+
+    const DIFFERENT: &str = "service.pipelines.traces/2.exporters[0]: \"otlphttp\" is also used by pipeline \
+                             \"traces\" with different groupbytrace settings (or none); use one exporter per pipeline";
+
+    #[test]
+    fn an_exporter_shared_by_pipelines_needs_one_groupbytrace_setting() {
+        assert_eq!(shared("groupbytrace", "groupbytrace/slow"), vec![DIFFERENT]);
+        assert_eq!(shared("groupbytrace", ""), vec![DIFFERENT]);
+        assert_eq!(shared("", "groupbytrace"), vec![DIFFERENT]);
+        // The same settings under another id hold traces the same way.
+        assert!(shared("groupbytrace", "groupbytrace/same").is_empty());
+        assert!(shared("groupbytrace/slow", "groupbytrace/slow").is_empty());
+        assert!(shared("", "").is_empty());
     }
 }

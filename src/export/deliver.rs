@@ -228,6 +228,12 @@ async fn isolate(
             }
         }
     }
+    if bisection.not_trace_specific {
+        // Nothing was stored, so the request fails as it would have without isolation: once.
+        tracing::warn!(exporter = %settings.name, traces = traces.len(), requests = bisection.sent, "MLflow refused traces alone as well as together: its refusal is not about a trace, so the request fails whole");
+        failed(settings, part, &first, 1, metrics, false).await;
+        return true;
+    }
     let poisoned = bisection.refused.len();
     handles.poison_traces.inc_by(poisoned as u64);
     let refused_spans: usize = bisection.refused.iter().map(|&i| of(i..i + 1).spans).sum();

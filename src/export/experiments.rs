@@ -57,6 +57,16 @@ impl Cache {
         self.ids.get(key).cloned()
     }
 
+    /// Forgets `key` if it still names `id` (a sender may have looked up a newer id meanwhile).
+    fn forget(&mut self, key: &Key, id: &str) -> bool {
+        if self.ids.get(key).is_none_or(|cached| &**cached != id) {
+            return false;
+        }
+        self.ids.remove(key);
+        self.order.retain(|k| k != key);
+        true
+    }
+
     fn insert(&mut self, key: Key, id: Arc<str>) {
         if self.ids.insert(key.clone(), id).is_none() {
             self.order.push_back(key);
@@ -138,6 +148,20 @@ impl Experiments {
         };
         self.cache.lock_unpoisoned().insert(key, id.clone());
         Ok((id, how))
+    }
+
+    /// Forgets the id remembered for `name` when it is `id`: MLflow said it has no experiment
+    /// of that id (deleted and purged, or a new database), so the next lookup asks again and
+    /// creates the experiment anew when allowed. True when it was remembered.
+    pub(crate) fn forget(&self, workspace: Option<&Arc<str>>, name: &Arc<str>, id: &str) -> bool {
+        let forgotten = self
+            .cache
+            .lock_unpoisoned()
+            .forget(&(workspace.cloned(), name.clone()), id);
+        if forgotten {
+            tracing::warn!(experiment = %name, id, "MLflow no longer has the experiment remembered for this name; looking it up again");
+        }
+        forgotten
     }
 
     /// Ok(id) when MLflow has an active experiment of that name, Err(MLflow's message) when it
@@ -268,6 +292,12 @@ impl Experiments {
     }
 }
 
+/// MLflow's answer to spans for an experiment id it does not have.
+pub(crate) fn no_such_experiment(error: &ExportError) -> bool {
+    matches!(error, ExportError::Permanent { status, body }
+        if *status == StatusCode::NOT_FOUND && error_code(body.as_bytes()) == Some("RESOURCE_DOES_NOT_EXIST"))
+}
+
 /// MLflow's `error_code` in an error answer.
 fn error_code(body: &[u8]) -> Option<&str> {
     // Cheap: the code is a fixed word; the body is at most MAX_ANSWER.
@@ -334,6 +364,44 @@ mod tests {
         assert_eq!(c.get(&key(None, "a")), None);
         assert_eq!(c.ids.len(), 2);
         assert_eq!(c.order.len(), 2);
+    }
+
+    #[test]
+    fn forget_drops_only_the_id_that_failed() {
+        let mut c = Cache {
+            ids: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: 2,
+        };
+        let key = |n: &str| (None, Arc::from(n));
+        c.insert(key("a"), Arc::from("1"));
+        c.insert(key("b"), Arc::from("2"));
+        // Another sender already looked up a newer id: it stays.
+        assert!(!c.forget(&key("a"), "9"));
+        assert!(!c.forget(&key("c"), "1"));
+        assert_eq!(c.get(&key("a")).as_deref(), Some("1"));
+        assert!(c.forget(&key("a"), "1"));
+        assert_eq!((c.get(&key("a")), c.ids.len(), c.order.len()), (None, 1, 1));
+        // The freed slot is reusable without evicting "b".
+        c.insert(key("a"), Arc::from("3"));
+        assert_eq!(c.get(&key("b")).as_deref(), Some("2"));
+        let experiments = Experiments::new("http://x", true, 4, Duration::from_secs(1));
+        experiments.cache.lock_unpoisoned().insert(key("n"), Arc::from("5"));
+        assert!(experiments.forget(None, &Arc::from("n"), "5"));
+        assert!(!experiments.forget(None, &Arc::from("n"), "5"));
+    }
+
+    #[test]
+    fn only_a_missing_resource_means_no_such_experiment() {
+        let answer = |status: u16, body: &str| ExportError::Permanent {
+            status: StatusCode::from_u16(status).unwrap(),
+            body: body.into(),
+        };
+        let missing = r#"{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "No Experiment with id=3 exists"}"#;
+        assert!(no_such_experiment(&answer(404, missing)));
+        assert!(!no_such_experiment(&answer(404, "not found")));
+        assert!(!no_such_experiment(&answer(400, missing)));
+        assert!(!no_such_experiment(&ExportError::Transport("x".into())));
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //!
 //! A half that was stored proves its sibling holds the refused trace, so that sibling is split
 //! without being sent: one refused trace among n costs between log2(n) and 2·log2(n) requests.
-//! A budget bounds the requests when MLflow refuses everything (its refusal was not about a
-//! trace after all): what is undecided when it runs out fails as it is.
+//! When the first two traces sent alone are both refused before anything was stored, the rest is
+//! sent once more as a whole: refused too, the refusal is taken as not about a trace (a database,
+//! experiment or auth error answered as 4xx or 500), the bisection stops after about log2(n)
+//! requests and the request fails whole, once; stored, the two were poison.
+//! A budget still bounds the requests of a bisection that keeps finding refused traces: what is
+//! undecided when it runs out fails as it is.
 use std::ops::Range;
 
 /// HTTP statuses for which a request of several traces is worth bisecting: MLflow's answers to
@@ -57,7 +61,16 @@ pub(crate) struct Bisection {
     pub(crate) refused: Vec<usize>,
     /// Ranges still undecided when the budget ran out: they fail as a whole.
     pub(crate) undecided: Vec<Range<usize>>,
+    /// The refusal was not about a trace (see the module doc): every trace fails, as one.
+    pub(crate) not_trace_specific: bool,
+    traces: usize,
+    /// The range in flight is the rest after the first refusals (see `REFUSED_ALONE`).
+    probe: bool,
 }
+
+/// Traces refused alone, with nothing stored, after which the rest is sent once as a probe: if
+/// MLflow refuses that too, the refusal is not about a trace and the request fails whole.
+const REFUSED_ALONE: usize = 2;
 
 impl Bisection {
     pub(crate) fn new(traces: usize) -> Bisection {
@@ -72,6 +85,9 @@ impl Bisection {
             stored: Vec::new(),
             refused: Vec::new(),
             undecided: Vec::new(),
+            not_trace_specific: false,
+            traces,
+            probe: false,
         }
     }
 
@@ -81,7 +97,19 @@ impl Bisection {
         debug_assert!(self.in_flight.is_none(), "report the range in flight first");
         while let Some(job) = self.stack.pop() {
             match job {
-                Job::Bad { range, sent: true } if range.len() == 1 => self.refused.push(range.start),
+                Job::Bad { range, sent: true } if range.len() == 1 => {
+                    self.refused.push(range.start);
+                    if self.stored.is_empty() && self.refused.len() == REFUSED_ALONE && self.traces > REFUSED_ALONE {
+                        // The descent goes left first, so the refused are traces 0 and 1 and the
+                        // rest is one range: sent once, it tells poison from a general refusal.
+                        self.stack.clear();
+                        self.probe = true;
+                        self.stack.push(Job::Test {
+                            range: REFUSED_ALONE..self.traces,
+                            left: false,
+                        });
+                    }
+                }
                 Job::Bad { range: r, .. } | Job::Test { range: r, .. } | Job::Right(r) if self.sent >= self.budget => {
                     self.undecided.push(r)
                 }
@@ -113,6 +141,14 @@ impl Bisection {
         let Some((range, left)) = self.in_flight.take() else {
             return;
         };
+        if std::mem::take(&mut self.probe) && !stored {
+            // Refused alone and refused without them: nothing is about a trace.
+            self.not_trace_specific = true;
+            self.stack.clear();
+            self.refused.clear();
+            self.undecided = std::iter::once(0..self.traces).collect();
+            return;
+        }
         if left {
             // The right sibling: known bad when the left half was stored, else unknown.
             if let Some(Job::Right(right)) = self.stack.pop() {
@@ -187,16 +223,51 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_of_everything_is_bounded() {
-        for n in [2, 5, 100, 10_000] {
+    fn a_refusal_of_everything_stops_after_about_log2_requests_and_fails_whole() {
+        for n in [3, 5, 16, 100, 10_000] {
             let all: BTreeSet<usize> = (0..n).collect();
             let b = run(n, &all);
             check_partition(n, &b);
-            assert!(b.sent <= request_budget(n), "n={n}: {}", b.sent);
+            // Down the left edge to trace 0, trace 1 alone, then the rest once.
+            assert!(b.sent <= ceil_log2(n) + 2, "n={n}: {} requests", b.sent);
+            assert!(b.not_trace_specific, "n={n}");
+            assert_eq!(b.undecided, std::iter::once(0..n).collect::<Vec<_>>(), "n={n}");
+            assert!(b.refused.is_empty(), "n={n}");
             assert!(b.stored.is_empty());
         }
+        // Two traces refused alone are simply both refused.
+        let b = run(2, &BTreeSet::from([0, 1]));
+        assert_eq!((b.refused, b.not_trace_specific), (vec![0, 1], false));
         assert_eq!(request_budget(100), 60);
         assert_eq!(request_budget(2), 4);
+    }
+
+    #[test]
+    fn the_first_two_traces_poisoned_are_not_taken_for_a_general_refusal() {
+        let b = run(100, &BTreeSet::from([0, 1]));
+        check_partition(100, &b);
+        assert_eq!((b.refused, b.not_trace_specific), (vec![0, 1], false));
+        assert_eq!(b.stored, std::iter::once(2..100).collect::<Vec<_>>());
+        assert!(b.sent <= ceil_log2(100) + 2, "{}", b.sent);
+    }
+
+    /// Every poison set of up to 9 traces: each trace is decided once; the bisection gives up only
+    /// when traces 0 and 1 and another are refused, and otherwise finds exactly the poison.
+    #[test]
+    fn every_poison_set_is_decided() {
+        for n in 2..=9usize {
+            for mask in 1u32..(1 << n) {
+                let poison: BTreeSet<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+                let b = run(n, &poison);
+                check_partition(n, &b);
+                assert!(b.sent <= request_budget(n), "n={n} {poison:?}: {}", b.sent);
+                let general = n > 2 && poison.contains(&0) && poison.contains(&1) && poison.len() > 2;
+                assert_eq!(b.not_trace_specific, general, "n={n} {poison:?}");
+                if !general && b.undecided.is_empty() {
+                    assert_eq!(b.refused.iter().copied().collect::<BTreeSet<_>>(), poison, "n={n}");
+                }
+            }
+        }
     }
 
     #[test]

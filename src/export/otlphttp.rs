@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
 
 use super::auth::Authenticator;
-use super::experiments::{Experiments, Lookup, WORKSPACE_HEADER};
+use super::experiments::{self, Experiments, Lookup, WORKSPACE_HEADER};
 use super::retry::{HttpVerdict, classify_http};
 use super::route::{self, ExperimentRef, Target};
 use super::{ExportError, OutBatch};
@@ -122,8 +122,8 @@ impl OtlpHttpExporter {
         ]
     }
 
-    /// The MLflow headers of `target`, its experiment name looked up.
-    async fn mlflow_headers(&self, target: &Target) -> Result<HeaderMap, ExportError> {
+    /// The MLflow headers of `target`, its experiment name looked up, and the id a name gave.
+    async fn mlflow_headers(&self, target: &Target) -> Result<(HeaderMap, Option<Arc<str>>), ExportError> {
         let mut headers = HeaderMap::new();
         let id = match &target.experiment {
             None => None,
@@ -144,6 +144,10 @@ impl OtlpHttpExporter {
                 Some(id)
             }
         };
+        let looked_up = match &target.experiment {
+            Some(ExperimentRef::Name(_)) => id.clone(),
+            _ => None,
+        };
         for (name, value) in [
             (EXPERIMENT_HEADER, id.as_deref()),
             (RUN_HEADER, target.run.as_deref()),
@@ -157,7 +161,7 @@ impl OtlpHttpExporter {
                 headers.insert(name, v);
             }
         }
-        Ok(headers)
+        Ok((headers, looked_up))
     }
 
     /// One attempt. The caller owns retries.
@@ -229,9 +233,23 @@ impl OtlpHttpExporter {
         Ok(())
     }
 
-    /// One attempt to send `batch` to `target`.
+    /// One attempt to send `batch` to `target`. When MLflow answers that the experiment a name
+    /// was looked up to does not exist (deleted and purged since), the remembered id is dropped
+    /// and the batch sent once more to what the name resolves to now (created when allowed).
     pub(crate) async fn export_to(&self, batch: &OutBatch, target: &Target) -> Result<(), ExportError> {
-        let mlflow = self.mlflow_headers(target).await?;
+        let (mlflow, looked_up) = self.mlflow_headers(target).await?;
+        let result = self.export_with(batch, mlflow).await;
+        if let (Err(e), Some(id), Some(ExperimentRef::Name(name))) = (&result, &looked_up, &target.experiment)
+            && experiments::no_such_experiment(e)
+            && self.experiments.forget(target.workspace.as_ref(), name, id)
+        {
+            let (mlflow, _) = self.mlflow_headers(target).await?;
+            return self.export_with(batch, mlflow).await;
+        }
+        result
+    }
+
+    async fn export_with(&self, batch: &OutBatch, mlflow: HeaderMap) -> Result<(), ExportError> {
         // Compressing a large batch takes milliseconds of CPU: on the blocking pool it does not
         // stall the async workers, so receivers keep answering and the batcher keeps draining
         // their intake (a stalled batcher shows up as 429s to agents).

@@ -139,12 +139,10 @@ impl<P> TraceGroups<P> {
         }
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn held_traces(&self) -> usize {
         self.traces.len()
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn held_spans(&self) -> usize {
         self.spans
     }

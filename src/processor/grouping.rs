@@ -13,8 +13,9 @@ use super::groupbytrace::{HoldRules, PieceInfo, ReleaseReason, Released, TraceGr
 use crate::batch::{Batch, Batcher};
 use crate::pipeline::by_trace;
 use crate::pipeline::{Destination, Item, MemoryBudget, Routed};
-use crate::telemetry::{ExporterReasonLabels, Metrics};
+use crate::telemetry::{ExporterLabels, ExporterReasonLabels, Metrics};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 type Piece = (Destination, Item);
 type Out = Vec<Batch<Destination, Item>>;
@@ -46,12 +47,20 @@ pub(crate) struct Grouper {
     /// Released traces by reason, in the order of `ReleaseReason::ALL`: registered once, every
     /// series present at zero from the start.
     released: [Counter; 5],
+    /// Spans and traces held now: registered once, set after every change.
+    held_spans: Gauge,
+    held_traces: Gauge,
     uncut_logged: Option<Instant>,
 }
 
 impl Grouper {
     pub(crate) fn new(settings: GroupSettings, exporter: &str, metrics: Arc<Metrics>) -> Grouper {
+        let labels = ExporterLabels {
+            exporter: exporter.to_string(),
+        };
         Grouper {
+            held_spans: metrics.groupbytrace_held_spans.get_or_create(&labels).clone(),
+            held_traces: metrics.groupbytrace_held_traces.get_or_create(&labels).clone(),
             groups: TraceGroups::new(settings.rules.clone()),
             settings,
             exporter: exporter.to_string(),
@@ -114,6 +123,7 @@ impl Grouper {
             }
         }
         self.relieve(batcher, now, &mut out);
+        self.show_held();
         out
     }
 
@@ -122,6 +132,7 @@ impl Grouper {
         let mut out = Vec::new();
         let released = self.groups.due(now);
         self.feed(released, batcher, now, &mut out);
+        self.show_held();
         out
     }
 
@@ -130,7 +141,15 @@ impl Grouper {
         let mut out = Vec::new();
         let released = self.groups.drain();
         self.feed(released, batcher, now, &mut out);
+        self.show_held();
         out
+    }
+
+    fn show_held(&self) {
+        self.held_spans
+            .set(i64::try_from(self.groups.held_spans()).unwrap_or(i64::MAX));
+        self.held_traces
+            .set(i64::try_from(self.groups.held_traces()).unwrap_or(i64::MAX));
     }
 
     /// While a memory budget is above its mark, the oldest traces leave, as many bytes as the

@@ -235,6 +235,9 @@ pub(crate) struct Metrics {
     pub(crate) batch_unsplittable: CounterFamily<ExporterLabels>,
     /// Traces groupbytrace let go, per exporter stage and reason (root, idle, ...).
     pub(crate) groupbytrace_released_traces: CounterFamily<ExporterReasonLabels>,
+    /// Spans and traces groupbytrace holds now, per exporter stage.
+    pub(crate) groupbytrace_held_spans: Family<ExporterLabels, Gauge>,
+    pub(crate) groupbytrace_held_traces: Family<ExporterLabels, Gauge>,
     pub(crate) receiver_open_connections: Family<ReceiverLabels, Gauge>,
     pub(crate) receiver_connections_refused: CounterFamily<RefusedLabels>,
     pub(crate) receiver_connections_closed: CounterFamily<RefusedLabels>,
@@ -343,6 +346,16 @@ impl Metrics {
             "otlp_relay_groupbytrace_released_traces",
             "Traces groupbytrace released to the batcher, by reason (root, idle, max_hold, evicted, shutdown)",
         );
+        let groupbytrace_held_spans = gauge(
+            &mut r,
+            "otlp_relay_groupbytrace_held_spans",
+            "Spans groupbytrace holds, waiting for their traces to complete",
+        );
+        let groupbytrace_held_traces = gauge(
+            &mut r,
+            "otlp_relay_groupbytrace_held_traces",
+            "Traces groupbytrace holds",
+        );
         let exporter_retries = counter(
             &mut r,
             "otlp_relay_exporter_retries",
@@ -438,6 +451,8 @@ impl Metrics {
             batch_send_size,
             batch_unsplittable,
             groupbytrace_released_traces,
+            groupbytrace_held_spans,
+            groupbytrace_held_traces,
             export_duration,
             exporter_unauthorized,
             mlflow,

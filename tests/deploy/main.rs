@@ -7,6 +7,7 @@
 mod support;
 
 mod istio_model;
+mod monitor;
 mod tools;
 
 use istio_model::{Dest, Mesh, Request, Verdict};

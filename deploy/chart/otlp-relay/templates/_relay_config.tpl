@@ -79,6 +79,11 @@ processors:
     check_interval: {{ $p.memoryLimiter.checkInterval }}
     limit_mib: {{ $p.memoryLimiter.limitMib }}
     spike_limit_mib: {{ $p.memoryLimiter.spikeLimitMib }}
+  {{- if $p.groupbytrace.enabled }}
+  groupbytrace:
+    wait_duration: {{ $p.groupbytrace.waitDuration }}
+    root_grace: {{ $p.groupbytrace.rootGrace }}
+  {{- end }}
   batch:
     send_batch_size: {{ $p.batch.sendBatchSize }}
     send_batch_max_size: {{ $p.batch.sendBatchMaxSize }}
@@ -126,7 +131,7 @@ service:
   pipelines:
     traces:
       receivers: [otlp]
-      processors: [memory_limiter, batch]
+      processors: [memory_limiter{{ if $p.groupbytrace.enabled }}, groupbytrace{{ end }}, batch]
       exporters:
         {{- range $exporters }}
         - otlphttp/{{ . }}
