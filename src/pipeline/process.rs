@@ -156,7 +156,9 @@ mod tests {
         let parse = |intake: &Intake| {
             let mut hold = intake.hold(request.len())?;
             let parsed = wire::parse_protobuf_within(request.clone(), &mut hold)?;
-            intake.process(parsed, &RequestContext::default(), &mut hold).map(|a| a.parsed.spans)
+            intake
+                .process(parsed, &RequestContext::default(), &mut hold)
+                .map(|a| a.parsed.spans)
         };
         assert_eq!(parse(&plain).unwrap(), 60_000);
         assert!(matches!(parse(&processed), Err(ReceiveError::DecodeTooLarge { .. })));

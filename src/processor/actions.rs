@@ -75,7 +75,10 @@ fn context_key(key: &str) -> Result<String, String> {
         return Err("auth.* is not supported: this relay's receivers have no authenticator; use metadata.<header> (with include_metadata: true on the receiver)".into());
     }
     if key == "client.address" {
-        return Err("client.address is not supported; use metadata.<header> (with include_metadata: true on the receiver)".into());
+        return Err(
+            "client.address is not supported; use metadata.<header> (with include_metadata: true on the receiver)"
+                .into(),
+        );
     }
     let name = key.strip_prefix("metadata.").unwrap_or(key);
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
@@ -132,7 +135,10 @@ impl Actions {
             let sources = [a.value.is_some(), a.from_attribute.is_some(), a.from_context.is_some()];
             let source = match (&a.value, &a.from_attribute) {
                 _ if sources.iter().filter(|set| **set).count() > 1 => {
-                    fail("from_attribute", "set one of value, from_attribute and from_context".into());
+                    fail(
+                        "from_attribute",
+                        "set one of value, from_attribute and from_context".into(),
+                    );
                     Source::None
                 }
                 (None, None) => match a.from_context.as_deref().map(context_key) {
@@ -407,7 +413,12 @@ mod tests {
 - {key: kept, action: update, from_context: metadata.absent}
 "#,
         );
-        let request = RequestContext::from_headers([("x-tenant", "acme"), ("x-team", "a"), ("x-team", "b"), ("x-region", "eu")]);
+        let request = RequestContext::from_headers([
+            ("x-tenant", "acme"),
+            ("x-team", "a"),
+            ("x-team", "b"),
+            ("x-region", "eu"),
+        ]);
         let mut list = attrs(&[("kept", s("v"))]);
         a.apply(&mut list, &request);
         assert_eq!(get(&list, "tenant"), s("acme"));
@@ -418,15 +429,30 @@ mod tests {
         a.apply(&mut list, &RequestContext::default());
         assert!(list.is_empty(), "no metadata (include_metadata off): nothing set");
         for (yaml, path) in [
-            ("[{key: k, action: upsert, from_context: auth.subject}]", "a[0].from_context"),
-            ("[{key: k, action: upsert, from_context: client.address}]", "a[0].from_context"),
-            ("[{key: k, action: upsert, from_context: 'metadata.'}]", "a[0].from_context"),
-            ("[{key: k, action: upsert, value: 1, from_context: metadata.x}]", "a[0].from_attribute"),
+            (
+                "[{key: k, action: upsert, from_context: auth.subject}]",
+                "a[0].from_context",
+            ),
+            (
+                "[{key: k, action: upsert, from_context: client.address}]",
+                "a[0].from_context",
+            ),
+            (
+                "[{key: k, action: upsert, from_context: 'metadata.'}]",
+                "a[0].from_context",
+            ),
+            (
+                "[{key: k, action: upsert, value: 1, from_context: metadata.x}]",
+                "a[0].from_attribute",
+            ),
         ] {
             let list: Vec<ActionConfig> = serde_norway::from_str(yaml).unwrap();
             let mut errs = Vec::new();
             assert!(Actions::compile(&list, "a", &mut |p, m| errs.push(format!("{p}: {m}"))).is_none());
-            assert!(errs.iter().any(|e| e.starts_with(&format!("{path}:"))), "{yaml}: {errs:?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(&format!("{path}:"))),
+                "{yaml}: {errs:?}"
+            );
         }
     }
 

@@ -103,9 +103,9 @@ impl ProbabilisticSamplerConfig {
                     threshold: u64::from(HASH_BUCKETS - scaled.min(HASH_BUCKETS)) << 42,
                 }
             }
-            Mode::Equalizing => Rule::Equalizing(
-                tracestate::probability_to_threshold(ratio, self.sampling_precision).unwrap_or(ALWAYS),
-            ),
+            Mode::Equalizing => {
+                Rule::Equalizing(tracestate::probability_to_threshold(ratio, self.sampling_precision).unwrap_or(ALWAYS))
+            }
             Mode::Proportional => Rule::Proportional {
                 ratio,
                 precision: self.sampling_precision,
@@ -121,7 +121,10 @@ impl ProcessorConfig for ProbabilisticSamplerConfig {
         if !pct.is_finite() {
             err(at, "must be a number".into());
         } else if pct < 0.0 {
-            err(at, "must not be negative (0 drops every span, 100 or more keeps every one)".into());
+            err(
+                at,
+                "must not be negative (0 drops every span, 100 or more keeps every one)".into(),
+            );
         } else if pct > 0.0 && pct / 100.0 < 1.0 / tracestate::MAX_ADJUSTED_COUNT as f64 {
             err(at, "is too small: the smallest sampling probability is 2^-56".into());
         }
@@ -160,7 +163,9 @@ enum SampleError {
     MissingRandomness,
     #[error("the tracestate's th says this span should not have been sampled (its randomness is below it)")]
     InconsistentThreshold,
-    #[error("the tracestate has rv or th: hash_seed mode does not combine with OpenTelemetry's consistent sampling (use proportional or equalizing)")]
+    #[error(
+        "the tracestate has rv or th: hash_seed mode does not combine with OpenTelemetry's consistent sampling (use proportional or equalizing)"
+    )]
     HashSeedWithConsistentSampling,
 }
 
@@ -271,7 +276,11 @@ impl Sampler {
         {
             return;
         }
-        let outcome = if self.fail_closed { "dropped (fail_closed)" } else { "kept (fail_closed: false)" };
+        let outcome = if self.fail_closed {
+            "dropped (fail_closed)"
+        } else {
+            "kept (fail_closed: false)"
+        };
         tracing::warn!(processor = %self.id, error = %error, "a span's sampling information is unusable: {outcome}; said at most every 10 s");
     }
 }
@@ -442,14 +451,28 @@ mod tests {
             value: Some(opentelemetry_proto::tonic::common::v1::AnyValue { value: Some(v) }),
             ..Default::default()
         };
-        assert!(sample("sampling_percentage: 100", with_priority(prio(any_value::Value::IntValue(0)))).is_none());
-        assert!(sample("sampling_percentage: 0", with_priority(prio(any_value::Value::StringValue("1".into())))).is_some());
-        assert!(sample(closed, {
-            let mut s = with_priority(prio(any_value::Value::DoubleValue(2.0)));
-            s.trace_id = vec![0; 16];
-            s
-        })
-        .is_some());
+        assert!(
+            sample(
+                "sampling_percentage: 100",
+                with_priority(prio(any_value::Value::IntValue(0)))
+            )
+            .is_none()
+        );
+        assert!(
+            sample(
+                "sampling_percentage: 0",
+                with_priority(prio(any_value::Value::StringValue("1".into())))
+            )
+            .is_some()
+        );
+        assert!(
+            sample(closed, {
+                let mut s = with_priority(prio(any_value::Value::DoubleValue(2.0)));
+                s.trace_id = vec![0; 16];
+                s
+            })
+            .is_some()
+        );
     }
 
     /// hash_seed writes the randomness it derived and its threshold, as the collector does, and
@@ -465,7 +488,10 @@ mod tests {
         for i in 0..2000u32 {
             let id = fnv1a(i, b"x").to_be_bytes().repeat(4);
             let by_bucket = fnv1a(3, &id) & (HASH_BUCKETS - 1) < (25.0f32 * (HASH_BUCKETS as f32 / 100.0)) as u32;
-            assert_eq!(sample("sampling_percentage: 25\nhash_seed: 3", span(id, "")).is_some(), by_bucket);
+            assert_eq!(
+                sample("sampling_percentage: 25\nhash_seed: 3", span(id, "")).is_some(),
+                by_bucket
+            );
         }
     }
 
@@ -481,7 +507,10 @@ mod tests {
             let c: ProbabilisticSamplerConfig = serde_norway::from_str(yaml).unwrap();
             let mut errs = Vec::new();
             c.validate("p", &mut |p, m| errs.push(format!("{p}: {m}")));
-            assert!(errs.iter().any(|e| e.starts_with(&format!("{path}:"))), "{yaml}: {errs:?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(&format!("{path}:"))),
+                "{yaml}: {errs:?}"
+            );
         }
         for yaml in ["sampling_percentage: 150", "sampling_percentage: 5\nmode: equalizing"] {
             let c: ProbabilisticSamplerConfig = serde_norway::from_str(yaml).unwrap();

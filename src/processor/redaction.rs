@@ -224,9 +224,24 @@ impl Rules {
             return;
         }
         let debug = self.summary == Summary::Debug;
-        summary(attrs, out.redacted, debug.then_some("redaction.redacted.keys"), "redaction.redacted.count");
-        summary(attrs, out.masked, debug.then_some("redaction.masked.keys"), "redaction.masked.count");
-        summary(attrs, out.allowed, debug.then_some("redaction.allowed.keys"), "redaction.allowed.count");
+        summary(
+            attrs,
+            out.redacted,
+            debug.then_some("redaction.redacted.keys"),
+            "redaction.redacted.count",
+        );
+        summary(
+            attrs,
+            out.masked,
+            debug.then_some("redaction.masked.keys"),
+            "redaction.masked.count",
+        );
+        summary(
+            attrs,
+            out.allowed,
+            debug.then_some("redaction.allowed.keys"),
+            "redaction.allowed.count",
+        );
         summary(attrs, out.ignored, None, "redaction.ignored.count");
     }
 }
@@ -392,7 +407,9 @@ summary: debug
         let mut rs = testdata::resource_spans("svc", 1, 1, 1);
         let resource = rs.resource.get_or_insert_with(Default::default);
         resource.attributes.push(testdata::kv("host.name", "laptop-of-alice"));
-        resource.attributes.push(testdata::kv("gen_ai.prompt", "alice@example.com"));
+        resource
+            .attributes
+            .push(testdata::kv("gen_ai.prompt", "alice@example.com"));
         rs.scope_spans[0].scope = Some(opentelemetry_proto::tonic::common::v1::InstrumentationScope {
             name: "agent".into(),
             attributes: vec![testdata::kv("owner", "bob@example.com")],
@@ -427,10 +444,8 @@ summary: debug
         let first = "allowed_keys: [b, c, x]\nsummary: debug";
         let second = "allowed_keys: [c]\nignored_key_patterns: ['^x$']\nsummary: debug";
         let mut rs = testdata::resource_spans("svc", 1, 1, 1);
-        rs.scope_spans[0].spans[0].attributes = ["d", "a", "b", "c", "x"]
-            .iter()
-            .map(|k| testdata::kv(k, "v"))
-            .collect();
+        rs.scope_spans[0].spans[0].attributes =
+            ["d", "a", "b", "c", "x"].iter().map(|k| testdata::kv(k, "v")).collect();
         for yaml in [first, second] {
             let c: RedactionConfig = serde_norway::from_str(yaml).unwrap();
             c.span_processor("r").unwrap().process(&mut rs).unwrap();
@@ -473,7 +488,10 @@ summary: debug
     fn bad_settings_are_reported() {
         for (yaml, path) in [
             ("blocked_values: ['(']", "processors.redaction.blocked_values[0]"),
-            ("ignored_key_patterns: ['[']", "processors.redaction.ignored_key_patterns[0]"),
+            (
+                "ignored_key_patterns: ['[']",
+                "processors.redaction.ignored_key_patterns[0]",
+            ),
             ("hash_function: md5", "processors.redaction.hash_function"),
             ("hash_function: hmac-sha256", "processors.redaction.hmac_key"),
         ] {

@@ -34,8 +34,10 @@ impl SpanProcessor for ResourceProcessor {
     }
 
     fn process_in(&self, rs: &mut ResourceSpans, request: &RequestContext) -> Result<(), ProcessError> {
-        self.0
-            .apply(&mut rs.resource.get_or_insert_with(Default::default).attributes, request);
+        self.0.apply(
+            &mut rs.resource.get_or_insert_with(Default::default).attributes,
+            request,
+        );
         Ok(())
     }
 }
