@@ -227,7 +227,7 @@ pub(super) fn resolve(path: &Path) -> Result<(Place, &[Key]), CompileError> {
     }
     let fields = match names.first() {
         Some(&"span") => &names[1..],
-        _ => &names[..],
+        _ => names,
     };
     let place = match fields {
         ["status", "code"] => Place::Status("code"),
