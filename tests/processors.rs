@@ -206,3 +206,139 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [transform, filter
         assert!(text.contains(expected), "missing {expected:?} in {text}");
     }
 }
+
+/// redaction (resource attributes included), probabilistic_sampler (proportional, writing the
+/// threshold into the tracestate) and attributes' from_context (a request header, with
+/// include_metadata) through the relay.
+#[test]
+fn redaction_sampling_and_from_context_through_the_relay() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({
+        "receivers": {"otlp": {"protocols": {"http": {"endpoint": "127.0.0.1:0", "include_metadata": true}}}},
+        "processors": {
+            "batch": {"timeout": "50ms"},
+            "redaction": {"allowed_keys": ["service.name", "gen_ai.operation.name"], "summary": "debug"},
+            "probabilistic_sampler": {"sampling_percentage": 50, "mode": "proportional"},
+            "attributes/tenant": {"actions": [{"key": "tenant", "action": "upsert", "from_context": "metadata.X-Tenant"}]},
+        },
+        "exporters": {
+            "otlphttp/redacted": {"endpoint": sink.url(), "headers": {"x-mlflow-experiment-id": "2"},
+                                  "retry_on_failure": {"initial_interval": "100ms"}},
+            "debug": {"verbosity": "detailed"},
+        },
+        "service": {
+            "pipelines": {
+                "traces/redacted": {"receivers": ["otlp"], "processors": ["redaction", "batch"], "exporters": ["otlphttp/redacted"]},
+                "traces/sampled": {"receivers": ["otlp"], "processors": ["probabilistic_sampler", "attributes/tenant", "batch"], "exporters": ["debug"]},
+            },
+            "telemetry": {"metrics": {"address": "127.0.0.1:0"}},
+        },
+    });
+    let relay = Relay::start(dir.path(), &serde_norway::to_string(&config).unwrap(), "otlp");
+    // Randomness is the trace id's last 7 bytes: 0xff.. passes 50%, 0x11.. does not.
+    let span = |id: u8, randomness: u8, name: &str| Span {
+        trace_id: [vec![id; 9], vec![randomness; 7]].concat(),
+        span_id: vec![id; 8],
+        name: name.into(),
+        trace_state: "vendor=x".into(),
+        attributes: vec![kv("gen_ai.operation.name", "chat"), kv("gen_ai.prompt", "secret plans")],
+        ..Default::default()
+    };
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    kv("service.name", "agent"),
+                    kv("mlflow.experiment_id", "7"),
+                    kv("host.name", "laptop-of-alice"),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![span(1, 0xff, "kept-by-sampler"), span(2, 0x11, "dropped-by-sampler")],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    let (status, body) = http(
+        "POST",
+        relay.http.unwrap(),
+        "/v1/traces",
+        &[("content-type", "application/x-protobuf"), ("x-tenant", "acme")],
+        &request,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // The resource's mlflow.experiment_id is not an allowed key: redaction removed it, so the
+    // spans go to the exporter's experiment, not to 7.
+    let stats = wait_for("the redacted copy at the sink", T, || {
+        let s = sink.stats();
+        (s["experiments"]["2"].as_u64() == Some(2)).then_some(s)
+    });
+    assert_eq!(stats["experiments"].get("7"), None, "{stats}");
+
+    let kept = span_line(&relay, "kept-by-sampler");
+    assert!(
+        kept.contains(r#"ot=th:8,vendor=x"#),
+        "the threshold is recorded: {kept}"
+    );
+    assert!(kept.contains("tenant") && kept.contains("acme"), "from_context: {kept}");
+    assert!(
+        kept.contains("gen_ai.prompt"),
+        "redaction is not in this pipeline: {kept}"
+    );
+    assert_eq!(
+        relay.metric(
+            "otelcol_processor_dropped_spans_total",
+            &[("processor", "probabilistic_sampler")]
+        ),
+        1.0
+    );
+    assert!(
+        !relay
+            .proc
+            .output()
+            .iter()
+            .any(|l| l.contains("exporter=debug") && l.contains("dropped-by-sampler")),
+        "the sampler dropped the low-randomness span"
+    );
+}
+
+/// `check` on a collector config using processors this relay lacks names each as unsupported,
+/// with what to use instead, and points the pipeline's references at it.
+#[test]
+fn check_names_unsupported_processors_with_what_to_use_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+receivers: {otlp: {protocols: {http: {endpoint: "127.0.0.1:4318"}}}}
+processors:
+  batch: {}
+  tail_sampling: {policies: [{name: errors, type: status_code, status_code: {status_codes: [ERROR]}}]}
+  k8sattributes: {}
+  spanmetrics: {}
+exporters: {otlphttp: {endpoint: "http://mlflow:5000"}}
+service: {pipelines: {traces: {receivers: [otlp], processors: [k8sattributes, tail_sampling, spanmetrics, batch], exporters: [otlphttp]}}}
+"#;
+    let path = support::write_file(dir.path(), "config.yaml", config);
+    let out = std::process::Command::new(support::bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for expected in [
+        "processors.tail_sampling: the \"tail_sampling\" processor is not supported by this relay; for a decision per whole trace by trace id use probabilistic_sampler",
+        "processors.k8sattributes: the \"k8sattributes\" processor is not supported by this relay; set the resource attributes with the resource processor (values from ${env:VAR}",
+        "processors.spanmetrics: the \"spanmetrics\" processor is not supported by this relay; this relay produces no metrics from spans",
+        "service.pipelines.traces.processors[1]: \"tail_sampling\" is defined under processors but cannot be used: see processors.tail_sampling",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in {text}");
+    }
+    assert!(!text.contains("not defined"), "{text}");
+}

@@ -46,15 +46,43 @@ pub(super) fn advice(kind: &str, ty: &str) -> Option<&'static str> {
         ),
         (
             "processor",
+            &["tail_sampling"],
+            "for a decision per whole trace by trace id use probabilistic_sampler (every span of a trace gets the same decision, in any request); groupbytrace holds a trace's spans together; for policies on latency, status or attributes keep an OpenTelemetry Collector with tail_sampling in front of the relay",
+        ),
+        (
+            "processor",
+            &["k8sattributes", "resourcedetection"],
+            "set the resource attributes with the resource processor (values from ${env:VAR}, e.g. the pod's name and namespace from the Kubernetes Downward API), or keep an OpenTelemetry Collector agent with it in front of the relay",
+        ),
+        (
+            "processor",
+            &["span"],
+            "rename spans with the transform processor (set(name, ...), replace_pattern(name, ...))",
+        ),
+        (
+            "processor",
+            &["routing"],
+            "route with one pipeline per receiver, or to MLflow experiments by the mlflow.experiment_id resource attribute (set it with transform or resource) or the x-mlflow-experiment-id header (include_metadata: true)",
+        ),
+        (
+            "processor",
+            &["spanmetrics", "servicegraph"],
+            "this relay produces no metrics from spans: keep an OpenTelemetry Collector with the spanmetrics or servicegraph connector for them",
+        ),
+        (
+            "processor",
             &[
-                "tail_sampling",
-                "k8sattributes",
-                "resourcedetection",
-                "span",
-                "routing",
                 "cumulativetodelta",
+                "deltatocumulative",
                 "metricstransform",
+                "logstransform",
+                "logdedup",
             ],
+            "this relay handles traces only: keep an OpenTelemetry Collector for metrics and logs pipelines",
+        ),
+        (
+            "processor",
+            &["groupbyattrs", "schema", "geoip", "sumologic", "interval"],
             "not implemented by this relay: run it in an OpenTelemetry Collector in front of the relay, or remove it from the pipeline",
         ),
         (
@@ -93,7 +121,9 @@ mod tests {
         // Implemented now: no advice, they load.
         assert_eq!(advice("exporter", "otlp_grpc"), None);
         assert_eq!(advice("exporter", "otlp"), None);
-        assert!(advice("processor", "tail_sampling").is_some());
+        assert!(advice("processor", "tail_sampling").is_some_and(|a| a.contains("probabilistic_sampler")));
+        assert!(advice("processor", "k8sattributes").is_some_and(|a| a.contains("resource processor")));
+        assert!(advice("processor", "spanmetrics").is_some_and(|a| a.contains("connector")));
         assert!(advice("extension", "zpages").is_some());
         assert_eq!(advice("exporter", "made_up"), None);
         assert_eq!(advice("receiver", "otlp_grpc"), None);

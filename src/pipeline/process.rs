@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::wire::{DecodeBudget, ParsedRequest, ResourceChunk};
 use super::{Intake, Target};
+use crate::processor::RequestContext;
 use crate::processor::apply::{ApplyError, Chain};
 
 /// A parsed request, with each processed route's copy once it was processed.
@@ -70,9 +71,14 @@ impl Intake {
         self
     }
 
-    /// Processes `parsed` for every processed route, charging `budget` for what decoding takes
-    /// and what the copies hold, before it is allocated.
-    pub(crate) fn process<B: DecodeBudget>(&self, parsed: ParsedRequest, budget: &mut B) -> Result<Admitted, B::Error>
+    /// Processes `parsed` (a request with context `request`) for every processed route,
+    /// charging `budget` for what decoding takes and what the copies hold, before it is allocated.
+    pub(crate) fn process<B: DecodeBudget>(
+        &self,
+        parsed: ParsedRequest,
+        request: &RequestContext,
+        budget: &mut B,
+    ) -> Result<Admitted, B::Error>
     where
         B::Error: From<ApplyError>,
     {
@@ -81,7 +87,7 @@ impl Intake {
         }
         let mut copies = Vec::with_capacity(self.processed.len());
         for route in &self.processed {
-            copies.push(route.chain.apply(&parsed.chunks, budget)?);
+            copies.push(route.chain.apply(&parsed.chunks, request, budget)?);
         }
         Ok(Admitted {
             parsed,
@@ -94,7 +100,7 @@ impl Intake {
     pub(super) fn process_late(&self, chunks: &[ResourceChunk]) -> Vec<Vec<ResourceChunk>> {
         self.processed
             .iter()
-            .map(|route| match route.chain.apply(chunks, &mut Unheld) {
+            .map(|route| match route.chain.apply(chunks, &RequestContext::default(), &mut Unheld) {
                 Ok(copy) => copy,
                 Err(e) => {
                     tracing::warn!(processors = ?route.chain.ids(), error = %e, "a request was not delivered to the pipelines of these processors");
@@ -150,7 +156,9 @@ mod tests {
         let parse = |intake: &Intake| {
             let mut hold = intake.hold(request.len())?;
             let parsed = wire::parse_protobuf_within(request.clone(), &mut hold)?;
-            intake.process(parsed, &mut hold).map(|a| a.parsed.spans)
+            intake
+                .process(parsed, &RequestContext::default(), &mut hold)
+                .map(|a| a.parsed.spans)
         };
         assert_eq!(parse(&plain).unwrap(), 60_000);
         assert!(matches!(parse(&processed), Err(ReceiveError::DecodeTooLarge { .. })));
@@ -170,7 +178,7 @@ mod tests {
         for processed_first in [true, false] {
             let parsed = wire::parse_protobuf(body(3)).unwrap();
             let admitted = if processed_first {
-                intake.process(parsed, &mut Unheld).unwrap()
+                intake.process(parsed, &RequestContext::default(), &mut Unheld).unwrap()
             } else {
                 parsed.into()
             };

@@ -1,8 +1,13 @@
 //! The attribute actions the `attributes` and `resource` processors share (the collector's
 //! `attraction`): insert, update, upsert, delete, hash, extract and convert on one attribute list.
+//! A value comes from the action (`value`), another attribute (`from_attribute`) or the request
+//! (`from_context`: `metadata.<header>` or a bare header name, the receiver's request headers
+//! with `include_metadata: true`; the collector's `auth.*` and `client.address` are refused,
+//! this relay's receivers have no authenticator and do not keep the peer address).
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use serde::Deserialize;
 
+use super::RequestContext;
 use super::ottl::eval::{Value, from_any, to_any};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -35,6 +40,8 @@ pub(crate) struct ActionConfig {
     /// A literal value (any YAML scalar).
     pub(crate) value: Option<serde_norway::Value>,
     pub(crate) from_attribute: Option<String>,
+    /// `metadata.<key>` (or a bare key): a request header, with include_metadata.
+    pub(crate) from_context: Option<String>,
     /// Keys matching this regexp (delete, hash), or named groups to extract (extract).
     pub(crate) pattern: Option<String>,
     pub(crate) converted_type: Option<ConvertedType>,
@@ -58,6 +65,26 @@ enum Source {
     None,
     Literal(AnyValue),
     Attribute(String),
+    /// A request header (lowercase name).
+    Metadata(String),
+}
+
+/// The request header a `from_context` key names, or why it cannot be read.
+fn context_key(key: &str) -> Result<String, String> {
+    if key.starts_with("auth.") {
+        return Err("auth.* is not supported: this relay's receivers have no authenticator; use metadata.<header> (with include_metadata: true on the receiver)".into());
+    }
+    if key == "client.address" {
+        return Err(
+            "client.address is not supported; use metadata.<header> (with include_metadata: true on the receiver)"
+                .into(),
+        );
+    }
+    let name = key.strip_prefix("metadata.").unwrap_or(key);
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err(format!("{key:?} does not name a request header: use metadata.<header>"));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// A YAML scalar as an attribute value (lists and maps become OTLP arrays and kvlists).
@@ -105,12 +132,24 @@ impl Actions {
             if needs_key && a.key.is_empty() {
                 fail("key", "must be set".into());
             }
+            let sources = [a.value.is_some(), a.from_attribute.is_some(), a.from_context.is_some()];
             let source = match (&a.value, &a.from_attribute) {
-                (Some(_), Some(_)) => {
-                    fail("from_attribute", "set value or from_attribute, not both".into());
+                _ if sources.iter().filter(|set| **set).count() > 1 => {
+                    fail(
+                        "from_attribute",
+                        "set one of value, from_attribute and from_context".into(),
+                    );
                     Source::None
                 }
-                (Some(v), None) => match literal(v) {
+                (None, None) => match a.from_context.as_deref().map(context_key) {
+                    None => Source::None,
+                    Some(Ok(name)) => Source::Metadata(name),
+                    Some(Err(e)) => {
+                        fail("from_context", e);
+                        Source::None
+                    }
+                },
+                (Some(v), _) => match literal(v) {
                     Ok(v) => Source::Literal(to_any(v)),
                     Err(e) => {
                         fail("value", e);
@@ -118,11 +157,10 @@ impl Actions {
                     }
                 },
                 (None, Some(from)) => Source::Attribute(from.clone()),
-                (None, None) => Source::None,
             };
             match a.action {
                 ActionKind::Insert | ActionKind::Update | ActionKind::Upsert if matches!(source, Source::None) => {
-                    fail("value", "set value or from_attribute".into())
+                    fail("value", "set value, from_attribute or from_context".into())
                 }
                 ActionKind::Extract => match &pattern {
                     Some(re) if re.capture_names().flatten().next().is_some() => {}
@@ -147,10 +185,10 @@ impl Actions {
         ok.then_some(Actions(out))
     }
 
-    /// Applies every action, in order, to `attrs`.
-    pub(crate) fn apply(&self, attrs: &mut Vec<KeyValue>) {
+    /// Applies every action, in order, to `attrs` of a request with `request`'s context.
+    pub(crate) fn apply(&self, attrs: &mut Vec<KeyValue>, request: &RequestContext) {
         for a in &self.0 {
-            a.apply(attrs);
+            a.apply(attrs, request);
         }
     }
 }
@@ -160,20 +198,28 @@ fn position(attrs: &[KeyValue], key: &str) -> Option<usize> {
 }
 
 impl Action {
-    fn value(&self, attrs: &[KeyValue]) -> Option<AnyValue> {
+    fn value(&self, attrs: &[KeyValue], request: &RequestContext) -> Option<AnyValue> {
         match &self.source {
             Source::None => None,
             Source::Literal(v) => Some(v.clone()),
             Source::Attribute(from) => position(attrs, from).and_then(|i| attrs[i].value.clone()),
+            // As the collector: one value is a string, several (a repeated header) a list.
+            Source::Metadata(name) => match request.metadata(name).as_slice() {
+                [] => None,
+                [one] => Some(to_any(Value::Str((*one).to_string()))),
+                many => Some(to_any(Value::List(
+                    many.iter().map(|v| Value::Str((*v).to_string())).collect(),
+                ))),
+            },
         }
     }
 
-    fn apply(&self, attrs: &mut Vec<KeyValue>) {
+    fn apply(&self, attrs: &mut Vec<KeyValue>, request: &RequestContext) {
         let at = position(attrs, &self.key);
         match self.kind {
             ActionKind::Insert => {
                 if at.is_none()
-                    && let Some(value) = self.value(attrs)
+                    && let Some(value) = self.value(attrs, request)
                 {
                     attrs.push(KeyValue {
                         key: self.key.clone(),
@@ -183,12 +229,12 @@ impl Action {
                 }
             }
             ActionKind::Update => {
-                if let (Some(i), Some(value)) = (at, self.value(attrs)) {
+                if let (Some(i), Some(value)) = (at, self.value(attrs, request)) {
                     attrs[i].value = Some(value);
                 }
             }
             ActionKind::Upsert => {
-                if let Some(value) = self.value(attrs) {
+                if let Some(value) = self.value(attrs, request) {
                     match at {
                         Some(i) => attrs[i].value = Some(value),
                         None => attrs.push(KeyValue {
@@ -344,7 +390,7 @@ mod tests {
             ("tmp.a", s("1")),
             ("tmp.b", s("2")),
         ]);
-        a.apply(&mut list);
+        a.apply(&mut list, &RequestContext::default());
         assert_eq!(get(&list, "env"), s("prod"));
         assert_eq!(get(&list, "region"), s("us"), "insert does not overwrite");
         assert_eq!(get(&list, "team"), s("ml"));
@@ -353,6 +399,61 @@ mod tests {
         assert_eq!(get(&list, "copy"), s("us"));
         assert_eq!(get(&list, "secret"), Value::Nil);
         assert!(list.iter().all(|kv| !kv.key.starts_with("tmp.")));
+    }
+
+    /// from_context reads the request's headers (case-insensitively); a repeated header is a
+    /// list; a missing one leaves the attribute alone; auth.* and client.address are refused.
+    #[test]
+    fn from_context_reads_request_metadata() {
+        let a = actions(
+            r#"
+- {key: tenant, action: upsert, from_context: metadata.X-Tenant}
+- {key: region, action: insert, from_context: x-region}
+- {key: team, action: upsert, from_context: metadata.x-team}
+- {key: kept, action: update, from_context: metadata.absent}
+"#,
+        );
+        let request = RequestContext::from_headers([
+            ("x-tenant", "acme"),
+            ("x-team", "a"),
+            ("x-team", "b"),
+            ("x-region", "eu"),
+        ]);
+        let mut list = attrs(&[("kept", s("v"))]);
+        a.apply(&mut list, &request);
+        assert_eq!(get(&list, "tenant"), s("acme"));
+        assert_eq!(get(&list, "region"), s("eu"));
+        assert_eq!(get(&list, "team"), Value::List(vec![s("a"), s("b")]));
+        assert_eq!(get(&list, "kept"), s("v"));
+        let mut list = attrs(&[]);
+        a.apply(&mut list, &RequestContext::default());
+        assert!(list.is_empty(), "no metadata (include_metadata off): nothing set");
+        for (yaml, path) in [
+            (
+                "[{key: k, action: upsert, from_context: auth.subject}]",
+                "a[0].from_context",
+            ),
+            (
+                "[{key: k, action: upsert, from_context: client.address}]",
+                "a[0].from_context",
+            ),
+            (
+                "[{key: k, action: upsert, from_context: 'metadata.'}]",
+                "a[0].from_context",
+            ),
+            (
+                "[{key: k, action: upsert, value: 1, from_context: metadata.x}]",
+                "a[0].from_attribute",
+            ),
+        ] {
+            let list: Vec<ActionConfig> = serde_norway::from_str(yaml).unwrap();
+            let mut errs = Vec::new();
+            assert!(Actions::compile(&list, "a", &mut |p, m| errs.push(format!("{p}: {m}"))).is_none());
+            assert!(
+                errs.iter().any(|e| e.starts_with(&format!("{path}:"))),
+                "{yaml}: {errs:?}"
+            );
+        }
     }
 
     #[test]
@@ -373,7 +474,7 @@ mod tests {
             ("ratio", Value::Int(3)),
             ("bad", s("twelve")),
         ]);
-        a.apply(&mut list);
+        a.apply(&mut list, &RequestContext::default());
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"a@example.com");
         assert_eq!(get(&list, "user.email"), s(&const_hex::encode(digest.as_ref())));
         assert_eq!(get(&list, "host"), s("api.example.com"));

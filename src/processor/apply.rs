@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use prost::Message;
 
-use super::{ProcessError, SpanProcessor};
+use super::{ProcessError, RequestContext, SpanProcessor};
 use crate::otlp::varint;
 use crate::pipeline::wire::{self, DecodeBudget, DecodeError, ResourceChunk};
 use crate::telemetry::{Metrics, ProcessorHandles};
@@ -64,6 +64,7 @@ impl Chain {
     pub(crate) fn apply<B: DecodeBudget>(
         &self,
         chunks: &[ResourceChunk],
+        request: &RequestContext,
         budget: &mut B,
     ) -> Result<Vec<ResourceChunk>, B::Error>
     where
@@ -77,7 +78,7 @@ impl Chain {
                 budget.hold_decoded(need - held)?;
                 held = need;
             }
-            if let Some(processed) = self.apply_one(chunk).map_err(B::Error::from)? {
+            if let Some(processed) = self.apply_one(chunk, request).map_err(B::Error::from)? {
                 budget.hold_copy(processed.bytes.len())?;
                 out.push(processed);
             }
@@ -85,15 +86,15 @@ impl Chain {
         Ok(out)
     }
 
-    fn apply_one(&self, chunk: &ResourceChunk) -> Result<Option<ResourceChunk>, ApplyError> {
+    fn apply_one(&self, chunk: &ResourceChunk, request: &RequestContext) -> Result<Option<ResourceChunk>, ApplyError> {
         // A chunk is one field-1 record, so it decodes as a request of one ResourceSpans.
-        let request = ExportTraceServiceRequest::decode(chunk.bytes.clone()).map_err(DecodeError::from)?;
-        let Some(mut rs) = request.resource_spans.into_iter().next() else {
+        let decoded = ExportTraceServiceRequest::decode(chunk.bytes.clone()).map_err(DecodeError::from)?;
+        let Some(mut rs) = decoded.resource_spans.into_iter().next() else {
             return Ok(None);
         };
         let mut spans = chunk.spans;
         for (i, (_, processor)) in self.processors.iter().enumerate() {
-            processor.process(&mut rs)?;
+            processor.process_in(&mut rs, request)?;
             let left = span_count(&rs);
             if let Some(counts) = self.counts.get(i) {
                 counts.incoming.inc_by(spans as u64);

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::actions::{ActionConfig, Actions};
 use super::ottl::eval::{Value, from_any};
-use super::{ProcessError, ProcessorConfig, SpanProcessor};
+use super::{ProcessError, ProcessorConfig, RequestContext, SpanProcessor};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -282,6 +282,10 @@ struct AttributesProcessor {
 
 impl SpanProcessor for AttributesProcessor {
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
+        self.process_in(rs, &RequestContext::default())
+    }
+
+    fn process_in(&self, rs: &mut ResourceSpans, request: &RequestContext) -> Result<(), ProcessError> {
         let empty = Resource::default();
         let resource = rs.resource.as_ref().unwrap_or(&empty);
         for ss in &mut rs.scope_spans {
@@ -291,7 +295,7 @@ impl SpanProcessor for AttributesProcessor {
                 let included = self.include.as_ref().is_none_or(|m| m.matches(resource, scope, span));
                 let excluded = self.exclude.as_ref().is_some_and(|m| m.matches(resource, scope, span));
                 if included && !excluded {
-                    self.actions.apply(&mut span.attributes);
+                    self.actions.apply(&mut span.attributes, request);
                 }
             }
         }

@@ -23,6 +23,7 @@ pub(crate) mod ottl;
 pub(crate) mod probabilistic_sampler;
 pub(crate) mod redaction;
 pub(crate) mod resource;
+pub(crate) mod tracestate;
 pub(crate) mod transform;
 
 use std::fmt;
@@ -87,6 +88,42 @@ pub(crate) trait ProcessorConfig: fmt::Debug + Send + Sync {
 pub(crate) trait SpanProcessor: Send + Sync {
     /// Edits `rs` in place; spans it removes are counted by the caller as this processor's drops.
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError>;
+
+    /// As [`SpanProcessor::process`], for a request with this context; processors that read
+    /// the request (`from_context`) override it.
+    fn process_in(&self, rs: &mut ResourceSpans, _request: &RequestContext) -> Result<(), ProcessError> {
+        self.process(rs)
+    }
+}
+
+/// What a request carried besides its spans, for processors that read it (`from_context`):
+/// its headers when the receiver has `include_metadata: true`, as the collector's client
+/// metadata; empty otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RequestContext {
+    /// Header names in lowercase, in the order they came (a repeated header repeats).
+    metadata: Vec<(String, String)>,
+}
+
+impl RequestContext {
+    /// A context of these headers (names are matched case-insensitively).
+    pub(crate) fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> RequestContext {
+        RequestContext {
+            metadata: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// The values of header `name` (lowercase), in order.
+    pub(crate) fn metadata(&self, name: &str) -> Vec<&str> {
+        self.metadata
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
 }
 
 /// A statement that failed on the data with `error_mode: propagate`: the request is refused.

@@ -1,6 +1,9 @@
 //! The `redaction` processor: keeps only allowed attribute keys (unless `allow_all_keys`) and
-//! masks values matching `blocked_values` (prompts and PII in agent traces), on span, span event
-//! and resource attributes, with the collector's keys and its summary attributes.
+//! masks values matching `blocked_values` (prompts and PII in agent traces), on resource, scope,
+//! span and span event attributes as the collector does, with its keys and its summary
+//! attributes (written on the list they describe, merged with those an earlier redaction left).
+//! Not supported (refused as unknown keys, so nothing is silently left unredacted):
+//! `redact_all_types`, `url_sanitizer`, `db_sanitizer`.
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde::Deserialize;
@@ -14,6 +17,7 @@ pub(crate) struct RedactionConfig {
     pub(crate) allow_all_keys: bool,
     pub(crate) allowed_keys: Vec<String>,
     pub(crate) ignored_keys: Vec<String>,
+    pub(crate) ignored_key_patterns: Vec<String>,
     pub(crate) blocked_values: Vec<String>,
     pub(crate) blocked_key_patterns: Vec<String>,
     pub(crate) allowed_values: Vec<String>,
@@ -48,6 +52,7 @@ struct Rules {
     allow_all_keys: bool,
     allowed_keys: Vec<String>,
     ignored_keys: Vec<String>,
+    ignored_key_patterns: Vec<regex::Regex>,
     blocked_values: Vec<regex::Regex>,
     blocked_keys: Vec<regex::Regex>,
     allowed_values: Vec<regex::Regex>,
@@ -89,6 +94,7 @@ impl RedactionConfig {
             allow_all_keys: self.allow_all_keys,
             allowed_keys: self.allowed_keys.clone(),
             ignored_keys: self.ignored_keys.clone(),
+            ignored_key_patterns: patterns(&self.ignored_key_patterns, "ignored_key_patterns", path, err),
             blocked_values: patterns(&self.blocked_values, "blocked_values", path, err),
             blocked_keys: patterns(&self.blocked_key_patterns, "blocked_key_patterns", path, err),
             allowed_values: patterns(&self.allowed_values, "allowed_values", path, err),
@@ -118,8 +124,21 @@ struct Redaction(Rules);
 struct Outcome {
     redacted: Vec<String>,
     masked: Vec<String>,
-    ignored: usize,
+    allowed: Vec<String>,
+    ignored: Vec<String>,
 }
+
+/// The summary attributes the collector writes. They are always allowed, so a second redaction
+/// processor keeps (and adds to) what the first one wrote.
+const SUMMARY_KEYS: [&str; 7] = [
+    "redaction.redacted.keys",
+    "redaction.redacted.count",
+    "redaction.masked.keys",
+    "redaction.masked.count",
+    "redaction.allowed.keys",
+    "redaction.allowed.count",
+    "redaction.ignored.count",
+];
 
 impl Rules {
     fn mask(&self, text: &str) -> String {
@@ -139,38 +158,60 @@ impl Rules {
         }
     }
 
+    fn ignores(&self, key: &str) -> bool {
+        self.ignored_keys.iter().any(|k| k == key) || self.ignored_key_patterns.iter().any(|re| re.is_match(key))
+    }
+
+    fn removes(&self, key: &str) -> bool {
+        !self.allow_all_keys && !self.allowed_keys.iter().any(|k| k == key) && !SUMMARY_KEYS.contains(&key)
+    }
+
+    /// The masked form of a value, `None` to leave it. A key matching `blocked_key_patterns` is
+    /// masked whatever its type (a non-string value as the empty string, as the collector does),
+    /// so a number under a blocked key does not pass either.
+    fn masked(&self, key: &str, value: Option<&any_value::Value>) -> Option<String> {
+        let text = match value {
+            Some(any_value::Value::StringValue(text)) => text.as_str(),
+            _ => "",
+        };
+        if self.blocked_keys.iter().any(|re| re.is_match(key)) {
+            return Some(self.mask(text));
+        }
+        if !self.blocked_values.iter().any(|re| re.is_match(text)) {
+            return None;
+        }
+        let mut t = text.to_string();
+        for re in &self.blocked_values {
+            t = re
+                .replace_all(&t, |c: &regex::Captures<'_>| self.mask(&c[0]))
+                .into_owned();
+        }
+        Some(t)
+    }
+
     fn apply(&self, attrs: &mut Vec<KeyValue>) {
         let mut out = Outcome::default();
         attrs.retain_mut(|kv| {
-            if self.ignored_keys.contains(&kv.key) {
-                out.ignored += 1;
+            if self.ignores(&kv.key) {
+                out.ignored.push(kv.key.clone());
                 return true;
             }
-            if !self.allow_all_keys && !self.allowed_keys.contains(&kv.key) {
+            if self.removes(&kv.key) {
                 out.redacted.push(kv.key.clone());
                 return false;
             }
-            let Some(any_value::Value::StringValue(text)) = kv.value.as_mut().and_then(|v| v.value.as_mut()) else {
-                return true;
-            };
-            if self.allowed_values.iter().any(|re| re.is_match(text)) {
+            if SUMMARY_KEYS.contains(&kv.key.as_str()) {
                 return true;
             }
-            let masked = if self.blocked_keys.iter().any(|re| re.is_match(&kv.key)) {
-                Some(self.mask(text))
-            } else if self.blocked_values.iter().any(|re| re.is_match(text)) {
-                let mut t = text.clone();
-                for re in &self.blocked_values {
-                    t = re
-                        .replace_all(&t, |c: &regex::Captures<'_>| self.mask(&c[0]))
-                        .into_owned();
-                }
-                Some(t)
-            } else {
-                None
-            };
-            if let Some(m) = masked {
-                *text = m;
+            let value = kv.value.as_ref().and_then(|v| v.value.as_ref());
+            if let Some(any_value::Value::StringValue(text)) = value
+                && self.allowed_values.iter().any(|re| re.is_match(text))
+            {
+                out.allowed.push(kv.key.clone());
+                return true;
+            }
+            if let Some(m) = self.masked(&kv.key, value) {
+                kv.value = Some(to_any(Value::Str(m)));
                 out.masked.push(kv.key.clone());
             }
             true
@@ -179,40 +220,83 @@ impl Rules {
     }
 
     fn summarize(&self, attrs: &mut Vec<KeyValue>, out: Outcome) {
-        let mut add = |key: &str, value: Value| {
-            attrs.push(KeyValue {
-                key: key.into(),
-                value: Some(to_any(value)),
-                ..Default::default()
-            })
-        };
-        let count = |n: usize| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
         if self.summary == Summary::Silent {
             return;
         }
-        if self.summary == Summary::Debug {
-            if !out.redacted.is_empty() {
-                add("redaction.redacted.keys", Value::Str(out.redacted.join(",")));
-            }
-            if !out.masked.is_empty() {
-                add("redaction.masked.keys", Value::Str(out.masked.join(",")));
-            }
+        let debug = self.summary == Summary::Debug;
+        summary(
+            attrs,
+            out.redacted,
+            debug.then_some("redaction.redacted.keys"),
+            "redaction.redacted.count",
+        );
+        summary(
+            attrs,
+            out.masked,
+            debug.then_some("redaction.masked.keys"),
+            "redaction.masked.count",
+        );
+        summary(
+            attrs,
+            out.allowed,
+            debug.then_some("redaction.allowed.keys"),
+            "redaction.allowed.count",
+        );
+        summary(attrs, out.ignored, None, "redaction.ignored.count");
+    }
+}
+
+/// Writes (or adds to, after an earlier redaction) the summary of `keys`: their names sorted
+/// and comma-joined under `keys_attr`, their count under `count_attr`.
+fn summary(attrs: &mut Vec<KeyValue>, mut keys: Vec<String>, keys_attr: Option<&str>, count_attr: &str) {
+    if keys.is_empty() {
+        return;
+    }
+    let mut count = i64::try_from(keys.len()).unwrap_or(i64::MAX);
+    if let Some(name) = keys_attr {
+        if let Some(any_value::Value::StringValue(earlier)) = existing(attrs, name)
+            && !earlier.is_empty()
+        {
+            keys.extend(earlier.split(',').map(str::to_string));
         }
-        if !out.redacted.is_empty() {
-            add("redaction.redacted.count", count(out.redacted.len()));
-        }
-        if !out.masked.is_empty() {
-            add("redaction.masked.count", count(out.masked.len()));
-        }
-        if out.ignored > 0 {
-            add("redaction.ignored.count", count(out.ignored));
-        }
+        keys.sort();
+        put(attrs, name, Value::Str(keys.join(",")));
+    }
+    if let Some(any_value::Value::IntValue(earlier)) = existing(attrs, count_attr) {
+        count = count.saturating_add(*earlier);
+    }
+    put(attrs, count_attr, Value::Int(count));
+}
+
+fn existing<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn put(attrs: &mut Vec<KeyValue>, key: &str, value: Value) {
+    let value = Some(to_any(value));
+    match attrs.iter_mut().find(|kv| kv.key == key) {
+        Some(kv) => kv.value = value,
+        None => attrs.push(KeyValue {
+            key: key.into(),
+            value,
+            ..Default::default()
+        }),
     }
 }
 
 impl SpanProcessor for Redaction {
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
+        if let Some(resource) = &mut rs.resource {
+            self.0.apply(&mut resource.attributes);
+        }
         for ss in &mut rs.scope_spans {
+            if let Some(scope) = &mut ss.scope {
+                self.0.apply(&mut scope.attributes);
+            }
             for span in &mut ss.spans {
                 self.0.apply(&mut span.attributes);
                 for event in &mut span.events {
@@ -279,7 +363,7 @@ summary: debug
             "ignored keys are neither removed nor masked"
         );
         assert_eq!(get("api.token"), Some(s("****")));
-        assert_eq!(get("redaction.masked.keys"), Some(s("gen_ai.prompt,api.token")));
+        assert_eq!(get("redaction.masked.keys"), Some(s("api.token,gen_ai.prompt")));
         assert_eq!(get("redaction.masked.count"), Some(Value::Int(2)));
         assert_eq!(get("redaction.ignored.count"), Some(Value::Int(1)));
         assert_eq!(get("redaction.redacted.count"), None, "nothing was removed");
@@ -305,10 +389,109 @@ summary: debug
         );
     }
 
+    fn strings(attrs: &[KeyValue]) -> Vec<(String, Value)> {
+        attrs
+            .iter()
+            .map(|kv| (kv.key.clone(), from_any(kv.value.as_ref())))
+            .collect()
+    }
+
+    /// Resource and scope attributes get the same rules as span attributes, each list its own
+    /// summary (the collector's order: resource, scope, span, event).
+    #[test]
+    fn resource_and_scope_attributes_are_redacted_too() {
+        let c: RedactionConfig = serde_norway::from_str(
+            "allowed_keys: [service.name, gen_ai.prompt]\nblocked_values: ['[a-z]+@example\\.com']\nsummary: debug",
+        )
+        .unwrap();
+        let mut rs = testdata::resource_spans("svc", 1, 1, 1);
+        let resource = rs.resource.get_or_insert_with(Default::default);
+        resource.attributes.push(testdata::kv("host.name", "laptop-of-alice"));
+        resource
+            .attributes
+            .push(testdata::kv("gen_ai.prompt", "alice@example.com"));
+        rs.scope_spans[0].scope = Some(opentelemetry_proto::tonic::common::v1::InstrumentationScope {
+            name: "agent".into(),
+            attributes: vec![testdata::kv("owner", "bob@example.com")],
+            ..Default::default()
+        });
+        c.span_processor("redaction").unwrap().process(&mut rs).unwrap();
+        let resource = strings(&rs.resource.as_ref().unwrap().attributes);
+        assert_eq!(
+            resource,
+            vec![
+                ("service.name".into(), s("svc")),
+                ("gen_ai.prompt".into(), s("****")),
+                ("redaction.redacted.keys".into(), s("host.name")),
+                ("redaction.redacted.count".into(), Value::Int(1)),
+                ("redaction.masked.keys".into(), s("gen_ai.prompt")),
+                ("redaction.masked.count".into(), Value::Int(1)),
+            ]
+        );
+        let scope = strings(&rs.scope_spans[0].scope.as_ref().unwrap().attributes);
+        assert_eq!(
+            scope,
+            vec![
+                ("redaction.redacted.keys".into(), s("owner")),
+                ("redaction.redacted.count".into(), Value::Int(1)),
+            ]
+        );
+    }
+
+    /// A second redaction keeps the first one's summary and adds to it; keys stay sorted.
+    #[test]
+    fn a_second_redaction_adds_to_the_summary() {
+        let first = "allowed_keys: [b, c, x]\nsummary: debug";
+        let second = "allowed_keys: [c]\nignored_key_patterns: ['^x$']\nsummary: debug";
+        let mut rs = testdata::resource_spans("svc", 1, 1, 1);
+        rs.scope_spans[0].spans[0].attributes =
+            ["d", "a", "b", "c", "x"].iter().map(|k| testdata::kv(k, "v")).collect();
+        for yaml in [first, second] {
+            let c: RedactionConfig = serde_norway::from_str(yaml).unwrap();
+            c.span_processor("r").unwrap().process(&mut rs).unwrap();
+        }
+        let out = strings(&rs.scope_spans[0].spans[0].attributes);
+        let get = |k: &str| out.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("redaction.redacted.keys"), Some(s("a,b,d")));
+        assert_eq!(get("redaction.redacted.count"), Some(Value::Int(3)));
+        assert_eq!(get("redaction.ignored.count"), Some(Value::Int(1)));
+        assert_eq!(get("c"), Some(s("v")));
+        assert_eq!(get("x"), Some(s("v")));
+    }
+
+    /// A blocked key is masked whatever its value's type; allowed_values win over blocked ones
+    /// and are summarised as allowed.
+    #[test]
+    fn blocked_keys_mask_every_type_and_allowed_values_win() {
+        let token = KeyValue {
+            key: "api.token".into(),
+            value: Some(to_any(Value::Int(123_456))),
+            ..Default::default()
+        };
+        let out = run(
+            "allow_all_keys: true\nblocked_key_patterns: [token]\nblocked_values: ['@']\nallowed_values: ['@example\\.org$']\nsummary: debug",
+            vec![
+                token,
+                testdata::kv("mail", "bob@example.org"),
+                testdata::kv("other", "eve@evil.test"),
+            ],
+        );
+        let get = |k: &str| out.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("api.token"), Some(s("****")));
+        assert_eq!(get("mail"), Some(s("bob@example.org")));
+        assert_eq!(get("other"), Some(s("eve****evil.test")));
+        assert_eq!(get("redaction.allowed.keys"), Some(s("mail")));
+        assert_eq!(get("redaction.masked.keys"), Some(s("api.token,other")));
+    }
+
     #[test]
     fn bad_settings_are_reported() {
         for (yaml, path) in [
             ("blocked_values: ['(']", "processors.redaction.blocked_values[0]"),
+            (
+                "ignored_key_patterns: ['[']",
+                "processors.redaction.ignored_key_patterns[0]",
+            ),
             ("hash_function: md5", "processors.redaction.hash_function"),
             ("hash_function: hmac-sha256", "processors.redaction.hmac_key"),
         ] {
@@ -321,5 +504,6 @@ summary: debug
             );
         }
         assert!(serde_norway::from_str::<RedactionConfig>("summary: loud").is_err());
+        assert!(serde_norway::from_str::<RedactionConfig>("redact_all_types: true").is_err());
     }
 }

@@ -1,10 +1,10 @@
 //! The `resource` processor: attribute actions (insert, update, upsert, delete, hash, extract,
-//! convert) on each request's resource, with the collector's keys.
+//! convert) on each request's resource, with the collector's keys (`from_context` included).
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde::Deserialize;
 
 use super::actions::{ActionConfig, Actions};
-use super::{ProcessError, ProcessorConfig, SpanProcessor};
+use super::{ProcessError, ProcessorConfig, RequestContext, SpanProcessor};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -30,8 +30,14 @@ struct ResourceProcessor(Actions);
 
 impl SpanProcessor for ResourceProcessor {
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
-        self.0
-            .apply(&mut rs.resource.get_or_insert_with(Default::default).attributes);
+        self.process_in(rs, &RequestContext::default())
+    }
+
+    fn process_in(&self, rs: &mut ResourceSpans, request: &RequestContext) -> Result<(), ProcessError> {
+        self.0.apply(
+            &mut rs.resource.get_or_insert_with(Default::default).attributes,
+            request,
+        );
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::body::{BodyFault, BudgetedBody, parse_off_worker};
 use super::conn::count_closed;
-use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_routing};
+use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_context, request_routing};
 use crate::otlp::GRPC_EXPORT_PATH;
 use crate::otlp::codec::RawCodec;
 use crate::pipeline::wire;
@@ -23,6 +23,7 @@ use crate::supervise::LockUnpoisoned;
 struct ExportService {
     ctx: Arc<ReceiverContext>,
     routing: crate::pipeline::RequestRouting,
+    request: crate::processor::RequestContext,
 }
 
 impl UnaryService<Bytes> for ExportService {
@@ -32,6 +33,7 @@ impl UnaryService<Bytes> for ExportService {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let ctx = self.ctx.clone();
         let routing = std::mem::take(&mut self.routing);
+        let request_ctx = std::mem::take(&mut self.request);
         Box::pin(async move {
             let body = request.into_inner();
             // tonic has released the body's hold by now (its buffer is gone); the message it
@@ -45,7 +47,7 @@ impl UnaryService<Bytes> for ExportService {
             let parse = move || {
                 let mut hold = hold;
                 let parsed = wire::parse_protobuf_within(body, &mut hold)?;
-                intake.process(parsed, &mut hold)
+                intake.process(parsed, &request_ctx, &mut hold)
             };
             let parsed = parse_off_worker(len, false, parse).await.map_err(|e| e.to_grpc())?;
             let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());
@@ -84,6 +86,7 @@ pub(crate) async fn handle(
         return ReceiveError::Forbidden(client_name(&conn)).to_grpc().into_http();
     }
     let routing = request_routing(&ctx, req.headers());
+    let request = request_context(&ctx, req.headers());
     // tonic buffers the body itself: the wrapper counts it against the memory budget as it
     // arrives and ends it at read_timeout.
     let (parts, body) = req.into_parts();
@@ -101,6 +104,7 @@ pub(crate) async fn handle(
             ExportService {
                 ctx: ctx.clone(),
                 routing,
+                request,
             },
             req,
         )

@@ -11,7 +11,7 @@ use prost::Message;
 
 use super::body::{parse_off_worker, read_http_body};
 use super::conn::count_closed;
-use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_routing};
+use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_context, request_routing};
 use crate::otlp::compress::{self, DecompressError, Deflate};
 use crate::otlp::{Encoding, HTTP_TRACES_PATH};
 use crate::pipeline::wire::{self, ParsedRequest};
@@ -197,6 +197,7 @@ async fn receive(
     }
     let limit = ctx.max_bytes();
     let routing = request_routing(ctx, headers);
+    let request = request_context(ctx, headers);
     let content_encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -221,7 +222,7 @@ async fn receive(
             Encoding::Protobuf => wire::parse_protobuf_within(body, &mut hold),
             Encoding::Json => wire::parse_json_within(&body, &mut hold),
         }?;
-        intake.process(parsed, &mut hold)
+        intake.process(parsed, &request, &mut hold)
     };
     let parsed = parse_off_worker(wire_len, compressed, parse).await?;
     let (spans, rejected, rejection) = (parsed.spans, parsed.rejected, parsed.rejection.clone());

@@ -315,6 +315,19 @@ fn client_name(conn: &ConnInfo) -> String {
         .unwrap_or_else(|| "(no certificate)".into())
 }
 
+/// The request's headers for processors' `from_context`, when include_metadata allows it (as
+/// the collector's client metadata); headers that are not text are left out.
+fn request_context(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> crate::processor::RequestContext {
+    if !ctx.include_metadata {
+        return Default::default();
+    }
+    crate::processor::RequestContext::from_headers(
+        headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
+    )
+}
+
 /// What a request's MLflow headers say (`x-mlflow-experiment-id`, a numeric id;
 /// `x-mlflow-run-id`; `x-mlflow-workspace`), when include_metadata allows it.
 fn request_routing(ctx: &ReceiverContext, headers: &::http::HeaderMap) -> crate::pipeline::RequestRouting {

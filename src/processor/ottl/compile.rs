@@ -202,7 +202,21 @@ pub(super) enum Place {
 
 /// The place and the keys after it (only maps take keys).
 pub(super) fn resolve(path: &Path) -> Result<(Place, &[Key]), CompileError> {
-    let names: Vec<&str> = path.fields.iter().map(|f| f.name.as_str()).collect();
+    // Runs on every access of a statement (evaluation resolves its paths each time), so the
+    // names go in an array, not a Vec: no allocation per span. Known paths have at most 3.
+    let mut buf = [""; 4];
+    let count = path.fields.len().min(buf.len());
+    for (slot, field) in buf.iter_mut().zip(&path.fields) {
+        *slot = field.name.as_str();
+    }
+    let names = &buf[..count];
+    if path.fields.len() > buf.len() {
+        let all: Vec<&str> = path.fields.iter().map(|f| f.name.as_str()).collect();
+        return Err(CompileError(format!(
+            "unknown path {:?} in the span context",
+            all.join(".")
+        )));
+    }
     let last = path.fields.last().map_or(&[][..], |f| f.keys.as_slice());
     let keyed_early = path.fields[..path.fields.len().saturating_sub(1)]
         .iter()
@@ -213,7 +227,7 @@ pub(super) fn resolve(path: &Path) -> Result<(Place, &[Key]), CompileError> {
     }
     let fields = match names.first() {
         Some(&"span") => &names[1..],
-        _ => &names[..],
+        _ => names,
     };
     let place = match fields {
         ["status", "code"] => Place::Status("code"),

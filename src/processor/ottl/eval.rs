@@ -308,7 +308,6 @@ fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
         return Ok(value);
     }
     let span = &*target.span;
-    let status = span.status.clone().unwrap_or_default();
     Ok(match place {
         Place::Span("name") => Value::Str(span.name.clone()),
         Place::Span("kind") => Value::Int(i64::from(span.kind)),
@@ -319,8 +318,8 @@ fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
         Place::Span("start_time_unix_nano") => Value::Int(span.start_time_unix_nano as i64),
         Place::Span("end_time_unix_nano") => Value::Int(span.end_time_unix_nano as i64),
         Place::Span("dropped_attributes_count") => Value::Int(i64::from(span.dropped_attributes_count)),
-        Place::Status("code") => Value::Int(i64::from(status.code)),
-        Place::Status("message") => Value::Str(status.message),
+        Place::Status("code") => Value::Int(i64::from(span.status.as_ref().map_or(0, |s| s.code))),
+        Place::Status("message") => Value::Str(span.status.as_ref().map(|s| s.message.clone()).unwrap_or_default()),
         Place::Resource("dropped_attributes_count") => Value::Int(i64::from(target.resource.dropped_attributes_count)),
         Place::Scope("name") => Value::Str(target.scope.name.clone()),
         Place::Scope("version") => Value::Str(target.scope.version.clone()),
@@ -505,8 +504,43 @@ pub(crate) fn eval_condition(
             Value::Bool(b) => b,
             other => return Err(type_error(&format!("{} to return a bool", call.name), &other)),
         },
-        Condition::Compare(left, op, right) => compare(&eval(left, target, pats)?, *op, &eval(right, target, pats)?),
+        Condition::Compare(left, op, right) => match compare_in_place(left, *op, right, target) {
+            Some(result) => result,
+            None => compare(&eval(left, target, pats)?, *op, &eval(right, target, pats)?),
+        },
     })
+}
+
+/// `attributes["k"] == "v"` and `attributes["k"] != nil`, the commonest `where` clauses, decided
+/// on the attribute in place: no copy of the value or the literal per span. `None` for every
+/// other comparison (evaluated as usual), with the same results as [`compare`].
+fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &SpanTarget<'_>) -> Option<bool> {
+    if !matches!(op, CompareOp::Eq | CompareOp::Ne) {
+        return None;
+    }
+    let (path, literal) = match (left, right) {
+        (Expr::Path(path), literal @ (Expr::Str(_) | Expr::Nil))
+        | (literal @ (Expr::Str(_) | Expr::Nil), Expr::Path(path)) => (path, literal),
+        _ => return None,
+    };
+    let (place, keys) = resolve(path).ok()?;
+    let map = attributes(place, target)?;
+    let [Key::Str(key)] = keys else {
+        return None;
+    };
+    let value = map
+        .iter()
+        .find(|kv| &kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref());
+    let equal = match (value, literal) {
+        (None, Expr::Nil) => true,
+        (None, _) | (Some(_), Expr::Nil) => false,
+        (Some(any_value::Value::StringValue(s)), Expr::Str(l)) => s == l,
+        // A non-string value is never equal to a string.
+        (Some(_), _) => false,
+    };
+    Some(if matches!(op, CompareOp::Eq) { equal } else { !equal })
 }
 
 /// The collector's comparison table: numbers compare across int and double, like types compare
