@@ -377,25 +377,29 @@ impl Metrics {
             receiver: id.to_string(),
             transport: transport.to_string(),
         };
-        let family = self.receiver_refused_spans.clone();
-        let base = labels.clone();
-        let refused = ReasonCounters::new(
-            Box::new(move |reason| {
-                family
-                    .get_or_create(&RefusedLabels {
-                        receiver: base.receiver.clone(),
-                        transport: base.transport.clone(),
-                        reason: reason.to_string(),
-                    })
-                    .clone()
-            }),
-            &RECEIVER_REFUSALS,
-        );
+        let by_reason = |family: &CounterFamily<RefusedLabels>, known: &[&str]| {
+            let family = family.clone();
+            let base = labels.clone();
+            ReasonCounters::new(
+                Box::new(move |reason| {
+                    family
+                        .get_or_create(&RefusedLabels {
+                            receiver: base.receiver.clone(),
+                            transport: base.transport.clone(),
+                            reason: reason.to_string(),
+                        })
+                        .clone()
+                }),
+                known,
+            )
+        };
         let h = Arc::new(ReceiverHandles {
             receiver: id.to_string(),
             transport,
             accepted: self.receiver_accepted_spans.get_or_create(&labels).clone(),
-            refused,
+            refused: by_reason(&self.receiver_refused_spans, &RECEIVER_REFUSALS),
+            connections_refused: by_reason(&self.receiver_connections_refused, &[]),
+            connections_closed: by_reason(&self.receiver_connections_closed, &[]),
         });
         receivers.push(h.clone());
         h
