@@ -582,6 +582,7 @@ mod tests {
                 bytes: encode_record(&rs),
                 spans: 5,
                 experiment: None,
+                names: None,
             };
             let item = Item {
                 chunk,
