@@ -256,7 +256,11 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<Verdict> {
     } else {
         print!("{}", report.human());
     }
-    if too_little_accepted(report.counts.spans_sent, report.counts.spans_accepted, args.min_accepted) {
+    if too_little_accepted(
+        report.counts.spans_sent,
+        report.counts.spans_accepted,
+        args.min_accepted,
+    ) {
         eprintln!(
             "otlp-relay loadgen: {} of {} spans accepted (--min-accepted {}): {}",
             report.counts.spans_accepted,

@@ -163,7 +163,9 @@ impl Intake {
                     experiment,
                     experiment_name: names.and_then(|n| n.experiment_name.clone()),
                     run: names.and_then(|n| n.run.clone()).or_else(|| routing.run.clone()),
-                    workspace: names.and_then(|n| n.workspace.clone()).or_else(|| routing.workspace.clone()),
+                    workspace: names
+                        .and_then(|n| n.workspace.clone())
+                        .or_else(|| routing.workspace.clone()),
                 };
                 Routed {
                     destination,

@@ -23,7 +23,6 @@ use crate::otlp::{EXPERIMENT_ATTRIBUTE, ExperimentId, varint};
 mod estimate;
 pub(crate) use estimate::decoded_estimate;
 
-
 /// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
 /// itself at level 1 (ResourceSpans 2, ScopeSpans 3, Span 4, its KeyValue 5, AnyValue 6; every
 /// array level adds two, ArrayValue and AnyValue; every kvlist level three, KeyValueList,
@@ -318,7 +317,7 @@ pub(crate) fn write_kept(message: &[u8], kept: &Kept, out: &mut Vec<u8>) -> Resu
 /// What a walk adds up while it validates: nothing (`()`, the receiver's walk) or the heap
 /// prost's decoded form takes (`estimate::Heap`). One schema walk serves both; with `()` every
 /// call below compiles away, so the receiver's walk is what it was without it.
-pub(super) trait Tally: Default {
+trait Tally: Default {
     /// What a message adds up to: `()` or bytes.
     type Cost: Copy;
     /// A string or bytes field, or an unknown length-delimited one (all prost keeps of it).
@@ -387,7 +386,8 @@ fn element<T: Tally, M>(t: &mut T, field: u64, cost: T::Cost) {
     t.element(field, std::mem::size_of::<M>());
 }
 
-pub(super) fn resource_spans<T: Tally>(buf: &[u8]) -> Result<(Record, T::Cost), DecodeError> {
+/// Walks a ResourceSpans message: the record (ranges left for the caller), and its tally.
+fn resource_spans<T: Tally>(buf: &[u8]) -> Result<(Record, T::Cost), DecodeError> {
     let mut out = Record {
         field: 0..0,
         message: 0..0,
@@ -622,11 +622,7 @@ fn attribute<T: Tally>(t: &mut T, field: u64, buf: &[u8], depth: u32, place: Pla
 }
 
 /// A KeyValue at message level `depth`: its key and its AnyValue's encoding.
-fn key_value<T: Tally>(
-    buf: &[u8],
-    depth: u32,
-    place: Place,
-) -> Result<(&str, Option<&[u8]>, T::Cost), DecodeError> {
+fn key_value<T: Tally>(buf: &[u8], depth: u32, place: Place) -> Result<(&str, Option<&[u8]>, T::Cost), DecodeError> {
     enter(depth, place)?;
     let (mut key, mut value) = ("", None);
     let mut t = T::default();

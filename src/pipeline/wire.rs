@@ -23,8 +23,8 @@ mod tests;
 pub use super::decode::{DecodeBudget, DecodeError, Unbudgeted};
 #[cfg(test)]
 pub(crate) use super::testdata;
-pub(crate) use crate::otlp::EXPERIMENT_ATTRIBUTE;
 pub(crate) use super::walk::decoded_estimate;
+pub(crate) use crate::otlp::EXPERIMENT_ATTRIBUTE;
 pub(crate) use json::experiment_of;
 pub use json::{json_decoded_estimate, parse_json, parse_json_within};
 pub(crate) use split::{split_chunk, split_chunk_pieces};

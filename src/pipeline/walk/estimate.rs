@@ -15,7 +15,7 @@ const FIELDS: usize = 16;
 /// an allocation of its own, every child's heap, and every repeated field a Vec that grew by
 /// doubling (so up to twice its elements, at least four).
 #[derive(Default)]
-pub(super) struct Heap {
+struct Heap {
     cost: usize,
     /// Elements and their inline size, per repeated field number.
     repeated: [(usize, usize); FIELDS],
@@ -66,7 +66,6 @@ pub(crate) fn decoded_estimate(record: &[u8]) -> usize {
         .saturating_add(heap)
         .saturating_mul(2)
 }
-
 
 #[cfg(test)]
 mod tests {

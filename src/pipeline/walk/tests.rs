@@ -361,9 +361,7 @@ fn deep_nesting_is_refused() {
 /// resource split over repeated `resource` fields (protobuf merges them).
 #[test]
 fn routing_names_are_read_as_routing_reads_them() {
-    use crate::otlp::routing::{
-        EXPERIMENT_NAME_ATTRIBUTE, RUN_ID_ATTRIBUTE, WORKSPACE_ATTRIBUTE, resource_routing,
-    };
+    use crate::otlp::routing::{EXPERIMENT_NAME_ATTRIBUTE, RUN_ID_ATTRIBUTE, WORKSPACE_ATTRIBUTE, resource_routing};
     let value = |v: Option<Value>| Some(AnyValue { value: v });
     let values = [
         value(Some(Value::StringValue("r1".into()))),
@@ -374,7 +372,12 @@ fn routing_names_are_read_as_routing_reads_them() {
         value(None),
         None,
     ];
-    let keys = [EXPERIMENT_NAME_ATTRIBUTE, RUN_ID_ATTRIBUTE, WORKSPACE_ATTRIBUTE, "mlflow.other"];
+    let keys = [
+        EXPERIMENT_NAME_ATTRIBUTE,
+        RUN_ID_ATTRIBUTE,
+        WORKSPACE_ATTRIBUTE,
+        "mlflow.other",
+    ];
     let mut checked = 0;
     let mut named = 0;
     for (i, key) in keys.iter().enumerate() {
@@ -401,7 +404,11 @@ fn routing_names_are_read_as_routing_reads_them() {
                 prost::encoding::encode_varint(message.len() as u64, &mut body);
                 body.extend_from_slice(&message);
                 let walked = request(&body).unwrap().remove(0).names;
-                assert_eq!(walked, resource_routing(&body, "").names(), "{key} {first:?} {second:?}");
+                assert_eq!(
+                    walked,
+                    resource_routing(&body, "").names(),
+                    "{key} {first:?} {second:?}"
+                );
                 checked += 1;
                 named += usize::from(walked.is_some());
             }
