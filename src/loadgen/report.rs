@@ -338,23 +338,27 @@ mod tests {
 
     #[test]
     fn report_math() {
-        let mut a = WorkerStats::default();
-        a.counts = Counts {
-            requests: 10,
-            spans_sent: 1000,
-            spans_accepted: 900,
-            spans_refused: 100,
+        let mut a = WorkerStats {
+            counts: Counts {
+                requests: 10,
+                spans_sent: 1000,
+                spans_accepted: 900,
+                spans_refused: 100,
+                ..Default::default()
+            },
             ..Default::default()
         };
         a.counts.refused_by.insert("http_400".into(), 100);
         for ms in 1..=100 {
             a.record_latency(Duration::from_millis(ms));
         }
-        let mut b = WorkerStats::default();
-        b.counts = Counts {
-            requests: 10,
-            spans_sent: 1000,
-            spans_accepted: 1000,
+        let mut b = WorkerStats {
+            counts: Counts {
+                requests: 10,
+                spans_sent: 1000,
+                spans_accepted: 1000,
+                ..Default::default()
+            },
             ..Default::default()
         };
         b.counts.refused_by.insert("http_400".into(), 1);

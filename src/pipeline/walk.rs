@@ -621,8 +621,11 @@ fn attribute<T: Tally>(t: &mut T, field: u64, buf: &[u8], depth: u32, place: Pla
     Ok(())
 }
 
+/// A KeyValue's key, its AnyValue's encoding, and its tally.
+type KeyValueRead<'a, T> = (&'a str, Option<&'a [u8]>, <T as Tally>::Cost);
+
 /// A KeyValue at message level `depth`: its key and its AnyValue's encoding.
-fn key_value<T: Tally>(buf: &[u8], depth: u32, place: Place) -> Result<(&str, Option<&[u8]>, T::Cost), DecodeError> {
+fn key_value<T: Tally>(buf: &[u8], depth: u32, place: Place) -> Result<KeyValueRead<'_, T>, DecodeError> {
     enter(depth, place)?;
     let (mut key, mut value) = ("", None);
     let mut t = T::default();
