@@ -172,14 +172,7 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
                 }
                 continue;
             }
-            let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-                items: Vec::new(),
-                spans: 0,
-                since: now,
-            });
-            if pending.items.is_empty() {
-                pending.since = now;
-            }
+            let pending = self.pending_for(&key, now);
             if max > 0 && pending.spans + spans > max {
                 let room = max - pending.spans;
                 if room == 0 {
@@ -250,22 +243,10 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             }
             return out;
         }
-        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            items: Vec::new(),
-            spans: 0,
-            since: now,
-        });
-        if max > 0 && pending.spans + total > max {
+        if max > 0 && self.pending_for(&key, now).spans + total > max {
             out.extend(self.take(&key));
         }
-        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            items: Vec::new(),
-            spans: 0,
-            since: now,
-        });
-        if pending.items.is_empty() {
-            pending.since = now;
-        }
+        let pending = self.pending_for(&key, now);
         pending.spans += total;
         pending.items.extend(items);
         if pending.spans >= self.settings.send_batch_size {
@@ -303,6 +284,19 @@ impl<K: Clone + Eq + Hash, T: BatchItem> Batcher<K, T> {
             .map(|(k, _)| k.clone())
             .collect();
         keys.iter().filter_map(|k| self.take(k)).collect()
+    }
+
+    /// The batch pending for `key`, created if there is none; an empty one starts its age now.
+    fn pending_for(&mut self, key: &K, now: Instant) -> &mut Pending<T> {
+        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
+            items: Vec::new(),
+            spans: 0,
+            since: now,
+        });
+        if pending.items.is_empty() {
+            pending.since = now;
+        }
+        pending
     }
 
     fn take(&mut self, key: &K) -> Option<Batch<K, T>> {
@@ -582,6 +576,7 @@ mod tests {
                 bytes: encode_record(&rs),
                 spans: 5,
                 experiment: None,
+                names: None,
             };
             let item = Item {
                 chunk,

@@ -466,6 +466,7 @@ mod tests {
                 bytes: encode_record(&rs),
                 spans: 2 * usize::from(traces),
                 experiment: None,
+                names: None,
             },
             charge: None,
             origin: None,

@@ -239,12 +239,7 @@ impl Transport {
                             .map_or(0, |p| p.rejected_spans.max(0) as u64),
                     },
                     Ok(Err(status)) => Outcome::Failed(classify_grpc(&status)),
-                    Err(_) => Outcome::Failed(Failure {
-                        label: "timeout".into(),
-                        retryable: true,
-                        retry_after: None,
-                        detail: format!("no answer within {timeout:?}"),
-                    }),
+                    Err(_) => timed_out(timeout),
                 };
                 (outcome, len)
             }
@@ -296,12 +291,7 @@ impl Transport {
                         retry_after: None,
                         detail: crate::telemetry::error_chain(&e),
                     }),
-                    Err(_) => Outcome::Failed(Failure {
-                        label: "timeout".into(),
-                        retryable: true,
-                        retry_after: None,
-                        detail: format!("no answer within {timeout:?}"),
-                    }),
+                    Err(_) => timed_out(timeout),
                 };
                 (outcome, len)
             }
@@ -310,6 +300,16 @@ impl Transport {
 }
 
 /// partial_success.rejected_spans of an HTTP success body (empty bodies reject nothing).
+/// A request that got no answer in time: retried.
+fn timed_out(timeout: Duration) -> Outcome {
+    Outcome::Failed(Failure {
+        label: "timeout".into(),
+        retryable: true,
+        retry_after: None,
+        detail: format!("no answer within {timeout:?}"),
+    })
+}
+
 fn rejected_in(encoding: Encoding, body: &[u8]) -> u64 {
     if body.is_empty() {
         return 0;

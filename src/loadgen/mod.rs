@@ -248,22 +248,26 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<Verdict> {
     let (stats, elapsed) = run_workers(&args, &setup).await?;
     let mut report = Report::new(&stats, elapsed, labels(&args), args.workers);
     if let (Some(url), Some(before)) = (&args.verify_sink, setup.verify_before) {
-        let after = settled_sink_count(&args, url, &setup.tls_config, before + stats.spans_accepted).await?;
-        report.verify = Some(report::verify(url, stats.spans_accepted, before, after));
+        let after = settled_sink_count(&args, url, &setup.tls_config, before + stats.counts.spans_accepted).await?;
+        report.verify = Some(report::verify(url, stats.counts.spans_accepted, before, after));
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", report.human());
     }
-    if too_little_accepted(report.spans_sent, report.spans_accepted, args.min_accepted) {
+    if too_little_accepted(
+        report.counts.spans_sent,
+        report.counts.spans_accepted,
+        args.min_accepted,
+    ) {
         eprintln!(
             "otlp-relay loadgen: {} of {} spans accepted (--min-accepted {}): {}",
-            report.spans_accepted,
-            report.spans_sent,
+            report.counts.spans_accepted,
+            report.counts.spans_sent,
             args.min_accepted,
             report::diagnose(
-                &report.first_errors,
+                &report.counts.first_errors,
                 &setup.endpoint,
                 setup.use_tls,
                 args.client_cert.is_some()
@@ -545,44 +549,44 @@ async fn deliver(
     rng: &mut FastRng,
     cancel: &CancellationToken,
 ) {
-    stats.spans_sent += spans;
+    stats.counts.spans_sent += spans;
     plan.sent.fetch_add(spans, Ordering::Relaxed);
     let mut attempt = 0;
     loop {
         let t0 = Instant::now();
         let (outcome, bytes) = transport.send(body.clone()).await;
         stats.record_latency(t0.elapsed());
-        stats.requests += 1;
+        stats.counts.requests += 1;
         stats.bytes += bytes;
         match outcome {
             Outcome::Accepted { rejected } => {
                 let rejected = rejected.min(spans);
-                stats.spans_accepted += spans - rejected;
+                stats.counts.spans_accepted += spans - rejected;
                 plan.accepted.fetch_add(spans - rejected, Ordering::Relaxed);
                 if rejected > 0 {
-                    stats.spans_refused += rejected;
-                    *stats.refused_by.entry("partial_success".into()).or_default() += rejected;
+                    stats.counts.spans_refused += rejected;
+                    *stats.counts.refused_by.entry("partial_success".into()).or_default() += rejected;
                 }
                 break;
             }
             Outcome::Failed(f) => {
-                stats.requests_failed += 1;
-                *stats.failures_by.entry(f.label.clone()).or_default() += 1;
-                if !stats.first_errors.contains_key(&f.label) {
-                    stats.first_errors.insert(f.label.clone(), f.detail.clone());
+                stats.counts.requests_failed += 1;
+                *stats.counts.failures_by.entry(f.label.clone()).or_default() += 1;
+                if !stats.counts.first_errors.contains_key(&f.label) {
+                    stats.counts.first_errors.insert(f.label.clone(), f.detail.clone());
                 }
                 if f.retryable && attempt < plan.max_retries && !cancel.is_cancelled() {
                     let wait = backoff(attempt, rng).max(f.retry_after.unwrap_or_default());
                     attempt += 1;
-                    stats.retries += 1;
-                    stats.spans_retried += spans;
+                    stats.counts.retries += 1;
+                    stats.counts.spans_retried += spans;
                     tokio::select! {
                         _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => continue,
                         _ = cancel.cancelled() => {}
                     }
                 }
-                stats.spans_refused += spans;
-                *stats.refused_by.entry(f.label).or_default() += spans;
+                stats.counts.spans_refused += spans;
+                *stats.counts.refused_by.entry(f.label).or_default() += spans;
                 break;
             }
         }

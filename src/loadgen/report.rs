@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-/// What one worker saw. Merged at the end, so workers never share a lock while sending.
-#[derive(Debug, Clone)]
-pub(crate) struct WorkerStats {
+/// What a run counts, per worker and in the report.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub(crate) struct Counts {
     pub(crate) requests: u64,
     pub(crate) requests_failed: u64,
     pub(crate) spans_sent: u64,
@@ -15,13 +15,41 @@ pub(crate) struct WorkerStats {
     pub(crate) spans_refused: u64,
     pub(crate) spans_retried: u64,
     pub(crate) retries: u64,
-    pub(crate) bytes: u64,
     /// Refused spans per final reason (e.g. `http_400`, `grpc_UNAVAILABLE`).
     pub(crate) refused_by: BTreeMap<String, u64>,
     /// Failed attempts per reason, retried or not.
     pub(crate) failures_by: BTreeMap<String, u64>,
     /// The first error seen per reason, with its cause (what `--min-accepted` reports).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) first_errors: BTreeMap<String, String>,
+}
+
+impl Counts {
+    fn merge(&mut self, o: &Counts) {
+        self.requests += o.requests;
+        self.requests_failed += o.requests_failed;
+        self.spans_sent += o.spans_sent;
+        self.spans_accepted += o.spans_accepted;
+        self.spans_refused += o.spans_refused;
+        self.spans_retried += o.spans_retried;
+        self.retries += o.retries;
+        for (k, v) in &o.refused_by {
+            *self.refused_by.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.failures_by {
+            *self.failures_by.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.first_errors {
+            self.first_errors.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+}
+
+/// What one worker saw. Merged at the end, so workers never share a lock while sending.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerStats {
+    pub(crate) counts: Counts,
+    pub(crate) bytes: u64,
     /// Request latency in microseconds.
     pub(crate) latency_us: Histogram<u64>,
 }
@@ -29,17 +57,8 @@ pub(crate) struct WorkerStats {
 impl Default for WorkerStats {
     fn default() -> Self {
         WorkerStats {
-            requests: 0,
-            requests_failed: 0,
-            spans_sent: 0,
-            spans_accepted: 0,
-            spans_refused: 0,
-            spans_retried: 0,
-            retries: 0,
+            counts: Counts::default(),
             bytes: 0,
-            refused_by: BTreeMap::new(),
-            failures_by: BTreeMap::new(),
-            first_errors: BTreeMap::new(),
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
         }
     }
@@ -52,23 +71,8 @@ impl WorkerStats {
     }
 
     pub(crate) fn merge(&mut self, o: &WorkerStats) {
-        self.requests += o.requests;
-        self.requests_failed += o.requests_failed;
-        self.spans_sent += o.spans_sent;
-        self.spans_accepted += o.spans_accepted;
-        self.spans_refused += o.spans_refused;
-        self.spans_retried += o.spans_retried;
-        self.retries += o.retries;
+        self.counts.merge(&o.counts);
         self.bytes += o.bytes;
-        for (k, v) in &o.refused_by {
-            *self.refused_by.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &o.failures_by {
-            *self.failures_by.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &o.first_errors {
-            self.first_errors.entry(k.clone()).or_insert_with(|| v.clone());
-        }
         self.latency_us.add(&o.latency_us).expect("same histogram bounds");
     }
 }
@@ -98,18 +102,8 @@ pub(crate) struct Report {
     pub(crate) compression: String,
     pub(crate) workers: usize,
     pub(crate) duration_s: f64,
-    pub(crate) requests: u64,
-    pub(crate) requests_failed: u64,
-    pub(crate) spans_sent: u64,
-    pub(crate) spans_accepted: u64,
-    pub(crate) spans_refused: u64,
-    pub(crate) spans_retried: u64,
-    pub(crate) retries: u64,
-    pub(crate) refused_by: BTreeMap<String, u64>,
-    pub(crate) failures_by: BTreeMap<String, u64>,
-    /// The first error per failure reason, with its cause.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) first_errors: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub(crate) counts: Counts,
     pub(crate) spans_per_sec: f64,
     pub(crate) requests_per_sec: f64,
     pub(crate) bytes: u64,
@@ -151,18 +145,9 @@ impl Report {
             compression: labels.2.into(),
             workers,
             duration_s: round3(secs),
-            requests: stats.requests,
-            requests_failed: stats.requests_failed,
-            spans_sent: stats.spans_sent,
-            spans_accepted: stats.spans_accepted,
-            spans_refused: stats.spans_refused,
-            spans_retried: stats.spans_retried,
-            retries: stats.retries,
-            refused_by: stats.refused_by.clone(),
-            failures_by: stats.failures_by.clone(),
-            first_errors: stats.first_errors.clone(),
-            spans_per_sec: round3(stats.spans_accepted as f64 / secs),
-            requests_per_sec: round3(stats.requests as f64 / secs),
+            counts: stats.counts.clone(),
+            spans_per_sec: round3(stats.counts.spans_accepted as f64 / secs),
+            requests_per_sec: round3(stats.counts.requests as f64 / secs),
             bytes: stats.bytes,
             bytes_per_sec: round3(stats.bytes as f64 / secs),
             latency_ms: latency,
@@ -183,13 +168,13 @@ impl Report {
             self.compression,
             self.workers,
             self.duration_s,
-            self.spans_sent,
-            self.spans_accepted,
-            self.spans_refused,
-            self.spans_retried,
-            self.requests,
-            self.requests_failed,
-            self.retries,
+            self.counts.spans_sent,
+            self.counts.spans_accepted,
+            self.counts.spans_refused,
+            self.counts.spans_retried,
+            self.counts.requests,
+            self.counts.requests_failed,
+            self.counts.retries,
             self.spans_per_sec,
             self.requests_per_sec,
             self.bytes_per_sec / 1e6,
@@ -199,20 +184,20 @@ impl Report {
             self.latency_ms.p99,
             self.latency_ms.max,
         );
-        for (k, v) in &self.failures_by {
-            match self.first_errors.get(k) {
+        for (k, v) in &self.counts.failures_by {
+            match self.counts.first_errors.get(k) {
                 Some(e) => s.push_str(&format!("failed attempts {k}: {v} (first: {e})\n")),
                 None => s.push_str(&format!("failed attempts {k}: {v}\n")),
             }
         }
-        for (k, v) in &self.refused_by {
+        for (k, v) in &self.counts.refused_by {
             s.push_str(&format!("refused spans {k}: {v}\n"));
         }
         if let Some(v) = &self.verify {
             s.push_str(&format!(
                 "sink {}: accepted {} received {} unique -> loss {} {}\n",
                 v.sink,
-                self.spans_accepted,
+                self.counts.spans_accepted,
                 v.received_unique_spans,
                 v.lost_spans,
                 if v.ok { "OK" } else { "LOSS" }
@@ -354,30 +339,36 @@ mod tests {
     #[test]
     fn report_math() {
         let mut a = WorkerStats {
-            requests: 10,
-            spans_sent: 1000,
-            spans_accepted: 900,
-            spans_refused: 100,
+            counts: Counts {
+                requests: 10,
+                spans_sent: 1000,
+                spans_accepted: 900,
+                spans_refused: 100,
+                ..Default::default()
+            },
             ..Default::default()
         };
-        a.refused_by.insert("http_400".into(), 100);
+        a.counts.refused_by.insert("http_400".into(), 100);
         for ms in 1..=100 {
             a.record_latency(Duration::from_millis(ms));
         }
         let mut b = WorkerStats {
-            requests: 10,
-            spans_sent: 1000,
-            spans_accepted: 1000,
+            counts: Counts {
+                requests: 10,
+                spans_sent: 1000,
+                spans_accepted: 1000,
+                ..Default::default()
+            },
             ..Default::default()
         };
-        b.refused_by.insert("http_400".into(), 1);
+        b.counts.refused_by.insert("http_400".into(), 1);
         b.record_latency(Duration::from_secs(2));
         a.merge(&b);
         let r = Report::new(&a, Duration::from_secs(4), ("grpc", "proto", "none"), 2);
-        assert_eq!(r.spans_accepted, 1900);
+        assert_eq!(r.counts.spans_accepted, 1900);
         assert_eq!(r.spans_per_sec, 475.0);
         assert_eq!(r.requests_per_sec, 5.0);
-        assert_eq!(r.refused_by["http_400"], 101);
+        assert_eq!(r.counts.refused_by["http_400"], 101);
         assert!((r.latency_ms.p50 - 51.0).abs() < 0.1, "{:?}", r.latency_ms);
         assert!((r.latency_ms.p99 - 100.0).abs() < 0.2, "{:?}", r.latency_ms);
         assert!((r.latency_ms.max - 2000.0).abs() < 2.0, "{:?}", r.latency_ms);

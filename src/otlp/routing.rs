@@ -2,6 +2,8 @@
 //! `mlflow.experiment_name`, `mlflow.run_id`, `mlflow.workspace`), read from the record's bytes
 //! without decoding the spans: the resource is the first few hundred bytes of a record that may
 //! hold megabytes of spans. The pipeline keeps batches apart by them; the exporter routes by them.
+use std::sync::Arc;
+
 use super::{ExperimentId, varint};
 
 /// Resource attributes MLflow's routing reads (the relay's names; `mlflow.experiment_id` is the
@@ -10,6 +12,8 @@ pub(crate) const EXPERIMENT_ID_ATTRIBUTE: &str = "mlflow.experiment_id";
 pub(crate) const EXPERIMENT_NAME_ATTRIBUTE: &str = "mlflow.experiment_name";
 pub(crate) const RUN_ID_ATTRIBUTE: &str = "mlflow.run_id";
 pub(crate) const WORKSPACE_ATTRIBUTE: &str = "mlflow.workspace";
+/// What every one of them starts with.
+pub(crate) const PREFIX: &str = "mlflow.";
 
 /// The routing attributes of one resource (last one wins when a key repeats, as in the pipeline).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -20,6 +24,30 @@ pub(crate) struct ResourceRouting<'a> {
     pub(crate) workspace: Option<&'a str>,
     /// The value of the exporter's `experiment_name_attribute`.
     pub(crate) named_by: Option<&'a str>,
+}
+
+impl ResourceRouting<'_> {
+    /// The names besides the experiment id, owned; None when there are none (the usual case:
+    /// nothing is allocated).
+    pub(crate) fn names(&self) -> Option<Arc<ResourceNames>> {
+        let own = |s: Option<&str>| s.map(Arc::from);
+        (self.experiment_name.is_some() || self.run.is_some() || self.workspace.is_some()).then(|| {
+            Arc::new(ResourceNames {
+                experiment_name: own(self.experiment_name),
+                run: own(self.run),
+                workspace: own(self.workspace),
+            })
+        })
+    }
+}
+
+/// A record's `mlflow.experiment_name`, `mlflow.run_id` and `mlflow.workspace`, read when the
+/// receiver walks the record and kept with it, so the pipeline does not read them again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ResourceNames {
+    pub(crate) experiment_name: Option<Arc<str>>,
+    pub(crate) run: Option<Arc<str>>,
+    pub(crate) workspace: Option<Arc<str>>,
 }
 
 /// Reads the routing attributes of a record (a request's field 1: tag, length, ResourceSpans).
@@ -86,24 +114,37 @@ fn scan_resource<'a>(resource: &'a [u8], named_by: &str, out: &mut ResourceRouti
         let Field::Bytes(1, kv) = field else { continue };
         let (key, value) = key_value(kv)?;
         let Some(value) = value else { continue };
-        match key {
-            EXPERIMENT_ID_ATTRIBUTE => {
-                out.experiment_id = match value {
-                    Value::Str(s) => ExperimentId::parse(s.trim()).map(ExperimentId::into_string),
-                    Value::Int(i) => ExperimentId::parse(&i.to_string()).map(ExperimentId::into_string),
-                    Value::Other => None,
-                }
+        if key == EXPERIMENT_ID_ATTRIBUTE {
+            out.experiment_id = match value {
+                Value::Str(s) => ExperimentId::parse(s.trim()).map(ExperimentId::into_string),
+                Value::Int(i) => ExperimentId::parse(&i.to_string()).map(ExperimentId::into_string),
+                Value::Other => None,
             }
-            EXPERIMENT_NAME_ATTRIBUTE => out.experiment_name = value.text(),
-            RUN_ID_ATTRIBUTE => out.run = value.text(),
-            WORKSPACE_ATTRIBUTE => out.workspace = value.text(),
-            _ => {}
         }
+        note(key, &value, out);
         if !named_by.is_empty() && key == named_by {
             out.named_by = value.text();
         }
     }
     Some(())
+}
+
+/// Notes a resource attribute that names the record's experiment, run or workspace.
+fn note<'a>(key: &str, value: &Value<'a>, out: &mut ResourceRouting<'a>) {
+    match key {
+        EXPERIMENT_NAME_ATTRIBUTE => out.experiment_name = value.text(),
+        RUN_ID_ATTRIBUTE => out.run = value.text(),
+        WORKSPACE_ATTRIBUTE => out.workspace = value.text(),
+        _ => {}
+    }
+}
+
+/// [`note`] for an attribute whose value (an AnyValue's encoding) another walk has read and
+/// validated; the same rule, so a record routes the same whoever reads it.
+pub(crate) fn note_name<'a>(key: &str, value: &'a [u8], out: &mut ResourceRouting<'a>) {
+    if let Some(value) = any_value(value) {
+        note(key, &value, out);
+    }
 }
 
 enum Value<'a> {

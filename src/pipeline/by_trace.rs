@@ -202,6 +202,7 @@ pub(crate) fn split_chunk(chunk: &ResourceChunk) -> Result<Vec<(TraceRecord, Res
                 bytes: p.bytes.clone(),
                 spans: p.spans,
                 experiment: chunk.experiment.clone(),
+                names: chunk.names.clone(),
             };
             (p, chunk)
         })
@@ -532,6 +533,7 @@ mod tests {
             bytes: Bytes::from(case.record),
             spans,
             experiment: Some("7".into()),
+            names: None,
         };
         let pieces = split_chunk(&chunk).unwrap();
         assert!(

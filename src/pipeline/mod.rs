@@ -158,14 +158,17 @@ impl Intake {
                     .as_deref()
                     .map(Arc::from)
                     .or_else(|| routing.experiment.clone());
-                // The resource's other MLflow attributes: read again by the exporter, here only
-                // so batches for different runs or experiments are kept apart.
-                let found = crate::otlp::routing::resource_routing(&chunk.bytes, "");
+                // The resource's other MLflow attributes (read by the receiver's walk): read again
+                // by the exporter, here only so batches for different runs or experiments are
+                // kept apart.
+                let names = chunk.names.as_deref();
                 let destination = Destination {
                     experiment,
-                    experiment_name: found.experiment_name.map(Arc::from),
-                    run: found.run.map(Arc::from).or_else(|| routing.run.clone()),
-                    workspace: found.workspace.map(Arc::from).or_else(|| routing.workspace.clone()),
+                    experiment_name: names.and_then(|n| n.experiment_name.clone()),
+                    run: names.and_then(|n| n.run.clone()).or_else(|| routing.run.clone()),
+                    workspace: names
+                        .and_then(|n| n.workspace.clone())
+                        .or_else(|| routing.workspace.clone()),
                 };
                 Routed {
                     destination,
@@ -255,6 +258,7 @@ mod tests {
                 bytes: Bytes::from(vec![0u8; bytes]),
                 spans,
                 experiment: experiment.map(Into::into),
+                names: None,
             }],
             spans,
             ..Default::default()
@@ -323,6 +327,7 @@ mod tests {
             bytes: Bytes::from_static(&[0u8; 4]),
             spans: 1,
             experiment: None,
+            names: None,
         };
         let request = ParsedRequest {
             chunks: (0..10_000).map(chunk).collect(),
@@ -377,31 +382,13 @@ mod tests {
 
     #[test]
     fn batches_are_kept_apart_by_run_workspace_and_experiment_name() {
-        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-        use opentelemetry_proto::tonic::resource::v1::Resource;
-        use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+        // Through the receiver's parse, which reads the resource's routing attributes.
         let chunk = |attrs: &[(&str, &str)]| {
-            let rs = ResourceSpans {
-                resource: Some(Resource {
-                    attributes: attrs
-                        .iter()
-                        .map(|(k, v)| KeyValue {
-                            key: (*k).into(),
-                            value: Some(AnyValue {
-                                value: Some(any_value::Value::StringValue((*v).into())),
-                            }),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            ResourceChunk {
-                bytes: wire::encode_record(&rs),
-                spans: 1,
-                experiment: None,
+            let mut rs = testdata::resource_spans("svc", 0, 1, 1);
+            if let Some(resource) = rs.resource.as_mut() {
+                resource.attributes = attrs.iter().map(|(k, v)| testdata::kv(k, v)).collect();
             }
+            wire::parse_protobuf(wire::encode_record(&rs)).unwrap().chunks.remove(0)
         };
         let (tx, mut rx) = mpsc::channel(10);
         let intake = Intake::new(vec![tx.into()], vec![]);

@@ -2,15 +2,26 @@
 //! building it in memory: it checks what prost's decoder checks (field framing, wire types of
 //! known fields, UTF-8 of strings, varint overflow, nesting depth) and collects only what the
 //! relay needs: each ResourceSpans' byte range, span count, spans with unusable ids, and the
-//! experiment attribute. A full decode allocated for every attribute of every span only to throw
-//! it away.
+//! MLflow routing attributes of its resource. A full decode allocated for every attribute of
+//! every span only to throw it away. The same walk, tallying as it goes, estimates what a record
+//! takes once prost decodes it (for the processors, `decoded_estimate`).
 //!
 //! This is the one rule for what the relay accepts: whatever passes here must decode with prost
 //! (split, spool replay) and with MLflow's parser (Python protobuf, upb), so no later stage can
 //! fail on it. It may refuse more than they do (groups), never less.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 use super::decode::DecodeError;
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::common::v1::{AnyValue, EntityRef, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span};
+
+use crate::otlp::routing::{self, ResourceNames, ResourceRouting};
 use crate::otlp::{EXPERIMENT_ATTRIBUTE, ExperimentId, varint};
+
+mod estimate;
+pub(crate) use estimate::decoded_estimate;
 
 /// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
 /// itself at level 1 (ResourceSpans 2, ScopeSpans 3, Span 4, its KeyValue 5, AnyValue 6; every
@@ -31,6 +42,8 @@ pub(crate) struct Record {
     /// Spans whose trace_id is not 16 bytes or span_id not 8, or either all zero.
     pub(crate) invalid_spans: usize,
     pub(crate) experiment: Option<String>,
+    /// The resource's other MLflow routing attributes, read on the way.
+    pub(crate) names: Option<Arc<ResourceNames>>,
 }
 
 pub(super) enum Wire<'a> {
@@ -174,7 +187,7 @@ fn next_record(r: &mut Reader<'_>) -> Result<Option<Record>, DecodeError> {
         }
         let message = len(wire)?;
         let message_start = r.pos - message.len();
-        let mut record = resource_spans(message)?;
+        let (mut record, ()) = resource_spans::<()>(message)?;
         record.field = start..r.pos;
         record.message = message_start..r.pos;
         return Ok(Some(record));
@@ -301,91 +314,191 @@ pub(crate) fn write_kept(message: &[u8], kept: &Kept, out: &mut Vec<u8>) -> Resu
     Ok(())
 }
 
-fn resource_spans(buf: &[u8]) -> Result<Record, DecodeError> {
+/// What a walk adds up while it validates: nothing (`()`, the receiver's walk) or the heap
+/// prost's decoded form takes (`estimate::Heap`). One schema walk serves both; with `()` every
+/// call below compiles away, so the receiver's walk is what it was without it.
+trait Tally: Default {
+    /// What a message adds up to: `()` or bytes.
+    type Cost: Copy;
+    /// A string or bytes field, or an unknown length-delimited one (all prost keeps of it).
+    fn bytes(&mut self, len: usize);
+    /// One more element, `size` bytes inline, of the message's repeated field `field`.
+    fn element(&mut self, field: u64, size: usize);
+    /// A child message's cost.
+    fn child(&mut self, cost: Self::Cost);
+    /// The message's cost, its repeated fields' Vecs included.
+    fn cost(self) -> Self::Cost;
+}
+
+impl Tally for () {
+    type Cost = ();
+    #[inline(always)]
+    fn bytes(&mut self, _: usize) {}
+    #[inline(always)]
+    fn element(&mut self, _: u64, _: usize) {}
+    #[inline(always)]
+    fn child(&mut self, _: ()) {}
+    #[inline(always)]
+    fn cost(self) {}
+}
+
+/// Every field of a message, in order.
+#[inline(always)]
+fn each_field<'a>(
+    buf: &'a [u8],
+    mut f: impl FnMut(u64, Wire<'a>) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    let mut r = Reader::new(buf);
+    while let Some((number, w)) = r.field()? {
+        f(number, w)?;
+    }
+    Ok(())
+}
+
+/// A string field, tallied.
+#[inline(always)]
+fn text<'a, T: Tally>(w: Wire<'a>, t: &mut T) -> Result<&'a str, DecodeError> {
+    let s = string(w)?;
+    t.bytes(s.len());
+    Ok(s)
+}
+
+/// A bytes field, tallied.
+#[inline(always)]
+fn bytes<'a, T: Tally>(w: Wire<'a>, t: &mut T) -> Result<&'a [u8], DecodeError> {
+    let b = len(w)?;
+    t.bytes(b.len());
+    Ok(b)
+}
+
+/// A field the schema does not know: skipped, as prost does, and tallied as bytes.
+#[inline(always)]
+fn unknown<T: Tally>(w: Wire<'_>, t: &mut T) {
+    if let Wire::Len(b) = w {
+        t.bytes(b.len());
+    }
+}
+
+/// A repeated message field's element: its cost and its place in the Vec.
+#[inline(always)]
+fn element<T: Tally, M>(t: &mut T, field: u64, cost: T::Cost) {
+    t.child(cost);
+    t.element(field, std::mem::size_of::<M>());
+}
+
+/// Walks a ResourceSpans message: the record (ranges left for the caller), and its tally.
+fn resource_spans<T: Tally>(buf: &[u8]) -> Result<(Record, T::Cost), DecodeError> {
     let mut out = Record {
         field: 0..0,
         message: 0..0,
         spans: 0,
         invalid_spans: 0,
         experiment: None,
+        names: None,
     };
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+    let mut t = T::default();
+    let mut found = ResourceRouting::default();
+    each_field(buf, |number, w| {
         match number {
             1 => {
-                if let Some(e) = resource(len(w)?)? {
+                let (experiment, cost) = resource::<T>(len(w)?, &mut found)?;
+                t.child(cost);
+                if let Some(e) = experiment {
                     out.experiment = Some(e);
                 }
             }
-            2 => scope_spans(len(w)?, &mut out)?,
-            3 => drop(string(w)?),
-            _ => {}
+            2 => element::<T, ScopeSpans>(&mut t, 2, scope_spans::<T>(len(w)?, &mut out)?),
+            3 => drop(text(w, &mut t)?),
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(out)
+        Ok(())
+    })?;
+    out.names = found.names();
+    Ok((out, t.cost()))
 }
 
-/// Returns the experiment attribute when the resource carries a usable one.
-fn resource(buf: &[u8]) -> Result<Option<String>, DecodeError> {
+/// Returns the experiment attribute when the resource carries a usable one; notes the other
+/// MLflow routing attributes in `found`.
+fn resource<'a, T: Tally>(
+    buf: &'a [u8],
+    found: &mut ResourceRouting<'a>,
+) -> Result<(Option<String>, T::Cost), DecodeError> {
     let mut experiment = None;
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
             1 => {
                 // Request 1, ResourceSpans 2, Resource 3, KeyValue 4.
-                let (key, value) = key_value(len(w)?, 4, Place::Resource)?;
+                let (key, value, cost) = key_value::<T>(len(w)?, 4, Place::Resource)?;
+                element::<T, KeyValue>(&mut t, 1, cost);
                 if key == EXPERIMENT_ATTRIBUTE {
                     experiment = value.and_then(experiment_id);
+                } else if let Some(value) = value
+                    && key.starts_with(routing::PREFIX)
+                {
+                    routing::note_name(key, value, found);
                 }
             }
             2 => varint(w)?,
-            3 => entity_ref(len(w)?)?,
-            _ => {}
+            3 => element::<T, EntityRef>(&mut t, 3, entity_ref::<T>(len(w)?)?),
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(experiment)
+        Ok(())
+    })?;
+    Ok((experiment, t.cost()))
 }
 
-fn entity_ref(buf: &[u8]) -> Result<(), DecodeError> {
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
-        if (1..=4).contains(&number) {
-            string(w)?;
-        }
-    }
-    Ok(())
-}
-
-fn scope_spans(buf: &[u8], out: &mut Record) -> Result<(), DecodeError> {
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+fn entity_ref<T: Tally>(buf: &[u8]) -> Result<T::Cost, DecodeError> {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            1 => scope(len(w)?)?,
+            1 | 2 => drop(text(w, &mut t)?),
+            // id_keys and description_keys: repeated strings.
+            3 | 4 => {
+                text(w, &mut t)?;
+                t.element(number, std::mem::size_of::<String>());
+            }
+            _ => unknown(w, &mut t),
+        }
+        Ok(())
+    })?;
+    Ok(t.cost())
+}
+
+fn scope_spans<T: Tally>(buf: &[u8], out: &mut Record) -> Result<T::Cost, DecodeError> {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
+        match number {
+            1 => t.child(scope::<T>(len(w)?)?),
             2 => {
                 out.spans += 1;
-                if !span(len(w)?)? {
+                let (usable, cost) = span::<T>(len(w)?)?;
+                element::<T, Span>(&mut t, 2, cost);
+                if !usable {
                     out.invalid_spans += 1;
                 }
             }
-            3 => drop(string(w)?),
-            _ => {}
+            3 => drop(text(w, &mut t)?),
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(t.cost())
 }
 
-fn scope(buf: &[u8]) -> Result<(), DecodeError> {
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+fn scope<T: Tally>(buf: &[u8]) -> Result<T::Cost, DecodeError> {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            1 | 2 => drop(string(w)?),
+            1 | 2 => drop(text(w, &mut t)?),
             // Request 1, ResourceSpans 2, ScopeSpans 3, InstrumentationScope 4, KeyValue 5.
-            3 => drop(key_value(len(w)?, 5, Place::Scope)?),
+            3 => attribute(&mut t, 3, len(w)?, 5, Place::Scope)?,
             4 => varint(w)?,
-            _ => {}
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(t.cost())
 }
 
 fn id_usable(id: &[u8], size: usize) -> bool {
@@ -393,71 +506,75 @@ fn id_usable(id: &[u8], size: usize) -> bool {
 }
 
 /// Validates a Span; true when its ids are usable.
-fn span(buf: &[u8]) -> Result<bool, DecodeError> {
+fn span<T: Tally>(buf: &[u8]) -> Result<(bool, T::Cost), DecodeError> {
     // Absent ids are empty, and a repeated singular field takes its last value, as in prost.
     let (mut trace_ok, mut span_ok) = (false, false);
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            1 => trace_ok = id_usable(len(w)?, 16),
-            2 => span_ok = id_usable(len(w)?, 8),
-            3 | 5 => drop(string(w)?),
-            4 => drop(len(w)?),
+            1 => trace_ok = id_usable(bytes(w, &mut t)?, 16),
+            2 => span_ok = id_usable(bytes(w, &mut t)?, 8),
+            3 | 5 => drop(text(w, &mut t)?),
+            4 => drop(bytes(w, &mut t)?),
             6 | 10 | 12 | 14 => varint(w)?,
             7 | 8 => fixed64(w)?,
             // Request 1, ResourceSpans 2, ScopeSpans 3, Span 4, KeyValue 5.
-            9 => drop(key_value(len(w)?, 5, Place::Span)?),
-            11 => event(len(w)?)?,
-            13 => link(len(w)?)?,
-            15 => status(len(w)?)?,
+            9 => attribute(&mut t, 9, len(w)?, 5, Place::Span)?,
+            11 => element::<T, Event>(&mut t, 11, event::<T>(len(w)?)?),
+            13 => element::<T, Link>(&mut t, 13, link::<T>(len(w)?)?),
+            15 => t.child(status::<T>(len(w)?)?),
             16 => fixed32(w)?,
-            _ => {}
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(trace_ok && span_ok)
+        Ok(())
+    })?;
+    Ok((trace_ok && span_ok, t.cost()))
 }
 
-fn event(buf: &[u8]) -> Result<(), DecodeError> {
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+fn event<T: Tally>(buf: &[u8]) -> Result<T::Cost, DecodeError> {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
             1 => fixed64(w)?,
-            2 => drop(string(w)?),
+            2 => drop(text(w, &mut t)?),
             // ... Span 4, Event 5, KeyValue 6.
-            3 => drop(key_value(len(w)?, 6, Place::Event)?),
+            3 => attribute(&mut t, 3, len(w)?, 6, Place::Event)?,
             4 => varint(w)?,
-            _ => {}
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(t.cost())
 }
 
-fn link(buf: &[u8]) -> Result<(), DecodeError> {
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+fn link<T: Tally>(buf: &[u8]) -> Result<T::Cost, DecodeError> {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            1 | 2 => drop(len(w)?),
-            3 => drop(string(w)?),
+            1 | 2 => drop(bytes(w, &mut t)?),
+            3 => drop(text(w, &mut t)?),
             // ... Span 4, Link 5, KeyValue 6.
-            4 => drop(key_value(len(w)?, 6, Place::Link)?),
+            4 => attribute(&mut t, 4, len(w)?, 6, Place::Link)?,
             5 => varint(w)?,
             6 => fixed32(w)?,
-            _ => {}
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(t.cost())
 }
 
-fn status(buf: &[u8]) -> Result<(), DecodeError> {
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+fn status<T: Tally>(buf: &[u8]) -> Result<T::Cost, DecodeError> {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            2 => drop(string(w)?),
+            2 => drop(text(w, &mut t)?),
             3 => varint(w)?,
-            _ => {}
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(t.cost())
 }
 
 /// Whose attribute a value is, for the error that refuses it.
@@ -496,63 +613,72 @@ fn enter(depth: u32, place: Place) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// An element of a repeated KeyValue field (`field`) of a message, at message level `depth`.
+#[inline(always)]
+fn attribute<T: Tally>(t: &mut T, field: u64, buf: &[u8], depth: u32, place: Place) -> Result<(), DecodeError> {
+    let (_, _, cost) = key_value::<T>(buf, depth, place)?;
+    element::<T, KeyValue>(t, field, cost);
+    Ok(())
+}
+
+/// A KeyValue's key, its AnyValue's encoding, and its tally.
+type KeyValueRead<'a, T> = (&'a str, Option<&'a [u8]>, <T as Tally>::Cost);
+
 /// A KeyValue at message level `depth`: its key and its AnyValue's encoding.
-fn key_value(buf: &[u8], depth: u32, place: Place) -> Result<(&str, Option<&[u8]>), DecodeError> {
+fn key_value<T: Tally>(buf: &[u8], depth: u32, place: Place) -> Result<KeyValueRead<'_, T>, DecodeError> {
     enter(depth, place)?;
     let (mut key, mut value) = ("", None);
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            1 => key = string(w)?,
+            1 => key = text(w, &mut t)?,
             2 => {
                 let v = len(w)?;
-                any_value(v, depth + 1, place)?;
+                t.child(any_value::<T>(v, depth + 1, place)?);
                 value = Some(v);
             }
             3 => varint(w)?,
-            _ => {}
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok((key, value))
+        Ok(())
+    })?;
+    Ok((key, value, t.cost()))
 }
 
 /// An AnyValue at message level `depth`. Every message below it counts, empty ones too: prost
 /// and upb check the depth before they look at a message's length.
-fn any_value(buf: &[u8], depth: u32, place: Place) -> Result<(), DecodeError> {
+fn any_value<T: Tally>(buf: &[u8], depth: u32, place: Place) -> Result<T::Cost, DecodeError> {
     enter(depth, place)?;
-    let mut r = Reader::new(buf);
-    while let Some((number, w)) = r.field()? {
+    let mut t = T::default();
+    each_field(buf, |number, w| {
         match number {
-            1 => drop(string(w)?),
+            1 => drop(text(w, &mut t)?),
             2 | 3 | 8 => varint(w)?,
             4 => fixed64(w)?,
-            5 => {
-                // ArrayValue, then its AnyValues.
+            // ArrayValue, then its AnyValues; KeyValueList, then its KeyValues.
+            5 | 6 => {
                 let items = len(w)?;
                 enter(depth + 1, place)?;
-                let mut items = Reader::new(items);
-                while let Some((n, item)) = items.field()? {
-                    if n == 1 {
-                        any_value(len(item)?, depth + 2, place)?;
+                let mut list = T::default();
+                each_field(items, |n, item| {
+                    match (n, number) {
+                        (1, 5) => {
+                            let cost = any_value::<T>(len(item)?, depth + 2, place)?;
+                            element::<T, AnyValue>(&mut list, 1, cost);
+                        }
+                        (1, _) => attribute(&mut list, 1, len(item)?, depth + 2, place)?,
+                        _ => unknown(item, &mut list),
                     }
-                }
+                    Ok(())
+                })?;
+                t.child(list.cost());
             }
-            6 => {
-                // KeyValueList, then its KeyValues.
-                let items = len(w)?;
-                enter(depth + 1, place)?;
-                let mut items = Reader::new(items);
-                while let Some((n, item)) = items.field()? {
-                    if n == 1 {
-                        key_value(len(item)?, depth + 2, place)?;
-                    }
-                }
-            }
-            7 => drop(len(w)?),
-            _ => {}
+            7 => drop(bytes(w, &mut t)?),
+            _ => unknown(w, &mut t),
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(t.cost())
 }
 
 /// A numeric experiment id from an AnyValue (string or int), as routing accepts it.

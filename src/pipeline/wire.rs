@@ -6,11 +6,14 @@
 //!
 //! The parts: the protobuf parser (here), the JSON parser (json.rs), the split (split.rs).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 
 use super::walk;
+use crate::otlp::routing::ResourceNames;
 
 mod json;
 mod split;
@@ -20,6 +23,7 @@ mod tests;
 pub use super::decode::{DecodeBudget, DecodeError, Unbudgeted};
 #[cfg(test)]
 pub(crate) use super::testdata;
+pub(crate) use super::walk::decoded_estimate;
 pub(crate) use crate::otlp::EXPERIMENT_ATTRIBUTE;
 pub(crate) use json::experiment_of;
 pub use json::{json_decoded_estimate, parse_json, parse_json_within};
@@ -32,6 +36,8 @@ pub struct ResourceChunk {
     pub spans: usize,
     /// The `mlflow.experiment_id` resource attribute, if any.
     pub(crate) experiment: Option<String>,
+    /// The resource's other MLflow routing attributes, if any.
+    pub(crate) names: Option<Arc<ResourceNames>>,
 }
 
 /// A validated request, ready for the pipeline.
@@ -104,7 +110,7 @@ pub(crate) fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B
     if !rebuilt && kept_bytes.saturating_mul(2) >= body.len() {
         for k in kept {
             if let Keep::Slice(record) = k {
-                parsed.push(body.slice(record.field), record.spans, record.experiment);
+                parsed.push(body.slice(record.field.clone()), record.spans, record);
             }
         }
         return Ok(parsed);
@@ -117,11 +123,11 @@ pub(crate) fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B
         match k {
             Keep::Slice(record) => {
                 out.extend_from_slice(&body[record.field.clone()]);
-                spans.push((start..out.len(), record.spans, record.experiment));
+                spans.push((start..out.len(), record.spans, record));
             }
             Keep::Rebuilt(record, k) => {
                 walk::write_kept(&body[record.message.clone()], &k, &mut out)?;
-                spans.push((start..out.len(), k.spans, record.experiment));
+                spans.push((start..out.len(), k.spans, record));
             }
         }
     }
@@ -130,8 +136,8 @@ pub(crate) fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B
     }
     drop(body);
     let out = Bytes::from(out);
-    for (range, count, experiment) in spans {
-        parsed.push(out.slice(range), count, experiment);
+    for (range, count, record) in spans {
+        parsed.push(out.slice(range), count, record);
     }
     Ok(parsed)
 }
@@ -141,12 +147,13 @@ fn rejection(rejected: usize) -> String {
 }
 
 impl ParsedRequest {
-    fn push(&mut self, bytes: Bytes, spans: usize, experiment: Option<String>) {
+    fn push(&mut self, bytes: Bytes, spans: usize, record: walk::Record) {
         self.spans += spans;
         self.chunks.push(ResourceChunk {
             bytes,
             spans,
-            experiment,
+            experiment: record.experiment,
+            names: record.names,
         });
     }
 }

@@ -1,20 +1,17 @@
 //! Where processors that edit spans run: per pipeline, each ResourceSpans record of a request is
 //! decoded (prost) once, every such processor of the pipeline applied in order, and the result
 //! encoded once into a new record. The memory decoding takes is charged to the request's budget
-//! before it happens ([`decoded_estimate`]); records go one at a time, so a request holds at most
+//! before it happens (the receiver's walk estimates it, [`decoded_estimate`]); records go one at a time, so a request holds at most
 //! one decoded record besides its encoded copies.
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, EntityRef, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 
 use super::{ProcessError, RequestContext, SpanProcessor};
-use crate::otlp::varint;
-use crate::pipeline::wire::{self, DecodeBudget, DecodeError, ResourceChunk};
+use crate::otlp::routing;
+use crate::pipeline::wire::{self, DecodeBudget, DecodeError, ResourceChunk, decoded_estimate};
 use crate::telemetry::{Metrics, ProcessorHandles};
 
 /// The processors of one pipeline that edit spans, in pipeline order.
@@ -108,10 +105,14 @@ impl Chain {
         if spans == 0 {
             return Ok(None);
         }
+        let bytes = wire::encode_record(&rs);
+        // The processors may have set the routing attributes: read from what goes on.
+        let names = routing::resource_routing(&bytes, "").names();
         Ok(Some(ResourceChunk {
-            bytes: wire::encode_record(&rs),
+            bytes,
             spans,
             experiment: wire::experiment_of(&rs),
+            names,
         }))
     }
 }
@@ -135,191 +136,4 @@ pub(crate) fn chain(
 
 fn span_count(rs: &ResourceSpans) -> usize {
     rs.scope_spans.iter().map(|s| s.spans.len()).sum()
-}
-
-/// What the allocator takes per allocation beyond its bytes, at least.
-const ALLOCATION_OVERHEAD: usize = 32;
-
-/// The message types of a ResourceSpans, for [`decoded_estimate`].
-#[derive(Clone, Copy)]
-enum Msg {
-    ResourceSpans,
-    Resource,
-    EntityRef,
-    ScopeSpans,
-    Scope,
-    Span,
-    Event,
-    Link,
-    Status,
-    KeyValue,
-    AnyValue,
-    /// ArrayValue and KeyValueList: one repeated field 1.
-    List(&'static Msg),
-}
-
-/// What a length-delimited field of a message is: a message (repeated or not) or bytes.
-enum Child {
-    Message(Msg, bool),
-    Bytes(bool),
-}
-
-fn child(msg: Msg, field: u64) -> Child {
-    use Child::{Bytes, Message};
-    match (msg, field) {
-        (Msg::ResourceSpans, 1) => Message(Msg::Resource, false),
-        (Msg::ResourceSpans, 2) => Message(Msg::ScopeSpans, true),
-        (Msg::Resource, 1) | (Msg::Scope, 3) | (Msg::Span, 9) | (Msg::Event, 3) | (Msg::Link, 4) => {
-            Message(Msg::KeyValue, true)
-        }
-        (Msg::Resource, 3) => Message(Msg::EntityRef, true),
-        (Msg::EntityRef, 3 | 4) => Bytes(true),
-        (Msg::ScopeSpans, 1) => Message(Msg::Scope, false),
-        (Msg::ScopeSpans, 2) => Message(Msg::Span, true),
-        (Msg::Span, 11) => Message(Msg::Event, true),
-        (Msg::Span, 13) => Message(Msg::Link, true),
-        (Msg::Span, 15) => Message(Msg::Status, false),
-        (Msg::KeyValue, 2) => Message(Msg::AnyValue, false),
-        (Msg::AnyValue, 5) => Message(Msg::List(&Msg::AnyValue), false),
-        (Msg::AnyValue, 6) => Message(Msg::List(&Msg::KeyValue), false),
-        (Msg::List(element), 1) => Message(*element, true),
-        _ => Bytes(false),
-    }
-}
-
-fn size_of(msg: Msg) -> usize {
-    use std::mem::size_of;
-    match msg {
-        Msg::ResourceSpans => size_of::<ResourceSpans>(),
-        Msg::Resource => size_of::<Resource>(),
-        Msg::EntityRef => size_of::<EntityRef>(),
-        Msg::ScopeSpans => size_of::<ScopeSpans>(),
-        Msg::Scope => size_of::<InstrumentationScope>(),
-        Msg::Span => size_of::<Span>(),
-        Msg::Event => size_of::<Event>(),
-        Msg::Link => size_of::<Link>(),
-        Msg::Status => size_of::<Status>(),
-        Msg::KeyValue => size_of::<KeyValue>(),
-        Msg::AnyValue | Msg::List(_) => size_of::<AnyValue>(),
-    }
-}
-
-/// An upper bound of the memory prost takes to decode one ResourceSpans record (a field-1
-/// record, as the pipeline holds it), and the processors' working copy of it: every repeated
-/// element in a Vec that grew by doubling (so up to twice its elements, at least four), every
-/// string and bytes field an allocation of its own. Known message fields are followed by the
-/// schema; anything else is counted as bytes, which is all prost keeps of it. The record passed
-/// the receiver's walk, so it is well formed; a malformed one is bounded by its length.
-pub(crate) fn decoded_estimate(record: &[u8]) -> usize {
-    let mut pos = 0;
-    let message = match (varint::read(record, &mut pos), varint::read(record, &mut pos)) {
-        (Ok(_), Ok(len)) => record.get(pos..pos.saturating_add(len as usize)).unwrap_or(&[]),
-        _ => &[],
-    };
-    // Twice: the decoded record and the growth while statements edit it (attribute values set
-    // from others, kvlists built), which a statement list cannot make larger than the record.
-    size_of(Msg::ResourceSpans)
-        .saturating_add(message_cost(Msg::ResourceSpans, message))
-        .saturating_mul(2)
-}
-
-/// The heap a message of type `msg` encoded in `buf` takes (not its own inline size).
-fn message_cost(msg: Msg, buf: &[u8]) -> usize {
-    let mut cost = 0usize;
-    // Elements per repeated field of this message, by field number (OTLP's are all below 16).
-    let mut repeated = [(0usize, 0usize); 16];
-    let mut pos = 0;
-    while pos < buf.len() {
-        let Ok(key) = varint::read(buf, &mut pos) else {
-            return cost.saturating_add(buf.len());
-        };
-        let (field, wire_type) = (key >> 3, key & 7);
-        match wire_type {
-            0 => {
-                if varint::read(buf, &mut pos).is_err() {
-                    break;
-                }
-            }
-            1 => pos = pos.saturating_add(8),
-            5 => pos = pos.saturating_add(4),
-            2 => {
-                let Ok(len) = varint::read(buf, &mut pos) else { break };
-                let end = pos.saturating_add(len as usize).min(buf.len());
-                let payload = &buf[pos..end];
-                pos = end;
-                let slot = usize::try_from(field).ok().filter(|f| *f < 16);
-                match child(msg, field) {
-                    Child::Message(m, is_repeated) => {
-                        cost = cost.saturating_add(message_cost(m, payload));
-                        if is_repeated && let Some(f) = slot {
-                            repeated[f] = (repeated[f].0 + 1, size_of(m));
-                        }
-                    }
-                    Child::Bytes(is_repeated) => {
-                        cost = cost.saturating_add(payload.len() + ALLOCATION_OVERHEAD);
-                        if is_repeated && let Some(f) = slot {
-                            repeated[f] = (repeated[f].0 + 1, std::mem::size_of::<String>());
-                        }
-                    }
-                }
-            }
-            _ => return cost.saturating_add(buf.len()),
-        }
-    }
-    for (count, element) in repeated {
-        if count > 0 {
-            let capacity = count.next_power_of_two().max(4);
-            cost = cost.saturating_add(capacity.saturating_mul(element) + ALLOCATION_OVERHEAD);
-        }
-    }
-    cost
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pipeline::wire::testdata;
-
-    /// The estimate bounds what prost's decoded form holds, counted field by field, on
-    /// realistic and on hostile shapes (many empty elements where the schema repeats).
-    #[test]
-    fn estimate_bounds_the_decoded_size() {
-        let mut shapes = vec![testdata::resource_spans("svc", 1, 3, 50)];
-        let mut hostile = testdata::resource_spans("svc", 1, 1, 0);
-        hostile.scope_spans[0].spans = vec![Span::default(); 10_000];
-        shapes.push(hostile);
-        let mut attrs = testdata::resource_spans("svc", 1, 1, 1);
-        attrs.scope_spans[0].spans[0].attributes = vec![KeyValue::default(); 10_000];
-        shapes.push(attrs);
-        for rs in shapes {
-            let record = wire::encode_record(&rs);
-            let estimate = decoded_estimate(&record);
-            let held = heap_of(&rs);
-            assert!(estimate >= held, "{estimate} < {held}");
-            assert!(estimate <= 8 * held.max(record.len()) + 4096, "{estimate} for {held}");
-        }
-    }
-
-    /// The heap a decoded ResourceSpans holds, with Vecs at their exact length (a lower bound of
-    /// what prost allocated).
-    fn heap_of(rs: &ResourceSpans) -> usize {
-        use std::mem::size_of;
-        let kvs = |a: &[KeyValue]| std::mem::size_of_val(a) + a.iter().map(|kv| kv.key.len()).sum::<usize>();
-        let mut total = rs.scope_spans.len() * size_of::<ScopeSpans>();
-        total += rs.resource.as_ref().map_or(0, |r| kvs(&r.attributes));
-        for ss in &rs.scope_spans {
-            total += ss.spans.len() * size_of::<Span>();
-            for s in &ss.spans {
-                total += kvs(&s.attributes) + s.name.len() + s.trace_id.len() + s.span_id.len();
-            }
-        }
-        total
-    }
-
-    #[test]
-    fn a_malformed_record_is_bounded_by_its_length() {
-        for bytes in [&b""[..], &[0x0a], &[0x0a, 0x05, 0xff], &[0x0a, 0x02, 0x12, 0x7f]] {
-            assert!(decoded_estimate(bytes) < 4096);
-        }
-    }
 }

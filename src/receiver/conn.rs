@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ProtocolConfig;
 use crate::supervise::LockUnpoisoned;
-use crate::telemetry::{Health, Metrics, ReceiverLabels, RefusedLabels};
+use crate::telemetry::{Health, Metrics, ReceiverLabels};
 
 /// The most connections per listener by default; lowered when the open-file limit is low.
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -237,30 +237,6 @@ impl Drop for InFlight {
         *self.0.last_done.lock_unpoisoned() = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Counts a connection the receiver closed on its client.
-pub(crate) fn count_closed(metrics: &Metrics, labels: &ReceiverLabels, reason: &str) {
-    metrics
-        .receiver_connections_closed
-        .get_or_create(&RefusedLabels {
-            receiver: labels.receiver.clone(),
-            transport: labels.transport.clone(),
-            reason: reason.to_string(),
-        })
-        .inc();
-}
-
-/// Counts a connection closed at accept.
-pub(crate) fn count_refused(metrics: &Metrics, labels: &ReceiverLabels, reason: &str) {
-    metrics
-        .receiver_connections_refused
-        .get_or_create(&RefusedLabels {
-            receiver: labels.receiver.clone(),
-            transport: labels.transport.clone(),
-            reason: reason.to_string(),
-        })
-        .inc();
 }
 
 /// Whether a connection ended on hyper's header read timeout.

@@ -13,7 +13,6 @@ use tonic::server::{Grpc, UnaryService};
 use tonic::{Request, Response, Status};
 
 use super::body::{BodyFault, BudgetedBody, parse_off_worker};
-use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_context, request_routing};
 use crate::otlp::GRPC_EXPORT_PATH;
 use crate::otlp::codec::RawCodec;
@@ -112,7 +111,7 @@ pub(crate) async fn handle(
     let fault = *fault.lock_unpoisoned();
     if let Some(fault) = fault {
         if matches!(fault, BodyFault::TimedOut(_)) {
-            count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");
+            ctx.handles.connections_closed.inc_by("body_timeout", 1);
         }
         return ReceiveError::from(fault).to_grpc().into_http();
     }

@@ -10,7 +10,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess
 use prost::Message;
 
 use super::body::{parse_off_worker, read_http_body};
-use super::conn::count_closed;
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_context, request_routing};
 use crate::otlp::compress::{self, DecompressError, Deflate};
 use crate::otlp::{Encoding, HTTP_TRACES_PATH};
@@ -123,7 +122,7 @@ pub(crate) async fn handle(
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        count_closed(&ctx.metrics, &ctx.labels(), "body_timeout");
+        ctx.handles.connections_closed.inc_by("body_timeout", 1);
     } else if !response.status().is_success() {
         discard_refused(&mut body, declared).await;
     }

@@ -27,7 +27,7 @@ use crate::pipeline::Intake;
 use crate::supervise::LockUnpoisoned;
 use crate::telemetry::{Health, Metrics, ReceiverLabels};
 use crate::tls::{PeerIdentity, ServerTls};
-use conn::{Activity, Slot, Slots, count_closed, count_refused, is_header_timeout};
+use conn::{Activity, Slot, Slots, is_header_timeout};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,7 +122,6 @@ pub(crate) async fn serve(
     grace: Duration,
 ) {
     let component = format!("{}-{}", ctx.receiver, ctx.transport);
-    let labels = ctx.labels();
     let settings = ctx.connections.clone();
     if let Some(limit) = crate::net::open_files_limit()
         && settings.max_connections as u64 >= limit
@@ -139,7 +138,7 @@ pub(crate) async fn serve(
         settings.max_connections,
         ctx.health.clone(),
         &ctx.metrics,
-        labels.clone(),
+        ctx.labels(),
     );
     let tracker = TaskTracker::new();
     let builder = settings.builder();
@@ -156,7 +155,7 @@ pub(crate) async fn serve(
         };
         let Some(slot) = slots.try_take() else {
             drop(stream);
-            count_refused(&ctx.metrics, &labels, "max_connections");
+            ctx.handles.connections_refused.inc_by("max_connections", 1);
             if let Some(suppressed) = at_limit_warn.due() {
                 tracing::warn!(
                     component = %component,
@@ -173,7 +172,6 @@ pub(crate) async fn serve(
         let builder = builder.clone();
         let stop = stop.clone();
         let component = component.clone();
-        let labels = labels.clone();
         let handshake_log = handshake_log.clone();
         tracker.spawn(async move {
             match tls {
@@ -190,7 +188,7 @@ pub(crate) async fn serve(
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            count_closed(&ctx.metrics, &labels, "handshake_failed");
+                            ctx.handles.connections_closed.inc_by("handshake_failed", 1);
                             let due = handshake_log.lock_unpoisoned().due();
                             if let Some(suppressed) = due {
                                 tracing::warn!(component = %component, %remote, error = %e, suppressed, "TLS handshake failed (logged once per interval; `suppressed` since the last line)");
@@ -198,7 +196,7 @@ pub(crate) async fn serve(
                             return;
                         }
                         Err(_) => {
-                            count_closed(&ctx.metrics, &labels, "handshake_timeout");
+                            ctx.handles.connections_closed.inc_by("handshake_timeout", 1);
                             let due = handshake_log.lock_unpoisoned().due();
                             if let Some(suppressed) = due {
                                 tracing::warn!(component = %component, %remote, suppressed, "TLS handshake timed out (logged once per interval)");
@@ -278,7 +276,7 @@ async fn serve_connection<S>(
                     && !counted
                     && is_header_timeout(e.as_ref())
                 {
-                    count_closed(&ctx.metrics, &ctx.labels(), "header_timeout");
+                    ctx.handles.connections_closed.inc_by("header_timeout", 1);
                 }
                 break;
             }
@@ -292,7 +290,7 @@ async fn serve_connection<S>(
                 match activity.idle_since() {
                     Some(since) if since.elapsed() >= idle => {
                         let reason = if activity.had_request() { "idle_timeout" } else { "header_timeout" };
-                        count_closed(&ctx.metrics, &ctx.labels(), reason);
+                        ctx.handles.connections_closed.inc_by(reason, 1);
                         counted = true;
                         conn.as_mut().graceful_shutdown();
                         deadline = Some(Box::pin(tokio::time::sleep(conn::CLOSE_GRACE)));

@@ -511,6 +511,7 @@ pub fn record_to_routed(record: proto::Record, segment: Option<u64>) -> Routed {
                 bytes: Bytes::from(record.payload),
                 spans: record.spans as usize,
                 experiment: None,
+                names: None,
             },
             charge: None,
             origin: segment,

@@ -27,6 +27,7 @@ fn routed(n: usize, experiment: &str) -> Vec<Routed> {
                     bytes: Bytes::from(vec![i as u8; 1000]),
                     spans: 10,
                     experiment: None,
+                    names: None,
                 },
                 charge: None,
                 origin: None,

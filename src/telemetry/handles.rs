@@ -47,6 +47,10 @@ pub(crate) struct ReceiverHandles {
     pub(crate) accepted: Counter,
     pub(crate) refused: ReasonCounters,
     pub(crate) failed: Counter,
+    /// Connections closed at accept, by reason.
+    pub(crate) connections_refused: ReasonCounters,
+    /// Connections the receiver closed on its client, by reason.
+    pub(crate) connections_closed: ReasonCounters,
 }
 
 /// One exporter's metrics, registered once; the shutdown accounting reads these.

@@ -475,39 +475,32 @@ impl Metrics {
             receiver: id.to_string(),
             transport: transport.to_string(),
         };
-        let family = self.receiver_refused_spans.clone();
-        let base = labels.clone();
-        let refused = ReasonCounters::new(
-            Box::new(move |reason| {
-                family
-                    .get_or_create(&RefusedLabels {
-                        receiver: base.receiver.clone(),
-                        transport: base.transport.clone(),
-                        reason: reason.to_string(),
-                    })
-                    .clone()
-            }),
-            &RECEIVER_REFUSALS,
-        );
+        let by_reason = |family: &CounterFamily<RefusedLabels>, known: &[&str]| {
+            let family = family.clone();
+            let base = labels.clone();
+            ReasonCounters::new(
+                Box::new(move |reason| {
+                    family
+                        .get_or_create(&RefusedLabels {
+                            receiver: base.receiver.clone(),
+                            transport: base.transport.clone(),
+                            reason: reason.to_string(),
+                        })
+                        .clone()
+                }),
+                known,
+            )
+        };
         drop(self.receiver_open_connections.get_or_create(&labels));
-        for (family, reasons) in [
-            (&self.receiver_connections_closed, &CONNECTIONS_CLOSED[..]),
-            (&self.receiver_connections_refused, &CONNECTIONS_REFUSED[..]),
-        ] {
-            for reason in reasons {
-                drop(family.get_or_create(&RefusedLabels {
-                    receiver: labels.receiver.clone(),
-                    transport: labels.transport.clone(),
-                    reason: reason.to_string(),
-                }));
-            }
-        }
         let h = Arc::new(ReceiverHandles {
             receiver: id.to_string(),
             transport,
             accepted: self.receiver_accepted_spans.get_or_create(&labels).clone(),
-            refused,
+            refused: by_reason(&self.receiver_refused_spans, &RECEIVER_REFUSALS),
             failed: self.flow.receiver_failed_spans.get_or_create(&labels).clone(),
+            // Known reasons are registered here, so their series exist at zero from start.
+            connections_refused: by_reason(&self.receiver_connections_refused, &CONNECTIONS_REFUSED),
+            connections_closed: by_reason(&self.receiver_connections_closed, &CONNECTIONS_CLOSED),
         });
         receivers.push(h.clone());
         h

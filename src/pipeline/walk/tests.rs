@@ -353,5 +353,66 @@ fn deep_nesting_is_refused() {
         prost::encoding::encode_varint(array.len() as u64, &mut value);
         value.extend_from_slice(&array);
     }
-    assert!(any_value(&value, 6, Place::Span).is_err());
+    assert!(any_value::<()>(&value, 6, Place::Span).is_err());
+}
+
+/// The MLflow names the walk reads on its way are what `otlp::routing` reads from the record
+/// (which the exporter routes by), whatever the values' types and repetitions, and with the
+/// resource split over repeated `resource` fields (protobuf merges them).
+#[test]
+fn routing_names_are_read_as_routing_reads_them() {
+    use crate::otlp::routing::{EXPERIMENT_NAME_ATTRIBUTE, RUN_ID_ATTRIBUTE, WORKSPACE_ATTRIBUTE, resource_routing};
+    let value = |v: Option<Value>| Some(AnyValue { value: v });
+    let values = [
+        value(Some(Value::StringValue("r1".into()))),
+        value(Some(Value::StringValue("  padded ".into()))),
+        value(Some(Value::StringValue(String::new()))),
+        value(Some(Value::IntValue(5))),
+        value(Some(Value::BoolValue(true))),
+        value(None),
+        None,
+    ];
+    let keys = [
+        EXPERIMENT_NAME_ATTRIBUTE,
+        RUN_ID_ATTRIBUTE,
+        WORKSPACE_ATTRIBUTE,
+        "mlflow.other",
+    ];
+    let mut checked = 0;
+    let mut named = 0;
+    for (i, key) in keys.iter().enumerate() {
+        for (a, first) in values.iter().enumerate() {
+            for second in values.iter().chain([&None]).skip(a % 3) {
+                let attr = |v: &Option<AnyValue>| KeyValue {
+                    key: (*key).into(),
+                    value: v.clone(),
+                    ..Default::default()
+                };
+                let other = testdata::kv(keys[(i + 1) % keys.len()], "x");
+                let mut rs = testdata::resource_spans("svc", 0, 1, 1);
+                let resource = rs.resource.as_mut().unwrap();
+                resource.attributes.extend([attr(first), other]);
+                // The second value in a resource field of its own, after the spans.
+                let mut message = rs.encode_to_vec();
+                let more = Resource {
+                    attributes: vec![attr(second)],
+                    ..Default::default()
+                };
+                prost::encoding::message::encode(1, &more, &mut message);
+                let mut body = Vec::new();
+                prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut body);
+                prost::encoding::encode_varint(message.len() as u64, &mut body);
+                body.extend_from_slice(&message);
+                let walked = request(&body).unwrap().remove(0).names;
+                assert_eq!(
+                    walked,
+                    resource_routing(&body, "").names(),
+                    "{key} {first:?} {second:?}"
+                );
+                checked += 1;
+                named += usize::from(walked.is_some());
+            }
+        }
+    }
+    assert!(checked > 100 && named > 20, "{checked} {named}");
 }

@@ -27,8 +27,12 @@ pub fn parse_json_within<B: DecodeBudget>(body: &[u8], budget: &mut B) -> Result
     for rs in request.resource_spans {
         parsed.add(rs);
     }
-    for chunk in &parsed.chunks {
-        super::walk::request(&chunk.bytes)?;
+    for chunk in &mut parsed.chunks {
+        // One record: the resource's routing names are read here, by the same rule as for a
+        // protobuf request (the experiment id is read above, from the decoded request).
+        for record in super::walk::request(&chunk.bytes)? {
+            chunk.names = record.names;
+        }
     }
     Ok(parsed)
 }
@@ -144,6 +148,7 @@ impl ParsedRequest {
             bytes,
             spans,
             experiment,
+            names: None,
         });
     }
 }

@@ -62,6 +62,7 @@ pub(crate) fn split_chunk_pieces(
             bytes: Bytes::from(bytes),
             spans,
             experiment: chunk.experiment.clone(),
+            names: chunk.names.clone(),
         })
         .collect())
 }

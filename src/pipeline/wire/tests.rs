@@ -589,6 +589,7 @@ fn split_keeps_unknown_fields() {
         bytes: Bytes::from(record),
         spans: 4,
         experiment: None,
+        names: None,
     };
     let pieces = split_chunk_pieces(&chunk, 1, 2).unwrap();
     assert_eq!(pieces.iter().map(|p| p.spans).collect::<Vec<_>>(), vec![1, 2, 1]);
@@ -615,6 +616,7 @@ fn split_refuses_to_multiply_a_large_resource() {
         bytes: encode_record(&rs),
         spans: 300,
         experiment: None,
+        names: None,
     };
     assert!(matches!(
         split_chunk_pieces(&chunk, 10, 10),
@@ -652,6 +654,7 @@ fn split_refuses_what_it_cannot_split() {
         bytes,
         spans,
         experiment: None,
+        names: None,
     };
     for (bytes, spans) in [
         (Bytes::from_static(b"\x0a\x05\x01"), 4),
@@ -709,6 +712,7 @@ fn pieces_have_the_asked_sizes_and_every_span_once() {
         bytes: encode_record(&rs),
         spans: 21,
         experiment: Some("5".into()),
+        names: None,
     };
     let pieces = split_chunk_pieces(&chunk, 2, 4).unwrap();
     assert_eq!(
@@ -744,6 +748,7 @@ fn split_keeps_every_span_once() {
         bytes: encode_record(&rs),
         spans: 12,
         experiment: None,
+        names: None,
     };
     for first in 1..12 {
         let (head, tail) = split_chunk(&chunk, first).unwrap();

@@ -1,0 +1,120 @@
+//! What a ResourceSpans record takes once prost decodes it: the schema walk, tallying the heap
+//! of every message it validates. The processors charge this to a request's memory budget
+//! before they decode a record.
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+
+use super::{Reader, Tally, Wire, resource_spans};
+
+/// What the allocator takes per allocation beyond its bytes, at least.
+const ALLOCATION_OVERHEAD: usize = 32;
+
+/// The repeated fields a message can have, by number (OTLP's are all below this).
+const FIELDS: usize = 16;
+
+/// The heap one decoded message takes (not its own inline size): every string and bytes field
+/// an allocation of its own, every child's heap, and every repeated field a Vec that grew by
+/// doubling (so up to twice its elements, at least four).
+#[derive(Default)]
+struct Heap {
+    cost: usize,
+    /// Elements and their inline size, per repeated field number.
+    repeated: [(usize, usize); FIELDS],
+}
+
+impl Tally for Heap {
+    type Cost = usize;
+
+    fn bytes(&mut self, len: usize) {
+        self.cost = self.cost.saturating_add(len.saturating_add(ALLOCATION_OVERHEAD));
+    }
+
+    fn element(&mut self, field: u64, size: usize) {
+        if let Some(slot) = usize::try_from(field).ok().and_then(|f| self.repeated.get_mut(f)) {
+            *slot = (slot.0 + 1, size);
+        }
+    }
+
+    fn child(&mut self, cost: usize) {
+        self.cost = self.cost.saturating_add(cost);
+    }
+
+    fn cost(self) -> usize {
+        let mut cost = self.cost;
+        for (count, element) in self.repeated {
+            if count > 0 {
+                let capacity = count.next_power_of_two().max(4);
+                cost = cost.saturating_add(capacity.saturating_mul(element).saturating_add(ALLOCATION_OVERHEAD));
+            }
+        }
+        cost
+    }
+}
+
+/// An upper bound of the memory prost takes to decode one ResourceSpans record (a field-1
+/// record, as the pipeline holds it), and the processors' working copy of it. Known message
+/// fields are followed by the schema; anything else is counted as bytes, which is all prost
+/// keeps of it. The record passed the receiver's walk, so it is well formed; one that does not
+/// pass it now is counted by its length (prost refuses it next).
+pub(crate) fn decoded_estimate(record: &[u8]) -> usize {
+    let heap = match Reader::new(record).field() {
+        Ok(Some((_, Wire::Len(message)))) => resource_spans::<Heap>(message).map_or(record.len(), |(_, cost)| cost),
+        _ => record.len(),
+    };
+    // Twice: the decoded record and the growth while statements edit it (attribute values set
+    // from others, kvlists built), which a statement list cannot make larger than the record.
+    std::mem::size_of::<ResourceSpans>()
+        .saturating_add(heap)
+        .saturating_mul(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::testdata;
+    use crate::pipeline::wire::encode_record;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span};
+
+    /// The estimate bounds what prost's decoded form holds, counted field by field, on
+    /// realistic and on hostile shapes (many empty elements where the schema repeats).
+    #[test]
+    fn estimate_bounds_the_decoded_size() {
+        let mut shapes = vec![testdata::resource_spans("svc", 1, 3, 50)];
+        let mut hostile = testdata::resource_spans("svc", 1, 1, 0);
+        hostile.scope_spans[0].spans = vec![Span::default(); 10_000];
+        shapes.push(hostile);
+        let mut attrs = testdata::resource_spans("svc", 1, 1, 1);
+        attrs.scope_spans[0].spans[0].attributes = vec![KeyValue::default(); 10_000];
+        shapes.push(attrs);
+        for rs in shapes {
+            let record = encode_record(&rs);
+            let estimate = decoded_estimate(&record);
+            let held = heap_of(&rs);
+            assert!(estimate >= held, "{estimate} < {held}");
+            assert!(estimate <= 8 * held.max(record.len()) + 4096, "{estimate} for {held}");
+        }
+    }
+
+    /// The heap a decoded ResourceSpans holds, with Vecs at their exact length (a lower bound of
+    /// what prost allocated).
+    fn heap_of(rs: &ResourceSpans) -> usize {
+        use std::mem::size_of;
+        let kvs = |a: &[KeyValue]| std::mem::size_of_val(a) + a.iter().map(|kv| kv.key.len()).sum::<usize>();
+        let mut total = rs.scope_spans.len() * size_of::<ScopeSpans>();
+        total += rs.resource.as_ref().map_or(0, |r| kvs(&r.attributes));
+        for ss in &rs.scope_spans {
+            total += ss.spans.len() * size_of::<Span>();
+            for s in &ss.spans {
+                total += kvs(&s.attributes) + s.name.len() + s.trace_id.len() + s.span_id.len();
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn a_malformed_record_is_bounded_by_its_length() {
+        for bytes in [&b""[..], &[0x0a], &[0x0a, 0x05, 0xff], &[0x0a, 0x02, 0x12, 0x7f]] {
+            assert!(decoded_estimate(bytes) < 4096);
+        }
+    }
+}
