@@ -291,8 +291,12 @@ fn many_traces_for_one_run_are_all_linked(mlflow: &Mlflow, relay: &Relay) {
     support::wait_for("150 traces stored", Duration::from_secs(60), || {
         (mlflow.search_traces(&many).len() == 150).then_some(())
     });
-    let linked = search(mlflow, &many, &format!("metadata.`mlflow.sourceRun` = '{run3}'"));
-    assert_eq!(linked.len(), 150);
+    // MLflow links a request's traces after it stored their spans: a trace can be found before
+    // its link is, so the links are polled too (with the same deadline, so a missing one fails).
+    let filter = format!("metadata.`mlflow.sourceRun` = '{run3}'");
+    support::wait_for("150 traces linked to the run", Duration::from_secs(60), || {
+        (search(mlflow, &many, &filter).len() == 150).then_some(())
+    });
 }
 
 /// Good traces and one MLflow refuses, in one request: MLflow stores every good trace, the bad

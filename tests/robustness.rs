@@ -1,5 +1,5 @@
 //! Hostile requests against the relay as a real process on the repo's own config.yaml
-//! (send_batch_max_size 2048): deep nesting and overflowing varints in requests big enough to
+//! (groupbytrace, then send_batch_max_size 2048): deep nesting and overflowing varints in requests big enough to
 //! be split are refused with 400 and the pipeline goes on delivering; a gRPC unary call with two
 //! messages is INVALID_ARGUMENT.
 mod support;
@@ -70,13 +70,21 @@ fn span(n: u64) -> Span {
     }
 }
 
-/// `count` spans in one ResourceSpans, ids from `first`: over 2048 forces the batcher to split.
+/// `count` spans of one trace in one ResourceSpans, span ids from `first`: over 2048 forces the
+/// batcher to split. One trace, because config.yaml groups by trace: spans of many traces would
+/// reach the batcher as small whole traces and never be split.
 fn request(first: u64, count: u64) -> ExportTraceServiceRequest {
+    let trace_id = span(first).trace_id;
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource::default()),
             scope_spans: vec![ScopeSpans {
-                spans: (first..first + count).map(span).collect(),
+                spans: (first..first + count)
+                    .map(|n| Span {
+                        trace_id: trace_id.clone(),
+                        ..span(n)
+                    })
+                    .collect(),
                 ..Default::default()
             }],
             ..Default::default()
