@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::config::RelayConfig;
-use support::otlp::{Relay, Sink};
+use support::otlp::{Relay, Sink, spans_request};
 use support::{http, wait_for};
 
 const T: Duration = Duration::from_secs(30);
@@ -159,31 +159,6 @@ fn config(endpoint: &str, exporter_extra: Value, storage: Option<&std::path::Pat
             );
     }
     config.yaml()
-}
-
-/// `n` spans with ids unique to `tag`, as one OTLP/HTTP protobuf request.
-fn spans_request(tag: u8, n: usize) -> Vec<u8> {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-    use prost::Message;
-    let spans = (0..n)
-        .map(|i| Span {
-            trace_id: vec![tag; 16],
-            span_id: (i as u64 + 1).to_be_bytes().to_vec(),
-            name: format!("op-{i}"),
-            ..Default::default()
-        })
-        .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
 }
 
 fn post(relay: &Relay, body: &[u8]) -> u16 {

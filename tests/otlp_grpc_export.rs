@@ -15,35 +15,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use serde_json::{Value, json};
 use support::config::RelayConfig;
-use support::otlp::{Relay, Sink, stats};
+use support::otlp::{Relay, Sink, spans_request, stats};
 use support::pki::Ca;
 use support::{Proc, http, restartable_port, wait_for, write_file};
 
 const T: Duration = Duration::from_secs(30);
-
-/// `n` spans with ids unique to `tag`, as one OTLP/HTTP protobuf request.
-fn spans_request(tag: u8, n: usize) -> Vec<u8> {
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-    use prost::Message;
-    let spans = (0..n)
-        .map(|i| Span {
-            trace_id: vec![tag; 16],
-            span_id: (i as u64 + 1).to_be_bytes().to_vec(),
-            name: format!("op-{i}"),
-            ..Default::default()
-        })
-        .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
-}
 
 fn post(relay: &Relay, body: &[u8]) {
     let (status, answer) = http(

@@ -187,17 +187,8 @@ processors:
 exporters: {debug: {}}
 service: {pipelines: {traces: {receivers: [otlp], processors: [transform, filter, resource], exporters: [debug]}}}
 "#;
-    let path = support::write_file(dir.path(), "config.yaml", config);
-    let out = std::process::Command::new(support::bin())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text) = support::check_config(dir.path(), config);
+    assert_eq!(code, Some(1), "{text}");
     for expected in [
         "processors.transform.trace_statements[0]: column",
         "processors.filter.traces.span[0]: column",
@@ -321,17 +312,8 @@ processors:
 exporters: {otlphttp: {endpoint: "http://mlflow:5000"}}
 service: {pipelines: {traces: {receivers: [otlp], processors: [k8sattributes, tail_sampling, spanmetrics, batch], exporters: [otlphttp]}}}
 "#;
-    let path = support::write_file(dir.path(), "config.yaml", config);
-    let out = std::process::Command::new(support::bin())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text) = support::check_config(dir.path(), config);
+    assert_eq!(code, Some(1), "{text}");
     for expected in [
         "processors.tail_sampling: the \"tail_sampling\" processor is not supported by this relay; for a decision per whole trace by trace id use probabilistic_sampler",
         "processors.k8sattributes: the \"k8sattributes\" processor is not supported by this relay; set the resource attributes with the resource processor (values from ${env:VAR}",

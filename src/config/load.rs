@@ -171,7 +171,33 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
     };
     let mut config = Config::default();
 
-    for (id, v) in section(&mut top, "receivers", errors) {
+    receivers(section(&mut top, "receivers", errors), &mut config, errors);
+    processors(section(&mut top, "processors", errors), &mut config, errors);
+    exporters(section(&mut top, "exporters", errors), &mut config, errors);
+    extensions(section(&mut top, "extensions", errors), &mut config, errors);
+    if let Some(v) = top.remove("service") {
+        if let Some(s) = typed::<ServiceConfig>(v, "service", errors) {
+            config.service = s;
+        }
+    } else {
+        errors.push(ConfigError::new(
+            "service",
+            "missing: a configuration needs service.pipelines",
+        ));
+    }
+    for key in top.keys() {
+        let msg = match key.as_str() {
+            "connectors" => "connectors are not supported: keep an OpenTelemetry Collector for them".to_string(),
+            _ => "unknown top-level key (expected receivers, processors, exporters, extensions, service)".to_string(),
+        };
+        errors.push(ConfigError::new(key.clone(), msg));
+    }
+    config
+}
+
+/// Each receiver by its type.
+fn receivers(components: Vec<(String, Value)>, config: &mut Config, errors: &mut Vec<ConfigError>) {
+    for (id, v) in components {
         let path = join("receivers", &id);
         match component_type(&id) {
             "otlp" => {
@@ -182,7 +208,11 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
             other => unsupported(&path, "receiver", other, "otlp", errors),
         }
     }
-    for (id, v) in section(&mut top, "processors", errors) {
+}
+
+/// Each processor by its type: ours, then the registered span processors.
+fn processors(components: Vec<(String, Value)>, config: &mut Config, errors: &mut Vec<ConfigError>) {
+    for (id, v) in components {
         let path = join("processors", &id);
         match component_type(&id) {
             "batch" => {
@@ -218,7 +248,11 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
             },
         }
     }
-    for (id, v) in section(&mut top, "exporters", errors) {
+}
+
+/// Each exporter by its type.
+fn exporters(components: Vec<(String, Value)>, config: &mut Config, errors: &mut Vec<ConfigError>) {
+    for (id, v) in components {
         let path = join("exporters", &id);
         match component_type(&id) {
             // otlp_http: the collector's canonical name since v0.144.
@@ -247,7 +281,11 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
             ),
         }
     }
-    for (id, v) in section(&mut top, "extensions", errors) {
+}
+
+/// Each extension by its type.
+fn extensions(components: Vec<(String, Value)>, config: &mut Config, errors: &mut Vec<ConfigError>) {
+    for (id, v) in components {
         let path = join("extensions", &id);
         match component_type(&id) {
             "health_check" => {
@@ -284,24 +322,6 @@ fn build(root: Value, errors: &mut Vec<ConfigError>) -> Config {
             ),
         }
     }
-    if let Some(v) = top.remove("service") {
-        if let Some(s) = typed::<ServiceConfig>(v, "service", errors) {
-            config.service = s;
-        }
-    } else {
-        errors.push(ConfigError::new(
-            "service",
-            "missing: a configuration needs service.pipelines",
-        ));
-    }
-    for key in top.keys() {
-        let msg = match key.as_str() {
-            "connectors" => "connectors are not supported: keep an OpenTelemetry Collector for them".to_string(),
-            _ => "unknown top-level key (expected receivers, processors, exporters, extensions, service)".to_string(),
-        };
-        errors.push(ConfigError::new(key.clone(), msg));
-    }
-    config
 }
 
 #[cfg(test)]

@@ -403,3 +403,18 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// `otlp-relay check` on `config`, written to `dir`: its exit code and its stdout and stderr.
+pub fn check_config(dir: &Path, config: &str) -> (Option<i32>, String) {
+    let path = write_file(dir, "config.yaml", config);
+    let out = Command::new(bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}

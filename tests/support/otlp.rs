@@ -166,3 +166,28 @@ pub fn one_span_request(name: &str) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+/// `n` spans with ids unique to `tag`, as one OTLP/HTTP protobuf request.
+pub fn spans_request(tag: u8, n: usize) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+    let spans = (0..n)
+        .map(|i| Span {
+            trace_id: vec![tag; 16],
+            span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+            name: format!("op-{i}"),
+            ..Default::default()
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
