@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use serde_json::{Value, json};
-use support::config::RelayConfig;
+use support::config::{RelayConfig, merge};
 use support::otlp::{Relay, Sink, spans_request, stats};
 use support::pki::Ca;
 use support::{Proc, http, restartable_port, wait_for, write_file};
@@ -48,17 +48,6 @@ fn grpc_exporter(addr: SocketAddr, extra: Value) -> Value {
     });
     merge(&mut e, extra);
     e
-}
-
-fn merge(into: &mut Value, from: Value) {
-    match (into, from) {
-        (Value::Object(into), Value::Object(from)) => {
-            for (k, v) in from {
-                merge(into.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (into, from) => *into = from,
-    }
 }
 
 fn sent(relay: &Relay, exporter: &str) -> f64 {

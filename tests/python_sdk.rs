@@ -92,11 +92,7 @@ service:
             .arg("100")
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = support::output_text(&out);
         assert!(
             out.status.success() && text.contains("flushed"),
             "{mode}: {text}\nrelay:\n{}",

@@ -142,7 +142,7 @@ impl RelayConfig {
 }
 
 /// `from` merged into `into`: objects key by key (recursively), anything else replaced.
-fn merge(into: &mut Value, from: Value) {
+pub fn merge(into: &mut Value, from: Value) {
     match (into, from) {
         (Value::Object(into), Value::Object(from)) => {
             for (k, v) in from {

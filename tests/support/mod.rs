@@ -411,10 +411,14 @@ pub fn check_config(dir: &Path, config: &str) -> (Option<i32>, String) {
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
-    let text = format!(
+    (out.status.code(), output_text(&out))
+}
+
+/// A finished command's stdout followed by its stderr, as text.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    )
 }
