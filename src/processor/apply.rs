@@ -226,8 +226,10 @@ pub(crate) fn decoded_estimate(record: &[u8]) -> usize {
 /// The heap a message of type `msg` encoded in `buf` takes (not its own inline size).
 fn message_cost(msg: Msg, buf: &[u8]) -> usize {
     let mut cost = 0usize;
-    // Elements per repeated field of this message, by field number (OTLP's are all below 16).
-    let mut repeated = [(0usize, 0usize); 16];
+    // Elements per repeated field of this message, by field number (OTLP's are all below 16);
+    // `seen` marks the fields counted, so a leaf message (most are) skips the tally below.
+    let mut repeated = [0usize; 16];
+    let mut seen = 0u16;
     let mut pos = 0;
     while pos < buf.len() {
         let Ok(key) = varint::read(buf, &mut pos) else {
@@ -252,13 +254,15 @@ fn message_cost(msg: Msg, buf: &[u8]) -> usize {
                     Child::Message(m, is_repeated) => {
                         cost = cost.saturating_add(message_cost(m, payload));
                         if is_repeated && let Some(f) = slot {
-                            repeated[f] = (repeated[f].0 + 1, size_of(m));
+                            repeated[f] += 1;
+                            seen |= 1 << f;
                         }
                     }
                     Child::Bytes(is_repeated) => {
                         cost = cost.saturating_add(payload.len() + ALLOCATION_OVERHEAD);
                         if is_repeated && let Some(f) = slot {
-                            repeated[f] = (repeated[f].0 + 1, std::mem::size_of::<String>());
+                            repeated[f] += 1;
+                            seen |= 1 << f;
                         }
                     }
                 }
@@ -266,11 +270,15 @@ fn message_cost(msg: Msg, buf: &[u8]) -> usize {
             _ => return cost.saturating_add(buf.len()),
         }
     }
-    for (count, element) in repeated {
-        if count > 0 {
-            let capacity = count.next_power_of_two().max(4);
-            cost = cost.saturating_add(capacity.saturating_mul(element) + ALLOCATION_OVERHEAD);
-        }
+    while seen != 0 {
+        let f = seen.trailing_zeros() as usize;
+        seen &= seen - 1;
+        let element = match child(msg, f as u64) {
+            Child::Message(m, _) => size_of(m),
+            Child::Bytes(_) => std::mem::size_of::<String>(),
+        };
+        let capacity = repeated[f].next_power_of_two().max(4);
+        cost = cost.saturating_add(capacity.saturating_mul(element) + ALLOCATION_OVERHEAD);
     }
     cost
 }
