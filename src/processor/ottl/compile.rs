@@ -69,7 +69,7 @@ const SPAN_FIELDS: &[&str] = &[
     "status",
 ];
 
-pub(crate) fn compile(statement: Statement) -> Result<Compiled, CompileError> {
+pub(crate) fn compile(mut statement: Statement) -> Result<Compiled, CompileError> {
     let call = &statement.editor;
     check_arity(call, EDITORS, "editor")?;
     let mut patterns = Patterns::new();
@@ -102,6 +102,13 @@ pub(crate) fn compile(statement: Statement) -> Result<Compiled, CompileError> {
             "merge_maps: strategy must be \"insert\", \"update\" or \"upsert\"".into(),
         ));
     }
+    // After the checks, so their errors keep their order; every path resolved there already.
+    for arg in &mut statement.editor.args {
+        place_expr(&mut arg.value)?;
+    }
+    if let Some(condition) = &mut statement.condition {
+        place_condition(condition)?;
+    }
     Ok(Compiled {
         statement,
         regexes,
@@ -110,9 +117,10 @@ pub(crate) fn compile(statement: Statement) -> Result<Compiled, CompileError> {
 }
 
 /// A condition alone (the `filter` processor), checked like a statement's `where`.
-pub(crate) fn compile_condition(condition: Condition) -> Result<(Condition, Patterns), CompileError> {
+pub(crate) fn compile_condition(mut condition: Condition) -> Result<(Condition, Patterns), CompileError> {
     let mut patterns = Patterns::new();
     check_condition(&condition, &mut patterns)?;
+    place_condition(&mut condition)?;
     Ok((condition, patterns))
 }
 
@@ -141,6 +149,37 @@ fn check_arity(call: &Call, table: &[(&str, usize, usize)], what: &str) -> Resul
         return Err(CompileError(format!("{} takes {min} arguments, got {n}", call.name)));
     }
     Ok(())
+}
+
+/// Resolves every path once (see [`Path::place`]); an unknown path is an error here.
+fn place_condition(condition: &mut Condition) -> Result<(), CompileError> {
+    match condition {
+        Condition::Or(terms) | Condition::And(terms) => terms.iter_mut().try_for_each(place_condition),
+        Condition::Not(inner) => place_condition(inner),
+        Condition::Const(_) => Ok(()),
+        Condition::Converter(call) => call.args.iter_mut().try_for_each(|a| place_expr(&mut a.value)),
+        Condition::Compare(left, _, right) => {
+            place_expr(left)?;
+            place_expr(right)
+        }
+    }
+}
+
+fn place_expr(expr: &mut Expr) -> Result<(), CompileError> {
+    match expr {
+        Expr::Path(path) => {
+            path.place = Some(resolve(path)?.0);
+            Ok(())
+        }
+        Expr::List(items) => items.iter_mut().try_for_each(place_expr),
+        Expr::Map(entries) => entries.iter_mut().try_for_each(|(_, v)| place_expr(v)),
+        Expr::Converter(call) => call.args.iter_mut().try_for_each(|a| place_expr(&mut a.value)),
+        Expr::Math(left, _, right) => {
+            place_expr(left)?;
+            place_expr(right)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_condition(condition: &Condition, patterns: &mut Patterns) -> Result<(), CompileError> {
@@ -192,12 +231,21 @@ pub(super) fn enum_value(name: &str) -> Result<i64, CompileError> {
 
 /// Where a path points, independent of any span.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Place {
+pub(crate) enum Place {
     Span(&'static str),
     Status(&'static str),
     Resource(&'static str),
     Scope(&'static str),
     Event(&'static str),
+}
+
+/// The place of a path as compiled, resolved now when it was not (a path evaluated without
+/// [`compile`]), and the keys after it.
+pub(super) fn place_of(path: &Path) -> Result<(Place, &[Key]), CompileError> {
+    match path.place {
+        Some(place) => Ok((place, path.fields.last().map_or(&[][..], |f| f.keys.as_slice()))),
+        None => resolve(path),
+    }
 }
 
 /// The place and the keys after it (only maps take keys).

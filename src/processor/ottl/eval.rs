@@ -8,12 +8,13 @@ use opentelemetry_proto::tonic::trace::v1::span::Event;
 use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 
 pub(crate) use super::compile::{CompileError, Compiled, Patterns, compile, compile_condition};
-use super::compile::{Place, enum_value, resolve};
+use super::compile::{Place, enum_value, place_of};
 use super::{Arg, Call, CompareOp, Condition, Expr, Key, MathOp, Path};
 
 /// A value while evaluating: OTLP's AnyValue, plus nil.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) enum Value {
+    #[default]
     Nil,
     Bool(bool),
     Int(i64),
@@ -237,7 +238,7 @@ fn path_of(expr: &Expr) -> Result<&Path, EvalError> {
 /// The attribute list a map path names, edited in place (nested keys reach into kvlists).
 fn edit_map(expr: &Expr, target: &mut SpanTarget<'_>, edit: impl FnOnce(&mut Vec<KeyValue>)) -> Result<(), EvalError> {
     let path = path_of(expr)?;
-    let (place, keys) = resolve(path).map_err(|e| EvalError::Type(e.0))?;
+    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
     let Some(mut map) = attributes_mut(place, target) else {
         return Err(EvalError::Type(format!("{place:?} is not a map")));
     };
@@ -284,7 +285,7 @@ fn attributes<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t Vec<Ke
 }
 
 fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
-    let (place, keys) = resolve(path).map_err(|e| EvalError::Type(e.0))?;
+    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
     if let Some(map) = attributes(place, target) {
         // `attributes["k"]` looks the key up rather than copying the whole map first.
         if let Some((Key::Str(first), rest)) = keys.split_first() {
@@ -354,7 +355,7 @@ fn index(value: Value, key: &Key) -> Value {
 }
 
 fn set(path: &Path, target: &mut SpanTarget<'_>, value: Value) -> Result<(), EvalError> {
-    let (place, keys) = resolve(path).map_err(|e| EvalError::Type(e.0))?;
+    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
     if let Some(map) = attributes_mut(place, target) {
         return set_in_map(map, keys, value);
     }
@@ -511,9 +512,10 @@ pub(crate) fn eval_condition(
     })
 }
 
-/// `attributes["k"] == "v"` and `attributes["k"] != nil`, the commonest `where` clauses, decided
-/// on the attribute in place: no copy of the value or the literal per span. `None` for every
-/// other comparison (evaluated as usual), with the same results as [`compare`].
+/// `attributes["k"] == "v"`, `name == "v"` and `attributes["k"] != nil`, the commonest `where`
+/// clauses and filter conditions, decided on the value in place: no copy of the value or the
+/// literal per span. `None` for every other comparison (evaluated as usual), with the same
+/// results as [`compare`].
 fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &SpanTarget<'_>) -> Option<bool> {
     if !matches!(op, CompareOp::Eq | CompareOp::Ne) {
         return None;
@@ -523,24 +525,48 @@ fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &SpanTarge
         | (literal @ (Expr::Str(_) | Expr::Nil), Expr::Path(path)) => (path, literal),
         _ => return None,
     };
-    let (place, keys) = resolve(path).ok()?;
-    let map = attributes(place, target)?;
-    let [Key::Str(key)] = keys else {
-        return None;
+    let (place, keys) = place_of(path).ok()?;
+    let value = match attributes(place, target) {
+        Some(map) => {
+            let [Key::Str(key)] = keys else {
+                return None;
+            };
+            match map
+                .iter()
+                .find(|kv| &kv.key == key)
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| v.value.as_ref())
+            {
+                // What `from_any` reads as nil, and empty bytes, which compare equal to nil.
+                None | Some(any_value::Value::StringValueStrindex(_)) => None,
+                Some(any_value::Value::BytesValue(b)) if b.is_empty() => None,
+                Some(any_value::Value::StringValue(s)) => Some(Some(s.as_str())),
+                // A non-string value is never equal to a string nor nil.
+                Some(_) => Some(None),
+            }
+        }
+        // String fields are never nil (an empty string is still a string).
+        None => Some(Some(str_field(place, target)?)),
     };
-    let value = map
-        .iter()
-        .find(|kv| &kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref());
     let equal = match (value, literal) {
         (None, Expr::Nil) => true,
         (None, _) | (Some(_), Expr::Nil) => false,
-        (Some(any_value::Value::StringValue(s)), Expr::Str(l)) => s == l,
-        // A non-string value is never equal to a string.
+        (Some(Some(s)), Expr::Str(l)) => s == l,
         (Some(_), _) => false,
     };
     Some(if matches!(op, CompareOp::Eq) { equal } else { !equal })
+}
+
+/// The string-valued fields [`get`] reads, borrowed; `None` for any other place.
+fn str_field<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t str> {
+    match place {
+        Place::Span("name") => Some(&target.span.name),
+        Place::Span("trace_state") => Some(&target.span.trace_state),
+        Place::Scope("name") => Some(&target.scope.name),
+        Place::Scope("version") => Some(&target.scope.version),
+        Place::Status("message") => Some(target.span.status.as_ref().map_or("", |s| s.message.as_str())),
+        _ => None,
+    }
 }
 
 /// The collector's comparison table: numbers compare across int and double, like types compare
@@ -661,23 +687,38 @@ fn to_json(value: &Value) -> serde_json::Value {
 }
 
 fn convert(call: &Call, target: &SpanTarget<'_>, pats: &Patterns) -> Result<Value, EvalError> {
-    let args: Vec<Value> = call
+    if call.name == "IsRootSpan" {
+        return Ok(Value::Bool(target.span.parent_span_id.is_empty()));
+    }
+    let mut args: Vec<Value> = call
         .args
         .iter()
         .map(|Arg { value, .. }| eval(value, target, pats))
         .collect::<Result<_, _>>()?;
-    let first = args.first().cloned().unwrap_or(Value::Nil);
+    // Each argument is used once, so taken out rather than copied.
+    let mut take = |i: usize| args.get_mut(i).map_or(Value::Nil, std::mem::take);
+    let first = take(0);
     Ok(match call.name.as_str() {
-        "IsRootSpan" => Value::Bool(target.span.parent_span_id.is_empty()),
         "Concat" => {
             let Value::List(items) = first else {
                 return Err(type_error("Concat: a list", &first));
             };
-            let delimiter = string_of(args[1].clone())?;
-            Value::Str(items.iter().map(stringify).collect::<Vec<_>>().join(&delimiter))
+            let delimiter = string_of(take(1))?;
+            let mut joined = String::new();
+            for (i, item) in items.into_iter().enumerate() {
+                if i > 0 {
+                    joined.push_str(&delimiter);
+                }
+                match item {
+                    Value::Str(s) if joined.is_empty() => joined = s,
+                    Value::Str(s) => joined.push_str(&s),
+                    other => joined.push_str(&stringify(&other)),
+                }
+            }
+            Value::Str(joined)
         }
         "IsMatch" => {
-            let pattern = string_of(args[1].clone())?;
+            let pattern = string_of(take(1))?;
             let compiled;
             let re = match pats.get(&pattern) {
                 Some(re) => re,

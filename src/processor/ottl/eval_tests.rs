@@ -231,6 +231,77 @@ fn comparisons_follow_the_collector_table() {
     }
 }
 
+/// Comparisons decided in place (a path against a string or nil) give what the general table
+/// gives on copied values, for every kind of value an attribute or string field holds.
+#[test]
+fn comparisons_in_place_agree_with_the_table() {
+    let mut f = Fixture::new();
+    let empty_bytes = KeyValue {
+        key: "empty_bytes".into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::BytesValue(Vec::new())),
+        }),
+        ..Default::default()
+    };
+    let no_value = KeyValue {
+        key: "no_value".into(),
+        value: Some(AnyValue { value: None }),
+        ..Default::default()
+    };
+    f.span.attributes.extend([
+        kv("str", s("chat")),
+        kv("empty", s("")),
+        kv("int", Value::Int(1)),
+        kv("bool", Value::Bool(true)),
+        kv("list", Value::List(vec![s("chat")])),
+        kv("bytes", Value::Bytes(vec![1])),
+        empty_bytes,
+        no_value,
+    ]);
+    f.span.status = Some(Status {
+        message: "chat".into(),
+        ..Default::default()
+    });
+    let paths = [
+        "attributes[\"str\"]",
+        "attributes[\"empty\"]",
+        "attributes[\"int\"]",
+        "attributes[\"bool\"]",
+        "attributes[\"list\"]",
+        "attributes[\"bytes\"]",
+        "attributes[\"empty_bytes\"]",
+        "attributes[\"no_value\"]",
+        "attributes[\"absent\"]",
+        "resource.attributes[\"service.name\"]",
+        "name",
+        "trace_state",
+        "status.message",
+        "instrumentation_scope.name",
+        "instrumentation_scope.version",
+    ];
+    for path in paths {
+        for literal in ["\"chat\"", "\"\"", "\"ChatOpenAI\"", "nil"] {
+            for op in ["==", "!="] {
+                for text in [format!("{path} {op} {literal}"), format!("{literal} {op} {path}")] {
+                    let (condition, _) = compile_condition(parse_condition(&text).unwrap()).unwrap();
+                    let Condition::Compare(left, op, right) = &condition else {
+                        panic!("{text}: not a comparison");
+                    };
+                    let target = f.target();
+                    let table = compare(
+                        &eval(left, &target, &Patterns::new()).unwrap(),
+                        *op,
+                        &eval(right, &target, &Patterns::new()).unwrap(),
+                    );
+                    let in_place = compare_in_place(left, *op, right, &target);
+                    assert!(in_place.is_some(), "{text}: decided in place");
+                    assert_eq!(in_place, Some(table), "{text}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn runtime_errors_are_errors_not_panics() {
     let mut f = Fixture::new();

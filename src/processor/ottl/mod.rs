@@ -39,6 +39,9 @@ pub(crate) enum Key {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Path {
     pub(crate) fields: Vec<Field>,
+    /// Where the path points, filled in when its statement or condition is compiled, so that
+    /// evaluation does not resolve the names again for every span; `None` from the parser.
+    pub(crate) place: Option<compile::Place>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -397,7 +397,7 @@ fn path(i: &mut &str) -> ModalResult<Path> {
             "a converter (functions used as values start with an uppercase letter)",
         ))
         .parse_next(i)?;
-    Ok(Path { fields })
+    Ok(Path { fields, place: None })
 }
 
 fn condition(i: &mut &str) -> ModalResult<Condition> {
@@ -480,6 +480,7 @@ mod tests {
                     keys: Vec::new(),
                 })
                 .collect(),
+            place: None,
         })
     }
 
@@ -495,7 +496,7 @@ mod tests {
             name: "attributes".into(),
             keys: vec![Key::Str(key.into())],
         });
-        Expr::Path(Path { fields })
+        Expr::Path(Path { fields, place: None })
     }
 
     fn arg(value: Expr) -> Arg {
