@@ -303,16 +303,7 @@ fn mutual_tls_and_server_name_override() {
     let ca_file = ca.write(dir.path(), "ca");
     let server = ca.server().write(dir.path(), "server");
     let client = ca.client("spiffe://test/relay").write(dir.path(), "client");
-    let sink = Sink::start(&[
-        "--tls-cert",
-        server.cert.to_str().unwrap(),
-        "--tls-key",
-        server.key.to_str().unwrap(),
-        "--tls-client-ca",
-        ca_file.to_str().unwrap(),
-        "--stats-listen",
-        "127.0.0.1:0",
-    ]);
+    let sink = Sink::start_mtls(&server, &ca_file);
     let tls = |extra: Value| {
         let mut t = json!({
             "endpoint": sink.grpc.to_string(),

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, KeyValueList, any_value::Value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
+use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span, span};
 use prost::Message;
 use support::otlp::Sink;
 use support::{Proc, http};
@@ -75,21 +74,14 @@ fn span(n: u64) -> Span {
 /// reach the batcher as small whole traces and never be split.
 fn request(first: u64, count: u64) -> ExportTraceServiceRequest {
     let trace_id = span(first).trace_id;
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource::default()),
-            scope_spans: vec![ScopeSpans {
-                spans: (first..first + count)
-                    .map(|n| Span {
-                        trace_id: trace_id.clone(),
-                        ..span(n)
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+    support::otlp::one_resource(
+        (first..first + count)
+            .map(|n| Span {
+                trace_id: trace_id.clone(),
+                ..span(n)
+            })
+            .collect(),
+    )
 }
 
 /// A value nesting `levels` arrays (or kvlists) around an int.

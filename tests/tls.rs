@@ -65,16 +65,7 @@ fn exports_verify_through_bundle_env_and_client_certificate() {
     let relay_cert = clients
         .client("spiffe://cluster.local/ns/kagenti-system/sa/otel-collector")
         .write(dir.path(), "relay");
-    let sink = Sink::start(&[
-        "--tls-cert",
-        server.cert.to_str().unwrap(),
-        "--tls-key",
-        server.key.to_str().unwrap(),
-        "--tls-client-ca",
-        clients_path.to_str().unwrap(),
-        "--stats-listen",
-        "127.0.0.1:0",
-    ]);
+    let sink = Sink::start_mtls(&server, &clients_path);
     let url = format!("https://localhost:{}", sink.http.port());
     let client_tls = json!({"cert_file": relay_cert.cert, "key_file": relay_cert.key});
     let mut delivered = 0;

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use otlp_relay::sink::UniqueSpans;
 use otlp_relay::spool::frame;
 use prost::Message;
@@ -241,16 +240,7 @@ fn request(tag: u32, seq: u64, n: usize) -> (Vec<u8>, Vec<String>) {
         })
         .collect();
     let keys = spans.iter().map(|s| key_text(&s.trace_id, &s.span_id)).collect();
-    let req = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource::default()),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
+    let req = support::otlp::one_resource(spans);
     (req.encode_to_vec(), keys)
 }
 

@@ -14,6 +14,21 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// A sink serving TLS with `server`'s certificate, requiring client certificates issued by
+    /// `client_ca`; its /stats on a plain port.
+    pub fn start_mtls(server: &super::pki::LeafFiles, client_ca: &Path) -> Sink {
+        Sink::start(&[
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+            "--tls-client-ca",
+            client_ca.to_str().unwrap(),
+            "--stats-listen",
+            "127.0.0.1:0",
+        ])
+    }
+
     pub fn start(extra: &[&str]) -> Sink {
         let mut args = vec!["sink", "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
@@ -190,4 +205,23 @@ pub fn spans_request(tag: u8, n: usize) -> Vec<u8> {
         }],
     }
     .encode_to_vec()
+}
+
+/// A request of `spans` in one ResourceSpans (with an empty resource) and one ScopeSpans.
+pub fn one_resource(
+    spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+) -> opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource::default()),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
 }
