@@ -30,12 +30,17 @@ pub(crate) fn any_https<'a>(urls: impl IntoIterator<Item = &'a str>) -> bool {
         .any(|u| u.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")))
 }
 
+/// How long an idle connection stays open for the next request (zero: no limit); `None`: not at
+/// all (a new connection per request, the collector's `disable_keep_alives`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepAlive(pub(crate) Option<Duration>);
+
 /// A pooled hyper client over http or https with `tls`; TCP_NODELAY because every request is
 /// written whole and waits for its answer.
 pub(crate) fn pooled<B>(
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
-    idle: Duration,
+    keep_alive: KeepAlive,
 ) -> Client<HttpsConnector<HttpConnector>, B>
 where
     B: http_body::Body + Send + 'static,
@@ -50,9 +55,12 @@ where
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle)
-        .build(connector)
+    let mut builder = Client::builder(TokioExecutor::new());
+    match keep_alive.0 {
+        Some(idle) => builder.pool_idle_timeout((!idle.is_zero()).then_some(idle)),
+        None => builder.pool_max_idle_per_host(0),
+    };
+    builder.build(connector)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +91,7 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<HttpClient, crate::tls::TlsError> {
         let tls = crate::tls::client_config(tls, https)?;
-        let inner = pooled(tls, timeout, Duration::from_secs(30));
+        let inner = pooled(tls, timeout, KeepAlive(Some(Duration::from_secs(30))));
         Ok(HttpClient { inner, timeout })
     }
 

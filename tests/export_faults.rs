@@ -1,7 +1,7 @@
-//! Exporter faults with a misbehaving destination in front of a real sink: answers that stall
-//! after the headers (every way a body can stall) and a Retry-After of an hour. A tiny TCP
-//! server misbehaves on its first connections and then forwards bytes to the sink, so every
-//! span is counted at the real sink by id.
+//! Exporter faults and connections, with a destination in front of a real sink: answers that
+//! stall after the headers (every way a body can stall), a Retry-After of an hour, and whether
+//! connections are kept alive. A tiny TCP server misbehaves on its first connections and then
+//! forwards bytes to the sink, so every span is counted at the real sink by id.
 mod support;
 
 use std::io::{Read, Write};
@@ -245,4 +245,31 @@ fn retry_after_of_an_hour_is_capped_by_max_interval() {
     });
     assert!(capped.contains("retry_after=3600s"), "{capped}");
     assert!(capped.contains("cap=300ms"), "{capped}");
+}
+
+/// `disable_keep_alives`: a new connection per request, so the requests of a relay with few
+/// consumers spread over the worker processes of `mlflow server --workers N` instead of staying
+/// with the one that accepted a kept-alive connection. Without it, one connection carries them all.
+#[test]
+fn disable_keep_alives_opens_a_connection_per_request() {
+    for (disable, expected) in [(true, 3), (false, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Sink::start(&[]);
+        let front = Front::start(sink.http, Vec::new());
+        let relay = Relay::start(
+            dir.path(),
+            &config(&front.url(), json!({"disable_keep_alives": disable}), None),
+            "otlp",
+        );
+        for tag in 1..=3u8 {
+            assert_eq!(post(&relay, &spans_request(tag, 20)), 200);
+            // One export at a time: the next request finds the previous one answered.
+            sink.wait_unique(20 * u64::from(tag), T);
+        }
+        assert_eq!(
+            front.connections.load(Ordering::SeqCst),
+            expected,
+            "disable_keep_alives: {disable}"
+        );
+    }
 }

@@ -22,6 +22,12 @@ pub(crate) struct OtlpHttpExporterConfig {
     pub(crate) retry_on_failure: RetryConfig,
     pub(crate) sending_queue: QueueConfig,
     pub(crate) auth: Option<AuthConfig>,
+    /// A new connection per request (the collector's confighttp key). For MLflow: a kept-alive
+    /// connection stays with the server worker process that accepted it, so a relay's few
+    /// connections can load one of `mlflow server --workers N` while the others idle.
+    pub(crate) disable_keep_alives: bool,
+    /// How long an idle connection is kept for the next request (the collector's default, 90s).
+    pub(crate) idle_conn_timeout: GoDuration,
     /// Ours: how MLflow routes and isolates (experiment by name, poison traces).
     pub(crate) mlflow: MlflowOptions,
 }
@@ -39,6 +45,8 @@ impl Default for OtlpHttpExporterConfig {
             retry_on_failure: RetryConfig::default(),
             sending_queue: QueueConfig::default(),
             auth: None,
+            disable_keep_alives: false,
+            idle_conn_timeout: GoDuration::secs(90),
             mlflow: MlflowOptions::default(),
         }
     }

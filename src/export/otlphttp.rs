@@ -76,7 +76,8 @@ impl OtlpHttpExporter {
         let url_text = traces_url(cfg);
         let url: Uri = url_text.parse().map_err(|_| SetupError::Url(url_text.clone()))?;
         let tls = crate::tls::client_config(&cfg.tls, url.scheme() == Some(&http::uri::Scheme::HTTPS))?;
-        let client = crate::http_client::pooled(tls, cfg.timeout.0, Duration::from_secs(30));
+        let keep_alive = (!cfg.disable_keep_alives).then_some(cfg.idle_conn_timeout.0);
+        let client = crate::http_client::pooled(tls, cfg.timeout.0, crate::http_client::KeepAlive(keep_alive));
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
             // validate() checked names and values.

@@ -253,7 +253,11 @@ impl Gate {
         let https = crate::http_client::any_https([cfg.discovery_url.as_str(), &cfg.upstream.to_string()]);
         let tls = crate::tls::client_config(&Default::default(), https)?;
         let http = HttpClient::new(&Default::default(), https, PROVIDER_TIMEOUT)?;
-        let upstream = crate::http_client::pooled(tls, UPSTREAM_CONNECT_TIMEOUT, Duration::from_secs(60));
+        let upstream = crate::http_client::pooled(
+            tls,
+            UPSTREAM_CONNECT_TIMEOUT,
+            crate::http_client::KeepAlive(Some(Duration::from_secs(60))),
+        );
         let sealer = match &cfg.secret_key {
             Some(k) => Sealer::new(k.0.as_bytes()),
             None => Sealer::random(),
