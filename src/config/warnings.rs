@@ -1,7 +1,12 @@
 //! What a valid configuration says that the relay does not do: keys accepted so a collector
 //! config loads unchanged but not acted on, and advice the collector gives. `run` logs each at
 //! start and `check` prints them; none stops the relay.
+use std::time::Duration;
+
 use super::{Config, ConfigError, Exporter, Extension, Processor};
+
+/// OTEL_BSP_SCHEDULE_DELAY's default: how often an SDK's BatchSpanProcessor exports.
+const SDK_EXPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Every warning for `config`, with its YAML path, in a stable order.
 pub(crate) fn warnings(config: &Config) -> Vec<ConfigError> {
@@ -19,6 +24,17 @@ pub(crate) fn warnings(config: &Config) -> Vec<ConfigError> {
             if b.metadata_cardinality_limit.is_some() {
                 warn(format!("processors.{id}.metadata_cardinality_limit"), IGNORED);
             }
+        }
+        if let Processor::GroupByTrace(g) = p
+            && g.wait_duration.0 < SDK_EXPORT_INTERVAL
+        {
+            warn(
+                format!("processors.{id}.wait_duration"),
+                &format!(
+                    "{} is shorter than an SDK's export interval (5s by default): a trace whose next spans come in a later export leaves in pieces before its root arrives; 30s suits agent traces (a trace still leaves root_grace after its root)",
+                    g.wait_duration
+                ),
+            );
         }
     }
     for (id, e) in &config.exporters {
@@ -127,9 +143,9 @@ mod tests {
         let w = warnings_of(
             "
 receivers: {otlp: {protocols: {http: {}}}}
-processors: {memory_limiter: {limit_mib: 100}, batch: {}}
+processors: {memory_limiter: {limit_mib: 100}, groupbytrace: {wait_duration: 30s}, batch: {}}
 exporters: {debug: {}}
-service: {pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, batch], exporters: [debug]}}}
+service: {pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, groupbytrace, batch], exporters: [debug]}}}
 ",
         );
         assert!(w.is_empty(), "{w:#?}");
@@ -140,7 +156,7 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [memory_limiter, b
         let w = warnings_of(
             "
 receivers: {otlp: {protocols: {http: {}}}}
-processors: {memory_limiter: {limit_mib: 100}, batch: {metadata_keys: [x-tenant]}}
+processors: {memory_limiter: {limit_mib: 100}, batch: {metadata_keys: [x-tenant]}, groupbytrace: {}}
 exporters: {otlp_http: {endpoint: 'http://x', sending_queue: {blocking: true}}}
 extensions:
   file_storage: {directory: /tmp/x, compaction: {on_start: true}}
@@ -153,7 +169,7 @@ service:
       readers:
         - pull: {exporter: {prometheus: {host: 0.0.0.0, port: 8888, without_units: true}}}
         - periodic: {exporter: {otlp: {endpoint: 'http://x'}}}
-  pipelines: {traces: {receivers: [otlp], processors: [batch, memory_limiter], exporters: [otlp_http]}}
+  pipelines: {traces: {receivers: [otlp], processors: [groupbytrace, batch, memory_limiter], exporters: [otlp_http]}}
 ",
         );
         for expected in [
@@ -164,13 +180,14 @@ service:
             "service.telemetry.logs.encoding: accepted",
             "service.telemetry.metrics.readers[0].pull.exporter.prometheus.without_units: accepted",
             "service.telemetry.metrics.readers[1].periodic: accepted",
-            "service.pipelines.traces.processors[1]: memory_limiter is not the first processor",
+            "service.pipelines.traces.processors[2]: memory_limiter is not the first processor",
+            "processors.groupbytrace.wait_duration: 1s is shorter than an SDK's export interval",
         ] {
             assert!(
                 w.iter().any(|x| x.starts_with(expected)),
                 "missing {expected:?} in {w:#?}"
             );
         }
-        assert_eq!(w.len(), 8, "{w:#?}");
+        assert_eq!(w.len(), 9, "{w:#?}");
     }
 }

@@ -31,6 +31,7 @@ otlphttp/{{ $name }}:
     x-mlflow-experiment-id: {{ $.Values.mlflow.experimentId | quote }}
   compression: {{ $e.compression }}
   timeout: {{ $e.timeout }}
+  disable_keep_alives: {{ $e.disableKeepAlives }}
   retry_on_failure:
     enabled: {{ $e.retryOnFailure.enabled }}
     initial_interval: {{ $e.retryOnFailure.initialInterval }}
@@ -83,6 +84,7 @@ processors:
   groupbytrace:
     wait_duration: {{ $p.groupbytrace.waitDuration }}
     root_grace: {{ $p.groupbytrace.rootGrace }}
+    max_hold: {{ $p.groupbytrace.maxHold }}
   {{- end }}
   batch:
     send_batch_size: {{ $p.batch.sendBatchSize }}
