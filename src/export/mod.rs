@@ -130,11 +130,15 @@ impl ExportError {
     }
 
     /// What to check, when the error says more than its text (first runs: MLflow not started).
-    pub(crate) fn hint(&self) -> Option<&'static str> {
+    /// `mlflow`: the exporter's config says MLflow is there; otherwise MLflow goes unnamed (a
+    /// gRPC exporter's Tempo or Phoenix is no MLflow).
+    pub(crate) fn hint(&self, mlflow: bool) -> Option<&'static str> {
         match self {
-            ExportError::Transport(text) if text.contains("Connection refused") => {
-                Some("nothing listens at this URL: is MLflow (or the gate) running there?")
-            }
+            ExportError::Transport(text) if text.contains("Connection refused") => Some(if mlflow {
+                "nothing listens at this URL: is MLflow (or the gate) running there?"
+            } else {
+                "nothing listens at this endpoint: is the destination running there, on this port?"
+            }),
             ExportError::Transport(text) if text.contains("dns error") => {
                 Some("the host name does not resolve: check the exporter's endpoint")
             }
@@ -194,6 +198,11 @@ impl Exporter {
             Exporter::OtlpGrpc(e) => e.export(batch).await,
             Exporter::Debug(e) => e.export(batch).map(|()| 0),
         }
+    }
+
+    /// Whether the config says MLflow is the destination: only the otlphttp exporter's can.
+    pub(crate) fn names_mlflow(&self) -> bool {
+        matches!(self, Exporter::OtlpHttp(e) if e.mlflow)
     }
 
     /// Whether a refused request is bisected by trace.
