@@ -130,6 +130,8 @@ pub struct MemoryBudget {
 }
 
 impl MemoryBudget {
+    /// A budget that counts nothing (tests; the relay's budgets are `counted`).
+    #[cfg(test)]
     pub(crate) fn new(limit_mib: u64, spike_limit_mib: u64) -> Arc<MemoryBudget> {
         Self::build(limit_mib, spike_limit_mib, None)
     }
