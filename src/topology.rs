@@ -245,7 +245,7 @@ pub(crate) fn start(
     for a in prepared.auth.values() {
         a.attach(metrics, health);
     }
-    let budgets = memory_budgets(config);
+    let budgets = memory_budgets(config, metrics);
     let inputs = start_stages(config, &prepared, &mut running, metrics, supervisor, &budgets)?;
     // One intake per receiver, shared by its protocols.
     let mut intakes: BTreeMap<String, Arc<Intake>> = BTreeMap::new();
@@ -372,6 +372,10 @@ fn start_stages(
             let cfg = &config.exporters[id];
             let mut settings = crate::export::build::stage_settings(id, cfg, pipeline_batch(config, pipeline));
             settings.group = pipeline_group(config, pipeline, budgets);
+            if let Some(group) = &settings.group {
+                // Registered now, like the exporter's: served at zero from start.
+                drop(metrics.processor(&group.processor));
+            }
             let mut stage_control = running.control.clone();
             let spool = running.spools.get(id).cloned();
             if let (Some(spool), Some((_, storage))) = (&spool, config.exporter_storage(id)) {
@@ -402,15 +406,16 @@ fn start_stages(
     Ok(inputs)
 }
 
-/// One budget per memory_limiter processor used by a pipeline, shared by its receivers.
-fn memory_budgets(config: &Config) -> BTreeMap<String, Arc<MemoryBudget>> {
+/// One budget per memory_limiter processor used by a pipeline, shared by its receivers; its
+/// processor item series registered now, at zero until the first request.
+fn memory_budgets(config: &Config, metrics: &Metrics) -> BTreeMap<String, Arc<MemoryBudget>> {
     let mut budgets = BTreeMap::new();
     for pipeline in config.service.pipelines.values() {
         for id in &pipeline.processors {
             if let Some(Processor::MemoryLimiter(m)) = config.processors.get(id) {
                 budgets.entry(id.clone()).or_insert_with(|| {
                     let (limit, spike) = m.effective_mib();
-                    MemoryBudget::new(limit, spike)
+                    MemoryBudget::counted(limit, spike, metrics.processor(id))
                 });
             }
         }

@@ -20,9 +20,14 @@ const T: Duration = Duration::from_secs(60);
 const EXPORTER: &str = "otlphttp/sink";
 const EXTENSION: &str = "oauth2client/idp";
 const EDITOR: &str = "attributes/tag";
+const LIMITER: &str = "memory_limiter";
+const GROUPER: &str = "groupbytrace";
+/// Every processor of the pipeline: each serves the collector's processor item series.
+const PROCESSORS: [&str; 4] = [LIMITER, GROUPER, EDITOR, "batch"];
 
-/// A relay with both receiver transports, an attributes processor (the span-editing path), the
-/// batch processor, one otlphttp exporter to `endpoint` and an oauth2client extension.
+/// A relay with both receiver transports, a memory_limiter, groupbytrace, an attributes
+/// processor (the span-editing path), the batch processor, one otlphttp exporter to `endpoint`
+/// and an oauth2client extension.
 fn config(endpoint: &str, token_url: &str, exporter_auth: bool) -> RelayConfig {
     let mut exporter = json!({
         "endpoint": endpoint,
@@ -38,6 +43,8 @@ fn config(endpoint: &str, token_url: &str, exporter_auth: bool) -> RelayConfig {
             EDITOR,
             json!({"actions": [{"key": "relay.tagged", "value": "yes", "action": "insert"}]}),
         )
+        .first_processor(GROUPER, json!({"root_grace": "50ms"}))
+        .first_processor(LIMITER, json!({"limit_mib": 256, "spike_limit_mib": 64}))
         .exporter(EXPORTER, exporter)
         .extension(
             EXTENSION,
@@ -162,7 +169,7 @@ fn expected_series() -> Vec<Want> {
             vec![("exporter", EXPORTER), ("reason", reason)],
         );
     }
-    for processor in ["batch", EDITOR] {
+    for processor in PROCESSORS {
         for name in [
             "otelcol_processor_incoming_items_total",
             "otelcol_processor_outgoing_items_total",
@@ -557,7 +564,7 @@ fn the_collector_counters_count_what_flows() {
         m("otelcol_receiver_accepted_spans_total", &[("transport", "grpc")]),
         65.0
     );
-    for processor in ["batch", EDITOR] {
+    for processor in PROCESSORS {
         let items = [("processor", processor), ("otel_signal", "traces")];
         assert_eq!(
             m("otelcol_processor_incoming_items_total", &items),

@@ -2,7 +2,8 @@
 //! every export carries a client-credentials JWT that the sink verifies against the provider's
 //! JWKS; short-lived tokens rotate under load, a provider restart with a new signing key and a
 //! 10 s provider outage lose nothing, refused credentials make the relay not ready without
-//! dropping data, discovery_url and auth_style post work, and no token ever reaches a log.
+//! dropping data, discovery_url and auth_style post work, the gRPC exporter carries the token
+//! and drops it on UNAUTHENTICATED as the HTTP one does on 401, and no token ever reaches a log.
 mod support;
 
 use std::time::{Duration, Instant};
@@ -596,4 +597,81 @@ fn unreadable_secret_file_is_a_config_error() {
     );
     let mut p = Proc::relay("run", &["run", "--config", config.to_str().unwrap()]);
     assert_eq!(p.wait_exit(T), Some(64), "{}", p.output_text());
+}
+
+const GRPC_EXPORTER: &str = "otlp_grpc/store";
+
+/// `relay_config`'s exporter over gRPC instead: the `otlp` exporter to the sink's gRPC port,
+/// with the same oauth2client extension.
+fn grpc_relay_config(sink: &Sink, ext: Value) -> String {
+    RelayConfig::new()
+        .batch(json!({"send_batch_size": 200, "timeout": "100ms"}))
+        .exporter(
+            GRPC_EXPORTER,
+            json!({
+                "endpoint": sink.grpc.to_string(),
+                "tls": {"insecure": true},
+                "auth": {"authenticator": EXT},
+                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s", "max_elapsed_time": "120s"},
+            }),
+        )
+        .extension(EXT, ext)
+        .service(json!({"shutdown_timeout": "10s"}))
+        .yaml()
+}
+
+/// The gRPC exporter carries the extension's token as `authorization: Bearer <JWT>` metadata:
+/// the sink verifies each against the provider's JWKS and audience, and everything arrives.
+#[test]
+fn grpc_exporter_sends_the_oauth2_token_as_bearer_metadata() {
+    let idp = OidcProvider::start(OidcOptions::default());
+    let sink = jwt_sink(&idp);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), &grpc_relay_config(&sink, basic_ext(&idp)), "otlp");
+    let endpoint = relay.grpc.unwrap().to_string();
+    let (code, report) = loadgen(&["--otlp-endpoint", &endpoint, "--otlp-insecure", "--traces", "50"]);
+    assert_eq!(code, 0, "{report}");
+    sink.wait_unique(100, T);
+    let stats = sink.stats();
+    assert_eq!(stats["jwt"]["rejected"], 0, "{stats}");
+    assert_eq!(stats["jwt"]["distinct_tokens"], 1, "{stats}");
+    wait_for("sent == 100", T, || {
+        (relay.metric("otelcol_exporter_sent_spans_total", &[("exporter", GRPC_EXPORTER)]) == 100.0).then_some(())
+    });
+    assert!(token_metric(&relay, "success") >= 1.0);
+    assert_no_token_in(&relay.proc.output_text());
+}
+
+/// `a_401_drops_the_token_and_data_waits_for_a_good_one` over gRPC: each UNAUTHENTICATED answer
+/// drops the token and the relay fetches a new one; once the provider mints good tokens the
+/// data that waited arrives.
+#[test]
+fn grpc_unauthenticated_drops_the_token_and_data_waits_for_a_good_one() {
+    let mut idp = restartable_idp(60, Some("not-mlflow"));
+    let sink = jwt_sink(&idp);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path(), &grpc_relay_config(&sink, basic_ext(&idp)), "otlp");
+    let endpoint = relay.grpc.unwrap().to_string();
+    let (code, report) = loadgen(&["--otlp-endpoint", &endpoint, "--otlp-insecure", "--traces", "50"]);
+    assert_eq!(code, 0, "{report}");
+    let unauthorized = || relay.metric("otlp_relay_exporter_unauthorized_total", &[("exporter", GRPC_EXPORTER)]);
+    wait_for("several UNAUTHENTICATED answers", T, || {
+        (unauthorized() >= 3.0).then_some(())
+    });
+    // Each refusal dropped the token: the relay asked for a new one each time.
+    assert!(token_metric(&relay, "success") >= 3.0);
+    assert!(sink.stats()["jwt"]["rejected"].as_u64().unwrap() >= 3);
+    assert_eq!(relay.metric("otelcol_exporter_sent_spans_total", &[]), 0.0);
+    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
+    idp.opts.audience = None;
+    idp.start_again();
+    sink.wait_unique(100, T);
+    wait_for("sent == 100", T, || {
+        (relay.metric("otelcol_exporter_sent_spans_total", &[]) == 100.0).then_some(())
+    });
+    eprintln!(
+        "gRPC, wrong audience: {} UNAUTHENTICATED answers counted, then all 100 spans delivered",
+        unauthorized()
+    );
+    assert_no_token_in(&relay.proc.output_text());
 }

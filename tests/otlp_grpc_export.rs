@@ -412,3 +412,36 @@ fn check_passes_a_collector_fanout_config() {
         "{out}"
     );
 }
+
+/// A destination that is down: the retry warning of a gRPC exporter, and of an otlphttp one
+/// whose config names nothing of MLflow's, hints at the endpoint without naming MLflow (their
+/// targets are Tempo, Phoenix, a collector); the MLflow hint is the MLflow exporter's alone
+/// (tests/first_run.rs).
+#[test]
+fn a_refused_connection_hints_without_naming_mlflow_for_other_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = |scheme: &str| format!("{scheme}127.0.0.1:{}", support::free_port());
+    let config = relay_config()
+        .exporter("otlp_grpc/tempo", grpc_exporter(down("").parse().unwrap(), json!({})))
+        .exporter(
+            "otlphttp/phoenix",
+            json!({
+                "endpoint": down("http://"),
+                "retry_on_failure": {"initial_interval": "20ms", "max_interval": "300ms"},
+            }),
+        )
+        .yaml();
+    let relay = Relay::start(dir.path(), &config, "otlp");
+    post(&relay, &spans_request(1, 3));
+    for exporter in ["otlp_grpc/tempo", "otlphttp/phoenix"] {
+        let line = wait_for(&format!("{exporter}: a retry warning"), T, || {
+            relay
+                .proc
+                .output()
+                .into_iter()
+                .find(|l| l.contains(&format!("exporter={exporter} ")) && l.contains("will retry"))
+        });
+        assert!(line.contains("nothing listens at this endpoint"), "{line}");
+        assert!(!line.to_lowercase().contains("mlflow"), "{line}");
+    }
+}

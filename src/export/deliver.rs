@@ -362,7 +362,7 @@ async fn send(
         if matches!(error, ExportError::Auth(_)) {
             // The oauth2client extension logs token failures itself, at most once a minute.
             tracing::debug!(exporter = %settings.name, spans = part.spans, error = %error, retry_in = ?delay, "no token yet; will retry");
-        } else if let Some(hint) = error.hint() {
+        } else if let Some(hint) = error.hint(exporter.names_mlflow()) {
             tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = part.spans, error = %error, retry_in = ?delay, hint, "export failed; will retry");
         } else {
             tracing::warn!(exporter = %settings.name, url = %settings.destination, spans = part.spans, error = %error, retry_in = ?delay, "export failed; will retry");

@@ -130,11 +130,15 @@ impl ExportError {
     }
 
     /// What to check, when the error says more than its text (first runs: MLflow not started).
-    pub(crate) fn hint(&self) -> Option<&'static str> {
+    /// `mlflow`: the exporter's config says MLflow is there; otherwise MLflow goes unnamed (a
+    /// gRPC exporter's Tempo or Phoenix is no MLflow).
+    pub(crate) fn hint(&self, mlflow: bool) -> Option<&'static str> {
         match self {
-            ExportError::Transport(text) if text.contains("Connection refused") => {
-                Some("nothing listens at this URL: is MLflow (or the gate) running there?")
-            }
+            ExportError::Transport(text) if text.contains("Connection refused") => Some(if mlflow {
+                "nothing listens at this URL: is MLflow (or the gate) running there?"
+            } else {
+                "nothing listens at this endpoint: is the destination running there, on this port?"
+            }),
             ExportError::Transport(text) if text.contains("dns error") => {
                 Some("the host name does not resolve: check the exporter's endpoint")
             }
@@ -194,6 +198,11 @@ impl Exporter {
             Exporter::OtlpGrpc(e) => e.export(batch).await,
             Exporter::Debug(e) => e.export(batch).map(|()| 0),
         }
+    }
+
+    /// Whether the config says MLflow is the destination: only the otlphttp exporter's can.
+    pub(crate) fn names_mlflow(&self) -> bool {
+        matches!(self, Exporter::OtlpHttp(e) if e.mlflow)
     }
 
     /// Whether a refused request is bisected by trace.
@@ -383,8 +392,9 @@ async fn run_batcher(
     let mut closing = false;
     loop {
         let deadline = earliest(batcher.next_deadline(), grouper.as_ref().and_then(Grouper::next_due));
-        // Which trigger sent the batches: the collector counts size and timeout sends apart.
-        let (ready, timed_out): (Vec<OutBatch>, bool) = tokio::select! {
+        // How many of the batches their timeout sent (the rest reached their size): the
+        // collector counts size and timeout sends apart.
+        let (ready, timed_out): (Vec<OutBatch>, usize) = tokio::select! {
             biased;
             _ = control.close.cancelled(), if !closing => {
                 // Refuse new submissions; what is already buffered still arrives below.
@@ -412,23 +422,26 @@ async fn run_batcher(
                         0 => {}
                         n => drop(outlet.unsplittable.inc_by(n)),
                     }
-                    (out, false)
+                    (out, 0)
                 }
                 None => break,
             },
             _ = sleep_until_opt(deadline) => {
                 let now = Instant::now();
+                // Traces groupbytrace releases now fill batches to their size like new input.
                 let mut out = match &mut grouper {
                     Some(g) => g.due(&mut batcher, now),
                     None => Vec::new(),
                 };
-                out.extend(batcher.expired(now));
-                (out, true)
+                let expired = batcher.expired(now);
+                let timed_out = expired.len();
+                out.extend(expired);
+                (out, timed_out)
             }
         };
         if let Some(b) = &outlet.batch {
-            let trigger = if timed_out { &b.timeout_trigger } else { &b.size_trigger };
-            trigger.inc_by(ready.len() as u64);
+            b.timeout_trigger.inc_by(timed_out as u64);
+            b.size_trigger.inc_by(ready.len().saturating_sub(timed_out) as u64);
         }
         for batch in ready {
             if !enqueue(&settings, &outlet, batch, &metrics, &control).await {

@@ -39,6 +39,9 @@ pub(crate) struct OtlpHttpExporter {
     lookups: [std::sync::atomic::AtomicU64; 2],
     /// Bisect refused requests by trace (`mlflow.isolate_poison_traces`).
     pub(crate) isolate: bool,
+    /// The config says MLflow is the destination (an `x-mlflow-*` header or an `mlflow` key
+    /// that only MLflow serves): only then do hints name it.
+    pub(crate) mlflow: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,17 @@ pub(crate) fn traces_url(cfg: &OtlpHttpExporterConfig) -> String {
     } else {
         format!("{}/v1/traces", cfg.endpoint.trim_end_matches('/'))
     }
+}
+
+/// Whether `cfg` says its destination is MLflow (or the gate in front of it): a header of
+/// MLflow's (`x-mlflow-experiment-id`, `x-mlflow-workspace`, ...) or experiment lookups.
+fn names_mlflow(cfg: &OtlpHttpExporterConfig) -> bool {
+    cfg.headers.keys().any(|k| {
+        k.get(..9)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("x-mlflow-"))
+    }) || !cfg.mlflow.experiment_name_attribute.is_empty()
+        || !cfg.mlflow.api_endpoint.is_empty()
+        || cfg.mlflow.create_experiments
 }
 
 impl OtlpHttpExporter {
@@ -102,6 +116,7 @@ impl OtlpHttpExporter {
             ),
             lookups: Default::default(),
             isolate: cfg.mlflow.isolate_poison_traces,
+            mlflow: names_mlflow(cfg),
         })
     }
 

@@ -125,15 +125,47 @@ pub struct Routed {
 pub struct MemoryBudget {
     soft_limit: usize,
     used: AtomicUsize,
+    /// The memory_limiter's processor item counters: spans offered to it and spans it let through.
+    items: Option<Arc<crate::telemetry::ProcessorHandles>>,
 }
 
 impl MemoryBudget {
+    /// A budget that counts nothing (tests; the relay's budgets are `counted`).
+    #[cfg(test)]
     pub(crate) fn new(limit_mib: u64, spike_limit_mib: u64) -> Arc<MemoryBudget> {
+        Self::build(limit_mib, spike_limit_mib, None)
+    }
+
+    /// A budget that counts the spans offered to it and let through in memory_limiter `items`.
+    pub(crate) fn counted(
+        limit_mib: u64,
+        spike_limit_mib: u64,
+        items: Arc<crate::telemetry::ProcessorHandles>,
+    ) -> Arc<MemoryBudget> {
+        Self::build(limit_mib, spike_limit_mib, Some(items))
+    }
+
+    fn build(
+        limit_mib: u64,
+        spike_limit_mib: u64,
+        items: Option<Arc<crate::telemetry::ProcessorHandles>>,
+    ) -> Arc<MemoryBudget> {
         let soft = limit_mib.saturating_sub(spike_limit_mib).max(1) * 1024 * 1024;
         Arc::new(MemoryBudget {
             soft_limit: soft as usize,
             used: AtomicUsize::new(0),
+            items,
         })
+    }
+
+    /// Counts `spans` offered to the memory_limiter and, when `passed`, let through.
+    pub(super) fn count(&self, spans: usize, passed: bool) {
+        if let Some(items) = &self.items {
+            items.incoming.inc_by(spans as u64);
+            if passed {
+                items.outgoing.inc_by(spans as u64);
+            }
+        }
     }
 
     pub(crate) fn used(&self) -> usize {

@@ -105,6 +105,7 @@ impl Intake {
         if parsed.chunks.is_empty() {
             return Ok(Ack::default());
         }
+        let offered = parsed.spans;
         let processed = match processed {
             Some(copies) => copies,
             None => self.process_late(&parsed.chunks),
@@ -118,6 +119,8 @@ impl Intake {
         }
         groups.retain(|(chunks, _)| !chunks.is_empty());
         if groups.is_empty() {
+            // Filtered out after the memory_limiter, as in the collector, where it comes first.
+            self.count_limited(offered, true);
             return Ok(Ack::default());
         }
         let bytes: usize = groups
@@ -127,8 +130,15 @@ impl Intake {
             .sum();
         let mut reservations = Vec::with_capacity(self.budgets.len());
         for budget in &self.budgets {
-            reservations.push(budget.try_reserve(bytes).ok_or(Refusal::MemoryLimit)?);
+            match budget.try_reserve(bytes) {
+                Some(r) => reservations.push(r),
+                None => {
+                    self.count_limited(offered, false);
+                    return Err(Refusal::MemoryLimit);
+                }
+            }
         }
+        self.count_limited(offered, true);
         let charge = (!reservations.is_empty()).then(|| Arc::new(Charge(reservations)));
         // Every target's room is taken before anything is sent, so all get the request or none.
         let mut ready = Vec::with_capacity(groups.len());
@@ -140,6 +150,14 @@ impl Intake {
             group.send(&charge, &mut acks);
         }
         Ok(Ack(acks))
+    }
+
+    /// Counts a request's spans in every memory_limiter on its way: offered, and let through
+    /// when `passed` (the request is refused whole when any of them has no room).
+    fn count_limited(&self, spans: usize, passed: bool) {
+        for budget in &self.budgets {
+            budget.count(spans, passed);
+        }
     }
 
     /// Routes one copy of a request and takes room for it in each of `targets`.
@@ -316,6 +334,24 @@ mod tests {
         assert_eq!(budget.used(), 0);
         // An oversized request still passes an empty budget.
         intake.submit(parsed(1, 3 * 1024 * 1024, None), None).unwrap();
+    }
+
+    #[test]
+    fn the_memory_limiter_counts_spans_offered_and_let_through() {
+        let items = Arc::new(crate::telemetry::ProcessorHandles {
+            incoming: Counter::default(),
+            outgoing: Counter::default(),
+            dropped: Counter::default(),
+        });
+        let budget = MemoryBudget::counted(2, 1, items.clone());
+        let (tx, _rx) = mpsc::channel(10);
+        let intake = Intake::new(vec![tx.into()], vec![budget]);
+        intake.submit(parsed(3, 700 * 1024, None), None).unwrap();
+        assert_eq!(
+            intake.submit(parsed(5, 700 * 1024, None), None).err(),
+            Some(Refusal::MemoryLimit)
+        );
+        assert_eq!((items.incoming.get(), items.outgoing.get()), (8, 3));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::groupbytrace::{HoldRules, PieceInfo, ReleaseReason, Released, TraceGr
 use crate::batch::{Batch, Batcher};
 use crate::pipeline::by_trace;
 use crate::pipeline::{Destination, Item, MemoryBudget, Routed};
-use crate::telemetry::{ExporterLabels, ExporterReasonLabels, Metrics};
+use crate::telemetry::{ExporterLabels, ExporterReasonLabels, Metrics, ProcessorHandles};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -50,6 +50,8 @@ pub(crate) struct Grouper {
     /// Spans and traces held now: registered once, set after every change.
     held_spans: Gauge,
     held_traces: Gauge,
+    /// The collector's processor item series: spans into the hold and out of it.
+    items: Arc<ProcessorHandles>,
     uncut_logged: Option<Instant>,
 }
 
@@ -61,6 +63,7 @@ impl Grouper {
         Grouper {
             held_spans: metrics.groupbytrace_held_spans.get_or_create(&labels).clone(),
             held_traces: metrics.groupbytrace_held_traces.get_or_create(&labels).clone(),
+            items: metrics.processor(&settings.processor),
             groups: TraceGroups::new(settings.rules.clone()),
             settings,
             exporter: exporter.to_string(),
@@ -85,6 +88,7 @@ impl Grouper {
     pub(crate) fn take_in(&mut self, routed: &Routed, batcher: &mut Batcher<Destination, Item>, now: Instant) -> Out {
         let mut out = Vec::new();
         let item = &routed.item;
+        self.items.incoming.inc_by(item.chunk.spans as u64);
         let cut = if item.chunk.spans > MAX_GROUPED_SPANS {
             Err(crate::pipeline::wire::DecodeError::Split(
                 "a bulk record (over 8192 spans)",
@@ -119,6 +123,7 @@ impl Grouper {
                     self.uncut_logged = Some(now);
                     tracing::warn!(processor = %self.settings.processor, exporter = %self.exporter, spans = item.chunk.spans, error = %e, "cannot cut a record by trace; passing it on ungrouped");
                 }
+                self.items.outgoing.inc_by(item.chunk.spans as u64);
                 out.extend(batcher.add(routed.destination.clone(), item.clone(), now));
             }
         }
@@ -182,6 +187,7 @@ impl Grouper {
     ) {
         for trace in released {
             self.count(trace.reason);
+            self.items.outgoing.inc_by(trace.spans as u64);
             let mut by_destination: Vec<(Destination, Vec<Item>)> = Vec::new();
             for (destination, item) in trace.pieces {
                 match by_destination.iter_mut().find(|(d, _)| *d == destination) {

@@ -2,8 +2,8 @@
 //! masks values matching `blocked_values` (prompts and PII in agent traces), on resource, scope,
 //! span and span event attributes as the collector does, with its keys and its summary
 //! attributes (written on the list they describe, merged with those an earlier redaction left).
-//! Not supported (refused as unknown keys, so nothing is silently left unredacted):
-//! `redact_all_types`, `url_sanitizer`, `db_sanitizer`.
+//! Not supported, and refused by name when turned on, so nothing is silently left unredacted:
+//! `redact_all_types`, `url_sanitizer`, `db_sanitizer` (off, as by default, they are accepted).
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde::Deserialize;
@@ -24,6 +24,19 @@ pub(crate) struct RedactionConfig {
     pub(crate) hash_function: Option<HashFunction>,
     pub(crate) hmac_key: Option<String>,
     pub(crate) summary: Summary,
+    /// The collector's keys this processor does not implement: read only to refuse them by name
+    /// when they are on (a generic unknown-key error would not say they are known).
+    pub(crate) redact_all_types: bool,
+    pub(crate) url_sanitizer: Option<Sanitizer>,
+    pub(crate) db_sanitizer: Option<serde_norway::Value>,
+}
+
+/// `url_sanitizer` / `db_sanitizer`: off unless `enabled` (the collector's shape; other keys are
+/// not read, as nothing here acts on them).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub(crate) struct Sanitizer {
+    pub(crate) enabled: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -90,6 +103,7 @@ impl RedactionConfig {
             ),
             _ => {}
         }
+        self.refuse_unsupported(path, err);
         Rules {
             allow_all_keys: self.allow_all_keys,
             allowed_keys: self.allowed_keys.clone(),
@@ -101,6 +115,44 @@ impl RedactionConfig {
             hash: self.hash_function,
             hmac_key: self.hmac_key.clone().unwrap_or_default().into_bytes(),
             summary: self.summary,
+        }
+    }
+}
+
+fn any_true(v: &serde_norway::Value) -> bool {
+    match v {
+        serde_norway::Value::Bool(b) => *b,
+        serde_norway::Value::Mapping(m) => m.values().any(any_true),
+        serde_norway::Value::Sequence(items) => items.iter().any(any_true),
+        serde_norway::Value::Tagged(t) => any_true(&t.value),
+        _ => false,
+    }
+}
+
+impl RedactionConfig {
+    /// The collector's keys this processor lacks, when they are on: an error naming each, so a
+    /// config that relies on them to hide data does not run without them.
+    fn refuse_unsupported(&self, path: &str, err: &mut dyn FnMut(String, String)) {
+        const KEEP: &str =
+            "keep a collector with the redaction processor for it, or mask those values with blocked_values";
+        if self.redact_all_types {
+            err(
+                format!("{path}.redact_all_types"),
+                format!("is not supported (non-string values are never matched against blocked_values here); {KEEP}"),
+            );
+        }
+        if self.url_sanitizer.as_ref().is_some_and(|s| s.enabled) {
+            err(
+                format!("{path}.url_sanitizer"),
+                format!("is not supported (URLs in attributes are not sanitized here); {KEEP}"),
+            );
+        }
+        // Its shape differs by database; any `true` in it (an `enabled: true`) counts as on.
+        if self.db_sanitizer.as_ref().is_some_and(any_true) {
+            err(
+                format!("{path}.db_sanitizer"),
+                format!("is not supported (database statements in attributes are not sanitized here); {KEEP}"),
+            );
         }
     }
 }
@@ -504,6 +556,48 @@ summary: debug
             );
         }
         assert!(serde_norway::from_str::<RedactionConfig>("summary: loud").is_err());
-        assert!(serde_norway::from_str::<RedactionConfig>("redact_all_types: true").is_err());
+    }
+
+    /// The collector's keys not implemented here are refused by name when on (a config relying
+    /// on them to hide data must not run without them), and accepted when off.
+    #[test]
+    fn unsupported_collector_keys_are_refused_by_name_when_on() {
+        let errors = |yaml: &str| {
+            let c: RedactionConfig = serde_norway::from_str(yaml).unwrap();
+            let mut errs = Vec::new();
+            c.validate("processors.redaction", &mut |p, m| errs.push(format!("{p}: {m}")));
+            errs
+        };
+        for (yaml, key) in [
+            ("redact_all_types: true", "redact_all_types"),
+            ("url_sanitizer: {enabled: true}", "url_sanitizer"),
+            (
+                "url_sanitizer: {enabled: true, attributes: [http.url]}",
+                "url_sanitizer",
+            ),
+            ("db_sanitizer: {sql: {enabled: true}}", "db_sanitizer"),
+            (
+                "db_sanitizer: {redis: {enabled: true}, sql: {enabled: false}}",
+                "db_sanitizer",
+            ),
+        ] {
+            let errs = errors(yaml);
+            assert_eq!(errs.len(), 1, "{yaml}: {errs:?}");
+            assert!(
+                errs[0].starts_with(&format!("processors.redaction.{key}: is not supported")),
+                "{yaml}: {errs:?}"
+            );
+            assert!(errs[0].contains("keep a collector"), "{errs:?}");
+        }
+        for yaml in [
+            "redact_all_types: false",
+            "url_sanitizer: {enabled: false}",
+            "db_sanitizer: {sql: {enabled: false}}",
+            "db_sanitizer: {}",
+        ] {
+            assert_eq!(errors(yaml), Vec::<String>::new(), "{yaml}");
+        }
+        // Still strict elsewhere: a misspelt key is an error.
+        assert!(serde_norway::from_str::<RedactionConfig>("redact_all_typez: true").is_err());
     }
 }

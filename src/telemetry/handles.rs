@@ -73,6 +73,7 @@ pub(crate) struct ExporterHandles {
 }
 
 /// One processor's item counters (the collector's processorhelper series), registered once.
+#[derive(Debug)]
 pub(crate) struct ProcessorHandles {
     pub(crate) incoming: Counter,
     pub(crate) outgoing: Counter,

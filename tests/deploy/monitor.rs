@@ -1,11 +1,16 @@
-//! The chart's ServiceMonitor (`metrics.serviceMonitor`): off by default; when on it validates
-//! against the Prometheus Operator's CRD schema and scrapes the relay Service's metrics port.
+//! The chart's ServiceMonitor (`metrics.serviceMonitor`) and PodMonitor (`metrics.podMonitor`):
+//! off by default; when on each validates against the Prometheus Operator's CRD schema and
+//! scrapes the relay's metrics port (through its Service, or on its pods), and not both at once.
 use serde_norway::Value;
 
 use super::tools::{Check, MODES, Render, VALUE_SETS, at, component, kind, parse_docs, run_validator};
 
 fn monitors(docs: &[Value]) -> Vec<&Value> {
-    docs.iter().filter(|d| kind(d) == "ServiceMonitor").collect()
+    of_kind(docs, "ServiceMonitor")
+}
+
+fn of_kind<'a>(docs: &'a [Value], wanted: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| kind(d) == wanted).collect()
 }
 
 /// Whether every label of `selector` is on `labels`.
@@ -129,4 +134,110 @@ fn service_monitor_mistakes_are_refused() {
         .try_text()
         .expect_err("an interval that is no duration");
     assert!(err.contains("interval"), "{err}");
+}
+
+fn pod_monitor_enabled(set: &str, mode: &str, istio: bool) -> Render {
+    Render::new(set, mode, istio)
+        .set("metrics.podMonitor.enabled", "true")
+        .set("metrics.podMonitor.labels.release", "kube-prometheus-stack")
+        .set("metrics.podMonitor.interval", "15s")
+        .set("metrics.podMonitor.scrapeTimeout", "10s")
+}
+
+#[test]
+fn pod_monitor_is_off_by_default_and_scrapes_the_relay_pods_metrics_port() {
+    let dir = tempfile::tempdir().unwrap();
+    for set in VALUE_SETS {
+        for mode in MODES {
+            for istio in [true, false] {
+                let label = format!("{set}-{mode}-istio_{istio}");
+                let off = Render::new(set, mode, istio).docs();
+                assert!(
+                    of_kind(&off, "PodMonitor").is_empty(),
+                    "{label}: a PodMonitor by default"
+                );
+
+                let text = pod_monitor_enabled(set, mode, istio).text();
+                let docs = parse_docs(&text);
+                assert!(
+                    monitors(&docs).is_empty(),
+                    "{label}: a ServiceMonitor beside the PodMonitor"
+                );
+                let found = of_kind(&docs, "PodMonitor");
+                assert_eq!(found.len(), 1, "{label}");
+                let pm = found[0];
+                assert_eq!(
+                    at(pm, "metadata.labels.release").as_str(),
+                    Some("kube-prometheus-stack")
+                );
+                let endpoint = at(pm, "spec.podMetricsEndpoints.0");
+                assert_eq!(at(endpoint, "path").as_str(), Some("/metrics"));
+                assert_eq!(at(endpoint, "interval").as_str(), Some("15s"));
+                assert_eq!(at(endpoint, "scrapeTimeout").as_str(), Some("10s"));
+                // The relay's pods, and no other workload's (gate, MLflow, PostgreSQL).
+                let selector = at(pm, "spec.selector.matchLabels");
+                let selected: Vec<&Value> = docs
+                    .iter()
+                    .filter(|d| {
+                        ["Deployment", "StatefulSet", "DaemonSet"].contains(&kind(d))
+                            && selects(selector, at(d, "spec.template.metadata.labels"))
+                    })
+                    .collect();
+                assert_eq!(
+                    selected.len(),
+                    1,
+                    "{label}: the selector matches {} workloads",
+                    selected.len()
+                );
+                assert_eq!(component(selected[0]), "relay", "{label}");
+                // The port it names is the relay container's metrics port, 8888.
+                let port = at(endpoint, "port").as_str().unwrap();
+                let container_port = at(selected[0], "spec.template.spec.containers.0.ports")
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|p| at(p, "name").as_str() == Some(port))
+                    .map(|p| at(p, "containerPort").as_u64());
+                assert_eq!(container_port, Some(Some(8888)), "{label}: port {port}");
+
+                let file = crate::support::write_file(dir.path(), &format!("{label}.yaml"), &text);
+                let (ok, out) = run_validator(Check::Schema, &file);
+                assert!(ok, "{label}: schema check:\n{out}");
+                let lint = pod_monitor_enabled(set, mode, istio).lint();
+                assert!(
+                    lint.status.success(),
+                    "{label}: helm lint:\n{}",
+                    String::from_utf8_lossy(&lint.stdout)
+                );
+            }
+        }
+    }
+}
+
+/// The CRD schema check is not vacuous for the PodMonitor, values are checked, and the two
+/// monitors are not rendered together (every pod would be scraped twice).
+#[test]
+fn pod_monitor_mistakes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = pod_monitor_enabled("migrate", "token", false).text();
+    let broken = text.replacen("      scheme: http", "      scheme: http\n      scrapez: 1", 1);
+    assert_ne!(broken, text, "the mutation did not apply");
+    let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
+    let (ok, out) = run_validator(Check::Schema, &file);
+    assert!(
+        !ok,
+        "an unknown PodMonitor endpoint field passed the schema check:\n{out}"
+    );
+
+    let err = Render::new("migrate", "token", false)
+        .set("metrics.podMonitor.interval", "soon")
+        .try_text()
+        .expect_err("an interval that is no duration");
+    assert!(err.contains("interval"), "{err}");
+
+    let err = pod_monitor_enabled("migrate", "token", false)
+        .set("metrics.serviceMonitor.enabled", "true")
+        .try_text()
+        .expect_err("both monitors at once");
+    assert!(err.contains("scraped twice"), "{err}");
 }
