@@ -99,6 +99,7 @@ impl SpanProcessor for Filter {
     fn process_wire(&self, record: &mut wire::Record<'_>, _request: &RequestContext) -> Result<(), ProcessError> {
         // As the prost path: ScopeSpans left without spans go, whatever the conditions.
         record.drop_empty_scopes = true;
+        record.insert_defaults(true);
         if self.span.is_empty() {
             return Ok(());
         }

@@ -34,6 +34,7 @@ impl SpanProcessor for ResourceProcessor {
     }
 
     fn process_wire(&self, record: &mut wire::Record<'_>, request: &RequestContext) -> Result<(), ProcessError> {
+        record.insert_defaults(false);
         self.0.apply(&mut record.resource.attributes, request);
         Ok(())
     }

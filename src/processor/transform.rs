@@ -169,6 +169,7 @@ impl SpanProcessor for Transform {
     }
 
     fn process_wire(&self, record: &mut wire::Record<'_>, _request: &RequestContext) -> Result<(), ProcessError> {
+        record.insert_defaults(false);
         for group in &self.groups {
             match group.context {
                 Context::Resource => {
@@ -183,6 +184,7 @@ impl SpanProcessor for Transform {
                     group.run(&self.id, &mut target)?;
                 }
                 Context::Scope => record.scopes_mut(|resource, scope, span| {
+                    // (scopes_mut gives every ScopeSpans a scope, as `process` does.)
                     let mut target = SpanTarget {
                         resource,
                         scope,
@@ -191,7 +193,10 @@ impl SpanProcessor for Transform {
                     };
                     group.run(&self.id, &mut target)
                 })?,
-                Context::Span => record.each_span(|target| group.run(&self.id, target))?,
+                Context::Span => {
+                    record.insert_defaults(true);
+                    record.each_span(|target| group.run(&self.id, target))?
+                }
                 Context::Spanevent => {
                     return Err(ProcessError {
                         processor: self.id.clone(),

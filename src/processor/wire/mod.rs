@@ -149,6 +149,8 @@ pub(super) struct SpanView {
 struct ScopeView {
     message: Range<usize>,
     scope: InstrumentationScope,
+    /// Whether the ScopeSpans has a scope (or a processor gave it one, as prost's do).
+    present: bool,
     spans: Range<usize>,
 }
 
@@ -156,6 +158,8 @@ struct ScopeView {
 pub(crate) struct Record<'a> {
     bytes: &'a [u8],
     pub(crate) resource: Resource,
+    /// Whether the record has a resource (or a processor gave it one, as prost's do).
+    resource_present: bool,
     scopes: Vec<ScopeView>,
     spans: Vec<SpanView>,
     slots: Vec<Slot>,
@@ -184,6 +188,7 @@ impl<'a> Record<'a> {
         let mut record = Record {
             bytes,
             resource: Resource::default(),
+            resource_present: false,
             scopes: Vec::new(),
             spans: Vec::new(),
             slots: Vec::new(),
@@ -199,6 +204,7 @@ impl<'a> Record<'a> {
                 _ => {}
             }
         }
+        record.resource_present = !resource.is_empty();
         record.resource = decode_merged(bytes, &resource)?;
         Ok(record)
     }
@@ -214,10 +220,12 @@ impl<'a> Record<'a> {
                 _ => {}
             }
         }
+        let present = !scope.is_empty();
         let scope = decode_merged(self.bytes, &scope)?;
         self.scopes.push(ScopeView {
             message,
             scope,
+            present,
             spans: first..self.spans.len(),
         });
         Ok(())
@@ -276,6 +284,17 @@ impl<'a> Record<'a> {
         Ok(())
     }
 
+    /// Gives the record a resource and, with `scopes`, every ScopeSpans a scope, where they
+    /// have none: what the prost path's processors do as they edit (`get_or_insert`).
+    pub(crate) fn insert_defaults(&mut self, scopes: bool) {
+        self.resource_present = true;
+        if scopes {
+            for scope in &mut self.scopes {
+                scope.present = true;
+            }
+        }
+    }
+
     /// Spans not dropped.
     pub(crate) fn span_count(&self) -> usize {
         self.spans.iter().filter(|s| !s.dropped).count()
@@ -315,6 +334,7 @@ impl<'a> Record<'a> {
         mut f: impl FnMut(&mut Resource, &mut InstrumentationScope, &mut Span) -> Result<(), E>,
     ) -> Result<(), E> {
         for scope in &mut self.scopes {
+            scope.present = true;
             f(&mut self.resource, &mut scope.scope, &mut self.placeholder)?;
         }
         Ok(())
@@ -334,7 +354,7 @@ impl<'a> Record<'a> {
                 written.push(None);
             }
         }
-        let resource = self.resource.encode_to_vec();
+        let resource = self.resource_present.then(|| self.resource.encode_to_vec());
         let mut scopes = Vec::with_capacity(self.scopes.len());
         for scope in &self.scopes {
             let live = self.spans[scope.spans.clone()].iter().any(|s| !s.dropped);
@@ -342,8 +362,8 @@ impl<'a> Record<'a> {
                 scopes.push(None);
                 continue;
             }
-            let header = scope.scope.encode_to_vec();
-            let mut len = field_len(header.len());
+            let header = scope.present.then(|| scope.scope.encode_to_vec());
+            let mut len = header.as_ref().map_or(0, |h| field_len(h.len()));
             let mut next = scope.spans.start;
             for field in fields(self.bytes, scope.message.clone()).flatten() {
                 match field.number {
@@ -362,7 +382,7 @@ impl<'a> Record<'a> {
             }
             scopes.push(Some((header, len)));
         }
-        let mut len = field_len(resource.len());
+        let mut len = resource.as_ref().map_or(0, |r| field_len(r.len()));
         let mut next_scope = 0;
         for field in fields(self.bytes, 0..self.bytes.len()).flatten() {
             match field.number {
@@ -378,8 +398,10 @@ impl<'a> Record<'a> {
         }
         let mut out = BytesMut::with_capacity(field_len(len));
         put_len(1, len, &mut out);
-        put_len(1, resource.len(), &mut out);
-        out.put_slice(&resource);
+        if let Some(resource) = &resource {
+            put_len(1, resource.len(), &mut out);
+            out.put_slice(resource);
+        }
         let mut next_scope = 0;
         for field in fields(self.bytes, 0..self.bytes.len()).flatten() {
             match field.number {
@@ -391,8 +413,10 @@ impl<'a> Record<'a> {
                         continue;
                     };
                     put_len(2, *l, &mut out);
-                    put_len(1, header.len(), &mut out);
-                    out.put_slice(header);
+                    if let Some(header) = header {
+                        put_len(1, header.len(), &mut out);
+                        out.put_slice(header);
+                    }
                     let mut next = self.scopes[k].spans.start;
                     for f in fields(self.bytes, self.scopes[k].message.clone()).flatten() {
                         match f.number {
