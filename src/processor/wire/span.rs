@@ -31,7 +31,7 @@ impl<'r> WireSpan<'r> {
         scope: &'r mut InstrumentationScope,
         placeholder: &'r mut Span,
         view: &'r mut SpanView,
-        slots: &'r mut Vec<Slot>,
+        slots: &'r mut [Slot],
     ) -> WireSpan<'r> {
         let range = view.slots.clone();
         WireSpan {
