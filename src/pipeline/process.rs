@@ -141,13 +141,18 @@ mod tests {
     }
 
     /// Decoding for processors is charged before it happens: a body of many small spans that
-    /// fits the budget as bytes, but not decoded, is refused for a processed pipeline only.
+    /// fits the budget as bytes, but not decoded, is refused for a pipeline whose processors
+    /// decode (span event statements); one whose processors edit the bytes takes only the copy.
     #[test]
     fn processing_is_charged_before_decoding() {
         let budget = MemoryBudget::new(8, 1);
         let (tx, _rx) = mpsc::channel(4);
         let plain = Intake::new(vec![tx.clone().into()], vec![budget.clone()]);
         let processed = Intake::new(vec![], vec![budget.clone()]).with_processed(vec![ProcessedRoute {
+            chain: transform(r#"set(spanevent.attributes["k"], "v")"#),
+            targets: vec![tx.clone().into()],
+        }]);
+        let on_wire = Intake::new(vec![], vec![budget.clone()]).with_processed(vec![ProcessedRoute {
             chain: transform(r#"set(attributes["k"], "v")"#),
             targets: vec![tx.into()],
         }]);
@@ -162,6 +167,7 @@ mod tests {
         };
         assert_eq!(parse(&plain).unwrap(), 60_000);
         assert!(matches!(parse(&processed), Err(ReceiveError::DecodeTooLarge { .. })));
+        assert_eq!(parse(&on_wire).unwrap(), 60_000);
         assert_eq!(budget.used(), 0, "every hold was released");
     }
 

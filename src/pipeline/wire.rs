@@ -25,7 +25,7 @@ pub use super::decode::{DecodeBudget, DecodeError, Unbudgeted};
 pub(crate) use super::testdata;
 pub(crate) use super::walk::decoded_estimate;
 pub(crate) use crate::otlp::EXPERIMENT_ATTRIBUTE;
-pub(crate) use json::experiment_of;
+pub(crate) use json::{experiment_of, experiment_of_resource};
 pub use json::{json_decoded_estimate, parse_json, parse_json_within};
 pub(crate) use split::{split_chunk, split_chunk_pieces};
 

@@ -1,14 +1,25 @@
-//! Where processors that edit spans run: per pipeline, each ResourceSpans record of a request is
-//! decoded (prost) once, every such processor of the pipeline applied in order, and the result
-//! encoded once into a new record. The memory decoding takes is charged to the request's budget
-//! before it happens (the receiver's walk estimates it, [`decoded_estimate`]); records go one at a time, so a request holds at most
-//! one decoded record besides its encoded copies.
+//! Where processors that edit spans run, per pipeline, one ResourceSpans record of a request at a
+//! time, on one of two paths chosen when the chain is built:
+//! - the wire path, when every processor of the chain can run on protobuf bytes
+//!   ([`SpanProcessor::on_wire`]: `resource`, `attributes`, `filter` without span event
+//!   conditions, `transform` without the `spanevent` context): the record is viewed as bytes
+//!   (`processor::wire`), every processor applied in order, edits spliced into a new record;
+//!   untouched spans are copied as bytes, dropped ones left out. Nothing is decoded but the
+//!   resource and scopes, so only the new record's bytes are charged to the request's budget.
+//! - the prost path, otherwise (`redaction`, `probabilistic_sampler`, span events): the record
+//!   is decoded (prost) once, every processor applied in order, and the result encoded once. The
+//!   memory decoding takes is charged to the request's budget before it happens (the receiver's
+//!   walk estimates it, [`decoded_estimate`]); records go one at a time, so a request holds at
+//!   most one decoded record besides its encoded copies.
+//!
+//! Both give the same records once decoded (`processor::wire`'s tests compare them).
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 
+use super::wire::Record;
 use super::{ProcessError, RequestContext, SpanProcessor};
 use crate::otlp::routing;
 use crate::pipeline::wire::{self, DecodeBudget, DecodeError, ResourceChunk, decoded_estimate};
@@ -20,6 +31,8 @@ pub(crate) struct Chain {
     /// Each processor's item counters, in the same order (empty without metrics): registered
     /// once, so no label strings are built per request.
     counts: Vec<Arc<ProcessorHandles>>,
+    /// Every processor runs on protobuf bytes: records are edited, not decoded.
+    wire: bool,
 }
 
 impl std::fmt::Debug for Chain {
@@ -48,7 +61,28 @@ impl Chain {
             Some(m) => processors.iter().map(|(id, _)| m.processor(id)).collect(),
             None => Vec::new(),
         };
-        (!processors.is_empty()).then_some(Chain { processors, counts })
+        let wire = processors.iter().all(|(_, p)| p.on_wire());
+        (!processors.is_empty()).then_some(Chain {
+            processors,
+            counts,
+            wire,
+        })
+    }
+
+    /// A chain on the path given, whatever its processors say (the tests compare the paths).
+    #[cfg(test)]
+    pub(super) fn on_path(processors: Vec<(String, Box<dyn SpanProcessor>)>, wire: bool) -> Chain {
+        Chain {
+            processors,
+            counts: Vec::new(),
+            wire,
+        }
+    }
+
+    /// Whether records are edited as bytes.
+    #[cfg(test)]
+    pub(crate) fn on_wire(&self) -> bool {
+        self.wire
     }
 
     /// The processors' ids, in order: pipelines with the same ones share one processed copy.
@@ -70,12 +104,17 @@ impl Chain {
         let mut out = Vec::with_capacity(chunks.len());
         let mut held = 0usize;
         for chunk in chunks {
-            let need = decoded_estimate(&chunk.bytes);
-            if need > held {
-                budget.hold_decoded(need - held)?;
-                held = need;
-            }
-            if let Some(processed) = self.apply_one(chunk, request).map_err(B::Error::from)? {
+            let processed = if self.wire {
+                self.apply_wire(chunk, request)
+            } else {
+                let need = decoded_estimate(&chunk.bytes);
+                if need > held {
+                    budget.hold_decoded(need - held)?;
+                    held = need;
+                }
+                self.apply_one(chunk, request)
+            };
+            if let Some(processed) = processed.map_err(B::Error::from)? {
                 budget.hold_copy(processed.bytes.len())?;
                 out.push(processed);
             }
@@ -83,7 +122,11 @@ impl Chain {
         Ok(out)
     }
 
-    fn apply_one(&self, chunk: &ResourceChunk, request: &RequestContext) -> Result<Option<ResourceChunk>, ApplyError> {
+    pub(super) fn apply_one(
+        &self,
+        chunk: &ResourceChunk,
+        request: &RequestContext,
+    ) -> Result<Option<ResourceChunk>, ApplyError> {
         // A chunk is one field-1 record, so it decodes as a request of one ResourceSpans.
         let decoded = ExportTraceServiceRequest::decode(chunk.bytes.clone()).map_err(DecodeError::from)?;
         let Some(mut rs) = decoded.resource_spans.into_iter().next() else {
@@ -92,15 +135,7 @@ impl Chain {
         let mut spans = chunk.spans;
         for (i, (_, processor)) in self.processors.iter().enumerate() {
             processor.process_in(&mut rs, request)?;
-            let left = span_count(&rs);
-            if let Some(counts) = self.counts.get(i) {
-                counts.incoming.inc_by(spans as u64);
-                counts.outgoing.inc_by(left as u64);
-                if left < spans {
-                    counts.dropped.inc_by((spans - left) as u64);
-                }
-            }
-            spans = left;
+            spans = self.count(i, spans, span_count(&rs));
         }
         if spans == 0 {
             return Ok(None);
@@ -114,6 +149,57 @@ impl Chain {
             experiment: wire::experiment_of(&rs),
             names,
         }))
+    }
+}
+
+impl Chain {
+    /// Counts processor `i`'s items; returns what is left.
+    fn count(&self, i: usize, spans: usize, left: usize) -> usize {
+        if let Some(counts) = self.counts.get(i) {
+            counts.incoming.inc_by(spans as u64);
+            counts.outgoing.inc_by(left as u64);
+            if left < spans {
+                counts.dropped.inc_by((spans - left) as u64);
+            }
+        }
+        left
+    }
+
+    /// [`Chain::apply_one`] on the record's bytes (the wire path).
+    pub(super) fn apply_wire(
+        &self,
+        chunk: &ResourceChunk,
+        request: &RequestContext,
+    ) -> Result<Option<ResourceChunk>, ApplyError> {
+        let mut record = Record::parse(record_message(&chunk.bytes)?)?;
+        let mut spans = chunk.spans;
+        for (i, (_, processor)) in self.processors.iter().enumerate() {
+            processor.process_wire(&mut record, request)?;
+            spans = self.count(i, spans, record.span_count());
+        }
+        if spans == 0 {
+            return Ok(None);
+        }
+        let bytes = record.encode()?;
+        // The processors may have set the routing attributes: read from what goes on.
+        let names = routing::resource_routing(&bytes, "").names();
+        Ok(Some(ResourceChunk {
+            bytes,
+            spans,
+            experiment: wire::experiment_of_resource(&record.resource),
+            names,
+        }))
+    }
+}
+
+/// The ResourceSpans message inside a chunk (a field-1 record: key, length, message).
+fn record_message(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    let mut pos = 0;
+    let key = crate::otlp::varint::read(bytes, &mut pos).map_err(|e| DecodeError::Framing(e.message()))?;
+    let len = crate::otlp::varint::read(bytes, &mut pos).map_err(|e| DecodeError::Framing(e.message()))?;
+    match usize::try_from(len).ok().and_then(|l| pos.checked_add(l)) {
+        Some(end) if key == 0x0a && end == bytes.len() => Ok(&bytes[pos..end]),
+        _ => Err(DecodeError::Framing("a record is not one resource_spans field")),
     }
 }
 

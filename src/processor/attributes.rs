@@ -8,8 +8,10 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, Span};
 use serde::Deserialize;
 
 use super::actions::{ActionConfig, Actions};
+use super::ottl::compile::Place;
 use super::ottl::eval::{Value, from_any};
-use super::{ProcessError, ProcessorConfig, RequestContext, SpanProcessor};
+use super::ottl::target::Target;
+use super::{ProcessError, ProcessorConfig, RequestContext, SpanProcessor, wire};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -281,6 +283,29 @@ struct AttributesProcessor {
 }
 
 impl SpanProcessor for AttributesProcessor {
+    fn on_wire(&self) -> bool {
+        true
+    }
+
+    fn process_wire(&self, record: &mut wire::Record<'_>, request: &RequestContext) -> Result<(), ProcessError> {
+        record.each_span(|target| {
+            if self.include.is_some() || self.exclude.is_some() {
+                // Matching reads the whole span: decoded, only for processors that match.
+                let span = target.decoded();
+                let (resource, scope) = (target.resource(), target.scope());
+                let included = self.include.as_ref().is_none_or(|m| m.matches(resource, scope, &span));
+                let excluded = self.exclude.as_ref().is_some_and(|m| m.matches(resource, scope, &span));
+                if !included || excluded {
+                    return Ok(());
+                }
+            }
+            target.edit_map(Place::Span("attributes"), &mut |attrs| {
+                self.actions.apply(attrs, request)
+            });
+            Ok(())
+        })
+    }
+
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
         self.process_in(rs, &RequestContext::default())
     }

@@ -6,9 +6,9 @@ use serde::Deserialize;
 
 use super::ottl::Condition;
 use super::ottl::context::Context;
-use super::ottl::eval::{self, Patterns, SpanTarget};
+use super::ottl::eval::{self, Patterns, SpanTarget, Target};
 use super::transform::condition_in;
-use super::{ErrorMode, ProcessError, ProcessorConfig, SpanProcessor};
+use super::{ErrorMode, ProcessError, ProcessorConfig, RequestContext, SpanProcessor, wire};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,7 +79,7 @@ struct Filter {
 impl Filter {
     /// Whether any condition holds; a condition that fails on the data does not (unless
     /// `propagate`, which refuses the request).
-    fn any(&self, conditions: &Compiled, target: &SpanTarget<'_>) -> Result<bool, ProcessError> {
+    fn any(&self, conditions: &Compiled, target: &dyn Target) -> Result<bool, ProcessError> {
         for (condition, patterns) in conditions {
             match eval::eval_condition(condition, target, patterns) {
                 Ok(true) => return Ok(true),
@@ -92,6 +92,25 @@ impl Filter {
 }
 
 impl SpanProcessor for Filter {
+    fn on_wire(&self) -> bool {
+        self.event.is_empty()
+    }
+
+    fn process_wire(&self, record: &mut wire::Record<'_>, _request: &RequestContext) -> Result<(), ProcessError> {
+        // As the prost path: ScopeSpans left without spans go, whatever the conditions.
+        record.drop_empty_scopes = true;
+        record.insert_defaults(true);
+        if self.span.is_empty() {
+            return Ok(());
+        }
+        record.each_span(|target| {
+            if self.any(&self.span, target)? {
+                target.drop_span();
+            }
+            Ok(())
+        })
+    }
+
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
         let resource = rs.resource.get_or_insert_with(Default::default);
         for ss in &mut rs.scope_spans {

@@ -25,6 +25,7 @@ pub(crate) mod redaction;
 pub(crate) mod resource;
 pub(crate) mod tracestate;
 pub(crate) mod transform;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::sync::Arc;
@@ -93,6 +94,21 @@ pub(crate) trait SpanProcessor: Send + Sync {
     /// the request (`from_context`) override it.
     fn process_in(&self, rs: &mut ResourceSpans, _request: &RequestContext) -> Result<(), ProcessError> {
         self.process(rs)
+    }
+
+    /// Whether [`SpanProcessor::process_wire`] runs this processor: a chain whose processors
+    /// all do edits records as protobuf bytes (`wire`) instead of decoding them.
+    fn on_wire(&self) -> bool {
+        false
+    }
+
+    /// As [`SpanProcessor::process_in`], on a record edited as bytes; only called when
+    /// [`SpanProcessor::on_wire`] says so.
+    fn process_wire(&self, _record: &mut wire::Record<'_>, _request: &RequestContext) -> Result<(), ProcessError> {
+        Err(ProcessError {
+            processor: String::new(),
+            message: "this processor does not run on protobuf bytes".into(),
+        })
     }
 }
 

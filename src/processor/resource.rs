@@ -4,7 +4,7 @@ use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde::Deserialize;
 
 use super::actions::{ActionConfig, Actions};
-use super::{ProcessError, ProcessorConfig, RequestContext, SpanProcessor};
+use super::{ProcessError, ProcessorConfig, RequestContext, SpanProcessor, wire};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,6 +29,16 @@ impl ProcessorConfig for ResourceConfig {
 struct ResourceProcessor(Actions);
 
 impl SpanProcessor for ResourceProcessor {
+    fn on_wire(&self) -> bool {
+        true
+    }
+
+    fn process_wire(&self, record: &mut wire::Record<'_>, request: &RequestContext) -> Result<(), ProcessError> {
+        record.insert_defaults(false);
+        self.0.apply(&mut record.resource.attributes, request);
+        Ok(())
+    }
+
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
         self.process_in(rs, &RequestContext::default())
     }

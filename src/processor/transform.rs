@@ -6,9 +6,9 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, Span};
 use serde::Deserialize;
 
 use super::ottl::context::Context;
-use super::ottl::eval::{self, CompileError, Compiled, Patterns, SpanTarget};
+use super::ottl::eval::{self, CompileError, Compiled, Patterns, SpanTarget, Target};
 use super::ottl::{Condition, parse};
-use super::{ErrorMode, ProcessError, ProcessorConfig, SpanProcessor};
+use super::{ErrorMode, ProcessError, ProcessorConfig, RequestContext, SpanProcessor, wire};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,7 +137,7 @@ struct Transform {
 
 impl Group {
     /// Runs the group's statements on one target, when any of its conditions holds.
-    fn run(&self, id: &str, target: &mut SpanTarget<'_>) -> Result<(), ProcessError> {
+    fn run(&self, id: &str, target: &mut dyn Target) -> Result<(), ProcessError> {
         if !self.conditions.is_empty() {
             let mut any = false;
             for (condition, patterns) in &self.conditions {
@@ -164,6 +164,50 @@ impl Group {
 }
 
 impl SpanProcessor for Transform {
+    fn on_wire(&self) -> bool {
+        self.groups.iter().all(|g| g.context != Context::Spanevent)
+    }
+
+    fn process_wire(&self, record: &mut wire::Record<'_>, _request: &RequestContext) -> Result<(), ProcessError> {
+        record.insert_defaults(false);
+        for group in &self.groups {
+            match group.context {
+                Context::Resource => {
+                    let (resource, span) = record.placeholder();
+                    let mut scope = InstrumentationScope::default();
+                    let mut target = SpanTarget {
+                        resource,
+                        scope: &mut scope,
+                        span,
+                        event: None,
+                    };
+                    group.run(&self.id, &mut target)?;
+                }
+                Context::Scope => record.scopes_mut(|resource, scope, span| {
+                    // (scopes_mut gives every ScopeSpans a scope, as `process` does.)
+                    let mut target = SpanTarget {
+                        resource,
+                        scope,
+                        span,
+                        event: None,
+                    };
+                    group.run(&self.id, &mut target)
+                })?,
+                Context::Span => {
+                    record.insert_defaults(true);
+                    record.each_span(|target| group.run(&self.id, target))?
+                }
+                Context::Spanevent => {
+                    return Err(ProcessError {
+                        processor: self.id.clone(),
+                        message: "spanevent statements do not run on protobuf bytes".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn process(&self, rs: &mut ResourceSpans) -> Result<(), ProcessError> {
         let resource = rs.resource.get_or_insert_with(Default::default);
         for group in &self.groups {

@@ -2,6 +2,7 @@
 //! encoded as protobuf records that then pass the same walk as a protobuf request.
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
 use super::{
@@ -161,7 +162,12 @@ pub(super) fn span_ids_valid(span: &Span) -> bool {
 }
 
 pub(crate) fn experiment_of(rs: &ResourceSpans) -> Option<String> {
-    let attrs = &rs.resource.as_ref()?.attributes;
+    experiment_of_resource(rs.resource.as_ref()?)
+}
+
+/// The usable `mlflow.experiment_id` attribute of a resource.
+pub(crate) fn experiment_of_resource(resource: &Resource) -> Option<String> {
+    let attrs = &resource.attributes;
     let value = attrs
         .iter()
         .find(|kv| kv.key == EXPERIMENT_ATTRIBUTE)?

@@ -1,14 +1,10 @@
 //! OTTL evaluation on one span with its resource and scope: paths, comparisons, arithmetic, and
 //! the editors and converters MLflow users reach for, on statements `compile` checked.
-use opentelemetry_proto::tonic::common::v1::{
-    AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::span::Event;
-use opentelemetry_proto::tonic::trace::v1::{Span, Status};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, KeyValueList, any_value};
 
 pub(crate) use super::compile::{CompileError, Compiled, Patterns, compile, compile_condition};
 use super::compile::{Place, enum_value, place_of};
+pub(crate) use super::target::{SpanTarget, Target};
 use super::{Arg, Call, CompareOp, Condition, Expr, Key, MathOp, Path};
 
 /// A value while evaluating: OTLP's AnyValue, plus nil.
@@ -35,19 +31,9 @@ pub(crate) enum EvalError {
     ReadOnly(String),
 }
 
-/// What a statement runs on: a span with its resource and scope, and in the `spanevent`
-/// context one of its events. The `resource` and `scope` contexts run on a placeholder span
-/// their statements cannot name (see `context`).
-pub(crate) struct SpanTarget<'a> {
-    pub(crate) resource: &'a mut Resource,
-    pub(crate) scope: &'a mut InstrumentationScope,
-    pub(crate) span: &'a mut Span,
-    pub(crate) event: Option<&'a mut Event>,
-}
-
 impl Compiled {
     /// Runs the statement when its condition holds; Ok(true) when the editor ran.
-    pub(crate) fn execute(&self, target: &mut SpanTarget<'_>) -> Result<bool, EvalError> {
+    pub(crate) fn execute(&self, target: &mut dyn Target) -> Result<bool, EvalError> {
         if let Some(condition) = &self.statement.condition
             && !eval_condition(condition, target, &self.patterns)?
         {
@@ -57,7 +43,7 @@ impl Compiled {
         Ok(true)
     }
 
-    fn edit(&self, target: &mut SpanTarget<'_>) -> Result<(), EvalError> {
+    fn edit(&self, target: &mut dyn Target) -> Result<(), EvalError> {
         let call = &self.statement.editor;
         let arg = |i: usize| &call.args[i].value;
         match call.name.as_str() {
@@ -69,7 +55,15 @@ impl Compiled {
             }
             "delete_key" => {
                 let key = string_of(eval(arg(1), target, &self.patterns)?)?;
-                edit_map(arg(0), target, |map| map.retain(|kv| kv.key != key))?;
+                let path = path_of(arg(0))?;
+                match place_of(path).map_err(|e| EvalError::Type(e.0))? {
+                    (place, []) => {
+                        if target.delete_key(place, &key).is_none() {
+                            return Err(EvalError::Type(format!("{place:?} is not a map")));
+                        }
+                    }
+                    _ => edit_map(arg(0), target, |map| map.retain(|kv| kv.key != key))?,
+                }
             }
             "delete_matching_keys" => {
                 let re = &self.regexes[0];
@@ -197,7 +191,7 @@ fn merge(map: &mut Vec<KeyValue>, source: Vec<(String, Value)>, strategy: &str) 
     }
 }
 
-fn type_error(wanted: &str, got: &Value) -> EvalError {
+pub(crate) fn type_error(wanted: &str, got: &Value) -> EvalError {
     EvalError::Type(format!("expected {wanted}, got {}", type_name(got)))
 }
 
@@ -236,108 +230,61 @@ fn path_of(expr: &Expr) -> Result<&Path, EvalError> {
 }
 
 /// The attribute list a map path names, edited in place (nested keys reach into kvlists).
-fn edit_map(expr: &Expr, target: &mut SpanTarget<'_>, edit: impl FnOnce(&mut Vec<KeyValue>)) -> Result<(), EvalError> {
+fn edit_map(expr: &Expr, target: &mut dyn Target, edit: impl FnOnce(&mut Vec<KeyValue>)) -> Result<(), EvalError> {
     let path = path_of(expr)?;
     let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
-    let Some(mut map) = attributes_mut(place, target) else {
-        return Err(EvalError::Type(format!("{place:?} is not a map")));
-    };
-    for key in keys {
-        let Key::Str(key) = key else {
-            return Err(EvalError::Type("maps take string keys".into()));
-        };
-        let nested = map
-            .iter_mut()
-            .find(|kv| &kv.key == key)
-            .and_then(|kv| kv.value.as_mut())
-            .and_then(|v| match v.value.as_mut() {
-                Some(any_value::Value::KvlistValue(list)) => Some(&mut list.values),
-                _ => None,
-            });
-        match nested {
-            Some(inner) => map = inner,
-            // Editing a map that is not there leaves everything as it is, as in the collector.
-            None => return Ok(()),
-        }
-    }
-    edit(map);
-    Ok(())
-}
-
-fn attributes_mut<'t>(place: Place, target: &'t mut SpanTarget<'_>) -> Option<&'t mut Vec<KeyValue>> {
-    match place {
-        Place::Span("attributes") => Some(&mut target.span.attributes),
-        Place::Resource("attributes") => Some(&mut target.resource.attributes),
-        Place::Scope("attributes") => Some(&mut target.scope.attributes),
-        Place::Event("attributes") => target.event.as_deref_mut().map(|e| &mut e.attributes),
-        _ => None,
-    }
-}
-
-fn attributes<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t Vec<KeyValue>> {
-    match place {
-        Place::Span("attributes") => Some(&target.span.attributes),
-        Place::Resource("attributes") => Some(&target.resource.attributes),
-        Place::Scope("attributes") => Some(&target.scope.attributes),
-        Place::Event("attributes") => target.event.as_deref().map(|e| &e.attributes),
-        _ => None,
-    }
-}
-
-fn get(path: &Path, target: &SpanTarget<'_>) -> Result<Value, EvalError> {
-    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
-    if let Some(map) = attributes(place, target) {
-        // `attributes["k"]` looks the key up rather than copying the whole map first.
-        if let Some((Key::Str(first), rest)) = keys.split_first() {
-            let mut value = map
-                .iter()
-                .find(|kv| &kv.key == first)
-                .map_or(Value::Nil, |kv| from_any(kv.value.as_ref()));
-            for key in rest {
-                value = index(value, key);
+    let mut edit = Some(edit);
+    let mut result = Ok(());
+    let found = target.edit_map(place, &mut |map| {
+        let mut map = map;
+        for key in keys {
+            let Key::Str(key) = key else {
+                result = Err(EvalError::Type("maps take string keys".into()));
+                return;
+            };
+            let nested = map
+                .iter_mut()
+                .find(|kv| &kv.key == key)
+                .and_then(|kv| kv.value.as_mut())
+                .and_then(|v| match v.value.as_mut() {
+                    Some(any_value::Value::KvlistValue(list)) => Some(&mut list.values),
+                    _ => None,
+                });
+            match nested {
+                Some(inner) => map = inner,
+                // Editing a map that is not there leaves everything as it is, as in the collector.
+                None => return,
             }
-            return Ok(value);
         }
-        let mut value = Value::Map(
-            map.iter()
-                .map(|kv| (kv.key.clone(), from_any(kv.value.as_ref())))
-                .collect(),
-        );
+        if let Some(edit) = edit.take() {
+            edit(map);
+        }
+    });
+    if found.is_none() {
+        return Err(EvalError::Type(format!("{place:?} is not a map")));
+    }
+    result
+}
+
+fn get(path: &Path, target: &dyn Target) -> Result<Value, EvalError> {
+    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
+    // `attributes["k"]` looks the key up rather than copying the whole map first.
+    if let Some((Key::Str(first), rest)) = keys.split_first()
+        && let Some(found) = target.attr(place, first)
+    {
+        let mut value = found.map_or(Value::Nil, |a| a.value());
+        for key in rest {
+            value = index(value, key);
+        }
+        return Ok(value);
+    }
+    if let Some(mut value) = target.map_value(place) {
         for key in keys {
             value = index(value, key);
         }
         return Ok(value);
     }
-    let span = &*target.span;
-    Ok(match place {
-        Place::Span("name") => Value::Str(span.name.clone()),
-        Place::Span("kind") => Value::Int(i64::from(span.kind)),
-        Place::Span("trace_id") => Value::Bytes(span.trace_id.clone()),
-        Place::Span("span_id") => Value::Bytes(span.span_id.clone()),
-        Place::Span("parent_span_id") => Value::Bytes(span.parent_span_id.clone()),
-        Place::Span("trace_state") => Value::Str(span.trace_state.clone()),
-        Place::Span("start_time_unix_nano") => Value::Int(span.start_time_unix_nano as i64),
-        Place::Span("end_time_unix_nano") => Value::Int(span.end_time_unix_nano as i64),
-        Place::Span("dropped_attributes_count") => Value::Int(i64::from(span.dropped_attributes_count)),
-        Place::Status("code") => Value::Int(i64::from(span.status.as_ref().map_or(0, |s| s.code))),
-        Place::Status("message") => Value::Str(span.status.as_ref().map(|s| s.message.clone()).unwrap_or_default()),
-        Place::Resource("dropped_attributes_count") => Value::Int(i64::from(target.resource.dropped_attributes_count)),
-        Place::Scope("name") => Value::Str(target.scope.name.clone()),
-        Place::Scope("version") => Value::Str(target.scope.version.clone()),
-        Place::Event("name") => target
-            .event
-            .as_deref()
-            .map_or(Value::Nil, |e| Value::Str(e.name.clone())),
-        Place::Event("time_unix_nano") => target
-            .event
-            .as_deref()
-            .map_or(Value::Nil, |e| Value::Int(e.time_unix_nano as i64)),
-        Place::Event("dropped_attributes_count") => target
-            .event
-            .as_deref()
-            .map_or(Value::Nil, |e| Value::Int(i64::from(e.dropped_attributes_count))),
-        _ => Value::Nil,
-    })
+    Ok(target.field(place))
 }
 
 fn index(value: Value, key: &Key) -> Value {
@@ -354,41 +301,28 @@ fn index(value: Value, key: &Key) -> Value {
     }
 }
 
-fn set(path: &Path, target: &mut SpanTarget<'_>, value: Value) -> Result<(), EvalError> {
-    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
-    if let Some(map) = attributes_mut(place, target) {
-        return set_in_map(map, keys, value);
-    }
-    let name = || format!("{place:?}");
-    let span = &mut *target.span;
-    match (place, value) {
-        (Place::Span("name"), Value::Str(s)) => span.name = s,
-        (Place::Span("kind"), Value::Int(n)) => {
-            span.kind = i32::try_from(n).map_err(|_| EvalError::Type("kind out of range".into()))?
-        }
-        (Place::Span("trace_state"), Value::Str(s)) => span.trace_state = s,
-        (Place::Status("code"), Value::Int(n)) => {
-            span.status.get_or_insert_with(Status::default).code =
-                i32::try_from(n).map_err(|_| EvalError::Type("status.code out of range".into()))?;
-        }
-        (Place::Status("message"), Value::Str(s)) => span.status.get_or_insert_with(Status::default).message = s,
-        (Place::Scope("name"), Value::Str(s)) => target.scope.name = s,
-        (Place::Scope("version"), Value::Str(s)) => target.scope.version = s,
-        (Place::Event("name"), Value::Str(s)) => {
-            if let Some(e) = target.event.as_deref_mut() {
-                e.name = s;
-            }
-        }
-        (Place::Span("trace_id" | "span_id" | "parent_span_id" | "start_time_unix_nano" | "end_time_unix_nano"), _) => {
-            // Ids and times identify the span in MLflow; rewriting them would orphan or merge traces.
-            return Err(EvalError::ReadOnly(name()));
-        }
-        (_, other) => return Err(type_error(&format!("a value of the right type for {}", name()), &other)),
-    }
-    Ok(())
+/// Whether a place is an attribute map (the only places that take keys).
+fn is_map(place: Place) -> bool {
+    matches!(
+        place,
+        Place::Span("attributes")
+            | Place::Resource("attributes")
+            | Place::Scope("attributes")
+            | Place::Event("attributes")
+    )
 }
 
-fn set_in_map(map: &mut Vec<KeyValue>, keys: &[Key], value: Value) -> Result<(), EvalError> {
+fn set(path: &Path, target: &mut dyn Target, value: Value) -> Result<(), EvalError> {
+    let (place, keys) = place_of(path).map_err(|e| EvalError::Type(e.0))?;
+    if is_map(place) {
+        return target
+            .set_attr(place, keys, value)
+            .unwrap_or_else(|| Err(EvalError::Type(format!("{place:?} is not available here"))));
+    }
+    target.set_field(place, value)
+}
+
+pub(crate) fn set_in_map(map: &mut Vec<KeyValue>, keys: &[Key], value: Value) -> Result<(), EvalError> {
     let Some((first, rest)) = keys.split_first() else {
         return match value {
             Value::Map(entries) => {
@@ -477,11 +411,7 @@ pub(crate) fn to_any(value: Value) -> AnyValue {
     AnyValue { value }
 }
 
-pub(crate) fn eval_condition(
-    condition: &Condition,
-    target: &SpanTarget<'_>,
-    pats: &Patterns,
-) -> Result<bool, EvalError> {
+pub(crate) fn eval_condition(condition: &Condition, target: &dyn Target, pats: &Patterns) -> Result<bool, EvalError> {
     Ok(match condition {
         Condition::Or(terms) => {
             for term in terms {
@@ -516,7 +446,7 @@ pub(crate) fn eval_condition(
 /// clauses and filter conditions, decided on the value in place: no copy of the value or the
 /// literal per span. `None` for every other comparison (evaluated as usual), with the same
 /// results as [`compare`].
-fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &SpanTarget<'_>) -> Option<bool> {
+fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &dyn Target) -> Option<bool> {
     if !matches!(op, CompareOp::Eq | CompareOp::Ne) {
         return None;
     }
@@ -526,27 +456,18 @@ fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &SpanTarge
         _ => return None,
     };
     let (place, keys) = place_of(path).ok()?;
-    let value = match attributes(place, target) {
-        Some(map) => {
+    let found;
+    let value = match is_map(place) {
+        true => {
             let [Key::Str(key)] = keys else {
                 return None;
             };
-            match map
-                .iter()
-                .find(|kv| &kv.key == key)
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| v.value.as_ref())
-            {
-                // What `from_any` reads as nil, and empty bytes, which compare equal to nil.
-                None | Some(any_value::Value::StringValueStrindex(_)) => None,
-                Some(any_value::Value::BytesValue(b)) if b.is_empty() => None,
-                Some(any_value::Value::StringValue(s)) => Some(Some(s.as_str())),
-                // A non-string value is never equal to a string nor nil.
-                Some(_) => Some(None),
-            }
+            found = target.attr(place, key)?;
+            // A missing key reads as nil.
+            found.as_ref().and_then(|a| a.compared())
         }
         // String fields are never nil (an empty string is still a string).
-        None => Some(Some(str_field(place, target)?)),
+        false => Some(Some(target.str_field(place)?)),
     };
     let equal = match (value, literal) {
         (None, Expr::Nil) => true,
@@ -555,18 +476,6 @@ fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &SpanTarge
         (Some(_), _) => false,
     };
     Some(if matches!(op, CompareOp::Eq) { equal } else { !equal })
-}
-
-/// The string-valued fields [`get`] reads, borrowed; `None` for any other place.
-fn str_field<'t>(place: Place, target: &'t SpanTarget<'_>) -> Option<&'t str> {
-    match place {
-        Place::Span("name") => Some(&target.span.name),
-        Place::Span("trace_state") => Some(&target.span.trace_state),
-        Place::Scope("name") => Some(&target.scope.name),
-        Place::Scope("version") => Some(&target.scope.version),
-        Place::Status("message") => Some(target.span.status.as_ref().map_or("", |s| s.message.as_str())),
-        _ => None,
-    }
 }
 
 /// The collector's comparison table: numbers compare across int and double, like types compare
@@ -604,7 +513,7 @@ fn compare(left: &Value, op: CompareOp, right: &Value) -> bool {
     }
 }
 
-pub(crate) fn eval(expr: &Expr, target: &SpanTarget<'_>, pats: &Patterns) -> Result<Value, EvalError> {
+pub(crate) fn eval(expr: &Expr, target: &dyn Target, pats: &Patterns) -> Result<Value, EvalError> {
     Ok(match expr {
         Expr::Nil => Value::Nil,
         Expr::Bool(b) => Value::Bool(*b),
@@ -686,9 +595,9 @@ fn to_json(value: &Value) -> serde_json::Value {
     }
 }
 
-fn convert(call: &Call, target: &SpanTarget<'_>, pats: &Patterns) -> Result<Value, EvalError> {
+fn convert(call: &Call, target: &dyn Target, pats: &Patterns) -> Result<Value, EvalError> {
     if call.name == "IsRootSpan" {
-        return Ok(Value::Bool(target.span.parent_span_id.is_empty()));
+        return Ok(Value::Bool(target.is_root_span()));
     }
     let mut args: Vec<Value> = call
         .args

@@ -1,6 +1,9 @@
 //! The evaluator's unit tests: the statements MLflow users write, on real-shaped spans.
 use super::super::parse::{parse_condition, parse_statement};
 use super::*;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 
 fn kv(key: &str, value: Value) -> KeyValue {
     KeyValue {

@@ -1,10 +1,11 @@
 //! OTTL, the collector's transformation language, as the `filter` and `transform` processors
 //! use it: the syntax tree here, the parser in `parse`. Paths and functions are given meaning by
 //! the evaluator (`eval`), not by the grammar (the collector splits it the same way).
-mod compile;
+pub(crate) mod compile;
 pub(crate) mod context;
 pub(crate) mod eval;
 pub(crate) mod parse;
+pub(crate) mod target;
 
 /// `editor(args) where condition`: one statement of a `transform` processor.
 #[derive(Debug, Clone, PartialEq)]
