@@ -5,7 +5,8 @@
 //!   conditions, `transform` without the `spanevent` context): the record is viewed as bytes
 //!   (`processor::wire`), every processor applied in order, edits spliced into a new record;
 //!   untouched spans are copied as bytes, dropped ones left out. Nothing is decoded but the
-//!   resource and scopes, so only the new record's bytes are charged to the request's budget.
+//!   resource and scopes; the view (an entry per span and attribute) is charged to the
+//!   request's budget like a decode, before it is built, and the new record's bytes after.
 //! - the prost path, otherwise (`redaction`, `probabilistic_sampler`, span events): the record
 //!   is decoded (prost) once, every processor applied in order, and the result encoded once. The
 //!   memory decoding takes is charged to the request's budget before it happens (the receiver's
@@ -24,6 +25,10 @@ use super::{ProcessError, RequestContext, SpanProcessor};
 use crate::otlp::routing;
 use crate::pipeline::wire::{self, DecodeBudget, DecodeError, ResourceChunk, decoded_estimate};
 use crate::telemetry::{Metrics, ProcessorHandles};
+
+/// How much more than a decode the wire path's view may take: its entry for an attribute is at
+/// most twice a decoded KeyValue (checked in the tests).
+const WIRE_VIEW_FACTOR: usize = 2;
 
 /// The processors of one pipeline that edit spans, in pipeline order.
 pub(crate) struct Chain {
@@ -104,14 +109,17 @@ impl Chain {
         let mut out = Vec::with_capacity(chunks.len());
         let mut held = 0usize;
         for chunk in chunks {
+            // The wire path's view of a record (an entry per attribute, per span) takes memory
+            // like a decode does, up to twice a decoded KeyValue per attribute (a record of
+            // empty KeyValues, 2 bytes each), so it is charged the same way before it is built.
+            let need = decoded_estimate(&chunk.bytes) * if self.wire { WIRE_VIEW_FACTOR } else { 1 };
+            if need > held {
+                budget.hold_decoded(need - held)?;
+                held = need;
+            }
             let processed = if self.wire {
                 self.apply_wire(chunk, request)
             } else {
-                let need = decoded_estimate(&chunk.bytes);
-                if need > held {
-                    budget.hold_decoded(need - held)?;
-                    held = need;
-                }
                 self.apply_one(chunk, request)
             };
             if let Some(processed) = processed.map_err(B::Error::from)? {

@@ -481,3 +481,18 @@ fn chains_with_span_event_work_or_redaction_stay_on_the_prost_path() {
     ]));
     assert!(!on_wire(&[("probabilistic_sampler", "{sampling_percentage: 50}")]));
 }
+
+/// The view is charged as twice a decode (`apply::WIRE_VIEW_FACTOR`): its entry for an attribute
+/// and for a span must stay within twice what prost decodes them into, or a record of empty
+/// KeyValues (2 bytes each) could take more memory than it was charged.
+#[test]
+fn the_view_takes_at_most_twice_a_decode() {
+    use std::mem::size_of;
+    assert!(
+        size_of::<super::Slot>() <= 2 * size_of::<KeyValue>(),
+        "{} > 2 x {}",
+        size_of::<super::Slot>(),
+        size_of::<KeyValue>()
+    );
+    assert!(size_of::<super::SpanView>() <= 2 * size_of::<Span>());
+}
