@@ -101,15 +101,7 @@ fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
                     "{label}: the Service's pods"
                 );
 
-                let file = crate::support::write_file(dir.path(), &format!("{label}.yaml"), &text);
-                let (ok, out) = run_validator(Check::Schema, &file);
-                assert!(ok, "{label}: schema check:\n{out}");
-                let lint = enabled(set, mode, istio).lint();
-                assert!(
-                    lint.status.success(),
-                    "{label}: helm lint:\n{}",
-                    String::from_utf8_lossy(&lint.stdout)
-                );
+                passes_schema_and_lint(dir.path(), &label, &text, enabled(set, mode, istio));
             }
         }
     }
@@ -118,22 +110,7 @@ fn service_monitor_is_off_by_default_and_scrapes_the_relay_metrics_port() {
 /// The CRD schema check is not vacuous for the ServiceMonitor, and values are checked.
 #[test]
 fn service_monitor_mistakes_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = enabled("migrate", "token", false).text();
-    let broken = text.replacen("      scheme: http", "      scheme: http\n      scrapez: 1", 1);
-    assert_ne!(broken, text, "the mutation did not apply");
-    let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
-    let (ok, out) = run_validator(Check::Schema, &file);
-    assert!(
-        !ok,
-        "an unknown ServiceMonitor endpoint field passed the schema check:\n{out}"
-    );
-
-    let err = Render::new("migrate", "token", false)
-        .set("metrics.serviceMonitor.interval", "soon")
-        .try_text()
-        .expect_err("an interval that is no duration");
-    assert!(err.contains("interval"), "{err}");
+    refuses_unknown_fields_and_bad_intervals("ServiceMonitor", enabled("migrate", "token", false), "serviceMonitor");
 }
 
 fn pod_monitor_enabled(set: &str, mode: &str, istio: bool) -> Render {
@@ -200,15 +177,7 @@ fn pod_monitor_is_off_by_default_and_scrapes_the_relay_pods_metrics_port() {
                     .map(|p| at(p, "containerPort").as_u64());
                 assert_eq!(container_port, Some(Some(8888)), "{label}: port {port}");
 
-                let file = crate::support::write_file(dir.path(), &format!("{label}.yaml"), &text);
-                let (ok, out) = run_validator(Check::Schema, &file);
-                assert!(ok, "{label}: schema check:\n{out}");
-                let lint = pod_monitor_enabled(set, mode, istio).lint();
-                assert!(
-                    lint.status.success(),
-                    "{label}: helm lint:\n{}",
-                    String::from_utf8_lossy(&lint.stdout)
-                );
+                passes_schema_and_lint(dir.path(), &label, &text, pod_monitor_enabled(set, mode, istio));
             }
         }
     }
@@ -218,26 +187,46 @@ fn pod_monitor_is_off_by_default_and_scrapes_the_relay_pods_metrics_port() {
 /// monitors are not rendered together (every pod would be scraped twice).
 #[test]
 fn pod_monitor_mistakes_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = pod_monitor_enabled("migrate", "token", false).text();
-    let broken = text.replacen("      scheme: http", "      scheme: http\n      scrapez: 1", 1);
-    assert_ne!(broken, text, "the mutation did not apply");
-    let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
-    let (ok, out) = run_validator(Check::Schema, &file);
-    assert!(
-        !ok,
-        "an unknown PodMonitor endpoint field passed the schema check:\n{out}"
+    refuses_unknown_fields_and_bad_intervals(
+        "PodMonitor",
+        pod_monitor_enabled("migrate", "token", false),
+        "podMonitor",
     );
-
-    let err = Render::new("migrate", "token", false)
-        .set("metrics.podMonitor.interval", "soon")
-        .try_text()
-        .expect_err("an interval that is no duration");
-    assert!(err.contains("interval"), "{err}");
 
     let err = pod_monitor_enabled("migrate", "token", false)
         .set("metrics.serviceMonitor.enabled", "true")
         .try_text()
         .expect_err("both monitors at once");
     assert!(err.contains("scraped twice"), "{err}");
+}
+
+/// The rendered monitor passes its CRD schema, and the chart with these values passes helm lint.
+fn passes_schema_and_lint(dir: &std::path::Path, label: &str, text: &str, render: Render) {
+    let file = crate::support::write_file(dir, &format!("{label}.yaml"), text);
+    let (ok, out) = run_validator(Check::Schema, &file);
+    assert!(ok, "{label}: schema check:\n{out}");
+    let lint = render.lint();
+    assert!(
+        lint.status.success(),
+        "{label}: helm lint:\n{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
+}
+
+/// The CRD schema check of `kind` is not vacuous (an unknown endpoint field fails it), and the
+/// chart refuses an interval that is no duration.
+fn refuses_unknown_fields_and_bad_intervals(kind: &str, render: Render, values_key: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = render.text();
+    let broken = text.replacen("      scheme: http", "      scheme: http\n      scrapez: 1", 1);
+    assert_ne!(broken, text, "the mutation did not apply");
+    let file = crate::support::write_file(dir.path(), "broken.yaml", &broken);
+    let (ok, out) = run_validator(Check::Schema, &file);
+    assert!(!ok, "an unknown {kind} endpoint field passed the schema check:\n{out}");
+
+    let err = Render::new("migrate", "token", false)
+        .set(&format!("metrics.{values_key}.interval"), "soon")
+        .try_text()
+        .expect_err("an interval that is no duration");
+    assert!(err.contains("interval"), "{err}");
 }

@@ -4,6 +4,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, Key
 
 pub(crate) use super::compile::{CompileError, Compiled, Patterns, compile, compile_condition};
 use super::compile::{Place, enum_value, place_of};
+use super::target::Compared;
 pub(crate) use super::target::{SpanTarget, Target};
 use super::{Arg, Call, CompareOp, Condition, Expr, Key, MathOp, Path};
 
@@ -464,16 +465,19 @@ fn compare_in_place(left: &Expr, op: CompareOp, right: &Expr, target: &dyn Targe
             };
             found = target.attr(place, key)?;
             // A missing key reads as nil.
-            found.as_ref().and_then(|a| a.compared())
+            match found.as_ref().map_or(Compared::Nil, |a| a.compared()) {
+                Compared::Undecided => return None,
+                compared => compared,
+            }
         }
         // String fields are never nil (an empty string is still a string).
-        false => Some(Some(target.str_field(place)?)),
+        false => Compared::Str(target.str_field(place)?),
     };
     let equal = match (value, literal) {
-        (None, Expr::Nil) => true,
-        (None, _) | (Some(_), Expr::Nil) => false,
-        (Some(Some(s)), Expr::Str(l)) => s == l,
-        (Some(_), _) => false,
+        (Compared::Nil, Expr::Nil) => true,
+        (Compared::Nil, _) | (_, Expr::Nil) => false,
+        (Compared::Str(s), Expr::Str(l)) => s == l,
+        _ => false,
     };
     Some(if matches!(op, CompareOp::Eq) { equal } else { !equal })
 }

@@ -88,28 +88,37 @@ impl Attr<'_> {
         }
     }
 
-    /// What `==`/`!=` against a string or nil needs: `None` for what reads as nil (and empty
-    /// bytes, equal to nil), `Some(Some(s))` for a string, `Some(None)` for any other value.
-    pub(crate) fn compared(&self) -> Option<Option<&str>> {
+    /// What `==`/`!=` against a string or nil needs, read in place where that is certain.
+    pub(crate) fn compared(&self) -> Compared<'_> {
         match self {
             Attr::Decoded(v) => match v.and_then(|v| v.value.as_ref()) {
-                None | Some(any_value::Value::StringValueStrindex(_)) => None,
-                Some(any_value::Value::BytesValue(b)) if b.is_empty() => None,
-                Some(any_value::Value::StringValue(s)) => Some(Some(s.as_str())),
-                Some(_) => Some(None),
+                None | Some(any_value::Value::StringValueStrindex(_)) => Compared::Nil,
+                Some(any_value::Value::BytesValue(b)) if b.is_empty() => Compared::Nil,
+                Some(any_value::Value::StringValue(s)) => Compared::Str(s.as_str()),
+                Some(_) => Compared::Other,
             },
             Attr::Encoded(bytes) => match scalar(bytes) {
-                Scalar::Empty => None,
-                Scalar::Str(s) => Some(std::str::from_utf8(s).ok()),
-                Scalar::Bool(_) | Scalar::Int(_) | Scalar::Double(_) => Some(None),
-                Scalar::Other => match self.value() {
-                    Value::Nil => None,
-                    Value::Bytes(b) if b.is_empty() => None,
-                    _ => Some(None),
-                },
+                Scalar::Empty => Compared::Nil,
+                Scalar::Str(s) => std::str::from_utf8(s).map_or(Compared::Undecided, Compared::Str),
+                Scalar::Bool(_) | Scalar::Int(_) | Scalar::Double(_) => Compared::Other,
+                // Any other encoding (an unknown field, a oneof set twice, a value repeated) is
+                // what a decoder makes of it: the evaluator's general path decodes it.
+                Scalar::Other => Compared::Undecided,
             },
         }
     }
+}
+
+/// An attribute as `==`/`!=` against a string or nil sees it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Compared<'a> {
+    /// Reads as nil (absent, unset, or empty bytes, which equal nil).
+    Nil,
+    Str(&'a str),
+    /// A value that is neither nil nor a string.
+    Other,
+    /// Not certain without decoding.
+    Undecided,
 }
 
 /// What a statement runs on: paths read (`attr`, `map_value`, `field`, `str_field`), set

@@ -334,6 +334,10 @@ impl<'a> Record<'a> {
         mut f: impl FnMut(&mut Resource, &mut InstrumentationScope, &mut Span) -> Result<(), E>,
     ) -> Result<(), E> {
         for scope in &mut self.scopes {
+            // A filter's emptied scopes are gone for what comes after it, as on the prost path.
+            if self.drop_empty_scopes && self.spans[scope.spans.clone()].iter().all(|s| s.dropped) {
+                continue;
+            }
             scope.present = true;
             f(&mut self.resource, &mut scope.scope, &mut self.placeholder)?;
         }

@@ -168,6 +168,17 @@ trace_statements:
     statements: ['set(attributes["mlflow.experiment_id"], "42") where attributes["last"] != nil']
 "#,
     )],
+    // A filter that empties scopes, then scope statements: emptied scopes are gone for them.
+    &[
+        (
+            "filter",
+            r#"{error_mode: ignore, traces: {span: ['attributes["k"] == "chat"', 'name == "span1"']}}"#,
+        ),
+        (
+            "transform",
+            r#"{trace_statements: [{context: scope, statements: ['set(resource.attributes["last"], name)']}]}"#,
+        ),
+    ],
     // Filters: some spans, with errors under each mode, and every span.
     &[(
         "filter",
@@ -422,12 +433,82 @@ fn chunk_of(rs: &ResourceSpans) -> ResourceChunk {
     }
 }
 
+/// `rs` encoded with what protobuf allows and encoders rarely write, inside each span as `odd`
+/// says: an attribute `k` whose KeyValue has its key twice and whose value sets the oneof twice
+/// (an int, then the string "chat") and carries an unknown field; a second `name` (the last
+/// wins); an unknown span field. Both paths get the same bytes, so they must agree on them.
+fn odd_chunk(rs: &ResourceSpans, odd: u8) -> ResourceChunk {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    fn field(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
+        encode_key(number, WireType::LengthDelimited, out);
+        encode_varint(payload.len() as u64, out);
+        out.extend_from_slice(payload);
+    }
+    let mut value = Vec::new();
+    encode_key(3, WireType::Varint, &mut value);
+    encode_varint(5, &mut value);
+    field(&mut value, 1, b"chat");
+    encode_key(10, WireType::Varint, &mut value);
+    encode_varint(1, &mut value);
+    let mut kv = Vec::new();
+    field(&mut kv, 1, b"zz");
+    field(&mut kv, 1, b"k");
+    field(&mut kv, 2, &value);
+
+    let mut message = Vec::new();
+    if let Some(resource) = &rs.resource {
+        field(&mut message, 1, &resource.encode_to_vec());
+    }
+    for ss in &rs.scope_spans {
+        let mut scope_spans = Vec::new();
+        if let Some(scope) = &ss.scope {
+            field(&mut scope_spans, 1, &scope.encode_to_vec());
+        }
+        for (n, span) in ss.spans.iter().enumerate() {
+            let mut bytes = span.encode_to_vec();
+            if odd & 1 != 0 && n % 2 == 0 {
+                field(&mut bytes, 9, &kv);
+            }
+            if odd & 2 != 0 {
+                field(&mut bytes, 5, b"span1");
+            }
+            if odd & 4 != 0 {
+                encode_key(100, WireType::Varint, &mut bytes);
+                encode_varint(7, &mut bytes);
+            }
+            field(&mut scope_spans, 2, &bytes);
+        }
+        if !ss.schema_url.is_empty() {
+            field(&mut scope_spans, 3, ss.schema_url.as_bytes());
+        }
+        field(&mut message, 2, &scope_spans);
+    }
+    if !rs.schema_url.is_empty() {
+        field(&mut message, 3, rs.schema_url.as_bytes());
+    }
+    let mut record = Vec::new();
+    field(&mut record, 1, &message);
+    let bytes = Bytes::from(record);
+    let parsed = parse_protobuf(bytes.clone()).expect("the receiver's walk accepts it");
+    ResourceChunk {
+        bytes,
+        spans: parsed.spans,
+        experiment: None,
+        names: None,
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
     #[test]
     fn the_wire_path_writes_what_the_prost_path_does(i in 0..CHAINS.len(), rs in record()) {
         same(i, &chunk_of(&rs))?;
+    }
+
+    #[test]
+    fn both_paths_agree_on_unusual_encodings(i in 0..CHAINS.len(), rs in record(), odd in 1u8..8) {
+        same(i, &odd_chunk(&rs, odd))?;
     }
 }
 
