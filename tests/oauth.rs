@@ -322,30 +322,49 @@ fn refused_credentials_make_the_relay_unready_and_data_waits() {
 
 #[test]
 fn a_401_drops_the_token_and_data_waits_for_a_good_one() {
-    // The provider first mints tokens for the wrong audience: the sink answers 401 to each.
+    refused_tokens_are_dropped_until_a_good_one(false);
+}
+
+/// The provider first mints tokens for the wrong audience, so the sink refuses each (401, or
+/// gRPC's UNAUTHENTICATED): each refusal drops the token and the relay fetches a new one, with
+/// nothing sent or failed meanwhile; once the provider is fixed (same key, right audience) the
+/// next fresh token is accepted and every span that waited arrives.
+fn refused_tokens_are_dropped_until_a_good_one(grpc: bool) {
     let mut idp = restartable_idp(60, Some("not-mlflow"));
     let sink = jwt_sink(&idp);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &relay_config(&sink, basic_ext(&idp)).yaml(), "otlp");
+    let (config, exporter, refusals) = if grpc {
+        let config = grpc_relay_config(&sink, basic_ext(&idp));
+        (config, GRPC_EXPORTER, "UNAUTHENTICATED answers")
+    } else {
+        (relay_config(&sink, basic_ext(&idp)).yaml(), EXPORTER, "401s")
+    };
+    let relay = Relay::start(dir.path(), &config, "otlp");
     let endpoint = relay.grpc.unwrap().to_string();
     let (code, report) = loadgen(&["--otlp-endpoint", &endpoint, "--otlp-insecure", "--traces", "50"]);
     assert_eq!(code, 0, "{report}");
-    wait_for("several 401s", T, || {
-        (relay.metric("otlp_relay_exporter_unauthorized_total", &[("exporter", EXPORTER)]) >= 3.0).then_some(())
+    let unauthorized = || relay.metric("otlp_relay_exporter_unauthorized_total", &[("exporter", exporter)]);
+    wait_for(&format!("several {refusals}"), T, || {
+        (unauthorized() >= 3.0).then_some(())
     });
-    // Each 401 dropped the token: the relay asked for a new one each time.
+    // Each refusal dropped the token: the relay asked for a new one each time.
     assert!(token_metric(&relay, "success") >= 3.0);
+    if grpc {
+        assert!(sink.stats()["jwt"]["rejected"].as_u64().unwrap() >= 3);
+    }
     assert_eq!(relay.metric("otelcol_exporter_sent_spans_total", &[]), 0.0);
     assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
-    // The provider is fixed (same key, right audience): the next fresh token is accepted.
     idp.opts.audience = None;
     idp.start_again();
     sink.wait_unique(100, T);
     wait_for("sent == 100", T, || {
         (relay.metric("otelcol_exporter_sent_spans_total", &[]) == 100.0).then_some(())
     });
-    let unauthorized = relay.metric("otlp_relay_exporter_unauthorized_total", &[]);
-    eprintln!("wrong audience: {unauthorized} 401s counted, then all 100 spans delivered");
+    eprintln!(
+        "{}wrong audience: {} {refusals} counted, then all 100 spans delivered",
+        if grpc { "gRPC, " } else { "" },
+        unauthorized()
+    );
     assert_no_token_in(&relay.proc.output_text());
 }
 
@@ -647,31 +666,5 @@ fn grpc_exporter_sends_the_oauth2_token_as_bearer_metadata() {
 /// data that waited arrives.
 #[test]
 fn grpc_unauthenticated_drops_the_token_and_data_waits_for_a_good_one() {
-    let mut idp = restartable_idp(60, Some("not-mlflow"));
-    let sink = jwt_sink(&idp);
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &grpc_relay_config(&sink, basic_ext(&idp)), "otlp");
-    let endpoint = relay.grpc.unwrap().to_string();
-    let (code, report) = loadgen(&["--otlp-endpoint", &endpoint, "--otlp-insecure", "--traces", "50"]);
-    assert_eq!(code, 0, "{report}");
-    let unauthorized = || relay.metric("otlp_relay_exporter_unauthorized_total", &[("exporter", GRPC_EXPORTER)]);
-    wait_for("several UNAUTHENTICATED answers", T, || {
-        (unauthorized() >= 3.0).then_some(())
-    });
-    // Each refusal dropped the token: the relay asked for a new one each time.
-    assert!(token_metric(&relay, "success") >= 3.0);
-    assert!(sink.stats()["jwt"]["rejected"].as_u64().unwrap() >= 3);
-    assert_eq!(relay.metric("otelcol_exporter_sent_spans_total", &[]), 0.0);
-    assert_eq!(relay.metric("otelcol_exporter_send_failed_spans_total", &[]), 0.0);
-    idp.opts.audience = None;
-    idp.start_again();
-    sink.wait_unique(100, T);
-    wait_for("sent == 100", T, || {
-        (relay.metric("otelcol_exporter_sent_spans_total", &[]) == 100.0).then_some(())
-    });
-    eprintln!(
-        "gRPC, wrong audience: {} UNAUTHENTICATED answers counted, then all 100 spans delivered",
-        unauthorized()
-    );
-    assert_no_token_in(&relay.proc.output_text());
+    refused_tokens_are_dropped_until_a_good_one(true);
 }
