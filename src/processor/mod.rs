@@ -30,6 +30,7 @@ pub(crate) mod wire;
 use std::fmt;
 use std::sync::Arc;
 
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use serde::de::DeserializeOwned;
 
@@ -220,6 +221,18 @@ impl PartialEq for Registered {
     fn eq(&self, other: &Self) -> bool {
         // Settings are plain data, so their Debug forms are equal exactly when they are.
         self.type_name == other.type_name && format!("{:?}", self.config) == format!("{:?}", other.config)
+    }
+}
+
+/// Sets attribute `key` of `attrs` to `value`: in place where the key is, else appended.
+pub(crate) fn upsert_attribute(attrs: &mut Vec<KeyValue>, key: &str, value: AnyValue) {
+    match attrs.iter_mut().find(|kv| kv.key == key) {
+        Some(kv) => kv.value = Some(value),
+        None => attrs.push(KeyValue {
+            key: key.to_string(),
+            value: Some(value),
+            ..Default::default()
+        }),
     }
 }
 

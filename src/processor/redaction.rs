@@ -329,15 +329,7 @@ fn existing<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value
 }
 
 fn put(attrs: &mut Vec<KeyValue>, key: &str, value: Value) {
-    let value = Some(to_any(value));
-    match attrs.iter_mut().find(|kv| kv.key == key) {
-        Some(kv) => kv.value = value,
-        None => attrs.push(KeyValue {
-            key: key.into(),
-            value,
-            ..Default::default()
-        }),
-    }
+    super::upsert_attribute(attrs, key, to_any(value));
 }
 
 impl SpanProcessor for Redaction {

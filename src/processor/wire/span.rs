@@ -12,6 +12,7 @@ use crate::processor::ottl::Key;
 use crate::processor::ottl::compile::Place;
 use crate::processor::ottl::eval::{EvalError, Value, from_any, set_in_map, to_any};
 use crate::processor::ottl::target::{Attr, SpanTarget, Target, set_span_field, span_field};
+use crate::processor::upsert_attribute;
 
 const ATTRIBUTES: Place = Place::Span("attributes");
 
@@ -179,15 +180,7 @@ impl<'r> WireSpan<'r> {
     /// Sets attribute `key` (the commonest edit): in place when the span has it, else appended.
     pub(crate) fn set_one(&mut self, key: &str, value: AnyValue) {
         if self.materialized().is_some() {
-            let list = self.materialize();
-            match list.iter_mut().find(|kv| kv.key == key) {
-                Some(kv) => kv.value = Some(value),
-                None => list.push(KeyValue {
-                    key: key.to_string(),
-                    value: Some(value),
-                    ..Default::default()
-                }),
-            }
+            upsert_attribute(self.materialize(), key, value);
             return;
         }
         let bytes = self.bytes;
@@ -200,15 +193,7 @@ impl<'r> WireSpan<'r> {
             self.view.touched = true;
             return;
         }
-        let appended = &mut self.edits().appended;
-        match appended.iter_mut().find(|kv| kv.key == key) {
-            Some(kv) => kv.value = Some(value),
-            None => appended.push(KeyValue {
-                key: key.to_string(),
-                value: Some(value),
-                ..Default::default()
-            }),
-        }
+        upsert_attribute(&mut self.edits().appended, key, value);
     }
 }
 
