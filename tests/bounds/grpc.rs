@@ -230,11 +230,19 @@ pub(super) fn prefix(declared: usize) -> Bytes {
     Bytes::from(p)
 }
 
-/// A whole call with a malformed 64-byte message: 3 (INVALID_ARGUMENT) when the budget let
-/// it be read, 14 (UNAVAILABLE) when it refused it.
+/// What a probe's prefix declares: more than the room the stalled calls below leave, less than
+/// the budget. The probe holds only its stream window until its prefix arrives, so a probe sent
+/// while a stalled call is still growing to its share cannot make that call fail (with a small
+/// declared length, the probe's window was what overflowed the budget, and the stalled call
+/// was the one refused).
+const PROBE_DECLARED: usize = 512 * 1024;
+
+/// A whole call declaring PROBE_DECLARED bytes and sending 64 that do not parse: 3
+/// (INVALID_ARGUMENT, the message is short and malformed) when the budget let it be read, 14
+/// (UNAVAILABLE) when it refused it.
 async fn probe(client: &mut Client) -> String {
     let (tx, task) = start(client).await;
-    let mut msg = prefix(64).to_vec();
+    let mut msg = prefix(PROBE_DECLARED).to_vec();
     msg.extend_from_slice(&[0xff; 64]);
     // A call the budget refuses is answered at once, without its body being read: the
     // answer can arrive before the message is sent, and then the body is gone. The task
@@ -261,35 +269,27 @@ fn stalled_grpc_streams_hold_the_budget_until_read_timeout_and_idle_connections_
     rt.block_on(async {
         let mut client = connect(addr).await;
         assert_eq!(probe(&mut client).await, "3");
-        // Two streams, each on its own connection, declare 1.2 MiB messages in their prefix
-        // (with the HTTP/2 stream window each holds, 2.9 of the 3 MiB budget) and stall
-        // after 100 KiB.
+        // Two streams, each on its own connection, declare 1 MiB messages in their prefix
+        // and stall after 100 KiB. With the 256 KiB HTTP/2 stream window each holds, they
+        // take 2.5 of the 3 MiB budget: a probe's window still fits beside them (so a probe
+        // sent while they grow cannot make them fail), its declared message does not.
         let mut stalled = Vec::new();
         for _ in 0..2 {
             let mut c = connect(addr).await;
             let (tx, task) = start(&mut c).await;
-            tx.send(prefix(12 * 1024 * 1024 / 10 - 5)).await.unwrap();
+            tx.send(prefix(1024 * 1024 - 5)).await.unwrap();
             tx.send(Bytes::from(vec![0u8; 100 * 1024])).await.unwrap();
             stalled.push((c, tx, task));
         }
         let started = Instant::now();
         let deadline = started + T;
+        // What the probes saw, for the failure message: (ms since start, answer), one entry
+        // per change of answer.
+        let mut seen: Vec<(u128, String)> = Vec::new();
         loop {
-            // The probing connection may have idled out while the others were set up (a
-            // loaded machine): probe on a new one then.
-            if client.is_closed() {
-                client = connect(addr).await;
-            }
-            let open = relay.metric("otlp_relay_receiver_open_connections", &[]);
-            let answer = if open == 3.0 {
-                probe(&mut client).await
-            } else {
-                String::new()
-            };
-            if answer == "14" {
-                break;
-            }
-            if Instant::now() >= deadline {
+            // A probe tells something only while both stalled calls still hold their share;
+            // if one has ended, say how (its status) instead of probing on.
+            if stalled.iter().any(|(_, _, task)| task.is_finished()) {
                 let mut calls = Vec::new();
                 for (_c, _tx, task) in stalled.drain(..) {
                     calls.push(match task.is_finished() {
@@ -298,10 +298,27 @@ fn stalled_grpc_streams_hold_the_budget_until_read_timeout_and_idle_connections_
                     });
                 }
                 panic!(
-                    "the budget never refused a call: {open} connections open, the probe answered \
-                     {answer:?}, the stalled calls: {calls:?}"
+                    "a stalled call ended before the budget refused a probe, after {:?}: the \
+                     stalled calls answered {calls:?}; the probes {seen:?}; the relay's log:\n{}",
+                    started.elapsed(),
+                    relay.proc.output_text()
                 );
             }
+            // Each probe on a connection of its own: one kept between probes can be closed at
+            // idle_timeout while the stalled calls are set up on a loaded machine.
+            let mut client = connect(addr).await;
+            let answer = probe(&mut client).await;
+            if answer == "14" {
+                break;
+            }
+            if seen.last().is_none_or(|(_, last)| *last != answer) {
+                seen.push((started.elapsed().as_millis(), answer));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the budget never refused a probe; the probes {seen:?}; the relay's log:\n{}",
+                relay.proc.output_text()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         // After read_timeout: DEADLINE_EXCEEDED, and the memory is free again.
