@@ -473,8 +473,8 @@ fn experiment_by_name_through_the_gate_with_a_token() {
         .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
         .env("GATE_UPSTREAM", mlflow.url());
     let mut gate = support::Proc::spawn("gate", cmd);
-    let gate_addr = gate.wait_listen("gate", Duration::from_secs(30));
-    let admin = gate.wait_listen("gate-admin", Duration::from_secs(30));
+    let gate_addr = gate.wait_listen("gate", support::STARTUP);
+    let admin = gate.wait_listen("gate-admin", support::STARTUP);
     support::wait_for("the gate to have the provider's keys", Duration::from_secs(30), || {
         let (s, _, b) = support::http_exchange("GET", admin, "/gate/healthz", &[], b"");
         (s == 200 && String::from_utf8_lossy(&b).contains("\"oidc_ready\":true")).then_some(())

@@ -41,8 +41,8 @@ fn sink(args: &[&str]) -> (Proc, SocketAddr, Option<SocketAddr>) {
     let mut all = vec!["sink", "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let mut p = Proc::relay("sink", &all);
-    let h = p.wait_listen("sink-http", Duration::from_secs(20));
-    let g = p.wait_listen("sink-grpc", Duration::from_secs(20));
+    let h = p.wait_listen("sink-http", support::STARTUP);
+    let g = p.wait_listen("sink-grpc", support::STARTUP);
     (p, h, Some(g))
 }
 

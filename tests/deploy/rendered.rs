@@ -173,7 +173,7 @@ fn rendered_relay_runs_and_answers_its_probes() {
         *v = Value::from("127.0.0.1:0");
     }
     let mut sink = support::Proc::relay("sink", &["sink", "--listen", "127.0.0.1:0"]);
-    let sink_addr = sink.wait_listen("sink-http", Duration::from_secs(30));
+    let sink_addr = sink.wait_listen("sink-http", support::STARTUP);
     let exporter = config
         .get_mut("exporters")
         .and_then(|e| e.get_mut("otlphttp/mlflow-direct"))
@@ -187,10 +187,10 @@ fn rendered_relay_runs_and_answers_its_probes() {
     let config_file = support::write_file(root.path(), "config.yaml", &serde_norway::to_string(&config).unwrap());
 
     let mut relay = support::Proc::relay("relay", &["run", "--config", config_file.to_str().unwrap()]);
-    let health = relay.wait_listen("health", Duration::from_secs(30));
-    let metrics = relay.wait_listen("metrics", Duration::from_secs(30));
-    relay.wait_listen("otlp-grpc", Duration::from_secs(30));
-    relay.wait_listen("otlp-http", Duration::from_secs(30));
+    let health = relay.wait_listen("health", support::STARTUP);
+    let metrics = relay.wait_listen("metrics", support::STARTUP);
+    relay.wait_listen("otlp-grpc", support::STARTUP);
+    relay.wait_listen("otlp-http", support::STARTUP);
     for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
         let path = at(c, &format!("{probe}.httpGet.path")).as_str().unwrap().to_string();
         assert_eq!(at(c, &format!("{probe}.httpGet.port")).as_str(), Some("health"));

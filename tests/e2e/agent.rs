@@ -35,8 +35,8 @@ fn gate(provider: &OidcProvider, upstream: &str, dir: &Path) -> Gate {
         .env("GATE_ALLOWED_HOSTS", "127.0.0.1")
         .env("GATE_UPSTREAM", upstream);
     let mut proc = Proc::spawn("gate", cmd);
-    let addr = proc.wait_listen("gate", Duration::from_secs(30));
-    let admin = proc.wait_listen("gate-admin", Duration::from_secs(30));
+    let addr = proc.wait_listen("gate", support::STARTUP);
+    let admin = proc.wait_listen("gate-admin", support::STARTUP);
     wait_for("the gate to have the provider's keys", Duration::from_secs(30), || {
         let (s, _, b) = support::http_exchange("GET", admin, "/gate/healthz", &[], b"");
         (s == 200 && String::from_utf8_lossy(&b).contains("\"oidc_ready\":true")).then_some(())

@@ -92,7 +92,7 @@ fn readiness_follows_the_provider_and_sigterm_exits_0() {
     // Started by hand: `gate()` waits for the provider's discovery, which cannot happen yet.
     let cmd = support::gate::command(&provider, &w.mlflow.url(), &[("GATE_ADMIN_LISTEN", "off")]);
     let mut p = Proc::spawn("gate-early", cmd);
-    let addr = p.wait_listen("gate", Duration::from_secs(20));
+    let addr = p.wait_listen("gate", support::STARTUP);
     assert_eq!(request("GET", addr, "/gate/healthz", &[], b"").0, 200);
     assert_eq!(request("GET", addr, "/gate/readyz", &[], b"").0, 503);
     let basic = basic_auth(oidc::CLIENT_ID, oidc::CLIENT_SECRET);

@@ -156,7 +156,7 @@ fn gate(permissions: Option<&str>) -> Gate {
         cmd.env("GATE_PERMISSIONS_FILE", &path);
     }
     let mut proc = Proc::spawn("gate", cmd);
-    let addr = proc.wait_listen("gate", Duration::from_secs(20));
+    let addr = proc.wait_listen("gate", support::STARTUP);
     wait_for("gate discovery", Duration::from_secs(20), || {
         let (s, b) = support::http("GET", addr, "/gate/healthz", &[], b"");
         (s == 200 && String::from_utf8_lossy(&b).contains("\"oidc_ready\":true")).then_some(())

@@ -45,9 +45,9 @@ pub fn command(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) ->
 pub fn start(provider: &OidcProvider, upstream: &str, env: &[(&str, &str)]) -> Gate {
     let t0 = Instant::now();
     let mut proc = Proc::spawn("gate", command(provider, upstream, env));
-    let addr = proc.wait_listen("gate", Duration::from_secs(20));
-    let admin = proc.wait_listen("gate-admin", Duration::from_secs(20));
-    wait_for("gate discovery", Duration::from_secs(20), || {
+    let addr = proc.wait_listen("gate", super::STARTUP);
+    let admin = proc.wait_listen("gate-admin", super::STARTUP);
+    wait_for("gate discovery", super::STARTUP, || {
         let (s, _, b) = super::http_exchange("GET", admin, "/gate/healthz", &[], b"");
         (s == 200 && String::from_utf8_lossy(&b).contains("\"oidc_ready\":true")).then_some(())
     });

@@ -38,6 +38,11 @@ pub fn cache_dir() -> PathBuf {
     dir
 }
 
+/// How long a process may take to come up. Test binaries start many real servers at once
+/// (mlflow, node's oidc-provider, chromium, relays) on two cores, and node took over 30 s to
+/// print its ready line in CI that way. A deadline polled against, not a wait.
+pub const STARTUP: Duration = Duration::from_secs(120);
+
 /// Polls `probe` until it returns Some or the deadline passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -3,7 +3,6 @@
 //! Clients, users and groups are the fixture's (see the constants below and the script's header).
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use super::{Proc, npm::npm_project};
 
@@ -109,7 +108,7 @@ impl OidcProvider {
             cmd.env("AUDIENCE", aud);
         }
         let mut proc = Proc::spawn(&format!("oidc-{}", self.opts.realm), cmd);
-        let line = proc.wait_line("oidc ready ", Duration::from_secs(30));
+        let line = proc.wait_line("oidc ready ", super::STARTUP);
         self.issuer = line.split_once("oidc ready ").unwrap().1.trim().to_string();
         let port = self
             .issuer

@@ -33,10 +33,10 @@ impl Sink {
         let mut args = vec!["sink", "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
         let mut proc = Proc::relay("sink", &args);
-        let http = proc.wait_listen("sink-http", Duration::from_secs(20));
-        let grpc = proc.wait_listen("sink-grpc", Duration::from_secs(20));
+        let http = proc.wait_listen("sink-http", super::STARTUP);
+        let grpc = proc.wait_listen("sink-grpc", super::STARTUP);
         let stats_addr = if extra.contains(&"--stats-listen") {
-            proc.wait_listen("sink-stats", Duration::from_secs(20))
+            proc.wait_listen("sink-stats", super::STARTUP)
         } else {
             http
         };
@@ -133,7 +133,7 @@ impl Relay {
             .envs(env.iter().copied());
         let mut proc = Proc::spawn("relay", cmd);
         // Every listener is bound and logged before this line.
-        proc.wait_line("relay started", Duration::from_secs(20));
+        proc.wait_line("relay started", super::STARTUP);
         let bound = |component: &str| -> Option<SocketAddr> {
             let needle = format!("component={component} ");
             let line = proc.output().into_iter().find(|l| l.contains(&needle))?;
