@@ -273,3 +273,43 @@ fn disable_keep_alives_opens_a_connection_per_request() {
         );
     }
 }
+
+/// A destination that is behind (an `mlflow server` stores far fewer spans per second than
+/// agents send): batches waiting in the sending queue for the same destination go out in one
+/// request, up to the batch size limit, so MLflow pays its per-request cost less often. With
+/// `merge_waiting_batches: false`, one request per batch, as the collector sends them.
+#[test]
+fn batches_waiting_for_a_slow_destination_go_out_together() {
+    for merge in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        // Each request is answered after 2 s: batches made meanwhile wait in the queue.
+        let sink = Sink::start(&["--delay-ms", "2000"]);
+        let queue = json!({"sending_queue": {"merge_waiting_batches": merge}});
+        let relay = Relay::start(
+            dir.path(),
+            &config(&format!("http://{}", sink.http), queue, None),
+            "otlp",
+        );
+        let batches = || relay.metric("otelcol_processor_batch_batch_send_size_count", &[]);
+        for tag in 1..=5u8 {
+            assert_eq!(post(&relay, &spans_request(tag, 20)), 200);
+            // Each request its own batch: the next is sent once this one left the batcher.
+            wait_for("the request's batch", T, || (batches() == f64::from(tag)).then_some(()));
+        }
+        let stats = sink.wait_unique(100, T);
+        let requests = stats["requests"].as_f64().unwrap();
+        let merged = relay.metric("otlp_relay_exporter_merged_batches_total", &[]);
+        assert_eq!(batches(), 5.0);
+        // Nothing lost or sent twice, and each merged batch is a request fewer.
+        assert_eq!(stats["spans"].as_u64(), Some(100), "{stats}");
+        assert_eq!(requests, 5.0 - merged, "merge: {merge}, {stats}");
+        if merge {
+            // The first batch went at once; at least the last ones waited behind it together
+            // (all four unless posting took the relay longer than the sink's delay). The batch
+            // size limit (100 spans) holds them all.
+            assert!(merged >= 1.0 && requests < 5.0, "{merged} merged, {stats}");
+        } else {
+            assert_eq!(merged, 0.0);
+        }
+    }
+}

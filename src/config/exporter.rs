@@ -167,6 +167,9 @@ pub(crate) struct QueueConfig {
     /// A file_storage extension id: queue on disk (the spool) instead of in memory.
     pub(crate) storage: Option<String>,
     pub(crate) blocking: Option<bool>,
+    /// Ours: a sender sends the batches waiting for the same destination as one request, up
+    /// to the batch's maximum size (only batches already queued: nothing waits longer).
+    pub(crate) merge_waiting_batches: bool,
 }
 
 impl Default for QueueConfig {
@@ -177,6 +180,7 @@ impl Default for QueueConfig {
             queue_size: 1000,
             storage: None,
             blocking: None,
+            merge_waiting_batches: true,
         }
     }
 }

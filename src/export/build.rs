@@ -87,10 +87,10 @@ pub(crate) struct PipelineBatch {
 
 /// The settings of exporter `id`'s stage, in memory (see [`with_spool`]).
 pub(crate) fn stage_settings(id: &str, cfg: &ExporterConfig, batch: PipelineBatch) -> StageSettings {
-    let (queue_size, num_consumers) = match cfg.sending_queue() {
-        Some(q) if q.enabled => (q.queue_size, q.num_consumers),
-        Some(_) => (1, 1),
-        None => (DEBUG_QUEUE_SIZE, 1),
+    let (queue_size, num_consumers, merge_waiting) = match cfg.sending_queue() {
+        Some(q) if q.enabled => (q.queue_size, q.num_consumers, q.merge_waiting_batches),
+        Some(_) => (1, 1, false),
+        None => (DEBUG_QUEUE_SIZE, 1, false),
     };
     StageSettings {
         name: id.to_string(),
@@ -98,6 +98,7 @@ pub(crate) fn stage_settings(id: &str, cfg: &ExporterConfig, batch: PipelineBatc
         batch_processor: batch.processor,
         queue_size,
         num_consumers,
+        merge_waiting,
         retry: retry_policy(cfg),
         spool: None,
         dead_letter: None,

@@ -10,6 +10,7 @@ pub(crate) mod isolate;
 pub(crate) mod oauth;
 pub(crate) mod otlp_grpc;
 pub(crate) mod otlphttp;
+mod queue;
 pub(crate) mod retry;
 pub(crate) mod route;
 
@@ -219,6 +220,9 @@ pub(crate) struct StageSettings {
     pub(crate) batch_processor: String,
     pub(crate) queue_size: usize,
     pub(crate) num_consumers: usize,
+    /// Whether a sender sends batches waiting for the same destination as one request
+    /// (`sending_queue.merge_waiting_batches`, see queue.rs).
+    pub(crate) merge_waiting: bool,
     pub(crate) retry: RetryPolicy,
     /// The exporter's spool: items come from it and are released to it once delivered; what is
     /// in memory at shutdown stays on disk for the next start instead of counting as dropped.
@@ -307,7 +311,10 @@ pub(crate) fn start_stage(
             }),
         );
     }
-    let queue_rx = Arc::new(Mutex::new(queue_rx));
+    let queue_rx = Arc::new(Mutex::new(queue::SendingQueue::new(
+        queue_rx,
+        queue::merge_limit(&settings.batch, settings.merge_waiting),
+    )));
     for i in 0..settings.num_consumers {
         let in_hand: Arc<std::sync::Mutex<Option<OutBatch>>> = Arc::default();
         let (s, e, q, m, c, slot) = (
@@ -551,7 +558,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 async fn run_sender(
     settings: Arc<StageSettings>,
     exporter: Arc<Exporter>,
-    queue: Arc<Mutex<mpsc::Receiver<OutBatch>>>,
+    queue: Arc<Mutex<queue::SendingQueue>>,
     metrics: Arc<Metrics>,
     control: StageControl,
     in_hand: Arc<std::sync::Mutex<Option<OutBatch>>>,
@@ -560,14 +567,19 @@ async fn run_sender(
         .exporter_queue_size
         .get_or_create(&queue_labels(&settings.name))
         .clone();
+    let merged_batches = metrics
+        .exporter_merged_batches
+        .get_or_create(&exporter_labels(&settings.name))
+        .clone();
     loop {
-        let batch = {
-            let mut rx = queue.lock().await;
-            let next = rx.recv().await;
-            queue_size.set(rx.len() as i64);
+        let next = {
+            let mut queue = queue.lock().await;
+            let next = queue.next().await;
+            queue_size.set(queue.len() as i64);
             next
         };
-        let Some(batch) = batch else { return };
+        let Some((batch, merged)) = next else { return };
+        merged_batches.inc_by(merged as u64);
         if control.abort.is_cancelled() {
             shutdown_dropped(&settings, &metrics, batch.spans);
             continue;

@@ -233,6 +233,8 @@ pub(crate) struct Metrics {
     /// a new drop reason cannot unbalance it. Not exported (the labelled family above is).
     exporter_dropped_total: CounterFamily<ExporterLabels>,
     pub(crate) batch_unsplittable: CounterFamily<ExporterLabels>,
+    /// Queued batches a sender merged into the request before them (export/queue.rs).
+    pub(crate) exporter_merged_batches: CounterFamily<ExporterLabels>,
     /// Traces groupbytrace let go, per exporter stage and reason (root, idle, ...).
     pub(crate) groupbytrace_released_traces: CounterFamily<ExporterReasonLabels>,
     /// Spans and traces groupbytrace holds now, per exporter stage.
@@ -340,6 +342,11 @@ impl Metrics {
             &mut r,
             "otlp_relay_batch_unsplittable_items",
             "Items the batcher could not split and sent whole, above send_batch_max_size",
+        );
+        let exporter_merged_batches = counter(
+            &mut r,
+            "otlp_relay_exporter_merged_batches",
+            "Batches waiting in the sending queue that were sent in the request of the batch before them",
         );
         let groupbytrace_released_traces = counter(
             &mut r,
@@ -450,6 +457,7 @@ impl Metrics {
             exporter_queue_capacity,
             batch_send_size,
             batch_unsplittable,
+            exporter_merged_batches,
             groupbytrace_released_traces,
             groupbytrace_held_spans,
             groupbytrace_held_traces,
@@ -546,6 +554,7 @@ impl Metrics {
         drop(self.spool_records.get_or_create(&labels));
         drop(self.spool_corrupt_records.get_or_create(&labels));
         drop(self.batch_unsplittable.get_or_create(&labels));
+        drop(self.exporter_merged_batches.get_or_create(&labels));
         let h = Arc::new(ExporterHandles {
             enqueue_failed: self.flow.exporter_enqueue_failed_spans.get_or_create(&labels).clone(),
             dead_letter: self.dead_letter_spans.get_or_create(&labels).clone(),
