@@ -152,8 +152,7 @@ impl Gate {
             json,
             otlp_traces: Vec::new(),
         };
-        let inspect_otlp = matches!(ask.rule, Rule::Experiments(_, finds) if finds.contains(&Find::OtlpTraces))
-            && self.policy.needs_experiments(ask.groups);
+        let inspect_otlp = ask.rule.is_otlp_ingest() && self.policy.needs_experiments(ask.groups);
         if inspect_otlp {
             return self.read_otlp_body(parts, body).await;
         }

@@ -27,6 +27,7 @@
 //! | GATE_BODY_READ_TIMEOUT | `30s` | longest pause while reading a request body |
 //! | GATE_TRUSTED_PROXIES | none | comma list of IPs / CIDRs whose X-Forwarded-Proto/-Host/-For are believed |
 //! | GATE_ALLOWED_HOSTS | none | Host names (optionally `:port`) a login redirect may be built from |
+//! | GATE_TRACE_WRITE_CONNECTIONS | `per-request` | `per-request`: each OTLP trace write (`POST /v1/traces`) goes to MLflow on a new connection; `pooled`: on the kept-alive connections the UI and API use |
 //!
 //! Durations are a number with `ms`, `s`, `m` or `h` (a bare number is seconds).
 use std::fmt;
@@ -88,6 +89,16 @@ pub struct GateConfig {
     pub(crate) trusted_proxies: TrustedProxies,
     /// Host header values (lower case, `host` or `host:port`) a redirect URI may be built from.
     pub(crate) allowed_hosts: Vec<String>,
+    pub(crate) trace_write_connections: TraceWriteConnections,
+}
+
+/// How OTLP trace writes reach MLflow. `mlflow server --workers N` runs N processes behind one
+/// socket and a kept-alive connection stays with the process that accepted it, so pooled writes
+/// can keep one worker busy while the others idle; a new connection each goes to a free worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TraceWriteConnections {
+    PerRequest,
+    Pooled,
 }
 
 /// Peers whose X-Forwarded-* headers are believed: IPs and CIDR blocks.
@@ -246,6 +257,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
     let max_connections = env.max_connections();
     let trusted_proxies = env.trusted_proxies();
     let allowed_hosts = env.allowed_hosts();
+    let trace_write_connections = env.trace_write_connections();
     if !env.problems.is_empty() {
         return Err(env.problems);
     }
@@ -277,6 +289,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<GateConfig, Vec<
         body_read_timeout,
         trusted_proxies,
         allowed_hosts,
+        trace_write_connections,
     })
 }
 
@@ -558,6 +571,21 @@ impl Env<'_> {
         }
         allowed_hosts
     }
+
+    fn trace_write_connections(&mut self) -> TraceWriteConnections {
+        let v = self.get("GATE_TRACE_WRITE_CONNECTIONS");
+        match v.as_deref().map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("per-request") => TraceWriteConnections::PerRequest,
+            Some("pooled") => TraceWriteConnections::Pooled,
+            Some(_) => {
+                self.problems.push(format!(
+                    "GATE_TRACE_WRITE_CONNECTIONS: {:?} is not per-request or pooled",
+                    v.unwrap_or_default()
+                ));
+                TraceWriteConnections::PerRequest
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -596,6 +624,7 @@ mod tests {
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.admin_listen, Some("127.0.0.1:9091".parse().unwrap()));
         assert!(c.allowed_clients.is_empty() && c.trusted_proxies.is_empty() && c.allowed_hosts.is_empty());
+        assert_eq!(c.trace_write_connections, TraceWriteConnections::PerRequest);
         assert!(!format!("{c:?}").contains("s3cret"), "secrets never print");
     }
 
@@ -617,6 +646,7 @@ mod tests {
             ("GATE_TRUSTED_PROXIES", "10.0.0.0/33"),
             ("GATE_ALLOWED_HOSTS", "user@host"),
             ("GATE_HEADER_READ_TIMEOUT", "0s"),
+            ("GATE_TRACE_WRITE_CONNECTIONS", "keep-alive"),
         ]))
         .unwrap_err();
         let text = e.join("\n");
@@ -638,10 +668,11 @@ mod tests {
             "GATE_TRUSTED_PROXIES:",
             "GATE_ALLOWED_HOSTS:",
             "GATE_HEADER_READ_TIMEOUT:",
+            "GATE_TRACE_WRITE_CONNECTIONS: \"keep-alive\"",
         ] {
             assert!(text.contains(k), "missing {k:?} in:\n{text}");
         }
-        assert_eq!(e.len(), 17, "{text}");
+        assert_eq!(e.len(), 18, "{text}");
     }
 
     #[test]
@@ -681,6 +712,7 @@ mod tests {
             ("GATE_BODY_READ_TIMEOUT", "45"),
             ("GATE_TRUSTED_PROXIES", "10.1.0.0/16, 192.168.0.7, fd00::/8"),
             ("GATE_ALLOWED_HOSTS", "MLflow.example.com, 127.0.0.1:8080"),
+            ("GATE_TRACE_WRITE_CONNECTIONS", " Pooled "),
         ]);
         let c = from_env(env(&pairs)).unwrap();
         assert_eq!(c.session_refresh, Duration::from_secs(2));
@@ -695,6 +727,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.body_read_timeout, Duration::from_secs(45));
         assert_eq!(c.allowed_hosts, ["mlflow.example.com", "127.0.0.1:8080"]);
+        assert_eq!(c.trace_write_connections, TraceWriteConnections::Pooled);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http_client::HttpClient;
 use authenticate::Auth;
 use authz::Policy;
-use config::GateConfig;
+use config::{GateConfig, TraceWriteConnections};
 use metrics::{GateMetrics, StatusLabel};
 use oidc::Oidc;
 use proxy::{Body, full};
@@ -163,6 +163,9 @@ pub(crate) struct Gate {
     http: HttpClient,
     /// The proxied requests (streamed).
     upstream: proxy::UpstreamClient,
+    /// OTLP trace writes: a client without idle connections (a new connection per write) unless
+    /// GATE_TRACE_WRITE_CONNECTIONS=pooled, then `upstream` itself (see [`TraceWriteConnections`]).
+    trace_writes: proxy::UpstreamClient,
     metrics: Arc<GateMetrics>,
     /// Session id → unix expiry, of sessions logged out through this replica (others learn it from
     /// the provider at their next check).
@@ -254,10 +257,16 @@ impl Gate {
         let tls = crate::tls::client_config(&Default::default(), https)?;
         let http = HttpClient::new(&Default::default(), https, PROVIDER_TIMEOUT)?;
         let upstream = crate::http_client::pooled(
-            tls,
+            tls.clone(),
             UPSTREAM_CONNECT_TIMEOUT,
             crate::http_client::KeepAlive(Some(Duration::from_secs(60))),
         );
+        let trace_writes = match cfg.trace_write_connections {
+            TraceWriteConnections::PerRequest => {
+                crate::http_client::pooled(tls, UPSTREAM_CONNECT_TIMEOUT, crate::http_client::KeepAlive(None))
+            }
+            TraceWriteConnections::Pooled => upstream.clone(),
+        };
         let sealer = match &cfg.secret_key {
             Some(k) => Sealer::new(k.0.as_bytes()),
             None => Sealer::random(),
@@ -270,6 +279,7 @@ impl Gate {
             sealer,
             http,
             upstream,
+            trace_writes,
             metrics: Arc::new(GateMetrics::new()),
             ended_sessions: std::sync::Mutex::new(HashMap::new()),
             confirmed_sessions: std::sync::Mutex::new(HashMap::new()),

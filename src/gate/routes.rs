@@ -59,6 +59,13 @@ pub(crate) enum Rule {
     Graphql,
 }
 
+impl Rule {
+    /// OTLP trace ingestion (`POST /v1/traces`): its targets include the traces of the body.
+    pub(crate) fn is_otlp_ingest(&self) -> bool {
+        matches!(self, Rule::Experiments(_, finds) if finds.contains(&Find::OtlpTraces))
+    }
+}
+
 /// The body of these routes is not an MLflow JSON message (uploads, OTLP): it is streamed as is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyKind {
@@ -475,6 +482,22 @@ mod tests {
         assert_eq!(art[4], "7");
         let mpu = segs("/api/2.0/mlflow-artifacts/mpu/create/7/r");
         assert_eq!(mpu[5], "7");
+    }
+
+    #[test]
+    fn otlp_ingest_is_the_trace_write_route_only() {
+        let ingest = |m: &str, p: &str| lookup(m, &segs(p), false).is_some_and(|r| r.rule.is_otlp_ingest());
+        assert!(ingest("POST", "/v1/traces"));
+        for (m, p) in [
+            ("GET", "/v1/traces"),
+            ("POST", "/v1/traces/x"),
+            ("POST", "/api/2.0/mlflow/traces"),
+            ("POST", "/api/3.0/mlflow/traces"),
+            ("POST", "/ajax-api/2.0/mlflow/experiments/search"),
+        ] {
+            assert!(!ingest(m, p), "{m} {p}");
+        }
+        assert!(!lookup("POST", &segs("/v1/traces"), true).is_some_and(|r| r.rule.is_otlp_ingest()));
     }
 
     #[test]

@@ -7,7 +7,9 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
 use super::authz::{self, Decision, Experiment, Level, Visible};
+use super::canonical;
 use super::proxy::{self, BoxError};
+use super::routes;
 use super::session::Identity;
 use super::{Body, Gate, MAX_FILTERED_ANSWER, NAME_CACHE_TTL, detail, full, query_value, read_limited, server};
 use crate::http_client::error_chain;
@@ -122,8 +124,14 @@ impl Gate {
             }
         }
         proxy::upstream_request_headers(&mut parts.headers, identity, peer, &self.upstream_authority, &proto);
+        // Trace writes spread over MLflow's workers only on connections of their own.
+        let client = if is_trace_write(&parts) {
+            &self.trace_writes
+        } else {
+            &self.upstream
+        };
         let started = Instant::now();
-        match self.upstream.request(Request::from_parts(parts, body)).await {
+        match client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 self.metrics.upstream_seconds.observe(started.elapsed().as_secs_f64());
                 let (mut parts, body) = resp.into_parts();
@@ -142,4 +150,13 @@ impl Gate {
             }
         }
     }
+}
+
+/// An OTLP trace write: the route table's ingest route (the request's path is canonical by now).
+fn is_trace_write(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::POST
+        && canonical::path(parts.uri.path())
+            .ok()
+            .and_then(|c| routes::lookup(parts.method.as_str(), &c.segments, c.trailing_slash))
+            .is_some_and(|r| r.rule.is_otlp_ingest())
 }

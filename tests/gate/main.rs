@@ -21,6 +21,7 @@ use support::{Proc, wait_for};
 
 mod access;
 mod clients;
+mod connections;
 mod operation;
 
 /// A raw HTTP/1.1 exchange returning status, lower-cased response headers and body.
