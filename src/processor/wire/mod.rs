@@ -106,6 +106,8 @@ impl Fields<'_> {
 /// A field-2 entry of a span: one attribute as the bytes have it, and what edits did to it.
 #[derive(Debug)]
 pub(super) struct Slot {
+    /// Where the span's field 9 holding it starts (its key): the field ends where `message` does.
+    start: usize,
     /// The KeyValue message.
     message: Range<usize>,
     key: Range<usize>,
@@ -252,6 +254,7 @@ impl<'a> Record<'a> {
                         }
                     }
                     self.slots.push(Slot {
+                        start: field.whole.start,
                         message: field.payload,
                         key,
                         value,

@@ -311,6 +311,34 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
     let edits = view.edits.as_deref();
     let set_fields = edits.and_then(|e| e.fields.as_ref());
     let materialized = edits.and_then(|e| e.materialized.as_ref());
+    if set_fields.is_none() && materialized.is_none() {
+        // The commonest edits (attributes set, removed, added): the bytes between the edited
+        // attributes are copied in runs, not field by field.
+        let mut copied = view.message.start;
+        for slot in slots.iter().filter(|s| s.removed || s.replaced.is_some()) {
+            out.extend_from_slice(&bytes[copied..slot.start]);
+            copied = slot.message.end;
+            if let (false, Some(value)) = (slot.removed, &slot.replaced) {
+                write_replaced(bytes, slot.message.clone(), value, out);
+            }
+        }
+        out.extend_from_slice(&bytes[copied..view.message.end]);
+    } else {
+        write_fields(bytes, view, slots, set_fields.is_some(), materialized.is_some(), out);
+    }
+    if let Some(fields) = set_fields {
+        fields.encode_raw(out);
+    }
+    if let Some(e) = edits {
+        for kv in e.appended.iter().chain(materialized.into_iter().flatten()) {
+            prost::encoding::message::encode(9, kv, out);
+        }
+    }
+}
+
+/// [`write`]'s span fields, field by field: attributes as edited (none when the list was
+/// materialized), and name, kind, trace_state and status left out when they were set.
+fn write_fields(bytes: &[u8], view: &SpanView, slots: &[Slot], set: bool, materialized: bool, out: &mut Vec<u8>) {
     let mut next = 0;
     for field in fields(bytes, view.message.clone()).flatten() {
         match field.number {
@@ -318,7 +346,7 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
                 let slot = slots.get(next);
                 next += 1;
                 match slot {
-                    _ if materialized.is_some() => {}
+                    _ if materialized => {}
                     Some(s) if s.removed => {}
                     Some(Slot {
                         replaced: Some(value),
@@ -329,16 +357,8 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
                 }
             }
             // trace_state, name, kind, status: written below when set.
-            3 | 5 | 6 | 15 if set_fields.is_some() => {}
+            3 | 5 | 6 | 15 if set => {}
             _ => out.extend_from_slice(&bytes[field.whole]),
-        }
-    }
-    if let Some(fields) = set_fields {
-        fields.encode_raw(out);
-    }
-    if let Some(e) = edits {
-        for kv in e.appended.iter().chain(materialized.into_iter().flatten()) {
-            prost::encoding::message::encode(9, kv, out);
         }
     }
 }
