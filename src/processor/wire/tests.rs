@@ -168,6 +168,18 @@ trace_statements:
     statements: ['set(attributes["mlflow.experiment_id"], "42") where attributes["last"] != nil']
 "#,
     )],
+    // Span statements in a row run span by span unless one writes what other spans read.
+    &[(
+        "transform",
+        r#"
+trace_statements:
+  - set(attributes["before"], resource.attributes["last"])
+  - set(attributes["k"], Concat([name, "k"], "-")) where attributes["k"] == nil
+  - set(resource.attributes["last"], name)
+  - set(attributes["after"], resource.attributes["last"])
+  - set(attributes["k2"], attributes["k"])
+"#,
+    )],
     // A filter that empties scopes, then scope statements: emptied scopes are gone for them.
     &[
         (
