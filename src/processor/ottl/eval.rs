@@ -711,7 +711,9 @@ fn convert(call: &Call, target: &dyn Target, pats: &Patterns) -> Result<Value, E
 /// fields, string attributes) are appended as they are, without a copy of each and a list of
 /// them; anything else is evaluated and stringified as the general path does.
 fn concat(items: &[Expr], delimiter: &str, target: &dyn Target, pats: &Patterns) -> Result<Value, EvalError> {
-    let mut joined = String::new();
+    // Room for what the commonest joins take (a service name and a span name), grown once at
+    // most beyond that.
+    let mut joined = String::with_capacity(64);
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             joined.push_str(delimiter);

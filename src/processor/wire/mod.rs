@@ -124,8 +124,6 @@ pub(super) struct Edits {
     /// The span's name, kind, trace_state and status once one of them is set (the other
     /// fields of this Span stay empty); written instead of the original ones.
     fields: Option<Span>,
-    /// Attributes added, written after the original ones.
-    appended: Vec<KeyValue>,
     /// The whole attribute list, decoded, once an editor needed it as a list (or the span's
     /// attributes are encoded in a way only a decoder merges right): written instead of every
     /// original attribute.
@@ -144,6 +142,9 @@ pub(super) struct SpanView {
     dropped: bool,
     /// Whether the span is written anew rather than copied.
     touched: bool,
+    /// Attributes added, written after the original ones: the commonest edit, kept out of
+    /// `edits` so that it takes no allocation of its own.
+    appended: Vec<KeyValue>,
     edits: Option<Box<Edits>>,
 }
 
@@ -272,6 +273,7 @@ impl<'a> Record<'a> {
             parent_empty,
             dropped: false,
             touched: false,
+            appended: Vec::new(),
             edits: None,
         };
         if merged {

@@ -91,9 +91,7 @@ impl<'r> WireSpan<'r> {
             .filter(|s| !s.removed)
             .map(|s| self.decoded_slot(s))
             .collect();
-        if let Some(e) = &self.view.edits {
-            list.extend(e.appended.iter().cloned());
-        }
+        list.extend(self.view.appended.iter().cloned());
         list
     }
 
@@ -104,9 +102,8 @@ impl<'r> WireSpan<'r> {
             for slot in self.slots.iter_mut() {
                 slot.removed = true;
             }
-            let edits = self.edits();
-            edits.appended.clear();
-            edits.materialized = Some(list);
+            self.view.appended.clear();
+            self.edits().materialized = Some(list);
         }
         self.edits().materialized.get_or_insert_with(Vec::new)
     }
@@ -170,8 +167,8 @@ impl<'r> WireSpan<'r> {
                 (None, None) => Attr::Decoded(None),
             });
         }
-        let appended = &self.view.edits.as_ref()?.appended;
-        appended
+        self.view
+            .appended
             .iter()
             .find(|kv| kv.key == key)
             .map(|kv| Attr::Decoded(kv.value.as_ref()))
@@ -193,7 +190,8 @@ impl<'r> WireSpan<'r> {
             self.view.touched = true;
             return;
         }
-        upsert_attribute(&mut self.edits().appended, key, value);
+        self.view.touched = true;
+        upsert_attribute(&mut self.view.appended, key, value);
     }
 }
 
@@ -299,9 +297,7 @@ impl Target for WireSpan<'_> {
                 self.view.touched = true;
             }
         }
-        if let Some(e) = self.view.edits.as_mut() {
-            e.appended.retain(|kv| kv.key != key);
-        }
+        self.view.appended.retain(|kv| kv.key != key);
         Some(())
     }
 }
@@ -329,10 +325,8 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
     if let Some(fields) = set_fields {
         fields.encode_raw(out);
     }
-    if let Some(e) = edits {
-        for kv in e.appended.iter().chain(materialized.into_iter().flatten()) {
-            prost::encoding::message::encode(9, kv, out);
-        }
+    for kv in view.appended.iter().chain(materialized.into_iter().flatten()) {
+        prost::encoding::message::encode(9, kv, out);
     }
 }
 
