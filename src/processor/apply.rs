@@ -187,7 +187,7 @@ impl Chain {
         chunk: &ResourceChunk,
         request: &RequestContext,
     ) -> Result<Option<ResourceChunk>, ApplyError> {
-        let mut record = Record::parse(record_message(&chunk.bytes)?)?;
+        let mut record = Record::parse(record_message(&chunk.bytes)?, chunk.spans)?;
         let mut spans = chunk.spans;
         for (i, (_, processor)) in self.processors.iter().enumerate() {
             processor.process_wire(&mut record, request)?;

@@ -103,6 +103,10 @@ impl Fields<'_> {
     }
 }
 
+/// Attributes per span the view makes room for at once: within what a span's decode is
+/// charged (the view is charged as twice a decode, see `apply`), and what most spans have.
+const SLOTS_PER_SPAN: usize = 2;
+
 /// A field-2 entry of a span: one attribute as the bytes have it, and what edits did to it.
 #[derive(Debug)]
 pub(super) struct Slot {
@@ -142,9 +146,10 @@ pub(super) struct SpanView {
     dropped: bool,
     /// Whether the span is written anew rather than copied.
     touched: bool,
-    /// Attributes added, written after the original ones: the commonest edit, kept out of
-    /// `edits` so that it takes no allocation of its own.
-    appended: Vec<KeyValue>,
+    /// Attributes added, written after the original ones, as they are written: span field-9
+    /// records (key, length, KeyValue). The commonest edit: encoded as it is made, it takes
+    /// one buffer per span rather than a KeyValue, a key and a value each.
+    appended: Vec<u8>,
     edits: Option<Box<Edits>>,
 }
 
@@ -186,15 +191,18 @@ fn decode_merged<M: Message + Default>(bytes: &[u8], parts: &[Range<usize>]) -> 
 }
 
 impl<'a> Record<'a> {
-    /// Views a ResourceSpans message (validated by the receiver's walk).
-    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Record<'a>, DecodeError> {
+    /// Views a ResourceSpans message (validated by the receiver's walk) of about `spans` spans
+    /// (room for them and a few attributes each is made at once, not by doubling).
+    pub(crate) fn parse(bytes: &'a [u8], spans: usize) -> Result<Record<'a>, DecodeError> {
+        // A span takes two bytes at least, and the view of one is charged as a decode of it.
+        let spans = spans.min(bytes.len() / 2);
         let mut record = Record {
             bytes,
             resource: Resource::default(),
             resource_present: false,
             scopes: Vec::new(),
-            spans: Vec::new(),
-            slots: Vec::new(),
+            spans: Vec::with_capacity(spans),
+            slots: Vec::with_capacity(spans.saturating_mul(SLOTS_PER_SPAN)),
             drop_empty_scopes: false,
             placeholder: Span::default(),
         };

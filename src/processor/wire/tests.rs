@@ -588,4 +588,11 @@ fn the_view_takes_at_most_twice_a_decode() {
         size_of::<KeyValue>()
     );
     assert!(size_of::<super::SpanView>() <= 2 * size_of::<Span>());
+    // The room made at once per span (its view and a few attributes) is within that too.
+    let per_span = size_of::<super::SpanView>() + super::SLOTS_PER_SPAN * size_of::<super::Slot>();
+    assert!(
+        per_span <= 2 * size_of::<Span>(),
+        "{per_span} > 2 x {}",
+        size_of::<Span>()
+    );
 }
