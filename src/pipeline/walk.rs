@@ -21,8 +21,8 @@ use crate::otlp::routing::{self, ResourceNames, ResourceRouting};
 use crate::otlp::{EXPERIMENT_ATTRIBUTE, ExperimentId, varint};
 
 mod estimate;
-use estimate::Heap;
 pub(crate) use estimate::decoded_estimate;
+use estimate::{Heap, Tally};
 
 /// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
 /// itself at level 1 (ResourceSpans 2, ScopeSpans 3, Span 4, its KeyValue 5, AnyValue 6; every
@@ -339,34 +339,6 @@ pub(crate) fn write_kept(message: &[u8], kept: &Kept, out: &mut Vec<u8>) -> Resu
         return Err(err("record changed while it was rebuilt"));
     }
     Ok(())
-}
-
-/// What a walk adds up while it validates: nothing (`()`, the receiver's walk) or the heap
-/// prost's decoded form takes (`estimate::Heap`). One schema walk serves both; with `()` every
-/// call below compiles away, so the receiver's walk is what it was without it.
-trait Tally: Default {
-    /// What a message adds up to: `()` or bytes.
-    type Cost: Copy;
-    /// A string or bytes field, or an unknown length-delimited one (all prost keeps of it).
-    fn bytes(&mut self, len: usize);
-    /// One more element, `size` bytes inline, of the message's repeated field `field`.
-    fn element(&mut self, field: u64, size: usize);
-    /// A child message's cost.
-    fn child(&mut self, cost: Self::Cost);
-    /// The message's cost, its repeated fields' Vecs included.
-    fn cost(self) -> Self::Cost;
-}
-
-impl Tally for () {
-    type Cost = ();
-    #[inline(always)]
-    fn bytes(&mut self, _: usize) {}
-    #[inline(always)]
-    fn element(&mut self, _: u64, _: usize) {}
-    #[inline(always)]
-    fn child(&mut self, _: ()) {}
-    #[inline(always)]
-    fn cost(self) {}
 }
 
 /// Every field of a message, in order.

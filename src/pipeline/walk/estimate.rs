@@ -3,7 +3,36 @@
 //! before they decode a record.
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 
-use super::{Reader, Tally, Wire, resource_spans};
+use super::{Reader, Wire, resource_spans};
+
+/// What a walk adds up while it validates: nothing (`()`) or the heap prost's decoded form
+/// takes ([`Heap`]). One schema walk serves both; with `()` (the receiver's walk when no
+/// pipeline processes what it accepts) every call compiles away, so that walk is what it was
+/// without it.
+pub(super) trait Tally: Default {
+    /// What a message adds up to: `()` or bytes.
+    type Cost: Copy;
+    /// A string or bytes field, or an unknown length-delimited one (all prost keeps of it).
+    fn bytes(&mut self, len: usize);
+    /// One more element, `size` bytes inline, of the message's repeated field `field`.
+    fn element(&mut self, field: u64, size: usize);
+    /// A child message's cost.
+    fn child(&mut self, cost: Self::Cost);
+    /// The message's cost, its repeated fields' Vecs included.
+    fn cost(self) -> Self::Cost;
+}
+
+impl Tally for () {
+    type Cost = ();
+    #[inline(always)]
+    fn bytes(&mut self, _: usize) {}
+    #[inline(always)]
+    fn element(&mut self, _: u64, _: usize) {}
+    #[inline(always)]
+    fn child(&mut self, _: ()) {}
+    #[inline(always)]
+    fn cost(self) {}
+}
 
 /// What the allocator takes per allocation beyond its bytes, at least.
 const ALLOCATION_OVERHEAD: usize = 32;
