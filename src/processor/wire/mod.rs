@@ -146,10 +146,9 @@ pub(super) struct SpanView {
     dropped: bool,
     /// Whether the span is written anew rather than copied.
     touched: bool,
-    /// Attributes added, written after the original ones, as they are written: span field-9
-    /// records (key, length, KeyValue). The commonest edit: encoded as it is made, it takes
-    /// one buffer per span rather than a KeyValue, a key and a value each.
-    appended: Vec<u8>,
+    /// Attributes added, written after the original ones: the commonest edit, kept out of
+    /// `edits` so that it takes no allocation of its own.
+    appended: Vec<KeyValue>,
     edits: Option<Box<Edits>>,
 }
 

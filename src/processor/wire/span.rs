@@ -91,9 +91,7 @@ impl<'r> WireSpan<'r> {
             .filter(|s| !s.removed)
             .map(|s| self.decoded_slot(s))
             .collect();
-        list.extend(
-            appended(&self.view.appended).map(|e| KeyValue::decode(&self.view.appended[e.message]).unwrap_or_default()),
-        );
+        list.extend(self.view.appended.iter().cloned());
         list
     }
 
@@ -169,13 +167,11 @@ impl<'r> WireSpan<'r> {
                 (None, None) => Attr::Decoded(None),
             });
         }
-        let added = &self.view.appended;
-        appended(added)
-            .find(|e| &added[e.key.clone()] == key.as_bytes())
-            .map(|e| match e.value {
-                Some(v) => Attr::Encoded(&added[v]),
-                None => Attr::Decoded(None),
-            })
+        self.view
+            .appended
+            .iter()
+            .find(|kv| kv.key == key)
+            .map(|kv| Attr::Decoded(kv.value.as_ref()))
     }
 
     /// Sets attribute `key` (the commonest edit): in place when the span has it, else appended.
@@ -195,17 +191,7 @@ impl<'r> WireSpan<'r> {
             return;
         }
         self.view.touched = true;
-        let added = &mut self.view.appended;
-        let existing = appended(added).find(|e| &added[e.key.clone()] == key.as_bytes());
-        match existing {
-            // Set again: replaced where it is, as a list keeps its order.
-            Some(e) => {
-                let mut entry = Vec::new();
-                encode_appended(key, &value, &mut entry);
-                added.splice(e.whole, entry);
-            }
-            None => encode_appended(key, &value, added),
-        }
+        upsert_attribute(&mut self.view.appended, key, value);
     }
 }
 
@@ -311,14 +297,7 @@ impl Target for WireSpan<'_> {
                 self.view.touched = true;
             }
         }
-        let added = &self.view.appended;
-        if appended(added).any(|e| &added[e.key.clone()] == key.as_bytes()) {
-            let kept: Vec<u8> = appended(added)
-                .filter(|e| &added[e.key.clone()] != key.as_bytes())
-                .flat_map(|e| added[e.whole].iter().copied())
-                .collect();
-            self.view.appended = kept;
-        }
+        self.view.appended.retain(|kv| kv.key != key);
         Some(())
     }
 }
@@ -346,8 +325,7 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
     if let Some(fields) = set_fields {
         fields.encode_raw(out);
     }
-    out.extend_from_slice(&view.appended);
-    for kv in materialized.into_iter().flatten() {
+    for kv in view.appended.iter().chain(materialized.into_iter().flatten()) {
         prost::encoding::message::encode(9, kv, out);
     }
 }
@@ -394,46 +372,6 @@ fn write_replaced(bytes: &[u8], message: std::ops::Range<usize>, value: &AnyValu
             out.extend_from_slice(&bytes[f.whole]);
         }
     }
-    put_len(2, value_len, out);
-    value.encode_raw(out);
-}
-
-/// One attribute of a span's appended list: its whole field-9 record, its KeyValue, key and
-/// AnyValue, as ranges of the list.
-struct Appended {
-    whole: std::ops::Range<usize>,
-    message: std::ops::Range<usize>,
-    key: std::ops::Range<usize>,
-    value: Option<std::ops::Range<usize>>,
-}
-
-/// The attributes of an appended list ([`encode_appended`]'s records), in order.
-fn appended(list: &[u8]) -> impl Iterator<Item = Appended> + '_ {
-    fields(list, 0..list.len()).flatten().map(|f| {
-        let (mut key, mut value) = (0..0, None);
-        for kv in fields(list, f.payload.clone()).flatten() {
-            match kv.number {
-                1 => key = kv.payload,
-                2 => value = Some(kv.payload),
-                _ => {}
-            }
-        }
-        Appended {
-            whole: f.whole,
-            message: f.payload,
-            key,
-            value,
-        }
-    })
-}
-
-/// Appends attribute `key` = `value` to `out` as a span's field-9 record.
-fn encode_appended(key: &str, value: &AnyValue, out: &mut Vec<u8>) {
-    let value_len = value.encoded_len();
-    let key_len = super::field_len(key.len());
-    put_len(9, key_len + super::field_len(value_len), out);
-    put_len(1, key.len(), out);
-    out.extend_from_slice(key.as_bytes());
     put_len(2, value_len, out);
     value.encode_raw(out);
 }
