@@ -5,6 +5,8 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::wire::{DecodeBudget, ParsedRequest, ResourceChunk};
 use super::{Intake, Target};
 use crate::processor::RequestContext;
@@ -71,6 +73,16 @@ impl Intake {
         self
     }
 
+    /// Validates a protobuf request (`wire::parse_protobuf_within`); when pipelines process it,
+    /// the walk also tallies what each record takes decoded, which [`Intake::process`] charges.
+    pub(crate) fn parse_protobuf<B: DecodeBudget>(
+        &self,
+        body: Bytes,
+        budget: &mut B,
+    ) -> Result<ParsedRequest, B::Error> {
+        super::wire::parse_protobuf_tallied(body, budget, !self.processed.is_empty())
+    }
+
     /// Processes `parsed` (a request with context `request`) for every processed route,
     /// charging `budget` for what decoding takes and what the copies hold, before it is allocated.
     pub(crate) fn process<B: DecodeBudget>(
@@ -87,7 +99,7 @@ impl Intake {
         }
         let mut copies = Vec::with_capacity(self.processed.len());
         for route in &self.processed {
-            copies.push(route.chain.apply(&parsed.chunks, request, budget)?);
+            copies.push(route.chain.apply(&parsed.chunks, &parsed.decoded, request, budget)?);
         }
         Ok(Admitted {
             parsed,
@@ -100,7 +112,7 @@ impl Intake {
     pub(super) fn process_late(&self, chunks: &[ResourceChunk]) -> Vec<Vec<ResourceChunk>> {
         self.processed
             .iter()
-            .map(|route| match route.chain.apply(chunks, &RequestContext::default(), &mut Unheld) {
+            .map(|route| match route.chain.apply(chunks, &[], &RequestContext::default(), &mut Unheld) {
                 Ok(copy) => copy,
                 Err(e) => {
                     tracing::warn!(processors = ?route.chain.ids(), error = %e, "a request was not delivered to the pipelines of these processors");
@@ -158,18 +170,28 @@ mod tests {
         }]);
         let request = body(60_000);
         assert!(request.len() < 4 << 20, "{} bytes", request.len());
-        let parse = |intake: &Intake| {
-            let mut hold = intake.hold(request.len())?;
-            let parsed = wire::parse_protobuf_within(request.clone(), &mut hold)?;
-            intake
-                .process(parsed, &RequestContext::default(), &mut hold)
-                .map(|a| a.parsed.spans)
-        };
-        assert_eq!(parse(&plain).unwrap(), 60_000);
-        // Both paths: the wire path's view of the record takes memory like a decode.
-        assert!(matches!(parse(&processed), Err(ReceiveError::DecodeTooLarge { .. })));
-        assert!(matches!(parse(&on_wire), Err(ReceiveError::DecodeTooLarge { .. })));
-        assert_eq!(budget.used(), 0, "every hold was released");
+        // The receiver's walk tallies what a record takes decoded; a request parsed without
+        // that tally (from elsewhere) is walked again for it: charged the same either way.
+        for tallied in [true, false] {
+            let parse = |intake: &Intake| {
+                let mut hold = intake.hold(request.len())?;
+                let parsed = if tallied {
+                    intake.parse_protobuf(request.clone(), &mut hold)?
+                } else {
+                    wire::parse_protobuf_within(request.clone(), &mut hold)?
+                };
+                let counted = tallied && !intake.processed.is_empty();
+                assert_eq!(parsed.decoded.len(), if counted { parsed.chunks.len() } else { 0 });
+                intake
+                    .process(parsed, &RequestContext::default(), &mut hold)
+                    .map(|a| a.parsed.spans)
+            };
+            assert_eq!(parse(&plain).unwrap(), 60_000);
+            // Both paths: the wire path's view of the record takes memory like a decode.
+            assert!(matches!(parse(&processed), Err(ReceiveError::DecodeTooLarge { .. })));
+            assert!(matches!(parse(&on_wire), Err(ReceiveError::DecodeTooLarge { .. })));
+            assert_eq!(budget.used(), 0, "every hold was released");
+        }
     }
 
     /// Plain and processed pipelines of one receiver each get their own copy, and a request

@@ -22,6 +22,7 @@ use crate::otlp::{EXPERIMENT_ATTRIBUTE, ExperimentId, varint};
 
 mod estimate;
 pub(crate) use estimate::decoded_estimate;
+use estimate::{Heap, Tally};
 
 /// The deepest message accepted, in protobuf message levels with the ExportTraceServiceRequest
 /// itself at level 1 (ResourceSpans 2, ScopeSpans 3, Span 4, its KeyValue 5, AnyValue 6; every
@@ -44,6 +45,8 @@ pub(crate) struct Record {
     pub(crate) experiment: Option<String>,
     /// The resource's other MLflow routing attributes, read on the way.
     pub(crate) names: Option<Arc<ResourceNames>>,
+    /// What the record takes once decoded ([`decoded_estimate`]), when the walk tallied it.
+    pub(crate) decoded: Option<usize>,
 }
 
 pub(super) enum Wire<'a> {
@@ -151,7 +154,7 @@ fn fixed32(w: Wire<'_>) -> Result<(), DecodeError> {
 /// Walks an ExportTraceServiceRequest. Unknown fields are skipped, as prost does.
 pub(crate) fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
     let mut records = Vec::new();
-    request_each::<DecodeError>(body, |record| {
+    request_each::<DecodeError>(body, false, |record| {
         records.push(record);
         Ok(())
     })?;
@@ -160,16 +163,26 @@ pub(crate) fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
 
 /// Walks an ExportTraceServiceRequest, handing each record to `f` as it is validated: a caller
 /// that keeps only records with spans holds memory in proportion to them, not to the count of
-/// (possibly empty) records a hostile body frames.
+/// (possibly empty) records a hostile body frames. With `tally`, each record comes with what it
+/// takes once decoded (`Record::decoded`), counted on the way: the processors charge it, and a
+/// second walk per record cost them a fifth of their CPU.
 pub(crate) fn request_each<E: From<DecodeError>>(
     body: &[u8],
+    tally: bool,
     mut f: impl FnMut(Record) -> Result<(), E>,
 ) -> Result<(), E> {
     let mut r = Reader::new(body);
-    while let Some(record) = next_record(&mut r)? {
+    loop {
+        let next = if tally {
+            next_record_tallied(&mut r)?
+        } else {
+            next_record(&mut r)?
+        };
+        let Some(record) = next else {
+            return Ok(());
+        };
         f(record)?;
     }
-    Ok(())
 }
 
 /// The next `resource_spans` record of a request, validated; None at its end. It is not
@@ -177,6 +190,19 @@ pub(crate) fn request_each<E: From<DecodeError>>(
 /// takes the records: walked from inside a loop generic over the caller's error, it became
 /// functions calling each other and took a fifth more of the relay's CPU on OTLP/HTTP.
 fn next_record(r: &mut Reader<'_>) -> Result<Option<Record>, DecodeError> {
+    next_record_with::<()>(r, |()| None)
+}
+
+/// [`next_record`], with what the record takes once decoded.
+fn next_record_tallied(r: &mut Reader<'_>) -> Result<Option<Record>, DecodeError> {
+    next_record_with::<Heap>(r, |heap| Some(estimate::decoded_of_heap(heap)))
+}
+
+#[inline(always)]
+fn next_record_with<T: Tally>(
+    r: &mut Reader<'_>,
+    decoded: impl FnOnce(T::Cost) -> Option<usize>,
+) -> Result<Option<Record>, DecodeError> {
     loop {
         let start = r.pos;
         let Some((number, wire)) = r.field()? else {
@@ -187,9 +213,10 @@ fn next_record(r: &mut Reader<'_>) -> Result<Option<Record>, DecodeError> {
         }
         let message = len(wire)?;
         let message_start = r.pos - message.len();
-        let (mut record, ()) = resource_spans::<()>(message)?;
+        let (mut record, cost) = resource_spans::<T>(message)?;
         record.field = start..r.pos;
         record.message = message_start..r.pos;
+        record.decoded = decoded(cost);
         return Ok(Some(record));
     }
 }
@@ -314,34 +341,6 @@ pub(crate) fn write_kept(message: &[u8], kept: &Kept, out: &mut Vec<u8>) -> Resu
     Ok(())
 }
 
-/// What a walk adds up while it validates: nothing (`()`, the receiver's walk) or the heap
-/// prost's decoded form takes (`estimate::Heap`). One schema walk serves both; with `()` every
-/// call below compiles away, so the receiver's walk is what it was without it.
-trait Tally: Default {
-    /// What a message adds up to: `()` or bytes.
-    type Cost: Copy;
-    /// A string or bytes field, or an unknown length-delimited one (all prost keeps of it).
-    fn bytes(&mut self, len: usize);
-    /// One more element, `size` bytes inline, of the message's repeated field `field`.
-    fn element(&mut self, field: u64, size: usize);
-    /// A child message's cost.
-    fn child(&mut self, cost: Self::Cost);
-    /// The message's cost, its repeated fields' Vecs included.
-    fn cost(self) -> Self::Cost;
-}
-
-impl Tally for () {
-    type Cost = ();
-    #[inline(always)]
-    fn bytes(&mut self, _: usize) {}
-    #[inline(always)]
-    fn element(&mut self, _: u64, _: usize) {}
-    #[inline(always)]
-    fn child(&mut self, _: ()) {}
-    #[inline(always)]
-    fn cost(self) {}
-}
-
 /// Every field of a message, in order.
 #[inline(always)]
 fn each_field<'a>(
@@ -395,6 +394,7 @@ fn resource_spans<T: Tally>(buf: &[u8]) -> Result<(Record, T::Cost), DecodeError
         invalid_spans: 0,
         experiment: None,
         names: None,
+        decoded: None,
     };
     let mut t = T::default();
     let mut found = ResourceRouting::default();

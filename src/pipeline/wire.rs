@@ -49,6 +49,9 @@ pub struct ParsedRequest {
     /// Spans refused as invalid (reported as partial_success).
     pub(crate) rejected: usize,
     pub(crate) rejection: Option<String>,
+    /// What each chunk takes once decoded, in the same order, when the walk tallied it
+    /// ([`parse_protobuf_tallied`]); empty otherwise.
+    pub(crate) decoded: Vec<usize>,
 }
 
 /// Validates an `ExportTraceServiceRequest` in protobuf and slices its ResourceSpans records.
@@ -76,10 +79,20 @@ enum Keep {
 /// one buffer of its exact size, charged to `budget` first: the chunks then hold what the
 /// memory budget charges for them (their bytes), not the whole body behind a slice.
 pub(crate) fn parse_protobuf_within<B: DecodeBudget>(body: Bytes, budget: &mut B) -> Result<ParsedRequest, B::Error> {
+    parse_protobuf_tallied(body, budget, false)
+}
+
+/// [`parse_protobuf_within`]; with `tally`, the request also says what each chunk takes once
+/// decoded (`ParsedRequest::decoded`), for processors to charge without walking it again.
+pub(crate) fn parse_protobuf_tallied<B: DecodeBudget>(
+    body: Bytes,
+    budget: &mut B,
+    tally: bool,
+) -> Result<ParsedRequest, B::Error> {
     let mut parsed = ParsedRequest::default();
     let mut kept = Vec::new();
     let (mut kept_bytes, mut rebuilt) = (0usize, false);
-    walk::request_each::<B::Error>(&body, |record| {
+    walk::request_each::<B::Error>(&body, tally, |record| {
         if kept.len() == kept.capacity() {
             // The list of records kept, and the items they become, are memory beyond the
             // bytes: a body of 470,000 one-span records is 16 MB but took 124 MB.
@@ -149,6 +162,10 @@ fn rejection(rejected: usize) -> String {
 impl ParsedRequest {
     fn push(&mut self, bytes: Bytes, spans: usize, record: walk::Record) {
         self.spans += spans;
+        // A rebuilt record only lost spans: its whole record's estimate still bounds it.
+        if let Some(decoded) = record.decoded {
+            self.decoded.push(decoded);
+        }
         self.chunks.push(ResourceChunk {
             bytes,
             spans,

@@ -96,10 +96,13 @@ impl Chain {
     }
 
     /// Processes every record of a request into new records (those left without spans are
-    /// gone). What decoding takes and what the new records hold are charged to `budget` first.
+    /// gone). What decoding takes and what the new records hold are charged to `budget` first:
+    /// `decoded` is what each chunk takes decoded, as the receiver's walk tallied it; when it
+    /// does not say that of every chunk (a request from elsewhere), each is walked here.
     pub(crate) fn apply<B: DecodeBudget>(
         &self,
         chunks: &[ResourceChunk],
+        decoded: &[usize],
         request: &RequestContext,
         budget: &mut B,
     ) -> Result<Vec<ResourceChunk>, B::Error>
@@ -108,11 +111,16 @@ impl Chain {
     {
         let mut out = Vec::with_capacity(chunks.len());
         let mut held = 0usize;
-        for chunk in chunks {
+        let tallied = decoded.len() == chunks.len();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let estimate = match decoded.get(i) {
+                Some(&d) if tallied => d,
+                _ => decoded_estimate(&chunk.bytes),
+            };
             // The wire path's view of a record (an entry per attribute, per span) takes memory
             // like a decode does, up to twice a decoded KeyValue per attribute (a record of
             // empty KeyValues, 2 bytes each), so it is charged the same way before it is built.
-            let need = decoded_estimate(&chunk.bytes) * if self.wire { WIRE_VIEW_FACTOR } else { 1 };
+            let need = estimate.saturating_mul(if self.wire { WIRE_VIEW_FACTOR } else { 1 });
             if need > held {
                 budget.hold_decoded(need - held)?;
                 held = need;
@@ -179,7 +187,7 @@ impl Chain {
         chunk: &ResourceChunk,
         request: &RequestContext,
     ) -> Result<Option<ResourceChunk>, ApplyError> {
-        let mut record = Record::parse(record_message(&chunk.bytes)?)?;
+        let mut record = Record::parse(record_message(&chunk.bytes)?, chunk.spans)?;
         let mut spans = chunk.spans;
         for (i, (_, processor)) in self.processors.iter().enumerate() {
             processor.process_wire(&mut record, request)?;

@@ -163,6 +163,24 @@ impl Group {
     }
 }
 
+impl Transform {
+    /// The span groups from `first` on that run in one pass over the spans, each span taking
+    /// them in order. The collector runs each group over every span before the next group;
+    /// that gives the same spans when none of the groups writes what other spans read (the
+    /// resource, the scope): a span's own edits are seen by its later statements either way.
+    fn span_run(&self, first: usize) -> &[Group] {
+        let spans_only =
+            |g: &Group| g.context == Context::Span && g.statements.iter().all(Compiled::edits_only_the_span);
+        let mut end = first + 1;
+        if self.groups.get(first).is_some_and(spans_only) {
+            while self.groups.get(end).is_some_and(spans_only) {
+                end += 1;
+            }
+        }
+        &self.groups[first..end]
+    }
+}
+
 impl SpanProcessor for Transform {
     fn on_wire(&self) -> bool {
         self.groups.iter().all(|g| g.context != Context::Spanevent)
@@ -170,7 +188,12 @@ impl SpanProcessor for Transform {
 
     fn process_wire(&self, record: &mut wire::Record<'_>, _request: &RequestContext) -> Result<(), ProcessError> {
         record.insert_defaults(false);
-        for group in &self.groups {
+        let mut skip = 0;
+        for (i, group) in self.groups.iter().enumerate() {
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
             match group.context {
                 Context::Resource => {
                     let (resource, span) = record.placeholder();
@@ -195,7 +218,9 @@ impl SpanProcessor for Transform {
                 })?,
                 Context::Span => {
                     record.insert_defaults(true);
-                    record.each_span(|target| group.run(&self.id, target))?
+                    let run = self.span_run(i);
+                    record.each_span(|target| run.iter().try_for_each(|g| g.run(&self.id, &mut *target)))?;
+                    skip = run.len() - 1;
                 }
                 Context::Spanevent => {
                     return Err(ProcessError {

@@ -16,7 +16,6 @@ use super::body::{BodyFault, BudgetedBody, parse_off_worker};
 use super::{ConnInfo, ReceiveError, ReceiverContext, ResponseBody, client_name, request_context, request_routing};
 use crate::otlp::GRPC_EXPORT_PATH;
 use crate::otlp::codec::RawCodec;
-use crate::pipeline::wire;
 use crate::supervise::LockUnpoisoned;
 
 struct ExportService {
@@ -45,7 +44,7 @@ impl UnaryService<Bytes> for ExportService {
             let intake = ctx.intake.clone();
             let parse = move || {
                 let mut hold = hold;
-                let parsed = wire::parse_protobuf_within(body, &mut hold)?;
+                let parsed = intake.parse_protobuf(body, &mut hold)?;
                 intake.process(parsed, &request_ctx, &mut hold)
             };
             let parsed = parse_off_worker(len, false, parse).await.map_err(|e| e.to_grpc())?;

@@ -218,7 +218,7 @@ async fn receive(
         // What parsing keeps or decodes is held with the body; all of it is released when
         // this returns: what is accepted is charged to the budget by the submit itself.
         let parsed = match encoding {
-            Encoding::Protobuf => wire::parse_protobuf_within(body, &mut hold),
+            Encoding::Protobuf => intake.parse_protobuf(body, &mut hold),
             Encoding::Json => wire::parse_json_within(&body, &mut hold),
         }?;
         intake.process(parsed, &request, &mut hold)

@@ -58,6 +58,51 @@ fn agrees_with_prost_on_valid_requests() {
     assert_eq!(request(&corpus()[0]).unwrap()[0].experiment.as_deref(), Some("42"));
 }
 
+fn tallied(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
+    let mut records = Vec::new();
+    request_each::<DecodeError>(body, true, |record| {
+        records.push(record);
+        Ok(())
+    })?;
+    Ok(records)
+}
+
+/// The walk that tallies accepts what the plain walk accepts, finds the same records, and says
+/// of each what a walk of the record alone (`decoded_estimate`, the processors' fallback) says:
+/// on valid requests and on corrupted ones.
+#[test]
+fn the_tallied_walk_is_the_walk_with_the_estimate() {
+    let mut rng = FastRng::new(13);
+    let mut checked = 0;
+    for body in corpus() {
+        for round in 0..600 {
+            let mut bad = body.clone();
+            if round > 0 {
+                let at = (rng.next_u64() as usize) % bad.len();
+                bad[at] = rng.next_u64() as u8;
+            }
+            match (request(&bad), tallied(&bad)) {
+                (Ok(plain), Ok(counted)) => {
+                    assert_eq!(plain.len(), counted.len());
+                    for (p, c) in plain.iter().zip(&counted) {
+                        assert_eq!(p.decoded, None);
+                        assert_eq!(c.decoded, Some(decoded_estimate(&bad[c.field.clone()])));
+                        let without = Record {
+                            decoded: None,
+                            ..c.clone()
+                        };
+                        assert_eq!(p, &without);
+                        checked += 1;
+                    }
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => panic!("round {round}: plain {a:?} but tallied {b:?}"),
+            }
+        }
+    }
+    assert!(checked > 500, "{checked}");
+}
+
 /// Thousands of corrupted requests (flipped bytes, truncations): the walker accepts exactly
 /// what prost accepts, and then counts the same spans.
 #[test]

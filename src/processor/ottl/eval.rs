@@ -44,6 +44,15 @@ impl Compiled {
         Ok(true)
     }
 
+    /// Whether the statement edits nothing but its span (its editor's path is a span's):
+    /// spans running it cannot see each other's edits.
+    pub(crate) fn edits_only_the_span(&self) -> bool {
+        match self.statement.editor.args.first().map(|a| &a.value) {
+            Some(Expr::Path(path)) => matches!(place_of(path), Ok((Place::Span(_) | Place::Status(_), _))),
+            _ => false,
+        }
+    }
+
     fn edit(&self, target: &mut dyn Target) -> Result<(), EvalError> {
         let call = &self.statement.editor;
         let arg = |i: usize| &call.args[i].value;
@@ -603,6 +612,20 @@ fn convert(call: &Call, target: &dyn Target, pats: &Patterns) -> Result<Value, E
     if call.name == "IsRootSpan" {
         return Ok(Value::Bool(target.is_root_span()));
     }
+    if call.name == "Concat"
+        && let [
+            Arg {
+                value: Expr::List(items),
+                ..
+            },
+            Arg {
+                value: Expr::Str(delimiter),
+                ..
+            },
+        ] = call.args.as_slice()
+    {
+        return concat(items, delimiter, target, pats);
+    }
     let mut args: Vec<Value> = call
         .args
         .iter()
@@ -682,6 +705,62 @@ fn convert(call: &Call, target: &dyn Target, pats: &Patterns) -> Result<Value, E
         },
         other => return Err(EvalError::Type(format!("unknown converter {other}"))),
     })
+}
+
+/// `Concat([...], "delimiter")`, the common form: strings read where they are (literals, string
+/// fields, string attributes) are appended as they are, without a copy of each and a list of
+/// them; anything else is evaluated and stringified as the general path does.
+fn concat(items: &[Expr], delimiter: &str, target: &dyn Target, pats: &Patterns) -> Result<Value, EvalError> {
+    // Room for what the commonest joins take (a service name and a span name), grown once at
+    // most beyond that.
+    let mut joined = String::with_capacity(64);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            joined.push_str(delimiter);
+        }
+        if str_in_place(item, target, &mut |s| joined.push_str(s)) == Some(true) {
+            continue;
+        }
+        match eval(item, target, pats)? {
+            Value::Str(s) => joined.push_str(&s),
+            other => joined.push_str(&stringify(&other)),
+        }
+    }
+    Ok(Value::Str(joined))
+}
+
+/// Hands `f` what `item` evaluates to when that is a string readable in place (a literal, a
+/// string field, a string attribute), or nothing when it is nil; `Some(false)` when it is
+/// anything else and `None` when the item is not a literal or path, so the caller evaluates it.
+fn str_in_place(item: &Expr, target: &dyn Target, f: &mut dyn FnMut(&str)) -> Option<bool> {
+    let path = match item {
+        Expr::Str(s) => {
+            f(s);
+            return Some(true);
+        }
+        Expr::Path(path) => path,
+        _ => return None,
+    };
+    let (place, keys) = place_of(path).ok()?;
+    if !is_map(place) {
+        // String fields, borrowed; the others (numbers, bytes) are stringified by the caller.
+        return Some(target.str_field(place).map(f).is_some());
+    }
+    let [Key::Str(key)] = keys else {
+        return None;
+    };
+    match target.attr(place, key)? {
+        // A missing key reads as nil, which stringifies to nothing.
+        None => Some(true),
+        Some(attr) => match attr.compared() {
+            Compared::Str(s) => {
+                f(s);
+                Some(true)
+            }
+            Compared::Nil => Some(true),
+            Compared::Other | Compared::Undecided => Some(false),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -373,3 +373,62 @@ proptest::proptest! {
         }
     }
 }
+
+/// `Concat` with a literal delimiter reads strings in place; with any other delimiter it takes
+/// the general path. Both give the same for items of every kind: string, number, bool, bytes,
+/// empty bytes, absent and unset attributes, string and number fields, literals, nested keys.
+#[test]
+fn concat_in_place_is_concat() {
+    let mut f = Fixture::new();
+    f.span.attributes.extend([
+        kv("b", Value::Bytes(vec![0xab, 1])),
+        kv("e", Value::Bytes(Vec::new())),
+        kv("t", Value::Bool(true)),
+        kv("d", Value::Double(1.5)),
+        kv("m", Value::Map(vec![("n".into(), s("v"))])),
+        KeyValue {
+            key: "unset".into(),
+            ..Default::default()
+        },
+    ]);
+    f.span.status = Some(Status {
+        message: "oops".into(),
+        code: 2,
+    });
+    let items = [
+        r#"attributes["gen_ai.operation.name"]"#,
+        r#"attributes["gen_ai.usage.input_tokens"]"#,
+        r#"attributes["b"]"#,
+        r#"attributes["e"]"#,
+        r#"attributes["t"]"#,
+        r#"attributes["d"]"#,
+        r#"attributes["m"]"#,
+        r#"attributes["m"]["n"]"#,
+        r#"attributes["unset"]"#,
+        r#"attributes["missing"]"#,
+        r#"resource.attributes["service.name"]"#,
+        "name",
+        "kind",
+        "span_id",
+        "status.message",
+        "status.code",
+        "instrumentation_scope.name",
+        r#""lit""#,
+        "7",
+        "Len(name)",
+    ];
+    for (i, first) in items.iter().enumerate() {
+        for second in items.iter().skip(i) {
+            let list = format!("[{first}, {second}, name]");
+            f.run(&format!(r#"set(attributes["fast"], Concat({list}, "/"))"#))
+                .unwrap();
+            f.run(&format!(r#"set(attributes["slow"], Concat({list}, String("/")))"#))
+                .unwrap();
+            assert_eq!(f.attr("fast"), f.attr("slow"), "{list}");
+        }
+    }
+    assert_eq!(f.attr("fast"), s("10/10/ChatOpenAI"));
+    f.run(r#"set(attributes["fast"], Concat([attributes["b"], attributes["missing"]], ""))"#)
+        .unwrap();
+    assert_eq!(f.attr("fast"), s("ab01"));
+}

@@ -103,9 +103,15 @@ impl Fields<'_> {
     }
 }
 
+/// Attributes per span the view makes room for at once: within what a span's decode is
+/// charged (the view is charged as twice a decode, see `apply`), and what most spans have.
+const SLOTS_PER_SPAN: usize = 2;
+
 /// A field-2 entry of a span: one attribute as the bytes have it, and what edits did to it.
 #[derive(Debug)]
 pub(super) struct Slot {
+    /// Where the span's field 9 holding it starts (its key): the field ends where `message` does.
+    start: usize,
     /// The KeyValue message.
     message: Range<usize>,
     key: Range<usize>,
@@ -122,8 +128,6 @@ pub(super) struct Edits {
     /// The span's name, kind, trace_state and status once one of them is set (the other
     /// fields of this Span stay empty); written instead of the original ones.
     fields: Option<Span>,
-    /// Attributes added, written after the original ones.
-    appended: Vec<KeyValue>,
     /// The whole attribute list, decoded, once an editor needed it as a list (or the span's
     /// attributes are encoded in a way only a decoder merges right): written instead of every
     /// original attribute.
@@ -142,6 +146,9 @@ pub(super) struct SpanView {
     dropped: bool,
     /// Whether the span is written anew rather than copied.
     touched: bool,
+    /// Attributes added, written after the original ones: the commonest edit, kept out of
+    /// `edits` so that it takes no allocation of its own.
+    appended: Vec<KeyValue>,
     edits: Option<Box<Edits>>,
 }
 
@@ -183,15 +190,18 @@ fn decode_merged<M: Message + Default>(bytes: &[u8], parts: &[Range<usize>]) -> 
 }
 
 impl<'a> Record<'a> {
-    /// Views a ResourceSpans message (validated by the receiver's walk).
-    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Record<'a>, DecodeError> {
+    /// Views a ResourceSpans message (validated by the receiver's walk) of about `spans` spans
+    /// (room for them and a few attributes each is made at once, not by doubling).
+    pub(crate) fn parse(bytes: &'a [u8], spans: usize) -> Result<Record<'a>, DecodeError> {
+        // A span takes two bytes at least, and the view of one is charged as a decode of it.
+        let spans = spans.min(bytes.len() / 2);
         let mut record = Record {
             bytes,
             resource: Resource::default(),
             resource_present: false,
             scopes: Vec::new(),
-            spans: Vec::new(),
-            slots: Vec::new(),
+            spans: Vec::with_capacity(spans),
+            slots: Vec::with_capacity(spans.saturating_mul(SLOTS_PER_SPAN)),
             drop_empty_scopes: false,
             placeholder: Span::default(),
         };
@@ -252,6 +262,7 @@ impl<'a> Record<'a> {
                         }
                     }
                     self.slots.push(Slot {
+                        start: field.whole.start,
                         message: field.payload,
                         key,
                         value,
@@ -269,6 +280,7 @@ impl<'a> Record<'a> {
             parent_empty,
             dropped: false,
             touched: false,
+            appended: Vec::new(),
             edits: None,
         };
         if merged {

@@ -91,9 +91,7 @@ impl<'r> WireSpan<'r> {
             .filter(|s| !s.removed)
             .map(|s| self.decoded_slot(s))
             .collect();
-        if let Some(e) = &self.view.edits {
-            list.extend(e.appended.iter().cloned());
-        }
+        list.extend(self.view.appended.iter().cloned());
         list
     }
 
@@ -104,9 +102,8 @@ impl<'r> WireSpan<'r> {
             for slot in self.slots.iter_mut() {
                 slot.removed = true;
             }
-            let edits = self.edits();
-            edits.appended.clear();
-            edits.materialized = Some(list);
+            self.view.appended.clear();
+            self.edits().materialized = Some(list);
         }
         self.edits().materialized.get_or_insert_with(Vec::new)
     }
@@ -170,8 +167,8 @@ impl<'r> WireSpan<'r> {
                 (None, None) => Attr::Decoded(None),
             });
         }
-        let appended = &self.view.edits.as_ref()?.appended;
-        appended
+        self.view
+            .appended
             .iter()
             .find(|kv| kv.key == key)
             .map(|kv| Attr::Decoded(kv.value.as_ref()))
@@ -193,7 +190,8 @@ impl<'r> WireSpan<'r> {
             self.view.touched = true;
             return;
         }
-        upsert_attribute(&mut self.edits().appended, key, value);
+        self.view.touched = true;
+        upsert_attribute(&mut self.view.appended, key, value);
     }
 }
 
@@ -299,9 +297,7 @@ impl Target for WireSpan<'_> {
                 self.view.touched = true;
             }
         }
-        if let Some(e) = self.view.edits.as_mut() {
-            e.appended.retain(|kv| kv.key != key);
-        }
+        self.view.appended.retain(|kv| kv.key != key);
         Some(())
     }
 }
@@ -311,6 +307,32 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
     let edits = view.edits.as_deref();
     let set_fields = edits.and_then(|e| e.fields.as_ref());
     let materialized = edits.and_then(|e| e.materialized.as_ref());
+    if set_fields.is_none() && materialized.is_none() {
+        // The commonest edits (attributes set, removed, added): the bytes between the edited
+        // attributes are copied in runs, not field by field.
+        let mut copied = view.message.start;
+        for slot in slots.iter().filter(|s| s.removed || s.replaced.is_some()) {
+            out.extend_from_slice(&bytes[copied..slot.start]);
+            copied = slot.message.end;
+            if let (false, Some(value)) = (slot.removed, &slot.replaced) {
+                write_replaced(bytes, slot.message.clone(), value, out);
+            }
+        }
+        out.extend_from_slice(&bytes[copied..view.message.end]);
+    } else {
+        write_fields(bytes, view, slots, set_fields.is_some(), materialized.is_some(), out);
+    }
+    if let Some(fields) = set_fields {
+        fields.encode_raw(out);
+    }
+    for kv in view.appended.iter().chain(materialized.into_iter().flatten()) {
+        prost::encoding::message::encode(9, kv, out);
+    }
+}
+
+/// [`write`]'s span fields, field by field: attributes as edited (none when the list was
+/// materialized), and name, kind, trace_state and status left out when they were set.
+fn write_fields(bytes: &[u8], view: &SpanView, slots: &[Slot], set: bool, materialized: bool, out: &mut Vec<u8>) {
     let mut next = 0;
     for field in fields(bytes, view.message.clone()).flatten() {
         match field.number {
@@ -318,7 +340,7 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
                 let slot = slots.get(next);
                 next += 1;
                 match slot {
-                    _ if materialized.is_some() => {}
+                    _ if materialized => {}
                     Some(s) if s.removed => {}
                     Some(Slot {
                         replaced: Some(value),
@@ -329,16 +351,8 @@ pub(super) fn write(bytes: &[u8], view: &SpanView, slots: &[Slot], out: &mut Vec
                 }
             }
             // trace_state, name, kind, status: written below when set.
-            3 | 5 | 6 | 15 if set_fields.is_some() => {}
+            3 | 5 | 6 | 15 if set => {}
             _ => out.extend_from_slice(&bytes[field.whole]),
-        }
-    }
-    if let Some(fields) = set_fields {
-        fields.encode_raw(out);
-    }
-    if let Some(e) = edits {
-        for kv in e.appended.iter().chain(materialized.into_iter().flatten()) {
-            prost::encoding::message::encode(9, kv, out);
         }
     }
 }

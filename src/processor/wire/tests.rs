@@ -168,6 +168,18 @@ trace_statements:
     statements: ['set(attributes["mlflow.experiment_id"], "42") where attributes["last"] != nil']
 "#,
     )],
+    // Span statements in a row run span by span unless one writes what other spans read.
+    &[(
+        "transform",
+        r#"
+trace_statements:
+  - set(attributes["before"], resource.attributes["last"])
+  - set(attributes["k"], Concat([name, "k"], "-")) where attributes["k"] == nil
+  - set(resource.attributes["last"], name)
+  - set(attributes["after"], resource.attributes["last"])
+  - set(attributes["k2"], attributes["k"])
+"#,
+    )],
     // A filter that empties scopes, then scope statements: emptied scopes are gone for them.
     &[
         (
@@ -576,4 +588,11 @@ fn the_view_takes_at_most_twice_a_decode() {
         size_of::<KeyValue>()
     );
     assert!(size_of::<super::SpanView>() <= 2 * size_of::<Span>());
+    // The room made at once per span (its view and a few attributes) is within that too.
+    let per_span = size_of::<super::SpanView>() + super::SLOTS_PER_SPAN * size_of::<super::Slot>();
+    assert!(
+        per_span <= 2 * size_of::<Span>(),
+        "{per_span} > 2 x {}",
+        size_of::<Span>()
+    );
 }
