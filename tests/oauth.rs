@@ -36,19 +36,29 @@ fn jwt_sink(idp: &OidcProvider) -> Sink {
 /// A relay config: plaintext receivers, a batch processor, one otlphttp exporter using the
 /// oauth2client extension whose settings are `ext`.
 fn relay_config(sink: &Sink, ext: Value) -> RelayConfig {
+    token_relay(
+        EXPORTER,
+        json!({"endpoint": sink.url(), "headers": {"x-mlflow-experiment-id": "0"}}),
+        ext,
+    )
+    .service(json!({"telemetry": {"logs": {"level": "debug"}}, "shutdown_timeout": "10s"}))
+}
+
+/// Plaintext receivers, a batch processor and exporter `exporter` (its `destination` keys, with
+/// the oauth2client extension `ext` as its authenticator and quick retries).
+fn token_relay(exporter: &str, destination: Value, ext: Value) -> RelayConfig {
+    let mut settings = destination;
+    support::config::merge(
+        &mut settings,
+        json!({
+            "auth": {"authenticator": EXT},
+            "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s", "max_elapsed_time": "120s"},
+        }),
+    );
     RelayConfig::new()
         .batch(json!({"send_batch_size": 200, "timeout": "100ms"}))
-        .exporter(
-            EXPORTER,
-            json!({
-                "endpoint": sink.url(),
-                "headers": {"x-mlflow-experiment-id": "0"},
-                "auth": {"authenticator": EXT},
-                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s", "max_elapsed_time": "120s"},
-            }),
-        )
+        .exporter(exporter, settings)
         .extension(EXT, ext)
-        .service(json!({"telemetry": {"logs": {"level": "debug"}}, "shutdown_timeout": "10s"}))
 }
 
 fn basic_ext(idp: &OidcProvider) -> Value {
@@ -623,20 +633,13 @@ const GRPC_EXPORTER: &str = "otlp_grpc/store";
 /// `relay_config`'s exporter over gRPC instead: the `otlp` exporter to the sink's gRPC port,
 /// with the same oauth2client extension.
 fn grpc_relay_config(sink: &Sink, ext: Value) -> String {
-    RelayConfig::new()
-        .batch(json!({"send_batch_size": 200, "timeout": "100ms"}))
-        .exporter(
-            GRPC_EXPORTER,
-            json!({
-                "endpoint": sink.grpc.to_string(),
-                "tls": {"insecure": true},
-                "auth": {"authenticator": EXT},
-                "retry_on_failure": {"initial_interval": "100ms", "max_interval": "1s", "max_elapsed_time": "120s"},
-            }),
-        )
-        .extension(EXT, ext)
-        .service(json!({"shutdown_timeout": "10s"}))
-        .yaml()
+    token_relay(
+        GRPC_EXPORTER,
+        json!({"endpoint": sink.grpc.to_string(), "tls": {"insecure": true}}),
+        ext,
+    )
+    .service(json!({"shutdown_timeout": "10s"}))
+    .yaml()
 }
 
 /// The gRPC exporter carries the extension's token as `authorization: Bearer <JWT>` metadata:

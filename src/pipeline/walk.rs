@@ -153,8 +153,14 @@ fn fixed32(w: Wire<'_>) -> Result<(), DecodeError> {
 
 /// Walks an ExportTraceServiceRequest. Unknown fields are skipped, as prost does.
 pub(crate) fn request(body: &[u8]) -> Result<Vec<Record>, DecodeError> {
+    records(body, false)
+}
+
+/// Every record of a request; with `tally`, each says what it takes decoded (see
+/// [`request_each`]).
+fn records(body: &[u8], tally: bool) -> Result<Vec<Record>, DecodeError> {
     let mut records = Vec::new();
-    request_each::<DecodeError>(body, false, |record| {
+    request_each::<DecodeError>(body, tally, |record| {
         records.push(record);
         Ok(())
     })?;
